@@ -1,0 +1,19 @@
+"""Model adapters: ``load_adapter(path_or_id)`` returns the right adapter for a checkpoint.
+
+Safetensors only and never ``trust_remote_code``: a model directory is untrusted input.
+"""
+
+from workers.probes.adapters.base import DualEncoderAdapter, VisionLanguageAdapter, VisionTrace
+
+__all__ = ["DualEncoderAdapter", "VisionLanguageAdapter", "VisionTrace", "load_adapter"]
+
+
+def load_adapter(path_or_id: str, *, revision: str | None = None, device: str = "cpu",
+                 dtype: str | None = None) -> VisionLanguageAdapter:
+    """Load a local Hugging Face-format directory (or a hub id with a pinned revision).
+
+    Raises ``UnsupportedModelError`` naming what is missing when the model cannot be explained.
+    """
+    from workers.probes.adapters.loading import load  # implemented in loading.py
+
+    return load(path_or_id, revision=revision, device=device, dtype=dtype)

@@ -1,0 +1,89 @@
+"""The one interface every probe method uses to talk to a model.
+
+A new architecture is added by writing one subclass (see ``clip.py``) and listing it in
+``adapters/__init__.py``'s ``ARCHITECTURES``. Methods never touch ``model.vision_model``
+and friends directly.
+
+Shapes: ``B`` images, ``P`` prompts, ``L`` vision layers, ``H`` heads,
+``T = prefix + gh * gw`` vision tokens (``prefix`` is 1 for a CLS token, 0 for SigLIP),
+``D`` hidden size, ``S`` the model's input image size.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+
+@dataclass
+class VisionTrace:
+    """One forward pass through the vision tower with everything explanations need.
+
+    ``attentions[l]`` is ``[B, H, T, T]`` and *retains its gradient* after
+    ``score.sum().backward()`` (read ``attentions[l].grad``).
+    ``hidden_states[l]`` is ``[B, T, D]`` for l = 0 (embeddings) .. L (last layer), also
+    retaining gradients.
+    """
+
+    score: torch.Tensor  # [B] similarity of image b with prompt b (what is explained)
+    attentions: list[torch.Tensor]
+    hidden_states: list[torch.Tensor]
+    text_attentions: list[torch.Tensor] = field(default_factory=list)  # [B, H, Tt, Tt] where available
+    text_input_ids: torch.Tensor | None = None  # [B, Tt]
+
+
+class VisionLanguageAdapter(ABC):
+    """Common to dual encoders and fusion (generative) models."""
+
+    #: "dual_encoder" or "fusion"
+    kind: str = ""
+    #: short architecture family name, e.g. "clip", "siglip", "llava"
+    architecture: str = ""
+
+    model: torch.nn.Module
+    device: torch.device
+    image_size: int  # S
+    patch_size: int
+    grid: tuple[int, int]  # (gh, gw)
+    num_prefix_tokens: int  # tokens before the patch tokens in the vision sequence
+    num_layers: int  # L
+    num_heads: int  # H
+
+    @abstractmethod
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> pixel values ``[B, 3, S, S]`` on ``self.device``."""
+
+
+class DualEncoderAdapter(VisionLanguageAdapter):
+    """CLIP-like models: an image encoder and a text encoder scored by similarity."""
+
+    kind = "dual_encoder"
+
+    @abstractmethod
+    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` -> L2-normalised image embeddings ``[B, E]``."""
+
+    @abstractmethod
+    def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``P`` prompts -> L2-normalised text embeddings ``[P, E]``."""
+
+    @abstractmethod
+    def score(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Paired score ``[B]``: image b with prompt b (``len(prompts) == B``), logit-scaled."""
+
+    @abstractmethod
+    def score_matrix(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """All pairs ``[B, P]`` (zero-shot classification uses this)."""
+
+    @abstractmethod
+    def trace(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> VisionTrace:
+        """Forward with eager attention, keeping attention probabilities and hidden states
+        (with gradients) for every vision layer."""
+
+    @abstractmethod
+    def vision_features(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Hidden states ``{layer: [B, T, D]}`` after the given vision layers (0 = embeddings)."""
