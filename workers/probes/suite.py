@@ -6,7 +6,9 @@ plain function (no Django, no Celery)::
     fn(model_dir: str, dataset_dir: str | None, params: dict, *, device: str,
        progress: Progress) -> ProbeResult
 
-- ``model_dir``: a local Hugging Face-format directory (already verified by the caller).
+- ``model_dir``: a local Hugging Face-format directory (already verified by the caller). Load it
+  with ``suite.load_model(model_dir, device)`` (not ``load_adapter`` directly) so that a worker can
+  serve repeated loads of the same model from its cache.
 - ``dataset_dir``: a dataset in the grounding format (``annotations.jsonl``) or a concepts folder,
   as the kind documents; ``None`` lets the kind use its own zoo default where it has one.
 - ``params``: JSON parameters from the case's probe plan (validate them; unknown keys are an error).
@@ -61,6 +63,26 @@ class ProbeResult:
 
 
 ProbeKind = Callable[..., ProbeResult]
+
+
+def _default_loader(model_dir: str, device: str) -> Any:
+    from workers.probes.adapters import load_adapter
+
+    return load_adapter(model_dir, device=device)
+
+
+_model_loader: Callable[[str, str], Any] = _default_loader
+
+
+def load_model(model_dir: str, device: str = "cpu") -> Any:
+    """Load the adapter for ``model_dir``; probe kinds call this instead of ``load_adapter``."""
+    return _model_loader(model_dir, device)
+
+
+def set_model_loader(loader: Callable[[str, str], Any] | None) -> None:
+    """Install a (caching) loader; ``None`` restores the default. Used by ``workers/tasks.py``."""
+    global _model_loader
+    _model_loader = loader or _default_loader
 
 # Modules that define probe kinds; a family adds its module name here once.
 KIND_MODULES = [
