@@ -1,0 +1,145 @@
+"""Loupe's reference model zoo: models trained on a synthetic world whose ground truth is known.
+
+An audit tool cannot be trusted on models it has never seen explained correctly, and public
+pretrained weights cannot be downloaded here. So the zoo trains its own tiny dual encoders on
+``world`` (shapes x colours with exact boxes) and ships them as ordinary Hugging Face
+checkpoints (config, safetensors, tokenizer, image processor, model card, ``SHA256SUMS``).
+
+- ``world``: the synthetic world and the grounding dataset writer.
+- ``train``: ``train_dual_encoder`` and the tiny CLIP / SigLIP configs.
+- ``checkpoint_path(name)``: the committed checkpoint directory, checksums verified.
+- ``dataset_dir(split)``: a split generated deterministically into a cache on first use.
+- ``python -m workers.probes.zoo build|dataset``: reproduce the models / write a split.
+
+This package imports only numpy and PIL at import time (torch is imported by ``train``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from workers.probes.errors import ProbeInputError
+
+#: Where the committed checkpoints live (one folder per model).
+CHECKPOINT_ROOT = Path(__file__).resolve().parent / "checkpoints"
+#: Reference dual encoders shipped with the repository.
+DUAL_ENCODERS: tuple[str, ...] = ("tiny-clip", "tiny-siglip")
+
+
+@dataclass(frozen=True)
+class Split:
+    """A deterministic dataset split: scenes ``0 .. n_images-1`` of world stream ``seed``."""
+
+    seed: int
+    n_images: int
+    watermark: str | None = None
+
+
+#: Splits by name. Training draws from seeds < 1000 (see ``train.TRAIN_SEED``); evaluation
+#: splits use other seeds, so no evaluation image was ever seen in training.
+SPLITS: dict[str, Split] = {
+    "heldout": Split(seed=1_000_003, n_images=320),
+    "validation": Split(seed=1_000_033, n_images=128),
+}
+
+
+def cache_root() -> Path:
+    """``$LOUPE_CACHE_DIR/zoo`` if set, else ``var/cache/zoo`` under the repository root."""
+    env = os.environ.get("LOUPE_CACHE_DIR")
+    if env:
+        return Path(env) / "zoo"
+    return Path(__file__).resolve().parents[3] / "var" / "cache" / "zoo"
+
+
+def dataset_dir(split: str = "heldout", *, root: str | os.PathLike | None = None) -> Path:
+    """Directory of the grounding dataset ``split`` (see ``SPLITS``), generated on first use.
+
+    The split is written to a temporary sibling and renamed into place, so a crashed or
+    concurrent generation never leaves a half-written dataset that later runs would trust.
+    One prompt per image (``world.first_object_prompt``), boxes in pixels of the 224 px PNGs.
+    """
+    from workers.probes.zoo import world
+
+    if split not in SPLITS:
+        raise ProbeInputError(f"unknown zoo split {split!r}; known: {', '.join(sorted(SPLITS))}")
+    spec = SPLITS[split]
+    base = Path(root) if root is not None else cache_root()
+    target = base / f"{split}-v{world.WORLD_VERSION}"
+    if (target / "dataset.json").is_file():
+        return target
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=base))
+    try:
+        scenes = (world.scene_at(spec.seed, i, watermark=spec.watermark) for i in range(spec.n_images))
+        world.write_dataset(tmp, scenes, info={"split": split, "seed": spec.seed})
+        try:
+            tmp.rename(target)
+        except OSError:
+            # Another process won the race; its copy is identical (same seed).
+            if not (target / "dataset.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(directory: str | os.PathLike) -> Path:
+    """Write ``SHA256SUMS`` (``sha256sum`` format) over every other file in ``directory``."""
+    d = Path(directory)
+    lines = [f"{_sha256(p)}  {p.name}" for p in sorted(d.iterdir()) if p.is_file() and p.name != "SHA256SUMS"]
+    (d / "SHA256SUMS").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return d / "SHA256SUMS"
+
+
+def verify_checksums(directory: str | os.PathLike) -> None:
+    """Raise ``ProbeInputError`` unless every file listed in ``SHA256SUMS`` matches."""
+    d = Path(directory)
+    sums = d / "SHA256SUMS"
+    if not sums.is_file():
+        raise ProbeInputError(f"{d}: no SHA256SUMS file; cannot verify the checkpoint")
+    listed = 0
+    for line in sums.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        digest, _, name = line.partition("  ")
+        path = d / name
+        if "/" in name or not path.is_file():
+            raise ProbeInputError(f"{d}: {name!r} listed in SHA256SUMS is missing")
+        if _sha256(path) != digest:
+            raise ProbeInputError(f"{d}: checksum mismatch for {name} (file changed or corrupt)")
+        listed += 1
+    if listed == 0:
+        raise ProbeInputError(f"{d}: SHA256SUMS lists no files")
+
+
+def checkpoint_path(name: str, *, verify: bool = True) -> Path:
+    """Directory of the committed zoo checkpoint ``name`` (e.g. ``"tiny-clip"``).
+
+    Verifies ``SHA256SUMS`` first (``verify=False`` skips it), so a probe never silently runs
+    on a modified reference model. Load it with ``AutoModel.from_pretrained(path,
+    use_safetensors=True)``, ``AutoTokenizer`` and ``AutoImageProcessor`` (offline).
+    """
+    path = CHECKPOINT_ROOT / name
+    if not (path / "config.json").is_file():
+        known = sorted(p.name for p in CHECKPOINT_ROOT.iterdir() if (p / "config.json").is_file()) if CHECKPOINT_ROOT.is_dir() else []
+        raise ProbeInputError(
+            f"no zoo checkpoint {name!r} in {CHECKPOINT_ROOT}; known: {', '.join(known) or 'none'} "
+            "(rebuild with `python -m workers.probes.zoo build`)"
+        )
+    if verify:
+        verify_checksums(path)
+    return path
