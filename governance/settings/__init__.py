@@ -114,6 +114,7 @@ STORAGES = {
 LOUPE_MAX_ARCHIVE_BYTES = int(os.environ.get("LOUPE_MAX_ARCHIVE_BYTES", str(2 * 1024**3)))
 LOUPE_MAX_UNPACKED_BYTES = int(os.environ.get("LOUPE_MAX_UNPACKED_BYTES", str(8 * 1024**3)))
 LOUPE_MAX_IMAGE_PIXELS = int(os.environ.get("LOUPE_MAX_IMAGE_PIXELS", str(40_000_000)))
+LOUPE_MAX_ARCHIVE_FILES = int(os.environ.get("LOUPE_MAX_ARCHIVE_FILES", "2000"))
 DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("DATA_UPLOAD_MAX_MEMORY_SIZE", str(10 * 1024**2)))
 FILE_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("FILE_UPLOAD_MAX_MEMORY_SIZE", str(10 * 1024**2)))
 # Server-side model directories may only be registered from below these roots.
@@ -153,6 +154,30 @@ CELERY_TASK_ALWAYS_EAGER = not CELERY_BROKER_URL
 CELERY_TASK_EAGER_PROPAGATES = True
 LOUPE_TASK_SOFT_TIME_LIMIT = int(os.environ.get("LOUPE_TASK_SOFT_TIME_LIMIT", "1800"))
 LOUPE_TASK_TIME_LIMIT = int(os.environ.get("LOUPE_TASK_TIME_LIMIT", "2100"))
+CELERY_TASK_SOFT_TIME_LIMIT = LOUPE_TASK_SOFT_TIME_LIMIT
+CELERY_TASK_TIME_LIMIT = LOUPE_TASK_TIME_LIMIT
+# JSON only: a pickle-accepting worker executes whatever lands in the broker.
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+# A task is acknowledged only after it finished, and a worker that dies (SIGKILL, OOM) hands its
+# task back to the broker instead of losing it. Tasks must therefore be idempotent.
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# One task at a time per process: probe tasks are long, and prefetching would park work on a
+# busy worker while another idles (and lose the prefetched messages' ordering on a crash).
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Redis re-delivers unacknowledged messages after the visibility timeout; it must exceed the
+# hard time limit, or a long but healthy task would be delivered to a second worker.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": int(os.environ.get("LOUPE_BROKER_VISIBILITY_TIMEOUT", str(LOUPE_TASK_TIME_LIMIT + 600))),
+}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_DEFAULT_QUEUE = "cpu"
+CELERY_TASK_CREATE_MISSING_QUEUES = True
+CELERY_TASK_ROUTES = ("workers.celery.route_task",)
+CELERY_TASK_TRACK_STARTED = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 LOGGING = {
     "version": 1,
