@@ -1,7 +1,14 @@
 from django.apps import AppConfig
+from django.db.models.signals import post_migrate
 
 
 class GovernanceConfig(AppConfig):
     name = "governance"
     verbose_name = "Loupe governance"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from governance.access import sync_roles_after_migrate
+
+        # Keep the role groups' permissions in step with the models after every migrate.
+        post_migrate.connect(sync_roles_after_migrate, sender=self, dispatch_uid="loupe-sync-roles")
