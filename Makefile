@@ -1,20 +1,31 @@
 # Loupe: common tasks. `make help` lists them.
-PYTHON ?= python
+# Use the project's virtual environment when there is one (`make install` creates it).
+VENV ?= .venv
+# (Decided by the shell when each recipe runs, so `make install demo` picks up the fresh venv.)
+PYTHON ?= $$(test -x $(VENV)/bin/python && echo $(VENV)/bin/python || echo python3)
+# The real-stack test row: PostgreSQL + Redis + a real Celery worker process (see tests/realstack.py).
+REAL_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/loupe
+REAL_BROKER_URL ?= redis://127.0.0.1:6379/15
 
 .PHONY: help install demo test test-real migrate zoo bench
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
 
-install: ## install torch (CPU build) first, then the project with dev extras
-	$(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e '.[dev]'
+install: ## create .venv if missing, install torch (CPU build) first, then the project with dev extras
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install torch==2.13.0
+	$(VENV)/bin/python -m pip install -e '.[dev]'
 
 demo: ## the main job on the embedded default (SQLite, in-process tasks)
+	$(PYTHON) manage.py migrate --noinput
 	$(PYTHON) manage.py audit_demo
 
 test: ## the test suite (SQLite + in-process tasks; the real-stack tests run when LOUPE_REAL_STACK=1)
 	$(PYTHON) -m pytest
+
+test-real: ## the database tests again on PostgreSQL + Redis with a real Celery worker process
+	LOUPE_REAL_STACK=1 DATABASE_URL=$(REAL_DATABASE_URL) CELERY_BROKER_URL=$(REAL_BROKER_URL) $(PYTHON) -m pytest
 
 zoo: ## retrain the reference models from scratch
 	$(PYTHON) -m workers.probes.zoo build
