@@ -5,7 +5,14 @@ Safetensors only and never ``trust_remote_code``: a model directory is untrusted
 
 from workers.probes.adapters.base import DualEncoderAdapter, VisionLanguageAdapter, VisionTrace
 
-__all__ = ["DualEncoderAdapter", "VisionLanguageAdapter", "VisionTrace", "load_adapter"]
+__all__ = ["ARCHITECTURES", "DualEncoderAdapter", "VisionLanguageAdapter", "VisionTrace", "load_adapter"]
+
+#: ``config.model_type`` -> ``"module:AdapterClass"`` (imported lazily). A new architecture is one line here
+#: plus its adapter class.
+ARCHITECTURES: dict[str, str] = {
+    "clip": "workers.probes.adapters.clip:CLIPAdapter",
+    "siglip": "workers.probes.adapters.clip:SiglipAdapter",
+}
 
 
 def load_adapter(path_or_id: str, *, revision: str | None = None, device: str = "cpu",

@@ -34,6 +34,11 @@ class VisionTrace:
     hidden_states: list[torch.Tensor]
     text_attentions: list[torch.Tensor] = field(default_factory=list)  # [B, H, Tt, Tt] where available
     text_input_ids: torch.Tensor | None = None  # [B, Tt]
+    #: [B, H, T] attention of a pooling head's query over the last layer's tokens (SigLIP's MAP
+    #: head), with gradient; ``None`` when a CLS token (index 0) is the image readout.
+    pool_attention: torch.Tensor | None = None
+    text_readout: torch.Tensor | None = None  # [B] index of the token the text embedding is read from
+    text_attention_mask: torch.Tensor | None = None  # [B, Tt] 1 for real tokens, 0 for padding
 
 
 class VisionLanguageAdapter(ABC):

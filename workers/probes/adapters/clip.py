@@ -1,0 +1,388 @@
+"""Adapters for CLIP-family dual encoders: ``CLIPModel`` and ``SiglipModel``.
+
+Both are ViT image towers plus transformer text towers whose pooled outputs are compared by a
+(logit-scaled) cosine similarity. They differ in three places, which is all a subclass states:
+
+- where the image embedding is read out: CLIP's CLS token (prefix of 1 token) versus SigLIP's
+  multihead attention pooling ("MAP") head, a learned probe query attending over all patch
+  tokens (no prefix token);
+- the score: ``exp(logit_scale) * cos`` for CLIP, ``exp(logit_scale) * cos + logit_bias`` for
+  SigLIP (a sigmoid logit);
+- the text readout token: CLIP pools the first EOS token, SigLIP the last position (SigLIP was
+  trained with prompts padded to the maximum length, so prompts are padded that way here too).
+
+Attention probabilities are recorded with forward hooks on each layer's ``self_attn`` (with eager
+attention the HF modules always return them) rather than ``output_attentions=True``, so that the
+same code keeps working across transformers' output-recording refactors and so that gradients can
+be retained exactly on the tensors the forward pass used.
+
+Gradients: the model's parameters are frozen at load time. ``trace`` makes the hidden state
+*entering* layer ``grad_from_layer`` a fresh leaf that requires grad; autograd then computes only
+what the explanation needs (no parameter gradients, nothing below that layer), which is a large
+part of why our Grad-CAM is faster than generic libraries that back-propagate into every weight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from workers.probes.adapters.base import DualEncoderAdapter, VisionTrace
+from workers.probes.errors import ProbeInputError, UnsupportedModelError
+
+
+@dataclass
+class _Recording:
+    """What the hooks captured during one forward pass of one tower."""
+
+    attentions: list[torch.Tensor | None]
+    hidden_states: list[torch.Tensor | None]
+    pool_attention: torch.Tensor | None = None
+    handles: list = field(default_factory=list)
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args:
+        return args[0]
+    return kwargs["hidden_states"]
+
+
+class CLIPAdapter(DualEncoderAdapter):
+    """``transformers.CLIPModel`` (and subclasses with the same layout)."""
+
+    architecture = "clip"
+    #: text towers trained with fixed-length padding (SigLIP) must be fed that way
+    pad_to_max_length = False
+
+    def __init__(self, model: torch.nn.Module, tokenizer, image_processor, *, device: str | torch.device = "cpu",
+                 autocast_dtype: torch.dtype | None = None, source: str = "", revision: str | None = None) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        self.source = source
+        self.revision = revision
+
+        vcfg = model.config.vision_config
+        tcfg = model.config.text_config
+        self.image_size = int(vcfg.image_size)
+        self.patch_size = int(vcfg.patch_size)
+        side = self.image_size // self.patch_size
+        self.grid = (side, side)
+        self.num_layers = int(vcfg.num_hidden_layers)
+        self.num_heads = int(vcfg.num_attention_heads)
+        self.text_num_layers = int(tcfg.num_hidden_layers)
+        self.max_text_length = int(getattr(tcfg, "max_position_embeddings", 77))
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ architecture specifics
+    num_prefix_tokens = 1
+
+    @property
+    def vision_layers(self) -> Sequence[torch.nn.Module]:
+        return self.model.vision_model.encoder.layers
+
+    @property
+    def text_layers(self) -> Sequence[torch.nn.Module]:
+        return self.model.text_model.encoder.layers
+
+    @property
+    def pooling_head_attention(self) -> torch.nn.MultiheadAttention | None:
+        """The attention of a MAP pooling head, ``None`` when a CLS token is read out."""
+        return None
+
+    def _text_readout_index(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Index ``[P]`` of the token whose final state becomes the text embedding."""
+        eos = self.model.text_model.eos_token_id
+        if eos == 2:  # legacy CLIP configs: HF pools at the highest token id
+            return input_ids.argmax(dim=-1)
+        return (input_ids == eos).int().argmax(dim=-1)
+
+    def _scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.model.logit_scale.exp(), None
+
+    # ------------------------------------------------------------------ helpers
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for every forward pass when a ``dtype`` was requested at load time."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        if not images:
+            raise ProbeInputError("no images to preprocess")
+        rgb = [im.convert("RGB") for im in images]
+        out = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+        return out.to(self.device, torch.float32)
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> ``(input_ids [P, Tt], attention_mask [P, Tt])`` on the device."""
+        if isinstance(prompts, str):
+            raise ProbeInputError("prompts must be a list of strings, not one string")
+        if not prompts:
+            raise ProbeInputError("no prompts")
+        enc = self.tokenizer(list(prompts), padding="max_length" if self.pad_to_max_length else True,
+                             truncation=True, max_length=self.max_text_length, return_tensors="pt")
+        ids = enc["input_ids"].to(self.device)
+        mask = enc.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask.to(self.device)
+        return ids, mask
+
+    def text_tokens(self, prompts: Sequence[str]) -> list[list[str]]:
+        """The tokens the text relevance refers to (padding included, relevance 0 there)."""
+        ids, _ = self.tokenize(prompts)
+        return [self.tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
+
+    def _check_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[2:]) != (
+                self.image_size, self.image_size):
+            raise ProbeInputError(f"pixel_values must be [B, 3, {self.image_size}, {self.image_size}], "
+                                  f"got {list(pixel_values.shape)}")
+        return pixel_values.to(self.device)
+
+    def _pair_prompts(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> list[str]:
+        """One prompt per image; a single prompt is broadcast to every image."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        b = pixel_values.shape[0]
+        if len(prompts) == 1 and b > 1:
+            prompts = prompts * b
+        if len(prompts) != b:
+            raise ProbeInputError(f"{b} images but {len(prompts)} prompts: pass one prompt per image "
+                                  "(or a single prompt for all)")
+        return prompts
+
+    # ------------------------------------------------------------------ embeddings and scores
+    def _encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            out = self.model.get_text_features(input_ids=ids, attention_mask=mask)
+        feats = out if isinstance(out, torch.Tensor) else out.pooler_output
+        return F.normalize(feats.float(), dim=-1)
+
+    def _encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            out = self.model.get_image_features(pixel_values=pixel_values)
+        feats = out if isinstance(out, torch.Tensor) else out.pooler_output
+        return F.normalize(feats.float(), dim=-1)
+
+    def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> ``[P, E]``; each distinct prompt is encoded once (and cached: text
+        embeddings don't depend on the image, and methods ask for the same prompts again and again)."""
+        prompts = list(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            with torch.no_grad():
+                ids, mask = self.tokenize(missing)
+                emb = self._encode_text(ids, mask)
+            for p, e in zip(missing, emb):
+                self._text_cache[p] = e
+            if len(self._text_cache) > 4096:  # bound memory on endless prompt streams
+                self._text_cache = {p: self._text_cache[p] for p in prompts}
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._encode_image(self._check_pixels(pixel_values))
+
+    def pair_score(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Normalised embeddings ``[B, E]`` x ``[B, E]`` -> paired scores ``[B]``."""
+        scale, bias = self._scale_and_bias()
+        s = (image_embeds * text_embeds.to(image_embeds.dtype)).sum(-1) * scale.float()
+        return s if bias is None else s + bias.float()
+
+    def score(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        prompts = self._pair_prompts(pixel_values, prompts)
+        return self.pair_score(self.image_embeds(pixel_values), self.text_embeds(prompts))
+
+    def score_matrix(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        img = self.image_embeds(pixel_values)
+        txt = self.text_embeds(list(prompts))
+        scale, bias = self._scale_and_bias()
+        s = img @ txt.T * scale.float()
+        return s if bias is None else s + bias.float()
+
+    # ------------------------------------------------------------------ recording
+    @contextlib.contextmanager
+    def _record(self, layers: Sequence[torch.nn.Module], *, grad_from_layer: int | None,
+                pool_attention: torch.nn.MultiheadAttention | None = None) -> Iterator[_Recording]:
+        """Hooks that capture, for each layer, its input hidden state and its attention
+        probabilities (and the last layer's output). With ``grad_from_layer`` set, the hidden
+        state entering that layer becomes a leaf requiring grad and every captured tensor from
+        there on retains its gradient."""
+        n = len(layers)
+        rec = _Recording(attentions=[None] * n, hidden_states=[None] * (n + 1))
+        tracking = grad_from_layer is not None and torch.is_grad_enabled()
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            if tracking and t.requires_grad:
+                t.retain_grad()
+            return t
+
+        def pre_hook(i: int):
+            def fn(module, args, kwargs):
+                h = _first_tensor(args, kwargs)
+                if tracking and i == grad_from_layer:
+                    h = h.detach().requires_grad_(True)
+                    if args:
+                        args = (h, *args[1:])
+                    else:
+                        kwargs = {**kwargs, "hidden_states": h}
+                rec.hidden_states[i] = keep(h)
+                return args, kwargs
+            return fn
+
+        def post_hook(module, args, output):
+            rec.hidden_states[n] = keep(output[0] if isinstance(output, tuple) else output)
+
+        def attn_hook(i: int):
+            def fn(module, args, output):
+                weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+                if weights is None:
+                    raise UnsupportedModelError(
+                        "the attention layers return no attention probabilities; load the model with "
+                        "attn_implementation='eager'")
+                rec.attentions[i] = keep(weights)
+            return fn
+
+        try:
+            for i, layer in enumerate(layers):
+                rec.handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+                rec.handles.append(layer.self_attn.register_forward_hook(attn_hook(i)))
+            rec.handles.append(layers[-1].register_forward_hook(post_hook))
+            if pool_attention is not None:
+                rec.handles.append(pool_attention.register_forward_hook(self._pool_hook(rec, keep)))
+            yield rec
+        finally:
+            for h in rec.handles:
+                h.remove()
+
+    def _pool_hook(self, rec: _Recording, keep):
+        """Recompute a ``torch.nn.MultiheadAttention`` pooling step with per-head probabilities.
+
+        ``nn.MultiheadAttention`` only hands out head-averaged weights from a fused kernel; the
+        relevance rules need each head's probabilities *with their gradient*, so the hook
+        recomputes the same attention explicitly and returns that output in its place (the
+        adapter tests check the score is unchanged)."""
+
+        def fn(mha: torch.nn.MultiheadAttention, args, output):
+            query, key, value = args[0], args[1], args[2]
+            b, tq, e = query.shape
+            t = key.shape[1]
+            h = mha.num_heads
+            d = e // h
+            wq, wk, wv = mha.in_proj_weight.chunk(3)
+            bq, bk, bv = mha.in_proj_bias.chunk(3)
+            q = F.linear(query, wq, bq).view(b, tq, h, d).transpose(1, 2)
+            k = F.linear(key, wk, bk).view(b, t, h, d).transpose(1, 2)
+            v = F.linear(value, wv, bv).view(b, t, h, d).transpose(1, 2)
+            if tq != 1:
+                raise UnsupportedModelError(f"pooling head with {tq} queries; Loupe explains single-probe MAP heads")
+            # [B, H, T]: the probe query's row; kept as the tensor the output is computed from, so
+            # that its .grad is populated by the backward pass
+            row = torch.softmax((q @ k.transpose(-1, -2))[:, :, 0, :] * d ** -0.5, dim=-1,
+                                dtype=torch.float32).to(q.dtype)
+            rec.pool_attention = keep(row)
+            probs = row.unsqueeze(2)
+            out = (probs @ v).transpose(1, 2).reshape(b, tq, e)
+            out = mha.out_proj(out)
+            return out, probs.mean(1)
+
+        return fn
+
+    # ------------------------------------------------------------------ traces
+    def trace(self, pixel_values: torch.Tensor, prompts: Sequence[str], *, grad_from_layer: int = 0,
+              text: bool = False) -> VisionTrace:
+        """Forward pass keeping attentions and hidden states (with gradients) of every vision
+        layer. ``grad_from_layer``: gradients are tracked from the input of that layer on (layers
+        below it get no ``.grad``; pick the lowest layer you need). ``text=True`` also traces
+        the text tower (``text_attentions`` with gradients, ``text_input_ids``); otherwise the
+        text embeddings are constants (faster).
+
+        Call ``trace.score.sum().backward()`` once: scores of different pairs don't interact,
+        so one backward pass yields every pair's gradients.
+        """
+        pixel_values = self._check_pixels(pixel_values)
+        prompts = self._pair_prompts(pixel_values, prompts)
+        if not 0 <= grad_from_layer < self.num_layers:
+            raise ProbeInputError(f"layer {grad_from_layer} out of range 0..{self.num_layers - 1}")
+        with torch.enable_grad():
+            text_attn: list[torch.Tensor] = []
+            ids = None
+            if text:
+                ids, mask = self.tokenize(prompts)
+                with self._record(self.text_layers, grad_from_layer=0) as trec:
+                    txt = self._encode_text(ids, mask)
+                text_attn = list(trec.attentions)
+            else:
+                txt = self.text_embeds(prompts)
+            with self._record(self.vision_layers, grad_from_layer=grad_from_layer,
+                              pool_attention=self.pooling_head_attention) as rec:
+                img = self._encode_image(pixel_values)
+            score = self.pair_score(img, txt)
+        return VisionTrace(score=score, attentions=list(rec.attentions), hidden_states=list(rec.hidden_states),
+                           text_attentions=text_attn, text_input_ids=ids, pool_attention=rec.pool_attention,
+                           text_readout=self._text_readout_index(ids, mask) if text else None,
+                           text_attention_mask=mask if text else None)
+
+    @torch.no_grad()
+    def attentions(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Attention probabilities without gradients: ``([B, H, T, T] per layer, pool [B, H, T] | None)``.
+        (Rollout and flow need no backward pass.)"""
+        pixel_values = self._check_pixels(pixel_values)
+        with self._record(self.vision_layers, grad_from_layer=None,
+                          pool_attention=self.pooling_head_attention) as rec:
+            self._encode_image(pixel_values)
+        return list(rec.attentions), rec.pool_attention
+
+    @torch.no_grad()
+    def vision_features(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        pixel_values = self._check_pixels(pixel_values)
+        for layer in layers:
+            if not 0 <= layer <= self.num_layers:
+                raise ProbeInputError(f"layer {layer} out of range 0..{self.num_layers}")
+        with self._record(self.vision_layers, grad_from_layer=None) as rec:
+            self._encode_image(pixel_values)
+        return {layer: rec.hidden_states[layer] for layer in layers}
+
+    def patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, T, ...]`` vision tokens -> ``[B, gh, gw, ...]`` patch tokens on the grid."""
+        patches = tokens[:, self.num_prefix_tokens:]
+        return patches.reshape(patches.shape[0], *self.grid, *patches.shape[2:])
+
+    def describe(self) -> dict:
+        """Provenance for evidence records."""
+        return {"architecture": self.architecture, "source": self.source, "revision": self.revision,
+                "image_size": self.image_size, "patch_size": self.patch_size, "grid": list(self.grid),
+                "layers": self.num_layers, "heads": self.num_heads, "device": str(self.device),
+                "autocast_dtype": None if self.autocast_dtype is None else str(self.autocast_dtype)}
+
+
+class SiglipAdapter(CLIPAdapter):
+    """``transformers.SiglipModel``: no CLS token; the image embedding is a MAP pooling head's
+    output. Explanations read out relevance through that head's attention (``pool_attention``)."""
+
+    architecture = "siglip"
+    num_prefix_tokens = 0
+    pad_to_max_length = True
+
+    def __init__(self, model: torch.nn.Module, *args, **kwargs) -> None:
+        if not getattr(model.config.vision_config, "vision_use_head", True):
+            raise UnsupportedModelError("SigLIP vision tower without a pooling head (vision_use_head=False) "
+                                        "produces no image embedding to explain")
+        super().__init__(model, *args, **kwargs)
+
+    @property
+    def pooling_head_attention(self) -> torch.nn.MultiheadAttention:
+        return self.model.vision_model.head.attention
+
+    def _text_readout_index(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
+
+    def _scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.model.logit_scale.exp(), self.model.logit_bias
