@@ -1,0 +1,116 @@
+"""Shared matplotlib figures for probes: heatmap overlays, grids of them, and perturbation curves.
+
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas directly (no ``pyplot``), so
+workers never touch a GUI backend or pyplot's global figure list. Callers own the figures:
+``save(fig, path)`` writes one; the Celery side stores ``ProbeResult.figures``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from PIL import Image
+
+Box = Sequence[float]
+
+
+def new_figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _dense(heatmap: torch.Tensor | np.ndarray, height: int, width: int) -> np.ndarray:
+    """A map of any resolution -> ``[height, width]`` in [0, 1] (bilinear, min-max)."""
+    tensor = torch.as_tensor(np.asarray(heatmap.detach().cpu() if isinstance(heatmap, torch.Tensor) else heatmap),
+                             dtype=torch.float32)
+    if tensor.shape != (height, width):
+        tensor = torch.nn.functional.interpolate(tensor[None, None], size=(height, width), mode="bilinear",
+                                                 align_corners=False)[0, 0]
+    array = tensor.numpy()
+    low, high = float(array.min()), float(array.max())
+    return (array - low) / (high - low) if high > low else np.zeros_like(array)
+
+
+def draw_overlay(ax, image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, boxes: Sequence[Box] = (),
+                 alpha: float = 0.5, cmap: str = "jet", title: str | None = None,
+                 point: tuple[float, float] | None = None) -> None:
+    """Draw ``heatmap`` (any resolution, rescaled to [0, 1]) over ``image`` on ``ax``, with
+    ground-truth ``boxes`` in green and the map's maximum ``point`` as a white cross."""
+    rgb = np.asarray(image.convert("RGB"))
+    ax.imshow(rgb)
+    ax.imshow(_dense(heatmap, rgb.shape[0], rgb.shape[1]), cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0)
+    for x0, y0, x1, y1 in boxes:
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.5))
+    if point is not None:
+        ax.plot([point[0]], [point[1]], marker="+", color="white", markersize=12, markeredgewidth=2)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+
+
+def heatmap_overlay(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, boxes: Sequence[Box] = (),
+                    title: str | None = None, alpha: float = 0.5, cmap: str = "jet",
+                    point: tuple[float, float] | None = None) -> Figure:
+    """One image with its heatmap overlaid (and a colour bar)."""
+    figure = new_figure(5, 5)
+    ax = figure.add_subplot()
+    draw_overlay(ax, image, heatmap, boxes=boxes, alpha=alpha, cmap=cmap, title=title, point=point)
+    mappable = ax.images[-1]
+    figure.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02, label="relevance (min-max scaled)")
+    return figure
+
+
+def heatmap_grid(images: Sequence[Image.Image], maps: Mapping[str, Sequence[torch.Tensor | np.ndarray]], *,
+                 row_titles: Sequence[str] | None = None, boxes: Sequence[Sequence[Box]] | None = None,
+                 alpha: float = 0.5, cmap: str = "jet", cell: float = 2.2) -> Figure:
+    """Rows = images, columns = the image itself then one overlay per entry of ``maps``
+    (``{column title: [map per image]}``)."""
+    columns = ["image", *maps]
+    figure = new_figure(cell * len(columns), cell * len(images) + 0.3)
+    axes = figure.subplots(len(images), len(columns), squeeze=False)
+    for row, image in enumerate(images):
+        row_boxes = boxes[row] if boxes is not None else ()
+        axes[row][0].imshow(np.asarray(image.convert("RGB")))
+        for x0, y0, x1, y1 in row_boxes:
+            axes[row][0].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.5))
+        axes[row][0].set_axis_off()
+        if row_titles is not None:
+            axes[row][0].set_title(row_titles[row], fontsize=8)
+        for column, name in enumerate(maps, start=1):
+            draw_overlay(axes[row][column], image, maps[name][row], boxes=row_boxes, alpha=alpha, cmap=cmap,
+                         title=name if row == 0 else None)
+    return figure
+
+
+def perturbation_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, title: str = "",
+                        ylabel: str = "normalised score") -> Figure:
+    """Deletion/insertion-style curves: ``{label: (x, y)}``, AUC in the legend. Labels containing
+    "random" are drawn dashed, so baselines read as baselines."""
+    figure = new_figure(5, 3.5)
+    ax = figure.add_subplot()
+    for label, (x, y) in curves.items():
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        auc = float(np.trapezoid(y, x)) if len(x) > 1 else float("nan")
+        ax.plot(x, y, linestyle="--" if "random" in label else "-", label=f"{label} (AUC {auc:.3f})")
+    ax.set_xlabel("share of patches changed")
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0, 1)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return figure
+
+
+def save(figure: Figure, path: str | Path, *, dpi: int = 100) -> Path:
+    """Write ``figure`` (format from the suffix, e.g. ``.png``) and return the path."""
+    path = Path(path)
+    figure.savefig(path, dpi=dpi)
+    return path
