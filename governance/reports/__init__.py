@@ -1,0 +1,117 @@
+"""Regulatory reports: versioned, signed, tamper-evident PDF reports and the case export bundle.
+
+Public entry points (the API, the admin and the management commands call only these):
+
+- :func:`generate_report` issues the next immutable report version of a case;
+- :func:`render_case` renders a case state to PDF bytes without storing anything;
+- :func:`export_case_zip` builds the export bundle of a case.
+
+Modules: :mod:`.manifest` (what a report covers), :mod:`.context` (manifest -> template context),
+:mod:`.figures` (summary figures), :mod:`.url_fetcher` (the only thing WeasyPrint may read),
+:mod:`.render` (PDF/A-3b), :mod:`.signing` (PAdES), :mod:`.versions` (numbering and change log),
+:mod:`.export` (zip bundle).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from governance.models import AuditCase, Report
+    from governance.reports.render import RenderedPDF
+
+
+def render_case(case: AuditCase, *, version: int, report_meta: dict[str, Any] | None = None
+                ) -> tuple[RenderedPDF, dict[str, Any]]:
+    """Render the current state of ``case`` as report ``version``; returns (rendered PDF, manifest).
+
+    Pure with respect to the database (reads only). The same case state and version give a
+    byte-identical PDF.
+    """
+    import datetime as dt
+
+    from governance.models import EvidenceArtifact
+    from governance.reports import context as ctx
+    from governance.reports import manifest as mf
+    from governance.reports.render import render_html, render_pdf
+    from governance.reports.url_fetcher import SafeURLFetcher
+
+    manifest = mf.build_manifest(case, version=version)
+    meta = {"version": version, "supersedes": None, "changelog": []} | (report_meta or {})
+    files = {a.pk: a for a in EvidenceArtifact.objects.filter(evidence__run__case=case)}
+
+    def load_artifact(entry: dict[str, Any]) -> tuple[bytes, str]:
+        artifact = files[entry["id"]]
+        with artifact.file.open("rb") as handle:
+            return handle.read(), artifact.content_type
+
+    sha = mf.manifest_sha256(manifest)
+    context, inputs = ctx.build_context(manifest, manifest_sha256=sha, report=meta, load_artifact=load_artifact)
+    fetcher = SafeURLFetcher(artifacts=inputs.artifacts)
+    rendered = render_pdf(render_html(context), fetcher=fetcher, manifest=mf.manifest_bytes(manifest),
+                          created=dt.datetime.fromisoformat(manifest["as_of"]))
+    return rendered, manifest
+
+
+def generate_report(case: AuditCase, *, author, sign: bool = True) -> Report:
+    """Issue the next report version of ``case`` (v1, v2, ...) and return the new ``Report`` row.
+
+    Renders the case state to a PDF/A-3b with the manifest embedded, signs it with the service's
+    issuer key when ``settings.LOUPE_SIGNING_KEY``/``LOUPE_SIGNING_CERT`` are configured (and
+    ``sign`` is true), stores it through Django's storage, records what it supersedes and the
+    change log against the previous version, and writes a ``report.issued`` audit event, all in
+    one transaction. The row is immutable afterwards.
+
+    ``author`` is the user who requested it (any user who can see the case; the API decides who may).
+    """
+    import hashlib
+
+    from django.core.files.base import ContentFile
+    from django.db import transaction
+
+    from governance import audit_log
+    from governance.models import AuditCase as Case
+    from governance.models import Report as ReportModel
+    from governance.reports import signing, versions
+    from governance.reports.manifest import build_manifest, manifest_sha256
+
+    with transaction.atomic():
+        # Lock the case so two concurrent requests cannot both compute version n+1.
+        locked = Case.objects.select_for_update().get(pk=case.pk)
+        previous = versions.latest(locked)
+        version = previous.version + 1 if previous else 1
+        changes = versions.changelog(previous.manifest if previous else None, build_manifest(locked, version=version))
+        meta = {"version": version, "supersedes": previous.version if previous else None, "changelog": changes,
+                "author": author.get_full_name() or author.get_username()}
+        rendered, manifest = render_case(locked, version=version, report_meta=meta)
+        pdf = rendered.pdf
+        signed_by = None
+        paths = signing.configured_signer_paths() if sign else None
+        if paths is not None:
+            signer = signing.load_signer(*paths)
+            pdf = signing.sign_pdf(pdf, signer, role="issuer", reason=f"Loupe report v{version} of case #{case.pk} issued")
+            signed_by = signer.signing_cert.subject.human_friendly
+        report = ReportModel(case=locked, version=version, sha256=hashlib.sha256(pdf).hexdigest(), manifest=manifest,
+                             author=author, supersedes=previous, changelog=changes)
+        report.pdf.save(f"loupe-case-{case.pk}-report-v{version}.pdf", ContentFile(pdf), save=False)
+        report.save()
+        audit_log.record(author, "report.issued", report, {
+            "version": version, "sha256": report.sha256, "pages": rendered.pages,
+            "manifest_sha256": manifest_sha256(manifest),
+            "supersedes": previous.version if previous else None, "signed_by": signed_by,
+            "refused_urls": rendered.refused_urls[:20]})
+    return report
+
+
+def export_case_zip(case: AuditCase) -> bytes:
+    """The export bundle of ``case`` as zip bytes: latest report, manifest, evidence artifacts,
+    the model card in Hugging Face format and the case's audit-log excerpt with its hash chain.
+
+    The caller checks that the requesting user may see the case (same visibility as the case).
+    """
+    from governance.reports.export import build_bundle
+
+    return build_bundle(case)
+
+
+__all__ = ["export_case_zip", "generate_report", "render_case"]

@@ -1,0 +1,336 @@
+"""Turn a report manifest into the template context: sections, tables, figures, findings.
+
+The report shows what its manifest states and nothing else, so a PDF can always be traced back to
+the JSON it embeds. Everything here works on plain data; the database is read only by
+:mod:`governance.reports.manifest` (and by the caller that loads artifact files).
+
+Sections are tied to the EU AI Act requirement they serve (``SECTIONS``). A section whose probe
+kinds produced no evidence says so in words instead of disappearing, because an auditor must be
+able to tell "not tested" from "tested, nothing found".
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from governance.reports import figures
+from governance.reports.url_fetcher import artifact_url
+
+# Free text longer than this is cut in the PDF (the full text stays in the manifest and the export bundle);
+# it keeps a hostile or careless 10 MB model card from turning a report into thousands of pages.
+MAX_TEXT_CHARS = 20_000
+MAX_METRIC_ROWS = 80
+MAX_TABLE_ROWS = 40
+
+KIND_TITLES = {
+    "grounding": "Visual grounding and faithfulness",
+    "sanity": "Sanity checks (model randomisation)",
+    "token_attribution": "Token attribution (generative models)",
+    "attention": "Cross-modal attention statistics",
+    "intervention": "Causal interventions",
+    "tcav": "Concept tests (TCAV)",
+    "shortcut": "Shortcut detection",
+    "robustness": "Robustness probes",
+}
+
+CARD_TITLES = {
+    "model_details": "Model details", "intended_uses": "Intended uses", "out_of_scope_uses": "Out-of-scope uses",
+    "training_data": "Training data", "evaluation_data": "Evaluation data", "metrics": "Metrics",
+    "limitations": "Limitations", "ethical_considerations": "Ethical considerations", "caveats": "Caveats",
+}
+
+
+@dataclass(frozen=True)
+class Section:
+    key: str
+    title: str
+    requirement: str
+    kinds: tuple[str, ...] = ()
+
+
+SECTIONS = (
+    Section("summary", "Executive summary", "Art. 13(1), 13(3)(b): transparency of the system's characteristics"),
+    Section("purpose", "Intended purpose and model card", "Art. 13(3)(a), 13(3)(b)(i); Annex IV point 1"),
+    Section("explain", "Ability to explain outputs", "Art. 13(3)(b)(iv), Art. 13(3)(d)",
+            ("grounding", "sanity", "token_attribution", "attention", "intervention")),
+    Section("bias", "Performance for groups and bias examination", "Art. 10(2)(f)-(g), Art. 13(3)(b)(v)",
+            ("tcav", "shortcut")),
+    Section("robustness", "Accuracy and robustness", "Art. 15; Art. 13(3)(b)(ii)", ("robustness",)),
+    Section("oversight", "Human oversight", "Art. 14; Annex IV point 2(e)"),
+    Section("testlog", "Test log", "Annex IV point 2(g)"),
+    Section("limitations", "Limitations", "Art. 13(3)(b)(iii); Annex IV point 3"),
+    Section("appendix", "Appendix: hashes, libraries, glossary", "Annex IV points 2(g), 4"),
+)
+
+SEVERITY_ORDER = {"high": 0, "medium": 1, "low": 2, "info": 3}
+
+GLOSSARY = [
+    ("Grounding / saliency map", "A heatmap of how much each image region contributed to the model's score for a text."),
+    ("Faithfulness", "Whether an explanation reflects what the model actually uses: deleting the regions it marks "
+                     "as important should lower the score quickly (deletion), inserting them should raise it (insertion)."),
+    ("Deletion / insertion AUC", "Area under the score curve as pixels are removed (lower is better) or added "
+                                 "(higher is better) in the order an explanation ranks them."),
+    ("Pointing game", "The share of images where the heatmap's maximum lies inside the annotated object."),
+    ("Sanity check", "Randomising the model's weights layer by layer must change an explanation; one that stays the "
+                     "same does not depend on what the model learned (Adebayo et al., 2018)."),
+    ("TCAV", "Testing with Concept Activation Vectors: how often a human concept (e.g. a watermark) pushes the "
+             "model towards a class, compared with random concepts (Kim et al., 2018)."),
+    ("Corrected p-value", "A p-value adjusted for testing many concepts at once (Holm), so that chance findings "
+                          "are not reported as effects."),
+    ("Shortcut", "A feature that predicts the label in the training data but is not the intended cause, such as "
+                 "a watermark or a background."),
+    ("Explanation instability", "How much an explanation changes under small input changes that do not change "
+                                "the prediction."),
+    ("Method disagreement", "How much different explanation methods disagree about the same prediction (rank "
+                            "correlation of their heatmaps)."),
+    ("PAdES", "PDF Advanced Electronic Signatures (ETSI EN 319 142): signatures embedded in the PDF that detect "
+              "any later change of the signed bytes."),
+    ("PDF/A-3", "The archival PDF profile (ISO 19005-3) that allows machine-readable files, here the manifest, "
+                "to be embedded."),
+]
+
+LIBRARIES = ("loupe", "django", "weasyprint", "pydyf", "pyhanko", "matplotlib", "numpy", "torch", "transformers",
+             "scipy")
+
+
+def truncate(text: Any) -> str:
+    text = "" if text is None else str(text)
+    if len(text) > MAX_TEXT_CHARS:
+        return text[:MAX_TEXT_CHARS] + f" [... {len(text) - MAX_TEXT_CHARS} more characters in the manifest]"
+    return text
+
+
+def fmt(value: Any) -> str:
+    """A metric value for a table cell."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.3e}"
+        return f"{value:.4g}"
+    if value is None:
+        return "n/a"
+    if isinstance(value, list):
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            shown = ", ".join(fmt(v) for v in value[:6])
+            return f"[{shown}{', ...' if len(value) > 6 else ''}] ({len(value)} values)"
+        return f"list of {len(value)}"
+    return truncate(value)[:300]
+
+
+def flatten(metrics: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Scalar metrics as ``(dotted.path, formatted value)`` rows; lists of records become tables instead."""
+    rows: list[tuple[str, str]] = []
+    if isinstance(metrics, dict):
+        for key in metrics:
+            value = metrics[key]
+            path = f"{prefix}{key}"
+            if isinstance(value, dict):
+                rows += flatten(value, path + ".")
+            elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                continue  # rendered by record_tables()
+            else:
+                rows.append((path, fmt(value)))
+    return rows[:MAX_METRIC_ROWS]
+
+
+def record_tables(metrics: Any, prefix: str = "") -> list[dict[str, Any]]:
+    """Lists of dicts in the metrics (e.g. one row per method or concept) as small tables."""
+    tables: list[dict[str, Any]] = []
+    if not isinstance(metrics, dict):
+        return tables
+    for key, value in metrics.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            tables += record_tables(value, path + ".")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            columns: list[str] = []
+            for record in value:
+                for column, cell in record.items():
+                    if column not in columns and not isinstance(cell, (dict, list)):
+                        columns.append(column)
+            columns = columns[:9]
+            rows = [[fmt(record.get(c)) for c in columns] for record in value[:MAX_TABLE_ROWS]]
+            tables.append({"title": path, "columns": columns, "rows": rows,
+                           "more": max(0, len(value) - MAX_TABLE_ROWS)})
+    return tables
+
+
+@dataclass
+class RenderInputs:
+    """What the renderer needs besides the template context: figure bytes by URL id."""
+
+    artifacts: dict[str, Callable[[], tuple[bytes, str]]] = field(default_factory=dict)
+    generated: dict[str, bytes] = field(default_factory=dict)
+
+
+def _generated(inputs: RenderInputs, key: str, png: bytes) -> str:
+    # Generated figures are served like artifacts, under a name that cannot collide with an id.
+    name = f"gen-{key}"
+    inputs.generated[name] = png
+    inputs.artifacts[name] = lambda png=png: (png, "image/png")
+    return artifact_url(name)
+
+
+def summary_figures(entry: dict[str, Any], inputs: RenderInputs) -> list[dict[str, str]]:
+    """Figures drawn from the metrics of one evidence item, where a picture reads faster than a table."""
+    out = []
+    metrics = entry.get("metrics") or {}
+    kind = entry.get("kind")
+    eid = entry.get("id")
+    results = metrics.get("results") if isinstance(metrics, dict) else None
+    if kind == "tcav" and isinstance(results, list) and results:
+        rows = [{"concept": f"{r.get('concept')} (L{r.get('layer')})", "score": r.get("tcav_score"),
+                 "score_std": r.get("tcav_score_std"), "p_corrected": r.get("p_adjusted")} for r in results]
+        png = figures.tcav_bars("TCAV scores", rows, alpha=float(metrics.get("alpha") or 0.05))
+        out.append({"url": _generated(inputs, f"{eid}-tcav", png),
+                    "caption": f"TCAV score per concept and layer (evidence #{eid}); the dashed line is chance "
+                               f"(0.5). p-values are {metrics.get('correction', 'multiplicity')}-corrected."})
+    # Curves: any "curves" mapping of name -> {"x": [...], "y": [...]} (deletion/insertion, robustness).
+    curves = metrics.get("curves") if isinstance(metrics, dict) else None
+    if isinstance(curves, dict) and curves:
+        series = {}
+        for name, curve in list(curves.items())[:8]:
+            if isinstance(curve, dict) and isinstance(curve.get("x"), list) and isinstance(curve.get("y"), list):
+                series[str(name)] = (curve["x"], curve["y"])
+        if series:
+            png = figures.curves(KIND_TITLES.get(kind, kind), series, xlabel=str(metrics.get("curve_x", "fraction")),
+                                 ylabel=str(metrics.get("curve_y", "score")))
+            out.append({"url": _generated(inputs, f"{eid}-curves", png),
+                        "caption": f"Curves recorded by evidence #{eid} ({KIND_TITLES.get(kind, kind)})."})
+    # Per-method scalar metrics ({"methods": {name: {metric: value}}}) as one bar chart per metric.
+    methods = metrics.get("methods") if isinstance(metrics, dict) else None
+    if isinstance(methods, dict) and methods and all(isinstance(v, dict) for v in methods.values()):
+        names = [m for m in methods if isinstance(methods[m], dict)]
+        metric_names = []
+        for m in names:
+            for key, value in methods[m].items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in metric_names:
+                    metric_names.append(key)
+        for metric in metric_names[:4]:
+            png = figures.bar_chart(metric.replace("_", " "), {m: methods[m].get(metric) for m in names},
+                                    ylabel=metric)
+            out.append({"url": _generated(inputs, f"{eid}-{metric}", png),
+                        "caption": f"{metric.replace('_', ' ')} per method (evidence #{eid})."})
+    return out
+
+
+def evidence_view(entry: dict[str, Any], run: dict[str, Any] | None, inputs: RenderInputs,
+                  load_artifact: Callable[[dict[str, Any]], tuple[bytes, str]]) -> dict[str, Any]:
+    figures_out = summary_figures(entry, inputs)
+    files = []
+    for artifact in entry.get("artifacts", []):
+        files.append(artifact)
+        if artifact.get("content_type") in ("image/png", "image/jpeg"):
+            key = str(artifact["id"])
+            inputs.artifacts[key] = lambda a=artifact: load_artifact(a)
+            figures_out.append({"url": artifact_url(key), "caption": f"{artifact['name']} (evidence #{entry['id']}, "
+                                f"stored artifact, SHA-256 {artifact['sha256'][:16]}...)"})
+    return {
+        "id": entry.get("id"), "kind": entry.get("kind"), "title": KIND_TITLES.get(entry.get("kind"), entry.get("kind")),
+        "summary": truncate(entry.get("summary")), "metric_rows": flatten(entry.get("metrics") or {}),
+        "tables": record_tables(entry.get("metrics") or {}), "findings": entry.get("findings") or [],
+        "figures": figures_out, "files": files, "run": run, "digest": entry.get("digest"),
+    }
+
+
+def decision(manifest: dict[str, Any]) -> dict[str, Any]:
+    case = manifest["case"]
+    current = [s for s in manifest["signoffs"] if s.get("review_round") == case.get("review_round")
+               and not s.get("evidence_id") and not s.get("report_section")]
+    approvers = {s["reviewer"]["username"] for s in current if s["decision"] == "approve"}
+    rejected = any(s["decision"] == "reject" for s in current)
+    changes = any(s["decision"] == "request_changes" for s in current)
+    state = case.get("state")
+    labels = {"approved": "APPROVED", "rejected": "REJECTED", "changes_requested": "CHANGES REQUESTED",
+              "in_review": "IN REVIEW (not yet decided)", "evidence_ready": "AWAITING REVIEW",
+              "archived": "ARCHIVED"}
+    return {"state": state, "label": labels.get(state, f"NOT DECIDED ({state})"), "approvals": len(approvers),
+            "required": case.get("required_approvals"), "open_rejection": rejected, "changes_requested": changes}
+
+
+def limitations(evidence: list[dict[str, Any]], present_kinds: set[str]) -> dict[str, Any]:
+    """Measured disagreement/instability values, and the gaps the evidence leaves."""
+    measured = []
+    words = ("disagree", "agreement", "stabil", "rank_corr", "spearman", "kendall", "consisten", "ssim")
+    for entry in evidence:
+        for path, value in flatten(entry.get("metrics") or {}):
+            if any(w in path.lower() for w in words):
+                measured.append({"evidence": entry.get("id"), "kind": entry.get("kind"), "metric": path, "value": value})
+    gaps = [f"No {KIND_TITLES[k].lower()} evidence was recorded, so this report makes no statement about it."
+            for k in KIND_TITLES if k not in present_kinds]
+    return {"measured": measured[:60], "gaps": gaps}
+
+
+def library_versions() -> list[tuple[str, str]]:
+    rows = []
+    for name in LIBRARIES:
+        try:
+            rows.append((name, importlib.metadata.version(name)))
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return rows
+
+
+def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dict[str, Any],
+                  load_artifact: Callable[[dict[str, Any]], tuple[bytes, str]]) -> tuple[dict[str, Any], RenderInputs]:
+    """The template context for ``templates/reports/report.html`` and the figures it references.
+
+    ``report``: ``version``, ``supersedes`` (version number or None), ``changelog`` (list of
+    ``{"change", "detail"}``), ``author`` (display name). ``load_artifact(artifact_entry)`` returns
+    ``(bytes, content_type)`` for a stored evidence artifact.
+    """
+    inputs = RenderInputs()
+    runs = {r["id"]: r for r in manifest.get("runs", [])}
+    evidence = [evidence_view(e, runs.get(e.get("run_id")), inputs, load_artifact) for e in manifest.get("evidence", [])]
+    present = {e["kind"] for e in evidence}
+    sections = []
+    for section in SECTIONS:
+        kinds = []
+        for kind in section.kinds:
+            items = [e for e in evidence if e["kind"] == kind]
+            kinds.append({"kind": kind, "title": KIND_TITLES.get(kind, kind), "evidence": items})
+        sections.append({"key": section.key, "title": section.title, "requirement": section.requirement,
+                         "kinds": kinds, "number": len(sections) + 1})
+    findings = []
+    for e in evidence:
+        for f in e["findings"]:
+            findings.append({"severity": f.get("severity", "info"), "title": truncate(f.get("title"))[:500],
+                             "detail": truncate(f.get("detail")), "kind": e["kind"], "evidence": e["id"]})
+    findings.sort(key=lambda f: (SEVERITY_ORDER.get(f["severity"], 9), f["evidence"] or 0))
+    flags = [f for f in findings if f["kind"] in ("shortcut", "tcav") and f["severity"] in ("high", "medium")]
+    as_of = dt.datetime.fromisoformat(manifest["as_of"])
+    test_log = []
+    for run in manifest.get("runs", []):
+        started = run.get("started_at") and dt.datetime.fromisoformat(run["started_at"])
+        finished = run.get("finished_at") and dt.datetime.fromisoformat(run["finished_at"])
+        test_log.append({**run, "duration": f"{(finished - started).total_seconds():.1f} s" if started and finished else "n/a",
+                         "params_json": truncate(json.dumps(run.get("params"), sort_keys=True, indent=1))[:2000],
+                         "libraries": ", ".join(f"{k} {v}" for k, v in sorted((run.get("library_versions") or {}).items()))})
+    card = manifest.get("model_card") or {}
+    artifacts = [{"evidence": e["id"], "kind": e["kind"], **a} for e in evidence for a in e["files"]]
+    context = {
+        "manifest": manifest, "manifest_sha256": manifest_sha256, "report": report,
+        "as_of": as_of, "as_of_iso": as_of.replace(microsecond=0).isoformat(),
+        "case": manifest["case"], "model": manifest["model"],
+        "model_card": [{"key": k, "title": t, "text": truncate(card.get(k))} for k, t in CARD_TITLES.items()],
+        "model_info": {k: truncate(v) for k, v in (manifest.get("model_info") or {}).items()},
+        "sections": sections, "section_by_key": {s["key"]: s for s in sections},
+        "evidence": evidence, "findings": findings, "flags": flags, "decision": decision(manifest),
+        "signoffs": [{**s, "comment": truncate(s.get("comment"))} for s in manifest.get("signoffs", [])],
+        "test_log": test_log, "limitations": limitations(manifest.get("evidence", []), present),
+        "artifacts": artifacts, "model_files": sorted((manifest["model"].get("files") or {}).items()),
+        "libraries": library_versions(), "glossary": GLOSSARY,
+        "missing_kinds": [KIND_TITLES[k] for k in KIND_TITLES if k not in present],
+    }
+    return context, inputs
