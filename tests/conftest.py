@@ -1,0 +1,201 @@
+"""Shared actors and cases for the governance tests.
+
+The cast (healthchecks style):
+
+- ``alice``: submitter at Acme (registers Acme's model and submits its case);
+- ``mallory``: submitter at Globex (another provider: must never see Acme's work);
+- ``rita`` and ``rob``: independent reviewers (no organisation), assigned to Acme's case by ``ada``;
+- ``ruth``: a reviewer who is *not* assigned to anything;
+- ``audrey``: auditor (a regulator: sees everything, changes nothing);
+- ``ada``: admin (the Loupe operator).
+
+Cases: ``draft_case`` (Acme, draft, planned with the ``test.echo`` probe kind), ``case_with_evidence``
+(walked through the workflow to ``evidence_ready`` with one succeeded run, its evidence and an
+artifact, reviewers rita and rob). ``tamper(sql, params)`` runs raw SQL past the ORM guards and the
+PostgreSQL immutability triggers, to simulate an attacker with database access.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from django.contrib.auth.models import Group, User
+from django.db import connection
+from django.utils import timezone
+
+from workers.probes import suite
+
+TEST_KIND = "test.echo"
+
+
+@pytest.fixture(scope="session")
+def test_probe_kind() -> str:
+    """A probe kind registered for tests only (real kinds import torch models; plans only need a name)."""
+
+    def echo(model_dir, dataset_dir, params, *, device, progress):  # pragma: no cover - never run here
+        return suite.ProbeResult(kind=TEST_KIND, metrics=dict(params), summary="echo")
+
+    suite.probe_kind(TEST_KIND)(echo)
+    yield TEST_KIND
+    suite._KINDS.pop(TEST_KIND, None)
+
+
+def _user(username: str, role: str | None = None, organisation=None, **extra) -> User:
+    from governance.models import Membership
+
+    user = User.objects.create_user(username=username, password=f"{username}-pw-1234", email=f"{username}@example.org",
+                                    **extra)
+    if role:
+        user.groups.add(Group.objects.get(name=role))
+    if organisation is not None:
+        Membership.objects.create(user=user, organisation=organisation)
+    return user
+
+
+@pytest.fixture
+def make_user(db) -> Callable[..., User]:
+    """``make_user("name", "reviewer", organisation=None)``: a user with a role (group) and membership."""
+    return _user
+
+
+@pytest.fixture
+def acme(db):
+    from governance.models import Organisation
+
+    return Organisation.objects.create(name="Acme Vision", slug="acme", contact_email="ai@acme.example")
+
+
+@pytest.fixture
+def globex(db):
+    from governance.models import Organisation
+
+    return Organisation.objects.create(name="Globex", slug="globex", contact_email="ml@globex.example")
+
+
+@pytest.fixture
+def alice(acme):
+    return _user("alice", "submitter", acme)
+
+
+@pytest.fixture
+def mallory(globex):
+    return _user("mallory", "submitter", globex)
+
+
+@pytest.fixture
+def rita(db):
+    return _user("rita", "reviewer")
+
+
+@pytest.fixture
+def rob(db):
+    return _user("rob", "reviewer")
+
+
+@pytest.fixture
+def ruth(db):
+    return _user("ruth", "reviewer")
+
+
+@pytest.fixture
+def audrey(db):
+    return _user("audrey", "auditor")
+
+
+@pytest.fixture
+def ada(db):
+    return _user("ada", "admin", is_staff=True)
+
+
+@pytest.fixture
+def acme_model(alice, acme):
+    from governance.models import AIModel
+
+    return AIModel.objects.create(
+        organisation=acme, name="Acme CLIP", provider_name="Acme Vision GmbH", provider_contact="ai@acme.example",
+        intended_purpose="Zero-shot product photo tagging for an online shop.",
+        modality=AIModel.Modality.IMAGE_TEXT, risk_category=AIModel.RiskCategory.LIMITED, created_by=alice)
+
+
+@pytest.fixture
+def acme_version(acme_model, alice):
+    from governance.models import ModelVersion
+
+    version = ModelVersion(ai_model=acme_model, version="1.0", source=ModelVersion.Source.HUB,
+                           hub_id="acme/clip-tiny", hub_revision="a" * 40,
+                           architecture_family=ModelVersion.Architecture.DUAL_ENCODER,
+                           model_details="A tiny CLIP.", intended_uses="Tagging product photos.",
+                           limitations="Trained on synthetic shapes.", created_by=alice)
+    version.set_manifest({"config.json": "1" * 64, "model.safetensors": "2" * 64})
+    version.save()
+    return version
+
+
+@pytest.fixture
+def globex_case(mallory, globex, test_probe_kind):
+    from governance.models import AIModel, AuditCase, ModelVersion
+
+    model = AIModel.objects.create(organisation=globex, name="Globex BLIP", provider_name="Globex",
+                                   provider_contact="ml@globex.example", intended_purpose="Captioning.",
+                                   risk_category=AIModel.RiskCategory.MINIMAL, created_by=mallory)
+    version = ModelVersion.objects.create(ai_model=model, version="2", source=ModelVersion.Source.HUB,
+                                          hub_id="globex/blip", hub_revision="b" * 40, created_by=mallory)
+    return AuditCase.objects.create(model_version=version, title="Globex BLIP audit", created_by=mallory,
+                                    probe_plan=[{"kind": test_probe_kind, "params": {}}])
+
+
+@pytest.fixture
+def draft_case(acme_version, alice, test_probe_kind):
+    from governance.models import AuditCase
+
+    return AuditCase.objects.create(
+        model_version=acme_version, title="Acme CLIP 1.0 grounding audit", scope="Grounding and bias.",
+        probe_plan=[{"kind": test_probe_kind, "params": {"n": 3}, "dataset": "zoo:shapes"}], created_by=alice)
+
+
+def finish_run_with_evidence(case, *, kind: str = TEST_KIND, summary: str = "All good."):
+    """Create a run for ``case`` with evidence and one artifact, then mark the run succeeded."""
+    from governance.models import Evidence, EvidenceArtifact, ProbeRun
+
+    run = ProbeRun.objects.create(case=case, kind=kind, params={"n": 3}, status=ProbeRun.Status.RUNNING,
+                                  started_at=timezone.now(), model_manifest_hash=case.model_version.manifest_hash,
+                                  seed=0, device="cpu", code_version="test")
+    evidence = Evidence.objects.create(run=run, kind=kind, metrics={"pointing_game": 0.8}, summary=summary,
+                                       findings=[{"severity": "low", "title": "Slight colour bias", "detail": ""}])
+    EvidenceArtifact.from_bytes(evidence, "scores.csv", b"image,score\n1,0.8\n", "text/csv")
+    run.status = ProbeRun.Status.SUCCEEDED
+    run.progress = 1.0
+    run.finished_at = timezone.now()
+    run.save()
+    return run, evidence
+
+
+@pytest.fixture
+def case_with_evidence(draft_case, alice, ada, rita, rob):
+    """Acme's case, submitted by alice, probed, evidence ready; reviewers rita and rob."""
+    from governance import workflow
+
+    workflow.assign_reviewers(draft_case, [rita, rob], by=ada)
+    workflow.submit(draft_case, by=alice)
+    workflow.start_runs(draft_case)
+    finish_run_with_evidence(draft_case)
+    workflow.mark_evidence_ready(draft_case)
+    return draft_case
+
+
+@pytest.fixture
+def tamper(db) -> Callable[[str, list | tuple], None]:
+    """Run raw SQL as an attacker with database access would: past the ORM's immutability guards
+    and, on PostgreSQL, past the triggers (``session_replication_role = replica`` skips them; the
+    CI user is a superuser)."""
+
+    def run(sql: str, params: list | tuple = ()) -> None:
+        with connection.cursor() as cursor:
+            if connection.vendor == "postgresql":
+                cursor.execute("SET LOCAL session_replication_role = replica")
+            cursor.execute(sql, params)
+            if connection.vendor == "postgresql":
+                cursor.execute("SET LOCAL session_replication_role = DEFAULT")
+
+    return run
