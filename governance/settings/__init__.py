@@ -179,6 +179,19 @@ CELERY_TASK_ROUTES = ("workers.celery.route_task",)
 CELERY_TASK_TRACK_STARTED = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
+# --- Report signing (governance/reports/signing.py) ---------------------------------------------
+# The service signs each issued report (PAdES) with this key when both files exist; reviewers and
+# approvers countersign with their own keys (manage.py sign_report). `manage.py make_signing_key`
+# writes a development CA and issuer key to these default paths. Production: point these at the
+# real key/certificate; the key's passphrase is read from the environment variable named below.
+LOUPE_SIGNING_DIR = Path(os.environ.get("LOUPE_SIGNING_DIR", VAR_DIR / "signing"))
+LOUPE_SIGNING_KEY = os.environ.get("LOUPE_SIGNING_KEY", str(LOUPE_SIGNING_DIR / "issuer-key.pem"))
+LOUPE_SIGNING_CERT = os.environ.get("LOUPE_SIGNING_CERT", str(LOUPE_SIGNING_DIR / "issuer-cert.pem"))
+LOUPE_SIGNING_KEY_PASSPHRASE_ENV = "LOUPE_SIGNING_KEY_PASSPHRASE"
+LOUPE_SIGNING_CA_CHAIN = env_list("LOUPE_SIGNING_CA_CHAIN", str(LOUPE_SIGNING_DIR / "dev-ca-cert.pem"))
+# verify_report accepts signatures that chain to one of these certificates.
+LOUPE_SIGNING_TRUST_ROOTS = env_list("LOUPE_SIGNING_TRUST_ROOTS", str(LOUPE_SIGNING_DIR / "dev-ca-cert.pem"))
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
