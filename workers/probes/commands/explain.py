@@ -6,11 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from workers.probes import faithfulness, figures
 from workers.probes.commands import grounding_common as common
-from workers.probes.datasets import MAX_PIXELS, open_image
 from workers.probes.errors import ProbeInputError
-from workers.probes.grounding_suite import explain_image, load_dual_encoder, method_names
 
 FIGURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pdf", ".svg"}
 
@@ -26,6 +23,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from workers.probes import faithfulness, figures
+    from workers.probes.datasets import MAX_PIXELS, open_image
+    from workers.probes.grounding_suite import explain_image, load_dual_encoder, method_names
+
     out = Path(args.out)
     if out.suffix.lower() not in FIGURE_SUFFIXES:
         raise ProbeInputError(f"--out must end in one of {', '.join(sorted(FIGURE_SUFFIXES))}, got {out.name!r}")

@@ -1,6 +1,7 @@
 """Arguments and output helpers shared by the grounding commands (evaluate, sanity).
 
-Not a command itself: ``cli.COMMANDS`` does not list it.
+Not a command itself: ``cli.COMMANDS`` does not list it. Command modules import torch, matplotlib
+and the probe code inside ``run`` only, so ``python -m workers.probes --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from workers.probes import figures
 from workers.probes.errors import ProbeInputError
 from workers.probes.suite import ProbeResult
 
@@ -51,6 +51,8 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
 def write_figures(result: ProbeResult, folder: str | None) -> list[Path]:
     if folder is None:
         return []
+    from workers.probes import figures  # matplotlib: imported only when figures are written
+
     target = Path(folder)
     if not target.is_dir():
         raise ProbeInputError(f"--figures: folder {target} does not exist")
