@@ -146,7 +146,7 @@ class CLIPAdapter(DualEncoderAdapter):
                                   f"got {list(pixel_values.shape)}")
         return pixel_values.to(self.device)
 
-    def _pair_prompts(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> list[str]:
+    def pair_prompts(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> list[str]:
         """One prompt per image; a single prompt is broadcast to every image."""
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -197,7 +197,7 @@ class CLIPAdapter(DualEncoderAdapter):
         return s if bias is None else s + bias.float()
 
     def score(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        prompts = self._pair_prompts(pixel_values, prompts)
+        prompts = self.pair_prompts(pixel_values, prompts)
         return self.pair_score(self.image_embeds(pixel_values), self.text_embeds(prompts))
 
     def score_matrix(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -308,7 +308,7 @@ class CLIPAdapter(DualEncoderAdapter):
         so one backward pass yields every pair's gradients.
         """
         pixel_values = self._check_pixels(pixel_values)
-        prompts = self._pair_prompts(pixel_values, prompts)
+        prompts = self.pair_prompts(pixel_values, prompts)
         if not 0 <= grad_from_layer < self.num_layers:
             raise ProbeInputError(f"layer {grad_from_layer} out of range 0..{self.num_layers - 1}")
         with torch.enable_grad():

@@ -1,0 +1,85 @@
+"""Sliding-window occlusion (Zeiler & Fergus 2014), batched.
+
+A ``window x window`` square (all channels) is replaced by ``baseline`` (in normalised pixel
+space: 0 is the image processor's mean colour) at every ``stride`` step; a pixel's attribution is
+the mean drop of the image-prompt score over the windows covering it, as in captum's
+``Occlusion`` (windows start at multiples of ``stride``; the last one may overhang the border).
+The pixel map is averaged over each patch to give the ``[B, gh, gw]`` map.
+
+Why not captum: its loop re-runs the user's whole forward function (text tower included) for
+every group of occluded copies and accumulates full-resolution tensors per window. Here the
+prompts are encoded once, only the image tower runs on the occluded copies, and many copies of
+many images go through it in one batch (``batch_size``). ``benchmarks/grounding.py`` measures the
+difference and checks that both give the same map.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from workers.probes.errors import ProbeInputError
+from workers.probes.registry import register
+from workers.probes.relevance import chunks
+
+
+def window_rows(size: int, window: int, stride: int) -> torch.Tensor:
+    """``[N, size]`` indicators of the 1-D window positions; the 2-D windows are their outer
+    products (row position ``i``, column position ``j``), which keeps memory at ``O(N * size)``
+    instead of one full-size mask per window."""
+    if not 1 <= window <= size:
+        raise ProbeInputError(f"occlusion window must be in 1..{size}, got {window}")
+    if not 1 <= stride <= window:
+        raise ProbeInputError(f"occlusion stride must be in 1..window ({window}), got {stride}")
+    starts = [k * stride for k in range(math.ceil((size - window) / stride) + 1)]
+    rows = torch.zeros(len(starts), size)
+    for k, start in enumerate(starts):
+        rows[k, start:start + window] = 1.0
+    return rows
+
+
+@torch.no_grad()
+def occlusion_pixels(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, window: int | None = None,
+                     stride: int | None = None, baseline: float = 0.0, batch_size: int = 256) -> torch.Tensor:
+    """Pixel-resolution occlusion attribution ``[B, S, S]`` (what captum's ``Occlusion`` returns
+    for each channel with a window spanning all channels)."""
+    prompts = adapter.pair_prompts(pixel_values, prompts)
+    window = adapter.patch_size if window is None else int(window)
+    stride = max(1, window // 2) if stride is None else int(stride)
+    pixel_values = pixel_values.to(adapter.device)
+    rows = window_rows(adapter.image_size, window, stride).to(adapter.device)  # [N, S]
+    n_pos = rows.shape[0]
+    n_images, n_windows = pixel_values.shape[0], n_pos * n_pos
+
+    text = adapter.text_embeds(prompts)  # [B, E], each prompt encoded once
+    base = adapter.pair_score(adapter.image_embeds(pixel_values), text)  # [B]
+    drops = torch.empty(n_images * n_windows, device=adapter.device)
+    for s in chunks(n_images * n_windows, batch_size):
+        pairs = torch.arange(s.start, s.stop, device=adapter.device)
+        img, win = pairs // n_windows, pairs % n_windows
+        m = (rows[win // n_pos, :, None] * rows[win % n_pos, None, :]).unsqueeze(1)  # [n, 1, S, S]
+        occluded = pixel_values[img] * (1 - m) + baseline * m
+        drops[s] = base[img] - adapter.pair_score(adapter.image_embeds(occluded), text[img])
+    drops = drops.view(n_images, n_pos, n_pos)
+
+    # sum over windows of drop * mask, then divide by how many windows cover each pixel
+    total = rows.T @ drops @ rows  # [B, S, S]
+    coverage = rows.sum(0)[:, None] * rows.sum(0)[None, :]
+    return torch.where(coverage > 0, total / coverage.clamp(min=1), torch.zeros_like(total))
+
+
+@register("occlusion")
+def occlusion(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, window: int | None = None,
+              stride: int | None = None, baseline: float = 0.0, batch_size: int = 256) -> torch.Tensor:
+    """Occlusion map ``[B, gh, gw]``: score drop when a region is hidden (positive = region supports
+    the match). ``window`` defaults to the patch size, ``stride`` to half of it; ``batch_size``
+    occluded copies (of any of the images) go through the image tower at once."""
+    pixel_map = occlusion_pixels(adapter, pixel_values, prompts, window=window, stride=stride, baseline=baseline,
+                                 batch_size=batch_size)
+    patch = adapter.patch_size
+    gh, gw = adapter.grid
+    n = pixel_map.shape[0]
+    grid = pixel_map[:, :gh * patch, :gw * patch].reshape(n, gh, patch, gw, patch).mean(dim=(2, 4))
+    return grid.float().cpu()
