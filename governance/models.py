@@ -740,6 +740,12 @@ class AuditEvent(AppendOnlyModel):
     def __str__(self) -> str:
         return f"#{self.seq} {self.action} {self.object_type}:{self.object_id} by {self.actor_label}"
 
+    def save(self, *args, **kwargs):
+        if self._state.adding and not getattr(self, "_via_record", False):
+            raise ImmutableError("Audit events are written only through governance.audit_log.record(), "
+                                 "which chains them.")
+        super().save(*args, **kwargs)
+
     @property
     def data(self) -> Any:
         import json
