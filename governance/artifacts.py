@@ -1,7 +1,7 @@
 """Where a model version's files live, their SHA-256 manifest, and the architecture family.
 
-- An uploaded archive is unpacked (after validation, :mod:`governance.uploads`) into
-  ``<storage root>/models/version-<pk>/``; the archive itself is kept in ``ModelVersion.archive``.
+- An uploaded archive is kept in ``ModelVersion.archive`` and unpacked (after validation,
+  :mod:`governance.uploads`) next to it, into ``<storage root>/<archive name>.unpacked/``.
 - A server-path version points at a directory below ``settings.LOUPE_MODEL_ROOTS``.
 - A hub version has no local files until an operator mirrors it (Loupe never downloads weights).
 
@@ -38,8 +38,13 @@ class ArtifactUnavailable(Exception):
     """The version's files are not on this server (e.g. a hub version that was never mirrored)."""
 
 
-def uploaded_model_directory(version_pk: int) -> Path:
-    return Path(settings.MEDIA_ROOT) / "models" / f"version-{version_pk}"
+def uploaded_model_directory(version) -> Path:
+    """Where an uploaded version's archive is unpacked: next to the stored archive, whose name the
+    storage made unique (so a reused primary key can never meet an old directory). Model
+    directories must be on a filesystem the workers share: transformers loads from local paths."""
+    if not version.archive:
+        raise ArtifactUnavailable(f"{version} has no uploaded archive")
+    return Path(settings.MEDIA_ROOT) / f"{version.archive.name}.unpacked"
 
 
 def model_directory(version) -> Path:
@@ -47,7 +52,7 @@ def model_directory(version) -> Path:
     from governance.models import ModelVersion, validate_server_path
 
     if version.source == ModelVersion.Source.ARCHIVE:
-        path = uploaded_model_directory(version.pk)
+        path = uploaded_model_directory(version)
     elif version.source == ModelVersion.Source.PATH:
         validate_server_path(version.server_path)  # the roots may have changed since registration
         path = Path(version.server_path)

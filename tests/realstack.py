@@ -335,7 +335,8 @@ def _isolated_media_root(tmp_path_factory) -> Iterator[Path]:
     from django.test import override_settings
 
     media = tmp_path_factory.mktemp("media")
-    override = override_settings(MEDIA_ROOT=media)
+    # Tests create dozens of users: a fast (test-only) password hash keeps the suite quick.
+    override = override_settings(MEDIA_ROOT=media, PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"])
     override.enable()
     try:
         yield media

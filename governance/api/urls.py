@@ -1,5 +1,25 @@
+"""API routes: ``/api/<resource>/`` (token or session auth). The schema is at ``/api/schema/`` and the
+Swagger UI, served from our own static files, at ``/api/docs/``."""
+
+from django.urls import path, re_path
 from rest_framework.routers import DefaultRouter
 
-router = DefaultRouter()
+from governance.api import exports, views
 
-urlpatterns = router.urls
+router = DefaultRouter()
+router.register("organisations", views.OrganisationViewSet, basename="organisation")
+router.register("models", views.AIModelViewSet, basename="aimodel")
+router.register("versions", views.ModelVersionViewSet, basename="version")
+router.register("cases", views.AuditCaseViewSet, basename="case")
+router.register("runs", views.ProbeRunViewSet, basename="run")
+router.register("evidence", views.EvidenceViewSet, basename="evidence")
+router.register("artifacts", views.EvidenceArtifactViewSet, basename="artifact")
+router.register("signoffs", views.SignoffViewSet, basename="signoff")
+router.register("reports", views.ReportViewSet, basename="report")
+router.register("audit-events", views.AuditEventViewSet, basename="auditevent")
+
+urlpatterns = [
+    path("auth/token/", views.ObtainTokenView.as_view(), name="auth-token"),
+    re_path(r"^cases/(?P<pk>[0-9]+)/export/?$", exports.CaseExportView.as_view(), name="case-export"),  # issue 7
+    *router.urls,
+]

@@ -133,6 +133,10 @@ REST_FRAMEWORK = {
         "rest_framework.filters.OrderingFilter",
     ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "governance.api.errors.exception_handler",
+    "ORDERING_PARAM": "ordering",
+    # Only the token endpoint is throttled (password guessing); see governance.api.views.ObtainTokenView.
+    "DEFAULT_THROTTLE_RATES": {"anon": os.environ.get("LOUPE_TOKEN_THROTTLE", "30/minute")},
 }
 
 SPECTACULAR_SETTINGS = {

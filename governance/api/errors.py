@@ -1,0 +1,86 @@
+"""One JSON shape for every refusal: ``{"error": "<stable code>", "detail": "<sentence>", ...}``.
+
+Validation errors add ``"fields": {field: [messages]}``; illegal transitions add ``from_state``,
+``to_state`` and ``allowed``. Clients branch on ``error``; people read ``detail``.
+"""
+
+from __future__ import annotations
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import IntegrityError
+from django.db.models import ProtectedError, RestrictedError
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+from governance import pipeline, workflow
+from governance.artifacts import ArtifactUnavailable
+from governance.models import ImmutableError
+from governance.uploads import UploadRejected
+from workers.probes.errors import ProbeInputError
+
+
+def _error(code: str, detail, http_status: int, **extra) -> Response:
+    return Response({"error": code, "detail": detail, **extra}, status=http_status)
+
+
+def _django_validation_detail(exc: DjangoValidationError) -> tuple[str, dict | None]:
+    if hasattr(exc, "error_dict"):
+        fields = {name: [m for e in errors for m in e.messages] for name, errors in exc.error_dict.items()}
+        sentence = "; ".join(f"{name}: {' '.join(msgs)}" if name != "__all__" else " ".join(msgs)
+                             for name, msgs in fields.items())
+        return sentence, fields
+    return "; ".join(exc.messages), None
+
+
+def exception_handler(exc, context):
+    if isinstance(exc, UploadRejected):
+        return Response(exc.as_dict(), status=exc.status)
+    if isinstance(exc, workflow.NotAllowed):
+        return _error("not_allowed", str(exc), status.HTTP_403_FORBIDDEN)
+    if isinstance(exc, workflow.TransitionError):
+        return _error("illegal_transition", str(exc), status.HTTP_409_CONFLICT, from_state=exc.from_state,
+                      to_state=exc.to_state, allowed=list(exc.allowed))
+    if isinstance(exc, workflow.WorkflowError):
+        return _error("workflow_error", str(exc), status.HTTP_400_BAD_REQUEST)
+    if isinstance(exc, DjangoValidationError):
+        sentence, fields = _django_validation_detail(exc)
+        return _error("invalid", sentence, status.HTTP_400_BAD_REQUEST, **({"fields": fields} if fields else {}))
+    if isinstance(exc, ImmutableError):
+        return _error("immutable", str(exc), status.HTTP_409_CONFLICT)
+    if isinstance(exc, (ProtectedError, RestrictedError)):
+        blockers = sorted({type(o).__name__ for o in exc.protected_objects}) if isinstance(exc, ProtectedError) else []
+        return _error("protected", "This object is still referenced" + (f" by {', '.join(blockers)}" if blockers else "")
+                      + "; archive it instead of deleting it.", status.HTTP_409_CONFLICT)
+    if isinstance(exc, pipeline.BrokerUnavailable):
+        response = _error("broker_unavailable", str(exc), status.HTTP_503_SERVICE_UNAVAILABLE)
+        response["Retry-After"] = "30"
+        return response
+    if isinstance(exc, pipeline.PipelineError):
+        return _error("cannot_start", str(exc), status.HTTP_400_BAD_REQUEST)
+    if isinstance(exc, ArtifactUnavailable):
+        return _error("artifact_unavailable", str(exc), status.HTTP_409_CONFLICT)
+    if isinstance(exc, ProbeInputError):
+        return _error("probe_input", str(exc), status.HTTP_400_BAD_REQUEST)
+    if isinstance(exc, IntegrityError):
+        return _error("conflict", "The request conflicts with existing data (a duplicate or a rule the database "
+                                  "enforces).", status.HTTP_409_CONFLICT)
+
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        return None
+    if isinstance(exc, exceptions.ValidationError):
+        data = response.data
+        if isinstance(data, dict):
+            sentence = "; ".join(f"{k}: {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                                 for k, v in data.items())
+            response.data = {"error": "invalid", "detail": sentence or "Invalid input.", "fields": data}
+        else:
+            response.data = {"error": "invalid", "detail": " ".join(map(str, data)) if isinstance(data, list) else str(data)}
+        return response
+    if isinstance(exc, exceptions.APIException):
+        codes = exc.get_codes()
+        code = codes if isinstance(codes, str) else getattr(exc, "default_code", "error")
+        detail = response.data.get("detail", response.data) if isinstance(response.data, dict) else response.data
+        response.data = {"error": code, "detail": detail}
+    return response
