@@ -292,7 +292,7 @@ def _grounding_findings(results: list[dict[str, Any]]) -> list[Finding]:
             findings.append(Finding("info", f"{name} did not run", entry["error"]))
             continue
         if entry["pointing_game"] - entry["random_pointing_game"] < 0.1:
-            findings.append(Finding("medium", f"{name} localises barely better than chance",
+            findings.append(Finding("medium", f"{name} localises no better than chance (within 0.1)",
                                     f"pointing game {entry['pointing_game']:.3f} vs chance "
                                     f"{entry['random_pointing_game']:.3f}"))
         deletion, random_deletion = entry["deletion_auc"], entry["random_deletion_auc"]
