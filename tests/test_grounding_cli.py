@@ -184,3 +184,31 @@ def test_it_runs_as_a_module_with_clean_json_on_stdout(models, shapes, tmp_path)
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert KEYS <= set(json.loads(ok.stdout))  # progress bars went to stderr, not into the JSON
+
+
+# --------------------------------------------------------------------------- the probe kinds behind the commands
+
+
+def test_it_runs_the_same_probes_for_the_workers(models, shapes):
+    from workers.probes import suite
+
+    assert {"grounding", "sanity", "stability"} <= set(suite.kinds())
+    result = suite.run("grounding", str(models["clip"]), str(shapes), {"methods": ["chefer"], "limit": 2, "steps": 4})
+    assert [entry["method"] for entry in result.metrics["methods"]] == ["chefer", "random"]
+    assert {"examples", "deletion_curves", "insertion_curves"} <= set(result.figures)
+    assert len(result.dataset_hash) == 64
+    stability = suite.run("stability", str(models["clip"]), str(shapes),
+                          {"methods": ["chefer", "gradcam"], "limit": 2, "samples": 1})
+    assert stability.metrics["methods"] == ["chefer", "gradcam"]
+    assert stability.metrics["agreement"][0][0] == 1.0 and -1 <= stability.metrics["agreement"][0][1] <= 1
+    assert 0 <= stability.metrics["perturbation"]["chefer"]["max_sensitivity"]
+
+
+def test_it_refuses_unknown_probe_parameters(models, shapes):
+    from workers.probes import suite
+    from workers.probes.errors import ProbeInputError
+
+    with pytest.raises(ProbeInputError, match="unknown parameter"):
+        suite.run("grounding", str(models["clip"]), str(shapes), {"methods": ["chefer"], "batchsize": 4})
+    with pytest.raises(ProbeInputError, match="batch_size"):
+        suite.run("sanity", str(models["clip"]), str(shapes), {"batch_size": 0})
