@@ -291,7 +291,11 @@ def sync_roles(apps=None, verbosity: int = 0) -> None:
 def sync_roles_after_migrate(sender, app_config=None, using="default", apps=None, verbosity=0, **kwargs) -> None:
     """``post_migrate`` receiver (connected in ``GovernanceConfig.ready``)."""
     if apps is None:
-        return
+        # ``flush`` (and so every transactional test's teardown) emits post_migrate without ``apps``;
+        # the groups must come back after it too.
+        from django.apps import apps as global_apps
+
+        apps = global_apps
     try:
         apps.get_model("auth", "Group")
         apps.get_model("governance", "AuditCase")
