@@ -12,3 +12,5 @@ class GovernanceConfig(AppConfig):
 
         # Keep the role groups' permissions in step with the models after every migrate.
         post_migrate.connect(sync_roles_after_migrate, sender=self, dispatch_uid="loupe-sync-roles")
+        # The pipeline's signal receivers (revoking a withdrawn case's tasks).
+        from governance import pipeline  # noqa: F401

@@ -72,3 +72,28 @@ class ModelCache:
 
 
 model_cache = ModelCache()
+
+
+def code_version() -> str:
+    """The Loupe version that ran a probe: the git commit when running from a checkout, else the
+    installed package version (provenance for every run)."""
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        import subprocess
+        from importlib import metadata
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parent.parent
+        try:
+            sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                                 text=True, timeout=5, check=True).stdout.strip()
+            _CODE_VERSION = f"git:{sha}"
+        except (OSError, subprocess.SubprocessError):
+            try:
+                _CODE_VERSION = f"loupe {metadata.version('loupe')}"
+            except metadata.PackageNotFoundError:
+                _CODE_VERSION = "loupe (unknown version)"
+    return _CODE_VERSION
+
+
+_CODE_VERSION: str | None = None

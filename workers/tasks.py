@@ -71,3 +71,146 @@ def compute_manifest(model_version_id: int) -> dict[str, Any]:
     logger.info("manifest of model version %s: %s (%s files, %s)", model_version_id, fingerprint, len(manifest), family)
     return {"model_version_id": model_version_id, "manifest_hash": fingerprint, "files": len(manifest),
             "architecture_family": family, "changed": changed}
+
+
+# --------------------------------------------------------------------------------------------------
+# The audit pipeline (governance/pipeline.py dispatches these)
+# --------------------------------------------------------------------------------------------------
+
+# Errors worth another try: the database or broker blinked. Everything else a probe raises is
+# permanent (bad input, or a bug that a retry will not fix) and fails the run with its reason.
+TRANSIENT_ERRORS = (OperationalError, ConnectionError, TimeoutError)
+
+
+def _provenance(version, device: str, params: dict[str, Any]) -> dict[str, Any]:
+    import platform
+
+    import numpy
+    import torch
+    import transformers
+
+    from workers import runtime
+
+    return {
+        "device": device if device == "cpu" else f"{device}:{torch.cuda.get_device_name(0)}",
+        "model_manifest_hash": version.manifest_hash,
+        "code_version": runtime.code_version(),
+        "seed": int(params.get("seed", 0)) if str(params.get("seed", 0)).isdigit() else 0,
+        "library_versions": {"python": platform.python_version(), "torch": torch.__version__,
+                             "transformers": transformers.__version__, "numpy": numpy.__version__},
+    }
+
+
+def _claim(run_id: int, task_id: str):
+    """Mark the run running (once per delivery), or return ``None`` if there is nothing to do: the run
+    finished already (a redelivered task) or was cancelled with its case."""
+    from django.utils import timezone
+
+    from governance.models import AuditCase, ProbeRun
+
+    with transaction.atomic():
+        run = ProbeRun.objects.select_for_update().select_related("case__model_version").get(pk=run_id)
+        if run.is_finished:
+            return None
+        if run.case.state != AuditCase.State.RUNNING:
+            run.status = ProbeRun.Status.CANCELLED
+            run.finished_at = timezone.now()
+            run.phase = f"cancelled: the case is '{run.case.state}'"
+            run.save(update_fields=["status", "finished_at", "phase"])
+            return None
+        # A run found 'running' was claimed by a worker that died; start it again from scratch (its
+        # evidence is only ever written at the end, in one transaction, so nothing partial remains).
+        run.status = ProbeRun.Status.RUNNING
+        run.attempts += 1
+        run.started_at = timezone.now()
+        run.task_id = task_id or run.task_id
+        run.progress = 0.0
+        run.phase = "starting" if run.attempts == 1 else f"starting again (attempt {run.attempts})"
+        run.save(update_fields=["status", "attempts", "started_at", "task_id", "progress", "phase"])
+        return run
+
+
+def _fail(run_id: int, reason: str) -> None:
+    from django.utils import timezone
+
+    from governance import audit_log
+    from governance.models import ProbeRun
+
+    with transaction.atomic():
+        run = ProbeRun.objects.select_for_update().get(pk=run_id)
+        if run.is_finished:
+            return
+        run.status = ProbeRun.Status.FAILED
+        run.error = reason[:5000]
+        run.finished_at = timezone.now()
+        run.phase = "failed"
+        run.save(update_fields=["status", "error", "finished_at", "phase"])
+        audit_log.record(None, "run.failed", run, {"kind": run.kind, "error": run.error[:500]})
+
+
+@shared_task(name="workers.tasks.run_probe", bind=True, autoretry_for=TRANSIENT_ERRORS, retry_backoff=True,
+             retry_backoff_max=120, max_retries=4)
+def run_probe(self, run_id: int) -> dict[str, Any]:
+    """Run one probe of a case and store its evidence. Idempotent under redelivery.
+
+    Permanent errors (bad input, a probe that raises) mark the run failed with the reason and return
+    normally, so the rest of the case's runs and its aggregation go on.
+    """
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from governance import artifacts, evidence, pipeline
+    from governance.models import ProbeRun
+    from workers import runtime
+    from workers.probes import suite
+    from workers.probes.errors import ProbeInputError
+
+    run = _claim(run_id, self.request.id or "")
+    if run is None:
+        status = ProbeRun.objects.filter(pk=run_id).values_list("status", flat=True).first()
+        _request_aggregation(run_id)
+        return {"run": run_id, "status": status, "skipped": True}
+    version = run.case.model_version
+    try:
+        model_dir = str(artifacts.model_directory(version))
+        dataset_dir = pipeline.resolve_dataset(run.dataset)
+        device = runtime.select_device()
+        suite.set_model_loader(lambda path, dev: runtime.model_cache.get(
+            version.manifest_hash or path, dev, lambda: suite._default_loader(path, dev)))
+        result = suite.run(run.kind, model_dir, dataset_dir, run.params, device=device,
+                           progress=pipeline.RunProgress(run_id))
+        evidence.record_result(run_id, result, _provenance(version, device, run.params))
+    except evidence.AlreadyRecorded:
+        pass
+    except TRANSIENT_ERRORS:
+        raise  # autoretry with backoff
+    except SoftTimeLimitExceeded:
+        _fail(run_id, f"exceeded the soft time limit of {self.soft_time_limit or 'the configured'} seconds")
+    except (ProbeInputError, artifacts.ArtifactUnavailable, pipeline.PipelineError) as exc:
+        _fail(run_id, str(exc))
+    except Exception as exc:  # a probe bug: fail this run with its reason, keep the others going
+        logger.exception("probe run %s (%s) raised", run_id, run.kind)
+        _fail(run_id, f"{type(exc).__name__}: {exc}")
+    finally:
+        suite.set_model_loader(None)
+    _request_aggregation(run_id)
+    status = ProbeRun.objects.filter(pk=run_id).values_list("status", flat=True).first()
+    return {"run": run_id, "status": status}
+
+
+def _request_aggregation(run_id: int) -> None:
+    """After a run finishes, aggregate its case if it was the last one (see governance/pipeline.py for
+    why this complements the chord)."""
+    from governance import pipeline
+    from governance.models import ProbeRun
+
+    case_id = ProbeRun.objects.filter(pk=run_id).values_list("case_id", flat=True).first()
+    if case_id is not None:
+        pipeline.aggregate_case(case_id)
+
+
+@shared_task(name="workers.tasks.aggregate_case", autoretry_for=TRANSIENT_ERRORS, retry_backoff=True, max_retries=5)
+def aggregate_case(case_id: int) -> str:
+    """The chord's closing step: ``running -> evidence_ready`` once every run finished."""
+    from governance import pipeline
+
+    return pipeline.aggregate_case(case_id)

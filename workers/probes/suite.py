@@ -93,6 +93,7 @@ KIND_MODULES = [
     "workers.probes.token_attribution",
     "workers.probes.attention_stats",
     "workers.probes.interventions",
+    "workers.probes.selftest",
 ]
 
 _KINDS: dict[str, ProbeKind] = {}

@@ -1,0 +1,315 @@
+"""The audit pipeline: a submitted case becomes probe runs on workers, then reviewable evidence.
+
+::
+
+    start_case(case_id)                         (API "start", ``manage.py run_audit``)
+      ├─ check the broker first: if it is down, answer clearly and write nothing
+      ├─ one transaction: submitted -> running, one ProbeRun per plan item (status queued,
+      │  a task id of its own), an audit event
+      └─ on commit: chord(group(run_probe(run_id) on queue "gpu" ...), aggregate_case(case_id))
+
+    run_probe(run_id)   (workers/tasks.py)      claim the run, run the probe kind, store evidence
+    aggregate_case(case_id)                     all runs finished -> running -> evidence_ready
+
+Why both a chord *and* a check after every run: the chord is the canvas that expresses "then
+aggregate", but its join counts task completions, and with ``acks_late`` a task whose worker died
+after finishing is delivered again and counted twice; the chord may then fire early (and
+aggregation, seeing an unfinished run, does nothing) or never. So each run, once finished, also asks
+for aggregation. ``aggregate_case`` is idempotent and only acts when every run is finished.
+
+Everything here receives and enqueues ids, never objects (tasks run in other processes, later).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.dispatch import receiver
+from django.utils import timezone
+
+from governance import audit_log, workflow
+from governance.models import AuditCase, ProbeRun
+
+logger = logging.getLogger(__name__)
+
+S = AuditCase.State
+
+# In-process listeners (``manage.py audit_demo`` draws progress bars with them): called as
+# ``listener(run_id, fraction, phase)`` on every progress update that reaches the database.
+progress_listeners: list[Callable[[int, float, str], None]] = []
+
+
+class BrokerUnavailable(Exception):
+    """The task broker cannot be reached; nothing was written."""
+
+
+class PipelineError(Exception):
+    """A case cannot be started (bad dataset reference, nothing to run, ...)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Datasets named in probe plans
+# --------------------------------------------------------------------------------------------------
+
+
+def dataset_roots() -> list[Path]:
+    """Server directories below which plan datasets may live (``LOUPE_DATASET_ROOTS``)."""
+    default = str(Path(settings.VAR_DIR) / "datasets")
+    return [Path(p).resolve() for p in os.environ.get("LOUPE_DATASET_ROOTS", default).split(",") if p.strip()]
+
+
+def resolve_dataset(reference: str | None) -> str | None:
+    """Turn a plan's ``dataset`` into a local directory.
+
+    ``None``/empty: the probe kind's own default. ``zoo:<split>`` (e.g. ``zoo:heldout``): a split of the
+    synthetic reference world, generated deterministically. ``zoo-concepts:<name>``: a concept
+    bundle of the zoo. Anything else must be a directory below ``LOUPE_DATASET_ROOTS``: a plan is user
+    input, and a worker must not be pointed at arbitrary server paths.
+    """
+    if not reference:
+        return None
+    if reference.startswith("zoo:"):
+        from workers.probes import zoo
+
+        return str(zoo.dataset_dir(reference.removeprefix("zoo:")))
+    if reference.startswith("zoo-concepts:"):
+        from workers.probes.zoo import shortcut
+
+        return str(shortcut.concepts_dir(reference.removeprefix("zoo-concepts:")))
+    path = Path(reference).resolve()
+    if not any(path.is_relative_to(root) for root in dataset_roots()):
+        raise PipelineError(f"dataset {reference!r} is not below an allowed dataset root "
+                            f"({', '.join(map(str, dataset_roots()))}) and is not a zoo split")
+    if not path.is_dir():
+        raise PipelineError(f"dataset {reference!r} is not a directory on this server")
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Starting a case
+# --------------------------------------------------------------------------------------------------
+
+
+def broker_is_eager() -> bool:
+    """True when tasks run in-process (no ``CELERY_BROKER_URL``: the embedded default)."""
+    from workers.celery import app
+
+    return bool(app.conf.task_always_eager)
+
+
+def check_broker(timeout: float = 3.0) -> None:
+    """Raise :class:`BrokerUnavailable` unless the broker accepts a connection within ``timeout``."""
+    if broker_is_eager():
+        return
+    from workers.celery import app
+
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=timeout)
+    except Exception as exc:  # kombu raises a variety of transport errors
+        raise BrokerUnavailable(
+            "the task broker is unreachable, so no probe can be queued; the case was left unchanged. "
+            f"Try again when the broker is back ({type(exc).__name__}).") from exc
+
+
+def task_id_for(run: ProbeRun) -> str:
+    """A task id derived from the run, so a run's task can be found and revoked without a lookup."""
+    return f"loupe-run-{run.pk}-{run.idempotency_key[:12]}"
+
+
+def _plan_items_to_run(case: AuditCase) -> list[tuple[int, dict[str, Any]]]:
+    """On a first start every plan item; on a re-run only items whose latest run did not succeed."""
+    plan = list(enumerate(case.probe_plan))
+    if not case.runs.exists():
+        return plan
+    succeeded = {(run.kind, _key(run.params), run.dataset or "")
+                 for run in case.runs.filter(status=ProbeRun.Status.SUCCEEDED)}
+    return [(i, item) for i, item in plan
+            if (item["kind"], _key(item.get("params") or {}), item.get("dataset") or "") not in succeeded]
+
+
+def _key(params: dict[str, Any]) -> str:
+    from governance.canonical import canonical_json
+
+    return canonical_json(params).decode()
+
+
+def start_case(case_id: int, by=None) -> list[int]:
+    """Expand the plan of a submitted case (or re-run the failed probes of one with evidence ready),
+    queue the runs, and dispatch them once the transaction commits. Returns the new run ids.
+
+    Raises :class:`BrokerUnavailable` (nothing written), ``workflow.TransitionError``/``NotAllowed``,
+    or :class:`PipelineError` for a dataset reference the server will not use.
+    """
+    check_broker()
+    with transaction.atomic():
+        case = AuditCase.objects.select_for_update().get(pk=case_id)
+        items = _plan_items_to_run(case)
+        if not items:
+            raise PipelineError(f"case #{case.pk}: every planned probe already succeeded; nothing to re-run")
+        for i, item in items:
+            resolve_dataset(item.get("dataset"))  # refuse bad references before anything is written
+        workflow.transition(case, S.RUNNING, by)
+        now = timezone.now()
+        runs = []
+        for i, item in items:
+            run = ProbeRun.objects.create(case=case, kind=item["kind"], params=item.get("params") or {},
+                                          dataset=item.get("dataset") or "", status=ProbeRun.Status.QUEUED,
+                                          queued_at=now, phase="queued")
+            run.task_id = task_id_for(run)
+            run.save(update_fields=["task_id"])
+            runs.append(run)
+        audit_log.record(by, "case.runs_queued", case, {
+            "runs": [{"run": r.pk, "kind": r.kind, "plan_item": i} for r, (i, _) in zip(runs, items, strict=True)]})
+        run_ids = [r.pk for r in runs]
+        transaction.on_commit(functools.partial(dispatch, case.pk, run_ids))
+    return run_ids
+
+
+def dispatch(case_id: int, run_ids: list[int]) -> None:
+    """Send the canvas: the probe tasks (queue ``gpu``) in parallel, then aggregation.
+
+    Runs after commit. If the broker went away between the check and now, the runs are put back to
+    ``pending`` with the reason, and ``run_audit`` / the API's start action can dispatch them again.
+    """
+    from celery import chord, group
+
+    from workers import tasks
+
+    runs = list(ProbeRun.objects.filter(pk__in=run_ids).order_by("pk"))
+    header = group(tasks.run_probe.si(run.pk).set(task_id=run.task_id) for run in runs)
+    try:
+        chord(header)(tasks.aggregate_case.si(case_id))
+    except Exception as exc:
+        if broker_is_eager():
+            raise
+        logger.exception("dispatching case %s failed", case_id)
+        ProbeRun.objects.filter(pk__in=run_ids, status=ProbeRun.Status.QUEUED).update(
+            status=ProbeRun.Status.PENDING, phase=f"not dispatched: broker unavailable ({type(exc).__name__})")
+
+
+def dispatch_pending(case_id: int) -> list[int]:
+    """Dispatch runs of a running case that never reached the broker (see :func:`dispatch`)."""
+    check_broker()
+    with transaction.atomic():
+        pending = list(ProbeRun.objects.select_for_update().filter(
+            case_id=case_id, case__state=S.RUNNING, status=ProbeRun.Status.PENDING))
+        for run in pending:
+            run.status = ProbeRun.Status.QUEUED
+            run.phase = "queued again"
+            run.save(update_fields=["status", "phase"])
+        run_ids = [r.pk for r in pending]
+        if run_ids:
+            transaction.on_commit(functools.partial(dispatch, case_id, run_ids))
+    return run_ids
+
+
+# --------------------------------------------------------------------------------------------------
+# Aggregation and progress
+# --------------------------------------------------------------------------------------------------
+
+
+def case_progress(case: AuditCase) -> dict[str, Any]:
+    """Counts by status, overall progress (0..1) and whether the evidence is partial."""
+    runs = list(case.runs.all())
+    counts = {status: 0 for status in ProbeRun.Status.values}
+    for run in runs:
+        counts[run.status] += 1
+    total = len(runs)
+    progress = sum(1.0 if run.is_finished else run.progress for run in runs) / total if total else 0.0
+    return {
+        "runs": total,
+        "counts": counts,
+        "progress": round(progress, 4),
+        "partial": counts[ProbeRun.Status.FAILED] > 0 or counts[ProbeRun.Status.CANCELLED] > 0,
+        "failed": [{"run": run.pk, "kind": run.kind, "error": run.error} for run in runs
+                   if run.status == ProbeRun.Status.FAILED],
+    }
+
+
+def aggregate_case(case_id: int) -> str:
+    """Move a running case whose runs have all finished to ``evidence_ready``. Idempotent.
+
+    Failed runs do not block aggregation: the case then holds *partial* evidence, which the audit
+    event, the API (``progress.partial``) and the report state plainly.
+    """
+    with transaction.atomic():
+        case = AuditCase.objects.select_for_update().get(pk=case_id)
+        if case.state != S.RUNNING:
+            return f"case #{case_id} is '{case.state}'; nothing to aggregate"
+        if case.runs.filter(status__in=ProbeRun.ACTIVE).exists():
+            return f"case #{case_id} still has active runs"
+        summary = case_progress(case)
+        workflow.mark_evidence_ready(case, by=None)
+        audit_log.record(None, "case.evidence_aggregated", case, {
+            "counts": summary["counts"], "partial": summary["partial"],
+            "failed": [{"run": f["run"], "kind": f["kind"]} for f in summary["failed"]]})
+    return f"case #{case_id}: evidence ready ({'partial' if summary['partial'] else 'complete'})"
+
+
+class RunProgress:
+    """The ``progress(fraction, phase)`` callback a probe kind receives, writing to the run's row.
+
+    Throttled (at most every ``interval`` seconds unless the phase changes): probes call it per
+    batch, and a write per call would make the database the bottleneck.
+    """
+
+    def __init__(self, run_id: int, interval: float = 0.5) -> None:
+        self.run_id = run_id
+        self.interval = interval
+        self._last_write = 0.0
+        self._last_phase = ""
+        self._lock = threading.Lock()
+
+    def __call__(self, fraction: float, phase: str) -> None:
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        phase = (phase or "")[:200]
+        now = time.monotonic()
+        with self._lock:
+            if phase == self._last_phase and now - self._last_write < self.interval and fraction < 1.0:
+                return
+            self._last_write, self._last_phase = now, phase
+        # Never report 1.0 from inside the probe: "done" is set with the evidence, atomically.
+        ProbeRun.objects.filter(pk=self.run_id, status=ProbeRun.Status.RUNNING).update(
+            progress=min(fraction, 0.99), phase=phase)
+        for listener in list(progress_listeners):
+            listener(self.run_id, fraction, phase)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cancelling
+# --------------------------------------------------------------------------------------------------
+
+
+@receiver(workflow.case_transitioned, dispatch_uid="loupe-pipeline-revoke-on-cancel")
+def revoke_cancelled_runs(sender, case: AuditCase, from_state: str, to_state: str, by, **kwargs) -> None:
+    """A withdrawn case (``submitted|running -> draft``) revokes its runs' pending tasks on commit.
+
+    The workflow already marked the runs cancelled in the same transaction; a task that starts anyway
+    (revocation is best effort) sees that and does nothing.
+    """
+    if to_state != S.DRAFT or from_state not in (S.SUBMITTED, S.RUNNING) or broker_is_eager():
+        return
+    task_ids = list(ProbeRun.objects.filter(case_id=case.pk, status=ProbeRun.Status.CANCELLED)
+                    .exclude(task_id="").values_list("task_id", flat=True))
+    if not task_ids:
+        return
+
+    def revoke() -> None:
+        from workers.celery import app
+
+        try:
+            app.control.revoke(task_ids)
+        except Exception:  # the broker may be down; the cancelled status still stops the tasks
+            logger.warning("could not revoke tasks of case %s", case.pk, exc_info=True)
+
+    transaction.on_commit(revoke)

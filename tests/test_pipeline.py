@@ -1,0 +1,159 @@
+"""The audit pipeline: plan -> runs -> evidence -> evidence_ready, on the embedded default and, with
+``LOUPE_REAL_STACK=1``, through Redis and a real worker process on PostgreSQL.
+
+Actors: alice submits Acme's model; ada (admin) assigns rita and rob. The probes are the
+``selftest`` kind (loads the model, holds for ``seconds``, fails on request) on a tiny CLIP.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from governance import audit_log, pipeline, workflow
+from governance.models import AuditCase, AuditEvent, Evidence, ModelVersion, ProbeRun
+from tests.realstack import wait_until
+from tests.tiny_models import save_tiny_clip
+
+
+@pytest.fixture
+def tiny_clip_version(acme_model, alice):
+    """An uploaded-archive version whose unpacked directory holds a tiny CLIP (where workers look)."""
+    import io
+    import tempfile
+    import zipfile
+    from pathlib import Path
+
+    from django.core.files.base import ContentFile
+
+    from governance import artifacts
+
+    buffer = io.BytesIO()
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(save_tiny_clip(Path(tmp) / "m").iterdir()):
+            archive.write(path, path.name)
+    version = ModelVersion(ai_model=acme_model, version="tiny", source=ModelVersion.Source.ARCHIVE, created_by=alice)
+    version.archive.save("tiny-clip.zip", ContentFile(buffer.getvalue()), save=False)
+    version.save()
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as archive:  # unpacked where an upload would be
+        archive.extractall(artifacts.uploaded_model_directory(version))
+    from workers.tasks import compute_manifest
+
+    compute_manifest.apply(args=[version.pk])
+    version.refresh_from_db()
+    return version
+
+
+def make_case(version, alice, ada, rita, rob, plan) -> AuditCase:
+    case = AuditCase.objects.create(model_version=version, title="Tiny CLIP audit", created_by=alice,
+                                    probe_plan=plan)
+    workflow.assign_reviewers(case, [rita, rob], by=ada)
+    workflow.submit(case, by=alice)
+    return case
+
+
+def wait_for_state(case: AuditCase, state: str, timeout: float = 90.0) -> AuditCase:
+    wait_until(lambda: AuditCase.objects.get(pk=case.pk).state == state, timeout=timeout)
+    case.refresh_from_db()
+    return case
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_runs_every_planned_probe_and_reports_partial_evidence_honestly(
+        tiny_clip_version, alice, ada, rita, rob, celery_worker):
+    case = make_case(tiny_clip_version, alice, ada, rita, rob, [
+        {"kind": "selftest", "params": {"seconds": 0.2}},
+        {"kind": "selftest", "params": {"fail": True}},
+    ])
+
+    run_ids = pipeline.start_case(case.pk, by=alice)
+    case = wait_for_state(case, AuditCase.State.EVIDENCE_READY)
+
+    ok, failed = ProbeRun.objects.filter(pk__in=run_ids).order_by("pk")
+    assert ok.status == ProbeRun.Status.SUCCEEDED and ok.progress == 1.0
+    assert ok.evidence.metrics["architecture"] == "clip"
+    assert ok.model_manifest_hash == tiny_clip_version.manifest_hash
+    assert ok.library_versions["torch"] and ok.code_version and ok.device.startswith("cpu")
+    assert {a.name for a in ok.evidence.artifacts.all()} == {"metrics.json"}
+    assert failed.status == ProbeRun.Status.FAILED
+    assert "failed on request" in failed.error
+    assert not Evidence.objects.filter(run=failed).exists()
+    progress = pipeline.case_progress(case)
+    assert progress["partial"] is True
+    assert progress["failed"] == [{"run": failed.pk, "kind": "selftest", "error": failed.error}]
+    aggregated = AuditEvent.objects.get(action="case.evidence_aggregated", case=case)
+    assert aggregated.data["partial"] is True
+    assert audit_log.verify() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_never_stores_a_second_set_of_evidence_for_a_redelivered_task(
+        tiny_clip_version, alice, ada, rita, rob, celery_worker):
+    from workers.tasks import run_probe
+
+    case = make_case(tiny_clip_version, alice, ada, rita, rob, [{"kind": "selftest", "params": {}}])
+    [run_id] = pipeline.start_case(case.pk, by=alice)
+    wait_for_state(case, AuditCase.State.EVIDENCE_READY)
+    first = Evidence.objects.get(run_id=run_id)
+
+    result = run_probe.apply(args=[run_id]).get()  # the same task, delivered again
+
+    assert result["skipped"] is True
+    assert list(Evidence.objects.filter(run__case=case)) == [first]
+    assert ProbeRun.objects.get(pk=run_id).attempts == 1
+
+
+@pytest.mark.django_db
+def test_it_reruns_only_the_probes_that_did_not_succeed(tiny_clip_version, alice, ada, rita, rob,
+                                                         django_capture_on_commit_callbacks):
+    case = make_case(tiny_clip_version, alice, ada, rita, rob, [
+        {"kind": "selftest", "params": {}},
+        {"kind": "selftest", "params": {"fail": True}},
+    ])
+    with django_capture_on_commit_callbacks(execute=True):
+        pipeline.start_case(case.pk, by=alice)
+    case.refresh_from_db()
+    assert case.state == AuditCase.State.EVIDENCE_READY
+
+    with django_capture_on_commit_callbacks(execute=True):
+        rerun = pipeline.start_case(case.pk, by=ada)
+
+    assert ProbeRun.objects.get(pk__in=rerun).params == {"fail": True}
+    assert case.runs.count() == 3
+
+
+@pytest.mark.django_db
+def test_it_refuses_a_dataset_outside_the_allowed_roots_and_writes_nothing(tiny_clip_version, alice, ada, rita, rob):
+    case = make_case(tiny_clip_version, alice, ada, rita, rob,
+                     [{"kind": "selftest", "params": {}, "dataset": "/etc"}])
+    events = AuditEvent.objects.count()
+
+    with pytest.raises(pipeline.PipelineError, match="not below an allowed dataset root"):
+        pipeline.start_case(case.pk, by=alice)
+
+    case.refresh_from_db()
+    assert case.state == AuditCase.State.SUBMITTED
+    assert not case.runs.exists()
+    assert AuditEvent.objects.count() == events
+
+
+@pytest.mark.django_db
+def test_it_answers_clearly_when_the_broker_is_down_and_leaves_nothing_half_written(
+        tiny_clip_version, alice, ada, rita, rob, client):
+    from workers.celery import app
+
+    case = make_case(tiny_clip_version, alice, ada, rita, rob, [{"kind": "selftest", "params": {}}])
+    events = AuditEvent.objects.count()
+    saved = app.conf.broker_url, app.conf.task_always_eager
+    app.conf.broker_url, app.conf.task_always_eager = "redis://127.0.0.1:1/0", False  # nothing listens there
+    try:
+        client.force_login(alice)
+        response = client.post(f"/api/cases/{case.pk}/start/")
+    finally:
+        app.conf.broker_url, app.conf.task_always_eager = saved
+
+    assert response.status_code == 503
+    assert "broker is unreachable" in response.json()["detail"]
+    case.refresh_from_db()
+    assert case.state == AuditCase.State.SUBMITTED
+    assert not case.runs.exists()
+    assert AuditEvent.objects.count() == events

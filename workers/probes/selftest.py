@@ -1,0 +1,58 @@
+"""The ``selftest`` probe kind: does a worker pick up work, load the model and run a forward pass?
+
+Operators put it in a plan to check a new GPU worker end to end without waiting for a full audit,
+and the reliability tests use it because its duration and failure are controllable:
+``params = {"seconds": 2.0, "fail": false}``. ``seconds`` holds the run open (reporting progress)
+so a test can kill a worker or restart the broker in the middle of it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from workers.probes.errors import ProbeInputError
+from workers.probes.suite import Finding, ProbeResult, Progress, load_model, no_progress, probe_kind
+
+MAX_SECONDS = 600.0
+
+
+class SelftestFailure(RuntimeError):
+    """Raised on request (``fail: true``) to exercise the failure path."""
+
+
+@probe_kind("selftest")
+def selftest(model_dir: str, dataset_dir: str | None, params: dict[str, Any], *, device: str = "cpu",
+             progress: Progress = no_progress) -> ProbeResult:
+    unknown = sorted(set(params) - {"seconds", "fail", "seed"})
+    if unknown:
+        raise ProbeInputError(f"selftest: unknown parameters {unknown}; allowed: seconds, fail, seed")
+    seconds = params.get("seconds", 0.0)
+    if not isinstance(seconds, int | float) or not 0 <= seconds <= MAX_SECONDS:
+        raise ProbeInputError(f"selftest: 'seconds' must be a number between 0 and {MAX_SECONDS:g}")
+    progress(0.0, "loading the model")
+    started = time.perf_counter()
+    adapter = load_model(model_dir, device)
+    load_seconds = time.perf_counter() - started
+    deadline = time.monotonic() + float(seconds)
+    while (left := deadline - time.monotonic()) > 0:
+        progress(1.0 - left / max(float(seconds), 1e-9), "holding")
+        time.sleep(min(0.2, left))
+    if params.get("fail"):
+        raise SelftestFailure("selftest failed on request (params.fail = true)")
+    import torch
+
+    parameters = sum(p.numel() for p in adapter.model.parameters())
+    with torch.no_grad():
+        pixel_values = torch.zeros(1, 3, adapter.image_size, adapter.image_size, device=adapter.device)
+        forward_started = time.perf_counter()
+        if adapter.kind == "dual_encoder":
+            adapter.image_embeds(pixel_values)
+        forward_seconds = time.perf_counter() - forward_started
+    metrics = {"architecture": adapter.architecture, "kind": adapter.kind, "device": str(adapter.device),
+               "parameters": int(parameters), "load_seconds": round(load_seconds, 4),
+               "forward_seconds": round(forward_seconds, 4), "held_seconds": float(seconds)}
+    return ProbeResult(kind="selftest", metrics=metrics,
+                       summary=f"Worker loaded the {adapter.architecture} model ({parameters:,} parameters) on "
+                               f"{adapter.device} and ran a forward pass.",
+                       findings=[Finding("info", "worker self-test passed")], seed=int(params.get("seed", 0)))
