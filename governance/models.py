@@ -761,6 +761,8 @@ class AuditChainHead(models.Model):
     row_hash = models.CharField(max_length=64, default=AuditEvent.GENESIS_HASH)
     updated_at = models.DateTimeField(auto_now=True)
 
+    objects = GovernanceQuerySet.as_manager()
+
     class Meta:
         verbose_name = "audit chain head"
 
