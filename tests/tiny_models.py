@@ -89,3 +89,92 @@ def save_tiny_bert(directory: str | Path) -> Path:
                          intermediate_size=64)).save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
+
+
+def save_attending_clip(directory: str | Path, *, amplify: float = 4.0) -> Path:
+    """A CLIP whose weights are set by hand so that we *know* where it looks and why.
+
+    Images (fed as pixel values, 32 px, 4x4 patches of 8 px): a "red" object is a patch with
+    channel 0 = 1, a "blue" object a patch with channel 2 = 1, background 0. Vision tower (2
+    layers): the patch embedding copies a patch's mean red into hidden channel 0 and its mean blue
+    into channel 2; the CLS token is channel 1. In head 0 the CLS query (channel 1) matches keys
+    that are large for any object (channels 0 + 2), so the CLS token attends to the objects and
+    copies their colour channels (identity values and output); head 1 has zero queries and keys
+    (uniform attention). MLPs add nothing. The image embedding reads hidden channels 0 (red) and
+    2 (blue). Text tower: the EOS token attends uniformly to the prompt, so the embedding of a
+    prompt containing "red" points along "red" (channel 0), "blue" along channel 2.
+
+    Hence for prompt "a red circle" the score rises with the red object's presence and falls with
+    the blue one's: a faithful gradient method must point at the red patch, and attention-only
+    methods (rollout, flow) at the objects.
+    """
+    import torch
+
+    directory = Path(directory)
+    save_tiny_clip(directory, layers=2, hidden=32, heads=2)
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(directory / "model.safetensors")
+    tok, vocab = _tokenizer(16)
+    d = 32
+    eye = torch.eye(d)
+
+    def zero(prefix: str) -> None:
+        for k in list(w):
+            if k.startswith(prefix):
+                w[k] = torch.zeros_like(w[k])
+
+    for tower in ("vision_model", "text_model"):
+        for layer in range(2):
+            p = f"{tower}.encoder.layers.{layer}."
+            zero(p + "mlp.fc2")
+            zero(p + "self_attn")
+            w[p + "self_attn.v_proj.weight"] = eye.clone()
+            w[p + "self_attn.out_proj.weight"] = eye.clone()
+            for ln in ("layer_norm1", "layer_norm2"):
+                w[p + ln + ".weight"] = torch.ones(d)
+                w[p + ln + ".bias"] = torch.zeros(d)
+    # vision: patch embedding -> channel 0 (red), 2 (blue); CLS -> channel 1; no positions
+    conv = torch.zeros_like(w["vision_model.embeddings.patch_embedding.weight"])  # [D, 3, 8, 8]
+    conv[0, 0] = 1.0 / 64
+    conv[2, 2] = 1.0 / 64
+    w["vision_model.embeddings.patch_embedding.weight"] = conv
+    w["vision_model.embeddings.class_embedding"] = eye[1] * 1.0
+    zero("vision_model.embeddings.position_embedding")
+    for ln in ("vision_model.pre_layrnorm", "vision_model.post_layernorm", "text_model.final_layer_norm"):
+        w[ln + ".weight"] = torch.ones(d)
+        w[ln + ".bias"] = torch.zeros(d)
+    for layer in range(2):
+        p = f"vision_model.encoder.layers.{layer}.self_attn."
+        q = torch.zeros(d, d)
+        q[0, 1] = amplify  # head 0's query: "I am the CLS token"
+        k = torch.zeros(d, d)
+        k[0, 0] = k[0, 2] = 1.0  # head 0's key: "I am an object"
+        w[p + "q_proj.weight"], w[p + "k_proj.weight"] = q, k
+    proj = torch.zeros_like(w["visual_projection.weight"])  # [16, D]
+    proj[0, 0] = proj[1, 2] = 1.0
+    w["visual_projection.weight"] = proj
+    # text: "red" -> channel 0, "blue" -> channel 2, EOS -> channel 5 (ignored by the projection)
+    emb = torch.zeros_like(w["text_model.embeddings.token_embedding.weight"])
+    emb[vocab["red"], 0] = emb[vocab["blue"], 2] = 1.0
+    emb[vocab["[EOS]"], 5] = 1.0
+    w["text_model.embeddings.token_embedding.weight"] = emb
+    zero("text_model.embeddings.position_embedding")
+    tproj = torch.zeros_like(w["text_projection.weight"])
+    tproj[0, 0] = tproj[1, 2] = 1.0
+    w["text_projection.weight"] = tproj
+    save_file(w, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+def object_image(red: tuple[int, int] | None, blue: tuple[int, int] | None, *, image_size: int = 32,
+                 patch: int = 8):
+    """Pixel values ``[3, S, S]`` with a red and/or a blue object filling the given (row, col) patches."""
+    import torch
+
+    x = torch.zeros(3, image_size, image_size)
+    for pos, channel in ((red, 0), (blue, 2)):
+        if pos is not None:
+            r, c = pos
+            x[channel, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = 1.0
+    return x
