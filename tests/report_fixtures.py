@@ -1,19 +1,18 @@
 """Audit cases with evidence, artifacts and sign-offs for the report tests and benchmark.
 
-Until the pipeline stores real evidence everywhere, these build the rows directly, shaped like the
-probes' output (``workers/probes``): metrics JSON, findings, PNG figures stored through Django's
-storage with their SHA-256. Actors: Priya (provider/submitter), Rita and Ravi (reviewers).
+Evidence rows are built directly, shaped like the probes' output (``workers/probes``): metrics
+JSON, findings, PNG figures stored through Django's storage with their SHA-256. Tests drive the
+case through the real workflow with the shared actors of ``tests/conftest.py`` (:func:`populate`);
+the benchmark builds one without the workflow (:func:`make_standalone_case`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 
 import numpy as np
 from django.contrib.auth import get_user_model
-from django.utils import timezone
 
 from governance.models import (AIModel, AuditCase, Evidence, EvidenceArtifact, ModelVersion, Organisation,
                                ProbeRun, Signoff)
@@ -63,55 +62,55 @@ def metrics_for(kind: str, seed: int) -> tuple[dict, list[dict], str]:
     return ({"summary_value": r(), "per_layer": [r() for _ in range(8)]}, [], f"{kind} statistics recorded.")
 
 
-def make_actors():
-    User = get_user_model()
-    users = {}
-    for username, first, last in (("priya", "Priya", "Provider"), ("rita", "Rita", "Reviewer"),
-                                  ("ravi", "Ravi", "Reviewer"), ("olga", "Olga", "Outsider")):
-        users[username] = User.objects.get_or_create(username=username, defaults={"first_name": first,
-                                                                                  "last_name": last})[0]
-    return users
+def populate(case: AuditCase, *, submitter, reviewers, admin, kinds=ALL_KINDS, figures_per_evidence: int = 1,
+             comment: str | None = None, approve: bool = True) -> AuditCase:
+    """Walk a draft ``case`` through the real workflow: reviewers assigned, submitted, one succeeded run
+    with evidence per kind, evidence ready, and (``approve``) each reviewer's approval."""
+    from governance import workflow
 
-
-def make_case(*, kinds=ALL_KINDS, figures_per_evidence: int = 1, card_text: str | None = None,
-              comment: str | None = None, signoffs: bool = True, title: str = "Demo audit") -> AuditCase:
-    users = make_actors()
-    org, _ = Organisation.objects.get_or_create(name="Acme Vision", slug="acme")
-    ai_model, _ = AIModel.objects.get_or_create(
-        organisation=org, name="acme-clip", defaults=dict(
-            provider_name="Acme Vision GmbH", provider_contact="compliance@acme.example",
-            intended_purpose=card_text or "Retrieve product photos from text queries in a web shop.",
-            risk_category="limited"))
-    manifest = {"config.json": hashlib.sha256(b"config").hexdigest(),
-                "model.safetensors": hashlib.sha256(b"weights").hexdigest()}
-    version = ModelVersion(ai_model=ai_model, version=f"v{ModelVersion.objects.count() + 1}", source="path",
-                           server_path="/nonexistent/zoo", architecture_family="dual_encoder",
-                           model_details=card_text or "A tiny CLIP-like dual encoder trained on synthetic shapes.",
-                           limitations=card_text or "Trained on synthetic data only.")
-    version.set_manifest(manifest)
-    version.save()
-    case = AuditCase.objects.create(model_version=version, title=title, scope=card_text or "Full probe plan",
-                                    created_by=users["priya"])
-    case.reviewers.set([users["rita"], users["ravi"]])
+    workflow.assign_reviewers(case, reviewers, by=admin)
+    workflow.submit(case, by=submitter)
+    workflow.start_runs(case)
     for index, kind in enumerate(kinds):
         add_evidence(case, kind, seed=index, figures_per_evidence=figures_per_evidence)
-    _set_state(case, "in_review", submitted_by=users["priya"])
-    if signoffs:
-        add_signoff(case, users["rita"], "approve", comment or "Evidence is complete; shortcut finding accepted.")
-        add_signoff(case, users["ravi"], "approve", comment or "Agree; see limitations.")
+    workflow.mark_evidence_ready(case)
+    if approve:
+        for reviewer in reviewers:
+            workflow.sign_off(case, reviewer, "approve", comment or f"{reviewer.get_username()}: evidence complete.")
+    case.refresh_from_db()
     return case
 
 
-def _set_state(case: AuditCase, state: str, submitted_by=None) -> None:
-    # Fixtures jump straight to a state; the real path is governance.workflow (tested elsewhere).
-    case._workflow_transition = True
-    case.state = state
-    case.review_round = 1
-    case.submitted_by = submitted_by
-    case.submitted_at = T0
-    case.state_changed_at = T0 + dt.timedelta(hours=1)
+def make_standalone_case(*, kinds=ALL_KINDS, figures_per_evidence: int = 1, title: str = "Benchmark audit"
+                         ) -> AuditCase:
+    """A case built without the workflow (for benchmarks and demos outside pytest)."""
+    User = get_user_model()
+    submitter = User.objects.get_or_create(username="bench-submitter", defaults={"first_name": "Priya"})[0]
+    reviewers = [User.objects.get_or_create(username=f"bench-reviewer-{i}", defaults={"first_name": name})[0]
+                 for i, name in enumerate(("Rina", "Ravi"))]
+    org, _ = Organisation.objects.get_or_create(name="Bench Vision", slug="bench")
+    ai_model, _ = AIModel.objects.get_or_create(
+        organisation=org, name="bench-clip", defaults=dict(
+            provider_name="Bench Vision GmbH", provider_contact="compliance@bench.example",
+            intended_purpose="Retrieve product photos from text queries in a web shop.", risk_category="limited"))
+    version = ModelVersion(ai_model=ai_model, version=f"v{ModelVersion.objects.count() + 1}", source="hub",
+                           hub_id="bench/clip", hub_revision="c" * 40, architecture_family="dual_encoder",
+                           model_details="A tiny CLIP-like dual encoder trained on synthetic shapes.",
+                           limitations="Trained on synthetic data only.")
+    version.set_manifest({"config.json": "1" * 64, "model.safetensors": "2" * 64})
+    version.save()
+    case = AuditCase.objects.create(model_version=version, title=title, scope="Full probe plan", created_by=submitter)
+    case.reviewers.set(reviewers)
+    for index, kind in enumerate(kinds):
+        add_evidence(case, kind, seed=index, figures_per_evidence=figures_per_evidence)
+    case._workflow_transition = True  # benchmarks skip the workflow (tested in test_workflow.py)
+    case.state, case.review_round, case.submitted_by = "in_review", 1, submitter
+    case.submitted_at = case.state_changed_at = T0
     case.save()
-    case._workflow_transition = False
+    for reviewer in reviewers:
+        Signoff.objects.create(case=case, reviewer=reviewer, decision="approve", comment="Evidence complete.",
+                               digest=hashlib.sha256(reviewer.username.encode()).hexdigest(), review_round=1)
+    return case
 
 
 def add_evidence(case: AuditCase, kind: str, *, seed: int, figures_per_evidence: int = 1) -> Evidence:
@@ -129,13 +128,3 @@ def add_evidence(case: AuditCase, kind: str, *, seed: int, figures_per_evidence:
     run.status = ProbeRun.Status.SUCCEEDED
     run.save()
     return evidence
-
-
-def add_signoff(case: AuditCase, reviewer, decision: str, comment: str) -> Signoff:
-    return Signoff.objects.create(case=case, reviewer=reviewer, decision=decision, comment=comment,
-                                  digest=hashlib.sha256(f"{case.pk}-{reviewer.pk}".encode()).hexdigest(),
-                                  review_round=case.review_round)
-
-
-def now() -> dt.datetime:
-    return timezone.now()
