@@ -1,0 +1,445 @@
+"""Token attribution for generated text: which image patches and earlier tokens produced each word.
+
+Method (``chefer``): gradient-weighted attention relevance through the decoder, with Chefer,
+Gur and Wolf's rule for self-attention over the joint (image + text) sequence (ICCV 2021,
+"Generic Attention-model Explainability"): ``R = I``; for every decoder layer
+``R += mean_h((dy/dA * A)+) @ R``, where ``y`` is the logit of the generated token. The row of
+``R`` at the position that *predicts* the token gives its relevance over the sequence; the
+image-token columns, mapped back to the vision grid, are the image heatmap and the text columns
+are the relevance of earlier tokens (the identity term of the token's own position is removed).
+
+Baseline (``raw``): the attention probabilities of that row, averaged over layers and heads.
+
+Efficiency (why this is hand-written rather than a per-token loop): the caption is generated
+once (KV cache), then ONE teacher-forced forward over the generated sequence keeps every
+layer's attention, and ONE batched backward pass (``torch.autograd.grad(..., is_grads_batched=
+True)``, i.e. vmap over the targets' one-hot output gradients) gives every target's attention
+gradients at once. Only the needed row of ``R`` is propagated (a vector-matrix product per
+layer, from the last layer down), so the cost is O(T * L * N^2) instead of O(T * L * N^3).
+
+Shapes: ``T`` generated tokens, ``L`` decoder layers, ``H`` heads, ``N`` sequence length,
+``(gh, gw)`` the vision grid.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from workers.probes.adapters.fusion import Encoded, FusionAdapter
+from workers.probes.errors import ProbeInputError
+from workers.probes.suite import Finding, ProbeResult, Progress, no_progress, probe_kind
+
+METHODS = ("chefer", "raw")
+#: Words that never name an object in a generic dataset's prompts.
+STOPWORDS = frozenset({"a", "an", "the", "of", "and", "photo", "picture", "image", "with", "in", "on", ","})
+
+
+@dataclass
+class TokenAttribution:
+    """Attributions of every generated token of one caption.
+
+    ``image[method]`` is ``[T, gh, gw]``; ``text[method]`` is ``[T, C]`` over the ``C`` text
+    positions of the sequence (prompt tokens, then generated tokens; ``text_positions``), zero
+    where a position comes at or after the token's own prediction point.
+    """
+
+    prompt: str
+    generated_ids: list[int]
+    generated_tokens: list[str]
+    text_tokens: list[str]
+    text_positions: list[int]
+    prediction_positions: list[int]  # position whose output predicts generated token t
+    image: dict[str, np.ndarray] = field(default_factory=dict)
+    text: dict[str, np.ndarray] = field(default_factory=dict)
+    caption: str = ""
+    n_prompt_text: int = 0
+
+
+def _targets(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced input ids ``[1, N]`` (prompt + all but the last generated token) and the
+    prediction position of every generated token ``[T]``."""
+    gen = torch.tensor([list(generated)], dtype=torch.long, device=enc.input_ids.device)
+    ids = torch.cat([enc.input_ids, gen[:, :-1]], dim=1)
+    start = enc.input_ids.shape[1] - 1
+    return ids, torch.arange(start, start + len(generated), device=ids.device)
+
+
+def relevance_rows(attentions: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """Chefer's decoder rule, propagated for one row per target.
+
+    ``attentions[l]`` ``[1, H, N, N]`` (or ``[T, H, N, N]``), ``grads[l]`` ``[T, H, N, N]`` (target
+    t's gradient), ``rows`` ``[T]`` -> ``[T, N]``: row ``rows[t]`` of
+    ``R = prod_l (I + mean_h((grad_l * A_l)+))`` for target t.
+    """
+    n = attentions[0].shape[-1]
+    r = torch.nn.functional.one_hot(rows, n).to(attentions[0].dtype)
+    for a, g in zip(reversed(attentions), reversed(grads), strict=True):
+        cam = (g * a).clamp(min=0).mean(dim=1)  # [T, N, N]
+        r = r + torch.bmm(r[:, None, :], cam)[:, 0]
+    return r
+
+
+def raw_rows(attentions: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """Raw attention baseline: ``[T, N]``, row ``rows[t]`` averaged over layers and heads."""
+    stacked = torch.stack([a[0] for a in attentions])  # [L, H, N, N]
+    return stacked.mean(dim=(0, 1))[rows]
+
+
+def attention_gradients(logits: torch.Tensor, attentions: Sequence[torch.Tensor], rows: torch.Tensor,
+                        targets: torch.Tensor, *, batched: bool = True) -> list[torch.Tensor]:
+    """Gradients of ``logits[0, rows[t], targets[t]]`` w.r.t. every attention map, per target.
+
+    ``batched``: one vmapped backward pass for all targets; else one backward per target
+    (``retain_graph``). Returns ``[T, H, N, N]`` per layer.
+    """
+    y = logits[0, rows, targets]  # [T]
+    t = y.shape[0]
+    if batched:
+        try:
+            grads = torch.autograd.grad(y, list(attentions), grad_outputs=torch.eye(t, dtype=y.dtype, device=y.device),
+                                        is_grads_batched=True, retain_graph=False)
+            return [g[:, 0] for g in grads]
+        except RuntimeError:
+            # Some kernels have no vmap rule; fall back to the per-target loop (same numbers).
+            pass
+    per_layer: list[list[torch.Tensor]] = [[] for _ in attentions]
+    for k in range(t):
+        grads = torch.autograd.grad(y[k], list(attentions), retain_graph=k < t - 1)
+        for layer, g in enumerate(grads):
+            per_layer[layer].append(g[0])
+    return [torch.stack(g) for g in per_layer]
+
+
+def attribute_generated(adapter: FusionAdapter, enc: Encoded, image_features: torch.Tensor,
+                        generated: Sequence[int], *, batched: bool = True) -> dict[str, torch.Tensor]:
+    """Relevance rows ``{method: [T, N]}`` of every generated token over the joint sequence.
+
+    ``image_features`` ``[1, n_img, D]`` (LM input), ``generated`` the T generated token ids.
+    One teacher-forced forward and one (batched) backward pass.
+    """
+    if not generated:
+        raise ProbeInputError("the model generated no tokens to attribute")
+    ids, rows = _targets(adapter, enc, generated)
+    targets = torch.tensor(list(generated), dtype=torch.long, device=ids.device)
+    with torch.enable_grad():
+        embeds = adapter.embed(ids, image_features.detach()).detach().requires_grad_(True)
+        trace = adapter.trace(embeds, ids, enc.image_positions)
+        grads = attention_gradients(trace.logits, trace.attentions, rows, targets, batched=batched)
+    with torch.no_grad():
+        attns = [a.detach() for a in trace.attentions]
+        return {"chefer": relevance_rows(attns, grads, rows), "raw": raw_rows(attns, rows)}
+
+
+def naive_attribute_generated(adapter: FusionAdapter, enc: Encoded, image_features: torch.Tensor,
+                              generated: Sequence[int]) -> torch.Tensor:
+    """The naive recomputation baseline: a fresh forward and backward per generated token
+    (prefix up to the token). Returns the chefer rows ``[T, N_full]`` (zero-padded); used by the
+    benchmark and by tests as the reference the efficient path must equal."""
+    ids_full, rows = _targets(adapter, enc, generated)
+    n = ids_full.shape[1]
+    out = torch.zeros(len(generated), n)
+    for t, token in enumerate(generated):
+        ids = ids_full[:, : int(rows[t]) + 1]
+        with torch.enable_grad():
+            embeds = adapter.embed(ids, image_features.detach()).detach().requires_grad_(True)
+            trace = adapter.trace(embeds, ids, enc.image_positions)
+            y = trace.logits[0, -1, token]
+            grads = torch.autograd.grad(y, trace.attentions)
+        with torch.no_grad():
+            row = relevance_rows([a.detach() for a in trace.attentions], [g for g in grads],
+                                 torch.tensor([ids.shape[1] - 1]))
+        out[t, : ids.shape[1]] = row[0]
+    return out
+
+
+def to_attribution(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int], rows_by_method: dict[str, torch.Tensor],
+                   prompt: str) -> TokenAttribution:
+    """Split relevance rows into image maps (vision grid) and text relevance."""
+    ids, rows = _targets(adapter, enc, generated)
+    seq = ids[0].tolist() + [generated[-1]]
+    image_pos = enc.image_positions
+    grid_pos = image_pos[adapter.image_token_prefix:]
+    is_image = torch.zeros(len(seq), dtype=torch.bool)
+    is_image[image_pos.cpu()] = True
+    text_pos = [i for i in range(len(seq)) if not is_image[i]]
+    gh, gw = adapter.grid
+    result = TokenAttribution(
+        prompt=prompt, generated_ids=list(generated), generated_tokens=adapter.tokens(generated),
+        text_tokens=adapter.tokens([seq[i] for i in text_pos]), text_positions=text_pos,
+        prediction_positions=rows.tolist(), caption=adapter.decode(generated),
+        n_prompt_text=sum(1 for i in text_pos if i < enc.input_ids.shape[1]))
+    tp = torch.tensor(text_pos)
+    for method, r in rows_by_method.items():
+        r = r.detach().float().cpu().clone()
+        if r.shape[1] < len(seq):
+            r = torch.nn.functional.pad(r, (0, len(seq) - r.shape[1]))
+        if method == "chefer":
+            r[torch.arange(len(generated)), rows.cpu()] -= 1.0  # drop the identity term of the token itself
+        r = r.clamp(min=0)
+        result.image[method] = r[:, grid_pos.cpu()].reshape(len(generated), gh, gw).numpy()
+        text = r[:, tp]
+        later = tp[None, :] > rows.cpu()[:, None]
+        result.text[method] = text.masked_fill(later, 0.0).numpy()
+    return result
+
+
+def attribute(adapter: FusionAdapter, image: Image.Image, prompt: str, *, max_new_tokens: int = 32,
+              batched: bool = True) -> TokenAttribution:
+    """Generate a caption for ``image`` and attribute each generated token (both methods)."""
+    enc, feats = adapter.prepare([image], prompt)
+    generated = adapter.generate(adapter.embed(enc.input_ids, feats), max_new_tokens)[0]
+    if not generated:
+        raise ProbeInputError("the model generated no tokens to attribute (it ended the text at once)")
+    rows = attribute_generated(adapter, enc, feats, generated, batched=batched)
+    return to_attribution(adapter, enc, generated, rows, prompt)
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+def attribution_graph(att: TokenAttribution, patch_boxes: np.ndarray | None = None, *, method: str = "chefer",
+                      min_weight: float = 1e-3) -> dict[str, Any]:
+    """Tokens and patches as nodes, relevance as weighted edges (source -> generated token).
+
+    Each generated token's incoming weights (image + text, its own identity term excluded) are
+    normalised to sum to 1; edges below ``min_weight`` are left out to keep the file small.
+    """
+    gh, gw = att.image[method].shape[1:]
+    nodes: list[dict[str, Any]] = []
+    for r in range(gh):
+        for c in range(gw):
+            node = {"id": f"patch:{r}:{c}", "type": "patch", "row": r, "col": c}
+            if patch_boxes is not None:
+                node["box"] = [round(float(v), 2) for v in patch_boxes[r * gw + c]]
+            nodes.append(node)
+    for k, (pos, tok) in enumerate(zip(att.text_positions, att.text_tokens, strict=True)):
+        role = "prompt" if k < att.n_prompt_text else "generated"
+        nodes.append({"id": f"token:{pos}", "type": "token", "role": role, "token": tok, "position": pos})
+    edges: list[dict[str, Any]] = []
+    gen_nodes = [f"token:{att.text_positions[att.n_prompt_text + t]}" for t in range(len(att.generated_ids))]
+    for t, target in enumerate(gen_nodes):
+        img = att.image[method][t].reshape(-1)
+        txt = att.text[method][t]
+        total = float(img.sum() + txt.sum()) or 1.0
+        for j, w in enumerate(img):
+            if w / total >= min_weight:
+                edges.append({"source": f"patch:{j // gw}:{j % gw}", "target": target, "weight": round(float(w / total), 5),
+                              "kind": "image"})
+        for k, w in enumerate(txt):
+            if w / total >= min_weight:
+                edges.append({"source": f"token:{att.text_positions[k]}", "target": target,
+                              "weight": round(float(w / total), 5), "kind": "text"})
+    return {"method": method, "caption": att.caption, "prompt": att.prompt, "grid": [gh, gw], "nodes": nodes,
+            "edges": edges}
+
+
+def attribution_json(att: TokenAttribution, patch_boxes: np.ndarray | None = None) -> dict[str, Any]:
+    """The per-token summary the ``attribute`` command prints (both methods) plus the graph."""
+    tokens = []
+    for t, tok in enumerate(att.generated_tokens):
+        entry: dict[str, Any] = {"index": t, "token": tok, "position": att.prediction_positions[t] + 1}
+        for method in att.image:
+            img = att.image[method][t]
+            txt = att.text[method][t]
+            r, c = np.unravel_index(int(np.argmax(img)), img.shape)
+            total = float(img.sum() + txt.sum()) or 1.0
+            top = np.argsort(-txt)[:3]
+            entry[method] = {
+                "image_share": round(float(img.sum()) / total, 4),
+                "argmax_patch": [int(r), int(c)],
+                "argmax_box": ([round(float(v), 1) for v in patch_boxes[r * img.shape[1] + c]]
+                               if patch_boxes is not None else None),
+                "image_relevance": np.round(img.astype(np.float64), 5).tolist(),
+                "top_text": [{"token": att.text_tokens[k], "position": att.text_positions[k],
+                              "weight": round(float(txt[k]) / total, 4)} for k in top if txt[k] > 0],
+            }
+        tokens.append(entry)
+    return {"caption": att.caption, "prompt": att.prompt, "methods": list(att.image), "tokens": tokens,
+            "graph": attribution_graph(att, patch_boxes)}
+
+
+def caption_figure(image: Image.Image, att: TokenAttribution, *, boxes: Sequence[Sequence[float]] = (),
+                   methods: Sequence[str] = METHODS):
+    """The caption with each word's image heatmap: one column per generated token, one row per method."""
+    from workers.probes import figures
+
+    t = len(att.generated_tokens)
+    fig = figures.new_figure(1.6 * max(t, 2), 1.8 * len(methods) + 0.5)
+    axes = fig.subplots(len(methods), max(t, 1), squeeze=False)
+    for m, method in enumerate(methods):
+        for k in range(t):
+            title = att.generated_tokens[k] if m == 0 else None
+            figures.draw_overlay(axes[m][k], image, att.image[method][k], boxes=boxes, title=title)
+        axes[m][0].text(-0.1, 0.5, "gradient x attention" if method == "chefer" else "raw attention",
+                        transform=axes[m][0].transAxes, rotation=90, va="center", ha="right", fontsize=9)
+    fig.suptitle(f"“{att.caption}”  (prompt: {att.prompt})", fontsize=10)
+    return fig
+
+
+# --- evaluation against ground truth ------------------------------------------------------
+
+
+def _hit(box: Sequence[float], patch_box: Sequence[float]) -> bool:
+    cx, cy = (patch_box[0] + patch_box[2]) / 2, (patch_box[1] + patch_box[3]) / 2
+    return box[0] <= cx < box[2] and box[1] <= cy < box[3]
+
+
+def evaluate_pointing(adapter: FusionAdapter, scenes, *, prompt: str, max_new_tokens: int = 32,
+                      progress: Progress = no_progress, keep: int = 0) -> tuple[dict[str, Any], list]:
+    """For every generated word that names exactly one object of its image (a colour or shape
+    word in the zoo world): does the argmax patch of its image relevance lie in that object's box
+    (patch centre inside the box)? Returns metrics and the first ``keep`` (scene, attribution)."""
+    hits = {m: [] for m in METHODS}
+    chance: list[float] = []
+    by_kind: dict[str, dict[str, list[bool]]] = {}
+    unmatched = words = 0
+    kept = []
+    started = time.perf_counter()
+    batch = 16
+    for start in range(0, len(scenes), batch):
+        chunk = scenes[start:start + batch]
+        images = [s.load_image() for s in chunk]
+        enc, feats = adapter.prepare(images, prompt)
+        with torch.no_grad():
+            generated = adapter.generate(adapter.embed(enc.input_ids.expand(len(images), -1), feats), max_new_tokens)
+        for k, (scene, image, gen) in enumerate(zip(chunk, images, generated, strict=True)):
+            if not gen:
+                continue
+            rows = attribute_generated(adapter, enc, feats[k:k + 1], gen)
+            att = to_attribution(adapter, enc, gen, rows, prompt)
+            if len(kept) < keep:
+                kept.append((scene, image, att))
+            pboxes = adapter.patch_boxes((scene.width, scene.height))
+            for t, tok in enumerate(att.generated_tokens):
+                word = tok.lower().lstrip("▁Ġ")
+                if word in STOPWORDS or not word.isalpha():
+                    continue
+                named = [o for o in scene.objects if word in o.words]
+                if scene.objects[0].colour is not None:  # zoo scenes: only colour and shape words count
+                    named = [o for o in named if word in (o.colour, o.shape)]
+                    if not named and not any(word in (o.colour, o.shape) for o in scene.objects):
+                        is_attr = _is_world_word(word)
+                        if is_attr:
+                            unmatched += 1  # a hallucinated colour/shape: no box to check against
+                        continue
+                if len(named) != 1:
+                    continue
+                box = named[0].box
+                words += 1
+                kind = "colour" if word == named[0].colour else "shape" if word == named[0].shape else "word"
+                for method in METHODS:
+                    img = att.image[method][t].reshape(-1)
+                    hit = _hit(box, pboxes[int(np.argmax(img))])
+                    hits[method].append(hit)
+                    by_kind.setdefault(kind, {m: [] for m in METHODS})[method].append(hit)
+                chance.append(float(np.mean([_hit(box, pb) for pb in pboxes])))
+        progress(min(1.0, (start + len(chunk)) / len(scenes)), "attributing generated words")
+    metrics: dict[str, Any] = {
+        "n_images": len(scenes),
+        "n_words": words,
+        "hallucinated_words": unmatched,
+        "pointing": {m: (float(np.mean(v)) if v else None) for m, v in hits.items()},
+        "random_baseline": float(np.mean(chance)) if chance else None,
+        "by_word_kind": {k: {m: float(np.mean(v)) for m, v in d.items()} | {"n": len(d["chefer"])}
+                         for k, d in by_kind.items()},
+        "seconds": round(time.perf_counter() - started, 2),
+        "criterion": "argmax patch centre inside the named object's box",
+    }
+    return metrics, kept
+
+
+def _is_world_word(word: str) -> bool:
+    from workers.probes.zoo import world
+
+    return word in world.COLOURS or word in world.SHAPES
+
+
+# --- probe kind -------------------------------------------------------------------------------
+
+PARAMS = {"prompt", "max_new_tokens", "limit", "examples"}
+
+
+def load_fusion(model_dir: str, device: str = "cpu") -> FusionAdapter:
+    """A fusion adapter for ``model_dir`` or a clear ``ProbeInputError`` (e.g. for a dual encoder)."""
+    from workers.probes.adapters.fusion import load_any
+
+    adapter = load_any(model_dir, device)
+    if getattr(adapter, "kind", None) != "fusion":
+        raise ProbeInputError(f"{model_dir} is a {getattr(adapter, 'kind', 'unknown')} model, not a generative "
+                              "(fusion) VLM: token attribution explains generated text")
+    return adapter  # type: ignore[return-value]
+
+
+def default_prompt(adapter: FusionAdapter) -> str:
+    from workers.probes.zoo.captioner import PROMPTS
+
+    return PROMPTS[0]
+
+
+@probe_kind("token_attribution")
+def token_attribution_kind(model_dir: str, dataset_dir: str | None, params: dict, *, device: str = "cpu",
+                           progress: Progress = no_progress) -> ProbeResult:
+    """Attribute every generated word; score colour/shape words against ground-truth boxes.
+
+    ``params``: ``prompt`` (default "describe the image"), ``max_new_tokens`` (32), ``limit``
+    (images, default all), ``examples`` (figures, 3). ``dataset_dir`` None -> the zoo's held-out split.
+    """
+    from workers.probes.scenes import load_scenes
+
+    unknown = set(params) - PARAMS
+    if unknown:
+        raise ProbeInputError(f"unknown parameters for token_attribution: {', '.join(sorted(unknown))}")
+    adapter = load_fusion(model_dir, device)
+    if dataset_dir is None:
+        from workers.probes.zoo import dataset_dir as zoo_dataset
+
+        dataset_dir = str(zoo_dataset("heldout"))
+    scenes = load_scenes(dataset_dir, limit=_int(params, "limit", None))
+    prompt = str(params.get("prompt") or default_prompt(adapter))
+    metrics, kept = evaluate_pointing(adapter, scenes, prompt=prompt,
+                                      max_new_tokens=_int(params, "max_new_tokens", 32),
+                                      progress=progress, keep=_int(params, "examples", 3))
+    figures = {f"caption_{i}": caption_figure(img, att, boxes=scene.boxes) for i, (scene, img, att) in enumerate(kept)}
+    findings = []
+    p = metrics["pointing"]["chefer"]
+    if p is None:
+        findings.append(Finding("medium", "No generated word could be checked against a box",
+                                "The captions named no object of the dataset."))
+    elif p < 0.5:
+        findings.append(Finding("high", "Generated words are not grounded in the objects they name",
+                                f"Only {p:.0%} of object words have their attribution maximum in the object's box."))
+    else:
+        findings.append(Finding("info", "Generated object words point to their objects",
+                                f"{p:.0%} of {metrics['n_words']} words (raw attention: {metrics['pointing']['raw']:.0%}; "
+                                f"random: {metrics['random_baseline']:.0%})."))
+    if metrics["hallucinated_words"]:
+        findings.append(Finding("medium", "The model names objects that are not in the image",
+                                f"{metrics['hallucinated_words']} colour/shape words had no matching object."))
+    summary = (f"Token attribution on {metrics['n_images']} images, {metrics['n_words']} object words: "
+               f"pointing {_pct(p)} (gradient x attention) vs {_pct(metrics['pointing']['raw'])} (raw attention), "
+               f"random {_pct(metrics['random_baseline'])}.")
+    return ProbeResult(kind="token_attribution", metrics=metrics, summary=summary, figures=figures, findings=findings)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1%}"
+
+
+def _int(params: dict, key: str, default: int | None) -> int | None:
+    value = params.get(key, default)
+    if value is None:
+        return None
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        raise ProbeInputError(f"parameter {key!r} must be an integer, got {params.get(key)!r}") from None
+    if value < 0:
+        raise ProbeInputError(f"parameter {key!r} must not be negative")
+    return value
