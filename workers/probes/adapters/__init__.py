@@ -12,6 +12,7 @@ __all__ = ["ARCHITECTURES", "DualEncoderAdapter", "VisionLanguageAdapter", "Visi
 ARCHITECTURES: dict[str, str] = {
     "clip": "workers.probes.adapters.clip:CLIPAdapter",
     "siglip": "workers.probes.adapters.clip:SiglipAdapter",
+    "llava": "workers.probes.adapters.llava:LlavaAdapter",
 }
 
 

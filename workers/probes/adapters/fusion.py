@@ -120,38 +120,15 @@ class FusionAdapter(VisionLanguageAdapter):
             return self.generate(self.embed(ids, feats), max_new_tokens)
 
 
-#: ``config.model_type`` -> ``"module:AdapterClass"`` for generative VLMs.
-FUSION_ARCHITECTURES: dict[str, str] = {
-    "llava": "workers.probes.adapters.llava:LlavaAdapter",
-}
-
-
 def load_any(model_dir: str, device: str = "cpu") -> VisionLanguageAdapter:
-    """Load ``model_dir`` behind the right adapter: fusion models here, everything else through
-    ``suite.load_model`` (the dual-encoder loader, cached in workers).
-
-    Why not only ``suite.load_model``: the shared loader builds models with ``AutoModel``, which
-    for LLaVA drops the language-model head that generation needs.
-    """
-    import importlib
-    import json
+    """Load ``model_dir`` behind the right adapter (fusion or dual encoder) through
+    ``suite.load_model``, so a worker's model cache serves repeated loads; the architecture table
+    (``adapters.ARCHITECTURES``) routes ``llava`` to ``LlavaAdapter.from_pretrained``."""
     from pathlib import Path
 
+    from workers.probes import suite
     from workers.probes.errors import ProbeInputError
 
-    directory = Path(model_dir)
-    config_file = directory / "config.json"
-    if directory.is_dir() and config_file.is_file():
-        try:
-            model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-        except (ValueError, UnicodeDecodeError, AttributeError) as exc:
-            raise ProbeInputError(f"{config_file}: unreadable config ({exc})") from None
-        target = FUSION_ARCHITECTURES.get(model_type)
-        if target is not None:
-            module, _, name = target.partition(":")
-            return getattr(importlib.import_module(module), name).from_pretrained(directory, device=device)
-    elif not directory.exists():
+    if not Path(model_dir).exists():
         raise ProbeInputError(f"model directory {model_dir} not found")
-    from workers.probes import suite
-
     return suite.load_model(model_dir, device)

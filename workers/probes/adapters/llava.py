@@ -58,34 +58,44 @@ class LlavaAdapter(FusionAdapter):
     # --- loading -------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device: str = "cpu", dtype: str | None = None) -> LlavaAdapter:
+    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype | None = None) -> LlavaAdapter:
+        """Load a local LLaVA directory. ``dtype`` is accepted for the loader's signature, but the
+        fusion probes run in float32 (their gradients are summed over many heads and tokens)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+        from transformers.utils import logging as hf_logging
 
         directory = Path(path)
         if not directory.is_dir():
             raise ProbeInputError(f"model directory {str(directory)!r} does not exist")
         if not any(directory.glob("*.safetensors")):
-            raise ProbeInputError(f"{directory}: no *.safetensors weights (pickled weights are refused)")
+            raise ProbeInputError(f"{directory}: no *.safetensors weights (pickled weights are refused: "
+                                  "unpickling can run arbitrary code)")
         try:
             config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, KeyError) as exc:
             raise ProbeInputError(f"{directory}: unreadable config.json ({exc})") from None
         if config.model_type not in MODEL_TYPES:
             raise UnsupportedModelError(
                 f"{directory}: model_type {config.model_type!r} is not a supported generative VLM "
                 f"(supported: {', '.join(MODEL_TYPES)})")
-        torch_dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                       "float16": torch.float16, None: torch.float32, "fp32": torch.float32}.get(dtype)
-        if torch_dtype is None:
-            raise ProbeInputError(f"unknown dtype {dtype!r}")
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
         try:
-            model = LlavaForConditionalGeneration.from_pretrained(
+            model, info = LlavaForConditionalGeneration.from_pretrained(
                 directory, use_safetensors=True, trust_remote_code=False, attn_implementation="eager",
-                dtype=torch_dtype)
+                dtype=torch.float32, output_loading_info=True)
             processor = AutoProcessor.from_pretrained(directory, trust_remote_code=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RuntimeError, TypeError) as exc:
             raise ProbeInputError(f"{directory}: cannot load the LLaVA checkpoint ({exc})") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        # transformers fills missing weights with random ones; explaining that would be worse than refusing.
+        missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
+        if missing or info.get("mismatched_keys"):
+            raise ProbeInputError(f"{directory}: the weights don't match the config ({len(missing)} tensors missing, "
+                                  f"e.g. {', '.join(map(str, missing[:3]))}); refusing a partly random model")
         return cls(model.to(device), processor, device)
 
     # --- inputs --------------------------------------------------------------------------

@@ -138,6 +138,8 @@ def load(path_or_id: str, *, revision: str | None = None, device: str | torch.de
     except (OSError, KeyError) as exc:
         raise ProbeInputError(f"cannot read the config of {where}: {exc}") from None
     adapter_cls = _architecture(config)
+    if hasattr(adapter_cls, "from_pretrained"):  # fusion adapters load their own head-ful model class (llava.py)
+        return adapter_cls.from_pretrained(where, device=dev, dtype=autocast_dtype)
 
     # Quiet transformers' warnings (incomplete weights are reported below, as an error; the
     # "torchvision missing, using the PIL image processor" notice is expected on CPU hosts).
