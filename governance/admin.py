@@ -204,6 +204,12 @@ class ProbeRunAdmin(VisibleToAdmin):
     def has_add_permission(self, request):
         return False  # runs come from a case's probe plan
 
+    def has_change_permission(self, request, obj=None):
+        return False  # workers and the workflow change runs; a finished run is frozen
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
 
 class ArtifactInline(ReadOnlyInline):
     model = m.EvidenceArtifact

@@ -10,8 +10,10 @@ How rows change is decided by service modules, not by callers poking fields:
 - the audit log is appended only through :func:`governance.audit_log.record`;
 - evidence (once its run finished), evidence artifacts, sign-offs, reports and audit events are
   immutable: ``save()`` on an existing row, ``delete()`` and queryset ``update()``/``delete()`` raise
-  :class:`ImmutableError`. On PostgreSQL, triggers (migration ``0002``) refuse the same at the SQL
+  :class:`ImmutableError`. A finished probe run is frozen the same way (so its evidence cannot be
+  reopened). On PostgreSQL, triggers (migrations ``0002`` and ``0004``) refuse the same at the SQL
   level, so a raw ``UPDATE`` from a shell is refused too.
+- ``AuditCase.objects.update(state=...)`` is refused like a direct state change.
 
 Foreign keys into the records an auditor relies on are ``PROTECT``: a case with runs, sign-offs,
 reports or audit events cannot be deleted, it is archived instead.
@@ -85,6 +87,29 @@ class EvidenceQuerySet(GovernanceQuerySet):
     def _refuse_if_finished(self, verb: str) -> None:
         if self.filter(run__status__in=ProbeRun.FINISHED).exists():
             raise ImmutableError(f"Evidence of a finished probe run is immutable; {verb}() is refused.")
+
+    def update(self, **kwargs):
+        self._refuse_if_finished("update")
+        return super().update(**kwargs)
+
+    def delete(self):
+        self._refuse_if_finished("delete")
+        return super().delete()
+
+
+class AuditCaseQuerySet(GovernanceQuerySet):
+    def update(self, **kwargs):
+        if "state" in kwargs:
+            raise ValueError("Case states change one case at a time through governance.workflow.transition().")
+        return super().update(**kwargs)
+
+
+class ProbeRunQuerySet(GovernanceQuerySet):
+    """A finished run (succeeded, failed, cancelled) is part of the record: bulk changes to it are refused."""
+
+    def _refuse_if_finished(self, verb: str) -> None:
+        if self.filter(status__in=ProbeRun.FINISHED).exists():
+            raise ImmutableError(f"A finished probe run is part of the record; {verb}() is refused.")
 
     def update(self, **kwargs):
         self._refuse_if_finished("update")
@@ -405,7 +430,7 @@ class AuditCase(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
-    objects = GovernanceQuerySet.as_manager()
+    objects = AuditCaseQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at"]
@@ -492,7 +517,7 @@ class ProbeRun(models.Model):
     seed = models.BigIntegerField(null=True, blank=True)
     library_versions = models.JSONField(default=dict, blank=True)
 
-    objects = GovernanceQuerySet.as_manager()
+    objects = ProbeRunQuerySet.as_manager()
 
     class Meta:
         ordering = ["case", "created_at", "pk"]
@@ -503,6 +528,25 @@ class ProbeRun(models.Model):
 
     def __str__(self) -> str:
         return f"run #{self.pk} {self.kind} ({self.status})"
+
+    @classmethod
+    def from_db(cls, db, field_names, values):
+        instance = super().from_db(db, field_names, values)
+        instance._loaded_status = instance.__dict__.get("status")
+        return instance
+
+    def save(self, *args, **kwargs):
+        # Once finished, a run (and so its evidence) is frozen: a finished run set back to "running"
+        # would make its evidence editable again.
+        if not self._state.adding and getattr(self, "_loaded_status", None) in self.FINISHED:
+            raise ImmutableError(f"Probe run #{self.pk} finished ({self._loaded_status}); it cannot be changed.")
+        super().save(*args, **kwargs)
+        self._loaded_status = self.status
+
+    def delete(self, *args, **kwargs):
+        if ProbeRun.objects.filter(pk=self.pk, status__in=self.FINISHED).exists():
+            raise ImmutableError(f"Probe run #{self.pk} finished; it is part of the record and cannot be deleted.")
+        return super().delete(*args, **kwargs)
 
     @property
     def is_finished(self) -> bool:

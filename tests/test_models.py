@@ -125,6 +125,19 @@ def test_it_freezes_evidence_once_its_run_finished(case_with_evidence):
     assert evidence.summary == "All good."
 
 
+def test_it_freezes_a_finished_run_so_its_evidence_cannot_be_reopened(case_with_evidence):
+    run = ProbeRun.objects.get(case=case_with_evidence)
+    run.status = ProbeRun.Status.RUNNING
+    with pytest.raises(ImmutableError, match="finished"):
+        run.save()
+    with pytest.raises(ImmutableError):
+        ProbeRun.objects.filter(pk=run.pk).update(status=ProbeRun.Status.RUNNING)
+    with pytest.raises(ImmutableError):
+        run.delete()
+    with pytest.raises(ValueError, match="through governance.workflow"):
+        type(case_with_evidence).objects.filter(pk=case_with_evidence.pk).update(state="approved")
+
+
 def test_it_lets_a_running_probe_complete_its_evidence(draft_case, alice):
     workflow.submit(draft_case, by=alice)
     run = ProbeRun.objects.create(case=draft_case, kind="test.echo", status=ProbeRun.Status.RUNNING)
@@ -196,9 +209,10 @@ def test_it_refuses_raw_sql_changes_to_issued_records_on_postgresql(case_with_ev
         ("DELETE FROM governance_signoff", []),
         ("UPDATE governance_evidence SET summary = 'changed' WHERE id = %s", [evidence.pk]),
         ("DELETE FROM governance_evidenceartifact", []),
+        ("UPDATE governance_proberun SET status = 'running' WHERE id = %s", [evidence.run_id]),
     ]
     for sql, params in statements:
-        with pytest.raises(IntegrityError, match="immutable|finished run"), transaction.atomic(), \
+        with pytest.raises(IntegrityError, match="immutable|finished"), transaction.atomic(), \
                 connection.cursor() as cursor:
             cursor.execute(sql, params)
     evidence.refresh_from_db()
