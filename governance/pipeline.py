@@ -110,10 +110,14 @@ def check_broker(timeout: float = 3.0) -> None:
     """Raise :class:`BrokerUnavailable` unless the broker accepts a connection within ``timeout``."""
     if broker_is_eager():
         return
+    from kombu import Connection
+
     from workers.celery import app
 
     try:
-        with app.connection_for_write() as connection:
+        # A fresh connection, not one from the app's pool: a pooled connection can look alive after
+        # the broker went away, and the point is to know *now*.
+        with Connection(app.conf.broker_url, connect_timeout=timeout) as connection:
             connection.ensure_connection(max_retries=1, timeout=timeout)
     except Exception as exc:  # kombu raises a variety of transport errors
         raise BrokerUnavailable(

@@ -138,13 +138,15 @@ def test_it_refuses_a_dataset_outside_the_allowed_roots_and_writes_nothing(tiny_
 
 @pytest.mark.django_db
 def test_it_answers_clearly_when_the_broker_is_down_and_leaves_nothing_half_written(
-        tiny_clip_version, alice, ada, rita, rob, client):
+        tiny_clip_version, alice, ada, rita, rob, client, monkeypatch):
     from workers.celery import app
 
     case = make_case(tiny_clip_version, alice, ada, rita, rob, [{"kind": "selftest", "params": {}}])
     events = AuditEvent.objects.count()
+    dead = "redis://127.0.0.1:1/0"  # nothing listens there
+    monkeypatch.setenv("CELERY_BROKER_URL", dead)  # Celery lets the environment win over its config
     saved = app.conf.broker_url, app.conf.task_always_eager
-    app.conf.broker_url, app.conf.task_always_eager = "redis://127.0.0.1:1/0", False  # nothing listens there
+    app.conf.broker_url, app.conf.task_always_eager = dead, False
     try:
         client.force_login(alice)
         response = client.post(f"/api/cases/{case.pk}/start/")

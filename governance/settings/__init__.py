@@ -153,7 +153,11 @@ SPECTACULAR_SETTINGS = {
 # --- Celery -----------------------------------------------------------------
 # Without a broker URL tasks run eagerly, in-process: the embedded default.
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "")
-CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND", "")
+# The pipeline's chord (probe runs, then aggregation) needs a result backend; the broker's Redis
+# serves unless one is configured. Results are small (a run id and a status) and expire in a day.
+CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND", CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(
+    ("redis://", "rediss://")) else "")
+CELERY_RESULT_EXPIRES = 24 * 3600
 CELERY_TASK_ALWAYS_EAGER = not CELERY_BROKER_URL
 CELERY_TASK_EAGER_PROPAGATES = True
 LOUPE_TASK_SOFT_TIME_LIMIT = int(os.environ.get("LOUPE_TASK_SOFT_TIME_LIMIT", "1800"))
