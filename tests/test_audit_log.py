@@ -7,6 +7,9 @@ import threading
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection, transaction
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from governance import audit_log
 from governance.canonical import sha256_hex
@@ -186,3 +189,55 @@ def test_it_keeps_one_chain_under_concurrent_writers(acme):
     assert errors == []
     assert list(AuditEvent.objects.values_list("seq", flat=True)) == list(range(1, 21))
     assert audit_log.verify() == []
+
+
+# --- any single tampering of an in-memory chain is detected and located (no database needed) ------
+
+
+def _chain(n: int) -> list[dict]:
+    rows, prev = [], AuditEvent.GENESIS_HASH
+    for i in range(1, n + 1):
+        payload = f'{{"i":{i}}}'
+        row = {"id": i, "seq": i, "created_at": f"2026-01-01T00:00:{i:02d}.000000+00:00", "actor_id": 7,
+               "actor_label": "alice", "action": "demo", "object_type": "auditcase", "object_id": "1",
+               "organisation_id": 1, "case_id": 1, "payload": payload,
+               "payload_hash": sha256_hex(payload.encode()), "prev_hash": prev}
+        row["row_hash"] = audit_log.row_hash_of(row)
+        rows.append(row)
+        prev = row["row_hash"]
+    return rows
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(n=st.integers(3, 12), data=st.data())
+def test_it_detects_and_locates_any_single_tampering(n, data):
+    rows = _chain(n)
+    assert audit_log.verify_rows(rows, head_seq=n, head_hash=rows[-1]["row_hash"]) == []
+    k = data.draw(st.integers(0, n - 1), label="row")
+    op = data.draw(st.sampled_from(["payload", "column", "delete", "swap", "append", "truncate"]), label="op")
+    head_seq, head_hash = n, rows[-1]["row_hash"]
+    if op == "payload":
+        rows[k]["payload"] = '{"i":-1}'
+        expected = {rows[k]["seq"]}
+    elif op == "column":
+        rows[k]["actor_label"] = "mallory"
+        expected = {rows[k]["seq"]}
+    elif op == "delete":
+        deleted = rows.pop(k)
+        expected = {deleted["seq"] + 1} if k < n - 1 else {None}
+    elif op == "swap":
+        k = min(k, n - 2)
+        rows[k]["seq"], rows[k + 1]["seq"] = rows[k + 1]["seq"], rows[k]["seq"]
+        rows.sort(key=lambda r: r["seq"])
+        expected = {k + 1, k + 2}
+    elif op == "append":
+        forged = dict(rows[-1], id=n + 1, seq=n + 1, prev_hash=rows[-1]["row_hash"], actor_label="mallory")
+        forged["row_hash"] = audit_log.row_hash_of(forged)
+        rows.append(forged)
+        expected = {n + 1}
+    else:  # truncate the tail
+        rows = rows[:k + 1] if k < n - 1 else rows[:-1]
+        expected = {None}
+    problems = audit_log.verify_rows(rows, head_seq=head_seq, head_hash=head_hash)
+    assert problems, op
+    assert {p.seq for p in problems} & expected, (op, k, [str(p) for p in problems])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from django.contrib.auth.models import Group
+from django.db import connection
 
-from governance import workflow
+from governance import audit_log, workflow
 from governance.models import AuditCase, AuditEvent, ProbeRun, Signoff
 from tests.conftest import finish_run_with_evidence
 
@@ -242,3 +245,31 @@ def test_it_offers_each_actor_only_their_transitions(case_with_evidence, rita, a
     assert workflow.available_transitions(case_with_evidence, alice) == []
     assert workflow.available_transitions(case_with_evidence, audrey) == []
     assert set(workflow.available_transitions(case_with_evidence, ada)) == {S.IN_REVIEW, S.RUNNING}
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="needs concurrent connections (PostgreSQL)")
+@pytest.mark.django_db(transaction=True)
+def test_it_approves_exactly_once_when_reviewers_sign_off_at_the_same_moment(case_with_evidence, rita, rob):
+    workflow.start_review(case_with_evidence, by=rita)
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def approve(reviewer):
+        try:
+            barrier.wait()
+            workflow.sign_off(AuditCase.objects.get(pk=case_with_evidence.pk), reviewer, "approve")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=approve, args=(r,)) for r in (rita, rob)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    case_with_evidence.refresh_from_db()
+    assert case_with_evidence.state == S.APPROVED
+    assert AuditEvent.objects.filter(case=case_with_evidence, action="case.approved").count() == 1
+    assert audit_log.verify() == []
