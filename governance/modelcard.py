@@ -71,11 +71,29 @@ def _normalise(heading: str) -> str:
     return re.sub(r"\s+", " ", heading.rstrip(":").strip())
 
 
+def _refuse_yaml_aliases(front_matter: str) -> None:
+    # Anchors and aliases let a few hundred bytes expand into gigabytes once the metadata is turned
+    # into JSON ("billion laughs"); model cards have no need for them.
+    try:
+        for event in yaml.parse(front_matter, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise ModelCardError("the model card's YAML metadata uses aliases (*name); write the values out")
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelCardError(f"the model card's YAML metadata is not valid YAML: {first}") from None
+
+
 def _split_front_matter(text: str) -> tuple[dict[str, Any], str]:
     from huggingface_hub import ModelCard
 
-    if not text.lstrip("\ufeff").startswith("---"):
+    text = text.lstrip("\ufeff")
+    if not text.startswith("---"):
         return {}, text
+    lines = text.splitlines()
+    closing = next((i for i, line in enumerate(lines[1:], start=1) if line.rstrip() == "---"), None)
+    if lines[0].rstrip() != "---" or closing is None:
+        raise ModelCardError("the model card opens a YAML metadata block with '---' but never closes it")
+    _refuse_yaml_aliases("\n".join(lines[1:closing]))
     try:
         card = ModelCard(text, ignore_metadata_errors=False)
     except yaml.YAMLError as exc:
@@ -181,8 +199,13 @@ def export_card(version: ModelVersion) -> str:
     from huggingface_hub import ModelCardData
 
     metadata = {k: v for k, v in (version.card_metadata or {}).items() if k != LOUPE_KEY}
-    data = ModelCardData(**metadata, **{LOUPE_KEY: loupe_block(version)})
-    parts = [f"---\n{data.to_yaml()}\n---", f"# Model Card for {version.ai_model.name} {version.version}"]
+    try:
+        front_matter = ModelCardData(**metadata, **{LOUPE_KEY: loupe_block(version)}).to_yaml()
+    except (TypeError, ValueError, KeyError):
+        # Metadata that huggingface_hub's card data rejects (e.g. odd model-index) is still written out.
+        front_matter = yaml.safe_dump({**metadata, LOUPE_KEY: loupe_block(version)}, sort_keys=False,
+                                      allow_unicode=True).rstrip("\n")
+    parts = [f"---\n{front_matter}\n---", f"# Model Card for {version.ai_model.name} {version.version}"]
     for name in ModelVersion.CARD_FIELDS:
         text = (getattr(version, name) or "").strip()
         if text:

@@ -136,6 +136,9 @@ def test_it_reads_a_card_without_metadata():
     (b"---\nlicense: mit\n---\n\xff\xfe", "not UTF-8"),
     ("# x\n\x00", "NUL bytes"),
     ("x" * (modelcard.MAX_CARD_BYTES + 1), "larger than"),
+    ("---\nlicense: mit\n# Model\n", "never closes it"),
+    ("---\n- a list\n---\n# x\n", "should be a dict"),
+    ("---\na: &a [1, 2]\nb: [*a, *a, *a]\n---\n# x\n", "uses aliases"),
 ])
 def test_it_refuses_cards_it_cannot_read(text, message):
     with pytest.raises(modelcard.ModelCardError, match=message):
