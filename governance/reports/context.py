@@ -15,6 +15,7 @@ import datetime as dt
 import importlib.metadata
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,12 @@ from governance.reports.url_fetcher import artifact_url
 
 # Free text longer than this is cut in the PDF (the full text stays in the manifest and the export bundle);
 # it keeps a hostile or careless 10 MB model card from turning a report into thousands of pages.
-MAX_TEXT_CHARS = 20_000
+MAX_TEXT_CHARS = 8_000
+MAX_COMMENT_CHARS = 2_000
+# Unbroken runs longer than this get zero-width break opportunities: WeasyPrint's line breaking is
+# quadratic in the length of a single word (we measured minutes for a 20 000-character word).
+MAX_WORD_CHARS = 60
+_LONG_WORD = re.compile(r"\S{%d,}" % (MAX_WORD_CHARS + 1))
 MAX_METRIC_ROWS = 80
 MAX_TABLE_ROWS = 40
 
@@ -99,11 +105,13 @@ LIBRARIES = ("loupe", "django", "weasyprint", "pydyf", "pyhanko", "matplotlib", 
              "scipy")
 
 
-def truncate(text: Any) -> str:
+def truncate(text: Any, limit: int = MAX_TEXT_CHARS) -> str:
+    """User text as the PDF shows it: cut at ``limit`` characters, long words made breakable."""
     text = "" if text is None else str(text)
-    if len(text) > MAX_TEXT_CHARS:
-        return text[:MAX_TEXT_CHARS] + f" [... {len(text) - MAX_TEXT_CHARS} more characters in the manifest]"
-    return text
+    if len(text) > limit:
+        text = text[:limit] + f" [... {len(text) - limit} more characters in the manifest]"
+    return _LONG_WORD.sub(lambda m: "\u200b".join(m.group(0)[i:i + MAX_WORD_CHARS]
+                                                  for i in range(0, len(m.group(0)), MAX_WORD_CHARS)), text)
 
 
 def fmt(value: Any) -> str:
@@ -306,7 +314,7 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
     for e in evidence:
         for f in e["findings"]:
             findings.append({"severity": f.get("severity", "info"), "title": truncate(f.get("title"))[:500],
-                             "detail": truncate(f.get("detail")), "kind": e["kind"], "evidence": e["id"]})
+                             "detail": truncate(f.get("detail"), MAX_COMMENT_CHARS), "kind": e["kind"], "evidence": e["id"]})
     findings.sort(key=lambda f: (SEVERITY_ORDER.get(f["severity"], 9), f["evidence"] or 0))
     flags = [f for f in findings if f["kind"] in ("shortcut", "tcav") and f["severity"] in ("high", "medium")]
     as_of = dt.datetime.fromisoformat(manifest["as_of"])
@@ -327,7 +335,7 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
         "model_info": {k: truncate(v) for k, v in (manifest.get("model_info") or {}).items()},
         "sections": sections, "section_by_key": {s["key"]: s for s in sections},
         "evidence": evidence, "findings": findings, "flags": flags, "decision": decision(manifest),
-        "signoffs": [{**s, "comment": truncate(s.get("comment"))} for s in manifest.get("signoffs", [])],
+        "signoffs": [{**s, "comment": truncate(s.get("comment"), MAX_COMMENT_CHARS)} for s in manifest.get("signoffs", [])],
         "test_log": test_log, "limitations": limitations(manifest.get("evidence", []), present),
         "artifacts": artifacts, "model_files": sorted((manifest["model"].get("files") or {}).items()),
         "libraries": library_versions(), "glossary": GLOSSARY,
