@@ -71,20 +71,26 @@ def resolve_dataset(reference: str | None) -> str | None:
     """Turn a plan's ``dataset`` into a local directory.
 
     ``None``/empty: the probe kind's own default. ``zoo:<split>`` (e.g. ``zoo:heldout``): a split of the
-    synthetic reference world, generated deterministically. ``zoo-concepts:<name>``: a concept
-    bundle of the zoo. Anything else must be a directory below ``LOUPE_DATASET_ROOTS``: a plan is user
-    input, and a worker must not be pointed at arbitrary server paths.
+    synthetic reference world, generated deterministically; ``zoo:shortcut-concepts``: the watermark
+    and random concept folders of the shortcut zoo. Anything else must be a directory below
+    ``LOUPE_DATASET_ROOTS``: a plan is user input, and a worker must not be pointed at arbitrary
+    server paths.
     """
     if not reference:
         return None
+    if reference == "zoo:shortcut-concepts":
+        from workers.probes.zoo import shortcut
+
+        return str(shortcut.probe_data() / "concepts")
     if reference.startswith("zoo:"):
         from workers.probes import zoo
 
-        return str(zoo.dataset_dir(reference.removeprefix("zoo:")))
-    if reference.startswith("zoo-concepts:"):
-        from workers.probes.zoo import shortcut
+        from workers.probes.errors import ProbeInputError
 
-        return str(shortcut.concepts_dir(reference.removeprefix("zoo-concepts:")))
+        try:
+            return str(zoo.dataset_dir(reference.removeprefix("zoo:")))
+        except ProbeInputError as exc:
+            raise PipelineError(str(exc)) from exc
     path = Path(reference).resolve()
     if not any(path.is_relative_to(root) for root in dataset_roots()):
         raise PipelineError(f"dataset {reference!r} is not below an allowed dataset root "
