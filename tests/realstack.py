@@ -3,7 +3,7 @@
 The default test run uses SQLite and executes tasks in-process (eagerly). With ``LOUPE_REAL_STACK=1``
 and ``DATABASE_URL=postgres://...``, ``CELERY_BROKER_URL=redis://...`` the same suite runs on
 PostgreSQL, and tests that ask for the ``celery_worker`` fixture talk to a real
-``celery -A workers.celery worker -Q gpu,cpu -c 1 --pool=prefork`` subprocess through Redis.
+``celery -A workers.celery worker -Q gpu,cpu,reports -c 1 --pool=prefork`` subprocess through Redis.
 
 How the worker sees the test's rows: pytest-django creates the test database ``test_<name>``; the
 worker is started *after* that, with ``DATABASE_URL`` pointing at it and ``LOUPE_STORAGE_ROOT`` at the
@@ -98,7 +98,7 @@ def _children(pid: int) -> list[int]:
 class WorkerProcess:
     """One ``celery worker`` subprocess in its own process group."""
 
-    def __init__(self, env: dict[str, str], *, queues: str = "gpu,cpu", concurrency: int = 1,
+    def __init__(self, env: dict[str, str], *, queues: str = "gpu,cpu,reports", concurrency: int = 1,
                  log_dir: Path, extra_args: list[str] | None = None) -> None:
         number = next(_worker_numbers)
         self.hostname = f"loupe-test-{os.getpid()}-{number}@{socket.gethostname()}"

@@ -6,11 +6,12 @@ limits, broker visibility timeout). This module only builds the app and routes t
 
 - ``gpu``: probe tasks (anything whose name starts with ``workers.tasks.probe`` or
   ``workers.tasks.run_probe``), which need the accelerator;
-- ``cpu``: everything else (manifests, aggregation, reports).
+- ``reports``: PDF report rendering;
+- ``cpu``: everything else (manifests, aggregation).
 
 Start a worker that serves both queues with::
 
-    celery -A workers.celery worker -Q gpu,cpu -c 1 --pool=prefork
+    celery -A workers.celery worker -Q gpu,cpu,reports -c 1 --pool=prefork
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "governance.settings")
 
 GPU_QUEUE = "gpu"
 CPU_QUEUE = "cpu"
+REPORTS_QUEUE = "reports"
 # Task-name prefixes that go to GPU workers. A probe task is named after what it runs, so the
 # convention lives in the name instead of a hand-kept list that drifts.
 GPU_TASK_PREFIXES = ("workers.tasks.probe", "workers.tasks.run_probe")
@@ -33,6 +35,9 @@ def route_task(name: str, args: Any, kwargs: Any, options: dict[str, Any], task:
     """Celery router (referenced from ``CELERY_TASK_ROUTES``): probe tasks to ``gpu``, others to ``cpu``."""
     if name.startswith(GPU_TASK_PREFIXES):
         return {"queue": GPU_QUEUE}
+    if name.startswith("workers.tasks.render_report"):
+        # PDF rendering is CPU-bound and bursty; its own queue keeps it from delaying manifests.
+        return {"queue": REPORTS_QUEUE}
     return {"queue": CPU_QUEUE}
 
 

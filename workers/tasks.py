@@ -214,3 +214,19 @@ def aggregate_case(case_id: int) -> str:
     from governance import pipeline
 
     return pipeline.aggregate_case(case_id)
+
+
+@shared_task(name="workers.tasks.render_report", autoretry_for=TRANSIENT_ERRORS, retry_backoff=True, max_retries=3)
+def render_report(case_id: int, author_id: int) -> int:
+    """Issue the next report version of a case (queue ``reports``); returns the report's id.
+
+    Not idempotent by nature (each call issues a version), so it is only enqueued by explicit requests.
+    """
+    from django.contrib.auth import get_user_model
+
+    from governance.models import AuditCase
+    from governance.reports import generate_report
+
+    case = AuditCase.objects.get(pk=case_id)
+    author = get_user_model().objects.get(pk=author_id)
+    return generate_report(case, author=author).pk
