@@ -23,7 +23,11 @@ from governance.reports import generate_report, render_case
 from governance.reports.context import SECTIONS
 from governance.reports.manifest import ATTACHMENT_NAME, extract_from_pdf, manifest_sha256
 from tests.conftest import TEST_KIND, _user
-from tests.report_fixtures import ALL_KINDS, add_evidence, populate
+from tests.report_fixtures import ALL_KINDS, populate
+
+# Every test touches the database; the mark also makes pytest-django create the test database
+# before the module-scoped fixtures below use it (without it they would hit the real one).
+pytestmark = pytest.mark.django_db
 
 
 def _acme_case(kinds, *, approve=True, comment=None, card=None):
