@@ -307,6 +307,37 @@ class ModelVersion(models.Model):
     def __str__(self) -> str:
         return f"{self.ai_model} {self.version}"
 
+    # What a reviewer judged: frozen while a case of this version is being audited or was decided.
+    ARTIFACT_FIELDS = ("source", "archive", "server_path", "hub_id", "hub_revision", "manifest", "manifest_hash")
+    FROZEN_FIELDS = ARTIFACT_FIELDS + CARD_FIELDS + ("card_metadata",)
+
+    @classmethod
+    def from_db(cls, db, field_names, values):
+        instance = super().from_db(db, field_names, values)
+        instance._loaded_frozen = {name: instance._frozen_value(name) for name in cls.FROZEN_FIELDS
+                                   if name in instance.__dict__}
+        return instance
+
+    def _frozen_value(self, name: str) -> Any:
+        value = self.__dict__.get(name)
+        return value.name if name == "archive" and value is not None and hasattr(value, "name") else value
+
+    def save(self, *args, **kwargs):
+        loaded = getattr(self, "_loaded_frozen", None)
+        if not self._state.adding and loaded:
+            changed = [name for name, value in loaded.items() if self._frozen_value(name) != value]
+            if not loaded.get("manifest_hash"):
+                # The first manifest (computed by a worker after upload) is not a change.
+                changed = [name for name in changed if name not in ("manifest", "manifest_hash")]
+            if changed:
+                busy = self.cases.filter(state__in=AuditCase.AUDITED_STATES).values_list("pk", flat=True).first()
+                if busy is not None:
+                    raise ImmutableError(
+                        f"Model version {self} is under audit in case #{busy}; {', '.join(changed)} cannot change. "
+                        "Register a new version instead.")
+        super().save(*args, **kwargs)
+        self._loaded_frozen = {name: self._frozen_value(name) for name in self.FROZEN_FIELDS}
+
     def clean(self) -> None:
         super().clean()
         if self.source == self.Source.PATH and self.server_path:
@@ -408,6 +439,9 @@ class AuditCase(models.Model):
 
     # The submitter may edit title, scope, plan and settings only while the case is in these states.
     EDITABLE_STATES = (State.DRAFT, State.CHANGES_REQUESTED)
+    # While a case is in one of these states, its model version's artifact and card are frozen.
+    AUDITED_STATES = (State.SUBMITTED, State.RUNNING, State.EVIDENCE_READY, State.IN_REVIEW, State.APPROVED,
+                      State.REJECTED)
 
     model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="cases")
     title = models.CharField(max_length=200)

@@ -131,8 +131,11 @@ def evidence_digest(evidence: Evidence) -> str:
 
 
 def case_digest(case: AuditCase) -> str:
-    """SHA-256 of the case as a reviewer judges it: model fingerprint, plan and every run's outcome
-    with its evidence digest. Any change to evidence, runs or the plan changes it."""
+    """SHA-256 of the case as a reviewer judges it: the model's declared purpose and risk category, its
+    model card and fingerprint, the plan and every run's outcome with its evidence digest. Any change
+    to one of them changes the digest, so earlier approvals no longer count. Computed from the
+    database, never from a possibly stale instance."""
+    case = AuditCase.objects.select_related("model_version__ai_model").get(pk=case.pk)
     version = case.model_version
     runs = (ProbeRun.objects.filter(case_id=case.pk).order_by("pk")
             .select_related("evidence").prefetch_related("evidence__artifacts"))
@@ -141,9 +144,13 @@ def case_digest(case: AuditCase) -> str:
         evidence = getattr(run, "evidence", None) if hasattr(run, "evidence") else None
         run_entries.append({"run": run.pk, "kind": run.kind, "status": run.status,
                             "evidence": evidence_digest(evidence) if evidence is not None else None})
+    model = version.ai_model
     return digest({
         "case": case.pk,
         "model_version": version.pk,
+        "model": {"intended_purpose": model.intended_purpose, "risk_category": model.risk_category,
+                  "high_risk_area": model.annex_iii_area, "modality": model.modality},
+        "model_card": {**version.card_dict(), "metadata": version.card_metadata},
         "model_manifest_hash": version.manifest_hash,
         "hub": [version.hub_id, version.hub_revision] if version.hub_id else None,
         "probe_plan": case.probe_plan,

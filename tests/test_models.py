@@ -238,3 +238,39 @@ def test_it_reports_the_most_severe_finding(draft_case):
         {"severity": "info", "title": "c"}])
     assert evidence.max_severity == "high"
     assert finish_run_with_evidence(draft_case)[1].max_severity == "low"
+
+
+def test_it_freezes_a_model_version_while_it_is_under_audit(draft_case, alice, rita):
+    version = ModelVersion.objects.get(pk=draft_case.model_version_id)
+    version.limitations = "Edited while still a draft."
+    version.save()  # nothing is under audit yet
+
+    workflow.submit(draft_case, by=alice)
+    version = ModelVersion.objects.get(pk=version.pk)
+    version.set_manifest({"config.json": "9" * 64})
+    with pytest.raises(ImmutableError, match=f"under audit in case #{draft_case.pk}; manifest, manifest_hash"):
+        version.save()
+    version = ModelVersion.objects.get(pk=version.pk)
+    version.limitations = "Quietly softened."
+    with pytest.raises(ImmutableError, match="limitations cannot change"):
+        version.save()
+    version = ModelVersion.objects.get(pk=version.pk)
+    version.architecture_detail = "clip (config)"
+    version.save()  # detection details are not what reviewers sign
+
+
+def test_it_accepts_the_first_manifest_of_a_version_under_audit(draft_case, alice):
+    version = ModelVersion.objects.get(pk=draft_case.model_version_id)
+    ModelVersion.objects.filter(pk=version.pk).update(manifest={}, manifest_hash="")
+    workflow.submit(draft_case, by=alice)
+    version = ModelVersion.objects.get(pk=version.pk)
+    version.set_manifest({"config.json": "9" * 64})
+    version.save()  # a worker computing the manifest after upload
+
+
+def test_it_makes_approvals_stale_when_the_declared_purpose_changes(case_with_evidence, rita, rob):
+    workflow.sign_off(case_with_evidence, rita, "approve")
+    AIModel.objects.filter(pk=case_with_evidence.model_version.ai_model_id).update(
+        intended_purpose="Screening job applicants.")
+    workflow.sign_off(case_with_evidence, rob, "approve")
+    assert workflow.review_status(case_with_evidence).stale_approvals == ["rita"]
