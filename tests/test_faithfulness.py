@@ -122,6 +122,12 @@ class ObjectScorer:
         self.calls.append(len(pixel_values))
         return (pixel_values.mean(dim=1) * self.region).sum(dim=(1, 2)) / self.region.sum()
 
+    def score_matrix(self, pixel_values: torch.Tensor, prompts) -> torch.Tensor:
+        """"an object" scores 10x the object's brightness, any other prompt 0."""
+        self.calls.append(len(pixel_values))
+        brightness = (pixel_values.mean(dim=1) * self.region).sum(dim=(1, 2)) / self.region.sum()
+        return torch.stack([brightness * 10 if p == "an object" else torch.zeros_like(brightness) for p in prompts], 1)
+
 
 OBJECT = [(1, 1), (1, 2), (2, 1)]
 
@@ -167,6 +173,20 @@ def test_it_normalises_each_curve_from_the_original_to_the_baseline():
     assert result.deletion_curve[0, -1].item() == pytest.approx(0.0)  # everything replaced by the mean (0)
     assert result.insertion_curve[0, 0].item() == pytest.approx(0.0)
     assert result.fractions[0] == 0 and result.fractions[-1] == 1
+
+
+def test_it_uses_the_zero_shot_probability_when_there_are_other_prompts():
+    scorer = ObjectScorer(OBJECT)
+    candidates = faithfulness.candidate_prompts(["an object", "a wall", "an object"])
+    assert candidates == ["an object", "a wall"]
+    perfect = curves_for(object_map()[None], scorer, steps=16, candidates=candidates)
+    worst = curves_for(-object_map()[None], scorer, steps=16, candidates=candidates)
+    assert perfect.score == "probability"
+    assert perfect.deletion_curve[0, 0].item() == pytest.approx(1 / (1 + math.exp(-10)))  # softmax of [10, 0]
+    assert perfect.deletion_curve[0, -1].item() == pytest.approx(0.5)  # the blank image: no preference
+    assert perfect.deletion_auc.item() < worst.deletion_auc.item() - 0.3
+    assert perfect.insertion_auc.item() > worst.insertion_auc.item() + 0.3
+    assert faithfulness.candidate_prompts(["only one prompt"] * 3) is None
 
 
 def test_it_scores_many_masked_copies_per_forward_pass():

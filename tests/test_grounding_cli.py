@@ -212,3 +212,21 @@ def test_it_refuses_unknown_probe_parameters(models, shapes):
         suite.run("grounding", str(models["clip"]), str(shapes), {"methods": ["chefer"], "batchsize": 4})
     with pytest.raises(ProbeInputError, match="batch_size"):
         suite.run("sanity", str(models["clip"]), str(shapes), {"batch_size": 0})
+
+
+def test_it_leaves_a_cached_model_exactly_as_it_was_after_the_randomisation_test(models, shapes):
+    """A worker keeps loaded models cached between probes: the sanity check must give the trained
+    weights back and forget everything computed from the randomised ones (cached text embeddings)."""
+    import torch
+
+    from workers.probes import suite
+
+    adapter = suite.load_model(str(models["clip"]), "cpu")
+    pixels = torch.zeros(1, 3, adapter.image_size, adapter.image_size)
+    before = adapter.score(pixels, ["a red circle"]).item()
+    suite.set_model_loader(lambda model_dir, device: adapter)
+    try:
+        suite.run("sanity", str(models["clip"]), str(shapes), {"method": "chefer", "limit": 2})
+    finally:
+        suite.set_model_loader(None)
+    assert adapter.score(pixels, ["a red circle"]).item() == before

@@ -15,10 +15,22 @@ Two families:
 *Perturbation* through the model (Petsiuk et al., RISE, 2018), at patch granularity:
 
 - **Deletion**: replace patches with a baseline in order of decreasing relevance; **insertion**:
-  reveal them on the baseline in the same order. The score curve is normalised per example so the
-  baseline image scores 0 and the original image 1, and the area under it over the fraction of
-  patches changed is the AUC. Faithful maps give a *low* deletion AUC and a *high* insertion AUC
-  compared to a random order of the same patches (the baseline reported beside them).
+  reveal them on the baseline in the same order. The AUC is the area under the score curve over
+  the share of patches changed (0..1). Faithful maps give a *low* deletion AUC and a *high*
+  insertion AUC compared to a random order of the same patches (the baseline reported beside them).
+
+  The score on the curve is normalised to [0, 1] in one of two ways:
+
+  - ``probability`` (used whenever the dataset has 2 or more distinct prompts): the zero-shot
+    probability of the example's prompt among the dataset's distinct prompts (softmax over the
+    model's logit-scaled scores), the dual-encoder analogue of RISE's class probability.
+  - ``normalised_score`` (a single-prompt dataset, where a softmax is always 1): the raw score
+    rescaled per example so the all-baseline image scores 0 and the original 1, clipped to [0, 1].
+    Where the original does not score above the baseline the curve carries no signal and the
+    example is left out of the means (``n_curves`` counts those kept).
+
+  Raw logit-scaled similarities are not used directly: their offsets and scales differ between
+  models, and dividing by a small original-vs-baseline gap lets a few examples dominate the mean.
 
 All functions are plain tensor code; only ``perturbation_scores`` calls the model.
 """
@@ -39,6 +51,9 @@ REFERENCE_SIZE_PX = 224.0
 # photo gives the same hit/miss at 1024 px (boxes and tolerance are scaled with it) for 1/30 of the memory.
 MAX_SCORING_SIDE = 1024
 BASELINES = ("mean", "blur")
+# Above this many distinct prompts the softmax over all of them stops being a meaningful zero-shot
+# probability (and costs a text embedding per prompt): such datasets use ``normalised_score``.
+MAX_CANDIDATE_PROMPTS = 1024
 
 Box = Sequence[float]
 
@@ -182,13 +197,22 @@ def baseline_image(pixel_values: torch.Tensor, kind: str = "mean", patch_size: i
     raise ValueError(f"baseline must be one of {BASELINES}, got {kind!r}")
 
 
+def candidate_prompts(prompts: Sequence[str]) -> list[str] | None:
+    """The label set for ``probability`` curves: the distinct prompts, or ``None`` when there are
+    fewer than 2 or more than ``MAX_CANDIDATE_PROMPTS``."""
+    distinct = list(dict.fromkeys(prompts))
+    return distinct if 2 <= len(distinct) <= MAX_CANDIDATE_PROMPTS else None
+
+
 @torch.no_grad()
 def perturbation_scores(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], masks: torch.Tensor, *,
-                        baseline: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+                        baseline: torch.Tensor, batch_size: int = 64,
+                        candidates: Sequence[str] | None = None) -> torch.Tensor:
     """Score masked copies through the model, many copies per forward pass.
 
     ``pixel_values [B, 3, S, S]``, ``masks [B, K, gh, gw]`` (1 = original patch, 0 = baseline),
-    ``baseline [B, 3, S, S]`` -> ``[B, K]`` scores of image b's copy k with prompt b.
+    ``baseline [B, 3, S, S]`` -> ``[B, K]``: the score of image b's copy k with prompt b, or with
+    ``candidates`` the softmax probability of prompt b among them (every prompt must be one).
     """
     batch, copies = masks.shape[:2]
     size = pixel_values.shape[-2:]
@@ -196,22 +220,25 @@ def perturbation_scores(adapter, pixel_values: torch.Tensor, prompts: Sequence[s
     scores = torch.empty(batch * copies)
     flat_masks = masks.reshape(batch * copies, 1, *masks.shape[2:])
     owner = torch.arange(batch).repeat_interleave(copies)
+    if candidates is not None:
+        column = {prompt: i for i, prompt in enumerate(candidates)}
+        target = torch.tensor([column[p] for p in prompts])
     for start in range(0, batch * copies, batch_size):
         idx = owner[start:start + batch_size]
         mask = F.interpolate(flat_masks[start:start + batch_size].to(device), size=size, mode="nearest")
         images = pixel_values[idx.to(device)] * mask + baseline[idx.to(device)] * (1 - mask)
-        chunk_prompts = [prompts[i] for i in idx.tolist()]
-        scores[start:start + len(idx)] = adapter.score(images, chunk_prompts).float().cpu()
+        if candidates is None:
+            chunk = adapter.score(images, [prompts[i] for i in idx.tolist()]).float().cpu()
+        else:
+            probabilities = adapter.score_matrix(images, list(candidates)).float().softmax(dim=1).cpu()
+            chunk = probabilities.gather(1, target[idx][:, None])[:, 0]
+        scores[start:start + len(idx)] = chunk
     return scores.view(batch, copies)
 
 
-def normalised_auc(scores: torch.Tensor, counts: torch.Tensor, mode: str) -> torch.Tensor:
-    """``scores [B, K]`` along ``counts [K]`` -> ``[B]`` area under the normalised curve.
-
-    The curve is rescaled so the fully-baseline image scores 0 and the original image 1. Where the
-    original does not score above the baseline the curve carries no signal: the AUC is NaN there
-    (excluded from means and counted by the caller).
-    """
+def endpoint_normalise(scores: torch.Tensor, mode: str) -> torch.Tensor:
+    """``[B, K]`` raw scores -> curves rescaled so the all-baseline image is 0 and the original 1,
+    clipped to [0, 1]; rows where the original does not beat the baseline become NaN."""
     if mode == "deletion":
         full, empty = scores[:, 0], scores[:, -1]
     elif mode == "insertion":
@@ -220,37 +247,47 @@ def normalised_auc(scores: torch.Tensor, counts: torch.Tensor, mode: str) -> tor
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     gap = full - empty
     valid = gap > 1e-6 * torch.clamp(full.abs(), min=1.0)
-    curve = (scores - empty[:, None]) / torch.where(valid, gap, torch.ones_like(gap))[:, None]
-    x = counts.float() / counts[-1].float()
-    auc = torch.trapezoid(curve, x, dim=1)
-    return torch.where(valid, auc, torch.full_like(auc, float("nan")))
+    curve = ((scores - empty[:, None]) / torch.where(valid, gap, torch.ones_like(gap))[:, None]).clamp(0.0, 1.0)
+    return torch.where(valid[:, None], curve, torch.full_like(curve, float("nan")))
+
+
+def curve_auc(curves: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
+    """``[B, K]`` curves over ``fractions [K]`` (0..1) -> ``[B]`` trapezoidal area (NaN rows stay NaN)."""
+    return torch.trapezoid(curves, fractions.to(curves.dtype), dim=1)
 
 
 @dataclass
 class PerturbationResult:
     deletion_auc: torch.Tensor  # [B], NaN where the curve carries no signal
     insertion_auc: torch.Tensor  # [B]
-    deletion_curve: torch.Tensor  # [B, K] raw scores
+    deletion_curve: torch.Tensor  # [B, K] the curve integrated (probabilities or normalised scores)
     insertion_curve: torch.Tensor  # [B, K]
     fractions: torch.Tensor  # [K] share of patches changed
+    score: str  # "probability" or "normalised_score"
 
 
 def deletion_insertion(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], order: torch.Tensor, *,
                        grid: tuple[int, int], steps: int = 32, baseline: str = "mean", patch_size: int = 16,
-                       batch_size: int = 64) -> PerturbationResult:
-    """Deletion and insertion AUCs for patch ``order [B, gh*gw]`` (most relevant first)."""
+                       batch_size: int = 64, candidates: Sequence[str] | None = None) -> PerturbationResult:
+    """Deletion and insertion AUCs for patch ``order [B, gh*gw]`` (most relevant first).
+
+    With ``candidates`` (see ``candidate_prompts``) the curves are zero-shot probabilities,
+    otherwise endpoint-normalised scores (see the module docstring)."""
     n_patches = grid[0] * grid[1]
     if order.shape[1] != n_patches:
         raise ValueError(f"order covers {order.shape[1]} patches, the grid has {n_patches}")
     counts = step_counts(n_patches, steps)
+    fractions = counts.float() / n_patches
     base = baseline_image(pixel_values, baseline, patch_size)
     masks = torch.cat([keep_masks(order, counts, "deletion"), keep_masks(order, counts, "insertion")], dim=1)
     scores = perturbation_scores(adapter, pixel_values, prompts, masks.view(*masks.shape[:2], *grid),
-                                 baseline=base, batch_size=batch_size)
+                                 baseline=base, batch_size=batch_size, candidates=candidates)
     k = len(counts)
     deletion, insertion = scores[:, :k], scores[:, k:]
-    return PerturbationResult(normalised_auc(deletion, counts, "deletion"), normalised_auc(insertion, counts, "insertion"),
-                              deletion, insertion, counts.float() / n_patches)
+    if candidates is None:
+        deletion, insertion = endpoint_normalise(deletion, "deletion"), endpoint_normalise(insertion, "insertion")
+    return PerturbationResult(curve_auc(deletion, fractions), curve_auc(insertion, fractions), deletion, insertion,
+                              fractions, "normalised_score" if candidates is None else "probability")
 
 
 def nanmean(values: Sequence[float] | torch.Tensor) -> float | None:

@@ -163,13 +163,8 @@ class _Tally:
         return cls([], [], [], [], [], [])
 
 
-def _normalised_rows(curve: torch.Tensor, auc: torch.Tensor, mode: str) -> list[np.ndarray]:
-    if mode == "deletion":
-        full, empty = curve[:, :1], curve[:, -1:]
-    else:
-        full, empty = curve[:, -1:], curve[:, :1]
-    rows = ((curve - empty) / (full - empty).where(torch.isfinite(auc)[:, None], torch.ones(1))).numpy()
-    return [row for row, ok in zip(rows, torch.isfinite(auc).tolist()) if ok]
+def _finite_rows(curve: torch.Tensor, auc: torch.Tensor) -> list[np.ndarray]:
+    return [row for row, ok in zip(curve.numpy(), torch.isfinite(auc).tolist()) if ok]
 
 
 GROUNDING_PARAMS = {"methods", "limit", "batch_size", "format", "steps", "baseline", "seed", "prompt_template",
@@ -190,6 +185,8 @@ def evaluate_methods(adapter, dataset: GroundingDataset, methods: Sequence[str],
     chance_energy: list[float] = []
     examples_for_figure: dict[str, Any] = {"images": [], "boxes": [], "prompts": [], "maps": {m: [] for m in methods}}
     fractions = None
+    candidates = faithfulness.candidate_prompts([example.prompt for example in dataset])
+    curve_score = "normalised_score" if candidates is None else "probability"
     n_batches = max(1, math.ceil(len(dataset) / batch_size))
     patch_size = getattr(adapter, "patch_size", 16)
     for b, batch in enumerate(batches(adapter, dataset, batch_size)):
@@ -220,12 +217,12 @@ def evaluate_methods(adapter, dataset: GroundingDataset, methods: Sequence[str],
             curves = faithfulness.deletion_insertion(adapter, batch.pixel_values, batch.prompts,
                                                      faithfulness.patch_order(maps), grid=adapter.grid, steps=steps,
                                                      baseline=baseline, patch_size=patch_size,
-                                                     batch_size=score_batch_size)
+                                                     batch_size=score_batch_size, candidates=candidates)
             fractions = curves.fractions
             tally.deletion += curves.deletion_auc.tolist()
             tally.insertion += curves.insertion_auc.tolist()
-            tally.deletion_curves += _normalised_rows(curves.deletion_curve, curves.deletion_auc, "deletion")
-            tally.insertion_curves += _normalised_rows(curves.insertion_curve, curves.insertion_auc, "insertion")
+            tally.deletion_curves += _finite_rows(curves.deletion_curve, curves.deletion_auc)
+            tally.insertion_curves += _finite_rows(curves.insertion_curve, curves.insertion_auc)
             tally.seconds += time.perf_counter() - started
             if name != RANDOM:
                 keep = max(0, figure_examples - len(examples_for_figure["maps"][name]))
@@ -260,8 +257,9 @@ def evaluate_methods(adapter, dataset: GroundingDataset, methods: Sequence[str],
             })
         entry.update(baseline_keys)
         entry["n_curves"] = int(np.isfinite(np.asarray(tally.deletion, dtype=float)).sum())
+        entry["curve_score"] = curve_score
         results.append(entry)
-    extras = {"figure_examples": examples_for_figure, "fractions": fractions,
+    extras = {"figure_examples": examples_for_figure, "fractions": fractions, "curve_score": curve_score,
               "mean_curves": {name: (np.mean(t.deletion_curves, axis=0) if t.deletion_curves else None,
                                      np.mean(t.insertion_curves, axis=0) if t.insertion_curves else None)
                               for name, t in tallies.items()}}
@@ -278,7 +276,8 @@ def _curve_figures(extras: dict[str, Any]) -> dict[str, Any]:
                   if pair[index] is not None}
         if curves:
             out[f"{mode}_curves"] = figures.perturbation_curves(
-                curves, title=f"{mode.capitalize()} (mean over examples)")
+                curves, title=f"{mode.capitalize()} (mean over examples)",
+                ylabel="prompt probability" if extras["curve_score"] == "probability" else "normalised score")
     return out
 
 
@@ -398,9 +397,10 @@ def sanity_probe(model_dir: str, dataset_dir: str | None, params: dict[str, Any]
     cascade: list[dict[str, Any]] = []
     last_maps = trained
     randomised_scalars = 0
-    with sanity.randomised(adapter.model):
+    with sanity.randomised(adapter.model, on_change=lambda: sanity.forget_cached_outputs(adapter)):
         for step, (stage, scalars) in enumerate(sanity.cascade(adapter.model, seed=seed), start=1):
             progress(step / total_steps, f"randomised {stage.name}")
+            sanity.forget_cached_outputs(adapter)  # e.g. text embeddings of the trained text tower
             randomised_scalars += scalars
             last_maps = _explain_dataset(adapter, dataset, method, batch_size=batch_size, params=method_params,
                                          seed=seed)

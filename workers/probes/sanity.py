@@ -19,7 +19,7 @@ The model is restored exactly afterwards (``randomised`` is a context manager).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -87,9 +87,26 @@ def randomise_(model: torch.nn.Module, names: set[str] | tuple[str, ...], genera
     return changed
 
 
+def forget_cached_outputs(adapter) -> None:
+    """Drop whatever the adapter cached from the model's outputs (CLIP's adapter caches text
+    embeddings): after randomising, they belong to another model. Uses the adapter's public
+    ``clear_caches()`` where it has one."""
+    clear = getattr(adapter, "clear_caches", None)
+    if callable(clear):
+        clear()
+        return
+    cache = getattr(adapter, "_text_cache", None)
+    if isinstance(cache, dict):
+        cache.clear()
+
+
 @contextmanager
-def randomised(model: torch.nn.Module) -> Iterator[None]:
-    """Snapshot every parameter; restore them all on exit, whatever happened inside."""
+def randomised(model: torch.nn.Module, *, on_change: Callable[[], None] | None = None) -> Iterator[None]:
+    """Snapshot every parameter; restore them all on exit, whatever happened inside.
+
+    ``on_change`` runs after the restore (e.g. ``forget_cached_outputs``), so nothing computed from
+    the randomised weights outlives the check: a worker may keep this model cached for later probes.
+    """
     snapshot = {name: param.detach().clone() for name, param in model.named_parameters()}
     try:
         yield
@@ -97,6 +114,8 @@ def randomised(model: torch.nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for name, param in model.named_parameters():
                 param.copy_(snapshot[name])
+        if on_change is not None:
+            on_change()
 
 
 def cascade(model: torch.nn.Module, *, seed: int = 0) -> Iterator[tuple[Stage, int]]:
