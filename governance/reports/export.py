@@ -28,23 +28,9 @@ from governance.reports.versions import latest
 
 
 def _model_card(case: AuditCase) -> str:
-    try:
-        from governance import modelcard
-    except ImportError:  # pragma: no cover - the foundation ships governance.modelcard
-        modelcard = None
-    version = case.model_version
-    for name in ("export_model_card", "to_model_card", "export", "render_model_card", "to_readme"):
-        fn = getattr(modelcard, name, None) if modelcard else None
-        if callable(fn):
-            return fn(version)
-    # Fallback: the Hugging Face layout (YAML front matter, then one section per card field).
-    lines = ["---"]
-    for key, value in sorted((version.card_metadata or {}).items()):
-        lines.append(f"{key}: {json.dumps(value, ensure_ascii=False)}")
-    lines += ["---", "", f"# {version.ai_model.name} {version.version}", ""]
-    for field in version.CARD_FIELDS:
-        lines += [f"## {field.replace('_', ' ').capitalize()}", "", getattr(version, field) or "_Not stated._", ""]
-    return "\n".join(lines)
+    from governance.modelcard import export_card
+
+    return export_card(case.model_version)
 
 
 def _slug(text: str) -> str:
