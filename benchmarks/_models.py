@@ -1,0 +1,102 @@
+"""Models and measurement helpers shared by the grounding benchmarks (no downloads).
+
+``random_clip`` builds a CLIPModel from a config with random weights and wraps it in Loupe's
+adapter exactly as ``load_adapter`` would (eager attention, frozen weights), with a small
+word-level tokenizer. ``peak_rss`` measures a call's peak resident memory increase.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WORDS = "a an the photo of and red green blue yellow purple circle square triangle cross star".split()
+
+
+def word_tokenizer(max_length: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    vocab["[EOS]"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", vocab["[EOS]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+                                   eos_token="[EOS]", model_max_length=max_length), vocab
+
+
+def random_clip(*, image_size: int, patch_size: int, hidden: int, layers: int, heads: int, text_hidden: int,
+                text_layers: int, text_heads: int, projection: int, device: str = "cpu", dtype=None, seed: int = 0):
+    """A randomly initialised CLIP behind ``CLIPAdapter``."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from workers.probes.adapters.clip import CLIPAdapter
+
+    tokenizer, vocab = word_tokenizer(32)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=text_hidden, intermediate_size=4 * text_hidden,
+                         num_hidden_layers=text_layers, num_attention_heads=text_heads, max_position_embeddings=32,
+                         eos_token_id=vocab["[EOS]"], bos_token_id=2, pad_token_id=0),
+        vision_config=dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, image_size=image_size, patch_size=patch_size),
+        projection_dim=projection)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = CLIPModel(config)
+    model.config._attn_implementation = "eager"
+    for sub in (model.vision_model, model.text_model):
+        sub.config._attn_implementation = "eager"
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    return CLIPAdapter(model, tokenizer, processor, device=device, autocast_dtype=dtype, source="random-config")
+
+
+def _status() -> dict[str, int]:
+    with open("/proc/self/status") as f:
+        text = f.read()
+    return {k: int(re.search(k + r":\s+(\d+)", text).group(1)) for k in ("VmRSS", "VmHWM")}
+
+
+@contextmanager
+def peak_rss():
+    """Yields a dict filled on exit with ``peak_mib``: the peak resident memory *increase* while
+    the block ran (Linux: resets the high-water mark via /proc/self/clear_refs). Torch's CPU
+    allocations are invisible to tracemalloc, so resident memory is the honest measure."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        supported = True
+    except OSError:
+        supported = False
+    before = _status()["VmRSS"] if supported else 0
+    yield out
+    out["peak_mib"] = round((_status()["VmHWM"] - before) / 1024, 1) if supported else float("nan")
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 1, keep: list | None = None) -> dict[str, float]:
+    """Median seconds over ``repeats`` calls (after ``warmup``) and peak RSS increase of the repeats.
+    The last call's result is appended to ``keep`` when given (to check implementations agree)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    with peak_rss() as mem:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            result = fn()
+            times.append(time.perf_counter() - start)
+    if keep is not None:
+        keep.append(result)
+    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats, **mem}

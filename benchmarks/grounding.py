@@ -1,0 +1,221 @@
+"""Grounding methods against their peers, measured in the same run (CPU).
+
+- ``chefer``: one batched call (one forward, one backward for ``--batch`` pairs) vs a per-image
+  loop of the same code (target >= 5x images/s at batch 32);
+- ``gradcam``: ours vs pytorch-grad-cam's ``GradCAM`` on the same model, layer and batch
+  (target >= 1.0x). pytorch-grad-cam needs torchvision, which does not import beside the main
+  venv's torch: run this benchmark from the benchmark venv (``benchmarks/README.md``); elsewhere
+  the comparison is reported as skipped;
+- ``occlusion``: ours vs captum's ``Occlusion`` at the same window, stride and baseline, captum
+  both at its default ``perturbations_per_eval=1`` and batched (target >= 2x against the faster);
+- ``flow``: certified exact max-flow (scipy) vs the networkx reference (target >= 50x).
+
+Every pair of implementations is also checked to agree on the result. Times are medians over
+``--repeats``; ``peak_mib`` is the peak resident-memory increase while the repeats ran. The model is
+the zoo's ``tiny-clip`` when its checkpoint is present, else a random CLIP of the same size.
+Prints a table and one JSON object (``--json`` also writes it to a file)::
+
+    python -m benchmarks grounding [--batch 32] [--repeats 5] [--threads 1] [--only chefer,flow]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks._models import random_clip, timed
+from workers.probes.chefer import relevance
+from workers.probes.flow import flow_inputs, flow_reference, max_flows
+from workers.probes.gradcam import gradcam
+from workers.probes.occlusion import occlusion_pixels
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star", "a purple cross"]
+SECTIONS = ("chefer", "gradcam", "occlusion", "flow")
+
+
+def load_model(path: str | None):
+    from workers.probes.adapters import load_adapter
+
+    if path:
+        return load_adapter(path), path
+    try:
+        from workers.probes.zoo import checkpoint_path
+
+        zoo = checkpoint_path("tiny-clip")
+        return load_adapter(str(zoo)), "zoo tiny-clip"
+    except Exception:  # noqa: BLE001 - no zoo checkpoint yet: same size, random weights
+        spec = dict(image_size=112, patch_size=16, hidden=64, layers=4, heads=4, text_hidden=64, text_layers=2,
+                    text_heads=4, projection=64)
+        return random_clip(**spec), "random CLIP, zoo tiny-clip size (112 px, 16 px patches, 4 layers, width 64)"
+
+
+def bench_chefer(adapter, pv, prompts, repeats):
+    results: list = []
+    batched = timed(lambda: relevance(adapter, pv, prompts), repeats, keep=results)
+    loop = timed(lambda: [relevance(adapter, pv[i:i + 1], prompts[i:i + 1]) for i in range(len(prompts))], repeats,
+                 keep=results)
+    a, b = results[0].image, torch.cat([r.image for r in results[1]])
+    n = len(prompts)
+    return {"batch": n, "loupe_batched": {**batched, "images_per_s": n / batched["median_s"]},
+            "per_image_loop": {**loop, "images_per_s": n / loop["median_s"]},
+            "speedup": loop["median_s"] / batched["median_s"], "target": 5.0,
+            "max_abs_diff": float((a - b).abs().max())}
+
+
+def bench_gradcam(adapter, pv, prompts, repeats):
+    try:
+        from pytorch_grad_cam import GradCAM
+    except Exception as exc:  # noqa: BLE001 - ImportError, or torchvision failing to import
+        return {"skipped": f"pytorch-grad-cam not importable here ({type(exc).__name__}: {exc}); "
+                           "run from the benchmark venv, see benchmarks/README.md"}
+    gh, gw = adapter.grid
+    layer = adapter.num_layers - 1  # ours: the residual stream entering the last layer ...
+
+    class PairScores(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = adapter.model
+
+        def forward(self, x):
+            return adapter.score(x, prompts[: x.shape[0]] if len(prompts) >= x.shape[0] else prompts)
+
+    def to_grid(t):
+        return t[:, adapter.num_prefix_tokens:].reshape(t.shape[0], gh, gw, t.shape[-1]).permute(0, 3, 1, 2)
+
+    wrapper = PairScores()
+    # ... which is the output of layer L-2: the same activations for both implementations
+    target_layer = adapter.model.vision_model.encoder.layers[layer - 1]
+    targets = [lambda out: out] * len(prompts)
+
+    def theirs():
+        adapter.model.requires_grad_(True)  # how a user hands a model to pytorch-grad-cam
+        try:
+            with GradCAM(model=wrapper, target_layers=[target_layer], reshape_transform=to_grid) as cam:
+                return cam(input_tensor=pv, targets=targets)
+        finally:
+            adapter.model.requires_grad_(False)
+            adapter.model.zero_grad(set_to_none=True)
+
+    results: list = []
+    ours = timed(lambda: gradcam(adapter, pv, prompts, layer=layer), repeats, keep=results)
+    peer = timed(theirs, repeats, keep=results)
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    # theirs comes min-max scaled, resized to the input and scaled again (their per-layer and
+    # aggregation steps): put ours through the same two calls of their own function
+    ours_scaled = scale_cam_image(scale_cam_image(results[0].numpy(), target_size=(pv.shape[-1], pv.shape[-2])))
+    diff = float(np.abs(ours_scaled - results[1]).max())
+    n = len(prompts)
+    return {"batch": n, "loupe": {**ours, "images_per_s": n / ours["median_s"]},
+            "pytorch_grad_cam": {**peer, "images_per_s": n / peer["median_s"]},
+            "speedup": peer["median_s"] / ours["median_s"], "target": 1.0, "max_abs_diff_after_their_scaling": diff}
+
+
+def bench_occlusion(adapter, pv, prompts, repeats, window, stride):
+    from captum.attr import Occlusion
+
+    n = pv.shape[0]
+
+    def captum(ppe):
+        def forward(x):
+            return adapter.score(x, prompts * (x.shape[0] // n))
+        return Occlusion(forward).attribute(pv, sliding_window_shapes=(3, window, window), strides=(3, stride, stride),
+                                            baselines=0.0, perturbations_per_eval=ppe)
+
+    results: list = []
+    ours = timed(lambda: occlusion_pixels(adapter, pv, prompts, window=window, stride=stride), repeats, keep=results)
+    default = timed(lambda: captum(1), repeats)
+    batched = timed(lambda: captum(64), repeats, keep=results)
+    diff = (results[0] - results[1].mean(1)).abs().max()
+    best = min(default["median_s"], batched["median_s"])
+    return {"images": n, "window": window, "stride": stride,
+            "loupe": {**ours, "images_per_s": n / ours["median_s"]},
+            "captum_default": {**default, "images_per_s": n / default["median_s"], "perturbations_per_eval": 1},
+            "captum_batched": {**batched, "images_per_s": n / batched["median_s"], "perturbations_per_eval": 64},
+            "speedup_vs_captum_default": default["median_s"] / ours["median_s"],
+            "speedup_vs_best_captum": best / ours["median_s"], "target": 2.0, "max_abs_diff": float(diff)}
+
+
+def bench_flow(adapter, pv, repeats):
+    mats, pool = flow_inputs(adapter, pv[:1])[0]
+    sources = list(range(adapter.num_prefix_tokens, mats.shape[-1]))
+    results: list = []
+    ours = timed(lambda: max_flows(mats, pool, sources), repeats, keep=results)
+    # the reference takes tens of seconds per image: at most 3 repeats, no warm-up
+    ref = timed(lambda: flow_reference(mats, pool, sources), max(1, min(3, repeats)), warmup=0, keep=results)
+    diff = np.abs(results[0] - results[1]).max()
+    return {"layers": int(mats.shape[0]), "tokens": int(mats.shape[-1]), "flows_per_image": len(sources),
+            "loupe_scipy": {**ours, "images_per_s": 1 / ours["median_s"]},
+            "networkx_reference": {**ref, "images_per_s": 1 / ref["median_s"]},
+            "speedup": ref["median_s"] / ours["median_s"], "target": 50.0, "max_abs_diff": float(diff)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks grounding", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model directory (default: zoo tiny-clip or same-size random)")
+    parser.add_argument("--batch", type=int, default=32, help="pairs per batch for chefer and gradcam")
+    parser.add_argument("--occlusion-images", type=int, default=4)
+    parser.add_argument("--window", type=int, default=None, help="occlusion window (default: patch size)")
+    parser.add_argument("--stride", type=int, default=None, help="occlusion stride (default: window / 2)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared CPU)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
+    parser.add_argument("--json", default=None, help="also write the JSON result to this file")
+    args = parser.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+
+    torch.set_num_threads(args.threads)
+    adapter, model_name = load_model(args.model)
+    gen = torch.Generator().manual_seed(0)
+    pv = torch.randn(args.batch, 3, adapter.image_size, adapter.image_size, generator=gen)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+    window = args.window or adapter.patch_size
+    stride = args.stride or max(1, window // 2)
+
+    result = {"benchmark": "grounding", "model": model_name, "device": "cpu", "threads": args.threads,
+              "torch": torch.__version__, "python": platform.python_version(), "repeats": args.repeats,
+              "note": "medians; the CPU may be shared with other work, ratios are measured in the same run"}
+    if "chefer" in only:
+        result["chefer"] = bench_chefer(adapter, pv, prompts, args.repeats)
+    if "gradcam" in only:
+        result["gradcam"] = bench_gradcam(adapter, pv, prompts, args.repeats)
+    if "occlusion" in only:
+        k = args.occlusion_images
+        result["occlusion"] = bench_occlusion(adapter, pv[:k], prompts[:k], args.repeats, window, stride)
+    if "flow" in only:
+        result["flow"] = bench_flow(adapter, pv, args.repeats)
+
+    print_table(result)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+def print_table(result: dict) -> None:
+    rows = []
+    for section, ratio_key, ours_key, peer_key in (
+            ("chefer", "speedup", "loupe_batched", "per_image_loop"),
+            ("gradcam", "speedup", "loupe", "pytorch_grad_cam"),
+            ("occlusion", "speedup_vs_best_captum", "loupe", "captum_batched"),
+            ("flow", "speedup", "loupe_scipy", "networkx_reference")):
+        r = result.get(section)
+        if r is None:
+            continue
+        if "skipped" in r:
+            rows.append(f"{section:<10} skipped: {r['skipped']}")
+            continue
+        rows.append(f"{section:<10} ours {r[ours_key]['images_per_s']:9.2f} img/s (peak +{r[ours_key]['peak_mib']} MiB)"
+                    f" | {peer_key} {r[peer_key]['images_per_s']:9.3f} img/s (peak +{r[peer_key]['peak_mib']} MiB)"
+                    f" | x{r[ratio_key]:.1f} (target >= {r['target']})")
+    print("\n".join(rows), file=sys.stderr)
