@@ -11,12 +11,17 @@ import os
 from django.core.exceptions import ImproperlyConfigured
 
 from governance.settings import *  # noqa: F401,F403
-from governance.settings import env_bool
+from governance.settings import env_bool, env_list
 
 DEBUG = False
 SECRET_KEY = os.environ.get("SECRET_KEY", "")
 if len(SECRET_KEY) < 50 or SECRET_KEY.startswith("loupe-insecure"):
     raise ImproperlyConfigured("SECRET_KEY must be set to a random value of at least 50 characters in production.")
+
+# No development defaults (localhost, testserver) in production: the host names must be stated.
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "")
+if not ALLOWED_HOSTS:
+    raise ImproperlyConfigured("ALLOWED_HOSTS must list the host names Loupe is served under (comma-separated).")
 
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
