@@ -54,6 +54,18 @@ def test_it_detects_a_modified_payload_and_names_the_row(five_events, tamper, ca
     assert f"seq 3 (id {five_events[2].pk}): modified: its payload no longer matches its payload hash" in err
 
 
+def test_it_reports_problems_as_json_for_machines(five_events, tamper, capsys):
+    import json
+
+    tamper(f"DELETE FROM {TABLE} WHERE seq = 2")
+    with pytest.raises(CommandError):
+        call_command("verify_audit_log", "--json")
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] is False and result["rows"] == 4 and result["head"]["seq"] == 5
+    assert result["problems"] == [{"kind": "deleted", "seq": 3, "id": five_events[2].pk,
+                                   "message": "seq 2 was missing before this row"}]
+
+
 def test_it_detects_a_modified_column(five_events, tamper):
     tamper(f"UPDATE {TABLE} SET actor_label = %s WHERE seq = 2", ["rita"])
     problems = audit_log.verify()
