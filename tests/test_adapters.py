@@ -160,3 +160,29 @@ def test_it_runs_bf16_autocast_on_cpu_close_to_float32(clip_dir, clip):
     pv = clip.preprocess(_images(2))
     assert bf16.autocast_dtype is torch.bfloat16
     torch.testing.assert_close(bf16.score(pv, PROMPTS[:2]), clip.score(pv, PROMPTS[:2]), rtol=0.05, atol=0.1)
+
+
+def test_it_maps_patch_cells_back_to_the_stored_image(clip, siglip):
+    # CLIP: shortest edge to 32 px, centre crop 32 x 32: a 64 x 32 image shows only its middle half
+    assert clip.input_window((64, 32)) == (16.0, 0.0, 48.0, 32.0)
+    boxes = clip.patch_boxes((64, 32))
+    assert boxes.shape == (16, 4)
+    np.testing.assert_allclose(boxes[0], [16, 0, 24, 8])
+    np.testing.assert_allclose(boxes[-1], [40, 24, 48, 32])
+    # SigLIP: a plain resize to 32 x 32, the whole image is seen
+    assert siglip.input_window((64, 32)) == (0.0, 0.0, 64.0, 32.0)
+    np.testing.assert_allclose(siglip.patch_boxes((64, 32))[5], [16, 8, 32, 16])
+
+
+def test_it_forgets_cached_text_embeddings_on_request(clip):
+    before = clip.text_embeds(["a red circle"])
+    with torch.no_grad():
+        clip.model.text_projection.weight.mul_(-1)
+    try:
+        torch.testing.assert_close(clip.text_embeds(["a red circle"]), before)  # cached: stale on purpose
+        clip.clear_caches()
+        torch.testing.assert_close(clip.text_embeds(["a red circle"]), -before)
+    finally:
+        with torch.no_grad():
+            clip.model.text_projection.weight.mul_(-1)
+        clip.clear_caches()

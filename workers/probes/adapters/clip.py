@@ -28,6 +28,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -354,6 +355,41 @@ class CLIPAdapter(DualEncoderAdapter):
         """``[B, T, ...]`` vision tokens -> ``[B, gh, gw, ...]`` patch tokens on the grid."""
         patches = tokens[:, self.num_prefix_tokens:]
         return patches.reshape(patches.shape[0], *self.grid, *patches.shape[2:])
+
+    def clear_caches(self) -> None:
+        """Forget cached text embeddings (call after changing the weights, e.g. randomisation)."""
+        self._text_cache.clear()
+
+    def input_window(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The region ``(x0, y0, x1, y1)`` of a stored ``(width, height)`` image that the model
+        sees after the image processor's resize and centre crop (CLIP: shortest edge then crop;
+        SigLIP: a plain resize, i.e. the whole image)."""
+        width, height = size
+        proc = self.image_processor
+        target = dict(getattr(proc, "size", None) or {})
+        if getattr(proc, "do_resize", True) and "shortest_edge" in target:
+            scale = target["shortest_edge"] / min(width, height)
+            new_w, new_h = width * scale, height * scale
+        elif getattr(proc, "do_resize", True) and {"height", "width"} <= set(target):
+            new_w, new_h = float(target["width"]), float(target["height"])
+        else:
+            new_w, new_h = float(width), float(height)
+        crop = dict(getattr(proc, "crop_size", None) or {})
+        if getattr(proc, "do_center_crop", False) and {"height", "width"} <= set(crop):
+            left, top = (new_w - crop["width"]) / 2, (new_h - crop["height"]) / 2
+            right, bottom = left + crop["width"], top + crop["height"]
+        else:
+            left, top, right, bottom = 0.0, 0.0, new_w, new_h
+        sx, sy = width / new_w, height / new_h
+        return left * sx, top * sy, right * sx, bottom * sy
+
+    def patch_boxes(self, size: tuple[int, int]) -> np.ndarray:
+        """``[gh * gw, 4]`` boxes ``(x0, y0, x1, y1)`` of the patch grid cells in the pixel
+        coordinates of a stored ``(width, height)`` image (row-major, like the maps)."""
+        x0, y0, x1, y1 = self.input_window(size)
+        gh, gw = self.grid
+        xs, ys = np.linspace(x0, x1, gw + 1), np.linspace(y0, y1, gh + 1)
+        return np.array([(xs[c], ys[r], xs[c + 1], ys[r + 1]) for r in range(gh) for c in range(gw)])
 
     def describe(self) -> dict:
         """Provenance for evidence records."""
