@@ -1,0 +1,340 @@
+"""Shortcut detection: does the model's score for a class ride on an artefact (a watermark, a
+hospital marker) rather than on the class itself? (DeGrave et al. 2021.)
+
+Three independent lines of evidence, each with its own threshold, combined into one verdict:
+
+1. **Concept sensitivity (TCAV).** The artefact concept (a folder of images showing it) against
+   random images, Holm-corrected across layers: significant, with a reliable CAV and a TCAV score
+   above the random baseline (the artefact *raises* the target's score) at one layer at least.
+2. **Intervention.** The artefact pasted onto otherwise identical images (its region first
+   cleared, so "with" and "without" differ only there): the mean score change for the target,
+   on the target inputs and on random images (the dangerous case: the artefact alone makes
+   the model see the class). Evidence when the change on random images is positive, significant
+   (one-sample t-test) and at least ``MIN_EFFECT`` of the score gap between target inputs and
+   random images.
+3. **Grounding.** Chefer relevance for the target on the stamped target inputs: the share of
+   positive relevance inside the artefact's box divided by the box's share of the image. Evidence
+   when the ratio is at least ``MIN_RELEVANCE_RATIO`` (the artefact draws that many times its
+   fair share of the explanation).
+
+Verdict: **flagged** when at least two of the three agree. One line alone is not enough: TCAV can
+be significant for a direction the score merely correlates with, the intervention can move
+scores through occlusion, and relevance maps can be unfaithful; agreement between a
+representation test, a causal test and an explanation is what a reviewer can act on.
+
+The artefact is described by two files next to the concept folder: ``<concept>.stamp.png`` (the
+artefact as it appears) and ``<concept>.stamp.json``: ``{"image": "<concept>.stamp.png", "box":
+[x0, y0, x1, y1], "image_size": [w, h]}`` (where it sits, in pixels of a ``w x h`` image; scaled
+to each input). Without them only the TCAV line is measured and the verdict says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from workers.probes import tcav
+from workers.probes.adapters.base import DualEncoderAdapter
+from workers.probes.errors import ProbeInputError
+from workers.probes.suite import Finding, ProbeResult, Progress, no_progress, probe_kind
+
+#: Intervention evidence: the artefact moves random images at least this share of the way towards
+#: the target inputs' score.
+MIN_EFFECT = 0.1
+#: Grounding evidence: the artefact's box gets at least this multiple of its area share of relevance.
+MIN_RELEVANCE_RATIO = 2.0
+DEFAULT_CONCEPT = "watermark"
+
+
+@dataclass
+class Stamp:
+    image: Image.Image
+    box: tuple[float, float, float, float]
+    image_size: tuple[int, int]
+
+    def box_for(self, width: int, height: int) -> tuple[int, int, int, int]:
+        sx, sy = width / self.image_size[0], height / self.image_size[1]
+        x0, y0, x1, y1 = self.box
+        return (round(x0 * sx), round(y0 * sy), max(round(x0 * sx) + 1, round(x1 * sx)),
+                max(round(y0 * sy) + 1, round(y1 * sy)))
+
+
+def load_stamp(concepts_dir: str | Path, concept: str) -> Stamp | None:
+    """``<concept>.stamp.json`` + its image next to the concept folders; ``None`` if absent."""
+    from workers.probes.datasets import open_image
+
+    root = Path(concepts_dir)
+    spec_path = root / f"{concept}.stamp.json"
+    if not spec_path.is_file():
+        return None
+    try:
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+        box = tuple(float(v) for v in spec["box"])
+        size = tuple(int(v) for v in spec["image_size"])
+        name = str(spec.get("image", f"{concept}.stamp.png"))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ProbeInputError(f"{spec_path}: expected {{\"image\", \"box\": [x0, y0, x1, y1], "
+                              f"\"image_size\": [w, h]}} ({exc})") from None
+    if len(box) != 4 or len(size) != 2 or not (0 <= box[0] < box[2] <= size[0] and 0 <= box[1] < box[3] <= size[1]):
+        raise ProbeInputError(f"{spec_path}: box {list(box)} must lie inside image_size {list(size)}")
+    image_path = (root / name)
+    if "/" in name or "\\" in name or not image_path.is_file():
+        raise ProbeInputError(f"{spec_path}: stamp image {name!r} not found next to it")
+    return Stamp(open_image(image_path, decode=True), box, size)  # type: ignore[arg-type]
+
+
+def clear(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """Fill ``box`` with the median colour of a thin ring around it (the local background)."""
+    out = image.convert("RGB").copy()
+    a = np.asarray(out)
+    x0, y0, x1, y1 = box
+    pad = max(2, (x1 - x0) // 4)
+    ring = a[max(0, y0 - pad):y1 + pad, max(0, x0 - pad):x1 + pad].reshape(-1, 3)
+    inner = a[y0:y1, x0:x1].reshape(-1, 3)
+    pixels = ring if len(ring) > len(inner) else a.reshape(-1, 3)
+    colour = tuple(int(v) for v in np.median(pixels, axis=0))
+    out.paste(colour, box)
+    return out
+
+
+def paste(image: Image.Image, stamp: Stamp) -> Image.Image:
+    """``image`` with its stamp region cleared and the stamp drawn there."""
+    box = stamp.box_for(*image.size)
+    out = clear(image, box)
+    out.paste(stamp.image.resize((box[2] - box[0], box[3] - box[1]), Image.BILINEAR), box[:2])
+    return out
+
+
+def box_weights(box: tuple[int, int, int, int], width: int, height: int, grid: tuple[int, int]) -> torch.Tensor:
+    """``[gh, gw]``: the fraction of each patch cell covered by ``box``."""
+    gh, gw = grid
+    ys = np.linspace(0, height, gh + 1)
+    xs = np.linspace(0, width, gw + 1)
+    x0, y0, x1, y1 = box
+    w = np.zeros((gh, gw))
+    for i in range(gh):
+        oy = max(0.0, min(y1, ys[i + 1]) - max(y0, ys[i])) / (ys[i + 1] - ys[i])
+        for j in range(gw):
+            ox = max(0.0, min(x1, xs[j + 1]) - max(x0, xs[j])) / (xs[j + 1] - xs[j])
+            w[i, j] = oy * ox
+    return torch.tensor(w, dtype=torch.float32)
+
+
+@dataclass
+class ShortcutReport:
+    target: str
+    concept: str
+    tcav: tcav.TCAVReport
+    intervention: dict[str, Any] | None
+    relevance: dict[str, Any] | None
+    evidence: dict[str, bool | None]
+    flagged: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "concept": self.concept,
+            "flagged": self.flagged,
+            "evidence": self.evidence,
+            "tcav": self.tcav.as_dict()["results"],
+            "intervention": self.intervention,
+            "relevance": self.relevance,
+            "thresholds": {"alpha": self.tcav.alpha, "min_effect": MIN_EFFECT,
+                           "min_relevance_ratio": MIN_RELEVANCE_RATIO, "min_cav_accuracy": tcav.MIN_CAV_ACCURACY},
+        }
+
+
+def _scores(adapter: DualEncoderAdapter, images: Sequence[Image.Image], target: str, batch_size: int) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = list(images[start:start + batch_size])
+            out.append(adapter.score(adapter.preprocess(batch), [target] * len(batch)).float().cpu())
+    return torch.cat(out)
+
+
+def intervention(adapter: DualEncoderAdapter, target: str, inputs: Sequence[Image.Image],
+                 random_images: Sequence[Image.Image], stamp: Stamp, *, batch_size: int = 32,
+                 alpha: float = 0.05) -> dict[str, Any]:
+    """Score change for ``target`` when the stamp is added to otherwise identical images."""
+    from scipy import stats
+
+    def deltas(images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        without = [clear(im, stamp.box_for(*im.size)) for im in images]
+        with_stamp = [paste(im, stamp) for im in without]
+        base = _scores(adapter, without, target, batch_size)
+        return _scores(adapter, with_stamp, target, batch_size) - base, base
+
+    d_in, base_in = deltas(inputs)
+    d_rand, base_rand = deltas(random_images)
+    gap = float(base_in.mean() - base_rand.mean())
+
+    def summary(d: torch.Tensor) -> dict[str, float]:
+        values = d.numpy().astype(float)
+        p = float(stats.ttest_1samp(values, 0.0).pvalue) if values.std() > 0 else (1.0 if values.mean() == 0 else 0.0)
+        return {"mean_change": round(float(values.mean()), 6), "share_raised": round(float((values > 0).mean()), 6),
+                "p_value": p, "relative_to_gap": round(float(values.mean()) / gap, 6) if gap > 0 else None}
+
+    result = {"target_inputs": summary(d_in), "random_images": summary(d_rand),
+              "score_gap_target_vs_random": round(gap, 6), "n_inputs": len(inputs), "n_random": len(random_images)}
+    r = result["random_images"]
+    result["evidence"] = bool(r["p_value"] < alpha and r["mean_change"] > 0 and (r["relative_to_gap"] or 0) >= MIN_EFFECT)
+    return result
+
+
+def relevance_share(adapter: DualEncoderAdapter, target: str, inputs: Sequence[Image.Image], stamp: Stamp, *,
+                    method: str = "chefer", batch_size: int = 32) -> tuple[dict[str, Any], list[Image.Image], torch.Tensor]:
+    """Share of positive relevance inside the stamp's box on stamped target inputs."""
+    from workers.probes import registry
+
+    explain = registry.get(method)
+    stamped = [paste(clear(im, stamp.box_for(*im.size)), stamp) for im in inputs]
+    maps = []
+    for start in range(0, len(stamped), batch_size):
+        batch = stamped[start:start + batch_size]
+        maps.append(explain(adapter, adapter.preprocess(batch), [target] * len(batch)).float().cpu())
+    heat = torch.cat(maps).clamp_min(0)
+    shares, areas = [], []
+    for im, m in zip(stamped, heat, strict=True):
+        weights = box_weights(stamp.box_for(*im.size), im.width, im.height, tuple(m.shape))
+        total = float(m.sum())
+        shares.append(float((m * weights).sum()) / total if total > 0 else 0.0)
+        areas.append(float(weights.sum()) / weights.numel())
+    share, area = float(np.mean(shares)), float(np.mean(areas))
+    ratio = share / area if area > 0 else math.inf
+    result = {"method": method, "share_in_box": round(share, 6), "box_area_share": round(area, 6),
+              "ratio": round(ratio, 6), "evidence": bool(ratio >= MIN_RELEVANCE_RATIO)}
+    return result, stamped, heat
+
+
+def run_shortcut(adapter: DualEncoderAdapter, target: str, inputs: Sequence[Image.Image],
+                 concept_images: Sequence[Image.Image], random_images: Sequence[Image.Image], stamp: Stamp | None, *,
+                 concept: str = DEFAULT_CONCEPT, layers: str | Sequence[int] | None = "auto",
+                 runs: int = tcav.DEFAULT_RANDOM_RUNS, null_concepts: int = tcav.DEFAULT_NULL_CONCEPTS,
+                 alpha: float = tcav.DEFAULT_ALPHA, seed: int = 0,
+                 batch_size: int = 32, method: str = "chefer",
+                 progress: Progress = no_progress) -> tuple[ShortcutReport, dict[str, Any]]:
+    """All three lines of evidence and the verdict; returns ``(report, extras for figures)``."""
+    report = tcav.run_tcav(adapter, target, inputs, {concept: concept_images}, random_images, layers=layers,
+                           runs=runs, null_concepts=null_concepts, alpha=alpha, seed=seed, batch_size=batch_size,
+                           progress=lambda f, phase: progress(0.6 * f, f"tcav: {phase}"))
+    tcav_evidence = any(r.significant and r.tcav_score > r.random_score for r in report.results)
+    extras: dict[str, Any] = {}
+    inter = rel = None
+    if stamp is not None:
+        progress(0.7, "intervention")
+        inter = intervention(adapter, target, inputs, random_images, stamp, batch_size=batch_size, alpha=alpha)
+        progress(0.85, "relevance")
+        rel, stamped, heat = relevance_share(adapter, target, inputs, stamp, method=method, batch_size=batch_size)
+        extras.update(stamped=stamped, heat=heat)
+    evidence = {"tcav": tcav_evidence, "intervention": None if inter is None else inter["evidence"],
+                "relevance": None if rel is None else rel["evidence"]}
+    flagged = sum(bool(v) for v in evidence.values()) >= 2
+    progress(1.0, "done")
+    return ShortcutReport(target, concept, report, inter, rel, evidence, flagged), extras
+
+
+def figure_evidence(report: ShortcutReport, extras: dict[str, Any]):
+    """TCAV per layer, the intervention's score changes, and relevance on stamped inputs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from workers.probes.figures import draw_overlay
+
+    shown = list(extras.get("stamped", []))[:3]
+    fig = Figure(figsize=(4 + 2.2 * max(1, len(shown)) + 3, 3.2))
+    axes = fig.subplots(1, 2 + max(1, len(shown)), gridspec_kw={"width_ratios": [3, 2] + [1.6] * max(1, len(shown))})
+    rows = report.tcav.results
+    xs = np.arange(len(rows))
+    axes[0].bar(xs - 0.2, [r.tcav_score for r in rows], 0.4, yerr=[r.tcav_score_std for r in rows], capsize=3,
+                label=report.concept, color="C3")
+    axes[0].bar(xs + 0.2, [r.random_score for r in rows], 0.4, yerr=[r.random_score_std for r in rows], capsize=3,
+                label="random", color="0.7")
+    for x, r in zip(xs, rows, strict=True):
+        if r.significant:
+            axes[0].text(x - 0.2, min(1.02, r.tcav_score + r.tcav_score_std + 0.02), "*", ha="center", fontsize=14)
+    axes[0].set_xticks(xs, [f"L{r.layer}" for r in rows])
+    axes[0].set_ylim(0, 1.1)
+    axes[0].set_title("TCAV (* significant, Holm)", fontsize=8)
+    axes[0].legend(fontsize=7)
+    if report.intervention is not None:
+        i = report.intervention
+        axes[1].bar([0, 1], [i["target_inputs"]["mean_change"], i["random_images"]["mean_change"]], color=["C0", "C1"])
+        axes[1].set_xticks([0, 1], ["target inputs", "random"])
+        axes[1].axhline(0, color="k", lw=0.8)
+        axes[1].set_title("score change with the artefact", fontsize=8)
+    else:
+        axes[1].axis("off")
+    for ax, image, heat in zip(axes[2:], shown, extras.get("heat", []), strict=False):
+        draw_overlay(ax, image, heat)
+        ax.set_title("relevance", fontsize=8)
+    for ax in axes[2 + len(shown):]:
+        ax.axis("off")
+    verdict = "FLAGGED" if report.flagged else "not flagged"
+    fig.suptitle(f"Shortcut check: {report.concept!r} for {report.target!r}: {verdict}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+SHORTCUT_PARAMS = {"inputs", "target", "concept", "layers", "random_runs", "null_concepts", "alpha", "seed",
+                   "batch_size", "method"}
+
+
+@probe_kind("shortcut")
+def shortcut_kind(model_dir: str, dataset_dir: str | None, params: dict[str, Any], *, device: str = "cpu",
+                  progress: Progress = no_progress) -> ProbeResult:
+    """``dataset_dir``: the concepts folder (``<concept>/``, ``random/`` and optionally the
+    ``<concept>.stamp.*`` files); ``None`` uses the shortcut zoo's data. ``params``: ``inputs``
+    (folder of target images; default the zoo's), ``target`` (default the zoo's "a red circle"),
+    ``concept`` (default "watermark"), ``layers``, ``random_runs``, ``alpha``, ``seed``,
+    ``batch_size``, ``method`` (grounding method, default chefer)."""
+    from workers.probes import suite
+
+    tcav.check_params(params, SHORTCUT_PARAMS, [])
+    if dataset_dir is None or params.get("inputs") is None or params.get("target") is None:
+        from workers.probes.zoo import shortcut as zoo_shortcut
+
+        data = zoo_shortcut.probe_data()
+        dataset_dir = dataset_dir or str(data / "concepts")
+        params.setdefault("inputs", str(data / "inputs"))
+        params.setdefault("target", zoo_shortcut.TARGET)
+    concept = str(params.get("concept", DEFAULT_CONCEPT))
+    input_paths = tcav.load_image_folder(params["inputs"], minimum=tcav.MIN_TARGET_IMAGES, what="target inputs")
+    concept_paths, random_paths = tcav.load_concepts_dir(dataset_dir, [concept])
+    stamp = load_stamp(dataset_dir, concept)
+    adapter = suite.load_model(model_dir, device)
+    if not isinstance(adapter, DualEncoderAdapter):
+        raise ProbeInputError("the shortcut probe needs a dual-encoder (CLIP-like) model")
+    tcav.resolve_layers(params.get("layers", "auto"), adapter.num_layers)
+    seed = int(params.get("seed", 0))
+    report, extras = run_shortcut(
+        adapter, str(params["target"]), tcav.load_images(input_paths), tcav.load_images(concept_paths[concept]),
+        tcav.load_images(random_paths), stamp, concept=concept, layers=params.get("layers", "auto"),
+        runs=int(params.get("random_runs", tcav.DEFAULT_RANDOM_RUNS)),
+        null_concepts=int(params.get("null_concepts", tcav.DEFAULT_NULL_CONCEPTS)), alpha=float(params.get("alpha", tcav.DEFAULT_ALPHA)),
+        seed=seed, batch_size=int(params.get("batch_size", 32)), method=str(params.get("method", "chefer")),
+        progress=progress)
+    metrics = report.as_dict()
+    lines = ", ".join(f"{k}: {'yes' if v else ('not measured' if v is None else 'no')}" for k, v in report.evidence.items())
+    summary = (f"Shortcut check of {concept!r} for {report.target!r}: "
+               f"{'FLAGGED' if report.flagged else 'not flagged'} (evidence: {lines}).")
+    findings = []
+    if report.flagged:
+        findings.append(Finding("high", f"the score for {report.target!r} relies on {concept!r}", summary))
+    elif stamp is None:
+        findings.append(Finding("info", "shortcut intervention and grounding not measured",
+                                f"no {concept}.stamp.json next to the concept folders"))
+    return ProbeResult(kind="shortcut", metrics=metrics, summary=summary,
+                       figures={"shortcut_evidence": figure_evidence(report, extras),
+                                "shortcut_tcav_bars": tcav.figure_bars(report.tcav)},
+                       findings=findings, seed=seed)
