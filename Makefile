@@ -21,11 +21,11 @@ demo: ## the main job on the embedded default (SQLite, in-process tasks)
 	$(PYTHON) manage.py migrate --noinput
 	$(PYTHON) manage.py audit_demo
 
-test: ## the test suite (SQLite + in-process tasks; the real-stack tests run when LOUPE_REAL_STACK=1)
-	$(PYTHON) -m pytest
+test: ## the test suite (SQLite + in-process tasks); PYTEST_ARGS="tests/test_api.py -x" narrows it
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-real: ## the database tests again on PostgreSQL + Redis with a real Celery worker process
-	LOUPE_REAL_STACK=1 DATABASE_URL=$(REAL_DATABASE_URL) CELERY_BROKER_URL=$(REAL_BROKER_URL) $(PYTHON) -m pytest
+	LOUPE_REAL_STACK=1 DATABASE_URL=$(REAL_DATABASE_URL) CELERY_BROKER_URL=$(REAL_BROKER_URL) $(PYTHON) -m pytest $(PYTEST_ARGS)
 
 zoo: ## retrain the reference models from scratch
 	$(PYTHON) -m workers.probes.zoo build
