@@ -32,12 +32,14 @@ def metrics_for(kind: str, seed: int) -> tuple[dict, list[dict], str]:
     rng = np.random.default_rng(seed)
     r = lambda: round(float(rng.random()), 4)  # noqa: E731
     xs = [i / 10 for i in range(11)]
-    if kind == "grounding":
-        return ({"methods": {m: {"deletion_auc": r(), "insertion_auc": r(), "pointing_game": r()}
-                             for m in ("chefer", "gradcam", "rollout", "occlusion")},
+    if kind == "grounding":  # shaped like workers.probes.grounding_suite
+        methods = [{"method": m, "pointing_game": r(), "energy_pointing_game": r(), "deletion_auc": r(),
+                    "insertion_auc": r(), "random_pointing_game": 0.25, "random_deletion_auc": 0.4,
+                    "random_insertion_auc": 0.4} for m in ("chefer", "gradcam", "rollout", "occlusion")]
+        return ({"methods": methods, "n": 64, "steps": 16, "baseline": "mean",
                  "curves": {f"{m} deletion": {"x": xs, "y": sorted((r() for _ in xs), reverse=True)}
                             for m in ("chefer", "gradcam")},
-                 "method_disagreement": {"mean_rank_correlation": r()}, "images": 64},
+                 "method_disagreement": {"mean_rank_correlation": r()}},
                 [{"severity": "medium", "title": "Rollout is barely better than random on deletion",
                   "detail": "deletion AUC close to the random baseline"}], "Chefer relevance is the most faithful method.")
     if kind == "sanity":
@@ -54,10 +56,12 @@ def metrics_for(kind: str, seed: int) -> tuple[dict, list[dict], str]:
         return ({"shortcut": "corner watermark", "accuracy_with": 0.97, "accuracy_without": 0.61, "gap": 0.36},
                 [{"severity": "high", "title": "Shortcut: corner watermark", "detail": "accuracy drops by 36 points"}],
                 "The model relies on a corner watermark.")
-    if kind == "robustness":
-        return ({"curves": {c: {"x": [1, 2, 3, 4, 5], "y": sorted((r() for _ in range(5)), reverse=True)}
-                            for c in ("gaussian_noise", "blur", "jpeg", "typographic")},
-                 "explanation_stability": {"mean_ssim": r()}, "clean_accuracy": 0.91},
+    if kind == "robustness":  # shaped like workers.probes.robustness
+        by_severity = dict(zip(("1", "3", "5"), sorted((r() for _ in range(3)), reverse=True)))
+        return ({"n": 48, "clean_accuracy": 0.91, "mean_corruption_accuracy_by_severity": by_severity,
+                 "accuracy_falls_monotonically": True, "explanation_stability": {"mean_ssim": r()},
+                 "probes": [{"family": "corruption", "probe": p, "severity": sv, "accuracy": r()}
+                            for p in ("gaussian_noise", "blur") for sv in (1, 3, 5)]},
                 [{"severity": "low", "title": "Typographic attack lowers accuracy", "detail": ""}], "Mostly robust.")
     return ({"summary_value": r(), "per_layer": [r() for _ in range(8)]}, [], f"{kind} statistics recorded.")
 

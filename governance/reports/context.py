@@ -190,46 +190,81 @@ def _generated(inputs: RenderInputs, key: str, png: bytes) -> str:
     return artifact_url(name)
 
 
+def _tcav_rows(metrics: Any) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    """TCAV results (``{"results": [{"concept", "layer", "tcav_score", "p_adjusted", ...}]}``), top level or
+    nested one level down (the shortcut probe embeds a TCAV report)."""
+    candidates = [metrics] + [v for v in metrics.values() if isinstance(v, dict)] if isinstance(metrics, dict) else []
+    for block in candidates:
+        results = block.get("results")
+        if isinstance(results, list) and results and all(isinstance(r, dict) and "tcav_score" in r for r in results):
+            return results, block
+    return None
+
+
+def _method_records(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-method rows: ``{"methods": [{"method": name, metric: value}]}`` (the grounding probe) or
+    ``{"methods": {name: {metric: value}}}``."""
+    methods = metrics.get("methods")
+    if isinstance(methods, list) and all(isinstance(m, dict) and "method" in m for m in methods):
+        return methods
+    if isinstance(methods, dict) and all(isinstance(v, dict) for v in methods.values()):
+        return [{"method": name, **values} for name, values in methods.items()]
+    return []
+
+
+FAITHFULNESS_METRICS = (("deletion_auc", "deletion AUC (lower is better)"),
+                        ("insertion_auc", "insertion AUC (higher is better)"),
+                        ("pointing_game", "pointing game (higher is better)"),
+                        ("energy_pointing_game", "energy pointing game (higher is better)"))
+
+
 def summary_figures(entry: dict[str, Any], inputs: RenderInputs) -> list[dict[str, str]]:
     """Figures drawn from the metrics of one evidence item, where a picture reads faster than a table."""
     out = []
     metrics = entry.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        return out
     kind = entry.get("kind")
     eid = entry.get("id")
-    results = metrics.get("results") if isinstance(metrics, dict) else None
-    if kind == "tcav" and isinstance(results, list) and results:
+    tcav = _tcav_rows(metrics)
+    if tcav:
+        results, block = tcav
         rows = [{"concept": f"{r.get('concept')} (L{r.get('layer')})", "score": r.get("tcav_score"),
-                 "score_std": r.get("tcav_score_std"), "p_corrected": r.get("p_adjusted")} for r in results]
-        png = figures.tcav_bars("TCAV scores", rows, alpha=float(metrics.get("alpha") or 0.05))
+                 "score_std": r.get("tcav_score_std"), "p_corrected": r.get("p_adjusted")} for r in results[:24]]
+        png = figures.tcav_bars("TCAV scores", rows, alpha=float(block.get("alpha") or 0.05))
         out.append({"url": _generated(inputs, f"{eid}-tcav", png),
                     "caption": f"TCAV score per concept and layer (evidence #{eid}); the dashed line is chance "
-                               f"(0.5). p-values are {metrics.get('correction', 'multiplicity')}-corrected."})
-    # Curves: any "curves" mapping of name -> {"x": [...], "y": [...]} (deletion/insertion, robustness).
-    curves = metrics.get("curves") if isinstance(metrics, dict) else None
+                               f"(0.5). p-values are {block.get('correction', 'multiplicity')}-corrected."})
+    records = _method_records(metrics)
+    for metric, label in FAITHFULNESS_METRICS:
+        values = {str(r["method"]): r.get(metric) for r in records if isinstance(r.get(metric), (int, float))}
+        if not values:
+            continue
+        random = next((r.get(f"random_{metric}") for r in records if isinstance(r.get(f"random_{metric}"), (int, float))),
+                      None)
+        png = figures.bar_chart(label, values, ylabel=metric.replace("_", " "), reference=random,
+                                reference_label="random baseline" if random is not None else "")
+        out.append({"url": _generated(inputs, f"{eid}-{metric}", png),
+                    "caption": f"{label.capitalize()} per explanation method (evidence #{eid})"
+                               + ("; the dashed line is the random baseline." if random is not None else ".")})
+    by_severity = metrics.get("mean_corruption_accuracy_by_severity")
+    if isinstance(by_severity, dict) and by_severity:
+        xs = [0.0] + [float(k) for k in by_severity]
+        ys = [metrics.get("clean_accuracy")] + list(by_severity.values())
+        png = figures.curves("Accuracy under corruption", {"mean over corruptions": (xs, ys)},
+                             xlabel="severity (0 = clean)", ylabel="accuracy")
+        out.append({"url": _generated(inputs, f"{eid}-robustness", png),
+                    "caption": f"Mean accuracy over corruption families by severity (evidence #{eid})."})
+    # Generic curves: {"curves": {name: {"x": [...], "y": [...]}}}.
+    curves = metrics.get("curves")
     if isinstance(curves, dict) and curves:
-        series = {}
-        for name, curve in list(curves.items())[:8]:
-            if isinstance(curve, dict) and isinstance(curve.get("x"), list) and isinstance(curve.get("y"), list):
-                series[str(name)] = (curve["x"], curve["y"])
+        series = {str(name): (c["x"], c["y"]) for name, c in list(curves.items())[:8]
+                  if isinstance(c, dict) and isinstance(c.get("x"), list) and isinstance(c.get("y"), list)}
         if series:
             png = figures.curves(KIND_TITLES.get(kind, kind), series, xlabel=str(metrics.get("curve_x", "fraction")),
                                  ylabel=str(metrics.get("curve_y", "score")))
             out.append({"url": _generated(inputs, f"{eid}-curves", png),
                         "caption": f"Curves recorded by evidence #{eid} ({KIND_TITLES.get(kind, kind)})."})
-    # Per-method scalar metrics ({"methods": {name: {metric: value}}}) as one bar chart per metric.
-    methods = metrics.get("methods") if isinstance(metrics, dict) else None
-    if isinstance(methods, dict) and methods and all(isinstance(v, dict) for v in methods.values()):
-        names = [m for m in methods if isinstance(methods[m], dict)]
-        metric_names = []
-        for m in names:
-            for key, value in methods[m].items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in metric_names:
-                    metric_names.append(key)
-        for metric in metric_names[:4]:
-            png = figures.bar_chart(metric.replace("_", " "), {m: methods[m].get(metric) for m in names},
-                                    ylabel=metric)
-            out.append({"url": _generated(inputs, f"{eid}-{metric}", png),
-                        "caption": f"{metric.replace('_', ' ')} per method (evidence #{eid})."})
     return out
 
 
