@@ -75,31 +75,40 @@ def generate_report(case: AuditCase, *, author, sign: bool = True) -> Report:
     from governance.reports import signing, versions
     from governance.reports.manifest import build_manifest, manifest_sha256
 
-    with transaction.atomic():
-        # Lock the case so two concurrent requests cannot both compute version n+1.
-        locked = Case.objects.select_for_update().get(pk=case.pk)
-        previous = versions.latest(locked)
-        version = previous.version + 1 if previous else 1
-        changes = versions.changelog(previous.manifest if previous else None, build_manifest(locked, version=version))
-        meta = {"version": version, "supersedes": previous.version if previous else None, "changelog": changes,
-                "author": author.get_full_name() or author.get_username()}
-        rendered, manifest = render_case(locked, version=version, report_meta=meta)
-        pdf = rendered.pdf
-        signed_by = None
-        paths = signing.configured_signer_paths() if sign else None
-        if paths is not None:
-            signer = signing.load_signer(*paths)
-            pdf = signing.sign_pdf(pdf, signer, role="issuer", reason=f"Loupe report v{version} of case #{case.pk} issued")
-            signed_by = signer.signing_cert.subject.human_friendly
-        report = ReportModel(case=locked, version=version, sha256=hashlib.sha256(pdf).hexdigest(), manifest=manifest,
-                             author=author, supersedes=previous, changelog=changes)
-        report.pdf.save(f"loupe-case-{case.pk}-report-v{version}.pdf", ContentFile(pdf), save=False)
-        report.save()
-        audit_log.record(author, "report.issued", report, {
-            "version": version, "sha256": report.sha256, "pages": rendered.pages,
-            "manifest_sha256": manifest_sha256(manifest),
-            "supersedes": previous.version if previous else None, "signed_by": signed_by,
-            "refused_urls": rendered.refused_urls[:20]})
+    written: list = []  # files stored before the row is; removed again if the transaction fails
+    try:
+        with transaction.atomic():
+            # Lock the case so two concurrent requests cannot both compute version n+1.
+            locked = Case.objects.select_for_update().get(pk=case.pk)
+            previous = versions.latest(locked)
+            version = previous.version + 1 if previous else 1
+            changes = versions.changelog(previous.manifest if previous else None, build_manifest(locked, version=version))
+            meta = {"version": version, "supersedes": previous.version if previous else None, "changelog": changes,
+                    "author": author.get_full_name() or author.get_username()}
+            rendered, manifest = render_case(locked, version=version, report_meta=meta)
+            pdf = rendered.pdf
+            signed_by = None
+            paths = signing.configured_signer_paths() if sign else None
+            if paths is not None:
+                signer = signing.load_signer(*paths)
+                pdf = signing.sign_pdf(pdf, signer, role="issuer", reason=f"Loupe report v{version} of case #{case.pk} issued")
+                signed_by = signer.signing_cert.subject.human_friendly
+            report = ReportModel(case=locked, version=version, sha256=hashlib.sha256(pdf).hexdigest(), manifest=manifest,
+                                 author=author, supersedes=previous, changelog=changes)
+            report.pdf.save(f"loupe-case-{case.pk}-report-v{version}.pdf", ContentFile(pdf), save=False)
+            written.append(report.pdf.name)
+            report.save()
+            audit_log.record(author, "report.issued", report, {
+                "version": version, "sha256": report.sha256, "pages": rendered.pages,
+                "manifest_sha256": manifest_sha256(manifest),
+                "supersedes": previous.version if previous else None, "signed_by": signed_by,
+                "refused_urls": rendered.refused_urls[:20]})
+    except BaseException:
+        from django.core.files.storage import default_storage
+
+        for name in written:
+            default_storage.delete(name)
+        raise
     return report
 
 

@@ -46,9 +46,11 @@ class Command(BaseCommand):
         except Exception as exc:  # a damaged file can fail anywhere inside pyHanko's parser
             checks = []
             problems.append(f"signatures: the PDF could not be parsed ({type(exc).__name__}: {exc})")
+        sha = hashlib.sha256(pdf).hexdigest()
+        stored = Report.objects.filter(sha256=sha).first()
+        if stored is not None and checks:
+            self.stdout.write(f"note: byte-identical to stored report v{stored.version} of case #{stored.case_id}")
         if not checks and not problems:
-            sha = hashlib.sha256(pdf).hexdigest()
-            stored = Report.objects.filter(sha256=sha).first()
             if options["allow_unsigned"] and stored is not None:
                 self.stdout.write(f"unsigned, byte-identical to stored report v{stored.version} of case #{stored.case_id}")
             elif options["allow_unsigned"]:
