@@ -135,6 +135,14 @@ class CLIPAdapter(DualEncoderAdapter):
         mask = torch.ones_like(ids) if mask is None else mask.to(self.device)
         return ids, mask
 
+    def _real_tokens(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[P, Tt]`` 1 for prompt tokens, 0 for padding. SigLIP tokenizers give no attention mask
+        (the model was trained attending to its padding), so padding is recognised by its id."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        if pad is None or "attention_mask" in getattr(self.tokenizer, "model_input_names", ["attention_mask"]):
+            return mask
+        return (ids != pad).to(mask.dtype)
+
     def text_tokens(self, prompts: Sequence[str]) -> list[list[str]]:
         """The tokens the text relevance refers to (padding included, relevance 0 there)."""
         ids, _ = self.tokenize(prompts)
@@ -211,7 +219,8 @@ class CLIPAdapter(DualEncoderAdapter):
     # ------------------------------------------------------------------ recording
     @contextlib.contextmanager
     def _record(self, layers: Sequence[torch.nn.Module], *, grad_from_layer: int | None,
-                pool_attention: torch.nn.MultiheadAttention | None = None) -> Iterator[_Recording]:
+                pool_attention: torch.nn.MultiheadAttention | None = None,
+                retain_grads: bool = True) -> Iterator[_Recording]:
         """Hooks that capture, for each layer, its input hidden state and its attention
         probabilities (and the last layer's output). With ``grad_from_layer`` set, the hidden
         state entering that layer becomes a leaf requiring grad and every captured tensor from
@@ -221,7 +230,7 @@ class CLIPAdapter(DualEncoderAdapter):
         tracking = grad_from_layer is not None and torch.is_grad_enabled()
 
         def keep(t: torch.Tensor) -> torch.Tensor:
-            if tracking and t.requires_grad:
+            if tracking and retain_grads and t.requires_grad:
                 t.retain_grad()
             return t
 
@@ -298,12 +307,14 @@ class CLIPAdapter(DualEncoderAdapter):
 
     # ------------------------------------------------------------------ traces
     def trace(self, pixel_values: torch.Tensor, prompts: Sequence[str], *, grad_from_layer: int = 0,
-              text: bool = False) -> VisionTrace:
+              text: bool = False, retain_grads: bool = True) -> VisionTrace:
         """Forward pass keeping attentions and hidden states (with gradients) of every vision
         layer. ``grad_from_layer``: gradients are tracked from the input of that layer on (layers
         below it get no ``.grad``; pick the lowest layer you need). ``text=True`` also traces
         the text tower (``text_attentions`` with gradients, ``text_input_ids``); otherwise the
-        text embeddings are constants (faster).
+        text embeddings are constants (faster). ``retain_grads=False`` skips populating ``.grad``
+        on the recorded tensors, for callers that take ``torch.autograd.grad(score, tensors)``
+        instead (which also lets autograd skip every path that doesn't lead to them).
 
         Call ``trace.score.sum().backward()`` once: scores of different pairs don't interact,
         so one backward pass yields every pair's gradients.
@@ -317,19 +328,19 @@ class CLIPAdapter(DualEncoderAdapter):
             ids = None
             if text:
                 ids, mask = self.tokenize(prompts)
-                with self._record(self.text_layers, grad_from_layer=0) as trec:
+                with self._record(self.text_layers, grad_from_layer=0, retain_grads=retain_grads) as trec:
                     txt = self._encode_text(ids, mask)
                 text_attn = list(trec.attentions)
             else:
                 txt = self.text_embeds(prompts)
             with self._record(self.vision_layers, grad_from_layer=grad_from_layer,
-                              pool_attention=self.pooling_head_attention) as rec:
+                              pool_attention=self.pooling_head_attention, retain_grads=retain_grads) as rec:
                 img = self._encode_image(pixel_values)
             score = self.pair_score(img, txt)
         return VisionTrace(score=score, attentions=list(rec.attentions), hidden_states=list(rec.hidden_states),
                            text_attentions=text_attn, text_input_ids=ids, pool_attention=rec.pool_attention,
                            text_readout=self._text_readout_index(ids, mask) if text else None,
-                           text_attention_mask=mask if text else None)
+                           text_attention_mask=self._real_tokens(ids, mask) if text else None)
 
     @torch.no_grad()
     def attentions(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
