@@ -47,8 +47,9 @@ def gradcam(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, laye
     prompts = adapter.pair_prompts(pixel_values, prompts)
     maps = []
     for s in chunks(len(prompts), batch_size):
-        trace = adapter.trace(pixel_values[s], prompts[s], grad_from_layer=min(layer, adapter.num_layers - 1))
-        trace.score.sum().backward()
+        trace = adapter.trace(pixel_values[s], prompts[s], grad_from_layer=min(layer, adapter.num_layers - 1),
+                              retain_grads=False)
         h = trace.hidden_states[layer]
-        maps.append(cam_from(h, h.grad, adapter).detach().cpu())
+        (grad,) = torch.autograd.grad(trace.score.sum(), h)  # one backward for the whole batch
+        maps.append(cam_from(h.detach(), grad, adapter).cpu())
     return torch.cat(maps)
