@@ -16,6 +16,7 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.views import APIView
 
+from governance.api.views import ERRORS
 from governance.models import AuditCase
 
 
@@ -28,7 +29,7 @@ class CaseExportView(APIView):
         description="The latest report, its manifest, every evidence artifact, the model card in Hugging Face "
                     "format and the case's audit-log excerpt with its hash chain.",
         responses={(200, "application/zip"): OpenApiResponse(response=OpenApiTypes.BINARY),
-                   404: OpenApiResponse(description="No such case, or not visible to you.")},
+                   403: ERRORS[403], 404: ERRORS[404]},
     )
     def get(self, request, pk: int):
         from governance import audit_log
