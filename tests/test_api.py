@@ -152,6 +152,14 @@ def test_it_refuses_an_archive_over_the_size_limit(alice, acme_model, tmp_path, 
     assert response.json()["error"] == "archive_too_large"
 
 
+def test_it_refuses_an_oversized_request_before_reading_it(alice, acme_model, settings):
+    settings.LOUPE_MAX_ARCHIVE_BYTES = 10
+    response = client_for(alice).generic("POST", "/api/versions/upload/", b"x" * (2 * 1024 * 1024),
+                                         content_type="multipart/form-data; boundary=none")
+    assert response.status_code == 413
+    assert response.json()["error"] == "archive_too_large"
+
+
 def test_it_cleans_up_when_the_database_refuses_the_version(alice, acme_model, tmp_path, monkeypatch):
     """A failure after the files were moved into place (here: the audit log) rolls back the row and
     removes the archive and the unpacked directory."""

@@ -198,6 +198,15 @@ class ModelVersionViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveMo
         """Validate the archive (safetensors + config.json; no pickles, links, traversal or bombs), then
         create the version, move the unpacked directory into storage and log it, all or nothing. The
         manifest is computed by a worker after commit."""
+        limit = uploads.UploadLimits.from_settings().max_archive_bytes
+        try:
+            declared = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            declared = 0
+        if declared > limit + 1024 * 1024:  # refuse before Django spools the body to disk
+            return Response({"error": "archive_too_large",
+                             "detail": f"the request is {declared} bytes; archives may be at most {limit} bytes"},
+                            status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         ai_model, label, upload = (serializer.validated_data[k] for k in ("ai_model", "version", "archive"))
