@@ -27,6 +27,8 @@ def env_list(name: str, default: str) -> list[str]:
 
 
 VAR_DIR = Path(os.environ.get("LOUPE_VAR_DIR", BASE_DIR / "var"))
+# The embedded default keeps its SQLite file, media and caches here; create it on first start.
+VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 SECRET_KEY = os.environ.get("SECRET_KEY", "loupe-insecure-development-key-do-not-use-in-production")
 DEBUG = env_bool("DEBUG", True)
