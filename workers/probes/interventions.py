@@ -9,11 +9,14 @@ mean output over the same images (all positions), which keeps the activation sca
 
 Feature swap: replace the visual features of one object's patches with those of an object of
 the same shape but another colour taken from another image (cells resampled onto the target's
-cell rectangle), and see whether the output follows the donor. Fusion models: the features are
-the language model's visual tokens, and a case counts as "changed" when the regenerated text
-names the donor colour with the target's shape and no longer names the original colour with it.
-Dual encoders: the patch embeddings at the vision tower's input are swapped, and a case counts
-as "changed" when the similarity now prefers "a <donor colour> <shape>" to "a <colour> <shape>".
+cell rectangle), and see whether the output follows the donor. By default the swap happens at the
+vision tower's patch embeddings (before position embeddings are added), so every later layer sees
+the donor's pixels at the target's place; fusion models can also be edited at the language
+model's visual tokens (``site="projector"``). Fusion models: a case counts as "changed" when the
+regenerated text names the donor's colour and no longer the target's (colours are distinct within
+a scene and the donor's colour is absent from it, so the colour word alone identifies the object;
+the shape word is left out of the criterion because a swap can also disturb it). Dual encoders:
+"changed" when the similarity now prefers "a <donor colour> <shape>" to "a <colour> <shape>".
 The control writes the same donor features onto as many *background* cells (no object there):
 a model that reads colour from the object's location changes in the first case and not in the
 second. The effect size is the difference of the two rates (with Cohen's h and Fisher's exact p).
@@ -256,35 +259,46 @@ def swap_cases(scenes) -> list[tuple[int, Any, int, Any]]:
     return cases
 
 
-def _has_phrase(words: list[str], colour: str, shape: str) -> bool:
-    return any(words[k] == colour and words[k + 1] == shape for k in range(len(words) - 1))
-
-
 def _words(text: str) -> list[str]:
     return text.replace(",", " ").lower().split()
 
 
+SITES = ("patch-embedding", "projector")
+
+
 def feature_swap(adapter, scenes, *, prompt: str | None = None, max_new_tokens: int = 32, seed: int = 0,
-                 progress: Progress = no_progress) -> dict[str, Any]:
-    """Object-patch swap vs background-patch control (see the module docstring)."""
+                 site: str = "patch-embedding", progress: Progress = no_progress) -> dict[str, Any]:
+    """Object-patch swap vs background-patch control (see the module docstring).
+
+    ``site``: "patch-embedding" (default; the vision tower's patch embeddings before position
+    embeddings are added, so every later layer sees the donor's pixels at the target's place) or
+    "projector" (fusion models: the language model's visual tokens, after the vision tower has
+    already mixed information between patches).
+    """
+    if site not in SITES:
+        raise ProbeInputError(f"feature-swap site must be one of {', '.join(SITES)}, got {site!r}")
+    fusion = adapter.kind == "fusion"
+    if site == "projector" and not fusion:
+        raise ProbeInputError("the 'projector' site exists only in generative (fusion) models")
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     cases = swap_cases(scenes)
-    fusion = adapter.kind == "fusion"
     prompt = prompt or (_default_prompt() if fusion else None)
     grid = adapter.grid
     feats_cache: dict[int, torch.Tensor] = {}
 
     def feats(i: int) -> torch.Tensor:
+        """``[G, D]`` features of image i at the swap site (grid cells in row-major order)."""
         if i not in feats_cache:
-            image = scenes[i].load_image()
+            pv = adapter.preprocess([scenes[i].load_image()])
             with torch.no_grad():
-                feats_cache[i] = (adapter.image_features(adapter.preprocess([image]))[0] if fusion
-                                  else _patch_embeddings(adapter, adapter.preprocess([image]))[0])
+                if site == "projector":
+                    feats_cache[i] = adapter.image_features(pv)[0, adapter.image_token_prefix:]
+                else:
+                    feats_cache[i] = _patch_embeddings(adapter, pv)
         return feats_cache[i]
 
-    results = {"object": [], "background": []}
-    clean_ok = 0
+    results: dict[str, list[bool]] = {"object": [], "background": []}
     records = []
     for n, (i, target, j, donor) in enumerate(cases):
         scene = scenes[i]
@@ -299,27 +313,25 @@ def feature_swap(adapter, scenes, *, prompt: str | None = None, max_new_tokens: 
         pick = rng.choice(len(bg), size=min(len(t_cells), len(bg)), replace=False)
         bg_cells = [bg[k] for k in sorted(pick)]
         base, dfeat = feats(i), feats(j)
+        pv = adapter.preprocess([scene.load_image()])
         if fusion:
-            clean_text = _fusion_generate(adapter, base, prompt, max_new_tokens)
-            if not _has_phrase(_words(clean_text), target.colour, target.shape):
-                continue  # the model does not describe the target correctly: nothing to change
-        else:
-            if not _dual_prefers(adapter, scene, base, target.colour, donor.colour, target.shape, want_target=True):
-                continue
-        clean_ok += 1
+            clean = _words(_swap_run(adapter, pv, base, site, prompt, max_new_tokens))
+            if target.colour not in clean or donor.colour in clean:
+                continue  # the model does not name the target's colour (or already names the donor's)
+        elif not _swap_run(adapter, pv, base, site, (target.colour, donor.colour, target.shape)):
+            continue  # the dual encoder does not prefer the right colour to begin with
         outcome = {}
         for kind, cells in (("object", t_cells), ("background", bg_cells)):
             edited = base.clone()
-            off = adapter.image_token_prefix if fusion else adapter.num_prefix_tokens
             for (r, c), (dr, dc) in zip(cells, mapped, strict=False):
-                edited[off + r * grid[1] + c] = dfeat[off + dr * grid[1] + dc]
+                edited[r * grid[1] + c] = dfeat[dr * grid[1] + dc]
             if fusion:
-                text = _fusion_generate(adapter, edited, prompt, max_new_tokens)
+                text = _swap_run(adapter, pv, edited, site, prompt, max_new_tokens)
                 w = _words(text)
-                changed = _has_phrase(w, donor.colour, target.shape) and not _has_phrase(w, target.colour, target.shape)
+                changed = donor.colour in w and target.colour not in w
                 outcome[kind] = text
             else:
-                changed = _dual_prefers(adapter, scene, edited, target.colour, donor.colour, target.shape, want_target=False)
+                changed = not _swap_run(adapter, pv, edited, site, (target.colour, donor.colour, target.shape))
                 outcome[kind] = changed
             results[kind].append(bool(changed))
         if len(records) < 20:
@@ -334,54 +346,65 @@ def feature_swap(adapter, scenes, *, prompt: str | None = None, max_new_tokens: 
     p1, p0 = float(obj.mean()), float(bgr.mean())
     table = [[int(obj.sum()), int(n_cases - obj.sum())], [int(bgr.sum()), int(n_cases - bgr.sum())]]
     return {
-        "kind": "feature-swap", "model_kind": adapter.kind,
-        "site": "language-model visual tokens" if fusion else "vision patch embeddings",
+        "kind": "feature-swap", "model_kind": adapter.kind, "site": site,
         "n_candidates": len(cases), "n_cases": n_cases,
         "object_swap_changed": round(p1, 4), "background_swap_changed": round(p0, 4),
         "effect_size": {"rate_difference": round(p1 - p0, 4),
                         "cohens_h": round(2 * math.asin(math.sqrt(p1)) - 2 * math.asin(math.sqrt(p0)), 4),
                         "fisher_p": float(fisher_exact(table)[1])},
-        "criterion": ("regenerated text names the donor colour with the target shape and no longer the original"
-                      if fusion else "similarity prefers the donor-colour prompt"),
+        "criterion": ("regenerated text names the donor's colour and no longer the target's" if fusion
+                      else "similarity prefers 'a <donor colour> <shape>' to 'a <colour> <shape>'"),
         "examples": records, "seconds": round(time.perf_counter() - started, 2),
     }
 
 
-def _fusion_generate(adapter, features: torch.Tensor, prompt: str, max_new_tokens: int) -> str:
-    enc = adapter.encode(prompt)
-    with torch.no_grad():
-        ids = adapter.generate(adapter.embed(enc.input_ids, features[None]), max_new_tokens)[0]
-    return adapter.decode(ids)
-
-
-def _embeddings_module(adapter) -> torch.nn.Module:
+def _patch_module(adapter) -> torch.nn.Module:
     for name, module in adapter.model.named_modules():
-        if re.search(r"vision_model\.embeddings$", name):
+        if re.search(r"(?:vision_model|vision_tower)\.embeddings\.patch_embedding$", name):
             return module
-    raise UnsupportedModelError("cannot find the vision embeddings module to swap patch features")
+    raise UnsupportedModelError("cannot find the vision patch embedding (embeddings.patch_embedding) to swap features")
 
 
 def _patch_embeddings(adapter, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``[G, D]``: the patch-embedding convolution's output for one image (row-major cells)."""
     captured = {}
-    handle = _embeddings_module(adapter).register_forward_hook(lambda m, a, out: captured.setdefault("x", out.detach()))
+    handle = _patch_module(adapter).register_forward_hook(lambda m, a, out: captured.setdefault("x", out.detach()))
     try:
-        adapter.image_embeds(pixel_values)
+        if adapter.kind == "fusion":
+            adapter.image_features(pixel_values)
+        else:
+            adapter.image_embeds(pixel_values)
     finally:
         handle.remove()
-    return captured["x"]
+    x = captured["x"]  # [1, D, gh, gw]
+    return x[0].flatten(1).T.contiguous()
 
 
-def _dual_prefers(adapter, scene, embeddings: torch.Tensor, colour: str, donor_colour: str, shape: str, *,
-                  want_target: bool) -> bool:
-    """Does the model (with the vision embeddings replaced) prefer the target (or donor) colour?"""
-    handle = _embeddings_module(adapter).register_forward_hook(lambda m, a, out: embeddings[None].to(out.dtype))
-    try:
-        with torch.no_grad():
-            pv = adapter.preprocess([scene.load_image()])
-            scores = adapter.score_matrix(pv, [f"a {colour} {shape}", f"a {donor_colour} {shape}"])[0]
-    finally:
-        handle.remove()
-    return bool(scores[0] > scores[1]) if want_target else bool(scores[1] > scores[0])
+def _swap_run(adapter, pixel_values: torch.Tensor, features: torch.Tensor, site: str, prompt_or_colours,
+              max_new_tokens: int = 32):
+    """Run the model with the site's features replaced by ``features`` ``[G, D]``. Fusion: the
+    generated text; dual encoder: whether it prefers the first colour's prompt to the second's."""
+    with torch.no_grad():
+        if site == "projector":
+            full = adapter.image_features(pixel_values)[0].clone()
+            full[adapter.image_token_prefix:] = features
+            enc = adapter.encode(prompt_or_colours)
+            ids = adapter.generate(adapter.embed(enc.input_ids, full[None]), max_new_tokens)[0]
+            return adapter.decode(ids)
+        gh, gw = adapter.grid
+        replacement = features.T.reshape(1, -1, gh, gw)
+        handle = _patch_module(adapter).register_forward_hook(lambda m, a, out: replacement.to(out.dtype))
+        try:
+            if adapter.kind == "fusion":
+                enc = adapter.encode(prompt_or_colours)
+                ids = adapter.generate(adapter.embed(enc.input_ids, adapter.image_features(pixel_values)),
+                                       max_new_tokens)[0]
+                return adapter.decode(ids)
+            colour, other, shape = prompt_or_colours
+            scores = adapter.score_matrix(pixel_values, [f"a {colour} {shape}", f"a {other} {shape}"])[0]
+            return bool(scores[0] > scores[1])
+        finally:
+            handle.remove()
 
 
 def _default_prompt() -> str:
@@ -392,7 +415,7 @@ def _default_prompt() -> str:
 
 # --- probe kind ----------------------------------------------------------------------------------
 
-PARAMS = {"kind", "mode", "prompt", "limit", "max_new_tokens", "seed"}
+PARAMS = {"kind", "mode", "prompt", "limit", "max_new_tokens", "seed", "site"}
 
 
 @probe_kind("intervention")
@@ -422,7 +445,8 @@ def intervention_kind(model_dir: str, dataset_dir: str | None, params: dict, *, 
                                 max_new_tokens=max_new, progress=progress)
         return _ablation_result(metrics)
     metrics = feature_swap(adapter, scenes, prompt=params.get("prompt"), max_new_tokens=max_new,
-                           seed=_int(params, "seed", 0) or 0, progress=progress)
+                           seed=_int(params, "seed", 0) or 0, site=str(params.get("site", "patch-embedding")),
+                           progress=progress)
     return _swap_result(metrics)
 
 

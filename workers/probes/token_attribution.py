@@ -36,7 +36,9 @@ from workers.probes.adapters.fusion import Encoded, FusionAdapter
 from workers.probes.errors import ProbeInputError
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress, probe_kind
 
-METHODS = ("chefer", "raw")
+#: ``chefer``: decoder only (image-token columns); ``chefer_full``: also through the vision tower;
+#: ``raw``: attention of the predicting position, mean over layers and heads.
+METHODS = ("chefer", "chefer_full", "raw")
 #: Words that never name an object in a generic dataset's prompts.
 STOPWORDS = frozenset({"a", "an", "the", "of", "and", "photo", "picture", "image", "with", "in", "on", ","})
 
@@ -118,23 +120,59 @@ def attention_gradients(logits: torch.Tensor, attentions: Sequence[torch.Tensor]
 
 
 def attribute_generated(adapter: FusionAdapter, enc: Encoded, image_features: torch.Tensor,
-                        generated: Sequence[int], *, batched: bool = True) -> dict[str, torch.Tensor]:
+                        generated: Sequence[int], *, batched: bool = True,
+                        pixel_values: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Relevance rows ``{method: [T, N]}`` of every generated token over the joint sequence.
 
     ``image_features`` ``[1, n_img, D]`` (LM input), ``generated`` the T generated token ids.
     One teacher-forced forward and one (batched) backward pass.
+
+    With ``pixel_values`` (``[1, 3, S, S]``) and an adapter with ``vision_trace``, the same forward
+    and backward also run through the vision tower and the result gains ``chefer_full``
+    ``[T, n_img]`` (patch relevance): the decoder's image-token relevance carried back to the
+    input patches by Chefer's rule over the vision tower's self-attention, because a vision
+    transformer moves information between patches before the decoder ever sees it.
     """
     if not generated:
         raise ProbeInputError("the model generated no tokens to attribute")
     ids, rows = _targets(adapter, enc, generated)
     targets = torch.tensor(list(generated), dtype=torch.long, device=ids.device)
+    full = pixel_values is not None and hasattr(adapter, "vision_trace")
     with torch.enable_grad():
-        embeds = adapter.embed(ids, image_features.detach()).detach().requires_grad_(True)
+        vision_attns: list[torch.Tensor] = []
+        if full:
+            feats, vision_attns, vision_rows = adapter.vision_trace(pixel_values)
+            embeds = adapter.embed(ids, feats)
+        else:
+            embeds = adapter.embed(ids, image_features.detach()).detach().requires_grad_(True)
         trace = adapter.trace(embeds, ids, enc.image_positions)
-        grads = attention_gradients(trace.logits, trace.attentions, rows, targets, batched=batched)
+        everything = list(trace.attentions) + vision_attns
+        grads = attention_gradients(trace.logits, everything, rows, targets, batched=batched)
     with torch.no_grad():
+        n_dec = len(trace.attentions)
         attns = [a.detach() for a in trace.attentions]
-        return {"chefer": relevance_rows(attns, grads, rows), "raw": raw_rows(attns, rows)}
+        out = {"chefer": relevance_rows(attns, grads[:n_dec], rows), "raw": raw_rows(attns, rows)}
+        if full:
+            out["chefer_full"] = vision_relevance(out["chefer"], enc.image_positions, [a.detach() for a in vision_attns],
+                                                  grads[n_dec:], vision_rows, adapter.num_prefix_tokens)
+        return out
+
+
+def vision_relevance(rows_rel: torch.Tensor, image_positions: torch.Tensor, attentions: Sequence[torch.Tensor],
+                     grads: Sequence[torch.Tensor], vision_rows: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Carry image-token relevance ``rows_rel[:, image_positions]`` back to the input patches.
+
+    ``attentions[l]`` ``[1, Hv, Tv, Tv]``, ``grads[l]`` ``[T, Hv, Tv, Tv]``; Chefer's rule gives
+    ``R_v = prod_l (I + mean_h((grad * A)+))`` per target; returns ``[T, G]`` over patch tokens.
+    """
+    t = rows_rel.shape[0]
+    tv = attentions[0].shape[-1] if attentions else int(vision_rows.max()) + 1
+    r = torch.zeros(t, tv, dtype=rows_rel.dtype)
+    r[:, vision_rows] = rows_rel[:, image_positions].clamp(min=0)
+    for a, g in zip(reversed(attentions), reversed(grads), strict=True):
+        cam = (g * a).clamp(min=0).mean(dim=1)  # [T, Tv, Tv]
+        r = r + torch.bmm(r[:, None, :], cam)[:, 0]
+    return r[:, prefix:]
 
 
 def naive_attribute_generated(adapter: FusionAdapter, enc: Encoded, image_features: torch.Tensor,
@@ -177,6 +215,10 @@ def to_attribution(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int
         n_prompt_text=sum(1 for i in text_pos if i < enc.input_ids.shape[1]))
     tp = torch.tensor(text_pos)
     for method, r in rows_by_method.items():
+        if method == "chefer_full":  # already over the vision grid's patches
+            result.image[method] = r.detach().float().cpu().clamp(min=0).reshape(len(generated), gh, gw).numpy()
+            result.text[method] = result.text["chefer"]
+            continue
         r = r.detach().float().cpu().clone()
         if r.shape[1] < len(seq):
             r = torch.nn.functional.pad(r, (0, len(seq) - r.shape[1]))
@@ -197,20 +239,22 @@ def attribute(adapter: FusionAdapter, image: Image.Image, prompt: str, *, max_ne
     generated = adapter.generate(adapter.embed(enc.input_ids, feats), max_new_tokens)[0]
     if not generated:
         raise ProbeInputError("the model generated no tokens to attribute (it ended the text at once)")
-    rows = attribute_generated(adapter, enc, feats, generated, batched=batched)
+    rows = attribute_generated(adapter, enc, feats, generated, batched=batched,
+                               pixel_values=adapter.preprocess([image]))
     return to_attribution(adapter, enc, generated, rows, prompt)
 
 
 # --- export ---------------------------------------------------------------------------------
 
 
-def attribution_graph(att: TokenAttribution, patch_boxes: np.ndarray | None = None, *, method: str = "chefer",
+def attribution_graph(att: TokenAttribution, patch_boxes: np.ndarray | None = None, *, method: str | None = None,
                       min_weight: float = 1e-3) -> dict[str, Any]:
     """Tokens and patches as nodes, relevance as weighted edges (source -> generated token).
 
     Each generated token's incoming weights (image + text, its own identity term excluded) are
     normalised to sum to 1; edges below ``min_weight`` are left out to keep the file small.
     """
+    method = method or ("chefer_full" if "chefer_full" in att.image else "chefer")
     gh, gw = att.image[method].shape[1:]
     nodes: list[dict[str, Any]] = []
     for r in range(gh):
@@ -266,10 +310,11 @@ def attribution_json(att: TokenAttribution, patch_boxes: np.ndarray | None = Non
 
 
 def caption_figure(image: Image.Image, att: TokenAttribution, *, boxes: Sequence[Sequence[float]] = (),
-                   methods: Sequence[str] = METHODS):
+                   methods: Sequence[str] | None = None):
     """The caption with each word's image heatmap: one column per generated token, one row per method."""
     from workers.probes import figures
 
+    methods = [m for m in (methods or METHODS) if m in att.image]
     t = len(att.generated_tokens)
     fig = figures.new_figure(1.6 * max(t, 2), 1.8 * len(methods) + 0.5)
     axes = fig.subplots(len(methods), max(t, 1), squeeze=False)
@@ -277,7 +322,8 @@ def caption_figure(image: Image.Image, att: TokenAttribution, *, boxes: Sequence
         for k in range(t):
             title = att.generated_tokens[k] if m == 0 else None
             figures.draw_overlay(axes[m][k], image, att.image[method][k], boxes=boxes, title=title)
-        axes[m][0].text(-0.1, 0.5, "gradient x attention" if method == "chefer" else "raw attention",
+        label = {"chefer": "grad x attn (decoder)", "chefer_full": "grad x attn (+ vision)"}.get(method, "raw attention")
+        axes[m][0].text(-0.1, 0.5, label,
                         transform=axes[m][0].transAxes, rotation=90, va="center", ha="right", fontsize=9)
     fig.suptitle(f"“{att.caption}”  (prompt: {att.prompt})", fontsize=10)
     return fig
@@ -286,9 +332,9 @@ def caption_figure(image: Image.Image, att: TokenAttribution, *, boxes: Sequence
 # --- evaluation against ground truth ------------------------------------------------------
 
 
-def _hit(box: Sequence[float], patch_box: Sequence[float]) -> bool:
+def _hit(box: Sequence[float], patch_box: Sequence[float], tolerance: float = 0.0) -> bool:
     cx, cy = (patch_box[0] + patch_box[2]) / 2, (patch_box[1] + patch_box[3]) / 2
-    return box[0] <= cx < box[2] and box[1] <= cy < box[3]
+    return box[0] - tolerance <= cx < box[2] + tolerance and box[1] - tolerance <= cy < box[3] + tolerance
 
 
 def evaluate_pointing(adapter: FusionAdapter, scenes, *, prompt: str, max_new_tokens: int = 32,
@@ -297,6 +343,7 @@ def evaluate_pointing(adapter: FusionAdapter, scenes, *, prompt: str, max_new_to
     word in the zoo world): does the argmax patch of its image relevance lie in that object's box
     (patch centre inside the box)? Returns metrics and the first ``keep`` (scene, attribution)."""
     hits = {m: [] for m in METHODS}
+    tolerant = {m: [] for m in METHODS}
     chance: list[float] = []
     by_kind: dict[str, dict[str, list[bool]]] = {}
     unmatched = words = 0
@@ -312,7 +359,7 @@ def evaluate_pointing(adapter: FusionAdapter, scenes, *, prompt: str, max_new_to
         for k, (scene, image, gen) in enumerate(zip(chunk, images, generated, strict=True)):
             if not gen:
                 continue
-            rows = attribute_generated(adapter, enc, feats[k:k + 1], gen)
+            rows = attribute_generated(adapter, enc, feats[k:k + 1], gen, pixel_values=adapter.preprocess([image]))
             att = to_attribution(adapter, enc, gen, rows, prompt)
             if len(kept) < keep:
                 kept.append((scene, image, att))
@@ -338,6 +385,8 @@ def evaluate_pointing(adapter: FusionAdapter, scenes, *, prompt: str, max_new_to
                     img = att.image[method][t].reshape(-1)
                     hit = _hit(box, pboxes[int(np.argmax(img))])
                     hits[method].append(hit)
+                    # the grounding engine's pointing-game tolerance: 15 px at 224 px
+                    tolerant[method].append(_hit(box, pboxes[int(np.argmax(img))], 15 * scene.width / 224))
                     by_kind.setdefault(kind, {m: [] for m in METHODS})[method].append(hit)
                 chance.append(float(np.mean([_hit(box, pb) for pb in pboxes])))
         progress(min(1.0, (start + len(chunk)) / len(scenes)), "attributing generated words")
@@ -347,6 +396,7 @@ def evaluate_pointing(adapter: FusionAdapter, scenes, *, prompt: str, max_new_to
         "hallucinated_words": unmatched,
         "pointing": {m: (float(np.mean(v)) if v else None) for m, v in hits.items()},
         "random_baseline": float(np.mean(chance)) if chance else None,
+        "pointing_15px_tolerance": {m: (float(np.mean(v)) if v else None) for m, v in tolerant.items()},
         "by_word_kind": {k: {m: float(np.mean(v)) for m, v in d.items()} | {"n": len(d["chefer"])}
                          for k, d in by_kind.items()},
         "seconds": round(time.perf_counter() - started, 2),

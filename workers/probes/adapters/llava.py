@@ -153,6 +153,31 @@ class LlavaAdapter(FusionAdapter):
         return DecoderTrace(logits=out.logits, attentions=attentions, input_ids=input_ids,
                             image_positions=image_positions)
 
+    def vision_trace(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Image features computed with the vision tower's attentions kept (with gradients).
+
+        Returns ``(features [B, n_img, D], attentions [B, Hv, Tv, Tv] per vision layer that
+        feeds the selected feature layer, vision_rows [n_img])``: ``vision_rows[j]`` is the
+        vision-sequence position that image token ``j`` comes from.
+        """
+        cfg = self.model.config
+        out = self.model.model.vision_tower(pixel_values, output_attentions=True, output_hidden_states=True,
+                                            return_dict=True)
+        layer = cfg.vision_feature_layer
+        hidden = out.hidden_states[layer]
+        used = layer % len(out.hidden_states)  # hidden_states[k] is the output of k vision layers
+        attentions = list(out.attentions[:used])
+        tv = hidden.shape[1]
+        if getattr(cfg, "vision_feature_select_strategy", "default") == "default":
+            hidden = hidden[:, self.num_prefix_tokens:]
+            rows = torch.arange(self.num_prefix_tokens, tv, device=hidden.device)
+        else:
+            rows = torch.arange(tv, device=hidden.device)
+        for a in attentions:
+            if a.requires_grad:
+                a.retain_grad()
+        return self.model.model.multi_modal_projector(hidden), attentions, rows
+
     def _modules(self, pattern: str) -> list[torch.nn.Module]:
         found: dict[int, torch.nn.Module] = {}
         rx = re.compile(pattern)

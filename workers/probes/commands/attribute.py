@@ -4,6 +4,10 @@ Prints (with ``--json``) the caption, per-token image and text relevance for the
 method (``chefer``) and the raw-attention baseline (``raw``), and the attribution graph (tokens and
 patches as nodes, weighted edges). ``--figures DIR`` writes the caption figure (each word's image
 heatmap) and ``attribution-graph.json``.
+
+``--dataset DIR`` (instead of ``--image``) scores a whole dataset instead: for every generated word
+that names one object, does the attribution maximum lie in that object's box (both methods, with a
+random baseline)? That is the ``token_attribution`` probe kind the workers run.
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ from workers.probes.errors import ProbeInputError
 
 def configure(parser: argparse.ArgumentParser) -> None:
     common.add_model_arguments(parser)
-    parser.add_argument("--image", required=True, help="the image file")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="the image file")
+    source.add_argument("--dataset", help="score a dataset folder (annotations.jsonl + scenes.jsonl) instead")
+    parser.add_argument("--limit", type=common.positive_int, default=None, help="--dataset: first N images")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--prompt", default=None, help="the text prompt (default: the zoo captioner's "
                                                        "'describe the image'); '<image>' marks where the image goes")
     parser.add_argument("--max-new-tokens", type=common.positive_int, default=32, help="default 32")
@@ -36,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         raise ProbeInputError(f"--figures: folder {folder} does not exist")
     if args.prompt is not None and not args.prompt.strip():
         raise ProbeInputError("--prompt must not be empty")
+    if args.dataset:
+        return _run_dataset(args)
     image = open_image(Path(args.image), max_pixels=MAX_PIXELS, decode=True)
     adapter = ta.load_fusion(args.model, args.device)
     prompt = args.prompt or ta.default_prompt(adapter)
@@ -55,4 +65,19 @@ def run(args: argparse.Namespace) -> int:
             c, r = tok["chefer"], tok["raw"]
             print(f"  {tok['token']:>12}  image share {c['image_share']:.2f}  peak patch {c['argmax_patch']} "
                   f"(raw attention: {r['argmax_patch']})")
+    return 0
+
+
+def _run_dataset(args: argparse.Namespace) -> int:
+    from workers.probes import suite
+    from workers.probes.progress import TqdmProgress
+
+    params = {"limit": args.limit, "max_new_tokens": args.max_new_tokens}
+    if args.prompt:
+        params["prompt"] = args.prompt
+    with TqdmProgress("attribute", enabled=not args.no_progress) as progress:
+        result = suite.run("token_attribution", args.model, args.dataset, params, device=args.device,
+                           progress=progress)
+    common.write_figures(result, args.figures)
+    print(json.dumps(result.metrics) if args.json else result.summary)
     return 0

@@ -20,6 +20,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=common.positive_int, default=None, help="use only the first N images")
     parser.add_argument("--max-new-tokens", type=common.positive_int, default=32)
     parser.add_argument("--seed", type=common.non_negative_int, default=0, help="feature swap: background cells")
+    parser.add_argument("--site", choices=["patch-embedding", "projector"], default="patch-embedding",
+                        help="feature swap: where features are replaced (default patch-embedding)")
     common.add_output_arguments(parser)
 
 
@@ -28,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from workers.probes.progress import TqdmProgress
 
     params = {"kind": args.kind, "mode": args.mode, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
-              "seed": args.seed}
+              "seed": args.seed, "site": args.site}
     if args.prompt:
         params["prompt"] = args.prompt
     with TqdmProgress(args.kind, enabled=not args.no_progress) as progress:

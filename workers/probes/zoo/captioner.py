@@ -60,6 +60,8 @@ class TrainSpec:
 
     train_scenes: int = 6000
     steps: int = 1500
+    #: optional second cosine cycle with a fresh optimizer ("warm restart"); 0 in the committed build
+    restart_steps: int = 0
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -160,33 +162,10 @@ def _encode_batch(processor, scenes: Sequence[world.Scene], prompts: Sequence[st
     return ids, labels, mask
 
 
-def train(out_dir: str | os.PathLike, spec: TrainSpec | None = None, *, log=print) -> Path:
-    """Train the captioner from scratch and save it (HF format + model card + SHA256SUMS)."""
+def _train_cycle(model, processor, scenes, pixels, spec: TrainSpec, steps: int, rng, losses: list[float], log,
+                 started: float) -> None:
+    """One cosine learning-rate cycle with a fresh AdamW."""
     import torch
-    from transformers import LlavaForConditionalGeneration
-
-    from workers.probes.zoo import write_checksums
-
-    spec = spec or TrainSpec()
-    torch.set_num_threads(spec.torch_threads)
-    torch.manual_seed(spec.seed)
-    rng = np.random.default_rng(spec.seed)
-    started = time.time()
-
-    processor = build_processor()
-    tok = processor.tokenizer
-    config = build_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, tok.bos_token_id,
-                          tok.eos_token_id)
-    model = LlavaForConditionalGeneration(config)
-    model.config._attn_implementation = "eager"
-
-    log(f"rendering {spec.train_scenes} training scenes ...")
-    scenes = world.sample_scenes(TRAIN_SEED, spec.train_scenes)
-    pixels = torch.cat(
-        [processor.image_processor([s.image for s in scenes[i:i + 500]], return_tensors="pt")["pixel_values"]
-         for i in range(0, len(scenes), 500)]
-    )
-    log(f"  done in {time.time() - started:.0f}s; training {spec.steps} steps")
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -196,12 +175,11 @@ def train(out_dir: str | os.PathLike, spec: TrainSpec | None = None, *, log=prin
     def lr_at(step: int) -> float:
         if step < spec.warmup:
             return spec.lr * (step + 1) / spec.warmup
-        t = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+        t = (step - spec.warmup) / max(1, steps - spec.warmup)
         return spec.lr * 0.5 * (1 + math.cos(math.pi * t))
 
     model.train()
-    losses: list[float] = []
-    for step in range(spec.steps):
+    for step in range(steps):
         idx = rng.choice(len(scenes), spec.batch_size, replace=False)
         prompts = [PROMPTS[int(k)] for k in rng.integers(0, len(PROMPTS), spec.batch_size)]
         ids, labels, mask = _encode_batch(processor, [scenes[i] for i in idx], prompts)
@@ -212,9 +190,52 @@ def train(out_dir: str | os.PathLike, spec: TrainSpec | None = None, *, log=prin
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(out.loss))
-        if step % 100 == 0 or step == spec.steps - 1:
+        losses.append(out.loss.item())
+        if step % 100 == 0 or step == steps - 1:
             log(f"  step {step:5d}  loss {np.mean(losses[-100:]):.4f}  ({time.time() - started:.0f}s)")
+
+
+def train(out_dir: str | os.PathLike, spec: TrainSpec | None = None, *, log=print,
+          resume: str | os.PathLike | None = None) -> Path:
+    """Train the captioner from scratch and save it (HF format + model card + SHA256SUMS).
+
+    ``resume``: a checkpoint saved at the end of the first cycle; only the restart cycle runs.
+    """
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from workers.probes.zoo import write_checksums
+
+    spec = spec or TrainSpec()
+    torch.set_num_threads(spec.torch_threads)
+    torch.manual_seed(spec.seed)
+    started = time.time()
+
+    processor = build_processor()
+    tok = processor.tokenizer
+    config = build_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, tok.bos_token_id,
+                          tok.eos_token_id)
+    if resume is not None:  # continue from a checkpoint saved at the end of cycle 1
+        model = LlavaForConditionalGeneration.from_pretrained(resume, use_safetensors=True, attn_implementation="eager")
+    else:
+        model = LlavaForConditionalGeneration(config)
+    model.config._attn_implementation = "eager"
+
+    log(f"rendering {spec.train_scenes} training scenes ...")
+    scenes = world.sample_scenes(TRAIN_SEED, spec.train_scenes)
+    pixels = torch.cat(
+        [processor.image_processor([s.image for s in scenes[i:i + 500]], return_tensors="pt")["pixel_values"]
+         for i in range(0, len(scenes), 500)]
+    )
+    cycles = [spec.steps] + ([spec.restart_steps] if spec.restart_steps else [])
+    log(f"  done in {time.time() - started:.0f}s; training {' + '.join(map(str, cycles))} steps")
+    losses: list[float] = []
+    for cycle, steps in enumerate(cycles):
+        if resume is not None and cycle == 0:
+            continue
+        rng = np.random.default_rng(spec.seed if cycle == 0 else [spec.seed, cycle])
+        _train_cycle(model, processor, scenes, pixels, spec, steps, rng, losses, log, started)
+    model.eval()
     model.eval()
 
     out = Path(out_dir)
@@ -278,9 +299,10 @@ is known, token attributions and interventions on this model can be checked agai
   (3 layers, width 128, 4 heads), word-level tokenizer ({len(vocabulary())} tokens, `<image>` special).
 - Inputs: `AutoProcessor.from_pretrained(dir)(images=img, text="<image> describe the image")`;
   prompts seen in training: {'; '.join(repr(p) for p in PROMPTS)}.
-- Training: {spec.train_scenes} scenes of world stream {TRAIN_SEED}, {spec.steps} AdamW steps of batch
-  {spec.batch_size}, lr {spec.lr} (cosine), torch seed {spec.seed}; final training loss {loss:.4f};
-  {seconds:.0f} s on this machine's CPU.
+- Training: {spec.train_scenes} scenes of world stream {TRAIN_SEED}, {spec.steps} + {spec.restart_steps} AdamW
+  steps of batch {spec.batch_size} (two cosine cycles, lr {spec.lr}, fresh optimizer at the restart), torch
+  seed {spec.seed}; final training loss {loss:.4f}; {seconds:.0f} s for the run that saved this card
+  (a shared, heavily loaded CPU).
 - Exact-caption accuracy on {spec.eval_scenes} held-out scenes (stream 1000003): {accuracy:.2f}.
 - Reproduce: `python -m workers.probes.zoo.captioner build`. Files are listed in `SHA256SUMS`.
 - Weights are safetensors; no custom code.
@@ -309,11 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="train the tiny captioner from scratch and save it")
     b.add_argument("--out", default=str(CHECKPOINT_ROOT / NAME))
     b.add_argument("--steps", type=int, default=TrainSpec.steps)
+    b.add_argument("--restart-steps", type=int, default=TrainSpec.restart_steps,
+                   help="steps of a second cosine cycle (default 0: none)")
+    b.add_argument("--resume", default=None, help="a checkpoint saved after the first cycle: run only the restart")
     b.add_argument("--threads", type=int, default=TrainSpec.torch_threads,
                    help="torch threads (1 is faster than 2 on a CPU shared with other jobs)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    train(args.out, TrainSpec(steps=args.steps, torch_threads=args.threads))
+    train(args.out, TrainSpec(steps=args.steps, restart_steps=args.restart_steps, torch_threads=args.threads),
+          resume=args.resume)
     return 0
 
 
