@@ -245,7 +245,7 @@ def summary_figures(entry: dict[str, Any], inputs: RenderInputs) -> list[dict[st
         png = figures.bar_chart(label, values, ylabel=metric.replace("_", " "), reference=random,
                                 reference_label="random baseline" if random is not None else "")
         out.append({"url": _generated(inputs, f"{eid}-{metric}", png),
-                    "caption": f"{label.capitalize()} per explanation method (evidence #{eid})"
+                    "caption": f"{label[0].upper()}{label[1:]} per explanation method (evidence #{eid})"
                                + ("; the dashed line is the random baseline." if random is not None else ".")})
     by_severity = metrics.get("mean_corruption_accuracy_by_severity")
     if isinstance(by_severity, dict) and by_severity:
