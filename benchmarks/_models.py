@@ -86,17 +86,24 @@ def peak_rss():
     out["peak_mib"] = round((_status()["VmHWM"] - before) / 1024, 1) if supported else float("nan")
 
 
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 1, keep: list | None = None) -> dict[str, float]:
-    """Median seconds over ``repeats`` calls (after ``warmup``) and peak RSS increase of the repeats.
-    The last call's result is appended to ``keep`` when given (to check implementations agree)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    with peak_rss() as mem:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            result = fn()
-            times.append(time.perf_counter() - start)
-    if keep is not None:
-        keep.append(result)
-    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats, **mem}
+def compare(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+            keep: dict | None = None) -> dict[str, dict[str, float]]:
+    """Time several implementations *interleaved* (a, b, a, b, ...), so that load from other
+    processes on a shared CPU hits all of them alike. Per implementation: median and min seconds
+    and the largest peak-RSS increase of one call. The last results go into ``keep``."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    peaks: dict[str, float] = {name: 0.0 for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            with peak_rss() as mem:
+                start = time.perf_counter()
+                result = fn()
+                times[name].append(time.perf_counter() - start)
+            peaks[name] = max(peaks[name], mem["peak_mib"])
+            if keep is not None:
+                keep[name] = result
+    return {name: {"median_s": statistics.median(t), "min_s": min(t), "repeats": repeats, "peak_mib": peaks[name]}
+            for name, t in times.items()}

@@ -221,3 +221,26 @@ def test_it_occlusion_rejects_windows_that_do_not_fit(clip):
         registry.get("occlusion")(clip, pv, ["a cat"], window=64)
     with pytest.raises(ProbeInputError, match="stride must be"):
         registry.get("occlusion")(clip, pv, ["a cat"], window=8, stride=9)
+
+
+def test_it_occludes_an_image_once_for_all_its_prompts(attending):
+    pv, prompts = _scenes()
+    # the same scene asked about both colours: one set of occluded copies, two maps
+    pairs = pv[:1].expand(2, -1, -1, -1)
+    calls = []
+    original = attending.image_embeds
+
+    def counting(x):
+        calls.append(x.shape[0])
+        return original(x)
+
+    attending.image_embeds = counting
+    try:
+        both = registry.get("occlusion")(attending, pairs, ["a red circle", "a blue square"])
+    finally:
+        del attending.image_embeds
+    windows = 7 * 7  # 32 px, window 8, stride 4
+    assert sum(calls) == 2 + windows  # the two unoccluded pairs, then each window once
+    separately = torch.cat([registry.get("occlusion")(attending, pv[:1], [p]) for p in ("a red circle", "a blue square")])
+    torch.testing.assert_close(both, separately, rtol=1e-5, atol=1e-6)
+    assert both[0][1, 2] > 0 and both[1][3, 0] > 0  # each prompt's own object

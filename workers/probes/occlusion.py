@@ -4,13 +4,16 @@ A ``window x window`` square (all channels) is replaced by ``baseline`` (in norm
 space: 0 is the image processor's mean colour) at every ``stride`` step; a pixel's attribution is
 the mean drop of the image-prompt score over the windows covering it, as in captum's
 ``Occlusion`` (windows start at multiples of ``stride``; the last one may overhang the border).
+An image paired with several prompts is occluded and embedded once for all of them.
 The pixel map is averaged over each patch to give the ``[B, gh, gw]`` map.
 
-Why not captum: its loop re-runs the user's whole forward function (text tower included) for
-every group of occluded copies and accumulates full-resolution tensors per window. Here the
-prompts are encoded once, only the image tower runs on the occluded copies, and many copies of
-many images go through it in one batch (``batch_size``). ``benchmarks/grounding.py`` measures the
-difference and checks that both give the same map.
+Why not captum: it explains one (input, target) at a time, so an image asked about several
+prompts is occluded and re-encoded for each of them, and with its default settings each forward
+carries one window per image. Here the occluded copies of each distinct image are embedded once,
+many of them per forward (``batch_size``), and scored against all of that image's prompts (whose
+embeddings are computed once). With one prompt per image and captum's batch raised to ours, both
+do the same forward passes and run at the same speed; ``benchmarks/grounding.py`` measures each
+case and checks that both give the same map.
 """
 
 from __future__ import annotations
@@ -53,15 +56,22 @@ def occlusion_pixels(adapter, pixel_values: torch.Tensor, prompts: Sequence[str]
     n_pos = rows.shape[0]
     n_images, n_windows = pixel_values.shape[0], n_pos * n_pos
 
+    # An image explained for several prompts is occluded once: its occluded copies are embedded
+    # once and scored against each of its prompts (the text tower never runs on the copies).
+    unique, owner = torch.unique(pixel_values.flatten(1), dim=0, return_inverse=True)
+    unique = unique.view(-1, *pixel_values.shape[1:])
+    n_unique = unique.shape[0]
     text = adapter.text_embeds(prompts)  # [B, E], each prompt encoded once
     base = adapter.pair_score(adapter.image_embeds(pixel_values), text)  # [B]
-    drops = torch.empty(n_images * n_windows, device=adapter.device)
-    for s in chunks(n_images * n_windows, batch_size):
-        pairs = torch.arange(s.start, s.stop, device=adapter.device)
-        img, win = pairs // n_windows, pairs % n_windows
+    drops = torch.empty(n_images, n_windows, device=adapter.device)
+    for s in chunks(n_unique * n_windows, batch_size):
+        rows_of_chunk = torch.arange(s.start, s.stop, device=adapter.device)
+        img, win = rows_of_chunk // n_windows, rows_of_chunk % n_windows
         m = (rows[win // n_pos, :, None] * rows[win % n_pos, None, :]).unsqueeze(1)  # [n, 1, S, S]
-        occluded = pixel_values[img] * (1 - m) + baseline * m
-        drops[s] = base[img] - adapter.pair_score(adapter.image_embeds(occluded), text[img])
+        occluded = unique[img] * (1 - m) + baseline * m
+        scores = adapter.similarity(adapter.image_embeds(occluded), text)  # [n, B]: every prompt
+        i, b = torch.nonzero(owner[None, :] == img[:, None], as_tuple=True)  # copy i belongs to pair b
+        drops[b, win[i]] = base[b] - scores[i, b]
     drops = drops.view(n_images, n_pos, n_pos)
 
     # sum over windows of drop * mask, then divide by how many windows cover each pixel

@@ -209,12 +209,14 @@ class CLIPAdapter(DualEncoderAdapter):
         prompts = self.pair_prompts(pixel_values, prompts)
         return self.pair_score(self.image_embeds(pixel_values), self.text_embeds(prompts))
 
-    def score_matrix(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        img = self.image_embeds(pixel_values)
-        txt = self.text_embeds(list(prompts))
+    def similarity(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Normalised embeddings ``[N, E]`` x ``[P, E]`` -> all-pairs scores ``[N, P]``."""
         scale, bias = self._scale_and_bias()
-        s = img @ txt.T * scale.float()
+        s = image_embeds @ text_embeds.to(image_embeds.dtype).T * scale.float()
         return s if bias is None else s + bias.float()
+
+    def score_matrix(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.similarity(self.image_embeds(pixel_values), self.text_embeds(list(prompts)))
 
     # ------------------------------------------------------------------ recording
     @contextlib.contextmanager
