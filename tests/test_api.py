@@ -324,3 +324,31 @@ def test_it_serves_swagger_ui_without_a_cdn(client):
     schema = client.get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
     assert schema.status_code == 200
     assert "/api/cases/{id}/signoff/" in json.loads(schema.content)["paths"]
+
+
+# --- model cards -------------------------------------------------------------------------------
+
+
+def test_it_imports_the_model_card_from_the_archive_and_exports_it(alice, acme_model, tmp_path):
+    directory = write_tiny_hf_model(tmp_path / "carded")
+    (directory / "README.md").write_text(
+        "---\nlicense: apache-2.0\nlanguage: en\n---\n# Acme CLIP\n\n## Limitations\n\nSynthetic shapes only.\n")
+    response = upload(client_for(alice), acme_model, "4.0", zip_bytes(model_members(directory)))
+    assert response.status_code == 201, response.json()
+    assert response.json()["limitations"] == "Synthetic shapes only."
+    assert response.json()["card_metadata"]["license"] == "apache-2.0"
+    card = client_for(alice).get(f"/api/versions/{response.json()['id']}/model-card/")
+    assert card.status_code == 200 and card["Content-Type"].startswith("text/markdown")
+    text = card.content.decode()
+    assert text.startswith("---\n") and "license: apache-2.0" in text and "Synthetic shapes only." in text
+
+
+def test_it_refuses_a_malformed_model_card_with_a_reason(alice, acme_model, tmp_path):
+    response = upload(client_for(alice), acme_model, "5.0", tiny_model_zip(tmp_path))
+    version_id = response.json()["id"]
+    bad = client_for(alice).put(f"/api/versions/{version_id}/model-card/", {"card": "---\n: [unclosed\n---\n# x\n"},
+                                format="json")
+    assert bad.status_code == 400 and bad.json()["error"] == "bad_model_card"
+    good = client_for(alice).put(f"/api/versions/{version_id}/model-card/",
+                                 {"card": "# Card\n\n## Caveats\n\nNone known.\n"}, format="json")
+    assert good.status_code == 200 and good.json()["caveats"] == "None known."

@@ -89,6 +89,9 @@ TABLE = [
     Row("manifest of a hub-only version", "post", "/api/versions/{version}/manifest/",
         (401, 404, 409, 403, 403, 403, 409)),
     Row("download an uploaded archive", "get", "/api/versions/{uploaded}/archive/", ACME_ONLY),
+    Row("export a model card", "get", "/api/versions/{version}/model-card/", READ),
+    Row("import a model card", "put", "/api/versions/{uploaded}/model-card/", WRITE_OWN,
+        lambda w: {"card": "# Card\n\n## Caveats\n\nNone.\n"}),
     # Cases and workflow
     Row("list cases", "get", "/api/cases/", LIST),
     Row("read the case under review", "get", "/api/cases/{case}/", READ),

@@ -15,6 +15,7 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 from governance import pipeline, workflow
 from governance.artifacts import ArtifactUnavailable
+from governance.modelcard import ModelCardError
 from governance.models import ImmutableError
 from governance.uploads import UploadRejected
 from workers.probes.errors import ProbeInputError
@@ -60,6 +61,8 @@ def exception_handler(exc, context):
         return _error("cannot_start", str(exc), status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, ArtifactUnavailable):
         return _error("artifact_unavailable", str(exc), status.HTTP_409_CONFLICT)
+    if isinstance(exc, ModelCardError):
+        return _error("bad_model_card", str(exc), status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, ProbeInputError):
         return _error("probe_input", str(exc), status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, IntegrityError):

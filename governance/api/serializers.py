@@ -99,6 +99,11 @@ class ModelVersionUploadSerializer(serializers.Serializer):
                                               "config.json and *.safetensors; pickled weights are refused.")
 
 
+class ModelCardImportSerializer(serializers.Serializer):
+    card = serializers.CharField(max_length=1024 * 1024, trim_whitespace=False,
+                                 help_text="README.md text: YAML metadata between --- lines, then ## sections.")
+
+
 class AuditCaseSerializer(serializers.ModelSerializer):
     model_version = VisibleRelatedField(queryset=m.ModelVersion.objects.all())
     reviewers = ReviewerField(many=True, required=False,

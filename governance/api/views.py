@@ -19,7 +19,7 @@ import inspect
 from pathlib import Path
 
 from django.db import transaction
-from django.http import FileResponse
+from django.http import FileResponse, HttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
@@ -31,7 +31,7 @@ from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.throttling import AnonRateThrottle
 
-from governance import access, artifacts, audit_log, uploads, workflow
+from governance import access, artifacts, audit_log, modelcard, uploads, workflow
 from governance import models as m
 from governance.api import filters, serializers
 from governance.api.permissions import CanEditObject, RolePermission
@@ -151,7 +151,7 @@ class ModelVersionViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveMo
     filterset_class = filters.ModelVersionFilter
     ordering_fields = ["created_at", "version"]
     action_roles = {"create": WRITERS, "update": WRITERS, "partial_update": WRITERS, "upload": WRITERS,
-                    "manifest": WRITERS}
+                    "manifest": WRITERS, "model_card": WRITERS}
 
     def get_serializer_class(self):
         if self.action in {"update", "partial_update"}:
@@ -234,6 +234,8 @@ class ModelVersionViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveMo
                         "version": label, "archive": stored_name, "archive_sha256": archive_sha256.hexdigest(),
                         "archive_bytes": upload.size, "files": extracted.files,
                         "unpacked_bytes": extracted.unpacked_bytes})
+                    if "README.md" in extracted.files:  # the Hugging Face model card travels with the model
+                        modelcard.import_card(version, (destination / "README.md").read_bytes(), by=request.user)
                     tasks.enqueue_on_commit(tasks.compute_manifest, version.pk)
         except BaseException:
             # Nothing half-written: the transaction rolled back, so remove what reached the disk.
@@ -255,6 +257,23 @@ class ModelVersionViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveMo
         artifacts.model_directory(version)  # refuse now (409) rather than fail later on the worker
         tasks.enqueue_on_commit(tasks.compute_manifest, version.pk)
         return Response({"detail": f"manifest of {version} queued"}, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(summary="The version as a Hugging Face model card (README.md with YAML metadata)",
+                   responses={(200, "text/markdown"): OpenApiTypes.STR, 404: ERRORS[404]}, methods=["GET"])
+    @extend_schema(summary="Replace the model-card fields from a Hugging Face model card",
+                   request=serializers.ModelCardImportSerializer,
+                   responses={200: serializers.ModelVersionSerializer, **ERRORS}, methods=["PUT"])
+    @action(detail=True, methods=["get", "put"], url_path="model-card", url_name="model-card")
+    def model_card(self, request, pk=None):
+        version = self.get_object()
+        if request.method == "GET":
+            return HttpResponse(modelcard.export_card(version), content_type="text/markdown; charset=utf-8")
+        if not access.can_edit(request.user, version):
+            raise PermissionDenied("You may not change this model version.")
+        serializer = serializers.ModelCardImportSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        modelcard.import_card(version, serializer.validated_data["card"], by=request.user)
+        return Response(serializers.ModelVersionSerializer(version, context=self.get_serializer_context()).data)
 
     @extend_schema(summary="Download the uploaded archive", responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, 404: ERRORS[404]})
     @action(detail=True, methods=["get"], url_path="archive", url_name="archive")
