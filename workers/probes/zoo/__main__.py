@@ -1,0 +1,52 @@
+"""``python -m workers.probes.zoo build|dataset``: reproduce the reference models or write a split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers.probes.zoo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="train the reference dual encoders from scratch")
+    b.add_argument("--out", type=Path, default=None, help="output root (default: the committed checkpoints folder)")
+    b.add_argument("--only", default=None, help="comma-separated model names (default: all)")
+    b.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    d = sub.add_parser("dataset", help="write a deterministic dataset split")
+    d.add_argument("--split", default="heldout")
+    d.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    from workers.probes import zoo
+
+    if args.command == "dataset":
+        from workers.probes.zoo import world
+
+        if args.split not in zoo.SPLITS:
+            print(f"error: unknown split {args.split!r}; known: {', '.join(sorted(zoo.SPLITS))}", file=sys.stderr)
+            return 2
+        spec = zoo.SPLITS[args.split]
+        scenes = (world.scene_at(spec.seed, i, watermark=spec.watermark) for i in range(spec.n_images))
+        out = world.write_dataset(args.out, scenes, info={"split": args.split, "seed": spec.seed})
+        print(out)
+        return 0
+
+    from workers.probes.zoo.build import RECIPES, build_reference_model
+
+    names = args.only.split(",") if args.only else list(RECIPES)
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        print(f"error: unknown model(s) {', '.join(unknown)}; known: {', '.join(RECIPES)}", file=sys.stderr)
+        return 2
+    root = args.out or zoo.CHECKPOINT_ROOT
+    for name in names:
+        info = build_reference_model(name, root / name, steps=args.steps)
+        print(json.dumps(info, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
