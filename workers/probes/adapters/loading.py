@@ -144,11 +144,15 @@ def load(path_or_id: str, *, revision: str | None = None, device: str | torch.de
     # Quiet transformers' warnings (incomplete weights are reported below, as an error; the
     # "torchvision missing, using the PIL image processor" notice is expected on CPU hosts).
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would clutter CLI output and worker logs
     try:
         return _load_quietly(where, revision, common, adapter_cls, config, dev, autocast_dtype, str(path_or_id))
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _load_quietly(where, revision, common, adapter_cls, config, dev, autocast_dtype, source):
