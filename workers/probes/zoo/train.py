@@ -6,14 +6,13 @@ any other Hugging Face checkpoint and exercise the same code paths an audited mo
 
 Objective: the text is a *single-object* prompt ("a red circle") naming one object present in
 the image, because the grounding question the zoo validates is "where is the red circle?".
-
-- CLIP: symmetric InfoNCE with in-batch negatives. Prompts that are true for an image but are
-  not its target (another object in the same image, or the same object in another image of the
-  batch) are masked out instead of being pushed away. ``extra_prompts`` (by default every
-  colour x shape prompt) join the text side as hard negatives, so an image with a red circle and
-  a blue square is also contrasted with "a red square" and "a blue circle".
-- SigLIP: the pairwise sigmoid loss over images x (batch prompts + extra prompts), with every
-  true prompt a positive (the sigmoid loss handles several positives natively).
+The loss (``contrastive_loss``) is a multi-positive InfoNCE with in-batch negatives: every true
+(image, prompt) pair is a positive term, the other true pairs are masked out rather than pushed
+apart (a batch often holds two images with a red circle), and ``extra_prompts`` (by default
+every colour x shape prompt) join the text side as hard negatives, so an image with a red circle
+and a blue square is also contrasted with "a red square" and "a blue circle". SigLIP's pairwise
+sigmoid loss is available (``TrainConfig.loss="sigmoid"``) but learned far more slowly in the
+short CPU budget, so both reference models use InfoNCE (for SigLIP the bias then cancels).
 
 ``train_dual_encoder`` is deliberately generic (scene sampler, caption function, positives
 function, config), because the shortcut zoo reuses it with a watermark-biased world.
