@@ -113,7 +113,9 @@ def test_it_uploads_an_archive_and_a_worker_computes_its_manifest(alice, acme_mo
     assert version.architecture_family == "dual_encoder"
     assert len(version.manifest_hash) == 64
     actions = list(AuditEvent.objects.order_by("seq").values_list("action", flat=True))
-    assert actions[-2:] == ["model_version.uploaded", "model_version.manifest_computed"]
+    # The archive's README.md is imported as the model card in the same transaction as the upload.
+    assert actions[-3:] == ["model_version.uploaded", "model_version.card_imported",
+                            "model_version.manifest_computed"]
     # The archive is downloadable by whoever can see the version.
     download = client_for(alice).get(f"/api/versions/{version.pk}/archive/")
     assert download.status_code == 200 and b"".join(download.streaming_content).startswith((b"PK", b"\x1f\x8b"))
