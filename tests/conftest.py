@@ -151,7 +151,7 @@ def draft_case(acme_version, alice, test_probe_kind):
 
     return AuditCase.objects.create(
         model_version=acme_version, title="Acme CLIP 1.0 grounding audit", scope="Grounding and bias.",
-        probe_plan=[{"kind": test_probe_kind, "params": {"n": 3}, "dataset": "zoo:shapes"}], created_by=alice)
+        probe_plan=[{"kind": test_probe_kind, "params": {"n": 3}, "dataset": "zoo:heldout"}], created_by=alice)
 
 
 def finish_run_with_evidence(case, *, kind: str = TEST_KIND, summary: str = "All good."):
