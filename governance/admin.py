@@ -9,7 +9,8 @@
   assignment goes through ``workflow.assign_reviewers`` (segregation-of-duties checks).
 - Every change made here is written to the audit log in the admin's own transaction.
 
-The reviewer workspace (issue 8) builds on :class:`AuditCaseAdmin`.
+The reviewer workspace (``<case>/review/``, :mod:`governance.admin_review`) hangs off
+:class:`AuditCaseAdmin`: its URLs, a "review" column in the list and a link on the change page.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from __future__ import annotations
 from django import forms
 from django.contrib import admin
 from django.contrib.auth import get_user_model
+from django.urls import reverse
 from django.utils.html import format_html
 
-from governance import access, audit_log, workflow
+from governance import access, admin_review, audit_log, workflow
 from governance import models as m
 
 
@@ -162,12 +164,22 @@ class SignoffInline(ReadOnlyInline):
 @admin.register(m.AuditCase)
 class AuditCaseAdmin(VisibleToAdmin):
     form = AuditCaseForm
-    list_display = ("__str__", "model_version", "state", "required_approvals", "submitted_by", "state_changed_at")
+    list_display = ("__str__", "model_version", "state", "required_approvals", "submitted_by", "state_changed_at",
+                    "review_link")
     list_filter = ("state",)
+    change_form_template = "admin/governance/auditcase/change_form.html"
     search_fields = ("title", "model_version__ai_model__name")
     readonly_fields = ("state", "review_round", "created_by", "submitted_by", "submitted_at", "state_changed_at",
                        "created_at", "updated_at")
     inlines = (RunInline, SignoffInline)
+
+    def get_urls(self):
+        return admin_review.urls(self.admin_site) + super().get_urls()
+
+    @admin.display(description="review")
+    def review_link(self, obj):
+        return format_html('<a href="{}">Review workspace</a>',
+                           reverse("admin:governance_auditcase_review", args=[obj.pk]))
 
     def get_form(self, request, obj=None, change=False, **kwargs):
         form_class = super().get_form(request, obj, change, **kwargs)

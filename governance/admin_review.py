@@ -1,0 +1,342 @@
+"""The reviewer workspace: one admin page per audit case, and its actions.
+
+``/admin/governance/auditcase/<id>/review/`` shows the model card summary, every run's state and
+progress (polled from ``.../review/status.json`` while runs are active), the evidence with heatmap
+thumbnails, metric tables and findings by severity, the review status, the reports and the case's
+audit log. Its forms sign off, move the case and issue reports.
+
+Nothing here decides a rule; it only asks the modules that do, exactly as the API does:
+
+- visibility: ``Model.objects.visible_to(user)`` (:mod:`governance.access`): a case, artifact or
+  report outside the user's scope is a 404;
+- who may act: the same role sets as the API's ``action_roles`` (an auditor can change nothing:
+  every POST is a 403 before anything else runs);
+- sign-offs, segregation of duties, transitions: :func:`governance.workflow.sign_off`,
+  :func:`~governance.workflow.transition`, :func:`~governance.workflow.available_transitions`;
+  starting runs: :func:`governance.pipeline.start_case`; reports: :func:`governance.reports.generate_report`
+  (or the ``render_report`` task when a broker is configured).
+
+A refused action re-renders the page with the refusal message and the status code the API would use
+(403 not allowed, 409 illegal transition, 400 invalid, 503 broker down); a successful one redirects
+back to the page (POST/redirect/GET). The admin wraps every view in ``admin_view`` (staff login,
+CSRF protection, no caching).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, redirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.views.decorators.http import require_GET, require_POST
+
+from governance import access, audit_log, pipeline, workflow
+from governance import models as m
+from governance.reports.context import flatten, record_tables
+
+S = m.AuditCase.State
+D = m.Signoff.Decision
+
+# The API's role sets (governance/api/views.py, AuditCaseViewSet.action_roles): anyone but an auditor
+# may *try* to sign off (the workflow then names the reason); reports need a reviewer or an admin.
+SIGNOFF_ROLES = frozenset({access.SUBMITTER, access.REVIEWER, access.ADMIN})
+REPORT_ROLES = frozenset({access.REVIEWER, access.ADMIN})
+TRANSITION_ROLES = frozenset({access.SUBMITTER, access.REVIEWER, access.ADMIN})
+NO_EVIDENCE_YET = (S.DRAFT, S.SUBMITTED, S.RUNNING)
+
+# Browsers render these inline; anything else (SVG can carry script, HTML, CSV, arrays) is a download.
+INLINE_IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
+
+TRANSITION_LABELS = {
+    S.SUBMITTED: "Submit for probing",
+    S.RUNNING: "Start probe runs",
+    S.DRAFT: "Withdraw (back to draft)",
+    S.EVIDENCE_READY: "Mark evidence ready",
+    S.IN_REVIEW: "Open review",
+    S.ARCHIVED: "Archive",
+}
+SEVERITY_ORDER = {severity: i for i, severity in enumerate(m.FINDING_SEVERITIES)}
+
+
+class Refused(Exception):
+    """An action the page refuses; shown on the page with ``status``."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _refusal(exc: Exception) -> Refused:
+    """The API's status codes (governance/api/errors.py) for the workflow's and pipeline's errors."""
+    if isinstance(exc, workflow.NotAllowed):
+        return Refused(str(exc), 403)
+    if isinstance(exc, workflow.TransitionError):
+        return Refused(str(exc), 409)
+    if isinstance(exc, workflow.WorkflowError):
+        return Refused(str(exc), 400)
+    if isinstance(exc, pipeline.BrokerUnavailable):
+        return Refused(str(exc), 503)
+    if isinstance(exc, pipeline.PipelineError):
+        return Refused(str(exc), 400)
+    if isinstance(exc, m.ImmutableError):
+        return Refused(str(exc), 409)
+    raise exc
+
+
+def _require_roles(user, allowed: frozenset[str], what: str) -> None:
+    roles = access.roles_of(user)
+    if not roles & allowed:
+        if roles == {access.AUDITOR}:
+            raise PermissionDenied("Auditors have read-only access: they can see everything and change nothing.")
+        raise PermissionDenied(f"{what} needs one of the roles {', '.join(sorted(allowed))}; "
+                               f"you have {', '.join(sorted(roles)) or 'none'}.")
+
+
+def visible_case(request: HttpRequest, case_id: int) -> m.AuditCase:
+    qs = m.AuditCase.objects.visible_to(request.user).select_related("model_version__ai_model__organisation")
+    return get_object_or_404(qs, pk=case_id)
+
+
+# --------------------------------------------------------------------------------------------------
+# What the page shows
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvidenceView:
+    evidence: m.Evidence
+    run: m.ProbeRun
+    images: list[m.EvidenceArtifact]
+    files: list[m.EvidenceArtifact]
+    metric_rows: list[tuple[str, str]]
+    metric_tables: list[dict[str, Any]]
+    findings: list[dict[str, Any]]
+    signoffs: list[m.Signoff]
+
+
+def run_rows(case: m.AuditCase) -> list[dict[str, Any]]:
+    return [{"id": run.pk, "kind": run.kind, "status": run.status, "status_label": run.get_status_display(),
+             "progress": round(run.progress, 4), "percent": round(100 * run.progress),
+             "phase": run.phase, "device": run.device, "error": run.error,
+             "active": run.status in m.ProbeRun.ACTIVE,
+             "duration": run.duration_seconds}
+            for run in case.runs.order_by("created_at", "pk")]
+
+
+def status_payload(case: m.AuditCase) -> dict[str, Any]:
+    """What the page's poller reads: the case state, overall progress and every run."""
+    runs = run_rows(case)
+    progress = pipeline.case_progress(case)
+    return {"case": case.pk, "state": case.state, "state_label": case.get_state_display(),
+            "progress": progress["progress"], "percent": round(100 * progress["progress"]),
+            "partial": progress["partial"], "active": any(r["active"] for r in runs),
+            "runs": [{k: r[k] for k in ("id", "kind", "status", "status_label", "progress", "percent", "phase",
+                                        "error")} for r in runs]}
+
+
+def evidence_views(case: m.AuditCase, user) -> list[EvidenceView]:
+    evidence_qs = (m.Evidence.objects.visible_to(user).filter(run__case=case).select_related("run")
+                   .prefetch_related("artifacts").order_by("run__created_at", "pk"))
+    signoffs = list(m.Signoff.objects.visible_to(user).filter(case=case, evidence__isnull=False)
+                    .select_related("reviewer").order_by("created_at", "pk"))
+    views = []
+    for evidence in evidence_qs:
+        artifacts = sorted(evidence.artifacts.all(), key=lambda a: a.name)
+        findings = sorted((f for f in evidence.findings or [] if isinstance(f, dict)),
+                          key=lambda f: SEVERITY_ORDER.get(f.get("severity"), len(SEVERITY_ORDER)))
+        views.append(EvidenceView(
+            evidence=evidence, run=evidence.run,
+            images=[a for a in artifacts if a.content_type in INLINE_IMAGE_TYPES],
+            files=[a for a in artifacts if a.content_type not in INLINE_IMAGE_TYPES],
+            metric_rows=flatten(evidence.metrics), metric_tables=record_tables(evidence.metrics),
+            findings=findings, signoffs=[s for s in signoffs if s.evidence_id == evidence.pk]))
+    return views
+
+
+def signoff_hint(case: m.AuditCase, user) -> str:
+    """Why the sign-off forms are hidden for ``user`` (display only; ``workflow.sign_off`` decides)."""
+    if case.state not in (S.EVIDENCE_READY, S.IN_REVIEW):
+        return f"Sign-offs are taken while the case has evidence ready or is in review; it is {case.get_state_display()}."
+    if not access.roles_of(user) & SIGNOFF_ROLES:
+        return "Your role is read-only here."
+    conflict = workflow.conflict_of(case, user)
+    if conflict:
+        return f"Segregation of duties: {conflict}."
+    if not access.has_role(user, access.REVIEWER) or not case.reviewers.filter(pk=user.pk).exists():
+        return f"Only the reviewers assigned to case #{case.pk} sign it off."
+    return ""
+
+
+def review_context(request: HttpRequest, case: m.AuditCase, admin_site) -> dict[str, Any]:
+    user = request.user
+    roles = access.roles_of(user)
+    version = case.model_version
+    rows = audit_log.excerpt(case)
+    status = workflow.review_status(case)
+    hint = signoff_hint(case, user)
+    return {
+        **admin_site.each_context(request),
+        "title": f"Review: {case.title}",
+        "case": case, "version": version, "ai_model": version.ai_model,
+        "card_fields": [(version._meta.get_field(name).verbose_name, getattr(version, name))
+                        for name in m.ModelVersion.CARD_FIELDS if getattr(version, name)],
+        "status": status_payload(case),
+        "runs": run_rows(case),
+        "evidence": evidence_views(case, user),
+        "review": status,
+        "case_signoffs": m.Signoff.objects.visible_to(user).filter(case=case, evidence__isnull=True)
+        .select_related("reviewer").order_by("created_at", "pk"),
+        "reviewers": case.reviewers.order_by("username"),
+        "can_sign": not hint, "signoff_hint": hint, "decisions": D.choices,
+        "transitions": [{"to": to, "label": TRANSITION_LABELS.get(to, to)}
+                        for to in workflow.available_transitions(case, user)],
+        "can_report": bool(roles & REPORT_ROLES) and case.state not in NO_EVIDENCE_YET,
+        "reports": m.Report.objects.visible_to(user).filter(case=case).select_related("author").order_by("-version"),
+        "audit_rows": [{**row, "payload_text": row["payload"]} for row in rows],
+        "audit_problems": audit_log.verify_excerpt(rows),
+        "read_only": not roles - {access.AUDITOR},
+        "opts": m.AuditCase._meta,
+        "poll_url": reverse("admin:governance_auditcase_review_status", args=[case.pk]),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Views (wrapped in ``admin_site.admin_view`` by :func:`urls`)
+# --------------------------------------------------------------------------------------------------
+
+
+class ReviewViews:
+    """The workspace's views, bound to one admin site."""
+
+    template = "admin/governance/auditcase/review.html"
+
+    def __init__(self, admin_site) -> None:
+        self.admin_site = admin_site
+
+    def page_url(self, case: m.AuditCase) -> str:
+        return reverse("admin:governance_auditcase_review", args=[case.pk])
+
+    def render(self, request: HttpRequest, case: m.AuditCase, *, error: str = "", status: int = 200) -> HttpResponse:
+        context = review_context(request, case, self.admin_site)
+        context["error"] = error
+        return TemplateResponse(request, self.template, context, status=status)
+
+    def page(self, request: HttpRequest, case_id: int) -> HttpResponse:
+        return self.render(request, visible_case(request, case_id))
+
+    def status(self, request: HttpRequest, case_id: int) -> JsonResponse:
+        return JsonResponse(status_payload(visible_case(request, case_id)))
+
+    def _act(self, request: HttpRequest, case_id: int, roles: frozenset[str], what: str, action) -> HttpResponse:
+        case = visible_case(request, case_id)  # 404 before 403: never confirm a case outside the user's scope
+        try:
+            _require_roles(request.user, roles, what)
+        except PermissionDenied as exc:
+            return self.render(request, case, error=str(exc), status=403)
+        try:
+            message = action(case)
+        except Refused as exc:
+            return self.render(request, visible_case(request, case_id), error=str(exc), status=exc.status)
+        except Exception as exc:  # noqa: BLE001 - _refusal re-raises anything it does not know
+            refused = _refusal(exc)
+            return self.render(request, visible_case(request, case_id), error=str(refused), status=refused.status)
+        messages.success(request, message)
+        return redirect(self.page_url(case), permanent=False)
+
+    def signoff(self, request: HttpRequest, case_id: int) -> HttpResponse:
+        def act(case: m.AuditCase) -> str:
+            decision = request.POST.get("decision", "")
+            evidence = None
+            evidence_id = request.POST.get("evidence", "")
+            if evidence_id:
+                if not evidence_id.isdigit():
+                    raise Refused("evidence must be an evidence id", 400)
+                evidence = m.Evidence.objects.visible_to(request.user).filter(pk=int(evidence_id),
+                                                                             run__case=case).first()
+                if evidence is None:
+                    raise Refused(f"evidence #{evidence_id} is not part of case #{case.pk}", 400)
+            signoff = workflow.sign_off(case, request.user, decision, request.POST.get("comment", ""),
+                                        evidence=evidence)
+            target = f"evidence #{evidence.pk}" if evidence else f"case #{case.pk}"
+            return (f"Recorded your '{signoff.get_decision_display()}' on {target}. "
+                    f"The case is now {case.get_state_display()}.")
+
+        return self._act(request, case_id, SIGNOFF_ROLES, "Signing off", act)
+
+    def transition(self, request: HttpRequest, case_id: int) -> HttpResponse:
+        def act(case: m.AuditCase) -> str:
+            to_state = request.POST.get("to", "")
+            if case.state == S.SUBMITTED and to_state == S.RUNNING or \
+                    case.state == S.EVIDENCE_READY and to_state == S.RUNNING:
+                # Starting (or re-running) creates and dispatches the runs: the pipeline's job.
+                run_ids = pipeline.start_case(case.pk, by=request.user)
+                return f"Queued {len(run_ids)} probe run(s) for case #{case.pk}."
+            workflow.transition(case, to_state, request.user)
+            return f"Case #{case.pk} is now {case.get_state_display()}."
+
+        return self._act(request, case_id, TRANSITION_ROLES, "Changing the case's state", act)
+
+    def report(self, request: HttpRequest, case_id: int) -> HttpResponse:
+        def act(case: m.AuditCase) -> str:
+            if case.state in NO_EVIDENCE_YET:
+                raise Refused(f"Case #{case.pk} is '{case.state}'; a report needs the evidence first.", 409)
+            if not pipeline.broker_is_eager():
+                from workers import tasks
+
+                pipeline.check_broker()
+                tasks.enqueue_on_commit(tasks.render_report, case.pk, request.user.pk)
+                return ("The report is being rendered by a worker (queue 'reports'); "
+                        "reload this page in a minute to download it.")
+            from governance.reports import generate_report
+
+            report = generate_report(case, author=request.user)
+            return f"Issued report v{report.version} (SHA-256 {report.sha256[:16]}...)."
+
+        return self._act(request, case_id, REPORT_ROLES, "Issuing a report", act)
+
+    def artifact(self, request: HttpRequest, case_id: int, artifact_id: int) -> FileResponse:
+        case = visible_case(request, case_id)
+        artifact = get_object_or_404(m.EvidenceArtifact.objects.visible_to(request.user),
+                                     pk=artifact_id, evidence__run__case=case)
+        inline = artifact.content_type in INLINE_IMAGE_TYPES
+        try:
+            handle = artifact.file.open("rb")
+        except (FileNotFoundError, OSError) as exc:
+            raise Http404(f"the file of artifact #{artifact.pk} is missing from storage") from exc
+        response = FileResponse(handle, as_attachment=not inline, filename=artifact.name,
+                                content_type=artifact.content_type if inline else "application/octet-stream")
+        response["X-Content-SHA256"] = artifact.sha256
+        # Evidence files are data, never active content, even if someone opens one directly.
+        response["Content-Security-Policy"] = "default-src 'none'; sandbox"
+        return response
+
+    def report_download(self, request: HttpRequest, case_id: int, report_id: int) -> FileResponse:
+        case = visible_case(request, case_id)
+        report = get_object_or_404(m.Report.objects.visible_to(request.user), pk=report_id, case=case)
+        response = FileResponse(report.pdf.open("rb"), as_attachment=True, content_type="application/pdf",
+                                filename=f"loupe-case-{case.pk}-report-v{report.version}.pdf")
+        response["X-Content-SHA256"] = report.sha256
+        return response
+
+
+def urls(admin_site) -> list:
+    """URL patterns for :class:`~governance.admin.AuditCaseAdmin.get_urls`."""
+    views = ReviewViews(admin_site)
+    wrap = admin_site.admin_view
+    prefix = "<int:case_id>/review/"
+    name = "governance_auditcase_review"
+    return [
+        path(prefix, wrap(require_GET(views.page)), name=name),
+        path(prefix + "status.json", wrap(require_GET(views.status)), name=f"{name}_status"),
+        path(prefix + "signoff/", wrap(require_POST(views.signoff)), name=f"{name}_signoff"),
+        path(prefix + "transition/", wrap(require_POST(views.transition)), name=f"{name}_transition"),
+        path(prefix + "report/", wrap(require_POST(views.report)), name=f"{name}_report"),
+        path(prefix + "artifact/<int:artifact_id>/", wrap(require_GET(views.artifact)), name=f"{name}_artifact"),
+        path(prefix + "reports/<int:report_id>/download/", wrap(require_GET(views.report_download)),
+             name=f"{name}_report_download"),
+    ]
