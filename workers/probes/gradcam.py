@@ -50,6 +50,9 @@ def gradcam(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, laye
         trace = adapter.trace(pixel_values[s], prompts[s], grad_from_layer=min(layer, adapter.num_layers - 1),
                               retain_grads=False)
         h = trace.hidden_states[layer]
-        (grad,) = torch.autograd.grad(trace.score.sum(), h)  # one backward for the whole batch
-        maps.append(cam_from(h.detach(), grad, adapter).cpu())
+        # one backward for the whole batch, into this tensor only (``backward(inputs=...)`` rather
+        # than ``autograd.grad``: the latter refuses leaf tensors under module hooks such as
+        # torch's FlopCounterMode, which the GPU benchmark uses)
+        trace.score.sum().backward(inputs=[h])
+        maps.append(cam_from(h.detach(), h.grad, adapter).cpu())
     return torch.cat(maps)
