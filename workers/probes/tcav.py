@@ -237,10 +237,12 @@ def ridge_logistic(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, *, l
     R, N, D = x.shape
     dtype, device = x.dtype, x.device
     if D > N:
-        # Exact reduction: the ridge solution lies in the row space of x, so w = Vh^T beta,
-        # ||w|| = ||beta|| and x w = (U S) beta.
-        _, _, vh = torch.linalg.svd(x, full_matrices=False)  # vh [R, N, D]
-        f = x @ vh.transpose(1, 2)
+        # Exact reduction: the ridge solution lies in the row space of x. With x^T = Q T (reduced
+        # QR, Q [R, D, N] orthonormal), w = Q beta gives ||w|| = ||beta|| and x w = T^T beta.
+        # (QR rather than SVD: batched SVD on the CPU was 25x slower here.)
+        q_, t_ = torch.linalg.qr(x.transpose(1, 2))
+        vh = q_.transpose(1, 2)  # [R, N, D]
+        f = t_.transpose(1, 2)  # [R, N, N]
     else:
         vh = None
         f = x
@@ -261,7 +263,8 @@ def ridge_logistic(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, *, l
     for _ in range(max_iter):
         p = torch.sigmoid(torch.einsum("rnq,rq->rn", a, theta))
         grad = torch.einsum("rnq,rn->rq", a, c * (p - y_train)) + ridge * theta
-        hess = torch.einsum("rnq,rn,rnk->rqk", a, c * p * (1 - p), a) + torch.diag(ridge) + eye
+        # bmm, not a three-operand einsum (which materialises an [R, N, q, q] intermediate)
+        hess = torch.bmm((a * (c * p * (1 - p))[..., None]).transpose(1, 2), a) + torch.diag(ridge) + eye
         step = torch.linalg.solve(hess, grad[..., None])[..., 0]
         # Newton with backtracking per problem: halve the step where the loss did not decrease.
         t = torch.ones(R, 1, dtype=dtype, device=device)
