@@ -148,6 +148,9 @@ def test_it_refuses_missing_paths_and_unpinned_hub_ids(tmp_path):
         load_adapter("openai/clip-vit-base-patch32", revision="main")
     with pytest.raises(ProbeInputError, match="no config.json"):
         load_adapter(str(tmp_path))
+    # a pinned hub id that is not in the local cache: refused, nothing is downloaded
+    with pytest.raises(ProbeInputError, match="cannot read the config of loupe-test/not-cached"):
+        load_adapter("loupe-test/not-cached", revision="0" * 40)
 
 
 def test_it_refuses_half_precision_on_cpu(clip_dir):

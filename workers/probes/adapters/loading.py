@@ -126,7 +126,8 @@ def load(path_or_id: str, *, revision: str | None = None, device: str | torch.de
     dev = _resolve_device(device)
     autocast_dtype = _resolve_dtype(dtype, dev)
     where, revision = _locate(str(path_or_id), revision)
-    common = {"revision": revision, "trust_remote_code": False}
+    # local_files_only: a hub id resolves from the local cache only, whatever the environment says
+    common = {"revision": revision, "trust_remote_code": False, "local_files_only": True}
 
     try:
         config = AutoConfig.from_pretrained(where, **common)
