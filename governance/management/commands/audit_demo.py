@@ -14,7 +14,9 @@ On the embedded default (SQLite, tasks in-process) it needs no servers:
      (TCAV with corrected significance, relevance on the watermark, add/remove the watermark);
    - the tiny LLaVA captioner: token attribution, attention statistics and feature swap;
 4. records the two reviewers' sign-offs (approvals, and a rejection where the evidence flags a
-   shortcut), issues the PDF report of every case, and prints what it did and where the files are.
+   shortcut), issues the PDF report of every case (signed with a development issuer key, made on
+   first use when no production key is configured), countersigns a copy as the two reviewers, verifies
+   it, and prints what it did and where the files are.
 """
 
 from __future__ import annotations
@@ -97,6 +99,9 @@ class Command(BaseCommand):
             call_command_zoo_build()
         versions = {name: self.register(name, cast) for name in names}
 
+        if not options["no_report"]:
+            self.signing_keys()
+
         self.say("3/4 probe runs")
         summary = []
         for name, version in versions.items():
@@ -124,6 +129,7 @@ class Command(BaseCommand):
                 self.stdout.write(f"    FAILED run #{failure['run']} {failure['kind']}: {failure['error'][:200]}")
             if item.get("report"):
                 self.stdout.write(f"    report v{item['report_version']}: {item['report']}")
+                self.stdout.write(f"    countersigned by both reviewers, verified: {item['countersigned']}")
         out = Path(settings.VAR_DIR) / "demo-summary.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"seconds": round(seconds, 1), "cases": summary}, indent=2) + "\n")
@@ -210,7 +216,40 @@ class Command(BaseCommand):
             report = generate_report(case, author=cast["operator"])
             item["report"] = str(Path(report.pdf.path))
             item["report_version"] = report.version
+            item["countersigned"] = self.countersign(report)
         return item
+
+    def signing_keys(self) -> None:
+        """Development keys for the issuer and both reviewers, unless they exist (never in production)."""
+        directory = Path(settings.LOUPE_SIGNING_DIR)
+        for slug, name in (("issuer", "Loupe report issuer (development)"),
+                           ("reviewer-1", "reviewer-1 (development)"), ("reviewer-2", "reviewer-2 (development)")):
+            key = Path(settings.LOUPE_SIGNING_KEY) if slug == "issuer" else directory / f"{slug}-key.pem"
+            if not key.exists():
+                call_command("make_signing_key", slug=slug, name=name, stdout=_Null())
+                self.stdout.write(f"  development signing key for {slug}: {key}")
+
+    def countersign(self, report) -> str:
+        """A copy of the issued report countersigned by reviewer-1 then reviewer-2, then verified."""
+        directory = Path(settings.LOUPE_SIGNING_DIR)
+        source = Path(report.pdf.path)
+        target = Path(settings.VAR_DIR) / "reports" / source.name.replace(".pdf", "-countersigned.pdf")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        current = source
+        for slug, role in (("reviewer-1", "reviewer"), ("reviewer-2", "approver")):
+            call_command("sign_report", str(current), str(target), key=str(directory / f"{slug}-key.pem"),
+                         cert=str(directory / f"{slug}-cert.pem"), role=role, stdout=_Null())
+            current = target
+        call_command("verify_report", str(target), stdout=_Null())  # raises CommandError if anything is off
+        return str(target)
+
+
+class _Null:
+    def write(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
 
 
 def call_command_zoo_build() -> None:
