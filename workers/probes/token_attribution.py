@@ -273,11 +273,11 @@ def attribution_graph(att: TokenAttribution, patch_boxes: np.ndarray | None = No
         txt = att.text[method][t]
         total = float(img.sum() + txt.sum()) or 1.0
         for j, w in enumerate(img):
-            if w / total >= min_weight:
+            if w > 0 and w / total >= min_weight:
                 edges.append({"source": f"patch:{j // gw}:{j % gw}", "target": target, "weight": round(float(w / total), 5),
                               "kind": "image"})
         for k, w in enumerate(txt):
-            if w / total >= min_weight:
+            if w > 0 and w / total >= min_weight:
                 edges.append({"source": f"token:{att.text_positions[k]}", "target": target,
                               "weight": round(float(w / total), 5), "kind": "text"})
     return {"method": method, "caption": att.caption, "prompt": att.prompt, "grid": [gh, gw], "nodes": nodes,
