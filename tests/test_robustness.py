@@ -21,8 +21,8 @@ from workers.probes.zoo import world  # noqa: E402
 
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
-    """48 held-out-style zoo scenes, every object annotated (so other objects are not competitors)."""
-    scenes = world.sample_scenes(5_000_011, 48)
+    """32 held-out-style zoo scenes, every object annotated (so other objects are not competitors)."""
+    scenes = world.sample_scenes(5_000_011, 32)
     return world.write_dataset(tmp_path_factory.mktemp("robustness") / "data", scenes)
 
 
@@ -41,7 +41,10 @@ def test_it_corrupts_more_with_each_severity():
     for kind in robustness.CORRUPTIONS:
         distances = [np.abs(np.asarray(robustness.corrupt(image, kind, s, seed=3), dtype=float) - clean).mean()
                      for s in robustness.SEVERITIES]
-        assert all(b > a for a, b in zip(distances, distances[1:])), (kind, distances)
+        # never less corrupted at a higher severity (brightness saturates on light backgrounds, as in
+        # ImageNet-C), and clearly more at 5 than at 1
+        assert all(b >= a for a, b in zip(distances, distances[1:])), (kind, distances)
+        assert distances[-1] > 1.5 * distances[0], (kind, distances)
         # deterministic: the same seed gives the same pixels
         again = robustness.corrupt(image, kind, 3, seed=3)
         assert np.array_equal(np.asarray(again), np.asarray(robustness.corrupt(image, kind, 3, seed=3)))
@@ -54,8 +57,8 @@ def test_it_loses_accuracy_with_severity_on_average(report):
     curve = [metrics["clean_accuracy"], *metrics["mean_corruption_accuracy_by_severity"].values()]
     print("accuracy by severity:", curve)
     assert curve[-1] < curve[0]
-    # on average over the corruptions, never better at a higher severity (small tolerance: 48 images)
-    assert all(b <= a + 1 / 48 for a, b in zip(curve, curve[1:]))
+    # on average over the corruptions, never better at a higher severity (tolerance: one image of 32)
+    assert all(b <= a + 1 / 32 for a, b in zip(curve, curve[1:]))
     # explanations drift more as corruption grows
     rho = {s: np.mean([r["explanation_spearman"] for r in metrics["probes"] if r["severity"] == s]) for s in (1, 5)}
     assert rho[5] < rho[1] <= 1.0
