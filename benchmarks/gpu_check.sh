@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One short GPU session: the ViT-B/16 grounding benchmark (bf16), then the probe library's CUDA path on
+# the zoo models (grounding evaluation and the shortcut probe). Writes JSON to ${OUT:-gpu-out}/.
+set -uo pipefail
+out=${OUT:-gpu-out}; mkdir -p "$out"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 LOUPE_CACHE_DIR=/tmp/loupe-cache
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
+timeout 240 python3 benchmarks/gpu_grounding.py --dtype bf16 > "$out/gpu_grounding.json"; echo "gpu_grounding rc=$?"
+cat "$out/gpu_grounding.json"
+zoo=workers/probes/zoo/checkpoints
+model=$zoo/tiny-clip; [ -d "$model" ] || model=$zoo/clean-clip
+for device in cuda cpu; do
+  timeout 120 python3 -m workers.probes evaluate --model "$model" --method chefer --limit 128 --device $device \
+    --json > "$out/evaluate_$device.json"; echo "evaluate $device rc=$?"; cat "$out/evaluate_$device.json"
+done
+data=$(python3 -c "from workers.probes.zoo import shortcut; print(shortcut.probe_data())")
+timeout 150 python3 -m workers.probes shortcut --model $zoo/shortcut-clip --concepts "$data/concepts" \
+  --inputs "$data/inputs" --target "a red circle" --device cuda --json > "$out/shortcut_cuda.json"
+echo "shortcut cuda rc=$?"; head -c 1500 "$out/shortcut_cuda.json"; echo
