@@ -339,3 +339,31 @@ def test_it_links_the_workspace_from_the_case_list_and_change_page(review_case, 
     assert url("", review_case) in changelist
     change = as_("rita").get(reverse("admin:governance_auditcase_change", args=[review_case.pk])).content.decode()
     assert url("", review_case) in change
+
+
+def test_it_enqueues_render_report_for_a_worker_when_a_broker_is_configured(review_case, as_, monkeypatch):
+    from governance import pipeline
+    from workers import tasks
+
+    sent = []
+    monkeypatch.setattr(pipeline, "broker_is_eager", lambda: False)
+    monkeypatch.setattr(pipeline, "check_broker", lambda timeout=3.0: None)
+    monkeypatch.setattr(tasks, "enqueue_on_commit", lambda task, *args: sent.append((task.name, args)))
+    rita = as_("rita")
+    response = rita.post(url("_report", review_case))
+    assert response.status_code == 302
+    assert sent == [("workers.tasks.render_report", (review_case.pk, review_case.reviewers.get(username="rita").pk))]
+    assert not Report.objects.filter(case=review_case).exists()  # the worker issues it
+    assert "rendered by a worker" in rita.get(url("", review_case)).content.decode()
+
+
+def test_it_says_so_when_the_broker_is_down(review_case, as_, monkeypatch):
+    from governance import pipeline
+
+    def down(timeout=3.0):
+        raise pipeline.BrokerUnavailable("the task broker is unreachable, so no probe can be queued")
+
+    monkeypatch.setattr(pipeline, "broker_is_eager", lambda: False)
+    monkeypatch.setattr(pipeline, "check_broker", down)
+    response = as_("rita").post(url("_report", review_case))
+    assert response.status_code == 503 and "the task broker is unreachable" in response.content.decode()
