@@ -367,3 +367,16 @@ def test_it_says_so_when_the_broker_is_down(review_case, as_, monkeypatch):
     monkeypatch.setattr(pipeline, "check_broker", down)
     response = as_("rita").post(url("_report", review_case))
     assert response.status_code == 503 and "the task broker is unreachable" in response.content.decode()
+
+
+def test_it_starts_runs_through_the_pipeline(draft_case, alice, as_, monkeypatch):
+    from governance import pipeline, workflow
+
+    admit(alice)
+    workflow.submit(draft_case, by=alice)
+    page = as_("alice").get(url("", draft_case)).content.decode()
+    assert 'value="running"' in page and 'value="draft"' in page  # start or withdraw: alice owns the case
+    started = []
+    monkeypatch.setattr(pipeline, "start_case", lambda case_id, by=None: started.append((case_id, by.username)) or [7])
+    response = as_("alice").post(url("_transition", draft_case), {"to": "running"})
+    assert response.status_code == 302 and started == [(draft_case.pk, "alice")]
