@@ -77,7 +77,7 @@ def test_it_ranks_heads_by_their_effect_on_generated_tokens(adapter, heldout):
 
 def test_it_changes_the_colour_word_only_when_the_object_features_are_swapped(adapter, heldout):
     m = iv.feature_swap(adapter, load_scenes(heldout))
-    assert m["n_cases"] >= 10
+    assert m["n_cases"] >= 8
     assert m["object_swap_changed"] >= 0.8, m["examples"][:5]
     assert m["background_swap_changed"] <= 0.15, m["examples"][:5]
     assert m["effect_size"]["fisher_p"] < 0.01
