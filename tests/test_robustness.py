@@ -21,8 +21,8 @@ from workers.probes.zoo import world  # noqa: E402
 
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
-    """32 held-out-style zoo scenes, every object annotated (so other objects are not competitors)."""
-    scenes = world.sample_scenes(5_000_011, 32)
+    """24 held-out-style zoo scenes, every object annotated (so other objects are not competitors)."""
+    scenes = world.sample_scenes(5_000_011, 24)
     return world.write_dataset(tmp_path_factory.mktemp("robustness") / "data", scenes)
 
 
@@ -30,9 +30,12 @@ def dataset(tmp_path_factory):
 def report(dataset):
     from workers.probes.adapters import load_adapter
 
-    adapter = load_adapter(str(zoo_shortcut.model_path(zoo_shortcut.CLEAN_MODEL)))
+    from workers.probes.zoo import checkpoint_path
+
+    adapter = load_adapter(str(checkpoint_path("tiny-clip")))  # the reference CLIP (clean accuracy ~0.86)
     examples, classes = robustness.load_examples(dataset)
-    return robustness.run_robustness(adapter, examples, classes, probes="all")
+    # prompt probes are exercised by the CLI test below
+    return robustness.run_robustness(adapter, examples, classes, probes="corruption,typographic")
 
 
 def test_it_corrupts_more_with_each_severity():
@@ -57,8 +60,8 @@ def test_it_loses_accuracy_with_severity_on_average(report):
     curve = [metrics["clean_accuracy"], *metrics["mean_corruption_accuracy_by_severity"].values()]
     print("accuracy by severity:", curve)
     assert curve[-1] < curve[0]
-    # on average over the corruptions, never better at a higher severity (tolerance: one image of 32)
-    assert all(b <= a + 1 / 32 for a, b in zip(curve, curve[1:]))
+    # on average over the corruptions, never better at a higher severity (tolerance: one image of 24)
+    assert all(b <= a + 1 / 24 for a, b in zip(curve, curve[1:]))
     # explanations drift more as corruption grows
     rho = {s: np.mean([r["explanation_spearman"] for r in metrics["probes"] if r["severity"] == s]) for s in (1, 5)}
     assert rho[5] < rho[1] <= 1.0
