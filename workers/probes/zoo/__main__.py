@@ -34,15 +34,21 @@ def main(argv: list[str] | None = None) -> int:
         print(out)
         return 0
 
+    from workers.probes.zoo import shortcut as shortcut_zoo  # hook: the shortcut zoo's own recipe
     from workers.probes.zoo.build import RECIPES, build_reference_model
 
-    names = args.only.split(",") if args.only else list(RECIPES)
-    unknown = [n for n in names if n not in RECIPES]
+    known = [*RECIPES, *shortcut_zoo.MODELS]
+    names = args.only.split(",") if args.only else known
+    unknown = [n for n in names if n not in known]
     if unknown:
-        print(f"error: unknown model(s) {', '.join(unknown)}; known: {', '.join(RECIPES)}", file=sys.stderr)
+        print(f"error: unknown model(s) {', '.join(unknown)}; known: {', '.join(known)}", file=sys.stderr)
         return 2
     root = args.out or zoo.CHECKPOINT_ROOT
     for name in names:
+        if name in shortcut_zoo.MODELS:
+            steps = {"steps": args.steps} if args.steps else {}
+            print(json.dumps({"name": name, "path": str(shortcut_zoo.train_model(name, root / name, **steps))}))
+            continue
         info = build_reference_model(name, root / name, steps=args.steps)
         print(json.dumps(info, sort_keys=True))
     return 0
