@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from workers.probes.errors import ProbeInputError
 
@@ -132,11 +132,17 @@ def open_image(path: Path, *, max_pixels: int = MAX_PIXELS, decode: bool = False
         raise ProbeInputError(f"unreadable image {path}: empty ({width}x{height})")
     if not decode:
         return image
+    # Other libraries in the same process (WeasyPrint, on import) switch Pillow to silently
+    # padding truncated files with grey; an audit must refuse them instead.
+    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with image:
             return image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ProbeInputError(f"unreadable image {path}: {exc}") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 def _resolve_image(root: Path, relative: Any, where: str, *, search: Sequence[Path] = ()) -> Path:
