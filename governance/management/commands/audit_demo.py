@@ -45,10 +45,10 @@ DEMO_MODELS: dict[str, dict[str, Any]] = {
                    "ground truth, used to validate Loupe's probes).",
         "title": "Grounding, robustness and attention audit of the reference CLIP",
         "plan": [
-            {"kind": "grounding", "params": {"methods": "all", "limit": 96, "batch_size": 32, "steps": 16},
+            {"kind": "grounding", "params": {"methods": "all", "limit": 48, "batch_size": 24, "steps": 16},
              "dataset": "zoo:heldout"},
             {"kind": "sanity", "params": {"method": "chefer", "limit": 32}, "dataset": "zoo:heldout"},
-            {"kind": "robustness", "params": {"limit": 48, "severities": [1, 3, 5]}, "dataset": "zoo:heldout"},
+            {"kind": "robustness", "params": {"limit": 24, "severities": [1, 3, 5]}, "dataset": "zoo:heldout"},
             {"kind": "attention", "params": {"limit": 24}, "dataset": "zoo:heldout"},
             {"kind": "intervention", "params": {"kind": "head-ablation", "limit": 24}, "dataset": "zoo:heldout"},
         ],
