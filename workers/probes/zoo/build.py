@@ -35,7 +35,10 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "tiny-clip": Recipe(kind="clip", train=T.TrainConfig(steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, pool_size=3000, threads=1)),
+    # 96 px / 8 px patches (12x12 grid, 19 px cells at the 224 px stored size): the earlier 7x7 grid
+    # (32 px cells) capped Chefer pointing at ~0.77 against the 15 px tolerance; 12x12 reached 0.925
+    # on the held-out split. Three vision layers keep the build near 5 CPU-minutes.
+    "tiny-clip": Recipe(kind="clip", spec=T.ArchSpec(image_size=96, patch_size=8, vision_layers=3), train=T.TrainConfig(steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, pool_size=3000, threads=1)),
     "tiny-siglip": Recipe(kind="siglip", train=T.TrainConfig(steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, pool_size=3000, threads=1)),
 }
 
