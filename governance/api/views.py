@@ -14,8 +14,6 @@ only through ``POST /api/cases/{id}/signoff/``.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 from pathlib import Path
 
 from django.db import transaction
@@ -290,23 +288,11 @@ class ModelVersionViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveMo
 # --------------------------------------------------------------------------------------------------
 
 
-def _start_case(case: m.AuditCase, user) -> str:
-    """Start a submitted case's probe runs: through the pipeline when it is installed, otherwise the
-    workflow transition plus a fresh manifest of the model (so the worker path is exercised)."""
-    try:
-        pipeline = importlib.import_module("governance.pipeline")
-    except ModuleNotFoundError as exc:
-        if exc.name != "governance.pipeline":
-            raise
-        pipeline = None
-    if pipeline is not None and hasattr(pipeline, "start_case"):
-        parameters = inspect.signature(pipeline.start_case).parameters
-        pipeline.start_case(case.pk, **({"by": user} if "by" in parameters else {}))
-        return "probe runs dispatched"
-    with transaction.atomic():
-        workflow.start_runs(case, by=user)
-        tasks.enqueue_on_commit(tasks.compute_manifest, case.model_version_id)
-    return "case running; model manifest queued (no probe pipeline installed)"
+def _start_case(case: m.AuditCase, user) -> list[int]:
+    """Start a submitted case's probe runs (or re-run the failed ones): see governance/pipeline.py."""
+    from governance import pipeline
+
+    return pipeline.start_case(case.pk, by=user)
 
 
 @extend_schema_view(create=extend_schema(responses={201: serializers.AuditCaseSerializer, **ERRORS}),
@@ -422,7 +408,7 @@ class AuditCaseViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveModel
                         status=status.HTTP_201_CREATED)
 
     @extend_schema(summary="Issue the next report version of this case (rendered now, immutable afterwards)",
-                   request=None, responses={201: serializers.ReportSerializer, 501: ERRORS[409], **ERRORS})
+                   request=None, responses={201: serializers.ReportSerializer, **ERRORS})
     @action(detail=True, methods=["post"], url_path="reports")
     def request_report(self, request, pk=None):
         case = self.get_object()
@@ -430,13 +416,8 @@ class AuditCaseViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveModel
             return Response({"error": "no_evidence_yet",
                              "detail": f"Case #{case.pk} is '{case.state}'; a report needs the evidence first."},
                             status=status.HTTP_409_CONFLICT)
-        try:
-            reports = importlib.import_module("governance.reports")
-            generate_report = reports.generate_report
-        except (ModuleNotFoundError, AttributeError):
-            return Response({"error": "not_implemented",
-                             "detail": "Report rendering is not installed on this server (governance.reports)."},
-                            status=status.HTTP_501_NOT_IMPLEMENTED)
+        from governance.reports import generate_report
+
         report = generate_report(case, author=request.user)
         return Response(serializers.ReportSerializer(report, context=self.get_serializer_context()).data,
                         status=status.HTTP_201_CREATED)
