@@ -54,7 +54,7 @@ def load_model(path: str | None):
     except Exception:  # noqa: BLE001 - no zoo checkpoint yet: same size, random weights
         spec = dict(image_size=112, patch_size=16, hidden=64, layers=4, heads=4, text_hidden=64, text_layers=2,
                     text_heads=4, projection=64)
-        return random_clip(**spec), "random CLIP, zoo tiny-clip size (112 px, 16 px patches, 4 layers, width 64)"
+        return random_clip(**spec), "random CLIP (112 px, 16 px patches, 4 layers, width 64: the first tiny-clip's size)"
 
 
 def with_rate(entry: dict, n: int) -> dict:
