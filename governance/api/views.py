@@ -450,6 +450,14 @@ class EvidenceViewSet(ReadOnlyViewSet):
     ordering_fields = ["created_at", "kind"]
 
 
+def hashed_download(field_file, filename: str, content_type: str, sha256: str) -> FileResponse:
+    """A stored file as an attachment, with the SHA-256 recorded at storage time so a client can check
+    what it received against the evidence or report manifest."""
+    response = FileResponse(field_file.open("rb"), as_attachment=True, filename=filename, content_type=content_type)
+    response["X-Content-SHA256"] = sha256
+    return response
+
+
 class EvidenceArtifactViewSet(ReadOnlyViewSet):
     """Evidence files (figures, arrays, CSV) with their SHA-256."""
 
@@ -462,10 +470,8 @@ class EvidenceArtifactViewSet(ReadOnlyViewSet):
     @action(detail=True, methods=["get"])
     def download(self, request, pk=None):
         artifact = self.get_object()
-        response = FileResponse(artifact.file.open("rb"), as_attachment=True, filename=artifact.name,
-                                content_type=artifact.content_type or "application/octet-stream")
-        response["X-Content-SHA256"] = artifact.sha256
-        return response
+        return hashed_download(artifact.file, artifact.name, artifact.content_type or "application/octet-stream",
+                               artifact.sha256)
 
 
 class SignoffViewSet(ReadOnlyViewSet):
@@ -489,10 +495,8 @@ class ReportViewSet(ReadOnlyViewSet):
     @action(detail=True, methods=["get"])
     def download(self, request, pk=None):
         report = self.get_object()
-        response = FileResponse(report.pdf.open("rb"), as_attachment=True, content_type="application/pdf",
-                                filename=f"loupe-case-{report.case_id}-report-v{report.version}.pdf")
-        response["X-Content-SHA256"] = report.sha256
-        return response
+        return hashed_download(report.pdf, f"loupe-case-{report.case_id}-report-v{report.version}.pdf",
+                               "application/pdf", report.sha256)
 
 
 class AuditEventViewSet(ReadOnlyViewSet):
