@@ -16,7 +16,7 @@ import pytest
 from governance import pipeline
 from governance.models import AuditCase, AuditEvent, Evidence, ProbeRun
 from tests.realstack import RedisServer, wait_until
-from tests.test_pipeline import make_case, tiny_clip_version, wait_for_state  # noqa: F401 (fixture)
+from tests.pipeline_fixtures import make_case, tiny_clip_version, wait_for_state  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.realworker, pytest.mark.django_db(transaction=True)]
 
