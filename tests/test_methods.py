@@ -215,6 +215,20 @@ def test_it_occlusion_matches_captum_at_the_same_window_and_stride(clip):
     torch.testing.assert_close(ours, theirs.mean(1), rtol=1e-4, atol=1e-5)
 
 
+def test_it_restores_eager_attention_after_fused_scoring_even_on_error(clip):
+    # occlusion scores its copies with fused attention; the methods that read attention
+    # probabilities must find eager attention again afterwards, whatever happened inside
+    pv = torch.randn(2, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(3))
+    eager = clip.score(pv, ["a cat", "a dog"])
+    with clip.fused_attention():
+        assert clip.model.config._attn_implementation == "sdpa"
+        torch.testing.assert_close(clip.score(pv, ["a cat", "a dog"]), eager, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="boom"), clip.fused_attention():
+        raise RuntimeError("boom")
+    assert clip.model.config._attn_implementation == "eager"
+    assert relevance(clip, pv, ["a cat", "a dog"]).image.shape == (2, *clip.grid)
+
+
 def test_it_occlusion_rejects_windows_that_do_not_fit(clip):
     pv = torch.randn(1, 3, clip.image_size, clip.image_size)
     with pytest.raises(ProbeInputError, match="window must be"):
