@@ -100,6 +100,54 @@ def resolve_dataset(reference: str | None) -> str | None:
     return str(path)
 
 
+#: Probe parameters that name server paths, like ``dataset`` does: ``inputs`` (a folder of target
+#: images for tcav/shortcut) and ``compare_models`` (model directories for the attention probe's
+#: seed consistency). They are plan input too, so they get the same confinement.
+PATH_PARAMS = {"inputs": "dataset", "compare_models": "models"}
+
+
+def resolve_model_reference(reference: str) -> str:
+    """``zoo:<checkpoint>`` or a directory below ``LOUPE_MODEL_ROOTS`` -> a local model directory."""
+    if not isinstance(reference, str) or not reference:
+        raise PipelineError(f"model reference {reference!r}: expected 'zoo:<checkpoint>' or a server path")
+    if reference.startswith("zoo:"):
+        from workers.probes import zoo
+        from workers.probes.errors import ProbeInputError
+
+        try:
+            return str(zoo.checkpoint_path(reference.removeprefix("zoo:")))
+        except ProbeInputError as exc:
+            raise PipelineError(str(exc)) from exc
+    path = Path(reference).resolve()
+    roots = [Path(r).resolve() for r in settings.LOUPE_MODEL_ROOTS]
+    if not any(path.is_relative_to(root) for root in roots):
+        raise PipelineError(f"model {reference!r} is not below an allowed model root "
+                            f"({', '.join(map(str, roots))}) and is not a zoo checkpoint")
+    if not path.is_dir():
+        raise PipelineError(f"model {reference!r} is not a directory on this server")
+    return str(path)
+
+
+def resolve_params(params: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of a plan item's ``params`` with every server path in it resolved and confined
+    (:data:`PATH_PARAMS`); raises :class:`PipelineError` for a path the server will not use.
+    The run keeps the references as written (they are what the evidence's provenance shows)."""
+    resolved = dict(params or {})
+    for key, kind in PATH_PARAMS.items():
+        if resolved.get(key) is None:
+            continue
+        value = resolved[key]
+        if kind == "dataset":
+            if not isinstance(value, str):
+                raise PipelineError(f"params.{key}: expected a dataset path or zoo reference")
+            resolved[key] = resolve_dataset(value)
+        else:
+            if not isinstance(value, list):
+                raise PipelineError(f"params.{key}: expected a list of model references")
+            resolved[key] = [resolve_model_reference(v) for v in value]
+    return resolved
+
+
 # --------------------------------------------------------------------------------------------------
 # Starting a case
 # --------------------------------------------------------------------------------------------------
@@ -168,6 +216,7 @@ def start_case(case_id: int, by=None) -> list[int]:
             raise PipelineError(f"case #{case.pk}: every planned probe already succeeded; nothing to re-run")
         for i, item in items:
             resolve_dataset(item.get("dataset"))  # refuse bad references before anything is written
+            resolve_params(item.get("params"))
         workflow.transition(case, S.RUNNING, by)
         now = timezone.now()
         runs = []

@@ -176,7 +176,8 @@ def run_probe(self, run_id: int) -> dict[str, Any]:
         device = runtime.select_device()
         suite.set_model_loader(lambda path, dev: runtime.model_cache.get(
             version.manifest_hash or path, dev, lambda: suite._default_loader(path, dev)))
-        result = suite.run(run.kind, model_dir, dataset_dir, run.params, device=device,
+        params = pipeline.resolve_params(run.params)  # confined again: settings may have changed since
+        result = suite.run(run.kind, model_dir, dataset_dir, params, device=device,
                            progress=pipeline.RunProgress(run_id))
         evidence.record_result(run_id, result, _provenance(version, device, run.params))
     except evidence.AlreadyRecorded:
