@@ -67,14 +67,32 @@ def dataset_roots() -> list[Path]:
     return [Path(p).resolve() for p in os.environ.get("LOUPE_DATASET_ROOTS", default).split(",") if p.strip()]
 
 
+def _server_directory(reference: str, zoo_lookup, roots: list[Path], what: str, zoo_what: str) -> str:
+    """``zoo:<name>`` through ``zoo_lookup``, else a directory below one of ``roots``: a plan is user
+    input, and a worker must not be pointed at arbitrary server paths."""
+    if reference.startswith("zoo:"):
+        from workers.probes.errors import ProbeInputError
+
+        try:
+            return str(zoo_lookup(reference.removeprefix("zoo:")))
+        except ProbeInputError as exc:
+            raise PipelineError(str(exc)) from exc
+    path = Path(reference).resolve()
+    if not any(path.is_relative_to(root) for root in roots):
+        raise PipelineError(f"{what} {reference!r} is not below an allowed {what} root "
+                            f"({', '.join(map(str, roots))}) and is not a {zoo_what}")
+    if not path.is_dir():
+        raise PipelineError(f"{what} {reference!r} is not a directory on this server")
+    return str(path)
+
+
 def resolve_dataset(reference: str | None) -> str | None:
     """Turn a plan's ``dataset`` into a local directory.
 
     ``None``/empty: the probe kind's own default. ``zoo:<split>`` (e.g. ``zoo:heldout``): a split of the
     synthetic reference world, generated deterministically; ``zoo:shortcut-concepts``: the watermark
     and random concept folders of the shortcut zoo. Anything else must be a directory below
-    ``LOUPE_DATASET_ROOTS``: a plan is user input, and a worker must not be pointed at arbitrary
-    server paths.
+    ``LOUPE_DATASET_ROOTS``.
     """
     if not reference:
         return None
@@ -82,22 +100,9 @@ def resolve_dataset(reference: str | None) -> str | None:
         from workers.probes.zoo import shortcut
 
         return str(shortcut.probe_data() / "concepts")
-    if reference.startswith("zoo:"):
-        from workers.probes import zoo
+    from workers.probes import zoo
 
-        from workers.probes.errors import ProbeInputError
-
-        try:
-            return str(zoo.dataset_dir(reference.removeprefix("zoo:")))
-        except ProbeInputError as exc:
-            raise PipelineError(str(exc)) from exc
-    path = Path(reference).resolve()
-    if not any(path.is_relative_to(root) for root in dataset_roots()):
-        raise PipelineError(f"dataset {reference!r} is not below an allowed dataset root "
-                            f"({', '.join(map(str, dataset_roots()))}) and is not a zoo split")
-    if not path.is_dir():
-        raise PipelineError(f"dataset {reference!r} is not a directory on this server")
-    return str(path)
+    return _server_directory(reference, zoo.dataset_dir, dataset_roots(), "dataset", "zoo split")
 
 
 #: Probe parameters that name server paths, like ``dataset`` does: ``inputs`` (a folder of target
@@ -110,22 +115,10 @@ def resolve_model_reference(reference: str) -> str:
     """``zoo:<checkpoint>`` or a directory below ``LOUPE_MODEL_ROOTS`` -> a local model directory."""
     if not isinstance(reference, str) or not reference:
         raise PipelineError(f"model reference {reference!r}: expected 'zoo:<checkpoint>' or a server path")
-    if reference.startswith("zoo:"):
-        from workers.probes import zoo
-        from workers.probes.errors import ProbeInputError
+    from workers.probes import zoo
 
-        try:
-            return str(zoo.checkpoint_path(reference.removeprefix("zoo:")))
-        except ProbeInputError as exc:
-            raise PipelineError(str(exc)) from exc
-    path = Path(reference).resolve()
     roots = [Path(r).resolve() for r in settings.LOUPE_MODEL_ROOTS]
-    if not any(path.is_relative_to(root) for root in roots):
-        raise PipelineError(f"model {reference!r} is not below an allowed model root "
-                            f"({', '.join(map(str, roots))}) and is not a zoo checkpoint")
-    if not path.is_dir():
-        raise PipelineError(f"model {reference!r} is not a directory on this server")
-    return str(path)
+    return _server_directory(reference, zoo.checkpoint_path, roots, "model", "zoo checkpoint")
 
 
 def resolve_params(params: dict[str, Any] | None) -> dict[str, Any]:
