@@ -331,3 +331,12 @@ def test_it_decorrelates_chefer_maps_once_the_zoo_model_is_randomised(zoo_clip_a
     assert m["randomized_parameters"] == m["total_parameters"]
     assert m["pointing_game"] >= 0.85 and m["rank_correlation"] < 0.3
     assert [c["stage"] for c in m["cascade"]][0] == "head" and m["cascade"][-1]["stage"] == "embeddings"
+    assert m["pointing_gain_over_randomised"] == pytest.approx(m["pointing_game"] - m["randomized_pointing_game"],
+                                                               abs=1e-3)
+    # a failure is explained by what actually failed: here the maps decorrelate, so if the check fails
+    # it is because the randomised network still finds the object from image contrast
+    passed = abs(m["randomized_pointing_game"] - m["random_pointing_game"]) <= m["pointing_margin"]
+    assert m["passed"] is passed
+    if not passed:
+        (finding,) = result.findings
+        assert "image contrast" in finding.detail and "still correlate" not in finding.detail
