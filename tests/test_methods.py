@@ -229,6 +229,25 @@ def test_it_restores_eager_attention_after_fused_scoring_even_on_error(clip):
     assert relevance(clip, pv, ["a cat", "a dog"]).image.shape == (2, *clip.grid)
 
 
+def test_it_scores_with_the_last_layer_run_for_the_cls_token_only_and_gets_the_same_embedding(clip, siglip):
+    pv = torch.randn(3, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(clip.image_embeds_for_scoring(pv), clip.image_embeds(pv), rtol=1e-4, atol=1e-5)
+    assert clip._cls_readout_ok is True  # the shortcut checked itself against the model's forward
+    spv = torch.randn(2, 3, siglip.image_size, siglip.image_size)
+    with torch.no_grad():  # SigLIP's pooling head reads every token: the plain forward
+        torch.testing.assert_close(siglip.image_embeds_for_scoring(spv), siglip.image_embeds(spv))
+
+
+def test_it_falls_back_to_the_models_own_forward_when_the_cls_shortcut_disagrees(tmp_path, monkeypatch):
+    adapter = load_adapter(str(save_tiny_clip(tmp_path / "clip-fallback")))
+    pv = torch.randn(2, 3, adapter.image_size, adapter.image_size)
+    monkeypatch.setattr(adapter, "_cls_readout_embeds", lambda x: torch.zeros(x.shape[0], 8))
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.image_embeds_for_scoring(pv), adapter.image_embeds(pv))
+    assert adapter._cls_readout_ok is False
+
+
 def test_it_occlusion_rejects_windows_that_do_not_fit(clip):
     pv = torch.randn(1, 3, clip.image_size, clip.image_size)
     with pytest.raises(ProbeInputError, match="window must be"):
@@ -241,20 +260,25 @@ def test_it_occludes_an_image_once_for_all_its_prompts(attending):
     pv, prompts = _scenes()
     # the same scene asked about both colours: one set of occluded copies, two maps
     pairs = pv[:1].expand(2, -1, -1, -1)
-    calls = []
-    original = attending.image_embeds
+    calls = {"image_embeds": [], "image_embeds_for_scoring": []}
 
-    def counting(x):
-        calls.append(x.shape[0])
-        return original(x)
+    def counting(name):
+        original = getattr(attending, name)
 
-    attending.image_embeds = counting
+        def count(x):
+            calls[name].append(x.shape[0])
+            return original(x)
+        return count
+
+    attending.image_embeds_for_scoring = counting("image_embeds_for_scoring")
+    attending.image_embeds = counting("image_embeds")
     try:
         both = registry.get("occlusion")(attending, pairs, ["a red circle", "a blue square"])
     finally:
-        del attending.image_embeds
+        del attending.image_embeds, attending.image_embeds_for_scoring
     windows = 7 * 7  # 32 px, window 8, stride 4
-    assert sum(calls) == 2 + windows  # the two unoccluded pairs, then each window once
+    assert sum(calls["image_embeds_for_scoring"]) == windows  # each window once for both prompts
+    assert sum(calls["image_embeds"]) <= 2 + 2  # the two unoccluded pairs (+ the shortcut's self-check)
     separately = torch.cat([registry.get("occlusion")(attending, pv[:1], [p]) for p in ("a red circle", "a blue square")])
     torch.testing.assert_close(both, separately, rtol=1e-5, atol=1e-6)
     assert both[0][1, 2] > 0 and both[1][3, 0] > 0  # each prompt's own object

@@ -71,7 +71,7 @@ def occlusion_pixels(adapter, pixel_values: torch.Tensor, prompts: Sequence[str]
             img, win = rows_of_chunk // n_windows, rows_of_chunk % n_windows
             m = (rows[win // n_pos, :, None] * rows[win % n_pos, None, :]).unsqueeze(1)  # [n, 1, S, S]
             occluded = unique[img] * (1 - m) + baseline * m
-            scores = adapter.similarity(adapter.image_embeds(occluded), text)  # [n, B]: every prompt
+            scores = adapter.similarity(adapter.image_embeds_for_scoring(occluded), text)  # [n, B]: every prompt
             i, b = torch.nonzero(owner[None, :] == img[:, None], as_tuple=True)  # copy i belongs to pair b
             drops[b, win[i]] = base[b] - scores[i, b]
     drops = drops.view(n_images, n_pos, n_pos)

@@ -104,6 +104,11 @@ class DualEncoderAdapter(VisionLanguageAdapter):
     def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
         """``P`` prompts -> L2-normalised text embeddings ``[P, E]``."""
 
+    def image_embeds_for_scoring(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``image_embeds`` for forwards that only need the score (no gradients, no attention
+        probabilities, no hidden states); an architecture may skip work the embedding never reads."""
+        return self.image_embeds(pixel_values)
+
     @abstractmethod
     def score(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Paired score ``[B]``: image b with prompt b (``len(prompts) == B``), logit-scaled."""
