@@ -41,11 +41,59 @@ def test_it_names_the_colours_of_held_out_scenes(model_and_processor):
     model, processor = model_and_processor
     scenes = world.sample_scenes(1_000_003, 16, start=100)
     captions = captioner.generate_captions(model, processor, [s.image for s in scenes])
-    # Colour words name objects that are really there; shapes are often wrong (see the model card).
     named = [(w, s) for c, s in zip(captions, scenes) for w in c.split() if w in world.COLOURS]
     assert len(named) >= 2 * len(scenes)
     assert sum(any(o.colour == w for o in s.objects) for w, s in named) >= 0.9 * len(named), captions
+    shapes = [(w, s) for c, s in zip(captions, scenes) for w in c.split() if w in world.SHAPES]
+    assert sum(any(o.shape == w for o in s.objects) for w, s in shapes) >= 0.8 * len(shapes), captions
     assert all(c.startswith("a ") for c in captions), captions
+
+
+def test_its_vision_tower_is_the_zoo_tiny_clip_tower():
+    """The LLaVA recipe: the captioner reuses (frozen) the grounded tiny-clip tower it was built on."""
+    import json
+
+    from safetensors.torch import load_file
+
+    path = checkpoint_path(captioner.NAME)
+    info = json.loads((path / "training.json").read_text())
+    assert info["vision_source"]["name"] == captioner.VISION_SOURCE and info["spec"]["freeze_vision"]
+    assert info["grid"] == [captioner.GRID, captioner.GRID]
+    llava = load_file(path / "model.safetensors")
+    clip_path = checkpoint_path(captioner.VISION_SOURCE)
+    clip = load_file(clip_path / "model.safetensors")
+    if captioner._file_sha(clip_path / "model.safetensors") != info["vision_source"]["sha256"]:
+        pytest.skip("tiny-clip was rebuilt after the captioner: rebuild it with `python -m workers.probes.zoo build "
+                    "--only tiny-llava`")
+    tower = {k.split("vision_tower.", 1)[1]: v for k, v in llava.items() if "vision_tower." in k}
+    assert len(tower) == sum(k.startswith("vision_model.") for k in clip)
+    for key, value in tower.items():
+        assert (clip["vision_model." + key] == value).all(), key
+
+
+def test_it_supervises_attention_on_the_named_objects_cells():
+    # A 40x40 box at the top left of a 224 px scene covers the cells whose centres (every 18.7 px,
+    # from 9.3 px) lie inside it: rows/columns 0 and 1 of the 12x12 grid.
+    cells = captioner.object_cells((0, 0, 40, 40), (224, 224), 96, 8).reshape(12, 12)
+    assert cells[:2, :2].all() and cells.sum() == 4
+    # A box between cell centres still gets its nearest cell.
+    assert captioner.object_cells((10, 10, 18, 18), (224, 224), 96, 8).sum() == 1
+    processor = captioner.build_processor(96, 8)
+    scene = world.scene_at(1_000_003, 0)
+    ids, labels, mask, grounding = captioner._encode_batch(processor, [scene], [captioner.PROMPTS[0]], 144)
+    words = [w for w in scene.caption.replace(",", " ").split() if w in world.COLOURS or w in world.SHAPES]
+    assert len(grounding) == len(words)
+    for (_, pos, box, size), word in zip(grounding, words):
+        assert labels[0, pos + 1] == processor.tokenizer.convert_tokens_to_ids(word)  # position pos predicts it
+        assert any(o.box == box and word in (o.colour, o.shape) for o in scene.objects) and size == scene.size
+
+
+def test_the_zoo_command_builds_it_after_the_dual_encoders(capsys):
+    from workers.probes.zoo.__main__ import main
+
+    assert main(["build", "--only", "no-such-model"]) == 2
+    known = capsys.readouterr().err.split("known: ")[1].strip().split(", ")
+    assert captioner.NAME in known and known.index(captioner.NAME) > known.index(captioner.VISION_SOURCE)
 
 
 def test_it_retrains_from_scratch_into_a_verified_checkpoint(tmp_path):

@@ -79,7 +79,7 @@ def test_it_changes_the_colour_word_only_when_the_object_features_are_swapped(ad
     m = iv.feature_swap(adapter, load_scenes(heldout))
     assert m["n_cases"] >= 8
     assert m["object_swap_changed"] >= 0.8, m["examples"][:5]
-    assert m["background_swap_changed"] <= 0.15, m["examples"][:5]
+    assert m["background_swap_changed"] <= 0.1, m["examples"][:5]  # the bar (measured 0.0 on this sample)
     assert m["effect_size"]["fisher_p"] < 0.01
     json.dumps(m)
 
