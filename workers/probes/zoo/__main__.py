@@ -11,7 +11,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers.probes.zoo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="train the reference dual encoders from scratch")
+    b = sub.add_parser("build", help="train the reference models (dual encoders, then the captioner on tiny-clip)")
     b.add_argument("--out", type=Path, default=None, help="output root (default: the committed checkpoints folder)")
     b.add_argument("--only", default=None, help="comma-separated model names (default: all)")
     b.add_argument("--steps", type=int, default=None, help="override the number of training steps")
@@ -34,10 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         print(out)
         return 0
 
+    from workers.probes.zoo import captioner  # hook: the captioner reuses tiny-clip's tower, so it comes last
     from workers.probes.zoo import shortcut as shortcut_zoo  # hook: the shortcut zoo's own recipe
     from workers.probes.zoo.build import RECIPES, build_reference_model
 
-    known = [*RECIPES, *shortcut_zoo.MODELS]
+    known = [*RECIPES, *shortcut_zoo.MODELS, captioner.NAME]
     names = args.only.split(",") if args.only else known
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     root = args.out or zoo.CHECKPOINT_ROOT
     for name in names:
+        if name == captioner.NAME:
+            print(json.dumps(captioner.build_for_zoo(root / name, steps=args.steps), sort_keys=True))
+            continue
         if name in shortcut_zoo.MODELS:
             steps = {"steps": args.steps} if args.steps else {}
             print(json.dumps({"name": name, "path": str(shortcut_zoo.train_model(name, root / name, **steps))}))
