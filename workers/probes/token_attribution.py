@@ -82,7 +82,12 @@ def relevance_rows(attentions: Sequence[torch.Tensor], grads: Sequence[torch.Ten
     """
     n = attentions[0].shape[-1]
     r = torch.nn.functional.one_hot(rows, n).to(attentions[0].dtype)
-    for a, g in zip(reversed(attentions), reversed(grads), strict=True):
+    t = torch.arange(len(rows), device=rows.device)
+    for k, (a, g) in enumerate(zip(reversed(attentions), reversed(grads), strict=True)):
+        if k == 0:  # r is still one-hot at rows[t]: only that row of the top layer's cam is needed
+            a_rows = a[0][:, rows].transpose(0, 1) if a.shape[0] == 1 else a[t, :, rows]  # [T, H, N]
+            r = r + (g[t, :, rows] * a_rows).clamp(min=0).mean(dim=1)
+            continue
         cam = (g * a).clamp(min=0).mean(dim=1)  # [T, N, N]
         r = r + torch.bmm(r[:, None, :], cam)[:, 0]
     return r
@@ -90,8 +95,8 @@ def relevance_rows(attentions: Sequence[torch.Tensor], grads: Sequence[torch.Ten
 
 def raw_rows(attentions: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     """Raw attention baseline: ``[T, N]``, row ``rows[t]`` averaged over layers and heads."""
-    stacked = torch.stack([a[0] for a in attentions])  # [L, H, N, N]
-    return stacked.mean(dim=(0, 1))[rows]
+    # only the needed rows (stacking every layer's [H, N, N] first costs more than the attribution)
+    return torch.stack([a[0][:, rows].mean(dim=0) for a in attentions]).mean(dim=0)
 
 
 def attention_gradients(logits: torch.Tensor, attentions: Sequence[torch.Tensor], rows: torch.Tensor,
