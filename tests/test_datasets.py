@@ -185,3 +185,16 @@ def test_it_refuses_json_that_is_not_coco(tmp_path):
     assert "not a COCO instances file" in refusal(tmp_path, format="coco")
     (tmp_path / "instances.json").write_text('{"images": [', encoding="utf-8")
     assert "malformed JSON" in refusal(tmp_path, format="coco")
+
+
+def test_it_reads_every_scene_object_also_from_a_relative_dataset_path(tmp_path, monkeypatch):
+    # scenes.jsonl keys are resolved paths; a dataset named relative to the working directory used
+    # to lose the per-object colours and shapes silently (feature swap then had nothing to swap)
+    from workers.probes.scenes import load_scenes
+    from workers.probes.zoo import world
+
+    world.write_dataset(tmp_path / "data", world.sample_scenes(5, 2))
+    monkeypatch.chdir(tmp_path)
+    scenes = load_scenes("data")
+    assert [len(s.objects) for s in scenes] == [len(s.objects) for s in world.sample_scenes(5, 2)]
+    assert all(o.colour in world.COLOURS and o.shape in world.SHAPES for s in scenes for o in s.objects)

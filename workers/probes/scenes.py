@@ -65,7 +65,7 @@ def load_scenes(dataset_dir: str | Path, *, limit: int | None = None) -> list[Sc
     out: list[SceneImage] = []
     for path, examples in by_image.items():
         first = examples[0]
-        objects = scene_objects.get(path)
+        objects = scene_objects.get(Path(path).resolve())  # keys are resolved: a relative dataset path must match
         if objects is None:
             objects = tuple(NamedObject(words=tuple(ex.prompt.lower().split()), box=tuple(b))  # type: ignore[arg-type]
                             for ex in examples for b in ex.boxes)
