@@ -315,28 +315,36 @@ def test_it_points_chefer_at_the_named_object_on_held_out_zoo_scenes(zoo_clip_an
     result = suite.run("grounding", model, heldout, {"methods": ["chefer"], "limit": 64, "batch_size": 32,
                                                      "steps": 8})
     chefer = next(m for m in result.metrics["methods"] if m["method"] == "chefer")
-    # 0.925 on all 320 held-out scenes; 64 of them leave room for sampling noise, not for a regression
+    # 0.953 on all 320 held-out scenes; 64 of them leave room for sampling noise, not for a regression
     assert chefer["n"] == 64 and chefer["pointing_game"] >= 0.88
     assert chefer["pointing_game"] > chefer["random_pointing_game"] + 0.5
     assert chefer["deletion_auc"] < chefer["random_deletion_auc"]
     assert chefer["insertion_auc"] > chefer["random_insertion_auc"]
 
 
-def test_it_decorrelates_chefer_maps_once_the_zoo_model_is_randomised(zoo_clip_and_heldout):
-    from workers.probes import suite
+def test_it_passes_chefer_on_the_zoo_model_only_once_scenes_are_crowded(zoo_clip_and_heldout):
+    from workers.probes import suite, zoo
 
     model, heldout = zoo_clip_and_heldout
-    result = suite.run("sanity", model, heldout, {"method": "chefer", "limit": 48, "batch_size": 24})
+    # crowded split (the default): 5-6 objects, where finding *an* object is worth about chance
+    result = suite.run("sanity", model, None, {"method": "chefer", "limit": 96, "batch_size": 32})
     m = result.metrics
-    assert m["randomized_parameters"] == m["total_parameters"]
-    assert m["pointing_game"] >= 0.85 and m["rank_correlation"] < 0.3
+    assert m["n"] == 96 and m["randomized_parameters"] == m["total_parameters"]
     assert [c["stage"] for c in m["cascade"]][0] == "head" and m["cascade"][-1]["stage"] == "embeddings"
+    assert len(m["randomisation_draws"]) == 3
+    assert m["randomized_pointing_game"] == pytest.approx(
+        np.mean([d["pointing_game"] for d in m["randomisation_draws"]]), abs=1e-3)
     assert m["pointing_gain_over_randomised"] == pytest.approx(m["pointing_game"] - m["randomized_pointing_game"],
                                                                abs=1e-3)
-    # a failure is explained by what actually failed: here the maps decorrelate, so if the check fails
-    # it is because the randomised network still finds the object from image contrast
-    passed = abs(m["randomized_pointing_game"] - m["random_pointing_game"]) <= m["pointing_margin"]
-    assert m["passed"] is passed
-    if not passed:
-        (finding,) = result.findings
-        assert "image contrast" in finding.detail and "still correlate" not in finding.detail
+    assert m["rank_correlation"] < 0.3 and m["pointing_game"] >= 0.7
+    assert m["passed"] and not result.findings  # 320 scenes: randomised 0.194 vs chance 0.121
+
+    # 2-4 object scenes: the randomised network's maps still land on *some* object, so on the named
+    # one about a third of the time; the check says so instead of passing
+    plain = suite.run("sanity", model, heldout, {"method": "chefer", "limit": 96, "batch_size": 32, "draws": 1})
+    p = plain.metrics
+    assert not p["passed"] and p["rank_correlation"] < 0.3
+    assert p["randomized_pointing_game"] > p["random_pointing_game"] + p["pointing_margin"]
+    (finding,) = plain.findings
+    assert "image contrast" in finding.detail and "still correlate" not in finding.detail
+    assert zoo.SPLITS["crowded"].crowded and not zoo.SPLITS["heldout"].crowded

@@ -7,6 +7,7 @@ other Hugging Face model, offline, and must notice if they were tampered with.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -72,6 +73,25 @@ def test_it_gives_every_object_a_distinct_colour_and_shape_by_default():
         assert len({o.colour for o in scene.objects}) == len(scene.objects)
         assert len({o.shape for o in scene.objects}) == len(scene.objects)
         assert all(len(scene.boxes_for(o.prompt)) == 1 for o in scene.objects)
+
+
+def test_it_crowds_scenes_with_five_or_six_distinct_objects_from_the_wider_palette():
+    scenes = [world.crowded_scene_at(5, i) for i in range(40)]
+    for scene in scenes:
+        assert 5 <= len(scene.objects) <= 6
+        assert len({o.colour for o in scene.objects}) == len({o.shape for o in scene.objects}) == len(scene.objects)
+        assert {o.colour for o in scene.objects} <= set(world.CROWDED_COLOURS)
+        assert {o.shape for o in scene.objects} <= set(world.CROWDED_SHAPES)
+    assert {o.shape for s in scenes for o in s.objects} == set(world.CROWDED_SHAPES)  # star and ring drawn too
+    assert np.array_equal(np.asarray(world.crowded_scene_at(5, 3).image), np.asarray(scenes[3].image))
+    orange = next(o for s in scenes for o in s.objects if o.colour == "orange")
+    assert orange.prompt == f"an orange {orange.shape}"
+
+
+def test_it_leaves_the_default_world_pixel_for_pixel_as_the_checkpoints_were_trained_on():
+    # the crowded options must not shift the random stream of ordinary scenes (WORLD_VERSION 1)
+    digest = hashlib.sha256(b"".join(np.asarray(world.scene_at(0, i).image).tobytes() for i in range(8)))
+    assert digest.hexdigest() == "2e331e03fc2c8e10e8466e20e8f960c802c2dca604de86374672694a32ce429c"
 
 
 def test_it_adds_and_removes_the_watermark_without_changing_anything_else():

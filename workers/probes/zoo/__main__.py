@@ -29,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unknown split {args.split!r}; known: {', '.join(sorted(zoo.SPLITS))}", file=sys.stderr)
             return 2
         spec = zoo.SPLITS[args.split]
-        scenes = (world.scene_at(spec.seed, i, watermark=spec.watermark) for i in range(spec.n_images))
-        out = world.write_dataset(args.out, scenes, info={"split": args.split, "seed": spec.seed})
+        out = world.write_dataset(args.out, spec.scenes(), info={"split": args.split, "seed": spec.seed})
         print(out)
         return 0
 

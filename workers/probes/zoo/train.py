@@ -209,7 +209,7 @@ def present_objects(scene: world.Scene) -> set[str]:
 
 def all_object_prompts(shapes: Sequence[str] = world.SHAPES, colours: Sequence[str] = world.COLOURS) -> list[str]:
     """Every ``"a <colour> <shape>"`` prompt of the world (16 by default)."""
-    return [f"a {c} {s}" for c in colours for s in shapes]
+    return [world.object_prompt(c, s) for c in colours for s in shapes]
 
 
 @dataclass

@@ -20,9 +20,9 @@ watermark, so that ``scene.render(watermark=...)`` yields *otherwise identical* 
 without the stamp (the shortcut probe measures the score change between the two).
 
 Public API: ``SHAPES``, ``COLOURS``, ``COLOUR_RGB``, ``WATERMARKS``, ``SceneObject``, ``Scene``,
-``render_scene``, ``scene_at``, ``sample_scenes``, ``draw_scene``, ``stamp_watermark``,
-``watermark_region``, ``caption_for``, ``first_object_prompt``, ``all_object_prompts``,
-``write_dataset``, ``read_dataset``.
+``render_scene``, ``scene_at``, ``crowded_scene_at`` (and its ``CROWDED_*`` settings),
+``sample_scenes``, ``draw_scene``, ``stamp_watermark``, ``watermark_region``, ``caption_for``,
+``first_object_prompt``, ``all_object_prompts``, ``write_dataset``, ``read_dataset``.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "green": (40, 160, 60),
     "blue": (45, 85, 215),
     "yellow": (230, 200, 35),
+    # Only in crowded scenes (``CROWDED_COLOURS``): the default world never draws them.
+    "purple": (135, 60, 190),
+    "orange": (240, 130, 25),
 }
 #: Watermark kinds accepted by ``render_scene`` / ``stamp_watermark`` (``None`` = no watermark).
 WATERMARKS: tuple[str, ...] = ("corner-stamp",)
@@ -66,6 +69,12 @@ STAMP_JITTER = 4
 Box = tuple[int, int, int, int]
 
 
+def object_prompt(colour: str, shape: str) -> str:
+    """``"a red circle"``, ``"an orange star"``: the one way the zoo names an object."""
+    article = "an" if colour[:1] in "aeiou" else "a"
+    return f"{article} {colour} {shape}"
+
+
 @dataclass(frozen=True)
 class SceneObject:
     """One drawn object: ``box`` is ``(x0, y0, x1, y1)`` in pixels, x1/y1 exclusive."""
@@ -82,7 +91,7 @@ class SceneObject:
     @property
     def prompt(self) -> str:
         """The single-object prompt the models are trained and audited on: ``"a red circle"``."""
-        return f"a {self.name}"
+        return object_prompt(self.colour, self.shape)
 
 
 @dataclass
@@ -170,25 +179,30 @@ def _pick_attributes(
     return pairs
 
 
-def _layout(rng: np.random.Generator, n: int, size: int, max_tries: int = 2000) -> list[Box]:
+def _layout(rng: np.random.Generator, n: int, size: int, max_tries: int = 2000,
+            side_range: tuple[int, int] = OBJECT_SIDE, restarts: int = 20) -> list[Box]:
     s = size / DEFAULT_SIZE
-    lo, hi = round(OBJECT_SIDE[0] * s), round(OBJECT_SIDE[1] * s)
+    lo, hi = round(side_range[0] * s), round(side_range[1] * s)
     gap = max(1, round(MIN_GAP * s))
     border = max(1, round(4 * s))
     reserved = watermark_region(size)
-    boxes: list[Box] = []
-    for _ in range(max_tries):
+    # Sequential placement can paint itself into a corner when the scene is crowded; it then starts
+    # over (still a pure function of ``rng``). Scenes that fit at the first attempt - every scene of
+    # the default world - consume exactly the random numbers they always did.
+    for _ in range(restarts):
+        boxes: list[Box] = []
+        for _ in range(max_tries):
+            if len(boxes) == n:
+                return boxes
+            side = int(rng.integers(lo, hi + 1))
+            x0 = int(rng.integers(border, size - border - side + 1))
+            y0 = int(rng.integers(border, size - border - side + 1))
+            box = (x0, y0, x0 + side, y0 + side)
+            if _overlaps(box, reserved, 0) or any(_overlaps(box, b, gap) for b in boxes):
+                continue
+            boxes.append(box)
         if len(boxes) == n:
             return boxes
-        side = int(rng.integers(lo, hi + 1))
-        x0 = int(rng.integers(border, size - border - side + 1))
-        y0 = int(rng.integers(border, size - border - side + 1))
-        box = (x0, y0, x0 + side, y0 + side)
-        if _overlaps(box, reserved, 0) or any(_overlaps(box, b, gap) for b in boxes):
-            continue
-        boxes.append(box)
-    if len(boxes) == n:
-        return boxes
     raise ValueError(f"could not place {n} non-overlapping objects in a {size}px image")
 
 
@@ -225,6 +239,9 @@ def _draw_object(draw: ImageDraw.ImageDraw, shape: str, box: Box, rgb: tuple[int
         h = (y1 - y0) / 3
         draw.rectangle((xa + w, ya, xb - w, yb), fill=rgb)
         draw.rectangle((xa, ya + h, xb, yb - h), fill=rgb)
+    elif shape == "ring":
+        width = max(2, round((x1 - x0) / 4.5))
+        draw.ellipse((xa, ya, xb, yb), outline=rgb, width=width)
     elif shape == "star":
         cx, cy = (xa + xb) / 2, (ya + yb) / 2
         r_out, r_in = (xb - xa) / 2, (xb - xa) / 5
@@ -333,13 +350,15 @@ def render_scene(
     colours: Sequence[str] = COLOURS,
     distinct_shapes: bool = True,
     distinct_colours: bool = True,
+    object_side: tuple[int, int] = OBJECT_SIDE,
 ) -> Scene:
     """Draw one random scene using ``rng`` (consumed deterministically).
 
     ``n_objects`` is a count or an inclusive ``(low, high)`` range. By default every object in a
     scene has a different shape *and* a different colour, so "a red circle" names exactly one
     object and either word alone already locates it; set ``distinct_*=False`` for scenes where
-    binding colour to shape matters (no two objects are ever identical).
+    binding colour to shape matters (no two objects are ever identical). ``object_side`` is the
+    side length range in pixels at ``DEFAULT_SIZE``.
     """
     if isinstance(n_objects, tuple):
         n = int(rng.integers(n_objects[0], n_objects[1] + 1))
@@ -348,10 +367,28 @@ def render_scene(
     if n < 1:
         raise ValueError("a scene needs at least one object")
     pairs = _pick_attributes(rng, n, shapes, colours, distinct_shapes, distinct_colours)
-    boxes = _layout(rng, n, size)
+    boxes = _layout(rng, n, size, side_range=object_side)
     background_seed = int(rng.integers(0, 2**31 - 1))
     objects = [SceneObject(shape=s, colour=c, box=b) for (s, c), b in zip(pairs, boxes, strict=True)]
     return draw_scene(objects, size=size, background_seed=background_seed, texture=texture, watermark=watermark)
+
+
+#: Crowded scenes: 5-6 smaller objects, all of different shapes and colours, from a wider palette.
+#: In the default world (2-4 objects) any map that merely finds *an* object - the maps of a
+#: randomly initialised network, which follow colour contrast (Adebayo et al. 2018) - hits the
+#: named one 1 time in 3 against 0.15 by area, so the randomisation sanity check cannot tell
+#: "finds the named object" from "finds something". With 5-6 objects the two rates meet.
+CROWDED_SHAPES: tuple[str, ...] = (*SHAPES, "star", "ring")
+CROWDED_COLOURS: tuple[str, ...] = (*COLOURS, "purple", "orange")
+CROWDED_OBJECTS = (5, 6)
+CROWDED_SIDE = (40, 58)
+
+
+def crowded_scene_at(seed: int, index: int, **kwargs) -> Scene:
+    """Scene ``index`` of the *crowded* stream ``seed`` (see ``CROWDED_SHAPES``)."""
+    options = dict(n_objects=CROWDED_OBJECTS, shapes=CROWDED_SHAPES, colours=CROWDED_COLOURS,
+                   object_side=CROWDED_SIDE)
+    return scene_at(seed, index, **{**options, **kwargs})
 
 
 def scene_at(seed: int, index: int, **kwargs) -> Scene:
