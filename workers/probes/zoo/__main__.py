@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", type=Path, default=None, help="output root (default: the committed checkpoints folder)")
     b.add_argument("--only", default=None, help="comma-separated model names (default: all)")
     b.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    b.add_argument("--jobs", type=int, default=2,
+                   help="models trained at once, one process and one thread each (default 2: one per core of "
+                        "the reference machine); the captioner waits for tiny-clip")
     d = sub.add_parser("dataset", help="write a deterministic dataset split")
     d.add_argument("--split", default="heldout")
     d.add_argument("--out", type=Path, required=True)
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from workers.probes.zoo import captioner  # hook: the captioner reuses tiny-clip's tower, so it comes last
     from workers.probes.zoo import shortcut as shortcut_zoo  # hook: the shortcut zoo's own recipe
-    from workers.probes.zoo.build import RECIPES, build_reference_model
+    from workers.probes.zoo.build import RECIPES, build_one
 
     known = [*RECIPES, *shortcut_zoo.MODELS, captioner.NAME]
     names = args.only.split(",") if args.only else known
@@ -44,16 +47,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown model(s) {', '.join(unknown)}; known: {', '.join(known)}", file=sys.stderr)
         return 2
     root = args.out or zoo.CHECKPOINT_ROOT
-    for name in names:
-        if name == captioner.NAME:
-            print(json.dumps(captioner.build_for_zoo(root / name, steps=args.steps), sort_keys=True))
-            continue
-        if name in shortcut_zoo.MODELS:
-            steps = {"steps": args.steps} if args.steps else {}
-            print(json.dumps({"name": name, "path": str(shortcut_zoo.train_model(name, root / name, **steps))}))
-            continue
-        info = build_reference_model(name, root / name, steps=args.steps)
-        print(json.dumps(info, sort_keys=True))
+    # Each recipe trains single-threaded (reproducible for a fixed thread count), so independent
+    # models train side by side in separate processes; the captioner copies tiny-clip's tower and
+    # therefore starts after the others have finished.
+    independent = [n for n in names if n != captioner.NAME]
+    if args.jobs > 1 and len(independent) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for line in pool.map(build_one, independent, [root] * len(independent),
+                                 [args.steps] * len(independent)):
+                print(line, flush=True)
+    else:
+        for name in independent:
+            print(build_one(name, root, args.steps), flush=True)
+    if captioner.NAME in names:
+        print(build_one(captioner.NAME, root, args.steps), flush=True)
     return 0
 
 

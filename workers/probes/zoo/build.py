@@ -193,3 +193,19 @@ Grounding faithfulness (pointing game etc.) is measured by `python -m workers.pr
 
 `SHA256SUMS` lists every file; `workers.probes.zoo.checkpoint_path("{info['name']}")` verifies it.
 """
+
+
+def build_one(name: str, root: Path, steps: int | None) -> str:
+    """Train zoo model ``name`` (a recipe here, a shortcut-zoo model or the captioner) into
+    ``root / name``; returns its summary as one JSON line. Module-level so that ``zoo build
+    --jobs N`` can run it in worker processes."""
+    # imported here: both hooks import this module
+    from workers.probes.zoo import captioner
+    from workers.probes.zoo import shortcut as shortcut_zoo
+
+    if name == captioner.NAME:
+        return json.dumps(captioner.build_for_zoo(root / name, steps=steps), sort_keys=True)
+    if name in shortcut_zoo.MODELS:
+        extra = {"steps": steps} if steps else {}
+        return json.dumps({"name": name, "path": str(shortcut_zoo.train_model(name, root / name, **extra))})
+    return json.dumps(build_reference_model(name, root / name, steps=steps), sort_keys=True)
