@@ -198,6 +198,21 @@ def test_it_flow_equals_the_reference_on_sharp_random_attention():
                                    flow_reference(mats.numpy(), None, range(1, tokens)), rtol=0, atol=1e-6)
 
 
+def test_it_flow_certifies_each_value_to_the_rounding_its_cut_allows(monkeypatch):
+    # coarse integer capacities make the bracket wide: a cut of many edges may lose up to 1/SCALE
+    # on each (this tripped the old fixed 2e-7 check on a real 145-token ViT), but never more
+    from workers.probes import flow
+
+    rng = np.random.default_rng(1)
+    logits = torch.from_numpy(rng.normal(size=(1, 3, 12, 12)))
+    mats = torch.stack(layer_matrices([torch.softmax(logits, -1) for _ in range(3)]), 1)[0].numpy()
+    monkeypatch.setattr(flow, "SCALE", 2 ** 12)
+    coarse = max_flows(mats, None, range(1, 12), tolerance=1e-2)
+    np.testing.assert_allclose(coarse, flow_reference(mats, None, range(1, 12)), rtol=0, atol=12 * 3 * 12 / 2 ** 12)
+    with pytest.raises(RuntimeError, match="wider than 2 x tolerance"):
+        max_flows(mats, None, range(1, 12), tolerance=1e-9)
+
+
 def test_it_flow_refuses_graphs_beyond_its_size_limit(clip):
     pv = torch.randn(1, 3, clip.image_size, clip.image_size)
     with pytest.raises(FlowTooLargeError, match="attention flow on 3 layers x 17 tokens"):
