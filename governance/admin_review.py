@@ -37,6 +37,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from governance import access, audit_log, pipeline, workflow
 from governance import models as m
+from governance.api.errors import domain_error
 from governance.reports.context import flatten, record_tables
 
 S = m.AuditCase.State
@@ -72,20 +73,12 @@ class Refused(Exception):
 
 
 def _refusal(exc: Exception) -> Refused:
-    """The API's status codes (governance/api/errors.py) for the workflow's and pipeline's errors."""
-    if isinstance(exc, workflow.NotAllowed):
-        return Refused(str(exc), 403)
-    if isinstance(exc, workflow.TransitionError):
-        return Refused(str(exc), 409)
-    if isinstance(exc, workflow.WorkflowError):
-        return Refused(str(exc), 400)
-    if isinstance(exc, pipeline.BrokerUnavailable):
-        return Refused(str(exc), 503)
-    if isinstance(exc, pipeline.PipelineError):
-        return Refused(str(exc), 400)
-    if isinstance(exc, m.ImmutableError):
-        return Refused(str(exc), 409)
-    raise exc
+    """The API's status code (``governance.api.errors.DOMAIN_ERRORS``) for one of the service's own
+    errors; anything else is re-raised."""
+    known = domain_error(exc)
+    if known is None:
+        raise exc
+    return Refused(str(exc), known[1])
 
 
 def _require_roles(user, allowed: frozenset[str], what: str) -> None:

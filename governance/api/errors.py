@@ -21,6 +21,29 @@ from governance.uploads import UploadRejected
 from workers.probes.errors import ProbeInputError
 
 
+#: The service's own errors: (class, stable code, HTTP status). The API's exception handler and the
+#: admin review page (``admin_review``) both answer with these; subclasses come before their bases.
+DOMAIN_ERRORS: tuple[tuple[type[Exception], str, int], ...] = (
+    (workflow.NotAllowed, "not_allowed", status.HTTP_403_FORBIDDEN),
+    (workflow.TransitionError, "illegal_transition", status.HTTP_409_CONFLICT),
+    (workflow.WorkflowError, "workflow_error", status.HTTP_400_BAD_REQUEST),
+    (ImmutableError, "immutable", status.HTTP_409_CONFLICT),
+    (pipeline.BrokerUnavailable, "broker_unavailable", status.HTTP_503_SERVICE_UNAVAILABLE),
+    (pipeline.PipelineError, "cannot_start", status.HTTP_400_BAD_REQUEST),
+    (ArtifactUnavailable, "artifact_unavailable", status.HTTP_409_CONFLICT),
+    (ModelCardError, "bad_model_card", status.HTTP_400_BAD_REQUEST),
+    (ProbeInputError, "probe_input", status.HTTP_400_BAD_REQUEST),
+)
+
+
+def domain_error(exc: Exception) -> tuple[str, int] | None:
+    """``(code, HTTP status)`` for one of the service's own errors, ``None`` for anything else."""
+    for cls, code, http_status in DOMAIN_ERRORS:
+        if isinstance(exc, cls):
+            return code, http_status
+    return None
+
+
 def _error(code: str, detail, http_status: int, **extra) -> Response:
     return Response({"error": code, "detail": detail, **extra}, status=http_status)
 
@@ -37,34 +60,23 @@ def _django_validation_detail(exc: DjangoValidationError) -> tuple[str, dict | N
 def exception_handler(exc, context):
     if isinstance(exc, UploadRejected):
         return Response(exc.as_dict(), status=exc.status)
-    if isinstance(exc, workflow.NotAllowed):
-        return _error("not_allowed", str(exc), status.HTTP_403_FORBIDDEN)
-    if isinstance(exc, workflow.TransitionError):
-        return _error("illegal_transition", str(exc), status.HTTP_409_CONFLICT, from_state=exc.from_state,
-                      to_state=exc.to_state, allowed=list(exc.allowed))
-    if isinstance(exc, workflow.WorkflowError):
-        return _error("workflow_error", str(exc), status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, DjangoValidationError):
         sentence, fields = _django_validation_detail(exc)
         return _error("invalid", sentence, status.HTTP_400_BAD_REQUEST, **({"fields": fields} if fields else {}))
-    if isinstance(exc, ImmutableError):
-        return _error("immutable", str(exc), status.HTTP_409_CONFLICT)
     if isinstance(exc, (ProtectedError, RestrictedError)):
         blockers = sorted({type(o).__name__ for o in exc.protected_objects}) if isinstance(exc, ProtectedError) else []
         return _error("protected", "This object is still referenced" + (f" by {', '.join(blockers)}" if blockers else "")
                       + "; archive it instead of deleting it.", status.HTTP_409_CONFLICT)
-    if isinstance(exc, pipeline.BrokerUnavailable):
-        response = _error("broker_unavailable", str(exc), status.HTTP_503_SERVICE_UNAVAILABLE)
-        response["Retry-After"] = "30"
+    known = domain_error(exc)
+    if known is not None:
+        code, http_status = known
+        extra = {}
+        if isinstance(exc, workflow.TransitionError):
+            extra = {"from_state": exc.from_state, "to_state": exc.to_state, "allowed": list(exc.allowed)}
+        response = _error(code, str(exc), http_status, **extra)
+        if isinstance(exc, pipeline.BrokerUnavailable):
+            response["Retry-After"] = "30"
         return response
-    if isinstance(exc, pipeline.PipelineError):
-        return _error("cannot_start", str(exc), status.HTTP_400_BAD_REQUEST)
-    if isinstance(exc, ArtifactUnavailable):
-        return _error("artifact_unavailable", str(exc), status.HTTP_409_CONFLICT)
-    if isinstance(exc, ModelCardError):
-        return _error("bad_model_card", str(exc), status.HTTP_400_BAD_REQUEST)
-    if isinstance(exc, ProbeInputError):
-        return _error("probe_input", str(exc), status.HTTP_400_BAD_REQUEST)
     if isinstance(exc, IntegrityError):
         return _error("conflict", "The request conflicts with existing data (a duplicate or a rule the database "
                                   "enforces).", status.HTTP_409_CONFLICT)
