@@ -13,17 +13,14 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tests.zoo_fixtures import heldout_fixture  # noqa: E402
 from workers.probes import attention_stats as ast  # noqa: E402
 from workers.probes import suite  # noqa: E402
 from workers.probes.cli import main  # noqa: E402
-from workers.probes.zoo import captioner, checkpoint_path, world  # noqa: E402
+from workers.probes.zoo import captioner, checkpoint_path  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def heldout(tmp_path_factory):
-    out = tmp_path_factory.mktemp("heldout8")
-    world.write_dataset(out, world.sample_scenes(1_000_003, 8))
-    return out
+heldout = heldout_fixture(8)
 
 
 def test_it_measures_dispersion_alignment_and_consistency_of_known_heads():

@@ -14,11 +14,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tests.zoo_fixtures import heldout_fixture  # noqa: E402
 from workers.probes import interventions as iv  # noqa: E402
 from workers.probes.cli import main  # noqa: E402
 from workers.probes.scenes import load_scenes  # noqa: E402
 from workers.probes.token_attribution import load_fusion  # noqa: E402
-from workers.probes.zoo import captioner, checkpoint_path, world  # noqa: E402
+from workers.probes.zoo import captioner, checkpoint_path  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +27,7 @@ def adapter():
     return load_fusion(str(checkpoint_path(captioner.NAME)))
 
 
-@pytest.fixture(scope="module")
-def heldout(tmp_path_factory):
-    out = tmp_path_factory.mktemp("heldout16")
-    world.write_dataset(out, world.sample_scenes(1_000_003, 16))
-    return out
+heldout = heldout_fixture(16)
 
 
 def test_it_ablates_exactly_one_heads_slice():

@@ -14,6 +14,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tests.zoo_fixtures import HELDOUT_SEED, heldout_fixture  # noqa: E402
 from workers.probes import token_attribution as ta  # noqa: E402
 from workers.probes.cli import main  # noqa: E402
 from workers.probes.scenes import load_scenes  # noqa: E402
@@ -25,16 +26,11 @@ def adapter():
     return ta.load_fusion(str(checkpoint_path(captioner.NAME)))
 
 
-@pytest.fixture(scope="module")
-def heldout(tmp_path_factory):
-    """The first 16 scenes of the zoo's held-out stream, in the dataset format."""
-    out = tmp_path_factory.mktemp("heldout16")
-    world.write_dataset(out, world.sample_scenes(1_000_003, 16))
-    return out
+heldout = heldout_fixture(16)
 
 
 def test_it_equals_the_naive_per_token_recomputation(adapter):
-    image = world.scene_at(1_000_003, 3).image
+    image = world.scene_at(HELDOUT_SEED, 3).image
     enc, feats = adapter.prepare([image], "describe the image")
     generated = adapter.generate(adapter.embed(enc.input_ids, feats), 12)[0]
     fast = ta.attribute_generated(adapter, enc, feats, generated)
@@ -66,7 +62,7 @@ def test_it_points_generated_object_words_at_their_objects(adapter, heldout):
 
 
 def test_it_exports_a_consistent_attribution_graph(adapter):
-    scene = world.scene_at(1_000_003, 5)
+    scene = world.scene_at(HELDOUT_SEED, 5)
     att = ta.attribute(adapter, scene.image, "describe the image")
     assert att.caption.split() == att.generated_tokens
     assert set(att.image) == set(ta.METHODS)
@@ -88,7 +84,7 @@ def test_it_exports_a_consistent_attribution_graph(adapter):
 
 def test_it_attributes_from_the_command_line_with_figures(tmp_path, capsys):
     image = tmp_path / "scene.png"
-    world.scene_at(1_000_003, 7).image.save(image)
+    world.scene_at(HELDOUT_SEED, 7).image.save(image)
     figs = tmp_path / "figs"
     figs.mkdir()
     code = main(["attribute", "--model", str(checkpoint_path(captioner.NAME)), "--image", str(image), "--json",
@@ -109,7 +105,7 @@ def test_it_refuses_bad_input_without_a_traceback(tmp_path, capsys):
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("hello")
     image = tmp_path / "ok.png"
-    world.scene_at(1_000_003, 0).image.save(image)
+    world.scene_at(HELDOUT_SEED, 0).image.save(image)
     clip = save_tiny_clip(tmp_path / "clip")
     cases = [
         (["--model", model, "--image", str(tmp_path / "missing.png")], "not found"),
