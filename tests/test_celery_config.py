@@ -21,6 +21,14 @@ def test_it_delivers_tasks_at_least_once_and_one_at_a_time():
     assert conf.task_time_limit == settings.LOUPE_TASK_TIME_LIMIT
 
 
+def test_it_sweeps_for_abandoned_tasks_on_every_interval():
+    # kombu only scans on every `unacked_restore_throttle`-th sweep (default 10): a dead worker's
+    # task would then wait ~10 sweeps past its visibility timeout before another worker got it.
+    options = app.conf.broker_transport_options
+    assert options["unacked_restore_throttle"] == 1
+    assert 0 < options["unacked_restore_interval"] <= 60
+
+
 def test_it_speaks_json_only():
     assert app.conf.accept_content == ["json"]
     assert app.conf.task_serializer == "json" and app.conf.result_serializer == "json"

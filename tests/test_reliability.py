@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.realworker, pytest.mark.django_db(transaction=True)]
 
 # Short enough for a test, and in the required order: soft limit < hard limit < visibility timeout.
 FAST_REDELIVERY = {"LOUPE_TASK_SOFT_TIME_LIMIT": "8", "LOUPE_TASK_TIME_LIMIT": "9",
-                   "LOUPE_BROKER_VISIBILITY_TIMEOUT": "10"}
+                   "LOUPE_BROKER_VISIBILITY_TIMEOUT": "10", "LOUPE_BROKER_RESTORE_INTERVAL": "2"}
 
 
 @contextlib.contextmanager

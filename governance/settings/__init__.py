@@ -179,8 +179,16 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Redis re-delivers unacknowledged messages after the visibility timeout; it must exceed the
 # hard time limit, or a long but healthy task would be delivered to a second worker.
+# Workers sweep Redis for such abandoned messages every `unacked_restore_interval` seconds, but
+# kombu (5.7) only really scans on every `unacked_restore_throttle`-th sweep, 10 x 10 s by default:
+# with that, a task of a SIGKILLed worker came back up to ~100 s after its visibility timeout had
+# passed. One sweep every LOUPE_BROKER_RESTORE_INTERVAL seconds, each a real (cheap) ZRANGE scan,
+# bounds redelivery at visibility timeout + that interval.
+LOUPE_BROKER_RESTORE_INTERVAL = int(os.environ.get("LOUPE_BROKER_RESTORE_INTERVAL", "10"))
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": int(os.environ.get("LOUPE_BROKER_VISIBILITY_TIMEOUT", str(LOUPE_TASK_TIME_LIMIT + 600))),
+    "unacked_restore_interval": LOUPE_BROKER_RESTORE_INTERVAL,
+    "unacked_restore_throttle": 1,
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
