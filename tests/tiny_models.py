@@ -178,3 +178,87 @@ def object_image(red: tuple[int, int] | None, blue: tuple[int, int] | None, *, i
             r, c = pos
             x[channel, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = 1.0
     return x
+
+
+def point_blip2_at_red(model, amplify: float = 4.0) -> None:
+    """Hand-set weights so that we *know* where a tiny BLIP-2 (``save_tiny_blip2`` defaults) looks.
+
+    Vision tower: the patch embedding copies a patch's mean red (pixel channel 0) into hidden
+    channel 0, the CLS token is channel 1, no position embeddings, and both layers add nothing
+    (zero attention output and MLP), so after the final LayerNorm a red patch is a vector with a
+    large channel 0 and every black patch is exactly zero. Q-Former cross-attention (every layer):
+    every query's query vector is constant and keys copy the vision channels, so each head's
+    score for a token is ``amplify * h[0]`` (resp. ``h[0]`` copied into head 1's first channel):
+    all queries attend to the red patch; values read channel 0 only, so black patches carry
+    nothing (value 0) and only the red patch's value can move the output.
+    """
+    import torch
+
+    d = model.config.vision_config.hidden_size
+    vision = model.vision_model
+    conv = torch.zeros_like(vision.embeddings.patch_embedding.weight)  # [D, 3, p, p]
+    conv[0, 0] = 1.0 / (conv.shape[-1] * conv.shape[-2])
+    vision.embeddings.patch_embedding.weight.copy_(conv)
+    vision.embeddings.patch_embedding.bias.zero_()
+    vision.embeddings.class_embedding.copy_(torch.eye(d)[1].view(1, 1, d))
+    vision.embeddings.position_embedding.zero_()
+    for layer in vision.encoder.layers:
+        for lin in (layer.self_attn.projection, layer.mlp.fc2):
+            lin.weight.zero_()
+            lin.bias.zero_()
+    vision.post_layernorm.weight.fill_(1.0)
+    vision.post_layernorm.bias.zero_()
+    hq = model.config.qformer_config.hidden_size
+    head_dim = hq // model.config.qformer_config.num_attention_heads
+    for layer in model.qformer.encoder.layer:
+        if not layer.has_cross_attention:
+            continue
+        att = layer.crossattention.attention
+        att.query.weight.zero_()
+        att.query.bias.zero_()
+        att.key.weight.zero_()
+        att.key.bias.zero_()
+        att.value.weight.zero_()
+        att.value.bias.zero_()
+        for h in range(hq // head_dim):
+            att.query.bias[h * head_dim] = amplify
+            att.key.weight[h * head_dim, 0] = 1.0
+            att.value.weight[h * head_dim, 0] = 1.0
+
+
+def save_tiny_blip2(directory: str | Path, *, image_size: int = 32, patch_size: int = 8, query_tokens: int = 4,
+                    qformer_layers: int = 2, cross_attention_frequency: int = 1, hidden: int = 32, heads: int = 2,
+                    seed: int = 0, edit=None) -> Path:
+    """A tiny random ``Blip2ForConditionalGeneration`` (ViT 32 px / 8 px patches, 2-layer Q-Former, OPT
+    decoder) with a ``Blip2Processor``: the zoo captioner's word-level tokenizer (``<image>`` special,
+    BOS only) and a ``BlipImageProcessor`` resizing to a fixed ``image_size`` square. ``edit(model)``
+    may set weights by hand before saving."""
+    import torch
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
+                              Blip2VisionConfig, BlipImageProcessor, OPTConfig)
+
+    from workers.probes.zoo import captioner
+
+    directory = Path(directory)
+    tok = captioner.build_processor().tokenizer
+    vocab = tok.get_vocab()
+    vision = Blip2VisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                               num_attention_heads=heads, image_size=image_size, patch_size=patch_size)
+    qformer = Blip2QFormerConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=qformer_layers,
+                                 num_attention_heads=heads, cross_attention_frequency=cross_attention_frequency,
+                                 encoder_hidden_size=hidden, vocab_size=len(tok))
+    text = OPTConfig(vocab_size=len(tok), hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=2,
+                     num_attention_heads=heads, max_position_embeddings=128, word_embed_proj_dim=hidden,
+                     pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"])
+    cfg = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+                      num_query_tokens=query_tokens, image_token_index=vocab["<image>"])
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(cfg)
+    with torch.no_grad():  # BLIP-2 initialises the query tokens to zero: give each query its own identity
+        model.query_tokens.normal_(0.0, 1.0)
+        if edit is not None:
+            edit(model)
+    model.save_pretrained(directory)
+    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    Blip2Processor(image_processor=image_processor, tokenizer=tok, num_query_tokens=query_tokens).save_pretrained(directory)
+    return directory

@@ -68,6 +68,9 @@ def fusion_image_attention(adapter, images, prompt: str, *, max_new_tokens: int 
     from workers.probes.token_attribution import _targets
 
     enc, feats = adapter.prepare(images, prompt)
+    # None where image tokens are grid cells; else (BLIP-2) [n, n_img, G]: each query token's
+    # Q-Former cross-attention over the patches, which spreads the decoder's attention to the grid
+    mapping = None if adapter.patch_aligned else adapter.image_token_patches(adapter.preprocess(images))
     with torch.no_grad():
         generated = adapter.generate(adapter.embed(enc.input_ids.expand(len(images), -1), feats), max_new_tokens)
         grid_pos = enc.image_positions[adapter.image_token_prefix:]
@@ -77,7 +80,10 @@ def fusion_image_attention(adapter, images, prompt: str, *, max_new_tokens: int 
             ids, rows = _targets(adapter, enc, gen)
             trace = adapter.trace(adapter.embed(ids, feats[k:k + 1]), ids, enc.image_positions)
             a = torch.stack([x[0] for x in trace.attentions])  # [L, H, N, N]
-            a = a[:, :, rows][..., grid_pos]  # [L, H, T, G]
+            if mapping is None:
+                a = a[:, :, rows][..., grid_pos]  # [L, H, T, G]
+            else:
+                a = a[:, :, rows][..., enc.image_positions].float() @ mapping[k]  # [L, H, T, n_img] @ [n_img, G]
             a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
             out.append(a.mean(2).float().cpu().numpy())
     return np.stack(out)

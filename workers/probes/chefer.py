@@ -51,6 +51,57 @@ def propagate_row(row: torch.Tensor, attentions: Sequence[torch.Tensor]) -> torc
     return row
 
 
+def normalised_residual(r: torch.Tensor) -> torch.Tensor:
+    """Chefer et al. eq. 8-9: ``R_bar = (R - I) / rowsum(R - I) + I`` on ``[B, n, n]``.
+
+    Self-attention relevance accumulates an identity plus ever larger sums; removing the identity
+    and normalising each row keeps one modality's context from outweighing the other's in the
+    bi-modal rule. A row without context (still the identity) stays the identity.
+    """
+    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+    s = r - eye
+    return s / s.sum(-1, keepdim=True).clamp_min(1e-12) + eye
+
+
+def self_relevance(cams: Sequence[torch.Tensor], n: int, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Chefer's self-attention rule as a matrix: ``R = I``, then ``R <- R + A_bar_l @ R`` for each
+    head-fused cam ``[B, n, n]`` in layer order. Returns ``[B, n, n]``."""
+    r = torch.eye(n, device=device).expand(batch, n, n).clone()
+    for cam in cams:
+        r = r + torch.bmm(cam, r)
+    return r
+
+
+def query_context_relevance(steps: Sequence[tuple[str, torch.Tensor]], n_query: int, n_context: int,
+                            context: torch.Tensor | None = None) -> torch.Tensor:
+    """Chefer's bi-modal rule for queries that attend to themselves and to a context modality
+    (BLIP-2's Q-Former: learned queries, vision tokens as context).
+
+    ``steps``: ``("self", A_bar [B, q, q])`` or ``("cross", A_bar [B, q, c])`` in execution order;
+    ``context``: the context's own relevance ``R^cc`` ``[B, c, c]`` (None: the identity, i.e. the
+    context tokens are taken as they enter). With ``R^qq = I`` and ``R^qc = 0``:
+
+    - self-attention (eq. 6-7): ``R^qq += A_bar R^qq``, ``R^qc += A_bar R^qc``;
+    - cross-attention (eq. 10): ``R^qc += (R_bar^qq)^T A_bar R_bar^cc`` with ``R_bar`` normalised
+      (eq. 8-9), both sides as in the authors' released code (``apply_mm_attention_rules``). The
+      context never attends to the queries, so eq. 11's ``R^qq`` update is zero.
+
+    Returns ``R^qc`` ``[B, q, c]``.
+    """
+    batch, device = (steps[0][1].shape[0], steps[0][1].device) if steps else (1, "cpu")
+    r_qq = torch.eye(n_query, device=device).expand(batch, n_query, n_query).clone()
+    r_qc = torch.zeros(batch, n_query, n_context, device=device)
+    r_cc = normalised_residual(context) if context is not None else None
+    for kind, cam in steps:
+        if kind == "self":
+            r_qq = r_qq + torch.bmm(cam, r_qq)
+            r_qc = r_qc + torch.bmm(cam, r_qc)
+        else:
+            term = torch.bmm(normalised_residual(r_qq).transpose(1, 2), cam)
+            r_qc = r_qc + (torch.bmm(term, r_cc) if r_cc is not None else term)
+    return r_qc
+
+
 def relevance(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, start_layer: int = 0,
               text: bool = False) -> CheferRelevance:
     """Chefer relevance for ``B`` image-prompt pairs in one forward and one backward pass."""

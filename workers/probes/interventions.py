@@ -98,7 +98,7 @@ def _named_projections(model: torch.nn.Module, pattern: str) -> list[torch.nn.Mo
 def components(adapter) -> dict[str, tuple[list[torch.nn.Module], int]]:
     """``{component: (output projection per layer, heads per layer)}`` that can be ablated."""
     if adapter.kind == "fusion":
-        return {c: (adapter.head_projections(c), adapter.heads(c)) for c in ("decoder", "vision")}
+        return {c: (adapter.head_projections(c), adapter.heads(c)) for c in adapter.components}
     out = {}
     for comp, pattern in (("vision", r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj$"),
                           ("text", r"text_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj$")):
@@ -120,7 +120,7 @@ def _fusion_outcome(adapter, batches) -> Callable[[], np.ndarray]:
         values = []
         with torch.no_grad():
             for embeds_fn, ids, mask, rows, targets in batches:
-                logits = adapter.model(inputs_embeds=embeds_fn(), attention_mask=mask, use_cache=False).logits
+                logits = adapter.language_logits(embeds_fn(), mask)
                 logp = torch.log_softmax(logits.float(), -1)
                 for b in range(ids.shape[0]):
                     values.append(float(logp[b, rows[b], targets[b]].mean()))
@@ -280,6 +280,11 @@ def feature_swap(adapter, scenes, *, prompt: str | None = None, max_new_tokens: 
     fusion = adapter.kind == "fusion"
     if site == "projector" and not fusion:
         raise ProbeInputError("the 'projector' site exists only in generative (fusion) models")
+    if site == "projector" and not adapter.patch_aligned:
+        raise UnsupportedModelError(
+            f"feature swap at the 'projector' site needs one language-model image token per patch; "
+            f"{adapter.architecture}'s image tokens are learned queries that each read the whole image, so "
+            "there is no object token to swap. Use site 'patch-embedding'.")
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     cases = swap_cases(scenes)

@@ -39,6 +39,9 @@ from workers.probes.suite import Finding, ProbeResult, Progress, no_progress, pr
 #: ``chefer``: decoder only (image-token columns); ``chefer_full``: also through the vision tower;
 #: ``raw``: attention of the predicting position, mean over layers and heads.
 METHODS = ("chefer", "chefer_full", "raw")
+#: Suffix of the ``[T, G]`` patch maps that ``attribute_generated`` adds for adapters whose image
+#: tokens are not grid cells (``"chefer@patches"``, ``"raw@patches"``).
+PATCHES = "@patches"
 #: Words that never name an object in a generic dataset's prompts.
 STOPWORDS = frozenset({"a", "an", "the", "of", "and", "photo", "picture", "image", "with", "in", "on", ","})
 
@@ -134,9 +137,12 @@ def attribute_generated(adapter: FusionAdapter, enc: Encoded, image_features: to
 
     With ``pixel_values`` (``[1, 3, S, S]``) and an adapter with ``vision_trace``, the same forward
     and backward also run through the vision tower and the result gains ``chefer_full``
-    ``[T, n_img]`` (patch relevance): the decoder's image-token relevance carried back to the
+    ``[T, G]`` (patch relevance): the decoder's image-token relevance carried back to the
     input patches by Chefer's rule over the vision tower's self-attention, because a vision
-    transformer moves information between patches before the decoder ever sees it.
+    transformer moves information between patches before the decoder ever sees it
+    (``adapter.patch_relevance``). For adapters whose image tokens are not grid cells
+    (``patch_aligned`` False, e.g. BLIP-2's Q-Former queries) it also gains ``chefer@patches`` and
+    ``raw@patches`` ``[T, G]``: the adapter's mapping of those rows to the patches.
     """
     if not generated:
         raise ProbeInputError("the model generated no tokens to attribute")
@@ -158,8 +164,12 @@ def attribute_generated(adapter: FusionAdapter, enc: Encoded, image_features: to
         attns = [a.detach() for a in trace.attentions]
         out = {"chefer": relevance_rows(attns, grads[:n_dec], rows), "raw": raw_rows(attns, rows)}
         if full:
-            out["chefer_full"] = vision_relevance(out["chefer"], enc.image_positions, [a.detach() for a in vision_attns],
-                                                  grads[n_dec:], vision_rows, adapter.num_prefix_tokens)
+            link = ([a.detach() for a in vision_attns], grads[n_dec:], vision_rows)
+            out["chefer_full"] = adapter.patch_relevance("chefer_full", out["chefer"], enc.image_positions, *link)
+            if not adapter.patch_aligned:
+                # image tokens are not grid cells (BLIP-2's queries): the adapter maps every method to patches
+                for method in ("chefer", "raw"):
+                    out[method + PATCHES] = adapter.patch_relevance(method, out[method], enc.image_positions, *link)
         return out
 
 
@@ -220,17 +230,26 @@ def to_attribution(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int
         n_prompt_text=sum(1 for i in text_pos if i < enc.input_ids.shape[1]))
     tp = torch.tensor(text_pos)
     for method, r in rows_by_method.items():
+        if method.endswith(PATCHES):
+            continue
         if method == "chefer_full":  # already over the vision grid's patches
             result.image[method] = r.detach().float().cpu().clamp(min=0).reshape(len(generated), gh, gw).numpy()
             result.text[method] = result.text["chefer"]
             continue
+        patches = rows_by_method.get(method + PATCHES)
+        if patches is None and not adapter.patch_aligned:
+            raise ProbeInputError(f"{adapter.architecture}: image tokens are not grid cells, so mapping them to "
+                                  "patches needs the traced image path (attribute_generated with pixel_values)")
         r = r.detach().float().cpu().clone()
         if r.shape[1] < len(seq):
             r = torch.nn.functional.pad(r, (0, len(seq) - r.shape[1]))
         if method == "chefer":
             r[torch.arange(len(generated)), rows.cpu()] -= 1.0  # drop the identity term of the token itself
         r = r.clamp(min=0)
-        result.image[method] = r[:, grid_pos.cpu()].reshape(len(generated), gh, gw).numpy()
+        if patches is not None:
+            result.image[method] = patches.detach().float().cpu().clamp(min=0).reshape(len(generated), gh, gw).numpy()
+        else:
+            result.image[method] = r[:, grid_pos.cpu()].reshape(len(generated), gh, gw).numpy()
         text = r[:, tp]
         later = tp[None, :] > rows.cpu()[:, None]
         result.text[method] = text.masked_fill(later, 0.0).numpy()

@@ -13,6 +13,7 @@ ARCHITECTURES: dict[str, str] = {
     "clip": "workers.probes.adapters.clip:CLIPAdapter",
     "siglip": "workers.probes.adapters.clip:SiglipAdapter",
     "llava": "workers.probes.adapters.llava:LlavaAdapter",
+    "blip-2": "workers.probes.adapters.blip2:Blip2Adapter",
 }
 
 

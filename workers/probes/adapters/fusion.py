@@ -1,4 +1,4 @@
-"""The interface generative (fusion) VLMs expose to probes: LLaVA-style models.
+"""The interface generative (fusion) VLMs expose to probes: LLaVA- and BLIP-2-style models.
 
 A fusion model turns an image into ``n_img`` visual tokens that sit, together with the text
 tokens, in ONE sequence processed by a causal language model. Probes for generated text
@@ -13,6 +13,12 @@ tokens, in ONE sequence processed by a causal language model. Probes for generat
   head ablation;
 - the geometry linking image token ``j`` to a patch of the *stored* image (``patch_boxes``).
 
+Two families differ in what an image token is. In LLaVA (``patch_aligned``) image token
+``image_token_prefix + j`` *is* vision grid cell ``j``, so a relevance over image tokens is
+reshaped to the grid. In BLIP-2 the image tokens are the Q-Former's learned queries, each a mix of
+all patches: such adapters set ``patch_aligned = False`` and map image-token relevance to patches
+themselves (``patch_relevance``, ``image_token_patches``), so the probes stay generic.
+
 Shapes: ``N`` joint sequence length, ``L`` decoder layers, ``H`` decoder heads, ``n_img`` image
 tokens, ``(gh, gw)`` the vision grid, ``D`` the language model's width.
 """
@@ -23,11 +29,16 @@ from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import os
+import re
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
 
 from workers.probes.adapters.base import VisionLanguageAdapter
+from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
 
 @dataclass
@@ -60,7 +71,19 @@ class FusionAdapter(VisionLanguageAdapter):
     #: image tokens in the joint sequence that map to vision grid cells; ``image_token_prefix``
     #: of them come first and have no cell (e.g. a CLS token kept by LLaVA's "full" strategy).
     image_token_prefix: int = 0
+    #: image token ``image_token_prefix + j`` is vision grid cell ``j`` (LLaVA); False when image tokens
+    #: are learned queries over the whole image (BLIP-2's Q-Former).
+    patch_aligned: bool = True
+    #: the components whose attention heads can be ablated (``head_projections``).
+    components: tuple[str, ...] = ("decoder", "vision")
+    #: leading vision-sequence tokens without a grid cell (a CLS token).
+    num_prefix_tokens: int = 1
     tokenizer: object
+    processor: object
+    model: torch.nn.Module
+    device: torch.device
+    image_token_id: int
+    eos_token_id: int
 
     @abstractmethod
     def encode(self, prompt: str) -> Encoded:
@@ -70,10 +93,25 @@ class FusionAdapter(VisionLanguageAdapter):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` -> visual features at the language model's input ``[B, n_img, D]``."""
 
-    @abstractmethod
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         """Joint input embeddings ``[B, N, D]``: token embeddings with the image tokens replaced
         by ``image_features`` (``[B, n_img, D]``, one image per row)."""
+        emb = self.model.get_input_embeddings()(input_ids)
+        mask = (input_ids == self.image_token_id)
+        if int(mask.sum()) != image_features.shape[0] * image_features.shape[1]:
+            raise ValueError("image features do not match the image tokens")
+        return emb.masked_scatter(mask[..., None], image_features.to(emb.dtype))
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """``[B, 3, S, S]`` pixel values from the directory's own image processor."""
+        rgb = [im.convert("RGB") for im in images]
+        pv = self.processor.image_processor(rgb, return_tensors="pt")["pixel_values"]
+        return pv.to(self.device, dtype=self.model.dtype)
+
+    @staticmethod
+    def check_processor(processor) -> None:
+        if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+            raise UnsupportedModelError("the model directory has no processor (image processor + tokenizer)")
 
     @abstractmethod
     def generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int = 32) -> list[list[int]]:
@@ -99,6 +137,60 @@ class FusionAdapter(VisionLanguageAdapter):
         """``[gh * gw, 4]`` pixel boxes ``(x0, y0, x1, y1)`` of each vision grid cell in a stored
         image of size ``(width, height)`` (undoing the processor's resize and crop)."""
 
+    def language_logits(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, N, V]`` of the language model over joint input embeddings ``[B, N, D]``."""
+        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).logits
+
+    def patch_relevance(self, method: str, rows_rel: torch.Tensor, image_positions: torch.Tensor,
+                        attentions: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                        vision_rows: torch.Tensor) -> torch.Tensor:
+        """Relevance ``[T, gh * gw]`` over the grid's patches from relevance rows ``[T, N]`` over the
+        joint sequence, using what ``vision_trace`` kept (``attentions[l]`` ``[1, H, Tq, Tk]`` and
+        their per-target gradients ``grads[l]`` ``[T, H, Tq, Tk]``; ``vision_rows`` as it returned).
+
+        Patch-aligned models: ``chefer_full`` carries the image-token relevance back through the vision
+        tower (Chefer's self-attention rule); other methods read the image-token columns as cells.
+        """
+        if method == "chefer_full":
+            from workers.probes.token_attribution import vision_relevance
+
+            return vision_relevance(rows_rel, image_positions, attentions, grads, vision_rows, self.num_prefix_tokens)
+        return rows_rel[:, image_positions[self.image_token_prefix:]].clamp(min=0)
+
+    def image_token_patches(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """``[B, n_img, gh * gw]``: how much of each image token comes from each patch, for
+        attention baselines; None where image tokens are grid cells (``patch_aligned``)."""
+        return None
+
+    def greedy(self, generator: torch.nn.Module, inputs_embeds: torch.Tensor, max_new_tokens: int,
+               image_token_id: int) -> list[list[int]]:
+        """Greedy continuation by ``generator.generate`` from embeddings, end-of-sequence removed and
+        the image placeholder token never generated."""
+        mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        with torch.no_grad():
+            out = generator.generate(inputs_embeds=inputs_embeds, attention_mask=mask, do_sample=False,
+                                     max_new_tokens=max_new_tokens, eos_token_id=self.eos_token_id,
+                                     pad_token_id=self.tokenizer.pad_token_id,  # type: ignore[attr-defined]
+                                     suppress_tokens=[image_token_id])
+        rows = []
+        for row in out.tolist():
+            rows.append(row[: row.index(self.eos_token_id)] if self.eos_token_id in row else row)
+        return rows
+
+    def traced(self, language_model: torch.nn.Module, inputs_embeds: torch.Tensor, input_ids: torch.Tensor,
+               image_positions: torch.Tensor, attention_mask: torch.Tensor | None, num_layers: int) -> DecoderTrace:
+        """``trace`` through ``language_model`` (a causal LM or a model that forwards to one)."""
+        out = language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, output_attentions=True,
+                             use_cache=False, return_dict=True)
+        attentions = list(out.attentions)
+        if len(attentions) != num_layers or any(a is None for a in attentions):
+            raise UnsupportedModelError("the language model did not return attention probabilities (eager attention)")
+        for a in attentions:
+            if a.requires_grad:
+                a.retain_grad()
+        return DecoderTrace(logits=out.logits, attentions=attentions, input_ids=input_ids,
+                            image_positions=image_positions)
+
     def tokens(self, ids: Sequence[int]) -> list[str]:
         return list(self.tokenizer.convert_ids_to_tokens(list(ids)))  # type: ignore[attr-defined]
 
@@ -120,14 +212,92 @@ class FusionAdapter(VisionLanguageAdapter):
             return self.generate(self.embed(ids, feats), max_new_tokens)
 
 
+def numbered_modules(model: torch.nn.Module, pattern: str) -> list[torch.nn.Module]:
+    """Modules whose name matches ``pattern`` (group 1: the layer number), in layer order."""
+    found: dict[int, torch.nn.Module] = {}
+    rx = re.compile(pattern)
+    for name, module in model.named_modules():
+        m = rx.search(name)
+        if m:
+            found[int(m.group(1))] = module
+    return [found[i] for i in sorted(found)]
+
+
+def grid_patch_boxes(image_processor, image_size: tuple[int, int], patch_size: int, grid: tuple[int, int],
+                     model_image_size: int) -> np.ndarray:
+    """``[gh * gw, 4]`` pixel boxes of the vision grid cells in a stored image of size ``(width, height)``,
+    undoing ``image_processor``'s resize (shortest edge or fixed height x width) and centre crop."""
+    w, h = image_size
+    size = getattr(image_processor, "size", None) or {}
+    if size.get("shortest_edge"):
+        scale = size["shortest_edge"] / min(w, h)
+        sx = sy = scale
+    else:  # resized to a fixed height x width
+        sx, sy = (size.get("width") or model_image_size) / w, (size.get("height") or model_image_size) / h
+    rw, rh = w * sx, h * sy
+    crop = getattr(image_processor, "crop_size", None) or {}
+    if getattr(image_processor, "do_center_crop", False) and crop:
+        left, top = (rw - crop["width"]) / 2, (rh - crop["height"]) / 2
+    else:
+        left = top = 0.0
+    gh, gw = grid
+    boxes = np.zeros((gh * gw, 4), dtype=np.float64)
+    for r in range(gh):
+        for c in range(gw):
+            x0 = (left + c * patch_size) / sx
+            y0 = (top + r * patch_size) / sy
+            boxes[r * gw + c] = (x0, y0, x0 + patch_size / sx, y0 + patch_size / sy)
+    return boxes
+
+
+def load_generative(path: str | os.PathLike, model_class: str, model_types: Sequence[str], family: str):
+    """``(model, processor)`` from a local directory through transformers' ``model_class`` (a name in
+    ``transformers``) and ``AutoProcessor``: safetensors only, never ``trust_remote_code``, eager
+    attention, float32. Refuses pickled weights, other model types and partly random models."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ProbeInputError(f"model directory {str(directory)!r} does not exist")
+    if not any(directory.glob("*.safetensors")):
+        raise ProbeInputError(f"{directory}: no *.safetensors weights (pickled weights are refused: "
+                              "unpickling can run arbitrary code)")
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ProbeInputError(f"{directory}: unreadable config.json ({exc})") from None
+    if config.model_type not in model_types:
+        raise UnsupportedModelError(
+            f"{directory}: model_type {config.model_type!r} is not a supported generative VLM "
+            f"(supported: {', '.join(model_types)})")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = getattr(transformers, model_class).from_pretrained(
+            directory, use_safetensors=True, trust_remote_code=False, attn_implementation="eager",
+            dtype=torch.float32, output_loading_info=True)
+        processor = AutoProcessor.from_pretrained(directory, trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError, TypeError) as exc:
+        raise ProbeInputError(f"{directory}: cannot load the {family} checkpoint ({exc})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # transformers fills missing weights with random ones; explaining that would be worse than refusing.
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
+    if missing or info.get("mismatched_keys"):
+        raise ProbeInputError(f"{directory}: the weights don't match the config ({len(missing)} tensors missing, "
+                              f"e.g. {', '.join(map(str, missing[:3]))}); refusing a partly random model")
+    return model, processor
+
+
 def load_any(model_dir: str, device: str = "cpu") -> VisionLanguageAdapter:
     """Load ``model_dir`` behind the right adapter (fusion or dual encoder) through
     ``suite.load_model``, so a worker's model cache serves repeated loads; the architecture table
-    (``adapters.ARCHITECTURES``) routes ``llava`` to ``LlavaAdapter.from_pretrained``."""
-    from pathlib import Path
-
+    (``adapters.ARCHITECTURES``) routes ``llava`` to ``LlavaAdapter.from_pretrained`` and ``blip-2`` to
+    ``Blip2Adapter.from_pretrained``."""
     from workers.probes import suite
-    from workers.probes.errors import ProbeInputError
 
     if not Path(model_dir).exists():
         raise ProbeInputError(f"model directory {model_dir} not found")
