@@ -195,3 +195,29 @@ def test_it_refuses_pickled_weights_and_a_partly_random_model(blip2_dir, tmp_pat
               partial / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ProbeInputError, match="partly random"):
         load_adapter(str(partial))
+
+
+def test_it_refuses_an_encoder_decoder_blip2_and_a_misplaced_image_placeholder(adapter, tmp_path):
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
+        load_adapter(str(save_tiny_blip2(tmp_path / "t5", language_model="t5")))
+    with pytest.raises(ProbeInputError, match="before the prompt"):
+        adapter.encode("describe <image> the image")
+
+
+def test_it_swaps_features_at_the_patch_embeddings_or_says_why_not(adapter, scenes):
+    """The default feature-swap site works on BLIP-2's vision tower; a random model rarely names a
+    colour, so the probe may end with its "no usable case" message, never with a traceback."""
+    from workers.probes.scenes import load_scenes
+
+    loaded = load_scenes(str(scenes))
+    pv = adapter.preprocess([loaded[0].load_image()])
+    cells = interventions._patch_embeddings(adapter, pv)
+    assert cells.shape == (16, 32)
+    text = interventions._swap_run(adapter, pv, torch.zeros_like(cells), "patch-embedding", PROMPT, 3)
+    assert isinstance(text, str)
+    try:
+        metrics = interventions.feature_swap(adapter, loaded, max_new_tokens=3)
+    except ProbeInputError as exc:
+        assert "no usable feature-swap case" in str(exc)
+    else:
+        assert metrics["site"] == "patch-embedding"

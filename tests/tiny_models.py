@@ -228,14 +228,14 @@ def point_blip2_at_red(model, amplify: float = 4.0) -> None:
 
 def save_tiny_blip2(directory: str | Path, *, image_size: int = 32, patch_size: int = 8, query_tokens: int = 4,
                     qformer_layers: int = 2, cross_attention_frequency: int = 1, hidden: int = 32, heads: int = 2,
-                    seed: int = 0, edit=None) -> Path:
+                    seed: int = 0, edit=None, language_model: str = "opt") -> Path:
     """A tiny random ``Blip2ForConditionalGeneration`` (ViT 32 px / 8 px patches, 2-layer Q-Former, OPT
     decoder) with a ``Blip2Processor``: the zoo captioner's word-level tokenizer (``<image>`` special,
     BOS only) and a ``BlipImageProcessor`` resizing to a fixed ``image_size`` square. ``edit(model)``
-    may set weights by hand before saving."""
+    may set weights by hand before saving; ``language_model="t5"`` builds the encoder-decoder variant."""
     import torch
     from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
-                              Blip2VisionConfig, BlipImageProcessor, OPTConfig)
+                              Blip2VisionConfig, BlipImageProcessor, OPTConfig, T5Config)
 
     from workers.probes.zoo import captioner
 
@@ -250,6 +250,10 @@ def save_tiny_blip2(directory: str | Path, *, image_size: int = 32, patch_size: 
     text = OPTConfig(vocab_size=len(tok), hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=2,
                      num_attention_heads=heads, max_position_embeddings=128, word_embed_proj_dim=hidden,
                      pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"])
+    if language_model == "t5":
+        text = T5Config(vocab_size=len(tok), d_model=hidden, d_kv=hidden // heads, d_ff=2 * hidden, num_layers=1,
+                        num_heads=heads, pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"],
+                        decoder_start_token_id=vocab["<pad>"])
     cfg = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
                       num_query_tokens=query_tokens, image_token_index=vocab["<image>"])
     torch.manual_seed(seed)

@@ -31,14 +31,12 @@ site (the query tokens are not patch-aligned, so there is no "object's token" to
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from workers.probes.adapters.fusion import (DecoderTrace, Encoded, FusionAdapter, grid_patch_boxes, load_generative,
-                                           numbered_modules)
+from workers.probes.adapters.fusion import DecoderTrace, Encoded, FusionAdapter, grid_patch_boxes, numbered_modules
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
 #: ``model_type`` values this adapter explains.
@@ -47,6 +45,9 @@ MODEL_TYPES = ("blip-2",)
 
 class Blip2Adapter(FusionAdapter):
     architecture = "blip-2"
+    hf_class = "Blip2ForConditionalGeneration"
+    model_types = MODEL_TYPES
+    family = "BLIP-2"
     patch_aligned = False
     components = ("decoder", "vision", "qformer")
     num_prefix_tokens = 1  # Blip2VisionEmbeddings prepends a CLS token to the patches
@@ -63,34 +64,14 @@ class Blip2Adapter(FusionAdapter):
         if getattr(cfg, "image_token_id", None) is None:
             raise UnsupportedModelError("the BLIP-2 config has no image_token_index: this transformers version "
                                         "needs image placeholder tokens in the prompt")
-        self.check_processor(processor)
-        self.model = model.eval()
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.device = torch.device(device)
-        vc, qc, tc = cfg.vision_config, cfg.qformer_config, cfg.text_config
-        self.image_size = int(vc.image_size)
-        self.patch_size = int(vc.patch_size)
-        self.grid = (self.image_size // self.patch_size, self.image_size // self.patch_size)
-        self.num_layers = int(tc.num_hidden_layers)
-        self.num_heads = int(tc.num_attention_heads)
-        self.vision_num_layers = int(vc.num_hidden_layers)
-        self.vision_num_heads = int(vc.num_attention_heads)
+        self.setup(model, processor, device)
+        qc = cfg.qformer_config
         self.qformer_num_layers = int(qc.num_hidden_layers)
         self.qformer_num_heads = int(qc.num_attention_heads)
         #: Q-Former layers with a cross-attention block (every ``cross_attention_frequency``-th)
         self.cross_layers = [i for i, layer in enumerate(model.qformer.encoder.layer) if layer.has_cross_attention]
         self.num_query_tokens = int(cfg.num_query_tokens)
         self.n_image_tokens = self.num_query_tokens
-        self.image_token_id = int(cfg.image_token_id)
-        self.eos_token_id = self.tokenizer.eos_token_id
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype | None = None) -> Blip2Adapter:
-        """Load a local BLIP-2 directory (``dtype`` accepted for the loader's signature; float32)."""
-        model, processor = load_generative(path, "Blip2ForConditionalGeneration", MODEL_TYPES, "BLIP-2")
-        return cls(model.to(device), processor, device)
 
     # --- inputs ----------------------------------------------------------------------------
 

@@ -108,10 +108,40 @@ class FusionAdapter(VisionLanguageAdapter):
         pv = self.processor.image_processor(rgb, return_tensors="pt")["pixel_values"]
         return pv.to(self.device, dtype=self.model.dtype)
 
-    @staticmethod
-    def check_processor(processor) -> None:
+    #: the transformers class that loads the checkpoint, the ``model_type`` values it accepts, a display name
+    hf_class: str = ""
+    model_types: tuple[str, ...] = ()
+    family: str = ""
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype | None = None) -> FusionAdapter:
+        """Load a local model directory (``load_generative``). ``dtype`` is accepted for the loader's
+        signature, but the fusion probes run in float32 (their gradients are summed over many heads
+        and tokens)."""
+        model, processor = load_generative(path, cls.hf_class, cls.model_types, cls.family)
+        return cls(model.to(device), processor, device)  # type: ignore[call-arg]
+
+    def setup(self, model: torch.nn.Module, processor, device: str | torch.device) -> None:
+        """The attributes every fusion adapter reads from a transformers model with ``vision_config``,
+        ``text_config`` and ``image_token_id`` and its processor (image processor + tokenizer)."""
         if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
             raise UnsupportedModelError("the model directory has no processor (image processor + tokenizer)")
+        cfg = model.config
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = torch.device(device)
+        vc, tc = cfg.vision_config, cfg.text_config
+        self.image_size = int(vc.image_size)
+        self.patch_size = int(vc.patch_size)
+        self.grid = (self.image_size // self.patch_size, self.image_size // self.patch_size)
+        self.num_layers = int(tc.num_hidden_layers)
+        self.num_heads = int(tc.num_attention_heads)
+        self.vision_num_layers = int(vc.num_hidden_layers)
+        self.vision_num_heads = int(vc.num_attention_heads)
+        self.image_token_id = int(cfg.image_token_id)
+        self.eos_token_id = self.tokenizer.eos_token_id
 
     @abstractmethod
     def generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int = 32) -> list[list[int]]:

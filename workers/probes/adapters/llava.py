@@ -8,12 +8,10 @@ that carry gradients.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
-from workers.probes.adapters.fusion import (DecoderTrace, Encoded, FusionAdapter, grid_patch_boxes, load_generative,
-                                           numbered_modules)
+
+from workers.probes.adapters.fusion import DecoderTrace, Encoded, FusionAdapter, grid_patch_boxes, numbered_modules
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
 #: ``model_type`` values this adapter explains.
@@ -22,43 +20,21 @@ MODEL_TYPES = ("llava",)
 
 class LlavaAdapter(FusionAdapter):
     architecture = "llava"
+    hf_class = "LlavaForConditionalGeneration"
+    model_types = MODEL_TYPES
+    family = "LLaVA"
 
     def __init__(self, model: torch.nn.Module, processor, device: str | torch.device = "cpu"):
         cfg = model.config
         strategy = getattr(cfg, "vision_feature_select_strategy", "default")
         if not isinstance(getattr(cfg, "vision_feature_layer", -2), int):
             raise UnsupportedModelError("LLaVA with several vision feature layers is not supported yet")
-        self.check_processor(processor)
-        self.model = model.eval()
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.device = torch.device(device)
-        vc = cfg.vision_config
-        self.image_size = int(vc.image_size)
-        self.patch_size = int(vc.patch_size)
-        self.grid = (self.image_size // self.patch_size, self.image_size // self.patch_size)
-        vision_prefix = 0 if getattr(vc, "model_type", "") in ("siglip_vision_model",) else 1
+        self.setup(model, processor, device)
+        vision_prefix = 0 if getattr(cfg.vision_config, "model_type", "") in ("siglip_vision_model",) else 1
         self.num_prefix_tokens = vision_prefix
         # "default" drops the CLS token before the projector, "full" keeps it.
         self.image_token_prefix = vision_prefix if strategy == "full" else 0
-        tc = cfg.text_config
-        self.num_layers = int(tc.num_hidden_layers)
-        self.num_heads = int(tc.num_attention_heads)
-        self.vision_num_layers = int(vc.num_hidden_layers)
-        self.vision_num_heads = int(vc.num_attention_heads)
-        self.image_token_id = int(cfg.image_token_id)
         self.n_image_tokens = self.image_token_prefix + self.grid[0] * self.grid[1]
-        self.eos_token_id = self.tokenizer.eos_token_id
-
-    # --- loading -------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype | None = None) -> LlavaAdapter:
-        """Load a local LLaVA directory. ``dtype`` is accepted for the loader's signature, but the
-        fusion probes run in float32 (their gradients are summed over many heads and tokens)."""
-        model, processor = load_generative(path, "LlavaForConditionalGeneration", MODEL_TYPES, "LLaVA")
-        return cls(model.to(device), processor, device)
 
     # --- inputs --------------------------------------------------------------------------
 
