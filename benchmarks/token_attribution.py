@@ -3,9 +3,10 @@
 Both start from the same greedy generation (KV cache; timed once on its own and added for the
 end-to-end ratio), then attribute every generated token with the same Chefer decoder rule:
 
-- ``loupe``: ONE teacher-forced forward over the generated sequence and ONE batched backward pass
-  for all targets (``torch.autograd.grad(..., is_grads_batched=True)``), only the needed row of
-  the relevance matrix propagated;
+- ``loupe``: ONE teacher-forced forward over the generated sequence (image and prompt, then the
+  explained rows on their KV cache, so the backward pass skips the top layer over the prefix) and
+  ONE batched backward pass for all targets (``torch.autograd.grad(..., is_grads_batched=True)``),
+  only the needed row of the relevance matrix propagated;
 - ``loupe-loop``: the same forward, then one backward per target (``retain_graph``), for reference;
 - ``naive``: for each token, a fresh forward over its prefix and a fresh backward.
 

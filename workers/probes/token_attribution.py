@@ -14,8 +14,11 @@ Efficiency (why this is hand-written rather than a per-token loop): the caption 
 once (KV cache), then ONE teacher-forced forward over the generated sequence keeps every
 layer's attention, and ONE batched backward pass (``torch.autograd.grad(..., is_grads_batched=
 True)``, i.e. vmap over the targets' one-hot output gradients) gives every target's attention
-gradients at once. Only the needed row of ``R`` is propagated (a vector-matrix product per
-layer, from the last layer down), so the cost is O(T * L * N^2) instead of O(T * L * N^3).
+gradients at once. That forward runs in two calls sharing a KV cache (``trace_targets``): image
+and prompt first, then the T explained rows, so the backward pass skips the top layer's work
+over the prefix, which no explained output depends on. Only the needed row of ``R`` is propagated
+(a vector-matrix product per layer, from the last layer down), so the cost is O(T * L * N^2)
+instead of O(T * L * N^3).
 
 Shapes: ``T`` generated tokens, ``L`` decoder layers, ``H`` heads, ``N`` sequence length,
 ``(gh, gw)`` the vision grid.
@@ -96,20 +99,45 @@ def relevance_rows(attentions: Sequence[torch.Tensor], grads: Sequence[torch.Ten
     return r
 
 
-def raw_rows(attentions: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-    """Raw attention baseline: ``[T, N]``, row ``rows[t]`` averaged over layers and heads."""
-    # only the needed rows (stacking every layer's [H, N, N] first costs more than the attribution)
-    return torch.stack([a[0][:, rows].mean(dim=0) for a in attentions]).mean(dim=0)
+def split_relevance_rows(prefix: Sequence[torch.Tensor], target: Sequence[torch.Tensor],
+                         prefix_grads: Sequence[torch.Tensor | None], target_grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``relevance_rows`` over a ``TargetTrace``: the same numbers, from attention split at row ``P``.
+
+    ``prefix[l]`` ``[1, H, P, P]`` with ``prefix_grads[l]`` ``[T, H, P, P]`` (target t's gradient; the
+    top layer's is never read and may be None), ``target[l]`` ``[1, H, T, N]`` with
+    ``target_grads[l]`` ``[T, H, T, N]``; row ``P + t`` explains target ``t``. Returns ``[T, N]``.
+    """
+    t_count, n = target[0].shape[2], target[0].shape[3]
+    p = n - t_count
+    t = torch.arange(t_count, device=target[0].device)
+    r = torch.nn.functional.one_hot(t + p, n).to(target[0].dtype)
+    for k, layer in enumerate(reversed(range(len(target)))):
+        a, g = target[layer][0], target_grads[layer]  # [H, T, N], [T, H, T, N]
+        if k == 0:  # r is still one-hot at row P + t: only that row of the top layer's cam is needed
+            r = r + (g[t, :, t] * a[:, t].transpose(0, 1)).clamp(min=0).mean(dim=1)
+            continue
+        # Rows P.. come from the target attention, rows ..P from the prefix's (whose columns
+        # >= P are zero under the causal mask, so the [P, P] block is the whole row).
+        update = torch.bmm(r[:, None, p:], (g * a).clamp_(min=0).mean(dim=1))[:, 0]
+        cam = (prefix_grads[layer] * prefix[layer][0]).clamp_(min=0).mean(dim=1)  # [T, P, P]
+        update[:, :p] += torch.bmm(r[:, None, :p], cam)[:, 0]
+        r = r + update
+    return r
 
 
-def attention_gradients(logits: torch.Tensor, attentions: Sequence[torch.Tensor], rows: torch.Tensor,
-                        targets: torch.Tensor, *, batched: bool = True) -> list[torch.Tensor]:
-    """Gradients of ``logits[0, rows[t], targets[t]]`` w.r.t. every attention map, per target.
+def raw_rows(target: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Raw attention baseline ``[T, N]``: the explained rows of ``target[l]`` ``[1, H, T, N]``,
+    averaged over layers and heads."""
+    return torch.stack([a[0].mean(dim=0) for a in target]).mean(dim=0)
+
+
+def attention_gradients(y: torch.Tensor, attentions: Sequence[torch.Tensor], *,
+                        batched: bool = True) -> list[torch.Tensor]:
+    """Gradients of each of the ``T`` scalars ``y`` w.r.t. every attention map ``[1, ...]``.
 
     ``batched``: one vmapped backward pass for all targets; else one backward per target
-    (``retain_graph``). Returns ``[T, H, N, N]`` per layer.
+    (``retain_graph``). Returns ``[T, ...]`` per map (e.g. ``[T, H, N, N]``).
     """
-    y = logits[0, rows, targets]  # [T]
     t = y.shape[0]
     if batched:
         try:
@@ -133,7 +161,7 @@ def attribute_generated(adapter: FusionAdapter, enc: Encoded, image_features: to
     """Relevance rows ``{method: [T, N]}`` of every generated token over the joint sequence.
 
     ``image_features`` ``[1, n_img, D]`` (LM input), ``generated`` the T generated token ids.
-    One teacher-forced forward and one (batched) backward pass.
+    One teacher-forced forward (``trace_targets``) and one (batched) backward pass.
 
     With ``pixel_values`` (``[1, 3, S, S]``) and an adapter with ``vision_trace``, the same forward
     and backward also run through the vision tower and the result gains ``chefer_full``
@@ -156,15 +184,19 @@ def attribute_generated(adapter: FusionAdapter, enc: Encoded, image_features: to
             embeds = adapter.embed(ids, feats)
         else:
             embeds = adapter.embed(ids, image_features.detach()).detach().requires_grad_(True)
-        trace = adapter.trace(embeds, ids, enc.image_positions)
-        everything = list(trace.attentions) + vision_attns
-        grads = attention_gradients(trace.logits, everything, rows, targets, batched=batched)
+        trace = adapter.trace_targets(embeds, int(rows[0]))
+        y = trace.logits[0, torch.arange(len(generated), device=ids.device), targets]  # [T]
+        # The top layer's prefix rows feed no explained output: leave them out of the backward pass.
+        n_dec = len(trace.target_attentions)
+        maps = trace.prefix_attentions[:-1] + trace.target_attentions + vision_attns
+        grads = attention_gradients(y, maps, batched=batched)
     with torch.no_grad():
-        n_dec = len(trace.attentions)
-        attns = [a.detach() for a in trace.attentions]
-        out = {"chefer": relevance_rows(attns, grads[:n_dec], rows), "raw": raw_rows(attns, rows)}
+        prefix = [a.detach() for a in trace.prefix_attentions]
+        target = [a.detach() for a in trace.target_attentions]
+        chefer = split_relevance_rows(prefix, target, [*grads[:n_dec - 1], None], grads[n_dec - 1:2 * n_dec - 1])
+        out = {"chefer": chefer, "raw": raw_rows(target)}
         if full:
-            link = ([a.detach() for a in vision_attns], grads[n_dec:], vision_rows)
+            link = ([a.detach() for a in vision_attns], grads[2 * n_dec - 1:], vision_rows)
             out["chefer_full"] = adapter.patch_relevance("chefer_full", out["chefer"], enc.image_positions, *link)
             if not adapter.patch_aligned:
                 # image tokens are not grid cells (BLIP-2's queries): the adapter maps every method to patches

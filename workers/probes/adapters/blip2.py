@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from workers.probes.adapters.fusion import DecoderTrace, Encoded, FusionAdapter, grid_patch_boxes, numbered_modules
+from workers.probes.adapters.fusion import Encoded, FusionAdapter, grid_patch_boxes, numbered_modules
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
 #: ``model_type`` values this adapter explains.
@@ -97,19 +97,11 @@ class Blip2Adapter(FusionAdapter):
 
     # --- running -----------------------------------------------------------------------------
 
-    def generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int = 32) -> list[list[int]]:
-        # Blip2ForConditionalGeneration.generate insists on pixel_values; the probes edit the
-        # embeddings themselves, so generate with the language model directly.
-        return self.greedy(self.model.language_model, inputs_embeds, max_new_tokens, self.image_token_id)
-
-    def trace(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_positions: torch.Tensor,
-              attention_mask: torch.Tensor | None = None) -> DecoderTrace:
-        return self.traced(self.model.language_model, inputs_embeds, input_ids, image_positions, attention_mask,
-                           self.num_layers)
-
-    def language_logits(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                         use_cache=False).logits
+    @property
+    def causal_lm(self) -> torch.nn.Module:
+        # Blip2ForConditionalGeneration's forward and generate insist on pixel_values; the probes
+        # edit the embeddings themselves, so they run its language model (OPTForCausalLM) directly.
+        return self.model.language_model
 
     def vision_trace(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Image features with every attention on the way kept (with gradients).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from workers.probes.adapters.fusion import DecoderTrace, Encoded, FusionAdapter, grid_patch_boxes, numbered_modules
+from workers.probes.adapters.fusion import Encoded, FusionAdapter, grid_patch_boxes, numbered_modules
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
 #: ``model_type`` values this adapter explains.
@@ -53,13 +53,6 @@ class LlavaAdapter(FusionAdapter):
         return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
 
     # --- running ---------------------------------------------------------------------------
-
-    def generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int = 32) -> list[list[int]]:
-        return self.greedy(self.model, inputs_embeds, max_new_tokens, self.image_token_id)
-
-    def trace(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_positions: torch.Tensor,
-              attention_mask: torch.Tensor | None = None) -> DecoderTrace:
-        return self.traced(self.model, inputs_embeds, input_ids, image_positions, attention_mask, self.num_layers)
 
     def vision_trace(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Image features computed with the vision tower's attentions kept (with gradients).
