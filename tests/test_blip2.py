@@ -221,3 +221,17 @@ def test_it_swaps_features_at_the_patch_embeddings_or_says_why_not(adapter, scen
         assert "no usable feature-swap case" in str(exc)
     else:
         assert metrics["site"] == "patch-embedding"
+
+
+def test_it_runs_the_qformer_path_under_bf16_autocast(blip2_dir):
+    import numpy as np
+
+    bf16 = load_adapter(str(blip2_dir), dtype="bf16")
+    image = world.sample_scenes(1_000_003, 1)[0].image
+    enc, feats = bf16.prepare([image], PROMPT)
+    assert feats.dtype == torch.bfloat16
+    att = ta.attribute(bf16, image, PROMPT, max_new_tokens=4)
+    for method in ta.METHODS:
+        maps = att.image[method]
+        assert maps.shape == (len(att.generated_ids), *bf16.grid) and maps.dtype == np.float32
+        assert np.isfinite(maps).all() and (maps >= 0).all()

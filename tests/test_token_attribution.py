@@ -43,6 +43,29 @@ def test_it_equals_the_naive_per_token_recomputation(adapter):
         assert torch.all(fast["chefer"][t, row + 1:] == 0)
 
 
+def test_it_attributes_under_bf16_autocast_as_in_float32(adapter):
+    # Large captioners are run in bf16 on a GPU; autocast must reach every forward pass and the
+    # relevance must still come out (in float32) as it does without it. CPU autocast exercises
+    # the same code paths.
+    from scipy.stats import spearmanr
+
+    from workers.probes.adapters import load_adapter
+
+    bf16 = load_adapter(str(checkpoint_path(captioner.NAME)), dtype="bf16")
+    image = world.scene_at(HELDOUT_SEED, 5).image
+    enc, feats = bf16.prepare([image], "describe the image")
+    assert feats.dtype == torch.bfloat16
+    trace = bf16.trace_targets(bf16.embed(enc.input_ids, feats), enc.input_ids.shape[1] - 1)
+    assert trace.logits.dtype == torch.bfloat16  # (Llama's attention itself is float32 after RoPE)
+
+    full, half = ta.attribute(adapter, image, "describe the image"), ta.attribute(bf16, image, "describe the image")
+    assert half.caption == full.caption
+    for method in ("chefer", "chefer_full", "raw"):
+        assert half.image[method].dtype == full.image[method].dtype
+        for t in range(len(full.generated_ids)):
+            assert spearmanr(half.image[method][t].ravel(), full.image[method][t].ravel())[0] > 0.95
+
+
 def test_it_points_generated_object_words_at_their_objects(adapter, heldout):
     metrics, kept = ta.evaluate_pointing(adapter, load_scenes(heldout), prompt="describe the image", keep=1)
     assert metrics["n_words"] >= 50  # 16 images x 2-4 objects x (colour + shape), minus hallucinations

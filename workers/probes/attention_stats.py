@@ -79,7 +79,7 @@ def fusion_image_attention(adapter, images, prompt: str, *, max_new_tokens: int 
             gen = gen or [adapter.eos_token_id]
             ids, rows = _targets(adapter, enc, gen)
             trace = adapter.trace(adapter.embed(ids, feats[k:k + 1]), ids, enc.image_positions)
-            a = torch.stack([x[0] for x in trace.attentions])  # [L, H, N, N]
+            a = torch.stack([x[0] for x in trace.attentions]).float()  # [L, H, N, N]
             if mapping is None:
                 a = a[:, :, rows][..., grid_pos]  # [L, H, T, G]
             else:

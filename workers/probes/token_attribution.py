@@ -189,14 +189,15 @@ def attribute_generated(adapter: FusionAdapter, enc: Encoded, image_features: to
         # The top layer's prefix rows feed no explained output: leave them out of the backward pass.
         n_dec = len(trace.target_attentions)
         maps = trace.prefix_attentions[:-1] + trace.target_attentions + vision_attns
-        grads = attention_gradients(y, maps, batched=batched)
+        # float32 from here on (the forward may have run under bf16/fp16 autocast)
+        grads = [g.float() for g in attention_gradients(y, maps, batched=batched)]
     with torch.no_grad():
-        prefix = [a.detach() for a in trace.prefix_attentions]
-        target = [a.detach() for a in trace.target_attentions]
+        prefix = [a.detach().float() for a in trace.prefix_attentions]
+        target = [a.detach().float() for a in trace.target_attentions]
         chefer = split_relevance_rows(prefix, target, [*grads[:n_dec - 1], None], grads[n_dec - 1:2 * n_dec - 1])
         out = {"chefer": chefer, "raw": raw_rows(target)}
         if full:
-            link = ([a.detach() for a in vision_attns], grads[2 * n_dec - 1:], vision_rows)
+            link = ([a.detach().float() for a in vision_attns], grads[2 * n_dec - 1:], vision_rows)
             out["chefer_full"] = adapter.patch_relevance("chefer_full", out["chefer"], enc.image_positions, *link)
             if not adapter.patch_aligned:
                 # image tokens are not grid cells (BLIP-2's queries): the adapter maps every method to patches
@@ -238,7 +239,7 @@ def naive_attribute_generated(adapter: FusionAdapter, enc: Encoded, image_featur
             y = trace.logits[0, -1, token]
             grads = torch.autograd.grad(y, trace.attentions)
         with torch.no_grad():
-            row = relevance_rows([a.detach() for a in trace.attentions], [g for g in grads],
+            row = relevance_rows([a.detach().float() for a in trace.attentions], [g.float() for g in grads],
                                  torch.tensor([ids.shape[1] - 1]))
         out[t, : ids.shape[1]] = row[0]
     return out

@@ -58,6 +58,14 @@ class VisionLanguageAdapter(ABC):
     num_prefix_tokens: int  # tokens before the patch tokens in the vision sequence
     num_layers: int  # L
     num_heads: int  # H
+    #: mixed precision for forward passes, requested at load time (``dtype``); None: float32
+    autocast_dtype: torch.dtype | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for every forward pass when a ``dtype`` was requested at load time."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     @abstractmethod
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """``Blip2ForConditionalGeneration`` (decoder-only language model, e.g. OPT) behind ``FusionAdapter``.
 
 Loaded like LLaVA (``fusion.load_generative``): a local directory, transformers' own classes,
-safetensors only, never ``trust_remote_code``, eager attention, float32; pickled weights and
-partly random models are refused.
+safetensors only, never ``trust_remote_code``, eager attention, float32 weights (a ``dtype`` runs
+the forward passes under autocast); pickled weights and partly random models are refused.
 
 What differs from LLaVA: the language model's image tokens are the Q-Former's
 ``num_query_tokens`` learned queries (after ``language_projection``), not vision grid cells
@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from workers.probes.adapters.fusion import Encoded, FusionAdapter, grid_patch_boxes, numbered_modules
+from workers.probes.adapters.fusion import Encoded, FusionAdapter, autocast_forward, grid_patch_boxes, numbered_modules
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
 #: ``model_type`` values this adapter explains.
@@ -91,6 +91,7 @@ class Blip2Adapter(FusionAdapter):
             raise ProbeInputError(f"the prompt {prompt!r} encodes to the image token; it cannot be used")
         return Encoded(input_ids=input_ids, image_positions=positions)
 
+    @autocast_forward
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Vision tower -> Q-Former queries -> ``language_projection``: ``[B, num_query_tokens, D]``."""
         return self.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
@@ -103,6 +104,7 @@ class Blip2Adapter(FusionAdapter):
         # edit the embeddings themselves, so they run its language model (OPTForCausalLM) directly.
         return self.model.language_model
 
+    @autocast_forward
     def vision_trace(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Image features with every attention on the way kept (with gradients).
 

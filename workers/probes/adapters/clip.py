@@ -109,12 +109,6 @@ class CLIPAdapter(DualEncoderAdapter):
         return self.model.logit_scale.exp(), None
 
     # ------------------------------------------------------------------ helpers
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """Mixed precision for every forward pass when a ``dtype`` was requested at load time."""
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         if not images:
             raise ProbeInputError("no images to preprocess")

@@ -25,13 +25,15 @@ tokens, ``(gh, gw)`` the vision grid, ``D`` the language model's width.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import re
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +41,8 @@ from PIL import Image
 
 from workers.probes.adapters.base import VisionLanguageAdapter
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -75,6 +79,17 @@ class TargetTrace:
     prefix_attentions: list[torch.Tensor]
     target_attentions: list[torch.Tensor]
     logits: torch.Tensor
+
+
+def autocast_forward(method: Callable[..., T]) -> Callable[..., T]:
+    """Run an adapter method's forward passes under the adapter's autocast (``dtype`` at load time)."""
+
+    @functools.wraps(method)
+    def wrapper(self: VisionLanguageAdapter, *args: Any, **kwargs: Any) -> T:
+        with self.autocast():
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class FusionAdapter(VisionLanguageAdapter):
@@ -130,11 +145,16 @@ class FusionAdapter(VisionLanguageAdapter):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
                         dtype: str | torch.dtype | None = None) -> FusionAdapter:
-        """Load a local model directory (``load_generative``). ``dtype`` is accepted for the loader's
-        signature, but the fusion probes run in float32 (their gradients are summed over many heads
-        and tokens)."""
+        """Load a local model directory (``load_generative``). Weights stay float32; ``dtype``
+        ("bf16", or "fp16" on CUDA) runs the forward passes under autocast, as for dual encoders,
+        while relevance is accumulated in float32 (it sums gradients over many heads and tokens)."""
+        from workers.probes.adapters.loading import resolve_dtype
+
+        autocast_dtype = resolve_dtype(dtype, torch.device(device))
         model, processor = load_generative(path, cls.hf_class, cls.model_types, cls.family)
-        return cls(model.to(device), processor, device)  # type: ignore[call-arg]
+        adapter = cls(model.to(device), processor, device)  # type: ignore[call-arg]
+        adapter.autocast_dtype = autocast_dtype
+        return adapter
 
     def setup(self, model: torch.nn.Module, processor, device: str | torch.device) -> None:
         """The attributes every fusion adapter reads from a transformers model with ``vision_config``,
@@ -173,6 +193,7 @@ class FusionAdapter(VisionLanguageAdapter):
         probabilities with gradients."""
         return self.traced(self.causal_lm, inputs_embeds, input_ids, image_positions, attention_mask, self.num_layers)
 
+    @autocast_forward
     def trace_targets(self, inputs_embeds: torch.Tensor, first_row: int) -> TargetTrace:
         """``trace`` of one unpadded sequence ``[1, N, D]`` in two calls that share a KV cache: the rows
         before ``first_row`` (image and prompt), then the explained rows from ``first_row`` on.
@@ -212,6 +233,7 @@ class FusionAdapter(VisionLanguageAdapter):
         """``[gh * gw, 4]`` pixel boxes ``(x0, y0, x1, y1)`` of each vision grid cell in a stored
         image of size ``(width, height)`` (undoing the processor's resize and crop)."""
 
+    @autocast_forward
     def language_logits(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, N, V]`` of the language model over joint input embeddings ``[B, N, D]``."""
         return self.causal_lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).logits
@@ -237,6 +259,7 @@ class FusionAdapter(VisionLanguageAdapter):
         attention baselines; None where image tokens are grid cells (``patch_aligned``)."""
         return None
 
+    @autocast_forward
     def greedy(self, generator: torch.nn.Module, inputs_embeds: torch.Tensor, max_new_tokens: int,
                image_token_id: int) -> list[list[int]]:
         """Greedy continuation by ``generator.generate`` from embeddings, end-of-sequence removed and
@@ -252,6 +275,7 @@ class FusionAdapter(VisionLanguageAdapter):
             rows.append(row[: row.index(self.eos_token_id)] if self.eos_token_id in row else row)
         return rows
 
+    @autocast_forward
     def traced(self, language_model: torch.nn.Module, inputs_embeds: torch.Tensor, input_ids: torch.Tensor,
                image_positions: torch.Tensor, attention_mask: torch.Tensor | None, num_layers: int) -> DecoderTrace:
         """``trace`` through ``language_model`` (a causal LM or a model that forwards to one)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from workers.probes.adapters.fusion import Encoded, FusionAdapter, grid_patch_boxes, numbered_modules
+from workers.probes.adapters.fusion import Encoded, FusionAdapter, autocast_forward, grid_patch_boxes, numbered_modules
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
 #: ``model_type`` values this adapter explains.
@@ -47,6 +47,7 @@ class LlavaAdapter(FusionAdapter):
             raise ProbeInputError(f"the prompt must contain exactly one image placeholder, got {prompt!r}")
         return Encoded(input_ids=input_ids, image_positions=positions)
 
+    @autocast_forward
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
         feats = out.pooler_output
@@ -54,6 +55,7 @@ class LlavaAdapter(FusionAdapter):
 
     # --- running ---------------------------------------------------------------------------
 
+    @autocast_forward
     def vision_trace(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Image features computed with the vision tower's attentions kept (with gradients).
 

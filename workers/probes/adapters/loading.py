@@ -38,7 +38,7 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         resolved = None if dtype == torch.float32 else dtype
     else:
@@ -124,7 +124,7 @@ def load(path_or_id: str, *, revision: str | None = None, device: str | torch.de
     from transformers.utils import logging as hf_logging
 
     dev = _resolve_device(device)
-    autocast_dtype = _resolve_dtype(dtype, dev)
+    autocast_dtype = resolve_dtype(dtype, dev)
     where, revision = _locate(str(path_or_id), revision)
     # local_files_only: a hub id resolves from the local cache only, whatever the environment says
     common = {"revision": revision, "trust_remote_code": False, "local_files_only": True}
