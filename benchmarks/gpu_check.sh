@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One short GPU session: the ViT-B/16 grounding benchmark (bf16), then the probe library's CUDA path on
-# the zoo models (grounding evaluation and the shortcut probe). Writes JSON to ${OUT:-gpu-out}/.
+# the zoo models (grounding evaluation, the shortcut probe, and the generative probes: token attribution
+# with its benchmark, attention statistics, head ablation). Writes JSON to ${OUT:-gpu-out}/.
 set -uo pipefail
 out=${OUT:-gpu-out}; mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 LOUPE_CACHE_DIR=/tmp/loupe-cache
@@ -18,3 +19,14 @@ data=$(python3 -c "from workers.probes.zoo import shortcut; print(shortcut.probe
 timeout 150 python3 -m workers.probes shortcut --model $zoo/shortcut-clip --concepts "$data/concepts" \
   --inputs "$data/inputs" --target "a red circle" --device cuda --json > "$out/shortcut_cuda.json"
 echo "shortcut cuda rc=$?"; head -c 1500 "$out/shortcut_cuda.json"; echo
+llava=$zoo/tiny-llava
+heldout=$(python3 -c "from workers.probes import zoo; print(zoo.dataset_dir('heldout'))")
+timeout 90 python3 benchmarks/token_attribution.py --device cuda --repeats 5 > "$out/token_attribution_cuda.json"
+echo "token_attribution bench cuda rc=$?"; cat "$out/token_attribution_cuda.json"
+timeout 90 python3 -m workers.probes attribute --model $llava --dataset "$heldout" --limit 64 --device cuda --no-progress \
+  --json > "$out/attribute_cuda.json"; echo "attribute cuda rc=$?"; head -c 1200 "$out/attribute_cuda.json"; echo
+timeout 60 python3 -m workers.probes attention --model $llava --dataset "$heldout" --limit 16 --device cuda --no-progress \
+  --json > "$out/attention_cuda.json"; echo "attention cuda rc=$?"; head -c 600 "$out/attention_cuda.json"; echo
+timeout 90 python3 -m workers.probes intervene --model $llava --dataset "$heldout" --kind head-ablation --mode mean \
+  --limit 16 --device cuda --no-progress --json > "$out/intervene_cuda.json"; echo "intervene cuda rc=$?"
+head -c 600 "$out/intervene_cuda.json"; echo

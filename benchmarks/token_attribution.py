@@ -13,7 +13,9 @@ end-to-end ratio), then attribute every generated token with the same Chefer dec
 The results are checked to be equal (max abs difference printed). Medians over ``--repeats``;
 ``ru_maxrss`` is the process's peak resident memory. Run (CPU, ~1 minute uncontended)::
 
-    python benchmarks/token_attribution.py [--model DIR] [--images 5] [--repeats 5] [--threads 1]
+    python benchmarks/token_attribution.py [--model DIR] [--images 5] [--repeats 5] [--threads 1] [--device cuda]
+
+On CUDA the timings synchronise the device (``benchmarks/gpu_check.sh`` runs it there).
 """
 
 from __future__ import annotations
@@ -46,9 +48,14 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    adapter = load_any(args.model or str(checkpoint_path("tiny-llava")))
+    adapter = load_any(args.model or str(checkpoint_path("tiny-llava")), args.device)
+
+    def sync() -> None:
+        if args.device == "cuda":
+            torch.cuda.synchronize()
     prompt = PROMPTS[0]
 
     # Scenes whose caption has at least 10 tokens (3-4 objects); attribute the first 10.
@@ -86,15 +93,18 @@ def main() -> int:
         fn(cases[0])  # warm-up
         times = []
         for _ in range(args.repeats):
+            sync()
             start = time.perf_counter()
             for case in cases:
                 fn(case)
+            sync()
             times.append(time.perf_counter() - start)
         median = statistics.median(times)
         results[name] = {"median_s": round(median, 4), "tokens_per_s": round(len(cases) * N_TOKENS / median, 1)}
     out = {
         "benchmark": "token_attribution", "tokens_per_caption": N_TOKENS, "captions": len(cases),
-        "repeats": args.repeats, "threads": args.threads, "device": "cpu", **results,
+        "repeats": args.repeats, "threads": args.threads,
+        "device": args.device if args.device == "cpu" else f"cuda:{torch.cuda.get_device_name(0)}", **results,
         "speedup_vs_naive": round(results["naive"]["median_s"] / results["loupe"]["median_s"], 2),
         "speedup_loop_vs_naive": round(results["naive"]["median_s"] / results["loupe-loop"]["median_s"], 2),
         # End to end (generation + attribution): what a user of `attribute` waits for.
@@ -103,6 +113,8 @@ def main() -> int:
         "max_abs_diff_vs_naive": max_diff,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+    if args.device == "cuda":
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     print(json.dumps(out, indent=2))
     return 0
 

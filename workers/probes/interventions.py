@@ -73,7 +73,7 @@ def recorded_means(modules: Sequence[torch.nn.Module], sums: list[torch.Tensor],
     def make(i):
         def pre_hook(_mod, args):
             x = args[0].detach()
-            sums[i] += x.reshape(-1, x.shape[-1]).sum(0).float()
+            sums[i] += x.reshape(-1, x.shape[-1]).sum(0).float().cpu()  # sums live on the CPU
             counts[i] += x.reshape(-1, x.shape[-1]).shape[0]
         return pre_hook
 

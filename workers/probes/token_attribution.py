@@ -87,6 +87,7 @@ def relevance_rows(attentions: Sequence[torch.Tensor], grads: Sequence[torch.Ten
     ``R = prod_l (I + mean_h((grad_l * A_l)+))`` for target t.
     """
     n = attentions[0].shape[-1]
+    rows = rows.to(attentions[0].device)
     r = torch.nn.functional.one_hot(rows, n).to(attentions[0].dtype)
     t = torch.arange(len(rows), device=rows.device)
     for k, (a, g) in enumerate(zip(reversed(attentions), reversed(grads), strict=True)):
@@ -215,7 +216,7 @@ def vision_relevance(rows_rel: torch.Tensor, image_positions: torch.Tensor, atte
     """
     t = rows_rel.shape[0]
     tv = attentions[0].shape[-1] if attentions else int(vision_rows.max()) + 1
-    r = torch.zeros(t, tv, dtype=rows_rel.dtype)
+    r = torch.zeros(t, tv, dtype=rows_rel.dtype, device=rows_rel.device)
     r[:, vision_rows] = rows_rel[:, image_positions].clamp(min=0)
     for a, g in zip(reversed(attentions), reversed(grads), strict=True):
         cam = (g * a).clamp(min=0).mean(dim=1)  # [T, Tv, Tv]
@@ -230,7 +231,7 @@ def naive_attribute_generated(adapter: FusionAdapter, enc: Encoded, image_featur
     benchmark and by tests as the reference the efficient path must equal."""
     ids_full, rows = _targets(adapter, enc, generated)
     n = ids_full.shape[1]
-    out = torch.zeros(len(generated), n)
+    out = torch.zeros(len(generated), n, device=ids_full.device)
     for t, token in enumerate(generated):
         ids = ids_full[:, : int(rows[t]) + 1]
         with torch.enable_grad():
@@ -240,7 +241,7 @@ def naive_attribute_generated(adapter: FusionAdapter, enc: Encoded, image_featur
             grads = torch.autograd.grad(y, trace.attentions)
         with torch.no_grad():
             row = relevance_rows([a.detach().float() for a in trace.attentions], [g.float() for g in grads],
-                                 torch.tensor([ids.shape[1] - 1]))
+                                 torch.tensor([ids.shape[1] - 1], device=ids.device))
         out[t, : ids.shape[1]] = row[0]
     return out
 

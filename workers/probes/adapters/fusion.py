@@ -356,7 +356,8 @@ def load_generative(path: str | os.PathLike, model_class: str, model_types: Sequ
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import AutoConfig, AutoProcessor
-    from transformers.utils import logging as hf_logging
+
+    from workers.probes.adapters.loading import quiet_transformers
 
     directory = Path(path)
     if not directory.is_dir():
@@ -372,17 +373,14 @@ def load_generative(path: str | os.PathLike, model_class: str, model_types: Sequ
         raise UnsupportedModelError(
             f"{directory}: model_type {config.model_type!r} is not a supported generative VLM "
             f"(supported: {', '.join(model_types)})")
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
     try:
-        model, info = getattr(transformers, model_class).from_pretrained(
-            directory, use_safetensors=True, trust_remote_code=False, attn_implementation="eager",
-            dtype=torch.float32, output_loading_info=True)
-        processor = AutoProcessor.from_pretrained(directory, trust_remote_code=False)
+        with quiet_transformers():
+            model, info = getattr(transformers, model_class).from_pretrained(
+                directory, use_safetensors=True, trust_remote_code=False, attn_implementation="eager",
+                dtype=torch.float32, output_loading_info=True)
+            processor = AutoProcessor.from_pretrained(directory, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError, TypeError) as exc:
         raise ProbeInputError(f"{directory}: cannot load the {family} checkpoint ({exc})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     # transformers fills missing weights with random ones; explaining that would be worse than refusing.
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
     if missing or info.get("mismatched_keys"):

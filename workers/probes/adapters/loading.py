@@ -15,9 +15,11 @@ Everything goes through the Auto classes (``AutoConfig``, ``AutoModel``, ``AutoT
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -121,7 +123,6 @@ def load(path_or_id: str, *, revision: str | None = None, device: str | torch.de
          dtype: str | torch.dtype | None = None):
     """See ``workers.probes.adapters.load_adapter``."""
     from transformers import AutoConfig
-    from transformers.utils import logging as hf_logging
 
     dev = _resolve_device(device)
     autocast_dtype = resolve_dtype(dtype, dev)
@@ -142,14 +143,26 @@ def load(path_or_id: str, *, revision: str | None = None, device: str | torch.de
     if hasattr(adapter_cls, "from_pretrained"):  # fusion adapters load their own head-ful model class (llava.py)
         return adapter_cls.from_pretrained(where, device=dev, dtype=autocast_dtype)
 
-    # Quiet transformers' warnings (incomplete weights are reported below, as an error; the
-    # "torchvision missing, using the PIL image processor" notice is expected on CPU hosts).
+    with quiet_transformers():
+        return _load_quietly(where, revision, common, adapter_cls, config, dev, autocast_dtype, str(path_or_id))
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' warnings and progress bars while loading, restoring them afterwards.
+
+    Incomplete weights are reported by the loaders themselves, as an error; the "torchvision
+    missing, using the PIL image processor" notice is expected on CPU hosts; "Loading weights"
+    bars would clutter CLI output and worker logs.
+    """
+    from transformers.utils import logging as hf_logging
+
     verbosity = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # "Loading weights" bars would clutter CLI output and worker logs
+    hf_logging.disable_progress_bar()
     try:
-        return _load_quietly(where, revision, common, adapter_cls, config, dev, autocast_dtype, str(path_or_id))
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
