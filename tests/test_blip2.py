@@ -205,22 +205,26 @@ def test_it_refuses_an_encoder_decoder_blip2_and_a_misplaced_image_placeholder(a
 
 
 def test_it_swaps_features_at_the_patch_embeddings_or_says_why_not(adapter, scenes):
-    """The default feature-swap site works on BLIP-2's vision tower; a random model rarely names a
-    colour, so the probe may end with its "no usable case" message, never with a traceback."""
+    """The default feature-swap site is BLIP-2's vision patch embedding: replacing it changes what
+    the Q-Former hands the decoder. The random model never names a colour, so the probe itself
+    ends with its "no usable case" message rather than a made-up effect size."""
     from workers.probes.scenes import load_scenes
 
     loaded = load_scenes(str(scenes))
     pv = adapter.preprocess([loaded[0].load_image()])
     cells = interventions._patch_embeddings(adapter, pv)
     assert cells.shape == (16, 32)
-    text = interventions._swap_run(adapter, pv, torch.zeros_like(cells), "patch-embedding", PROMPT, 3)
-    assert isinstance(text, str)
-    try:
-        metrics = interventions.feature_swap(adapter, loaded, max_new_tokens=3)
-    except ProbeInputError as exc:
-        assert "no usable feature-swap case" in str(exc)
-    else:
-        assert metrics["site"] == "patch-embedding"
+    with torch.no_grad():
+        clean = adapter.image_features(pv)
+        handle = interventions._patch_module(adapter).register_forward_hook(lambda m, a, out: torch.zeros_like(out))
+        try:
+            swapped = adapter.image_features(pv)
+        finally:
+            handle.remove()
+    assert not torch.allclose(clean, swapped)
+    assert isinstance(interventions._swap_run(adapter, pv, torch.zeros_like(cells), "patch-embedding", PROMPT, 3), str)
+    with pytest.raises(ProbeInputError, match="no usable feature-swap case"):
+        interventions.feature_swap(adapter, loaded, max_new_tokens=3)
 
 
 def test_it_runs_the_qformer_path_under_bf16_autocast(blip2_dir):

@@ -242,8 +242,11 @@ def save_tiny_blip2(directory: str | Path, *, image_size: int = 32, patch_size: 
     directory = Path(directory)
     tok = captioner.build_processor().tokenizer
     vocab = tok.get_vocab()
+    # Blip2VisionConfig's default initializer_range is 1e-10 (pretrained towers are loaded, not
+    # initialised), which leaves a random tower blind: two unrelated images differ by ~1e-6.
     vision = Blip2VisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                               num_attention_heads=heads, image_size=image_size, patch_size=patch_size)
+                               num_attention_heads=heads, image_size=image_size, patch_size=patch_size,
+                               initializer_range=0.02)
     qformer = Blip2QFormerConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=qformer_layers,
                                  num_attention_heads=heads, cross_attention_frequency=cross_attention_frequency,
                                  encoder_hidden_size=hidden, vocab_size=len(tok))
