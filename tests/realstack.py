@@ -300,6 +300,30 @@ def real_stack(django_db_setup, django_db_blocker, tmp_path_factory, _isolated_m
         yield stack
     finally:
         stack.stop_workers()
+        with django_db_blocker.unblock():
+            end_other_sessions(connection)
+
+
+def end_other_sessions(connection, timeout: float = 15.0) -> None:
+    """Let the stopped workers' PostgreSQL sessions end before pytest-django drops the test database.
+
+    A session can outlive its worker process for a moment (the server notices the closed socket
+    on its own time), and DROP DATABASE then fails with "being accessed by other users", leaving
+    the test database behind. Sessions still open after ``timeout`` are terminated.
+    """
+    if connection.vendor != "postgresql":
+        return
+    others = "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    deadline = time.monotonic() + timeout
+    with connection.cursor() as cursor:
+        while True:
+            cursor.execute(f"SELECT count(*) {others}")  # noqa: S608 (no user input)
+            if cursor.fetchone()[0] == 0:
+                return
+            if time.monotonic() > deadline:
+                cursor.execute(f"SELECT pg_terminate_backend(pid) {others}")  # noqa: S608
+                return
+            time.sleep(0.2)
 
 
 @pytest.fixture

@@ -130,8 +130,12 @@ def spearman_lastaxis(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def pairwise_consistency(maps: Sequence[np.ndarray]) -> np.ndarray:
     """Mean Spearman over all pairs of ``[n, L, H, G]`` maps and over images -> ``[L, H]``."""
-    rhos = [spearman_lastaxis(x, y) for x, y in itertools.combinations(maps, 2)]
-    return np.nanmean(np.stack(rhos), axis=(0, 1))
+    rhos = np.stack([spearman_lastaxis(x, y) for x, y in itertools.combinations(maps, 2)])
+    # A head whose maps are constant in every pair has no defined consistency: NaN, said quietly
+    # (np.nanmean would warn "Mean of empty slice" into the worker log for each such head).
+    counts = np.isfinite(rhos).sum(axis=(0, 1))
+    sums = np.where(np.isfinite(rhos), rhos, 0.0).sum(axis=(0, 1))
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
 def head_table(maps: np.ndarray, inside: np.ndarray, *, paraphrase: np.ndarray | None = None,
