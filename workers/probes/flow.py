@@ -77,7 +77,6 @@ def max_flows(mats: np.ndarray, pool: np.ndarray | None, sources: Sequence[int],
               tolerance: float = 1e-6) -> np.ndarray:
     """Exact (certified to ``tolerance``) max flow from each input token in ``sources`` to the readout."""
     rows, cols, caps, n, sink = _layered_edges(mats, pool)
-    real = sp.csr_array((caps, (rows, cols)), shape=(n, n))
     scaled = np.floor(caps * SCALE).astype(np.int64)
     if scaled.max(initial=0) >= 2 ** 31:
         raise ProbeInputError("attention capacities above 1: not probabilities")

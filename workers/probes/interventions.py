@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from scipy.stats import fisher_exact
 
+from workers.probes.adapters.base import numbered_modules
 from workers.probes.attention_stats import patch_boxes
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress, probe_kind
@@ -85,16 +86,6 @@ def recorded_means(modules: Sequence[torch.nn.Module], sums: list[torch.Tensor],
             h.remove()
 
 
-def _named_projections(model: torch.nn.Module, pattern: str) -> list[torch.nn.Module]:
-    rx = re.compile(pattern)
-    found = {}
-    for name, module in model.named_modules():
-        m = rx.search(name)
-        if m:
-            found[int(m.group(1))] = module
-    return [found[i] for i in sorted(found)]
-
-
 def components(adapter) -> dict[str, tuple[list[torch.nn.Module], int]]:
     """``{component: (output projection per layer, heads per layer)}`` that can be ablated."""
     if adapter.kind == "fusion":
@@ -102,7 +93,7 @@ def components(adapter) -> dict[str, tuple[list[torch.nn.Module], int]]:
     out = {}
     for comp, pattern in (("vision", r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj$"),
                           ("text", r"text_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj$")):
-        mods = _named_projections(adapter.model, pattern)
+        mods = numbered_modules(adapter.model, pattern)
         if mods:
             heads = (adapter.num_heads if comp == "vision"
                      else int(getattr(getattr(adapter.model.config, "text_config", None), "num_attention_heads", 0)))

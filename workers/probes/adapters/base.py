@@ -12,12 +12,24 @@ Shapes: ``B`` images, ``P`` prompts, ``L`` vision layers, ``H`` heads,
 from __future__ import annotations
 
 import contextlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
+
+
+def numbered_modules(model: torch.nn.Module, pattern: str) -> list[torch.nn.Module]:
+    """Modules whose name matches ``pattern`` (group 1: the layer number), in layer order."""
+    found: dict[int, torch.nn.Module] = {}
+    rx = re.compile(pattern)
+    for name, module in model.named_modules():
+        m = rx.search(name)
+        if m:
+            found[int(m.group(1))] = module
+    return [found[i] for i in sorted(found)]
 
 
 @dataclass

@@ -33,10 +33,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
-from workers.probes.adapters.fusion import Encoded, FusionAdapter, autocast_forward, grid_patch_boxes, numbered_modules
+from workers.probes.adapters.fusion import Encoded, FusionAdapter, autocast_forward
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
 #: ``model_type`` values this adapter explains.
@@ -49,7 +48,6 @@ class Blip2Adapter(FusionAdapter):
     model_types = MODEL_TYPES
     family = "BLIP-2"
     patch_aligned = False
-    components = ("decoder", "vision", "qformer")
     num_prefix_tokens = 1  # Blip2VisionEmbeddings prepends a CLS token to the patches
 
     def __init__(self, model: torch.nn.Module, processor, device: str | torch.device = "cpu"):
@@ -191,25 +189,14 @@ class Blip2Adapter(FusionAdapter):
 
     # --- components and geometry -----------------------------------------------------------
 
-    def head_projections(self, component: str = "decoder") -> list[torch.nn.Module]:
+    def head_modules(self) -> dict[str, tuple[str, int, int]]:
         """``decoder``: the language model's ``out_proj``; ``vision``: the vision tower's
         ``projection``; ``qformer``: the output ``dense`` of each Q-Former cross-attention block."""
-        patterns = {
-            "decoder": (r"language_model\.(?:model\.)?(?:decoder\.)?layers\.(\d+)\.self_attn\.out_proj$", self.num_layers),
-            "vision": (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection$", self.vision_num_layers),
-            "qformer": (r"qformer\.encoder\.layer\.(\d+)\.crossattention\.output\.dense$", len(self.cross_layers)),
+        return {
+            "decoder": (r"language_model\.(?:model\.)?(?:decoder\.)?layers\.(\d+)\.self_attn\.out_proj$",
+                        self.num_layers, self.num_heads),
+            "vision": (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection$", self.vision_num_layers,
+                       self.vision_num_heads),
+            "qformer": (r"qformer\.encoder\.layer\.(\d+)\.crossattention\.output\.dense$", len(self.cross_layers),
+                        self.qformer_num_heads),
         }
-        if component not in patterns:
-            raise ValueError(f"unknown component {component!r}")
-        pattern, expected = patterns[component]
-        mods = numbered_modules(self.model, pattern)
-        if len(mods) != expected:
-            raise UnsupportedModelError(f"cannot find the {component} attention output projections")
-        return mods
-
-    def heads(self, component: str = "decoder") -> int:
-        return {"decoder": self.num_heads, "vision": self.vision_num_heads,
-                "qformer": self.qformer_num_heads}[component]
-
-    def patch_boxes(self, image_size: tuple[int, int]) -> np.ndarray:
-        return grid_patch_boxes(self.processor.image_processor, image_size, self.patch_size, self.grid, self.image_size)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import re
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers.probes.adapters.base import VisionLanguageAdapter
+from workers.probes.adapters.base import VisionLanguageAdapter, numbered_modules
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
 T = TypeVar("T")
@@ -103,10 +102,12 @@ class FusionAdapter(VisionLanguageAdapter):
     #: image token ``image_token_prefix + j`` is vision grid cell ``j`` (LLaVA); False when image tokens
     #: are learned queries over the whole image (BLIP-2's Q-Former).
     patch_aligned: bool = True
-    #: the components whose attention heads can be ablated (``head_projections``).
-    components: tuple[str, ...] = ("decoder", "vision")
     #: leading vision-sequence tokens without a grid cell (a CLS token).
     num_prefix_tokens: int = 1
+    #: the transformers class that loads the checkpoint, the ``model_type`` values it accepts, a display name
+    hf_class: str = ""
+    model_types: tuple[str, ...] = ()
+    family: str = ""
     tokenizer: object
     processor: object
     model: torch.nn.Module
@@ -136,11 +137,6 @@ class FusionAdapter(VisionLanguageAdapter):
         rgb = [im.convert("RGB") for im in images]
         pv = self.processor.image_processor(rgb, return_tensors="pt")["pixel_values"]
         return pv.to(self.device, dtype=self.model.dtype)
-
-    #: the transformers class that loads the checkpoint, the ``model_type`` values it accepts, a display name
-    hf_class: str = ""
-    model_types: tuple[str, ...] = ()
-    family: str = ""
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -183,15 +179,34 @@ class FusionAdapter(VisionLanguageAdapter):
         KV cache: the VLM itself where it accepts ``inputs_embeds`` alone (LLaVA)."""
         return self.model
 
+    @autocast_forward
     def generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int = 32) -> list[list[int]]:
-        """Greedy continuation of each row of ``inputs_embeds`` (no end-of-sequence token)."""
-        return self.greedy(self.causal_lm, inputs_embeds, max_new_tokens, self.image_token_id)
+        """Greedy continuation of each row of ``inputs_embeds`` (no end-of-sequence token; the image
+        placeholder token is never generated)."""
+        mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        with torch.no_grad():
+            out = self.causal_lm.generate(inputs_embeds=inputs_embeds, attention_mask=mask, do_sample=False,
+                                          max_new_tokens=max_new_tokens, eos_token_id=self.eos_token_id,
+                                          pad_token_id=self.tokenizer.pad_token_id,  # type: ignore[attr-defined]
+                                          suppress_tokens=[self.image_token_id])
+        rows = []
+        for row in out.tolist():
+            rows.append(row[: row.index(self.eos_token_id)] if self.eos_token_id in row else row)
+        return rows
 
+    @autocast_forward
     def trace(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_positions: torch.Tensor,
               attention_mask: torch.Tensor | None = None) -> DecoderTrace:
         """Teacher-forced forward with eager attention, keeping every decoder layer's attention
         probabilities with gradients."""
-        return self.traced(self.causal_lm, inputs_embeds, input_ids, image_positions, attention_mask, self.num_layers)
+        out = self.causal_lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, output_attentions=True,
+                             use_cache=False, return_dict=True)
+        attentions = self._attention_probabilities(out.attentions, self.num_layers)
+        for a in attentions:
+            if a.requires_grad:
+                a.retain_grad()
+        return DecoderTrace(logits=out.logits, attentions=attentions, input_ids=input_ids,
+                            image_positions=image_positions)
 
     @autocast_forward
     def trace_targets(self, inputs_embeds: torch.Tensor, first_row: int) -> TargetTrace:
@@ -207,31 +222,76 @@ class FusionAdapter(VisionLanguageAdapter):
 
         lm = self.causal_lm
         cache = DynamicCache(config=lm.config.get_text_config())
-        # transformers 5.x renamed the keyword `past_key_values` to `cache` (the old name still works
-        # there, with a deprecation warning); pass whichever this version's forward declares.
-        key = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-        common = {"use_cache": True, "output_attentions": True, "return_dict": True, key: cache}
+        common = {"use_cache": True, "output_attentions": True, "return_dict": True, self._cache_keyword: cache}
         prefix = lm(inputs_embeds=inputs_embeds[:, :first_row], logits_to_keep=1, **common)
         rest = lm(inputs_embeds=inputs_embeds[:, first_row:], **common)
-        attentions = list(prefix.attentions) + list(rest.attentions)
-        if len(attentions) != 2 * self.num_layers or any(a is None for a in attentions):
+        return TargetTrace(prefix_attentions=self._attention_probabilities(prefix.attentions, self.num_layers),
+                           target_attentions=self._attention_probabilities(rest.attentions, self.num_layers),
+                           logits=rest.logits)
+
+    @functools.cached_property
+    def _cache_keyword(self) -> str:
+        # transformers 5.x renamed the keyword `past_key_values` to `cache` (the old name still works
+        # there, with a deprecation warning); pass whichever this version's forward declares.
+        return "cache" if "cache" in inspect.signature(self.causal_lm.forward).parameters else "past_key_values"
+
+    @staticmethod
+    def _attention_probabilities(attentions, expected: int) -> list[torch.Tensor]:
+        attentions = list(attentions or [])
+        if len(attentions) != expected or any(a is None for a in attentions):
             raise UnsupportedModelError("the language model did not return attention probabilities (eager attention)")
-        return TargetTrace(prefix_attentions=attentions[:self.num_layers],
-                           target_attentions=attentions[self.num_layers:], logits=rest.logits)
+        return attentions
 
     @abstractmethod
+    def head_modules(self) -> dict[str, tuple[str, int, int]]:
+        """``{component: (name pattern, layers, heads per layer)}`` of the components whose heads can
+        be ablated: the pattern matches, with the layer number as group 1, the linear module whose
+        input is the concatenation of the heads' outputs (``o_proj``)."""
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The components whose attention heads can be ablated ("decoder", "vision", ...)."""
+        return tuple(self.head_modules())
+
     def head_projections(self, component: str = "decoder") -> list[torch.nn.Module]:
-        """Per layer, the linear module whose input is the concatenation of the heads' outputs
-        (``o_proj``); ``component`` is "decoder" or "vision"."""
+        """Per layer, the output projection of ``component``'s attention (see ``head_modules``)."""
+        table = self.head_modules()
+        if component not in table:
+            raise ValueError(f"unknown component {component!r}")
+        pattern, layers, _ = table[component]
+        mods = numbered_modules(self.model, pattern)
+        if len(mods) != layers:
+            raise UnsupportedModelError(f"cannot find the {component} attention output projections")
+        return mods
 
-    @abstractmethod
     def heads(self, component: str = "decoder") -> int:
         """Number of attention heads per layer of ``component``."""
+        return self.head_modules()[component][2]
 
-    @abstractmethod
     def patch_boxes(self, image_size: tuple[int, int]) -> np.ndarray:
         """``[gh * gw, 4]`` pixel boxes ``(x0, y0, x1, y1)`` of each vision grid cell in a stored
-        image of size ``(width, height)`` (undoing the processor's resize and crop)."""
+        image of size ``(width, height)``, undoing the image processor's resize (shortest edge or
+        fixed height x width) and centre crop."""
+        w, h = image_size
+        processor = self.processor.image_processor  # type: ignore[attr-defined]
+        size = getattr(processor, "size", None) or {}
+        if size.get("shortest_edge"):
+            sx = sy = size["shortest_edge"] / min(w, h)
+        else:  # resized to a fixed height x width
+            sx, sy = (size.get("width") or self.image_size) / w, (size.get("height") or self.image_size) / h
+        crop = getattr(processor, "crop_size", None) or {}
+        if getattr(processor, "do_center_crop", False) and crop:
+            left, top = (w * sx - crop["width"]) / 2, (h * sy - crop["height"]) / 2
+        else:
+            left = top = 0.0
+        gh, gw = self.grid
+        p = self.patch_size
+        boxes = np.zeros((gh * gw, 4), dtype=np.float64)
+        for r in range(gh):
+            for c in range(gw):
+                x0, y0 = (left + c * p) / sx, (top + r * p) / sy
+                boxes[r * gw + c] = (x0, y0, x0 + p / sx, y0 + p / sy)
+        return boxes
 
     @autocast_forward
     def language_logits(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -259,37 +319,6 @@ class FusionAdapter(VisionLanguageAdapter):
         attention baselines; None where image tokens are grid cells (``patch_aligned``)."""
         return None
 
-    @autocast_forward
-    def greedy(self, generator: torch.nn.Module, inputs_embeds: torch.Tensor, max_new_tokens: int,
-               image_token_id: int) -> list[list[int]]:
-        """Greedy continuation by ``generator.generate`` from embeddings, end-of-sequence removed and
-        the image placeholder token never generated."""
-        mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
-        with torch.no_grad():
-            out = generator.generate(inputs_embeds=inputs_embeds, attention_mask=mask, do_sample=False,
-                                     max_new_tokens=max_new_tokens, eos_token_id=self.eos_token_id,
-                                     pad_token_id=self.tokenizer.pad_token_id,  # type: ignore[attr-defined]
-                                     suppress_tokens=[image_token_id])
-        rows = []
-        for row in out.tolist():
-            rows.append(row[: row.index(self.eos_token_id)] if self.eos_token_id in row else row)
-        return rows
-
-    @autocast_forward
-    def traced(self, language_model: torch.nn.Module, inputs_embeds: torch.Tensor, input_ids: torch.Tensor,
-               image_positions: torch.Tensor, attention_mask: torch.Tensor | None, num_layers: int) -> DecoderTrace:
-        """``trace`` through ``language_model`` (a causal LM or a model that forwards to one)."""
-        out = language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, output_attentions=True,
-                             use_cache=False, return_dict=True)
-        attentions = list(out.attentions)
-        if len(attentions) != num_layers or any(a is None for a in attentions):
-            raise UnsupportedModelError("the language model did not return attention probabilities (eager attention)")
-        for a in attentions:
-            if a.requires_grad:
-                a.retain_grad()
-        return DecoderTrace(logits=out.logits, attentions=attentions, input_ids=input_ids,
-                            image_positions=image_positions)
-
     def tokens(self, ids: Sequence[int]) -> list[str]:
         return list(self.tokenizer.convert_ids_to_tokens(list(ids)))  # type: ignore[attr-defined]
 
@@ -309,44 +338,6 @@ class FusionAdapter(VisionLanguageAdapter):
         ids = enc.input_ids.expand(len(images), -1)
         with torch.no_grad():
             return self.generate(self.embed(ids, feats), max_new_tokens)
-
-
-def numbered_modules(model: torch.nn.Module, pattern: str) -> list[torch.nn.Module]:
-    """Modules whose name matches ``pattern`` (group 1: the layer number), in layer order."""
-    found: dict[int, torch.nn.Module] = {}
-    rx = re.compile(pattern)
-    for name, module in model.named_modules():
-        m = rx.search(name)
-        if m:
-            found[int(m.group(1))] = module
-    return [found[i] for i in sorted(found)]
-
-
-def grid_patch_boxes(image_processor, image_size: tuple[int, int], patch_size: int, grid: tuple[int, int],
-                     model_image_size: int) -> np.ndarray:
-    """``[gh * gw, 4]`` pixel boxes of the vision grid cells in a stored image of size ``(width, height)``,
-    undoing ``image_processor``'s resize (shortest edge or fixed height x width) and centre crop."""
-    w, h = image_size
-    size = getattr(image_processor, "size", None) or {}
-    if size.get("shortest_edge"):
-        scale = size["shortest_edge"] / min(w, h)
-        sx = sy = scale
-    else:  # resized to a fixed height x width
-        sx, sy = (size.get("width") or model_image_size) / w, (size.get("height") or model_image_size) / h
-    rw, rh = w * sx, h * sy
-    crop = getattr(image_processor, "crop_size", None) or {}
-    if getattr(image_processor, "do_center_crop", False) and crop:
-        left, top = (rw - crop["width"]) / 2, (rh - crop["height"]) / 2
-    else:
-        left = top = 0.0
-    gh, gw = grid
-    boxes = np.zeros((gh * gw, 4), dtype=np.float64)
-    for r in range(gh):
-        for c in range(gw):
-            x0 = (left + c * patch_size) / sx
-            y0 = (top + r * patch_size) / sy
-            boxes[r * gw + c] = (x0, y0, x0 + patch_size / sx, y0 + patch_size / sy)
-    return boxes
 
 
 def load_generative(path: str | os.PathLike, model_class: str, model_types: Sequence[str], family: str):

@@ -8,10 +8,9 @@ that carry gradients.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from workers.probes.adapters.fusion import Encoded, FusionAdapter, autocast_forward, grid_patch_boxes, numbered_modules
+from workers.probes.adapters.fusion import Encoded, FusionAdapter, autocast_forward
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
 #: ``model_type`` values this adapter explains.
@@ -81,21 +80,10 @@ class LlavaAdapter(FusionAdapter):
                 a.retain_grad()
         return self.model.model.multi_modal_projector(hidden), attentions, rows
 
-    def head_projections(self, component: str = "decoder") -> list[torch.nn.Module]:
-        if component == "decoder":
-            mods = numbered_modules(self.model, r"language_model\.(?:model\.)?layers\.(\d+)\.self_attn\.o_proj$")
-            expected = self.num_layers
-        elif component == "vision":
-            mods = numbered_modules(self.model, r"vision_tower\..*layers\.(\d+)\.self_attn\.out_proj$")
-            expected = self.vision_num_layers
-        else:
-            raise ValueError(f"unknown component {component!r}")
-        if len(mods) != expected:
-            raise UnsupportedModelError(f"cannot find the {component} attention output projections")
-        return mods
-
-    def heads(self, component: str = "decoder") -> int:
-        return self.num_heads if component == "decoder" else self.vision_num_heads
-
-    def patch_boxes(self, image_size: tuple[int, int]) -> np.ndarray:
-        return grid_patch_boxes(self.processor.image_processor, image_size, self.patch_size, self.grid, self.image_size)
+    def head_modules(self) -> dict[str, tuple[str, int, int]]:
+        return {
+            "decoder": (r"language_model\.(?:model\.)?layers\.(\d+)\.self_attn\.o_proj$", self.num_layers,
+                        self.num_heads),
+            "vision": (r"vision_tower\..*layers\.(\d+)\.self_attn\.out_proj$", self.vision_num_layers,
+                       self.vision_num_heads),
+        }
