@@ -7,6 +7,7 @@ import pytest
 
 from governance import workflow
 from governance.models import AuditCase, ModelVersion
+from tests.model_archives import model_members, zip_bytes
 from tests.realstack import wait_until
 from tests.tiny_models import save_tiny_clip
 
@@ -14,24 +15,22 @@ from tests.tiny_models import save_tiny_clip
 @pytest.fixture
 def tiny_clip_version(acme_model, alice):
     """An uploaded-archive version whose unpacked directory holds a tiny CLIP (where workers look)."""
-    import io
     import tempfile
-    import zipfile
     from pathlib import Path
 
     from django.core.files.base import ContentFile
 
     from governance import artifacts
 
-    buffer = io.BytesIO()
-    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(buffer, "w") as archive:
-        for path in sorted(save_tiny_clip(Path(tmp) / "m").iterdir()):
-            archive.write(path, path.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        members = model_members(save_tiny_clip(Path(tmp) / "m"))
     version = ModelVersion(ai_model=acme_model, version="tiny", source=ModelVersion.Source.ARCHIVE, created_by=alice)
-    version.archive.save("tiny-clip.zip", ContentFile(buffer.getvalue()), save=False)
+    version.archive.save("tiny-clip.zip", ContentFile(zip_bytes(members)), save=False)
     version.save()
-    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as archive:  # unpacked where an upload would be
-        archive.extractall(artifacts.uploaded_model_directory(version))
+    unpacked = artifacts.uploaded_model_directory(version)  # where an upload would be unpacked
+    unpacked.mkdir(parents=True, exist_ok=True)
+    for name, data in members.items():
+        (unpacked / name).write_bytes(data)
     from workers.tasks import compute_manifest
 
     compute_manifest.apply(args=[version.pk])
