@@ -214,14 +214,14 @@ def vision_relevance(rows_rel: torch.Tensor, image_positions: torch.Tensor, atte
     ``attentions[l]`` ``[1, Hv, Tv, Tv]``, ``grads[l]`` ``[T, Hv, Tv, Tv]``; Chefer's rule gives
     ``R_v = prod_l (I + mean_h((grad * A)+))`` per target; returns ``[T, G]`` over patch tokens.
     """
+    from workers.probes.chefer import propagate_row, weighted_attention
+
     t = rows_rel.shape[0]
     tv = attentions[0].shape[-1] if attentions else int(vision_rows.max()) + 1
     r = torch.zeros(t, tv, dtype=rows_rel.dtype, device=rows_rel.device)
     r[:, vision_rows] = rows_rel[:, image_positions].clamp(min=0)
-    for a, g in zip(reversed(attentions), reversed(grads), strict=True):
-        cam = (g * a).clamp(min=0).mean(dim=1)  # [T, Tv, Tv]
-        r = r + torch.bmm(r[:, None, :], cam)[:, 0]
-    return r[:, prefix:]
+    cams = [weighted_attention(a, g) for a, g in zip(attentions, grads, strict=True)]  # [T, Tv, Tv] each
+    return propagate_row(r, cams)[:, prefix:]
 
 
 def naive_attribute_generated(adapter: FusionAdapter, enc: Encoded, image_features: torch.Tensor,
