@@ -102,6 +102,26 @@ def test_it_attributes_tokens_to_patches_and_equals_the_naive_recomputation(adap
         ta.to_attribution(adapter, enc, generated, ta.attribute_generated(adapter, enc, feats, generated), PROMPT)
 
 
+def test_it_decodes_as_transformers_and_attributes_from_the_generation_pass(adapter):
+    # OPT takes its positions from the cache: Loupe's greedy loop must still pick transformers' tokens,
+    # and the traced generation pass must give what attributing the finished caption gives.
+    images = [world.scene_at(1_000_003, i).image for i in range(3)]
+    enc, feats = adapter.prepare(images, PROMPT)
+    embeds = adapter.embed(enc.input_ids.expand(len(images), -1), feats)
+    theirs = adapter.causal_lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                        do_sample=False, max_new_tokens=6, eos_token_id=adapter.eos_token_id,
+                                        pad_token_id=adapter.tokenizer.pad_token_id,
+                                        suppress_tokens=[adapter.image_token_id])
+    for row, expected in zip(adapter.generate(embeds, 6), theirs.tolist(), strict=True):
+        assert row == (expected[:expected.index(adapter.eos_token_id)] if adapter.eos_token_id in expected else expected)
+    pv = adapter.preprocess(images[:1])
+    generated, rows = ta.generate_and_attribute(adapter, enc, None, 6, pixel_values=pv)
+    reference = ta.attribute_generated(adapter, enc, feats[:1], generated, pixel_values=pv)
+    assert set(rows) == set(reference) and "chefer@patches" in rows
+    for key, value in reference.items():
+        assert torch.allclose(rows[key], value, atol=1e-6), key
+
+
 @pytest.mark.parametrize("red", [(2, 1), (0, 3), (3, 0)])
 def test_it_maps_query_relevance_to_the_patch_the_queries_read(pointing, red):
     pv = object_image(red, None)[None]

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tests.zoo_fixtures import HELDOUT_SEED, heldout_fixture  # noqa: E402
 from workers.probes import token_attribution as ta  # noqa: E402
 from workers.probes.cli import main  # noqa: E402
+from workers.probes.errors import ProbeInputError  # noqa: E402
 from workers.probes.scenes import load_scenes  # noqa: E402
 from workers.probes.zoo import captioner, checkpoint_path, world  # noqa: E402
 
@@ -41,6 +42,41 @@ def test_it_equals_the_naive_per_token_recomputation(adapter):
     # Relevance flows only backwards in a causal decoder.
     for t, row in enumerate(enc.input_ids.shape[1] - 1 + torch.arange(len(generated))):
         assert torch.all(fast["chefer"][t, row + 1:] == 0)
+
+
+def test_it_decodes_as_transformers_greedy_generate(adapter):
+    # Loupe decodes with its own greedy loop (so that the traced generation runs the same steps);
+    # it must pick the tokens transformers' own greedy search picks, a batch of images at a time.
+    images = [world.scene_at(HELDOUT_SEED, i).image for i in range(4)]
+    enc, feats = adapter.prepare(images, "describe the image")
+    embeds = adapter.embed(enc.input_ids.expand(len(images), -1), feats)
+    ours = adapter.generate(embeds, 24)
+    theirs = adapter.model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                    do_sample=False, max_new_tokens=24, eos_token_id=adapter.eos_token_id,
+                                    pad_token_id=adapter.tokenizer.pad_token_id, suppress_tokens=[adapter.image_token_id])
+    for row, expected in zip(ours, theirs.tolist(), strict=True):
+        end = expected.index(adapter.eos_token_id) if adapter.eos_token_id in expected else len(expected)
+        assert row == expected[:end] and len(row) >= 3
+    assert [len(r) for r in adapter.generate(embeds, 2)] == [2] * len(images)
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 24])
+def test_it_attributes_from_the_generation_pass_as_from_a_teacher_forced_forward(adapter, max_new_tokens):
+    # `attribute` traces the generation pass instead of running a second forward over the caption:
+    # same caption, same numbers for every method, as attributing the finished caption.
+    image = world.scene_at(HELDOUT_SEED, 7).image
+    enc, feats = adapter.prepare([image], "describe the image")
+    pv = adapter.preprocess([image])
+    generated, rows = ta.generate_and_attribute(adapter, enc, None, max_new_tokens, pixel_values=pv)
+    assert generated == adapter.generate(adapter.embed(enc.input_ids, feats), max_new_tokens)[0]
+    reference = ta.attribute_generated(adapter, enc, feats, generated, pixel_values=pv)
+    assert set(rows) == set(reference) == set(ta.METHODS)
+    for method in ta.METHODS:
+        assert torch.allclose(rows[method], reference[method], atol=1e-6), method
+    decoder_only = ta.generate_and_attribute(adapter, enc, feats, max_new_tokens)[1]
+    assert torch.allclose(decoder_only["chefer"], reference["chefer"], atol=1e-6) and "chefer_full" not in decoder_only
+    with pytest.raises(ProbeInputError, match="no tokens"):
+        ta.generate_and_attribute(adapter, enc, feats, 0)
 
 
 def test_it_attributes_under_bf16_autocast_as_in_float32(adapter):

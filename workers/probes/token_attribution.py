@@ -11,14 +11,17 @@ are the relevance of earlier tokens (the identity term of the token's own positi
 Baseline (``raw``): the attention probabilities of that row, averaged over layers and heads.
 
 Efficiency (why this is hand-written rather than a per-token loop): the caption is generated
-once (KV cache), then ONE teacher-forced forward over the generated sequence keeps every
-layer's attention, and ONE batched backward pass (``torch.autograd.grad(..., is_grads_batched=
-True)``, i.e. vmap over the targets' one-hot output gradients) gives every target's attention
-gradients at once. That forward runs in two calls sharing a KV cache (``trace_targets``): image
-and prompt first, then the T explained rows, so the backward pass skips the top layer's work
-over the prefix, which no explained output depends on. Only the needed row of ``R`` is propagated
-(a vector-matrix product per layer, from the last layer down), so the cost is O(T * L * N^2)
-instead of O(T * L * N^3).
+once (KV cache) with the generation pass's run over the image and prompt traced, i.e. keeping
+every layer's attention probabilities in the autograd graph (``generate_and_attribute``,
+``FusionAdapter.generate_traced``). The T explained rows are then run once more, in one call on
+the traced keys and values, and ONE batched backward pass (``torch.autograd.grad(...,
+is_grads_batched=True)``, i.e. vmap over the targets' one-hot output gradients) gives every
+target's attention gradients at once. Splitting the forward at the first explained row also
+keeps the top layer's work over the prefix, which no explained output depends on, out of the
+backward pass. Text that was generated elsewhere goes through ``attribute_generated``: the same
+numbers from a teacher-forced forward in the same two calls (``trace_targets``). Only the needed
+row of ``R`` is propagated (a vector-matrix product per layer, from the last layer down), so the
+cost is O(T * L * N^2) instead of O(T * L * N^3).
 
 Shapes: ``T`` generated tokens, ``L`` decoder layers, ``H`` heads, ``N`` sequence length,
 ``(gh, gw)`` the vision grid.
@@ -162,7 +165,8 @@ def attribute_generated(adapter: FusionAdapter, enc: Encoded, image_features: to
     """Relevance rows ``{method: [T, N]}`` of every generated token over the joint sequence.
 
     ``image_features`` ``[1, n_img, D]`` (LM input), ``generated`` the T generated token ids.
-    One teacher-forced forward (``trace_targets``) and one (batched) backward pass.
+    One teacher-forced forward (``trace_targets``) and one (batched) backward pass. For text that
+    is still to be generated, ``generate_and_attribute`` saves the forward pass.
 
     With ``pixel_values`` (``[1, 3, S, S]``) and an adapter with ``vision_trace``, the same forward
     and backward also run through the vision tower and the result gains ``chefer_full``
@@ -176,17 +180,54 @@ def attribute_generated(adapter: FusionAdapter, enc: Encoded, image_features: to
     if not generated:
         raise ProbeInputError("the model generated no tokens to attribute")
     ids, rows = _targets(adapter, enc, generated)
-    targets = torch.tensor(list(generated), dtype=torch.long, device=ids.device)
-    full = pixel_values is not None and hasattr(adapter, "vision_trace")
     with torch.enable_grad():
-        vision_attns: list[torch.Tensor] = []
-        if full:
-            feats, vision_attns, vision_rows = adapter.vision_trace(pixel_values)
-            embeds = adapter.embed(ids, feats)
-        else:
-            embeds = adapter.embed(ids, image_features.detach()).detach().requires_grad_(True)
+        embeds, vision = _traced_embeddings(adapter, ids, image_features, pixel_values)
         trace = adapter.trace_targets(embeds, int(rows[0]))
-        y = trace.logits[0, torch.arange(len(generated), device=ids.device), targets]  # [T]
+    return _relevance(adapter, trace, generated, enc, vision, batched=batched)
+
+
+def generate_and_attribute(adapter: FusionAdapter, enc: Encoded, image_features: torch.Tensor | None,
+                           max_new_tokens: int = 32, *, batched: bool = True,
+                           pixel_values: torch.Tensor | None = None) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """Generate a caption and attribute it: ``(generated ids, attribute_generated's rows)``, the same
+    numbers, from ONE generation pass (``adapter.generate_traced``: its pass over the image and
+    prompt is the traced forward) and one batched backward pass.
+
+    ``image_features`` may be None when ``pixel_values`` are given and the adapter traces its
+    vision tower (the features are then computed in the same pass).
+    """
+    with torch.enable_grad():
+        embeds, vision = _traced_embeddings(adapter, enc.input_ids, image_features, pixel_values)
+        generated, trace = adapter.generate_traced(embeds, max_new_tokens)
+    if trace is None:
+        raise ProbeInputError("the model generated no tokens to attribute (it ended the text at once)")
+    return generated, _relevance(adapter, trace, generated, enc, vision, batched=batched)
+
+
+def _traced_embeddings(adapter: FusionAdapter, ids: torch.Tensor, image_features: torch.Tensor | None,
+                       pixel_values: torch.Tensor | None) -> tuple[torch.Tensor, tuple | None]:
+    """Joint input embeddings to trace, and ``(vision attentions, vision_rows)`` when the vision tower
+    is traced too (``pixel_values`` given and the adapter has ``vision_trace``). Call with grad enabled."""
+    if pixel_values is not None and hasattr(adapter, "vision_trace"):
+        feats, vision_attns, vision_rows = adapter.vision_trace(pixel_values)
+        return adapter.embed(ids, feats), (vision_attns, vision_rows)
+    if image_features is None:
+        if pixel_values is None:
+            raise ValueError("image_features or pixel_values are needed")
+        with torch.no_grad():
+            image_features = adapter.image_features(pixel_values)
+    # A leaf that requires grad, so that the forward records the graph the backward pass needs.
+    return adapter.embed(ids, image_features.detach()).detach().requires_grad_(True), None
+
+
+def _relevance(adapter: FusionAdapter, trace, generated: Sequence[int], enc: Encoded, vision: tuple | None, *,
+               batched: bool) -> dict[str, torch.Tensor]:
+    """Every method's relevance rows from a ``TargetTrace`` whose logits row t predicts ``generated[t]``."""
+    device = trace.logits.device
+    targets = torch.tensor(list(generated), dtype=torch.long, device=device)
+    vision_attns = list(vision[0]) if vision else []
+    with torch.enable_grad():
+        y = trace.logits[0, torch.arange(len(generated), device=device), targets]  # [T]
         # The top layer's prefix rows feed no explained output: leave them out of the backward pass.
         n_dec = len(trace.target_attentions)
         maps = trace.prefix_attentions[:-1] + trace.target_attentions + vision_attns
@@ -197,8 +238,8 @@ def attribute_generated(adapter: FusionAdapter, enc: Encoded, image_features: to
         target = [a.detach().float() for a in trace.target_attentions]
         chefer = split_relevance_rows(prefix, target, [*grads[:n_dec - 1], None], grads[n_dec - 1:2 * n_dec - 1])
         out = {"chefer": chefer, "raw": raw_rows(target)}
-        if full:
-            link = ([a.detach().float() for a in vision_attns], grads[2 * n_dec - 1:], vision_rows)
+        if vision:
+            link = ([a.detach().float() for a in vision_attns], grads[2 * n_dec - 1:], vision[1])
             out["chefer_full"] = adapter.patch_relevance("chefer_full", out["chefer"], enc.image_positions, *link)
             if not adapter.patch_aligned:
                 # image tokens are not grid cells (BLIP-2's queries): the adapter maps every method to patches
@@ -292,13 +333,11 @@ def to_attribution(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int
 
 def attribute(adapter: FusionAdapter, image: Image.Image, prompt: str, *, max_new_tokens: int = 32,
               batched: bool = True) -> TokenAttribution:
-    """Generate a caption for ``image`` and attribute each generated token (both methods)."""
-    enc, feats = adapter.prepare([image], prompt)
-    generated = adapter.generate(adapter.embed(enc.input_ids, feats), max_new_tokens)[0]
-    if not generated:
-        raise ProbeInputError("the model generated no tokens to attribute (it ended the text at once)")
-    rows = attribute_generated(adapter, enc, feats, generated, batched=batched,
-                               pixel_values=adapter.preprocess([image]))
+    """Generate a caption for ``image`` and attribute each generated token (every method), from one
+    generation pass and one batched backward pass (``generate_and_attribute``)."""
+    enc = adapter.encode(prompt)
+    generated, rows = generate_and_attribute(adapter, enc, None, max_new_tokens, batched=batched,
+                                             pixel_values=adapter.preprocess([image]))
     return to_attribution(adapter, enc, generated, rows, prompt)
 
 

@@ -181,18 +181,81 @@ class FusionAdapter(VisionLanguageAdapter):
 
     @autocast_forward
     def generate(self, inputs_embeds: torch.Tensor, max_new_tokens: int = 32) -> list[list[int]]:
-        """Greedy continuation of each row of ``inputs_embeds`` (no end-of-sequence token; the image
-        placeholder token is never generated)."""
-        mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        """Greedy continuation of each row of ``inputs_embeds`` ``[B, N, D]`` (rows of one length, i.e.
+        one prompt: no padding), without the end-of-sequence token; the image placeholder token is
+        never generated.
+
+        Plain argmax decoding, written out rather than ``transformers``' ``generate`` so that
+        ``generate_traced`` runs exactly the same steps (a checkpoint's ``generation_config.json``,
+        e.g. a repetition penalty, would otherwise change one path and not the other); the tests
+        check it against ``generate(do_sample=False)``.
+        """
         with torch.no_grad():
-            out = self.causal_lm.generate(inputs_embeds=inputs_embeds, attention_mask=mask, do_sample=False,
-                                          max_new_tokens=max_new_tokens, eos_token_id=self.eos_token_id,
-                                          pad_token_id=self.tokenizer.pad_token_id,  # type: ignore[attr-defined]
-                                          suppress_tokens=[self.image_token_id])
-        rows = []
-        for row in out.tolist():
-            rows.append(row[: row.index(self.eos_token_id)] if self.eos_token_id in row else row)
-        return rows
+            return self._greedy(inputs_embeds, max_new_tokens, trace=False)[0]
+
+    def _greedy(self, inputs_embeds: torch.Tensor, max_new_tokens: int, *, trace: bool):
+        """Decode in two phases: the rows before the last input row (one call, traced with attention
+        probabilities when ``trace``), then one step per token from the last input row on (no grad).
+
+        Returns ``(generated ids per row, the first call's output, its keys and values per layer)``.
+        """
+        if inputs_embeds.shape[1] < 2:
+            raise ValueError("generation needs at least two input positions (image and prompt)")
+        lm = self.causal_lm
+        embed_tokens = lm.get_input_embeddings()
+        cache = self._new_cache()
+        prefix = lm(inputs_embeds=inputs_embeds[:, :-1], logits_to_keep=1, use_cache=True, output_attentions=trace,
+                    return_dict=True, **{self._cache_keyword: cache})
+        # The steps below append to the cache outside autograd: keep the traced keys and values.
+        prefix_kv = [(layer.keys, layer.values) for layer in cache.layers] if trace else []
+        rows: list[list[int]] = [[] for _ in range(inputs_embeds.shape[0])]
+        done = [False] * len(rows)
+        x = inputs_embeds[:, -1:]
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                logits = lm(inputs_embeds=x, logits_to_keep=1, use_cache=True, return_dict=True,
+                            **{self._cache_keyword: cache}).logits[:, -1].float()
+                logits[:, self.image_token_id] = -torch.inf
+                tokens = logits.argmax(-1)
+                for b, token in enumerate(tokens.tolist()):
+                    if not done[b]:
+                        done[b] = token == self.eos_token_id
+                        if not done[b]:
+                            rows[b].append(token)
+                if all(done):
+                    break
+                x = embed_tokens(tokens[:, None]).to(inputs_embeds.dtype)
+        return rows, prefix, prefix_kv
+
+    def _new_cache(self, key_values: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None):
+        from transformers import DynamicCache
+
+        return DynamicCache(key_values, config=self.causal_lm.config.get_text_config())
+
+    @autocast_forward
+    def generate_traced(self, inputs_embeds: torch.Tensor, max_new_tokens: int = 32) -> tuple[list[int], TargetTrace | None]:
+        """``generate`` for one sequence ``[1, N, D]`` whose pass over the image and prompt doubles as the
+        traced forward of ``trace_targets(inputs_embeds + generated, N - 1)``: returns the generated ids
+        and that ``TargetTrace`` (None when nothing was generated), row for row the same numbers.
+
+        Why: attributing generated text needs the caption first, and the generation pass already
+        runs the decoder over the ~150-position prefix that dominates the cost. Run with gradients
+        and attention probabilities, that pass is the prefix half of the trace; only the T explained
+        rows are run again, in one call over the traced keys and values, so that one batched backward
+        pass covers them.
+        """
+        with torch.enable_grad():
+            rows, prefix, prefix_kv = self._greedy(inputs_embeds, max_new_tokens, trace=True)
+            generated = rows[0]
+            if not generated:
+                return [], None
+            ids = torch.tensor([generated[:-1]], dtype=torch.long, device=inputs_embeds.device)
+            explained = torch.cat([inputs_embeds[:, -1:], self.causal_lm.get_input_embeddings()(ids).to(inputs_embeds.dtype)], 1)
+            rest = self.causal_lm(inputs_embeds=explained, use_cache=True, output_attentions=True, return_dict=True,
+                                  **{self._cache_keyword: self._new_cache(prefix_kv)})
+        return generated, TargetTrace(prefix_attentions=self._attention_probabilities(prefix.attentions, self.num_layers),
+                                      target_attentions=self._attention_probabilities(rest.attentions, self.num_layers),
+                                      logits=rest.logits)
 
     @autocast_forward
     def trace(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_positions: torch.Tensor,
@@ -218,11 +281,9 @@ class FusionAdapter(VisionLanguageAdapter):
         back-propagated (with zeros) once per explained token; split, the backward pass reaches the
         prefix only through the cached keys and values, which is ~1/3 less work on a 3-layer decoder.
         """
-        from transformers import DynamicCache
-
         lm = self.causal_lm
-        cache = DynamicCache(config=lm.config.get_text_config())
-        common = {"use_cache": True, "output_attentions": True, "return_dict": True, self._cache_keyword: cache}
+        common = {"use_cache": True, "output_attentions": True, "return_dict": True,
+                  self._cache_keyword: self._new_cache()}
         prefix = lm(inputs_embeds=inputs_embeds[:, :first_row], logits_to_keep=1, **common)
         rest = lm(inputs_embeds=inputs_embeds[:, first_row:], **common)
         return TargetTrace(prefix_attentions=self._attention_probabilities(prefix.attentions, self.num_layers),
