@@ -295,6 +295,12 @@ def test_it_paginates_filters_and_orders(alice, acme_version, test_probe_kind):
     assert [c["title"] for c in page["results"]] == ["case 0", "case 1"]
     assert client.get("/api/cases/?state=submitted").json()["count"] == 0
     assert client.get("/api/cases/?state=not-a-state").status_code == 400
+    assert client.get(f"/api/cases/?ai_model={acme_version.ai_model_id}").json()["count"] == 3
+    assert client.get(f"/api/evidence/?case={page['results'][0]['id']}").status_code == 200
+    # ids beyond any database's range are a clear 400, not a server error (found by test_schema)
+    for query in ("cases/?ai_model=-1063310791633622388160103186432", "evidence/?case=99999999999999999999",
+                  "cases/?ai_model=1.5", "cases/?model_version=-1063310791633622388160103186432"):
+        assert client.get(f"/api/{query}").status_code == 400, query
 
 
 def test_it_issues_and_serves_a_report(case_with_evidence, rita, alice, mallory):

@@ -3,8 +3,25 @@
 from __future__ import annotations
 
 import django_filters
+from django import forms
 
 from governance import models as m
+
+#: The largest id any supported database stores (a signed 64-bit integer).
+MAX_ID = 2**63 - 1
+
+
+class IdFilter(django_filters.NumberFilter):
+    """A filter on an id reached through a relation (``?ai_model=3``): a whole number in the
+    databases' id range. NumberFilter alone takes any decimal, and SQLite cannot even bind an
+    integer beyond 64 bits, so ``?ai_model=-10**30`` was a server error instead of a 400."""
+
+    field_class = forms.IntegerField
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("min_value", 1)
+        kwargs.setdefault("max_value", MAX_ID)
+        super().__init__(*args, **kwargs)
 
 
 class AIModelFilter(django_filters.FilterSet):
@@ -22,7 +39,7 @@ class ModelVersionFilter(django_filters.FilterSet):
 
 
 class AuditCaseFilter(django_filters.FilterSet):
-    ai_model = django_filters.NumberFilter(field_name="model_version__ai_model")
+    ai_model = IdFilter(field_name="model_version__ai_model")
 
     class Meta:
         model = m.AuditCase
@@ -36,7 +53,7 @@ class ProbeRunFilter(django_filters.FilterSet):
 
 
 class EvidenceFilter(django_filters.FilterSet):
-    case = django_filters.NumberFilter(field_name="run__case")
+    case = IdFilter(field_name="run__case")
 
     class Meta:
         model = m.Evidence
