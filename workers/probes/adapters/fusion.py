@@ -7,8 +7,9 @@ tokens, in ONE sequence processed by a causal language model. Probes for generat
 - how to build that sequence (``encode``) and where the image tokens are in it;
 - the visual features at the language model's input (``image_features``), so that they can be
   edited (feature swap) before the language model runs;
-- greedy generation and a teacher-forced forward that keeps every decoder layer's attention
-  probabilities with their gradients (``trace``);
+- greedy generation (``generate``) and a teacher-forced forward that keeps every decoder layer's
+  attention probabilities with their gradients (``trace``, ``trace_targets``), or both at once
+  (``generate_traced``: the generation pass is the traced forward);
 - the modules whose inputs are the per-head attention outputs (``head_projections``), for
   head ablation;
 - the geometry linking image token ``j`` to a patch of the *stored* image (``patch_boxes``).
