@@ -20,19 +20,9 @@ WORDS = "a an the photo of and red green blue yellow purple circle square triang
 
 
 def word_tokenizer(max_length: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from workers.probes.zoo.train import word_level_tokenizer
 
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2}
-    for w in WORDS:
-        vocab[w] = len(vocab)
-    vocab["[EOS]"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", vocab["[EOS]"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
-                                   eos_token="[EOS]", model_max_length=max_length), vocab
+    return word_level_tokenizer(WORDS, max_length)
 
 
 def random_clip(*, image_size: int, patch_size: int, hidden: int, layers: int, heads: int, text_hidden: int,

@@ -63,6 +63,23 @@ def vocabulary() -> list[str]:
     return words
 
 
+def word_level_tokenizer(words: Sequence[str], max_length: int) -> tuple[PreTrainedTokenizerFast, dict[str, int]]:
+    """``(tokenizer, vocab)``: a minimal ``[BOS] ... [EOS]`` word-level tokenizer over ``words`` (ids:
+    ``[PAD]`` 0, ``[UNK]`` 1, ``[BOS]`` 2, the words, then ``[EOS]``), for the random models that tests
+    and benchmarks build from a config. The zoo's own models use ``build_tokenizer``."""
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2}
+    for w in words:
+        vocab[w] = len(vocab)
+    vocab["[EOS]"] = len(vocab)
+    tk = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", vocab["[EOS]"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+                                   eos_token="[EOS]", model_max_length=max_length)
+    return fast, vocab
+
+
 def build_tokenizer(*, model_input_names: Sequence[str] = ("input_ids", "attention_mask")) -> PreTrainedTokenizerFast:
     """A word-level tokenizer that ``AutoTokenizer`` loads from the saved directory.
 
