@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from workers.probes.errors import ProbeInputError  # noqa: E402
-from workers.probes.zoo import captioner, checkpoint_path, verify_checksums, world  # noqa: E402
+from workers.probes.zoo import captioner, checkpoint_path, file_sha256, verify_checksums, world  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_its_vision_tower_is_the_zoo_tiny_clip_tower():
     clip_path = checkpoint_path(captioner.VISION_SOURCE)
     clip = load_file(clip_path / "model.safetensors")
     # the committed zoo must be consistent: a rebuilt tiny-clip means a rebuilt captioner
-    assert captioner._file_sha(clip_path / "model.safetensors") == info["vision_source"]["sha256"], (
+    assert file_sha256(clip_path / "model.safetensors") == info["vision_source"]["sha256"], (
         "tiny-clip was rebuilt after the captioner: rebuild it with `python -m workers.probes.zoo build --only tiny-llava`")
     tower = {k.split("vision_tower.", 1)[1]: v for k, v in llava.items() if "vision_tower." in k}
     assert len(tower) == sum(k.startswith("vision_model.") for k in clip)

@@ -100,7 +100,8 @@ def dataset_dir(split: str = "heldout", *, root: str | os.PathLike | None = None
     return target
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (checkpoints are tens of MB)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -111,7 +112,7 @@ def _sha256(path: Path) -> str:
 def write_checksums(directory: str | os.PathLike) -> Path:
     """Write ``SHA256SUMS`` (``sha256sum`` format) over every other file in ``directory``."""
     d = Path(directory)
-    lines = [f"{_sha256(p)}  {p.name}" for p in sorted(d.iterdir()) if p.is_file() and p.name != "SHA256SUMS"]
+    lines = [f"{file_sha256(p)}  {p.name}" for p in sorted(d.iterdir()) if p.is_file() and p.name != "SHA256SUMS"]
     (d / "SHA256SUMS").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return d / "SHA256SUMS"
 
@@ -130,7 +131,7 @@ def verify_checksums(directory: str | os.PathLike) -> None:
         path = d / name
         if "/" in name or not path.is_file():
             raise ProbeInputError(f"{d}: {name!r} listed in SHA256SUMS is missing")
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             raise ProbeInputError(f"{d}: checksum mismatch for {name} (file changed or corrupt)")
         listed += 1
     if listed == 0:

@@ -46,7 +46,7 @@ RECIPES: dict[str, Recipe] = {
     # at lr 1e-3 or every second scene crowded reached only 0.59-0.71. ~9 CPU-minutes.
     "tiny-clip": Recipe(kind="clip", spec=T.ArchSpec(image_size=96, patch_size=8, vision_layers=3),
                         train=T.TrainConfig(steps=3000, batch_size=32, lr=1.5e-3, warmup_steps=50, pool_size=3000,
-                                            threads=1, extra_prompts=T.all_object_prompts(world.CROWDED_SHAPES,
+                                            threads=1, extra_prompts=T.prompt_grid(world.CROWDED_SHAPES,
                                                                                           world.CROWDED_COLOURS)),
                         crowded_every=3),
     "tiny-siglip": Recipe(kind="siglip", train=T.TrainConfig(steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, pool_size=3000, threads=1)),

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.probes.zoo import world
+from workers.probes.zoo import file_sha256, world
 
 NAME = "tiny-llava"
 #: The zoo dual encoder whose vision tower the captioner reuses (loaded at build time, so a
@@ -368,7 +368,7 @@ def initial_model(spec: TrainSpec):
         vision = clip.config.vision_config
         processor = build_processor(vision.image_size, vision.patch_size,
                                     CLIPImageProcessor.from_pretrained(src_dir))
-        source = {"name": str(spec.vision_source), "sha256": _file_sha(src_dir / "model.safetensors")}
+        source = {"name": str(spec.vision_source), "sha256": file_sha256(src_dir / "model.safetensors")}
     else:
         vision = None
         processor = build_processor(96, 12)
@@ -383,12 +383,6 @@ def initial_model(spec: TrainSpec):
             model.model.vision_tower.requires_grad_(False)
     model.config._attn_implementation = "eager"
     return model, processor, source
-
-
-def _file_sha(path: Path) -> str:
-    from workers.probes.zoo import _sha256
-
-    return _sha256(path)
 
 
 def train(out_dir: str | os.PathLike, spec: TrainSpec | None = None, *, log=print,

@@ -224,7 +224,7 @@ def present_objects(scene: world.Scene) -> set[str]:
     return {o.prompt for o in scene.objects}
 
 
-def all_object_prompts(shapes: Sequence[str] = world.SHAPES, colours: Sequence[str] = world.COLOURS) -> list[str]:
+def prompt_grid(shapes: Sequence[str] = world.SHAPES, colours: Sequence[str] = world.COLOURS) -> list[str]:
     """Every ``"a <colour> <shape>"`` prompt of the world (16 by default)."""
     return [world.object_prompt(c, s) for c in colours for s in shapes]
 
@@ -354,7 +354,7 @@ def train_dual_encoder(
     scenes, pool = _render_pool(scene_fn, cfg.pool_size, image_processor, progress)
     true_sets = [positives_fn(s) for s in scenes]
     normalise = _normaliser(image_processor)
-    extra = list(all_object_prompts() if cfg.extra_prompts is None else cfg.extra_prompts)
+    extra = list(prompt_grid() if cfg.extra_prompts is None else cfg.extra_prompts)
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -434,7 +434,7 @@ def zero_shot_accuracy(model, tokenizer, image_processor, scenes: Sequence[world
     - ``binding_accuracy``: for each object, its prompt outscores the prompts that keep its
       colour or its shape but swap the other attribute and name no present object.
     """
-    prompts = all_object_prompts()
+    prompts = prompt_grid()
     logits = score_matrix(model, tokenizer, image_processor, [s.image for s in scenes], prompts)
     obj_hits = obj_n = top_hits = bind_hits = bind_n = 0
     for s, row in zip(scenes, logits, strict=True):
