@@ -101,7 +101,7 @@ def dataset_dir(split: str = "heldout", *, root: str | os.PathLike | None = None
 
 
 def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks (checkpoints are tens of MB)."""
+    """Hex SHA-256 of a file, read in 1 MiB chunks (so a large checkpoint is never held in memory at once)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
