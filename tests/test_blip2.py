@@ -160,8 +160,17 @@ def test_it_ablates_decoder_vision_and_qformer_heads_and_refuses_a_projector_swa
 
     loaded = load_scenes(str(scenes))
     metrics = interventions.head_ablation(adapter, loaded, max_new_tokens=3)
-    assert {h["component"] for h in metrics["heads"]} == {"decoder", "vision", "qformer"}
-    assert len(metrics["heads"]) == 2 * 2 + 2 * 2 + 2 * 2 and metrics["n_cases"] == 2
+    assert {h["component"] for h in metrics["heads"]} == {"decoder", "vision", "qformer", "qformer-self"}
+    assert len(metrics["heads"]) == 2 * 2 + 2 * 2 + 2 * 2 + 2 * 2 and metrics["n_cases"] == 2
+    # each Q-Former head hooks a module whose input holds that head's output: silencing one changes
+    # what the Q-Former hands the decoder, and only while it is silenced
+    pv = adapter.preprocess([world.scene_at(1_000_003, 0).image])
+    clean = adapter.image_features(pv)
+    for component in ("qformer", "qformer-self"):
+        module = adapter.head_projections(component)[0]
+        with interventions.ablated_head(module, 1, adapter.heads(component)):
+            assert not torch.allclose(adapter.image_features(pv), clean, atol=1e-6), component
+    assert torch.equal(adapter.image_features(pv), clean)
     with pytest.raises(UnsupportedModelError, match="learned queries"):
         interventions.feature_swap(adapter, loaded, site="projector", max_new_tokens=3)
 

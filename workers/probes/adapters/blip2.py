@@ -191,7 +191,9 @@ class Blip2Adapter(FusionAdapter):
 
     def head_modules(self) -> dict[str, tuple[str, int, int]]:
         """``decoder``: the language model's ``out_proj``; ``vision``: the vision tower's
-        ``projection``; ``qformer``: the output ``dense`` of each Q-Former cross-attention block."""
+        ``projection``; ``qformer``: the output ``dense`` of each Q-Former cross-attention block (the
+        queries reading the image); ``qformer-self``: that of each Q-Former self-attention block (the
+        queries reading each other)."""
         return {
             "decoder": (r"language_model\.(?:model\.)?(?:decoder\.)?layers\.(\d+)\.self_attn\.out_proj$",
                         self.num_layers, self.num_heads),
@@ -199,4 +201,6 @@ class Blip2Adapter(FusionAdapter):
                        self.vision_num_heads),
             "qformer": (r"qformer\.encoder\.layer\.(\d+)\.crossattention\.output\.dense$", len(self.cross_layers),
                         self.qformer_num_heads),
+            "qformer-self": (r"qformer\.encoder\.layer\.(\d+)\.attention\.output\.dense$", self.qformer_num_layers,
+                             self.qformer_num_heads),
         }
