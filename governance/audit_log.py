@@ -17,8 +17,11 @@ head row also catches a deleted tail (the last rows removed). ``manage.py verify
 
 Limits, stated plainly: an unkeyed hash chain proves the log is *internally consistent*. Someone
 with write access to the database who recomputes every hash after their change, including the head,
-produces a consistent forgery. Anchoring the head hash outside the database (Loupe prints it into
-every report, whose SHA-256 is itself logged and signed) is what makes that detectable.
+produces a consistent forgery. Anchoring the head hash outside the database is what makes that
+detectable: every issued report carries the head at issuance (:func:`anchor`) in its embedded,
+hashed and signed manifest and prints it on its cover, and ``manage.py verify_report`` checks the
+log against it (:func:`check_anchor`). A rewrite of any row up to that point then changes a hash the
+signed PDF in someone else's hands still states.
 """
 
 from __future__ import annotations
@@ -143,6 +146,36 @@ def record(actor, action: str, obj: Model | None = None, payload: dict[str, Any]
 
 def head() -> AuditChainHead | None:
     return AuditChainHead.objects.filter(pk=HEAD_PK).first()
+
+
+def anchor() -> dict[str, Any] | None:
+    """The chain head as ``{"seq", "row_hash"}`` for an external record (a report's manifest); None
+    while the log is empty. The row hash commits to every row up to ``seq``."""
+    chain_head = head()
+    if chain_head is None or chain_head.seq == 0:
+        return None
+    return {"seq": chain_head.seq, "row_hash": chain_head.row_hash}
+
+
+def check_anchor(anchored: dict[str, Any]) -> list[Problem]:
+    """Check the log against a head recorded outside the database (``anchor()``'s dict): the rows up to
+    ``anchored["seq"]`` must still form an unbroken chain that ends in ``anchored["row_hash"]``.
+
+    Catches what :func:`verify` alone cannot: a log rewritten with every hash recomputed, head
+    included. Rows written after the anchor are not checked here (:func:`verify` covers them)."""
+    try:
+        seq, row_hash = int(anchored["seq"]), str(anchored["row_hash"])
+    except (KeyError, TypeError, ValueError):
+        return [Problem("head", None, None, f"unreadable audit-log anchor {anchored!r}")]
+    rows = AuditEvent.objects.filter(seq__lte=seq).order_by("seq").values(*ROW_FIELDS).iterator(chunk_size=2000)
+    problems = verify_rows(rows)  # the chain up to the anchor, as verify() checks it ...
+    at_anchor = AuditEvent.objects.filter(seq=seq).values_list("row_hash", flat=True).first()
+    if at_anchor != row_hash:
+        now = f"now {at_anchor[:16]}..." if at_anchor else "that row is gone"
+        # ... and where it ends: a consistent rewrite passes the walk above but not this
+        problems.insert(0, Problem("head", seq, None, f"the anchored head was seq {seq} with row hash "
+                                                      f"{row_hash[:16]}...; {now}: the log up to there was rewritten"))
+    return problems
 
 
 def event_as_dict(event: AuditEvent | dict[str, Any]) -> dict[str, Any]:

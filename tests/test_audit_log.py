@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import re
 import threading
 
 import pytest
@@ -10,6 +12,7 @@ from django.db import connection, transaction
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from pypdf import PdfReader
 
 from governance import audit_log
 from governance.canonical import sha256_hex
@@ -253,3 +256,48 @@ def test_it_detects_and_locates_any_single_tampering(n, data):
     problems = audit_log.verify_rows(rows, head_seq=head_seq, head_hash=head_hash)
     assert problems, op
     assert {p.seq for p in problems} & expected, (op, k, [str(p) for p in problems])
+
+
+def rewrite_consistently(tamper, seq: int, payload: str) -> None:
+    """What ``verify`` cannot catch by design: row ``seq`` rewritten and every later row and the
+    chain head re-hashed, as someone with write access to the database could."""
+    prev = AuditEvent.objects.filter(seq=seq - 1).values_list("row_hash", flat=True).first() or AuditEvent.GENESIS_HASH
+    for row in AuditEvent.objects.filter(seq__gte=seq).order_by("seq").values(*audit_log.ROW_FIELDS):
+        if row["seq"] == seq:
+            row.update(payload=payload, payload_hash=sha256_hex(payload.encode()))
+        row["prev_hash"] = prev
+        row["row_hash"] = prev = audit_log.row_hash_of(row)
+        tamper(f"UPDATE {TABLE} SET payload = %s, payload_hash = %s, prev_hash = %s, row_hash = %s WHERE seq = %s",
+               [row["payload"], row["payload_hash"], row["prev_hash"], row["row_hash"], row["seq"]])
+    tamper(f"UPDATE {AuditChainHead._meta.db_table} SET row_hash = %s", [prev])
+
+
+def test_it_anchors_the_head_in_each_issued_report_and_catches_a_consistent_rewrite(case_with_evidence, ada, tamper):
+    from governance.reports import generate_report
+    from governance.reports.manifest import check_against_database, extract_from_pdf
+
+    head_before = audit_log.anchor()
+    report = generate_report(case_with_evidence, author=ada, sign=False)
+    with report.pdf.open("rb") as handle:
+        pdf = handle.read()
+    manifest = extract_from_pdf(pdf)
+    cover = re.sub(r"\s+", "", PdfReader(io.BytesIO(pdf)).pages[0].extract_text())
+    assert "Auditlogatissue" in cover and head_before["row_hash"][:32] in cover  # printed for a human reader too
+    # the head as of issue is in the embedded (hashed) manifest, and report.issued is the next row
+    assert manifest["audit_log"] == head_before == report.manifest["audit_log"]
+    issued = AuditEvent.objects.get(action="report.issued", object_id=str(report.pk))
+    assert issued.seq == head_before["seq"] + 1 and issued.prev_hash == head_before["row_hash"]
+    assert check_against_database(manifest) == ([], [])
+
+    rewrite_consistently(tamper, 2, '{"rewritten":true}')
+    assert audit_log.verify() == []  # internally consistent: the log alone cannot tell
+    problems, _ = check_against_database(manifest)
+    assert len(problems) == 1 and problems[0].startswith(f"audit log: seq {head_before['seq']} (id None): head:")
+    assert "was rewritten" in problems[0]
+
+
+def test_it_reports_an_unreadable_or_missing_anchor(five_events):
+    assert audit_log.check_anchor({"seq": "x"})[0].kind == "head"
+    (problem,) = audit_log.check_anchor({"seq": 99, "row_hash": "0" * 64})
+    assert "that row is gone" in problem.message
+    assert audit_log.check_anchor(audit_log.anchor()) == []

@@ -21,12 +21,12 @@ if TYPE_CHECKING:
     from governance.reports.render import RenderedPDF
 
 
-def render_case(case: AuditCase, *, version: int, report_meta: dict[str, Any] | None = None
-                ) -> tuple[RenderedPDF, dict[str, Any]]:
+def render_case(case: AuditCase, *, version: int, report_meta: dict[str, Any] | None = None,
+                audit_anchor: dict[str, Any] | None = None) -> tuple[RenderedPDF, dict[str, Any]]:
     """Render the current state of ``case`` as report ``version``; returns (rendered PDF, manifest).
 
-    Pure with respect to the database (reads only). The same case state and version give a
-    byte-identical PDF.
+    Pure with respect to the database (reads only). The same case state and version (and
+    ``audit_anchor``, the audit-log head an issued report records) give a byte-identical PDF.
     """
     import datetime as dt
 
@@ -36,7 +36,7 @@ def render_case(case: AuditCase, *, version: int, report_meta: dict[str, Any] | 
     from governance.reports.render import render_html, render_pdf
     from governance.reports.url_fetcher import SafeURLFetcher
 
-    manifest = mf.build_manifest(case, version=version)
+    manifest = mf.build_manifest(case, version=version, audit_anchor=audit_anchor)
     meta = {"version": version, "supersedes": None, "changelog": []} | (report_meta or {})
     files = {a.pk: a for a in EvidenceArtifact.objects.filter(evidence__run__case=case)}
 
@@ -85,7 +85,10 @@ def generate_report(case: AuditCase, *, author, sign: bool = True) -> Report:
             changes = versions.changelog(previous.manifest if previous else None, build_manifest(locked, version=version))
             meta = {"version": version, "supersedes": previous.version if previous else None, "changelog": changes,
                     "author": author.get_full_name() or author.get_username()}
-            rendered, manifest = render_case(locked, version=version, report_meta=meta)
+            # The log's head as of now goes into the signed manifest: whoever holds the PDF can later
+            # show that the log up to here was not rewritten (audit_log.check_anchor).
+            anchor = audit_log.anchor()
+            rendered, manifest = render_case(locked, version=version, report_meta=meta, audit_anchor=anchor)
             pdf = rendered.pdf
             signed_by = None
             paths = signing.configured_signer_paths() if sign else None
@@ -101,7 +104,7 @@ def generate_report(case: AuditCase, *, author, sign: bool = True) -> Report:
             audit_log.record(author, "report.issued", report, {
                 "version": version, "sha256": report.sha256, "pages": rendered.pages,
                 "manifest_sha256": manifest_sha256(manifest),
-                "supersedes": previous.version if previous else None, "signed_by": signed_by,
+                "supersedes": previous.version if previous else None, "signed_by": signed_by, "audit_anchor": anchor,
                 "refused_urls": rendered.refused_urls[:20]})
     except BaseException:
         from django.core.files.storage import default_storage

@@ -72,8 +72,12 @@ def case_signoffs(case: AuditCase):
     return case.signoffs.select_related("reviewer").order_by("created_at", "pk")
 
 
-def build_manifest(case: AuditCase, *, version: int) -> dict[str, Any]:
-    """Everything report ``version`` of ``case`` states, as plain JSON (deterministic order)."""
+def build_manifest(case: AuditCase, *, version: int, audit_anchor: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything report ``version`` of ``case`` states, as plain JSON (deterministic order).
+
+    ``audit_anchor``: the audit log's head when the report is issued (``audit_log.anchor()``),
+    stored as ``"audit_log"``; renders that issue nothing (previews) leave it out, so that they
+    depend on the case state alone."""
     mv = case.model_version
     ai_model = mv.ai_model
     runs = [run_entry(r) for r in case_runs(case)]
@@ -84,7 +88,7 @@ def build_manifest(case: AuditCase, *, version: int) -> dict[str, Any]:
     timestamps += [s.created_at for s in case.signoffs.all()]
     timestamps += [e.created_at for e in Evidence.objects.filter(run__case=case)]
     as_of = max(t for t in timestamps if t is not None)
-    return {
+    manifest = {
         "format": FORMAT,
         "report": {"case_id": case.pk, "version": version},
         "as_of": as_of.isoformat(),
@@ -109,6 +113,9 @@ def build_manifest(case: AuditCase, *, version: int) -> dict[str, Any]:
         "evidence": evidence,
         "signoffs": signoffs,
     }
+    if audit_anchor is not None:
+        manifest["audit_log"] = {"seq": audit_anchor["seq"], "row_hash": audit_anchor["row_hash"]}
+    return manifest
 
 
 def manifest_bytes(manifest: dict[str, Any]) -> bytes:
@@ -195,6 +202,14 @@ def check_against_database(manifest: dict[str, Any], *, check_files: bool = True
     later = sorted(set(stored_signoffs) - {s.get("id") for s in manifest.get("signoffs", [])})
     if later:
         notes.append(f"sign-offs recorded after this report: {', '.join(f'#{i}' for i in later)}")
+
+    anchored = manifest.get("audit_log")
+    if anchored:
+        from governance import audit_log
+
+        problems += [f"audit log: {p}" for p in audit_log.check_anchor(anchored)]
+    elif report is not None:
+        notes.append("this report carries no audit-log anchor (issued before reports recorded one)")
 
     if check_files:
         problems += check_artifact_files(manifest)
