@@ -87,6 +87,7 @@ def test_it_signs_at_issue_and_countersigns_in_turn(signed_report, keys):
                        ("Loupe-approver", "Alan Approver")):
         assert f"signature {field}: OK" in out and who in out
     assert "all 3 signature(s) and the manifest verify" in out
+    assert f"audit log: unchanged up to the head anchored at issue (seq {signed_report['report'].manifest['audit_log']['seq']}" in out
     # Earlier signatures are untouched bytes of the later file: incremental updates only.
     assert approved.read_bytes().startswith(v1.read_bytes())
 

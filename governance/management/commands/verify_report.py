@@ -74,6 +74,10 @@ class Command(BaseCommand):
                               f"SHA-256 {mf.manifest_sha256(manifest)}")
             db_problems, notes = mf.check_against_database(manifest)
             problems += [f"manifest: {p}" for p in db_problems]
+            anchored = manifest.get("audit_log")
+            if anchored and not any(p.startswith("audit log:") for p in db_problems):
+                self.stdout.write(f"audit log: unchanged up to the head anchored at issue (seq {anchored['seq']}, "
+                                  f"{str(anchored['row_hash'])[:16]}...)")
             for note in notes:
                 self.stdout.write(f"note: {note}")
 
