@@ -7,6 +7,8 @@ answers with a server error. Examples are bounded so the whole module stays well
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import schemathesis
 from django.core.signals import request_finished, request_started
@@ -19,7 +21,8 @@ from governance.wsgi import application
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
 
-MAX_EXAMPLES = 10
+# Per operation and actor. CI keeps it small; a deeper hunt: LOUPE_SCHEMA_EXAMPLES=200 make test PYTEST_ARGS=tests/test_schema.py
+MAX_EXAMPLES = int(os.environ.get("LOUPE_SCHEMA_EXAMPLES", "10"))
 
 # The schema exactly as /api/schema/ serves it, generated once at import (no database needed).
 # The coverage phase (every boundary value of every field, unbounded by max_examples) would take
