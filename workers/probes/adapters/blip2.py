@@ -138,9 +138,6 @@ class Blip2Adapter(FusionAdapter):
         if len(vision.attentions or []) != self.vision_num_layers or any(a is None for a in attentions):
             raise UnsupportedModelError("the vision tower or Q-Former did not return attention probabilities "
                                         "(eager attention)")
-        for a in attentions:
-            if a.requires_grad:
-                a.retain_grad()
         return features, attentions, torch.arange(image_embeds.shape[1], device=image_embeds.device)
 
     def _split(self, items: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:

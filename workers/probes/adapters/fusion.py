@@ -57,8 +57,8 @@ class Encoded:
 class DecoderTrace:
     """A teacher-forced forward over the joint sequence.
 
-    ``attentions[l]`` is ``[B, H, N, N]`` and retains its gradient (read ``.grad`` after a
-    backward pass, or pass the list to ``torch.autograd.grad``); ``logits`` is ``[B, N, V]``.
+    ``attentions[l]`` is ``[B, H, N, N]``, in the autograd graph (pass the list to
+    ``torch.autograd.grad`` for their gradients); ``logits`` is ``[B, N, V]``.
     """
 
     logits: torch.Tensor
@@ -254,9 +254,7 @@ class FusionAdapter(VisionLanguageAdapter):
             explained = torch.cat([inputs_embeds[:, -1:], self.causal_lm.get_input_embeddings()(ids).to(inputs_embeds.dtype)], 1)
             rest = self.causal_lm(inputs_embeds=explained, use_cache=True, output_attentions=True, return_dict=True,
                                   **{self._cache_keyword: self._new_cache(prefix_kv)})
-        return generated, TargetTrace(prefix_attentions=self._attention_probabilities(prefix.attentions, self.num_layers),
-                                      target_attentions=self._attention_probabilities(rest.attentions, self.num_layers),
-                                      logits=rest.logits)
+        return generated, self._target_trace(prefix, rest)
 
     @autocast_forward
     def trace(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_positions: torch.Tensor,
@@ -266,9 +264,6 @@ class FusionAdapter(VisionLanguageAdapter):
         out = self.causal_lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, output_attentions=True,
                              use_cache=False, return_dict=True)
         attentions = self._attention_probabilities(out.attentions, self.num_layers)
-        for a in attentions:
-            if a.requires_grad:
-                a.retain_grad()
         return DecoderTrace(logits=out.logits, attentions=attentions, input_ids=input_ids,
                             image_positions=image_positions)
 
@@ -287,6 +282,10 @@ class FusionAdapter(VisionLanguageAdapter):
                   self._cache_keyword: self._new_cache()}
         prefix = lm(inputs_embeds=inputs_embeds[:, :first_row], logits_to_keep=1, **common)
         rest = lm(inputs_embeds=inputs_embeds[:, first_row:], **common)
+        return self._target_trace(prefix, rest)
+
+    def _target_trace(self, prefix, rest) -> TargetTrace:
+        """A ``TargetTrace`` from the outputs of the prefix call and of the explained rows' call."""
         return TargetTrace(prefix_attentions=self._attention_probabilities(prefix.attentions, self.num_layers),
                            target_attentions=self._attention_probabilities(rest.attentions, self.num_layers),
                            logits=rest.logits)

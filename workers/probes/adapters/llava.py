@@ -75,9 +75,6 @@ class LlavaAdapter(FusionAdapter):
             rows = torch.arange(self.num_prefix_tokens, tv, device=hidden.device)
         else:
             rows = torch.arange(tv, device=hidden.device)
-        for a in attentions:
-            if a.requires_grad:
-                a.retain_grad()
         return self.model.model.multi_modal_projector(hidden), attentions, rows
 
     def head_modules(self) -> dict[str, tuple[str, int, int]]:
