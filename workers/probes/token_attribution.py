@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 
 from workers.probes.adapters.fusion import Encoded, FusionAdapter
+from workers.probes.chefer import propagate_row, weighted_attention
 from workers.probes.errors import ProbeInputError
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress, probe_kind
 
@@ -96,9 +97,9 @@ def relevance_rows(attentions: Sequence[torch.Tensor], grads: Sequence[torch.Ten
     for k, (a, g) in enumerate(zip(reversed(attentions), reversed(grads), strict=True)):
         if k == 0:  # r is still one-hot at rows[t]: only that row of the top layer's cam is needed
             a_rows = a[0][:, rows].transpose(0, 1) if a.shape[0] == 1 else a[t, :, rows]  # [T, H, N]
-            r = r + (g[t, :, rows] * a_rows).clamp(min=0).mean(dim=1)
+            r = r + weighted_attention(a_rows, g[t, :, rows])
             continue
-        cam = (g * a).clamp(min=0).mean(dim=1)  # [T, N, N]
+        cam = weighted_attention(a, g)  # [T, N, N]
         r = r + torch.bmm(r[:, None, :], cam)[:, 0]
     return r
 
@@ -118,12 +119,12 @@ def split_relevance_rows(prefix: Sequence[torch.Tensor], target: Sequence[torch.
     for k, layer in enumerate(reversed(range(len(target)))):
         a, g = target[layer][0], target_grads[layer]  # [H, T, N], [T, H, T, N]
         if k == 0:  # r is still one-hot at row P + t: only that row of the top layer's cam is needed
-            r = r + (g[t, :, t] * a[:, t].transpose(0, 1)).clamp(min=0).mean(dim=1)
+            r = r + weighted_attention(a[:, t].transpose(0, 1), g[t, :, t])
             continue
         # Rows P.. come from the target attention, rows ..P from the prefix's (whose columns
         # >= P are zero under the causal mask, so the [P, P] block is the whole row).
-        update = torch.bmm(r[:, None, p:], (g * a).clamp_(min=0).mean(dim=1))[:, 0]
-        cam = (prefix_grads[layer] * prefix[layer][0]).clamp_(min=0).mean(dim=1)  # [T, P, P]
+        update = torch.bmm(r[:, None, p:], weighted_attention(a, g))[:, 0]
+        cam = weighted_attention(prefix[layer][0], prefix_grads[layer])  # [T, P, P]
         update[:, :p] += torch.bmm(r[:, None, :p], cam)[:, 0]
         r = r + update
     return r
@@ -255,8 +256,6 @@ def vision_relevance(rows_rel: torch.Tensor, image_positions: torch.Tensor, atte
     ``attentions[l]`` ``[1, Hv, Tv, Tv]``, ``grads[l]`` ``[T, Hv, Tv, Tv]``; Chefer's rule gives
     ``R_v = prod_l (I + mean_h((grad * A)+))`` per target; returns ``[T, G]`` over patch tokens.
     """
-    from workers.probes.chefer import propagate_row, weighted_attention
-
     t = rows_rel.shape[0]
     tv = attentions[0].shape[-1] if attentions else int(vision_rows.max()) + 1
     r = torch.zeros(t, tv, dtype=rows_rel.dtype, device=rows_rel.device)
