@@ -83,9 +83,9 @@ def fusion_image_attention(adapter, images, prompt: str, *, max_new_tokens: int 
             if mapping is None:
                 a = a[:, :, rows][..., grid_pos]  # [L, H, T, G]
             else:
-                a = a[:, :, rows][..., enc.image_positions].float() @ mapping[k]  # [L, H, T, n_img] @ [n_img, G]
+                a = a[:, :, rows][..., enc.image_positions] @ mapping[k]  # [L, H, T, n_img] @ [n_img, G]
             a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)
-            out.append(a.mean(2).float().cpu().numpy())
+            out.append(a.mean(2).cpu().numpy())
     return np.stack(out)
 
 

@@ -47,7 +47,7 @@ RECIPES: dict[str, Recipe] = {
     "tiny-clip": Recipe(kind="clip", spec=T.ArchSpec(image_size=96, patch_size=8, vision_layers=3),
                         train=T.TrainConfig(steps=3000, batch_size=32, lr=1.5e-3, warmup_steps=50, pool_size=3000,
                                             threads=1, extra_prompts=T.prompt_grid(world.CROWDED_SHAPES,
-                                                                                          world.CROWDED_COLOURS)),
+                                                                                   world.CROWDED_COLOURS)),
                         crowded_every=3),
     "tiny-siglip": Recipe(kind="siglip", train=T.TrainConfig(steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, pool_size=3000, threads=1)),
 }
