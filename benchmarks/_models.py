@@ -80,20 +80,27 @@ def compare(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
             keep: dict | None = None) -> dict[str, dict[str, float]]:
     """Time several implementations *interleaved* (a, b, a, b, ...), so that load from other
     processes on a shared CPU hits all of them alike. Per implementation: median and min seconds
-    and the largest peak-RSS increase of one call. The last results go into ``keep``."""
+    and the peak-RSS increase of one more, untimed call. The last results go into ``keep``."""
+    from workers.probes.allocator import release_free_memory
+
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    peaks: dict[str, float] = {name: 0.0 for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            with peak_rss() as mem:
-                start = time.perf_counter()
-                result = fn()
-                times[name].append(time.perf_counter() - start)
-            peaks[name] = max(peaks[name], mem["peak_mib"])
+            start = time.perf_counter()
+            result = fn()
+            times[name].append(time.perf_counter() - start)
             if keep is not None:
                 keep[name] = result
+    peaks: dict[str, float] = {}
+    for name, fn in fns.items():
+        # Memory that earlier calls freed may still be resident (allocator.py keeps it on purpose);
+        # hand it back first, or the call would reuse it and its peak would look smaller than it is.
+        release_free_memory()
+        with peak_rss() as mem:
+            fn()
+        peaks[name] = mem["peak_mib"]
     return {name: {"median_s": statistics.median(t), "min_s": min(t), "repeats": repeats, "peak_mib": peaks[name]}
             for name, t in times.items()}

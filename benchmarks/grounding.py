@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from benchmarks._models import compare, random_clip
+from benchmarks._runtime import add_allocator_option, apply_allocator
 from workers.probes.chefer import relevance
 from workers.probes.flow import flow_inputs, flow_reference, max_flows
 from workers.probes.gradcam import gradcam
@@ -181,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared CPU)")
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     parser.add_argument("--json", default=None, help="also write the JSON result to this file")
+    add_allocator_option(parser)
     args = parser.parse_args(argv)
+    allocator = apply_allocator(args.allocator)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(only) - set(SECTIONS)
     if unknown:
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     stride = args.stride or max(1, window // 2)
 
     result = {"benchmark": "grounding", "model": model_name, "device": "cpu", "threads": args.threads,
-              "torch": torch.__version__, "python": platform.python_version(), "repeats": args.repeats,
+              "allocator": allocator, "torch": torch.__version__, "python": platform.python_version(), "repeats": args.repeats,
               "note": "medians; the CPU may be shared with other work, ratios are measured in the same run"}
     if "chefer" in only:
         result["chefer"] = bench_chefer(adapter, pv, prompts, args.repeats)

@@ -22,6 +22,7 @@ checked to be equal (max abs difference printed); ``ru_maxrss`` is the process's
 memory. Run (CPU, ~1 minute uncontended)::
 
     python benchmarks/token_attribution.py [--model DIR] [--images 5] [--repeats 5] [--threads 1] [--device cuda]
+                                           [--allocator loupe|glibc]
 
 On CUDA the timings synchronise the device (``benchmarks/gpu_check.sh`` runs it there).
 """
@@ -42,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from benchmarks._runtime import add_allocator_option, apply_allocator  # noqa: E402
 from workers.probes import token_attribution as ta  # noqa: E402
 from workers.probes.adapters.fusion import load_any  # noqa: E402
 from workers.probes.zoo import checkpoint_path, world  # noqa: E402
@@ -57,7 +59,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_allocator_option(parser)
     args = parser.parse_args()
+    allocator = apply_allocator(args.allocator)
     torch.set_num_threads(args.threads)
     adapter = load_any(args.model or str(checkpoint_path("tiny-llava")), args.device)
 
@@ -123,7 +127,7 @@ def main() -> int:
     results["loupe"]["attribution_s"] = round(loupe_attr, 4)
     out = {
         "benchmark": "token_attribution", "tokens_per_caption": N_TOKENS, "captions": len(cases),
-        "repeats": args.repeats, "threads": args.threads,
+        "repeats": args.repeats, "threads": args.threads, "allocator": allocator,
         "device": args.device if args.device == "cpu" else f"cuda:{torch.cuda.get_device_name(0)}", **results,
         "attribution_tokens_per_s": {"loupe": round(tokens / loupe_attr, 1), "naive": round(tokens / med["naive"], 1)},
         "speedup_vs_naive": round(med["naive"] / loupe_attr, 2),

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from workers.probes.allocator import tune_malloc
 from workers.probes.errors import ProbeInputError
 
 # name -> one-line help
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_malloc()  # a process of our own: keep freed tensor memory (allocator.py says why)
     try:
         return int(args._run(args) or 0)
     except ProbeInputError as exc:
