@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 
@@ -37,6 +38,7 @@ TRIM_THRESHOLD = 256 * 2**20
 _applied = False
 
 
+@functools.cache  # find_library runs ldconfig in a subprocess: look glibc up once per process
 def _libc() -> ctypes.CDLL | None:
     if platform.libc_ver()[0] != "glibc":
         return None
