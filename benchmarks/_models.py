@@ -2,7 +2,9 @@
 
 ``random_clip`` builds a CLIPModel from a config with random weights and wraps it in Loupe's
 adapter exactly as ``load_adapter`` would (eager attention, frozen weights), with a small
-word-level tokenizer. ``peak_rss`` measures a call's peak resident memory increase.
+word-level tokenizer. ``peak_rss`` measures a call's peak resident memory increase;
+``count_flops`` and ``dense_matmul_rate`` give the arithmetic a call does and the rate this machine
+does dense arithmetic at, for ceilings that say how far a ratio *could* go.
 """
 
 from __future__ import annotations
@@ -104,3 +106,30 @@ def compare(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
         peaks[name] = mem["peak_mib"]
     return {name: {"median_s": statistics.median(t), "min_s": min(t), "repeats": repeats, "peak_mib": peaks[name]}
             for name, t in times.items()}
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Matrix-product FLOPs of one call (forward and backward, as executed), counted by
+    ``torch.utils.flop_counter.FlopCounterMode``: matmuls and convolutions only, so a lower
+    bound on the call's arithmetic (softmax, GELU, layer norms are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def dense_matmul_rate(size: int = 1024, repeats: int = 15) -> float:
+    """FLOP/s of a square float32 matmul on the CPU at the current ``torch.get_num_threads()``:
+    about the best rate this machine does arithmetic at (median of ``repeats``)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
+    a @ b  # warm-up: thread pool, page faults
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / statistics.median(times)

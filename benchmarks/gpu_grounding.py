@@ -28,9 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from benchmarks._models import random_clip  # noqa: E402
+from benchmarks._models import count_flops, random_clip  # noqa: E402
 from workers.probes.chefer import relevance  # noqa: E402
 from workers.probes.gradcam import gradcam  # noqa: E402
 
@@ -69,12 +68,6 @@ def measure(fn, device: str, warmup: int, repeats: int, budget_s: float) -> dict
         sync(device)
         times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "min_s": min(times), "repeats": len(times)}
-
-
-def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,9 @@
 """Grounding methods against their peers, measured in the same run (CPU).
 
 - ``chefer``: one batched call (one forward, one backward for ``--batch`` pairs) vs a per-image
-  loop of the same code (target >= 5x images/s at batch 32);
+  loop of the same code (target >= 5x images/s at batch 32), with the ceiling this machine puts
+  on that ratio (``chefer_ceiling``: the loop's time per image over the time the matrix products
+  of one image take at the CPU's dense matmul rate);
 - ``gradcam``: ours vs pytorch-grad-cam's ``GradCAM`` on the same model, layer and batch
   (target >= 1.0x). pytorch-grad-cam needs torchvision, which does not import beside the main
   venv's torch: run this benchmark from the benchmark venv (``benchmarks/README.md``); elsewhere
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks._models import compare, random_clip
+from benchmarks._models import compare, count_flops, dense_matmul_rate, random_clip
 from benchmarks._runtime import add_allocator_option, apply_allocator
 from workers.probes.chefer import relevance
 from workers.probes.flow import flow_inputs, flow_reference, max_flows
@@ -71,7 +73,25 @@ def bench_chefer(adapter, pv, prompts, repeats):
                 repeats, keep=keep)
     diff = (keep["batched"].image - torch.cat([r.image for r in keep["loop"]])).abs().max()
     return {"batch": n, "loupe_batched": with_rate(t["batched"], n), "per_image_loop": with_rate(t["loop"], n),
-            "speedup": t["loop"]["median_s"] / t["batched"]["median_s"], "target": 5.0, "max_abs_diff": float(diff)}
+            "speedup": t["loop"]["median_s"] / t["batched"]["median_s"], "target": 5.0, "max_abs_diff": float(diff),
+            "ceiling": chefer_ceiling(count_flops(lambda: relevance(adapter, pv, prompts)) / n, dense_matmul_rate(),
+                                      t["batched"]["median_s"] / n, t["loop"]["median_s"] / n)}
+
+
+def chefer_ceiling(flops_per_image: float, matmul_rate: float, batched_s: float, loop_s: float) -> dict:
+    """How far batching *could* take the ratio on this machine, from measured quantities.
+
+    Batching removes per-call overhead; it cannot remove the arithmetic of each image's forward and
+    backward pass. If the batched call did nothing but its matrix products, at the rate this
+    machine multiplies large dense matrices, it would take ``flops_per_image / matmul_rate`` per
+    image; with the loop as measured, the ratio could be at most ``loop_s`` over that. (Only matrix
+    products are counted, so the true bound is lower still.)"""
+    floor_s = flops_per_image / matmul_rate
+    return {"matmul_mflop_per_image": flops_per_image / 1e6, "dense_matmul_gflops": matmul_rate / 1e9,
+            "batched_gflops": flops_per_image / batched_s / 1e9,
+            "batched_share_of_dense_rate": floor_s / batched_s,
+            "loop_ms_per_image": loop_s * 1e3, "floor_ms_per_image": floor_s * 1e3,
+            "max_speedup": loop_s / floor_s}
 
 
 def bench_gradcam(adapter, pv, prompts, repeats):
@@ -243,4 +263,9 @@ def print_table(result: dict) -> None:
         rows.append(f"{section:<30} ours {r[ours_key]['images_per_s']:9.2f} expl/s (peak +{r[ours_key]['peak_mib']} MiB)"
                     f" | {peer_key} {r[peer_key]['images_per_s']:9.3f} expl/s (peak +{r[peer_key]['peak_mib']} MiB)"
                     f" | x{r[ratio_key]:.1f} (target >= {r['target']})")
+        if "ceiling" in r:
+            c = r["ceiling"]
+            rows.append(f"{'':<30} ceiling: {c['matmul_mflop_per_image']:.0f} MFLOP of matrix products per image; at this"
+                        f" CPU's dense matmul rate ({c['dense_matmul_gflops']:.0f} GFLOP/s, batched runs at"
+                        f" {c['batched_share_of_dense_rate']:.0%} of it) batching could reach at most x{c['max_speedup']:.1f}")
     print("\n".join(rows), file=sys.stderr)

@@ -39,3 +39,19 @@ def test_it_runs_the_batched_chefer_benchmark_against_the_per_image_loop(tmp_pat
                         "--json", str(tmp_path / "grounding.json"))
     assert out["chefer"]["batch"] == 4 and out["chefer"]["max_abs_diff"] < 1e-5
     assert json.loads((tmp_path / "grounding.json").read_text())["chefer"]["batch"] == 4
+    ceiling = out["chefer"]["ceiling"]
+    # the zoo tiny-clip (or its same-size random stand-in) multiplies matrices in every layer
+    assert ceiling["matmul_mflop_per_image"] > 1 and ceiling["dense_matmul_gflops"] > 0
+    assert ceiling["max_speedup"] > 0
+
+
+def test_it_bounds_the_batching_ratio_by_the_arithmetic_left_per_image():
+    from benchmarks.grounding import chefer_ceiling
+
+    # 100 MFLOP per image at 100 GFLOP/s is 1 ms per image at best: a 5 ms loop can be beaten 5x at most,
+    # and a 2 ms batched call runs at half the dense rate
+    c = chefer_ceiling(100e6, 100e9, batched_s=0.002, loop_s=0.005)
+    assert abs(c["floor_ms_per_image"] - 1.0) < 1e-9
+    assert abs(c["max_speedup"] - 5.0) < 1e-9
+    assert abs(c["batched_share_of_dense_rate"] - 0.5) < 1e-9
+    assert abs(c["batched_gflops"] - 50.0) < 1e-9
