@@ -138,6 +138,25 @@ def test_it_maps_query_relevance_to_the_patch_the_queries_read(pointing, red):
     assert [divmod(int(j), 4) for j in mapping.argmax(1)] == [red] * 4
 
 
+def test_it_spreads_decoder_attention_over_the_patches_from_one_pass_through_the_image_path(adapter):
+    from workers.probes.attention_stats import fusion_image_attention
+
+    images = [world.scene_at(1_000_003, k).image for k in range(2)]
+    passes = []
+    hook = adapter.model.vision_model.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        maps = fusion_image_attention(adapter, images, PROMPT, max_new_tokens=3)
+    finally:
+        hook.remove()
+    # the LM-input features and the query -> patch mapping come out of the same traced pass
+    assert len(passes) == 1
+    assert maps.shape == (2, adapter.num_layers, adapter.num_heads, 16)
+    assert abs(maps.sum(-1) - 1).max() < 1e-5
+    features, mapping = adapter.image_features_and_patches(adapter.preprocess(images))
+    assert torch.allclose(features, adapter.image_features(adapter.preprocess(images)), atol=1e-6)
+    assert torch.equal(mapping, adapter.image_token_patches(adapter.preprocess(images)))
+
+
 def test_it_follows_chefers_bimodal_rule():
     """``query_context_relevance`` against the equations written out by hand (two queries, three
     context tokens, one self-attention then one cross-attention layer)."""

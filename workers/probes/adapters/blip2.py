@@ -180,9 +180,14 @@ class Blip2Adapter(FusionAdapter):
         return torch.bmm(q_rel[:, None, :], r_qi)[:, 0, self.num_prefix_tokens:]
 
     def image_token_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.image_features_and_patches(pixel_values)[1]
+
+    def image_features_and_patches(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # One pass: the traced image path yields the LM-input features (the tests check they equal
+        # get_image_features') and the Q-Former cross-attention the mapping is made of.
         with torch.no_grad():
-            _, attentions, _ = self.vision_trace(pixel_values)
-        return self._cross_map(self._split(attentions)[2])
+            features, attentions, _ = self.vision_trace(pixel_values)
+        return features, self._cross_map(self._split(attentions)[2])
 
     # --- components and geometry -----------------------------------------------------------
 

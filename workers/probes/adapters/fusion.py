@@ -380,6 +380,12 @@ class FusionAdapter(VisionLanguageAdapter):
         attention baselines; None where image tokens are grid cells (``patch_aligned``)."""
         return None
 
+    def image_features_and_patches(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(image_features, image_token_patches)`` of the same images, from one pass through the
+        image path where the adapter can (BLIP-2: both come out of the traced Q-Former)."""
+        with torch.no_grad():
+            return self.image_features(pixel_values), self.image_token_patches(pixel_values)
+
     def tokens(self, ids: Sequence[int]) -> list[str]:
         return list(self.tokenizer.convert_ids_to_tokens(list(ids)))  # type: ignore[attr-defined]
 
