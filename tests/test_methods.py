@@ -254,6 +254,26 @@ def test_it_scores_with_the_last_layer_run_for_the_cls_token_only_and_gets_the_s
         torch.testing.assert_close(siglip.image_embeds_for_scoring(spv), siglip.image_embeds(spv))
 
 
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_it_scores_through_a_lean_layer_that_equals_the_models_and_reads_its_weights_afresh(act):
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    from workers.probes.adapters.clip import CLIPAdapter
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, hidden_act=act)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    layer = CLIPEncoderLayer(config).eval()
+    hidden = torch.randn(3, 10, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(CLIPAdapter._scoring_layer(layer, hidden), layer(hidden, None), rtol=1e-5, atol=1e-5)
+        # the sanity check randomises weights in place; occlusion on the randomised model must see them
+        for p in layer.parameters():
+            p.normal_()
+        torch.testing.assert_close(CLIPAdapter._scoring_layer(layer, hidden), layer(hidden, None), rtol=1e-4, atol=1e-4)
+
+
 def test_it_falls_back_to_the_models_own_forward_when_the_cls_shortcut_disagrees(tmp_path, monkeypatch):
     adapter = load_adapter(str(save_tiny_clip(tmp_path / "clip-fallback")))
     pv = torch.randn(2, 3, adapter.image_size, adapter.image_size)

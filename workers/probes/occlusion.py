@@ -14,7 +14,9 @@ carries one window per image. Here the occluded copies of each distinct image ar
 computed once), with fused attention (the copies need scores, not attention probabilities).
 ``benchmarks/grounding.py`` measures both with one and with four prompts per image, captum with
 eager and with fused attention, and checks that both give the same map. With one prompt per image
-and captum batched as well, both do the same forward passes, and the difference is the kernel.
+and captum batched as well, both run one forward pass per copy; ours scores through
+``image_embeds_for_scoring`` (CLIP: the last layer for the CLS token only, the layers below with
+stacked projections and a folded activation; see ``adapters/clip.py``).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def occlusion_pixels(adapter, pixel_values: torch.Tensor, prompts: Sequence[str]
     pixel_values = pixel_values.to(adapter.device)
     rows = window_rows(adapter.image_size, window, stride).to(adapter.device)  # [N, S]
     n_pos = rows.shape[0]
+    inside = rows.bool()
     n_images, n_windows = pixel_values.shape[0], n_pos * n_pos
 
     # An image explained for several prompts is occluded once: its occluded copies are embedded
@@ -69,8 +72,8 @@ def occlusion_pixels(adapter, pixel_values: torch.Tensor, prompts: Sequence[str]
         for s in chunks(n_unique * n_windows, batch_size):
             rows_of_chunk = torch.arange(s.start, s.stop, device=adapter.device)
             img, win = rows_of_chunk // n_windows, rows_of_chunk % n_windows
-            m = (rows[win // n_pos, :, None] * rows[win % n_pos, None, :]).unsqueeze(1)  # [n, 1, S, S]
-            occluded = unique[img] * (1 - m) + baseline * m
+            hidden = (inside[win // n_pos, :, None] & inside[win % n_pos, None, :]).unsqueeze(1)  # [n, 1, S, S]
+            occluded = torch.where(hidden, baseline, unique[img])  # one pass, not four
             scores = adapter.similarity(adapter.image_embeds_for_scoring(occluded), text)  # [n, B]: every prompt
             i, b = torch.nonzero(owner[None, :] == img[:, None], as_tuple=True)  # copy i belongs to pair b
             drops[b, win[i]] = base[b] - scores[i, b]
