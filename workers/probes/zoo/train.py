@@ -241,7 +241,10 @@ class TrainConfig:
     #: Scenes rendered once and sampled from (with a horizontal flip) during training.
     pool_size: int = 3000
     seed: int = 0
-    #: torch intra-op threads; results are reproducible for a fixed thread count.
+    #: torch intra-op threads; results are bit-identical for a fixed thread count on the same kind of
+    #: CPU. Another instruction set rounds differently and the runs drift apart: the committed
+    #: tiny-siglip, retrained on a 2-core AVX2 EPYC (twice, bit-identical there), differs from step ~60
+    #: on (loss 2.6693 vs 2.6694) and ends at held-out object accuracy 0.784 vs 0.791.
     threads: int = 2
     #: Extra prompts on the text side of every batch (hard negatives); ``None`` = all objects.
     extra_prompts: list[str] | None = None
