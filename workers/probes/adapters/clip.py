@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers.activations import QuickGELUActivation
 
 from workers.probes.adapters.base import DualEncoderAdapter, VisionTrace
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
@@ -255,8 +256,8 @@ class CLIPAdapter(DualEncoderAdapter):
         and runs QuickGELU as three elementwise passes (``x * sigmoid(1.702 x)``). Here one product
         with the three weights stacked does the projections, and the 1.702 is folded into ``fc1``
         and ``fc2`` so the activation is a single in-place SiLU: ``x sigmoid(1.702 x) = silu(1.702 x)
-        / 1.702``. 12% less time per occluded copy on the zoo's ViT (1 CPU thread), equal to the
-        model's layer up to float rounding. The stacked and scaled weights are made on every call
+        / 1.702``. Occlusion on the zoo's ViT runs 1.13x faster with it (1 CPU thread, interleaved
+        A/B), and it equals the model's layer up to float rounding. The stacked and scaled weights are made on every call
         (microseconds), never cached, because the sanity check randomises weights in place.
         """
         attn, mlp = layer.self_attn, layer.mlp
@@ -268,8 +269,8 @@ class CLIPAdapter(DualEncoderAdapter):
         out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).transpose(1, 2).reshape(b, t, d)
         hidden = hidden + attn.out_proj(out)
         x = layer.layer_norm2(hidden)
-        if type(mlp.activation_fn).__name__ == "QuickGELUActivation":
-            c = 1.702  # QuickGELU's constant (transformers.activations.QuickGELUActivation)
+        if isinstance(mlp.activation_fn, QuickGELUActivation):
+            c = 1.702  # QuickGELU's constant
             x = F.silu(F.linear(x, mlp.fc1.weight * c, mlp.fc1.bias * c), inplace=True)
             x = F.linear(x, mlp.fc2.weight / c, mlp.fc2.bias)
         else:
