@@ -142,6 +142,19 @@ def test_it_refuses_a_missing_dataset(capsys, models, tmp_path):
     assert "dataset not found" in err
 
 
+def test_it_refuses_a_missing_figures_folder_before_any_work(capsys, models, shapes, tmp_path, monkeypatch):
+    from workers.probes import suite
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the evaluation started although its figures could not be written")
+
+    monkeypatch.setattr(suite, "run", must_not_run)
+    for command in (["evaluate", "--method", "chefer"], ["sanity", "--method", "chefer"]):
+        err = refused(capsys, *command, "--model", models["clip"], "--dataset", shapes, "--json",
+                      "--figures", tmp_path / "typo")
+        assert "--figures" in err and "typo" in err and "does not exist" in err
+
+
 def test_it_refuses_an_unreadable_image(capsys, models, tmp_path):
     root = write_shapes(tmp_path, n=2)
     (root / "images" / "1.png").write_bytes(b"\x89PNG garbage")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from workers.probes.allocator import tune_malloc
 from workers.probes.errors import ProbeInputError
@@ -44,11 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_output_folders(args: argparse.Namespace) -> None:
+    """Refuse a ``--figures`` folder that does not exist before the command starts: an evaluation
+    can run for many minutes, and its results must not be lost to a typo in where the figures go."""
+    folder = getattr(args, "figures", None)
+    if folder is not None and not Path(folder).is_dir():
+        raise ProbeInputError(f"--figures: folder {folder} does not exist")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     tune_malloc()  # a process of our own: keep freed tensor memory (allocator.py says why)
     try:
+        check_output_folders(args)
         return int(args._run(args) or 0)
     except ProbeInputError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -39,9 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from workers.probes import figures, token_attribution as ta
     from workers.probes.datasets import MAX_PIXELS, open_image
 
-    folder = Path(args.figures) if args.figures else None
-    if folder is not None and not folder.is_dir():
-        raise ProbeInputError(f"--figures: folder {folder} does not exist")
+    folder = Path(args.figures) if args.figures else None  # cli.check_output_folders made sure it exists
     if args.prompt is not None and not args.prompt.strip():
         raise ProbeInputError("--prompt must not be empty")
     if args.dataset:
