@@ -274,6 +274,25 @@ def test_it_scores_through_a_lean_layer_that_equals_the_models_and_reads_its_wei
         torch.testing.assert_close(CLIPAdapter._scoring_layer(layer, hidden), layer(hidden, None), rtol=1e-4, atol=1e-4)
 
 
+def test_it_scores_occluded_copies_from_the_touched_patches_alone_and_gets_the_same_embeddings(clip, siglip):
+    from workers.probes.adapters.base import occlude
+
+    s = clip.image_size
+    images = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(7))
+    # boxes aligned with patches, straddling them, cut by the border, one pixel, and the whole image
+    boxes = torch.tensor([[0, 8, 0, 8], [4, 12, 6, 14], [s - 3, s, s - 5, s], [9, 10, 17, 18], [0, s, 0, s],
+                          [12, 20, 0, 4]])
+    index = torch.tensor([0, 1, 0, 1, 0, 1])
+    for adapter in (clip, siglip):
+        px = torch.randn(2, 3, adapter.image_size, adapter.image_size) if adapter is siglip else images
+        b = boxes.clamp(max=adapter.image_size)
+        with torch.no_grad():
+            expected = adapter.image_embeds(occlude(px, index, b, 0.5))
+            torch.testing.assert_close(adapter.occluded_embeds_for_scoring(px, index, b, 0.5), expected,
+                                       rtol=1e-4, atol=1e-5)
+    assert clip._occlusion_shortcut_ok is True  # checked itself, and kept
+
+
 def test_it_falls_back_to_the_models_own_forward_when_the_cls_shortcut_disagrees(tmp_path, monkeypatch):
     adapter = load_adapter(str(save_tiny_clip(tmp_path / "clip-fallback")))
     pv = torch.randn(2, 3, adapter.image_size, adapter.image_size)
@@ -295,25 +314,25 @@ def test_it_occludes_an_image_once_for_all_its_prompts(attending):
     pv, prompts = _scenes()
     # the same scene asked about both colours: one set of occluded copies, two maps
     pairs = pv[:1].expand(2, -1, -1, -1)
-    calls = {"image_embeds": [], "image_embeds_for_scoring": []}
+    calls = {"image_embeds": [], "occluded_embeds_for_scoring": []}
 
     def counting(name):
         original = getattr(attending, name)
 
-        def count(x):
-            calls[name].append(x.shape[0])
-            return original(x)
+        def count(*args):
+            calls[name].append(args[1].shape[0] if len(args) > 1 else args[0].shape[0])  # copies, or images
+            return original(*args)
         return count
 
-    attending.image_embeds_for_scoring = counting("image_embeds_for_scoring")
+    attending.occluded_embeds_for_scoring = counting("occluded_embeds_for_scoring")
     attending.image_embeds = counting("image_embeds")
     try:
         both = registry.get("occlusion")(attending, pairs, ["a red circle", "a blue square"])
     finally:
-        del attending.image_embeds, attending.image_embeds_for_scoring
+        del attending.image_embeds, attending.occluded_embeds_for_scoring
     windows = 7 * 7  # 32 px, window 8, stride 4
-    assert sum(calls["image_embeds_for_scoring"]) == windows  # each window once for both prompts
-    assert sum(calls["image_embeds"]) <= 2 + 2  # the two unoccluded pairs (+ the shortcut's self-check)
+    assert sum(calls["occluded_embeds_for_scoring"]) == windows  # each window once for both prompts
+    assert sum(calls["image_embeds"]) <= 2 + 2 + 2  # the two unoccluded pairs (+ the shortcuts' self-checks)
     separately = torch.cat([registry.get("occlusion")(attending, pv[:1], [p]) for p in ("a red circle", "a blue square")])
     torch.testing.assert_close(both, separately, rtol=1e-5, atol=1e-6)
     assert both[0][1, 2] > 0 and both[1][3, 0] > 0  # each prompt's own object

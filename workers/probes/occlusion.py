@@ -14,9 +14,11 @@ carries one window per image. Here the occluded copies of each distinct image ar
 computed once), with fused attention (the copies need scores, not attention probabilities).
 ``benchmarks/grounding.py`` measures both with one and with four prompts per image, captum with
 eager and with fused attention, and checks that both give the same map. With one prompt per image
-and captum batched as well, both run one forward pass per copy; ours scores through
-``image_embeds_for_scoring`` (CLIP: the last layer for the CLS token only, the layers below with
-stacked projections and a folded activation; see ``adapters/clip.py``).
+and captum batched as well, both run one forward pass per copy; ours scores through the adapter's
+``occluded_embeds_for_scoring`` (CLIP: the patch embedding and the first layer's projections once
+per image and per copy only for the patches the window touches, the last layer for the CLS token
+only, the layers between with stacked projections and a folded activation; see
+``adapters/clip.py``).
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def occlusion_pixels(adapter, pixel_values: torch.Tensor, prompts: Sequence[str]
     pixel_values = pixel_values.to(adapter.device)
     rows = window_rows(adapter.image_size, window, stride).to(adapter.device)  # [N, S]
     n_pos = rows.shape[0]
-    inside = rows.bool()
+    starts = rows.argmax(1)  # [N]: each 1-D window position's first pixel ...
+    ends = starts + rows.sum(1).long()  # ... and one past its last (the last window may be cut by the border)
     n_images, n_windows = pixel_values.shape[0], n_pos * n_pos
 
     # An image explained for several prompts is occluded once: its occluded copies are embedded
@@ -72,9 +75,10 @@ def occlusion_pixels(adapter, pixel_values: torch.Tensor, prompts: Sequence[str]
         for s in chunks(n_unique * n_windows, batch_size):
             rows_of_chunk = torch.arange(s.start, s.stop, device=adapter.device)
             img, win = rows_of_chunk // n_windows, rows_of_chunk % n_windows
-            hidden = (inside[win // n_pos, :, None] & inside[win % n_pos, None, :]).unsqueeze(1)  # [n, 1, S, S]
-            occluded = torch.where(hidden, baseline, unique[img])  # one pass, not four
-            scores = adapter.similarity(adapter.image_embeds_for_scoring(occluded), text)  # [n, B]: every prompt
+            i_row, i_col = win // n_pos, win % n_pos
+            boxes = torch.stack([starts[i_row], ends[i_row], starts[i_col], ends[i_col]], dim=1)  # [n, 4]
+            embeds = adapter.occluded_embeds_for_scoring(unique, img, boxes, baseline)
+            scores = adapter.similarity(embeds, text)  # [n, B]: every prompt
             i, b = torch.nonzero(owner[None, :] == img[:, None], as_tuple=True)  # copy i belongs to pair b
             drops[b, win[i]] = base[b] - scores[i, b]
     drops = drops.view(n_images, n_pos, n_pos)

@@ -111,6 +111,17 @@ class VisionLanguageAdapter(ABC):
                 setter(current)
 
 
+def occlude(images: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor, baseline: float) -> torch.Tensor:
+    """``[n, 3, S, S]``: ``images[image_index]`` with each copy's box ``(top, bottom, left, right)``
+    (ends exclusive, ``[n, 4]``) set to ``baseline``; one pass over the copies."""
+    ys = torch.arange(images.shape[-2], device=images.device)
+    xs = torch.arange(images.shape[-1], device=images.device)
+    top, bottom, left, right = boxes.unbind(1)
+    rows = (ys >= top[:, None]) & (ys < bottom[:, None])  # [n, S]
+    cols = (xs >= left[:, None]) & (xs < right[:, None])
+    return torch.where((rows[:, :, None] & cols[:, None, :]).unsqueeze(1), baseline, images[image_index])
+
+
 class DualEncoderAdapter(VisionLanguageAdapter):
     """CLIP-like models: an image encoder and a text encoder scored by similarity."""
 
@@ -128,6 +139,14 @@ class DualEncoderAdapter(VisionLanguageAdapter):
         """``image_embeds`` for forwards that only need the score (no gradients, no attention
         probabilities, no hidden states); an architecture may skip work the embedding never reads."""
         return self.image_embeds(pixel_values)
+
+    def occluded_embeds_for_scoring(self, images: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor,
+                                    baseline: float) -> torch.Tensor:
+        """Scoring embeddings ``[n, E]`` of ``n`` occluded copies: copy ``i`` is
+        ``images[image_index[i]]`` (``images`` ``[U, 3, S, S]``) with the pixel box ``boxes[i]`` =
+        ``(top, bottom, left, right)`` (ends exclusive) set to ``baseline`` in every channel.
+        An architecture may reuse what the copies share with their unoccluded image."""
+        return self.image_embeds_for_scoring(occlude(images, image_index, boxes, baseline))
 
     @abstractmethod
     def score(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
