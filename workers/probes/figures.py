@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
@@ -38,14 +40,27 @@ def _dense(heatmap: torch.Tensor | np.ndarray, height: int, width: int) -> np.nd
     return (array - low) / (high - low) if high > low else np.zeros_like(array)
 
 
+#: Perceptually uniform, dark where relevance is low; its colours are drawn with an opacity that
+#: grows with relevance, so they rarely compete with the image's own.
+HEATMAP_CMAP = "inferno"
+
+
 def draw_overlay(ax, image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, boxes: Sequence[Box] = (),
-                 alpha: float = 0.5, cmap: str = "jet", title: str | None = None,
+                 alpha: float = 0.85, cmap: str = HEATMAP_CMAP, title: str | None = None,
                  point: tuple[float, float] | None = None) -> None:
     """Draw ``heatmap`` (any resolution, rescaled to [0, 1]) over ``image`` on ``ax``, with
-    ground-truth ``boxes`` in green and the map's maximum ``point`` as a white cross."""
-    rgb = np.asarray(image.convert("RGB"))
-    ax.imshow(rgb)
-    ax.imshow(_dense(heatmap, rgb.shape[0], rgb.shape[1]), cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0)
+    ground-truth ``boxes`` in green and the map's maximum ``point`` as a white cross.
+
+    The image is shown in grey, and the heatmap's opacity grows with relevance, from 0 where it is
+    lowest to ``alpha`` where it is highest. A uniformly tinted overlay (jet at one opacity) hides
+    the image where nothing is relevant, and a blue object under jet's blue reads as "not
+    relevant"; here the shapes stay visible and no object's own colour can be mistaken for the
+    scale (figures that need the colours show the image beside the overlays).
+    """
+    grey = np.asarray(image.convert("L"))
+    ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
+    dense = _dense(heatmap, grey.shape[0], grey.shape[1])
+    ax.imshow(dense, cmap=cmap, alpha=alpha * dense, vmin=0.0, vmax=1.0)
     for x0, y0, x1, y1 in boxes:
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.5))
     if point is not None:
@@ -56,20 +71,25 @@ def draw_overlay(ax, image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, 
 
 
 def heatmap_overlay(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, boxes: Sequence[Box] = (),
-                    title: str | None = None, alpha: float = 0.5, cmap: str = "jet",
+                    title: str | None = None, alpha: float = 0.85, cmap: str = HEATMAP_CMAP,
                     point: tuple[float, float] | None = None) -> Figure:
-    """One image with its heatmap overlaid (and a colour bar)."""
-    figure = new_figure(5, 5)
-    ax = figure.add_subplot()
+    """The image as it is, and beside it the heatmap overlaid (with a colour bar)."""
+    figure = new_figure(8.5, 4.4)
+    original, ax = figure.subplots(1, 2)
+    original.imshow(np.asarray(image.convert("RGB")))
+    for x0, y0, x1, y1 in boxes:
+        original.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.5))
+    original.set_title("image", fontsize=9)
+    original.set_axis_off()
     draw_overlay(ax, image, heatmap, boxes=boxes, alpha=alpha, cmap=cmap, title=title, point=point)
-    mappable = ax.images[-1]
-    figure.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02, label="relevance (min-max scaled)")
+    scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)  # the overlay's per-pixel opacity is no scale
+    figure.colorbar(scale, ax=ax, fraction=0.046, pad=0.02, label="relevance (min-max scaled)")
     return figure
 
 
 def heatmap_grid(images: Sequence[Image.Image], maps: Mapping[str, Sequence[torch.Tensor | np.ndarray]], *,
                  row_titles: Sequence[str] | None = None, boxes: Sequence[Sequence[Box]] | None = None,
-                 alpha: float = 0.5, cmap: str = "jet", cell: float = 2.2) -> Figure:
+                 alpha: float = 0.85, cmap: str = HEATMAP_CMAP, cell: float = 2.2) -> Figure:
     """Rows = images, columns = the image itself then one overlay per entry of ``maps``
     (``{column title: [map per image]}``)."""
     columns = ["image", *maps]

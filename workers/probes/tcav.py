@@ -742,14 +742,13 @@ def figure_localisation(images: Sequence[Image.Image], heatmaps: torch.Tensor, t
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
+    from workers.probes.figures import draw_overlay
+
     n = len(images)
     fig = Figure(figsize=(2.2 * n, 2.5))
     axes = np.atleast_1d(fig.subplots(1, n))
     for ax, image, heat in zip(axes, images, heatmaps, strict=True):
-        ax.imshow(image)
-        ax.imshow(heat.numpy(), cmap="jet", alpha=0.45, extent=(0, image.width, image.height, 0),
-                  interpolation="bilinear")
-        ax.axis("off")
+        draw_overlay(ax, image, heat)  # the shared overlay style (figures.draw_overlay says why)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig

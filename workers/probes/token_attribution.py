@@ -412,12 +412,17 @@ def caption_figure(image: Image.Image, att: TokenAttribution, *, boxes: Sequence
 
     methods = [m for m in (methods or METHODS) if m in att.image]
     t = len(att.generated_tokens)
-    fig = figures.new_figure(1.6 * max(t, 2), 1.8 * len(methods) + 0.5)
-    axes = fig.subplots(len(methods), max(t, 1), squeeze=False)
+    fig = figures.new_figure(1.6 * (max(t, 2) + 1), 1.8 * len(methods) + 0.5)
+    axes = fig.subplots(len(methods), max(t, 1) + 1, squeeze=False)
     for m, method in enumerate(methods):
+        # the image itself first: the overlays are drawn on it in grey
+        axes[m][0].imshow(image.convert("RGB"))
+        axes[m][0].set_axis_off()
+        if m == 0:
+            axes[m][0].set_title("image", fontsize=9)
         for k in range(t):
             title = att.generated_tokens[k] if m == 0 else None
-            figures.draw_overlay(axes[m][k], image, att.image[method][k], boxes=boxes, title=title)
+            figures.draw_overlay(axes[m][k + 1], image, att.image[method][k], boxes=boxes, title=title)
         label = {"chefer": "grad x attn (decoder)", "chefer_full": "grad x attn (+ vision)"}.get(method, "raw attention")
         axes[m][0].text(-0.1, 0.5, label,
                         transform=axes[m][0].transAxes, rotation=90, va="center", ha="right", fontsize=9)

@@ -18,7 +18,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True, help="the text to ground")
     parser.add_argument("--method", required=True, help="a method name")
     parser.add_argument("--out", required=True, help="where to write the overlay (.png, .jpg, .pdf or .svg)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (default 0.5)")
+    parser.add_argument("--alpha", type=float, default=0.85,
+                        help="heatmap opacity where relevance is highest; it fades to 0 where lowest (default 0.85)")
     parser.add_argument("--json", action="store_true", help="print where the map peaks, as JSON")
 
 
