@@ -25,7 +25,7 @@ part of why our Grad-CAM is faster than generic libraries that back-propagate in
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -212,20 +212,28 @@ class CLIPAdapter(DualEncoderAdapter):
         good if they disagree (e.g. a subclass with another layer layout).
         """
         pixel_values = self._check_pixels(pixel_values)
-        if self._cls_readout_ok is False:
-            return self.image_embeds(pixel_values)
+        return self._checked_shortcut("_cls_readout_ok", lambda: self._cls_readout_embeds(pixel_values),
+                                      lambda: self.image_embeds(pixel_values),
+                                      lambda: self.image_embeds(pixel_values[:2]))
+
+    def _checked_shortcut(self, flag: str, fast: Callable[[], torch.Tensor], plain: Callable[[], torch.Tensor],
+                          reference: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``fast()``, a hand-written shortcut for ``plain()``, checked once per adapter: the first
+        time, its first two rows are compared with ``reference()`` (``plain`` on those two rows);
+        if they disagree, or the shortcut fails on this model's layout, the attribute ``flag`` turns
+        False and ``plain()`` answers from then on."""
+        if getattr(self, flag) is False:
+            return plain()
         try:
-            fast = self._cls_readout_embeds(pixel_values)
+            out = fast()
         except (AttributeError, TypeError, RuntimeError):
-            self._cls_readout_ok = False
-            return self.image_embeds(pixel_values)
-        if self._cls_readout_ok is None:
-            reference = self.image_embeds(pixel_values[:2])
-            self._cls_readout_ok = fast.shape[1:] == reference.shape[1:] and bool(
-                torch.allclose(fast[:2], reference, rtol=1e-3, atol=1e-4))
-            if not self._cls_readout_ok:
-                return self.image_embeds(pixel_values)
-        return fast
+            setattr(self, flag, False)
+            return plain()
+        if getattr(self, flag) is None:
+            expected = reference()
+            setattr(self, flag, out.shape[1:] == expected.shape[1:] and bool(
+                torch.allclose(out[:2], expected, rtol=1e-3, atol=1e-4)))
+        return out if getattr(self, flag) else plain()
 
     def _cls_readout_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         vision = self.model.vision_model
@@ -272,20 +280,12 @@ class CLIPAdapter(DualEncoderAdapter):
         """
         images = self._check_pixels(images)
         plain = super().occluded_embeds_for_scoring
-        if self._occlusion_shortcut_ok is False or self._cls_readout_ok is False or len(self.vision_layers) < 2:
+        if self._cls_readout_ok is False or len(self.vision_layers) < 2:
             return plain(images, image_index, boxes, baseline)
-        try:
-            fast = self._occluded_embeds(images, image_index, boxes, baseline)
-        except (AttributeError, TypeError, RuntimeError):
-            self._occlusion_shortcut_ok = False
-            return plain(images, image_index, boxes, baseline)
-        if self._occlusion_shortcut_ok is None:
-            reference = plain(images, image_index[:2], boxes[:2], baseline)
-            self._occlusion_shortcut_ok = fast.shape[1:] == reference.shape[1:] and bool(
-                torch.allclose(fast[:2], reference, rtol=1e-3, atol=1e-4))
-            if not self._occlusion_shortcut_ok:
-                return plain(images, image_index, boxes, baseline)
-        return fast
+        return self._checked_shortcut("_occlusion_shortcut_ok",
+                                      lambda: self._occluded_embeds(images, image_index, boxes, baseline),
+                                      lambda: plain(images, image_index, boxes, baseline),
+                                      lambda: plain(images, image_index[:2], boxes[:2], baseline))
 
     def _occluded_embeds(self, images: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor,
                          baseline: float) -> torch.Tensor:
