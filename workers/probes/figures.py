@@ -45,6 +45,22 @@ def _dense(heatmap: torch.Tensor | np.ndarray, height: int, width: int) -> np.nd
 HEATMAP_CMAP = "inferno"
 
 
+def draw_image(ax, image: Image.Image, *, boxes: Sequence[Box] = (), title: str | None = None,
+               fontsize: float = 9) -> None:
+    """The image itself, in colour, with ground-truth ``boxes`` in green (beside overlays, which
+    show it in grey)."""
+    ax.imshow(np.asarray(image.convert("RGB")))
+    _draw_boxes(ax, boxes)
+    if title:
+        ax.set_title(title, fontsize=fontsize)
+    ax.set_axis_off()
+
+
+def _draw_boxes(ax, boxes: Sequence[Box]) -> None:
+    for x0, y0, x1, y1 in boxes:
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.5))
+
+
 def draw_overlay(ax, image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, boxes: Sequence[Box] = (),
                  alpha: float = 0.85, cmap: str = HEATMAP_CMAP, title: str | None = None,
                  point: tuple[float, float] | None = None) -> None:
@@ -61,8 +77,7 @@ def draw_overlay(ax, image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, 
     ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
     dense = _dense(heatmap, grey.shape[0], grey.shape[1])
     ax.imshow(dense, cmap=cmap, alpha=alpha * dense, vmin=0.0, vmax=1.0)
-    for x0, y0, x1, y1 in boxes:
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.5))
+    _draw_boxes(ax, boxes)
     if point is not None:
         ax.plot([point[0]], [point[1]], marker="+", color="white", markersize=12, markeredgewidth=2)
     if title:
@@ -76,11 +91,7 @@ def heatmap_overlay(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, b
     """The image as it is, and beside it the heatmap overlaid (with a colour bar)."""
     figure = new_figure(8.5, 4.4)
     original, ax = figure.subplots(1, 2)
-    original.imshow(np.asarray(image.convert("RGB")))
-    for x0, y0, x1, y1 in boxes:
-        original.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.5))
-    original.set_title("image", fontsize=9)
-    original.set_axis_off()
+    draw_image(original, image, boxes=boxes, title="image")
     draw_overlay(ax, image, heatmap, boxes=boxes, alpha=alpha, cmap=cmap, title=title, point=point)
     scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)  # the overlay's per-pixel opacity is no scale
     figure.colorbar(scale, ax=ax, fraction=0.046, pad=0.02, label="relevance (min-max scaled)")
@@ -97,12 +108,8 @@ def heatmap_grid(images: Sequence[Image.Image], maps: Mapping[str, Sequence[torc
     axes = figure.subplots(len(images), len(columns), squeeze=False)
     for row, image in enumerate(images):
         row_boxes = boxes[row] if boxes is not None else ()
-        axes[row][0].imshow(np.asarray(image.convert("RGB")))
-        for x0, y0, x1, y1 in row_boxes:
-            axes[row][0].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.5))
-        axes[row][0].set_axis_off()
-        if row_titles is not None:
-            axes[row][0].set_title(row_titles[row], fontsize=8)
+        draw_image(axes[row][0], image, boxes=row_boxes, title=row_titles[row] if row_titles is not None else None,
+                   fontsize=8)
         for column, name in enumerate(maps, start=1):
             draw_overlay(axes[row][column], image, maps[name][row], boxes=row_boxes, alpha=alpha, cmap=cmap,
                          title=name if row == 0 else None)

@@ -416,10 +416,7 @@ def caption_figure(image: Image.Image, att: TokenAttribution, *, boxes: Sequence
     axes = fig.subplots(len(methods), max(t, 1) + 1, squeeze=False)
     for m, method in enumerate(methods):
         # the image itself first: the overlays are drawn on it in grey
-        axes[m][0].imshow(image.convert("RGB"))
-        axes[m][0].set_axis_off()
-        if m == 0:
-            axes[m][0].set_title("image", fontsize=9)
+        figures.draw_image(axes[m][0], image, boxes=boxes, title="image" if m == 0 else None)
         for k in range(t):
             title = att.generated_tokens[k] if m == 0 else None
             figures.draw_overlay(axes[m][k + 1], image, att.image[method][k], boxes=boxes, title=title)
