@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
 
 from workers.probes.allocator import tune_malloc
 from workers.probes.errors import ProbeInputError
@@ -49,8 +48,10 @@ def check_output_folders(args: argparse.Namespace) -> None:
     """Refuse a ``--figures`` folder that does not exist before the command starts: an evaluation
     can run for many minutes, and its results must not be lost to a typo in where the figures go."""
     folder = getattr(args, "figures", None)
-    if folder is not None and not Path(folder).is_dir():
-        raise ProbeInputError(f"--figures: folder {folder} does not exist")
+    if folder is not None:
+        from workers.probes.commands.grounding_common import output_folder
+
+        output_folder(folder)
 
 
 def main(argv: list[str] | None = None) -> int:

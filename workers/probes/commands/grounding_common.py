@@ -48,14 +48,21 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
+def output_folder(folder: str) -> Path:
+    """``--figures FOLDER`` as a path, refused if it is not an existing folder. ``cli.main`` checks
+    it before any command starts; writing checks again (the folder may have gone meanwhile)."""
+    target = Path(folder)
+    if not target.is_dir():
+        raise ProbeInputError(f"--figures: folder {target} does not exist")
+    return target
+
+
 def write_figures(result: ProbeResult, folder: str | None) -> list[Path]:
     if folder is None:
         return []
     from workers.probes import figures  # matplotlib: imported only when figures are written
 
-    target = Path(folder)
-    if not target.is_dir():
-        raise ProbeInputError(f"--figures: folder {target} does not exist")
+    target = output_folder(folder)
     return [figures.save(figure, target / f"{result.kind}-{name}.png") for name, figure in result.figures.items()]
 
 
