@@ -62,13 +62,18 @@ def test_it_keeps_freed_tensor_memory_for_the_next_burst():
     assert tuned["faults"] < untuned["faults"] / 3
 
 
-def test_it_is_applied_in_the_worker_main_process_and_in_each_pool_child():
-    from celery.signals import worker_init, worker_process_init
+@pytest.mark.django_db
+def test_it_is_applied_by_the_probe_task_before_anything_else(monkeypatch):
+    # run_probe is where probes run, in a worker's pool child or in-process on the embedded default
+    from governance.models import ProbeRun
+    from workers.probes import allocator
+    from workers.tasks import run_probe
 
-    from workers import celery as celery_module
-
-    for signal in (worker_init, worker_process_init):
-        assert any(receiver() is celery_module.tune_allocator for _, receiver in signal.receivers)
+    calls = []
+    monkeypatch.setattr(allocator, "tune_malloc", lambda: calls.append("tuned") or True)
+    with pytest.raises(ProbeRun.DoesNotExist):
+        run_probe.run(987654)  # no such run: the task stops at claiming it, already tuned
+    assert calls == ["tuned"]
 
 
 @needs_glibc

@@ -20,7 +20,6 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "governance.settings")
 
@@ -45,14 +44,3 @@ def route_task(name: str, args: Any, kwargs: Any, options: dict[str, Any], task:
 app = Celery("loupe")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["workers"], related_name="tasks")
-
-
-@worker_init.connect
-@worker_process_init.connect
-def tune_allocator(**kwargs: Any) -> None:
-    """Keep freed tensor memory in worker processes (``workers/probes/allocator.py`` says why): in the
-    worker's main process, which the prefork pool's children inherit it from, and again in each
-    child (a no-op where it is already set)."""
-    from workers.probes.allocator import tune_malloc
-
-    tune_malloc()

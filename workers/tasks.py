@@ -161,9 +161,12 @@ def run_probe(self, run_id: int) -> dict[str, Any]:
     from governance import artifacts, evidence, pipeline
     from governance.models import ProbeRun
     from workers import runtime
-    from workers.probes import suite
+    from workers.probes import allocator, suite
     from workers.probes.errors import ProbeInputError
 
+    # Whichever process runs the probe (a worker's pool child, or the web or demo process itself on
+    # the embedded default) keeps freed tensor memory from now on; allocator.py says why.
+    allocator.tune_malloc()
     run = _claim(run_id, self.request.id or "")
     if run is None:
         status = ProbeRun.objects.filter(pk=run_id).values_list("status", flat=True).first()

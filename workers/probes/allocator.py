@@ -16,8 +16,10 @@ the process). The cost is resident memory that is not handed back between probes
 is unchanged.
 
 These are process-wide, so the library never applies them on import: Loupe's own processes opt
-in (the probe command line, the Celery worker processes, the benchmarks). ``LOUPE_MALLOC_TUNING=0``
-turns them off; on a C library other than glibc (musl, macOS) nothing is changed.
+in. The probe task (``workers.tasks.run_probe``) applies them in whichever process runs a probe (a
+worker's pool child, or the web or demo process on the embedded default), as do the probe command
+line and the benchmarks. ``LOUPE_MALLOC_TUNING=0`` turns them off; on a C library other than glibc
+(musl, macOS) nothing is changed.
 """
 
 from __future__ import annotations

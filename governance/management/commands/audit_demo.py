@@ -36,7 +36,6 @@ from django.db import transaction
 from governance import pipeline, registration, workflow
 from governance.console import RunBars
 from governance.models import AIModel, AuditCase, Membership, ModelVersion, Organisation
-from workers.probes.allocator import tune_malloc
 
 # name in the zoo -> (inventory name, risk category, intended purpose, case title, plan)
 DEMO_MODELS: dict[str, dict[str, Any]] = {
@@ -87,9 +86,6 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options) -> None:
         started = time.perf_counter()
-        # With the embedded default the probes run in this process: keep freed tensor memory
-        # (workers/probes/allocator.py says why).
-        tune_malloc()
         names = [n.strip() for n in options["models"].split(",") if n.strip()]
         unknown = sorted(set(names) - set(DEMO_MODELS))
         if unknown:

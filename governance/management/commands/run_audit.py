@@ -8,7 +8,6 @@ from django.core.management.base import BaseCommand, CommandError
 from governance import pipeline, workflow
 from governance.console import RunBars
 from governance.models import AuditCase
-from workers.probes.allocator import tune_malloc
 
 
 class Command(BaseCommand):
@@ -21,9 +20,6 @@ class Command(BaseCommand):
         parser.add_argument("--timeout", type=float, default=None, help="stop waiting after this many seconds")
 
     def handle(self, *args, **options) -> None:
-        # With the embedded default the probes run in this process: keep freed tensor memory
-        # (workers/probes/allocator.py says why).
-        tune_malloc()
         try:
             case = AuditCase.objects.get(pk=options["case_id"])
             user = get_user_model().objects.get(username=options["by"])
