@@ -7,6 +7,8 @@ provider's random CLIP and SigLIP saved with ``save_pretrained`` (shapes, batchi
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -130,6 +132,14 @@ def test_it_chefer_row_propagation_equals_the_literal_matrix_rule(which, request
     expected = literal[:, adapter.num_prefix_tokens:].reshape(2, *adapter.grid)
     torch.testing.assert_close(registry.get("chefer")(adapter, pv, ["a red circle", "a cat"]), expected,
                                rtol=1e-5, atol=1e-7)
+
+
+def test_it_weighs_attention_into_a_constant_that_keeps_no_graph_alive():
+    attn = torch.rand(2, 3, 5, 5, requires_grad=True)  # as recorded: part of the forward graph
+    grad = torch.randn(2, 3, 5, 5)
+    bar = weighted_attention(attn, grad)
+    assert not bar.requires_grad and bar.grad_fn is None
+    torch.testing.assert_close(bar, (grad * attn.detach()).clamp(min=0).mean(1))
 
 
 def test_it_chefer_start_layer_skips_early_layers(attending):
@@ -268,10 +278,15 @@ def test_it_scores_through_a_lean_layer_that_equals_the_models_and_reads_its_wei
     hidden = torch.randn(3, 10, 32)
     with torch.no_grad():
         torch.testing.assert_close(CLIPAdapter._scoring_layer(layer, hidden), layer(hidden, None), rtol=1e-5, atol=1e-5)
+        # chefer's traced variant: the same output, and the model's own attention probabilities
+        out, probs = CLIPAdapter._traced_layer(layer, hidden)
+        torch.testing.assert_close(out, layer(hidden, None), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(probs, layer.self_attn(layer.layer_norm1(hidden), None)[1], rtol=1e-5, atol=1e-6)
         # the sanity check randomises weights in place; occlusion on the randomised model must see them
         for p in layer.parameters():
             p.normal_()
         torch.testing.assert_close(CLIPAdapter._scoring_layer(layer, hidden), layer(hidden, None), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(CLIPAdapter._traced_layer(layer, hidden)[0], layer(hidden, None), rtol=1e-4, atol=1e-4)
 
 
 def test_it_scores_occluded_copies_from_the_touched_patches_alone_and_gets_the_same_embeddings(clip, siglip):
@@ -300,6 +315,66 @@ def test_it_falls_back_to_the_models_own_forward_when_the_cls_shortcut_disagrees
     with torch.no_grad():
         torch.testing.assert_close(adapter.image_embeds_for_scoring(pv), adapter.image_embeds(pv))
     assert adapter._cls_readout_ok is False
+
+
+def _chefer_through_the_full_trace(adapter, pv, prompts, start):
+    lean = adapter.readout_trace
+    adapter.readout_trace = lambda x, p: adapter.trace(x, p, retain_grads=False)
+    try:
+        return relevance(adapter, pv, prompts, start_layer=start).image
+    finally:
+        adapter.readout_trace = lean
+
+
+def test_it_explains_through_a_trace_whose_last_layer_runs_for_the_cls_token_only(tmp_path):
+    adapter = load_adapter(str(save_tiny_clip(tmp_path / "clip-readout")))
+    pv = torch.randn(3, 3, adapter.image_size, adapter.image_size, generator=torch.Generator().manual_seed(11))
+    prompts = ["a red circle", "a cat", "a blue square"]
+
+    def both():
+        lean, full = adapter.readout_trace(pv, prompts), adapter.trace(pv, prompts, retain_grads=False)
+        t = full.attentions[0].shape[-1]
+        assert lean.attentions[-1].shape == (3, adapter.num_heads, 1, t)  # the CLS query's row alone
+        torch.testing.assert_close(lean.score, full.score, rtol=1e-5, atol=1e-5)
+        lean_grads = torch.autograd.grad(lean.score.sum(), lean.attentions)
+        full_grads = torch.autograd.grad(full.score.sum(), full.attentions)
+        for a, b, ga, gb in zip(lean.attentions, full.attentions, lean_grads, full_grads, strict=True):
+            rows = a.shape[-2]
+            torch.testing.assert_close(a, b[:, :, :rows], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ga, gb[:, :, :rows], rtol=1e-4, atol=1e-6)
+            assert not gb[:, :, rows:].any()  # the rows left out never reach the score
+        for start in range(adapter.num_layers):  # chefer's maps, whatever layer the rule starts at
+            torch.testing.assert_close(relevance(adapter, pv, prompts, start_layer=start).image,
+                                       _chefer_through_the_full_trace(adapter, pv, prompts, start),
+                                       rtol=1e-4, atol=1e-6)
+
+    both()
+    assert adapter._readout_trace_ok is True  # checked itself against the model's forward, and kept
+    with torch.no_grad():  # the sanity check randomises weights in place: the lean trace must see them
+        for p in adapter.model.vision_model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    both()
+
+
+def test_it_falls_back_to_the_full_trace_when_the_readout_trace_disagrees(tmp_path, monkeypatch, siglip):
+    adapter = load_adapter(str(save_tiny_clip(tmp_path / "clip-trace-fallback")))
+    pv = torch.randn(2, 3, adapter.image_size, adapter.image_size)
+    expected = registry.get("chefer")(adapter, pv, ["a red circle", "a cat"])
+    lean = adapter._readout_trace
+
+    def wrong_score(x, p):  # e.g. a subclass whose layers the hand-written path gets wrong
+        trace = lean(x, p)
+        return dataclasses.replace(trace, score=trace.score * 2)
+
+    monkeypatch.setattr(adapter, "_readout_trace", wrong_score)
+    adapter._readout_trace_ok = None  # as on a freshly loaded model
+    torch.testing.assert_close(registry.get("chefer")(adapter, pv, ["a red circle", "a cat"]), expected,
+                               rtol=1e-4, atol=1e-6)
+    assert adapter._readout_trace_ok is False
+    # SigLIP's pooling head reads every last-layer token: its readout trace is the full one
+    spv = torch.randn(2, 3, siglip.image_size, siglip.image_size)
+    trace = siglip.readout_trace(spv, ["a red circle", "a cat"])
+    assert trace.pool_attention is not None and trace.attentions[-1].shape[-2] == trace.attentions[-1].shape[-1]
 
 
 def test_it_occlusion_rejects_windows_that_do_not_fit(clip):

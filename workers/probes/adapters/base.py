@@ -40,6 +40,10 @@ class VisionTrace:
     ``score.sum().backward()`` (read ``attentions[l].grad``).
     ``hidden_states[l]`` is ``[B, T, D]`` for l = 0 (embeddings) .. L (last layer), also
     retaining gradients.
+
+    A trace from ``readout_trace`` is leaner: no hidden states, nothing retains ``.grad`` (take
+    ``torch.autograd.grad(score, attentions)``), and ``attentions[-1]`` may hold only the first
+    ``q`` query rows ``[B, H, q, T]``, the only rows of the last layer that reach the score.
     """
 
     score: torch.Tensor  # [B] similarity of image b with prompt b (what is explained)
@@ -160,6 +164,11 @@ class DualEncoderAdapter(VisionLanguageAdapter):
     def trace(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> VisionTrace:
         """Forward with eager attention, keeping attention probabilities and hidden states
         (with gradients) for every vision layer."""
+
+    def readout_trace(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> VisionTrace:
+        """``trace`` for rules that need only the score and the attention probabilities with their
+        gradients (see ``VisionTrace``); an architecture may skip what cannot reach the score."""
+        return self.trace(pixel_values, prompts)
 
     @abstractmethod
     def vision_features(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
