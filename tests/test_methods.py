@@ -356,6 +356,24 @@ def test_it_explains_through_a_trace_whose_last_layer_runs_for_the_cls_token_onl
     both()
 
 
+def test_it_keeps_its_shortcuts_under_bf16_autocast(tmp_path):
+    # on a GPU audits run in bf16; the two paths then round differently at every operation, and a
+    # float32 tolerance would turn the shortcuts off for good without a word
+    directory = save_tiny_clip(tmp_path / "clip-bf16")
+    adapter, reference = load_adapter(str(directory), dtype="bf16"), load_adapter(str(directory))
+    pv = torch.randn(4, 3, adapter.image_size, adapter.image_size, generator=torch.Generator().manual_seed(2))
+    prompts = ["a red circle", "a cat", "a blue square", "a dog"]
+    maps = registry.get("chefer")(adapter, pv, prompts)
+    with torch.no_grad():
+        embeds = adapter.image_embeds_for_scoring(pv)
+    assert adapter._readout_trace_ok is True and adapter._cls_readout_ok is True
+    # and still as close to float32 as the model's own bf16 forward is
+    expected = registry.get("chefer")(reference, pv, prompts)
+    assert (maps - expected).abs().max() <= 0.1 * expected.abs().max()
+    with torch.no_grad():
+        assert (embeds - reference.image_embeds(pv)).abs().max() < 0.05
+
+
 def test_it_falls_back_to_the_full_trace_when_the_readout_trace_disagrees(tmp_path, monkeypatch, siglip):
     adapter = load_adapter(str(save_tiny_clip(tmp_path / "clip-trace-fallback")))
     pv = torch.randn(2, 3, adapter.image_size, adapter.image_size)
