@@ -21,7 +21,7 @@ their sum yields every pair's gradients.
 
 The image map needs nothing but the score and the attention probabilities, so it comes from the
 adapter's ``readout_trace``: for CLIP the last layer runs for the CLS query alone (the only row
-of ``A_L`` the readout row meets), which makes a batch of 32 on the zoo's ViT 1.5-1.9x faster
+of ``A_L`` the readout row meets), which makes a batch of 32 on the zoo's ViT 1.7x faster
 than through the model's own layers. The text-side relevance needs the text tower's attention
 too and goes through the full ``trace``.
 """
