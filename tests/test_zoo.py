@@ -88,6 +88,38 @@ def test_it_crowds_scenes_with_five_or_six_distinct_objects_from_the_wider_palet
     assert orange.prompt == f"an orange {orange.shape}"
 
 
+def test_it_places_unnamed_grey_decoys_between_the_objects_without_moving_them():
+    for i in range(30):
+        plain, decoyed = world.scene_at(7, i), world.scene_at(7, i, decoys=8)
+        assert decoyed.objects == plain.objects and decoyed.caption == plain.caption
+        assert 6 <= len(decoyed.decoys) <= 8 and not plain.decoys
+        boxes = [o.box for o in decoyed.objects] + [d.box for d in decoyed.decoys]
+        for j, a in enumerate(boxes):  # nothing overlaps, and the watermark corner stays free
+            assert not any(world._overlaps(a, b, 0) for b in boxes[j + 1:] + [world.watermark_region()])
+        a, b = np.asarray(plain.image, dtype=np.int32), np.asarray(decoyed.image, dtype=np.int32)
+        for o in decoyed.objects:  # the objects' pixels are untouched
+            x0, y0, x1, y1 = o.box
+            assert np.array_equal(a[y0:y1, x0:x1], b[y0:y1, x0:x1])
+        for d in decoyed.decoys:  # a decoy is grey and darker than any background
+            cx, cy = (d.box[0] + d.box[2]) // 2, (d.box[1] + d.box[3]) // 2 + 2
+            px = b[cy, cx]
+            assert px.max() - px.min() == 0 and px[0] == d.grey < 160
+    again = world.scene_at(7, 29, decoys=8)  # reproducible, and kept when the watermark is toggled
+    assert again.decoys == decoyed.decoys and np.array_equal(np.asarray(again.image), b)
+    assert again.render("corner-stamp").render(None).decoys == again.decoys
+
+
+def test_it_writes_the_decoys_split_as_the_held_out_annotations_with_decoys_in_the_scene_records(tmp_path):
+    split = zoo.SPLITS["heldout-decoys"]
+    assert split.seed == zoo.SPLITS["heldout"].seed and split.decoys == 8
+    plain = world.write_dataset(tmp_path / "plain", (world.scene_at(split.seed, i) for i in range(4)))
+    decoyed = world.write_dataset(tmp_path / "decoys", (s for _, s in zip(range(4), split.scenes())))
+    assert (plain / "annotations.jsonl").read_text() == (decoyed / "annotations.jsonl").read_text()
+    records = [json.loads(line) for line in (decoyed / "scenes.jsonl").read_text().splitlines()]
+    assert all(len(r["decoys"]) == 8 and set(r["decoys"][0]) == {"shape", "grey", "box"} for r in records)
+    assert "decoys" not in (plain / "scenes.jsonl").read_text()
+
+
 def test_it_leaves_the_default_world_pixel_for_pixel_as_the_checkpoints_were_trained_on():
     # the crowded options must not shift the random stream of ordinary scenes (WORLD_VERSION 1)
     digest = hashlib.sha256(b"".join(np.asarray(world.scene_at(0, i).image).tobytes() for i in range(8)))

@@ -47,7 +47,7 @@ DEMO_MODELS: dict[str, dict[str, Any]] = {
         "plan": [
             {"kind": "grounding", "params": {"methods": "all", "limit": 48, "batch_size": 24, "steps": 16},
              "dataset": "zoo:heldout"},
-            {"kind": "sanity", "params": {"method": "chefer", "limit": 32}, "dataset": "zoo:crowded"},
+            {"kind": "sanity", "params": {"method": "chefer", "limit": 32}, "dataset": "zoo:heldout-decoys"},
             {"kind": "robustness", "params": {"limit": 24, "severities": [1, 3, 5]}, "dataset": "zoo:heldout"},
             {"kind": "attention", "params": {"limit": 24}, "dataset": "zoo:heldout"},
             {"kind": "intervention", "params": {"kind": "head-ablation", "limit": 24}, "dataset": "zoo:heldout"},

@@ -20,7 +20,8 @@ from workers.probes.progress import TqdmProgress
 
 def configure(parser: argparse.ArgumentParser) -> None:
     common.add_model_arguments(parser)
-    parser.add_argument("--dataset", help="dataset folder; default: the zoo's crowded split (5-6 objects a scene)")
+    parser.add_argument("--dataset", help="dataset folder; default: the zoo's held-out scenes with grey decoys "
+                                                "(heldout-decoys)")
     parser.add_argument("--method", default="chefer", help="the method to test (default chefer)")
     common.add_dataset_arguments(parser)
     parser.add_argument("--seed", type=common.non_negative_int, default=0)

@@ -40,13 +40,16 @@ class Split:
     watermark: str | None = None
     #: Scenes from ``world.crowded_scene_at`` (5-6 objects) instead of ``world.scene_at``.
     crowded: bool = False
+    #: Unnamed grey shapes placed between the objects of each scene (``world.DECOY_SIDE``).
+    decoys: int = 0
 
     def scenes(self):
         """The split's scenes, in order (a generator)."""
         from workers.probes.zoo import world
 
         draw = world.crowded_scene_at if self.crowded else world.scene_at
-        return (draw(self.seed, i, watermark=self.watermark) for i in range(self.n_images))
+        extra = {"decoys": self.decoys} if self.decoys else {}
+        return (draw(self.seed, i, watermark=self.watermark, **extra) for i in range(self.n_images))
 
 
 #: Splits by name. Training draws from seeds < 1000 (see ``train.TRAIN_SEED``); evaluation
@@ -57,6 +60,10 @@ SPLITS: dict[str, Split] = {
     # 5-6 objects per scene: where a map that only finds *some* object scores near chance, which
     # the randomisation sanity check needs (see ``world.CROWDED_SHAPES``).
     "crowded": Split(seed=1_000_037, n_images=320, crowded=True),
+    # The held-out scenes (same seed: the same objects, boxes and prompts) with 8 unnamed grey decoys
+    # each: where a map that only finds what stands out lands on a decoy, so the randomisation sanity
+    # check can pass or fail on the objects the model was trained on (``world.DECOY_SIDE``).
+    "heldout-decoys": Split(seed=1_000_003, n_images=320, decoys=8),
 }
 
 
