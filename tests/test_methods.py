@@ -318,12 +318,13 @@ def test_it_falls_back_to_the_models_own_forward_when_the_cls_shortcut_disagrees
 
 
 def _chefer_through_the_full_trace(adapter, pv, prompts, start):
-    lean = adapter.readout_trace
-    adapter.readout_trace = lambda x, p: adapter.trace(x, p, retain_grads=False)
-    try:
-        return relevance(adapter, pv, prompts, start_layer=start).image
-    finally:
-        adapter.readout_trace = lean
+    # autograd on the model's own layers: neither the lean trace nor the fused weighting
+    trace = adapter.trace(pv, prompts, retain_grads=False)
+    grads = torch.autograd.grad(trace.score.sum(), trace.attentions[start:])
+    layers = [weighted_attention(a, g) for a, g in zip(trace.attentions[start:], grads, strict=True)]
+    row = torch.zeros(pv.shape[0], layers[0].shape[-1])
+    row[:, 0] = 1.0
+    return propagate_row(row, layers)[:, 1:].reshape(pv.shape[0], *adapter.grid)
 
 
 def test_it_explains_through_a_trace_whose_last_layer_runs_for_the_cls_token_only(tmp_path):
@@ -350,6 +351,7 @@ def test_it_explains_through_a_trace_whose_last_layer_runs_for_the_cls_token_onl
 
     both()
     assert adapter._readout_trace_ok is True  # checked itself against the model's forward, and kept
+    assert adapter._fused_weighting_ok is True  # and the fused weighting against the lean trace
     with torch.no_grad():  # the sanity check randomises weights in place: the lean trace must see them
         for p in adapter.model.vision_model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -366,7 +368,8 @@ def test_it_keeps_its_shortcuts_under_bf16_autocast(tmp_path):
     maps = registry.get("chefer")(adapter, pv, prompts)
     with torch.no_grad():
         embeds = adapter.image_embeds_for_scoring(pv)
-    assert adapter._readout_trace_ok is True and adapter._cls_readout_ok is True
+    assert adapter._fused_weighting_ok is True and adapter._cls_readout_ok is True
+    assert adapter.readout_trace(pv, prompts).score.dtype == torch.float32 and adapter._readout_trace_ok is True
     # and still as close to float32 as the model's own bf16 forward is
     expected = registry.get("chefer")(reference, pv, prompts)
     assert (maps - expected).abs().max() <= 0.1 * expected.abs().max()
@@ -377,7 +380,7 @@ def test_it_keeps_its_shortcuts_under_bf16_autocast(tmp_path):
 def test_it_falls_back_to_the_full_trace_when_the_readout_trace_disagrees(tmp_path, monkeypatch, siglip):
     adapter = load_adapter(str(save_tiny_clip(tmp_path / "clip-trace-fallback")))
     pv = torch.randn(2, 3, adapter.image_size, adapter.image_size)
-    expected = registry.get("chefer")(adapter, pv, ["a red circle", "a cat"])
+    expected = adapter.trace(pv, ["a red circle", "a cat"], retain_grads=False)
     lean = adapter._readout_trace
 
     def wrong_score(x, p):  # e.g. a subclass whose layers the hand-written path gets wrong
@@ -386,13 +389,32 @@ def test_it_falls_back_to_the_full_trace_when_the_readout_trace_disagrees(tmp_pa
 
     monkeypatch.setattr(adapter, "_readout_trace", wrong_score)
     adapter._readout_trace_ok = None  # as on a freshly loaded model
-    torch.testing.assert_close(registry.get("chefer")(adapter, pv, ["a red circle", "a cat"]), expected,
-                               rtol=1e-4, atol=1e-6)
+    trace = adapter.readout_trace(pv, ["a red circle", "a cat"])
     assert adapter._readout_trace_ok is False
+    torch.testing.assert_close(trace.score, expected.score)
+    assert [a.shape for a in trace.attentions] == [a.shape for a in expected.attentions]  # every row again
     # SigLIP's pooling head reads every last-layer token: its readout trace is the full one
     spv = torch.randn(2, 3, siglip.image_size, siglip.image_size)
     trace = siglip.readout_trace(spv, ["a red circle", "a cat"])
     assert trace.pool_attention is not None and trace.attentions[-1].shape[-2] == trace.attentions[-1].shape[-1]
+
+
+def test_it_falls_back_to_autograd_when_the_fused_weighting_disagrees(tmp_path, monkeypatch):
+    adapter = load_adapter(str(save_tiny_clip(tmp_path / "clip-fused-fallback")))
+    pv = torch.randn(2, 3, adapter.image_size, adapter.image_size)
+    prompts = ["a red circle", "a cat"]
+    expected = registry.get("chefer")(adapter, pv, prompts)
+    assert adapter._fused_weighting_ok is True
+    fused = adapter._fused_weighted_attentions
+
+    def wrong(*args):  # e.g. a subclass whose attention layout the fused path gets wrong
+        weighted = fused(*args)
+        return dataclasses.replace(weighted, layers=[layer.flip(-1) for layer in weighted.layers])
+
+    monkeypatch.setattr(adapter, "_fused_weighted_attentions", wrong)
+    adapter._fused_weighting_ok = None  # as on a freshly loaded model
+    torch.testing.assert_close(registry.get("chefer")(adapter, pv, prompts), expected, rtol=1e-4, atol=1e-6)
+    assert adapter._fused_weighting_ok is False
 
 
 def test_it_occlusion_rejects_windows_that_do_not_fit(clip):

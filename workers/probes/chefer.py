@@ -19,11 +19,11 @@ check it against the literal matrix recursion.
 Batching: the scores of the ``B`` image-prompt pairs don't interact, so one backward pass of
 their sum yields every pair's gradients.
 
-The image map needs nothing but the score and the attention probabilities, so it comes from the
-adapter's ``readout_trace``: for CLIP the last layer runs for the CLS query alone (the only row
-of ``A_L`` the readout row meets), which makes a batch of 32 on the zoo's ViT 1.7x faster
-than through the model's own layers. The text-side relevance needs the text tower's attention
-too and goes through the full ``trace``.
+The image map needs nothing but the gradient-weighted attentions, so it asks the adapter for
+exactly those (``gradient_weighted_attentions``). By default they come from ``readout_trace`` and
+autograd; for CLIP the last layer runs for the CLS query alone (the only row of ``A_L`` the readout
+row meets), and the weighting is fused into the attention's backward pass (``fused_attention``).
+The text-side relevance needs the text tower's attention too and goes through the full ``trace``.
 """
 
 from __future__ import annotations
@@ -121,23 +121,18 @@ def relevance(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, st
     """Chefer relevance for ``B`` image-prompt pairs in one forward and one backward pass."""
     if not 0 <= start_layer < adapter.num_layers:
         raise ProbeInputError(f"start layer {start_layer} out of range 0..{adapter.num_layers - 1}")
-    if text:
-        trace = adapter.trace(pixel_values, prompts, grad_from_layer=start_layer, text=True, retain_grads=False)
-    else:
-        trace = adapter.readout_trace(pixel_values, prompts)
+    if not text:
+        weighted = adapter.gradient_weighted_attentions(pixel_values, prompts, start_layer=start_layer)
+        return CheferRelevance(image=_image_map(adapter, weighted.layers, weighted.pool))
+
+    trace = adapter.trace(pixel_values, prompts, grad_from_layer=start_layer, text=True, retain_grads=False)
     vision = list(trace.attentions[start_layer:])
     pooled = [trace.pool_attention] if trace.pool_attention is not None else []
-    texts = list(trace.text_attentions) if text else []
-    # Gradients of exactly the attention maps: autograd skips what doesn't lead to them (the
-    # first layer's projections, layer norms, patch embedding), ~15% of the backward pass.
+    texts = list(trace.text_attentions)
     grads = torch.autograd.grad(trace.score.sum(), vision + pooled + texts)
     layers = [weighted_attention(a, g) for a, g in zip(vision, grads)]
-    b, t = layers[-1].shape[0], layers[-1].shape[-1]
     pool = weighted_attention(pooled[0], grads[len(vision)]) if pooled else None
-    row = readout_row(adapter, pool, b, t).to(layers[0].device)
-    image = to_grid(adapter, propagate_row(row, layers))
-    if not text:
-        return CheferRelevance(image=image)
+    image = _image_map(adapter, layers, pool)
 
     text_layers = [weighted_attention(a, g) for a, g in zip(texts, grads[len(vision) + len(pooled):])]
     tt = text_layers[0].shape[-1]
@@ -145,6 +140,13 @@ def relevance(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, st
     text_rel = propagate_row(text_row, text_layers) * trace.text_attention_mask.float()
     tokens = [adapter.tokenizer.convert_ids_to_tokens(ids.tolist()) for ids in trace.text_input_ids]
     return CheferRelevance(image=image, text=text_rel.detach().float().cpu(), tokens=tokens)
+
+
+def _image_map(adapter, layers: Sequence[torch.Tensor], pool: torch.Tensor | None) -> torch.Tensor:
+    """The readout row through the head-fused layers ``[B, q, T]`` -> ``[B, gh, gw]``."""
+    b, t = layers[-1].shape[0], layers[-1].shape[-1]
+    row = readout_row(adapter, pool, b, t).to(layers[0].device)
+    return to_grid(adapter, propagate_row(row, layers))
 
 
 @register("chefer")

@@ -58,6 +58,17 @@ class VisionTrace:
     text_attention_mask: torch.Tensor | None = None  # [B, Tt] 1 for real tokens, 0 for padding
 
 
+@dataclass
+class WeightedAttentions:
+    """Gradient-weighted, head-fused attention (``gradient_weighted_attentions``): ``layers[l]``
+    ``[B, q, T]`` float32 for the layers asked for, in layer order (``q`` = T, or only the readout
+    row for a last layer nothing else of reaches the score); ``pool`` ``[B, T]`` for a pooling
+    head's query (SigLIP), else ``None``."""
+
+    layers: list[torch.Tensor]
+    pool: torch.Tensor | None = None
+
+
 class VisionLanguageAdapter(ABC):
     """Common to dual encoders and fusion (generative) models."""
 
@@ -169,6 +180,22 @@ class DualEncoderAdapter(VisionLanguageAdapter):
         """``trace`` for rules that need only the score and the attention probabilities with their
         gradients (see ``VisionTrace``); an architecture may skip what cannot reach the score."""
         return self.trace(pixel_values, prompts)
+
+    def gradient_weighted_attentions(self, pixel_values: torch.Tensor, prompts: Sequence[str], *,
+                                     start_layer: int = 0) -> WeightedAttentions:
+        """Chefer's ``mean_heads((dS/dA * A)+)`` for the vision layers from ``start_layer`` up and
+        the pooling head, from one forward and one backward pass for the batch. Here through
+        ``readout_trace`` and autograd; an architecture may fuse the weighting into its attention."""
+        from workers.probes.chefer import weighted_attention
+
+        trace = self.readout_trace(pixel_values, prompts)
+        vision = list(trace.attentions[start_layer:])
+        pooled = [trace.pool_attention] if trace.pool_attention is not None else []
+        # Gradients of exactly these attention maps: autograd skips what doesn't lead to them (the
+        # first layer's projections, layer norms, patch embedding).
+        grads = torch.autograd.grad(trace.score.sum(), vision + pooled)
+        return WeightedAttentions(layers=[weighted_attention(a, g) for a, g in zip(vision, grads)],
+                                  pool=weighted_attention(pooled[0], grads[-1]) if pooled else None)
 
     @abstractmethod
     def vision_features(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:

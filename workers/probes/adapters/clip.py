@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers.activations import QuickGELUActivation
 
-from workers.probes.adapters.base import DualEncoderAdapter, VisionTrace
+from workers.probes.adapters.base import DualEncoderAdapter, VisionTrace, WeightedAttentions
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
+from workers.probes.fused_attention import WeightedAttentionSink
 
 
 def _softmax_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -53,6 +54,15 @@ class _Recording:
     hidden_states: list[torch.Tensor | None]
     pool_attention: torch.Tensor | None = None
     handles: list = field(default_factory=list)
+
+
+#: ``attend(q, k, v, scale) -> out`` in place of a layer's softmax attention (``WeightedAttentionSink.attend``).
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def _flat_layers(weighted: WeightedAttentions) -> torch.Tensor:
+    """Every layer's ``[B, q, T]`` side by side: ``[B, sum(q * T)]``, to compare two paths."""
+    return torch.cat([layer.flatten(1) for layer in weighted.layers], dim=1)
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -268,10 +278,11 @@ class CLIPAdapter(DualEncoderAdapter):
         last layer's input) -> normalised embeddings ``[B, E]``."""
         return self._cls_readout(hidden, probabilities=False)[0]
 
-    def _cls_readout(self, hidden: torch.Tensor, *, probabilities: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _cls_readout(self, hidden: torch.Tensor, *, probabilities: bool,
+                     attend: Attend | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``_cls_readout_tail``, and with ``probabilities`` also the CLS query's attention row
         ``[B, H, 1, T]`` that its output is computed from (explicit softmax, so that gradients reach
-        it); without, the fused kernel."""
+        it); without, the fused kernel, or ``attend`` where given."""
         vision, last = self.model.vision_model, self.vision_layers[-1]
         attn = last.self_attn
         x = last.layer_norm1(hidden)
@@ -285,6 +296,8 @@ class CLIPAdapter(DualEncoderAdapter):
         if probabilities:
             probs = _softmax_attention(q, k, attn.scale)
             out = probs @ v
+        elif attend is not None:
+            out = attend(q, k, v, attn.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # [B, H, 1, D/H]
         cls = hidden[:, :1] + attn.out_proj(out.transpose(1, 2).reshape(b, 1, d))
@@ -393,16 +406,22 @@ class CLIPAdapter(DualEncoderAdapter):
         return hidden + cls._mlp(layer, layer.layer_norm2(hidden), inplace=True)
 
     @classmethod
-    def _traced_layer(cls, layer: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _traced_layer(cls, layer: torch.nn.Module, hidden: torch.Tensor,
+                      attend: Attend | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``_scoring_layer`` with explicit attention probabilities ``[B, H, T, T]`` that gradients
         reach: ``(output [B, T, D], probabilities)``. Besides the stacked projection and the folded
         QuickGELU, the 1/sqrt(d) scale is applied to the queries ([B, H, T, D/H]) instead of to
-        the [B, H, T, T] scores, one full pass over the scores fewer each way."""
+        the [B, H, T, T] scores, one full pass over the scores fewer each way. With ``attend``,
+        that does the attention instead and the probabilities are ``None``."""
         attn = layer.self_attn
         b, t, d = hidden.shape
         q, k, v = cls._qkv(layer, hidden).view(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        probs = _softmax_attention(q, k, attn.scale)
-        hidden = hidden + attn.out_proj((probs @ v).transpose(1, 2).reshape(b, t, d))
+        if attend is not None:
+            probs, out = None, attend(q, k, v, attn.scale)
+        else:
+            probs = _softmax_attention(q, k, attn.scale)
+            out = probs @ v
+        hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(b, t, d))
         return hidden + cls._mlp(layer, layer.layer_norm2(hidden), inplace=False), probs
 
     @staticmethod
@@ -600,6 +619,43 @@ class CLIPAdapter(DualEncoderAdapter):
             score = self.pair_score(img, txt)
         return VisionTrace(score=score, attentions=attentions, hidden_states=[])
 
+    #: None until the fused weighting has been checked against the readout trace and autograd once.
+    _fused_weighting_ok: bool | None = None
+
+    def gradient_weighted_attentions(self, pixel_values: torch.Tensor, prompts: Sequence[str], *,
+                                     start_layer: int = 0) -> WeightedAttentions:
+        """``DualEncoderAdapter.gradient_weighted_attentions`` with the weighting fused into the
+        attention's backward pass (``workers.probes.fused_attention``, which says why), through the
+        same lean layers as ``readout_trace``; layers below ``start_layer`` run without recording
+        anything. The first call checks itself against the readout trace and autograd and falls
+        back to them for good if they disagree."""
+        pixel_values = self._check_pixels(pixel_values)
+        prompts = self.pair_prompts(pixel_values, prompts)
+
+        def plain(px: torch.Tensor = pixel_values, pr: Sequence[str] = prompts) -> WeightedAttentions:
+            return DualEncoderAdapter.gradient_weighted_attentions(self, px, pr, start_layer=start_layer)
+
+        return self._checked_shortcut(
+            "_fused_weighting_ok", lambda: self._fused_weighted_attentions(pixel_values, prompts, start_layer), plain,
+            lambda: _flat_layers(plain(pixel_values[:2], prompts[:2])), compared=_flat_layers)
+
+    def _fused_weighted_attentions(self, pixel_values: torch.Tensor, prompts: Sequence[str],
+                                   start_layer: int) -> WeightedAttentions:
+        vision = self.model.vision_model
+        sink = WeightedAttentionSink(pixel_values.device)
+        with torch.enable_grad(), self.autocast():
+            txt = self.text_embeds(prompts)
+            with torch.no_grad():  # below ``start_layer`` nothing enters the rule
+                hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
+                for layer in self.vision_layers[:start_layer]:
+                    hidden = self._scoring_layer(layer, hidden)
+            for layer in self.vision_layers[start_layer:-1]:
+                hidden, _ = self._traced_layer(layer, hidden, attend=sink.attend)
+            img, _ = self._cls_readout(hidden, probabilities=False, attend=sink.attend)
+            score = self.pair_score(img, txt)
+        torch.autograd.grad(score.sum(), sink.anchor)
+        return WeightedAttentions(layers=sink.weighted())
+
     @torch.no_grad()
     def attentions(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Attention probabilities without gradients: ``([B, H, T, T] per layer, pool [B, H, T] | None)``.
@@ -698,6 +754,11 @@ class SiglipAdapter(CLIPAdapter):
     def readout_trace(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> VisionTrace:
         # the pooling head reads every last-layer token: the full trace, pooling row included
         return self.trace(pixel_values, prompts, retain_grads=False)
+
+    def gradient_weighted_attentions(self, pixel_values: torch.Tensor, prompts: Sequence[str], *,
+                                     start_layer: int = 0) -> WeightedAttentions:
+        # the pooling head's attention lives in torch's MultiheadAttention: through autograd
+        return DualEncoderAdapter.gradient_weighted_attentions(self, pixel_values, prompts, start_layer=start_layer)
 
     def _text_readout_index(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
