@@ -20,9 +20,8 @@ watermark, so that ``scene.render(watermark=...)`` yields *otherwise identical* 
 without the stamp (the shortcut probe measures the score change between the two).
 
 Public API: ``SHAPES``, ``COLOURS``, ``COLOUR_RGB``, ``WATERMARKS``, ``SceneObject``, ``Scene``,
-``render_scene``, ``scene_at``, ``crowded_scene_at`` (and its ``CROWDED_*`` settings), ``Decoy``
-(and the ``DECOY_*`` settings),
-``sample_scenes``, ``draw_scene``, ``stamp_watermark``, ``watermark_region``, ``caption_for``,
+``render_scene``, ``scene_at``, ``crowded_scene_at`` (and its ``CROWDED_*`` settings), ``Decoy``,
+``place_decoys`` (and the ``DECOY_*`` settings), ``sample_scenes``, ``draw_scene``, ``stamp_watermark``, ``watermark_region``, ``caption_for``,
 ``first_object_prompt``, ``all_object_prompts``, ``write_dataset``, ``read_dataset``.
 """
 
