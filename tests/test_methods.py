@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.tiny_models import object_image, save_attending_clip, save_tiny_clip, save_tiny_siglip
-from workers.probes import registry
+from workers.probes import fused_attention, registry
 from workers.probes.adapters import load_adapter
 from workers.probes.chefer import propagate_row, relevance, weighted_attention
 from workers.probes.errors import ProbeInputError
@@ -327,7 +327,13 @@ def _chefer_through_the_full_trace(adapter, pv, prompts, start):
     return propagate_row(row, layers)[:, 1:].reshape(pv.shape[0], *adapter.grid)
 
 
-def test_it_explains_through_a_trace_whose_last_layer_runs_for_the_cls_token_only(tmp_path):
+@pytest.fixture
+def fuse_every_batch(monkeypatch):
+    """One image per block: the tiny test models' batches take the fused path (``pays_off``)."""
+    monkeypatch.setattr(fused_attention, "CPU_BLOCK_BYTES", 1)
+
+
+def test_it_explains_through_a_trace_whose_last_layer_runs_for_the_cls_token_only(tmp_path, fuse_every_batch):
     adapter = load_adapter(str(save_tiny_clip(tmp_path / "clip-readout")))
     pv = torch.randn(3, 3, adapter.image_size, adapter.image_size, generator=torch.Generator().manual_seed(11))
     prompts = ["a red circle", "a cat", "a blue square"]
@@ -358,7 +364,7 @@ def test_it_explains_through_a_trace_whose_last_layer_runs_for_the_cls_token_onl
     both()
 
 
-def test_it_keeps_its_shortcuts_under_bf16_autocast(tmp_path):
+def test_it_keeps_its_shortcuts_under_bf16_autocast(tmp_path, fuse_every_batch):
     # on a GPU audits run in bf16; the two paths then round differently at every operation, and a
     # float32 tolerance would turn the shortcuts off for good without a word
     directory = save_tiny_clip(tmp_path / "clip-bf16")
@@ -399,7 +405,7 @@ def test_it_falls_back_to_the_full_trace_when_the_readout_trace_disagrees(tmp_pa
     assert trace.pool_attention is not None and trace.attentions[-1].shape[-2] == trace.attentions[-1].shape[-1]
 
 
-def test_it_falls_back_to_autograd_when_the_fused_weighting_disagrees(tmp_path, monkeypatch):
+def test_it_falls_back_to_autograd_when_the_fused_weighting_disagrees(tmp_path, monkeypatch, fuse_every_batch):
     adapter = load_adapter(str(save_tiny_clip(tmp_path / "clip-fused-fallback")))
     pv = torch.randn(2, 3, adapter.image_size, adapter.image_size)
     prompts = ["a red circle", "a cat"]
@@ -415,6 +421,20 @@ def test_it_falls_back_to_autograd_when_the_fused_weighting_disagrees(tmp_path, 
     adapter._fused_weighting_ok = None  # as on a freshly loaded model
     torch.testing.assert_close(registry.get("chefer")(adapter, pv, prompts), expected, rtol=1e-4, atol=1e-6)
     assert adapter._fused_weighting_ok is False
+
+
+def test_it_fuses_only_batches_whose_attention_spans_more_than_one_cache_block(tmp_path, monkeypatch):
+    adapter = load_adapter(str(save_tiny_clip(tmp_path / "clip-fuse-when")))
+    t = adapter.num_prefix_tokens + adapter.grid[0] * adapter.grid[1]
+    monkeypatch.setattr(fused_attention, "CPU_BLOCK_BYTES", 2 * adapter.num_heads * t * t * 4)  # 2 images a block
+    calls = []
+    fused = adapter._fused_weighted_attentions
+    monkeypatch.setattr(adapter, "_fused_weighted_attentions", lambda *a: calls.append(a[0].shape[0]) or fused(*a))
+    for batch in (1, 2, 3, 5):
+        pv = torch.randn(batch, 3, adapter.image_size, adapter.image_size)
+        registry.get("chefer")(adapter, pv, ["a red circle"] * batch)
+    assert calls == [3, 5]  # one block's worth goes through autograd: it stays in cache there too
+    assert not fused_attention.pays_off(64, adapter.num_heads, t, "cuda")  # not measured on a GPU
 
 
 def test_it_occlusion_rejects_windows_that_do_not_fit(clip):

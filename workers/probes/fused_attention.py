@@ -12,11 +12,9 @@ softmax backward (``P - A * rowsum(P)``) from it while the block is still in cac
 ``A_bar`` to a ``WeightedAttentionSink`` instead of returning the gradient.
 
 Why by hand (nothing in torch fuses a softmax's backward with a side output): at batch 32 on the
-zoo's ViT the weighted attentions come 1.16x faster on one CPU thread than through autograd (no
-faster on two, where autograd's larger operations parallelise better) and the batched chefer call
-peaks at a third less memory, since one [B, n, T] matrix per layer stays alive instead of two
-[B, H, n, T] tensors (``benchmarks/README.md``). The result equals the autograd path's to float
-rounding (tests).
+zoo's ViT the batched chefer call peaks at a third less memory, since one [B, n, T] matrix per
+layer stays alive instead of two [B, H, n, T] tensors, and runs 1.04-1.18x faster on a 2-core CPU
+(``benchmarks/README.md``). The result equals the autograd path's to float rounding (tests).
 
 Shapes: ``q`` ``[B, H, n, d]`` (``n`` query rows: all ``T`` tokens, or the readout row alone),
 ``k``/``v`` ``[B, H, T, d]``.
@@ -31,13 +29,26 @@ import torch
 CPU_BLOCK_BYTES = 1 << 20
 
 
-def _block_size(q: torch.Tensor, tokens: int) -> int:
+def block_size(batch: int, heads: int, rows: int, tokens: int, device: torch.device | str) -> int:
     """Images per block: the whole batch on a GPU (one kernel per step keeps it busy), on a CPU as
     many as fit ``CPU_BLOCK_BYTES`` (at least one)."""
+    if torch.device(device).type != "cpu":
+        return batch
+    return max(1, min(batch, CPU_BLOCK_BYTES // (heads * rows * tokens * 4)))
+
+
+def pays_off(batch: int, heads: int, tokens: int, device: torch.device | str) -> bool:
+    """Whether to fuse rather than go through autograd: where it was measured to pay, on a CPU for a
+    batch whose [B, H, T, T] attention spans more than one block. A batch that fits one block
+    stays in cache through autograd too, and there the Python backward step costs more than it
+    saves (a per-image loop on the zoo's ViT ran 8% slower on one thread, 16% on two); on a GPU
+    it has not been measured."""
+    return torch.device(device).type == "cpu" and block_size(batch, heads, tokens, tokens, device) < batch
+
+
+def _block_size(q: torch.Tensor, tokens: int) -> int:
     b, h, n, _ = q.shape
-    if q.device.type != "cpu":
-        return b
-    return max(1, min(b, CPU_BLOCK_BYTES // (h * n * tokens * 4)))
+    return block_size(b, h, n, tokens, q.device)
 
 
 class WeightedAttentionSink:

@@ -37,7 +37,7 @@ from transformers.activations import QuickGELUActivation
 
 from workers.probes.adapters.base import DualEncoderAdapter, VisionTrace, WeightedAttentions
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
-from workers.probes.fused_attention import WeightedAttentionSink
+from workers.probes.fused_attention import WeightedAttentionSink, pays_off
 
 
 def _softmax_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -627,8 +627,13 @@ class CLIPAdapter(DualEncoderAdapter):
         """``DualEncoderAdapter.gradient_weighted_attentions`` with the weighting fused into the
         attention's backward pass (``workers.probes.fused_attention``, which says why), through the
         same lean layers as ``readout_trace``; layers below ``start_layer`` run without recording
-        anything. The first call checks itself against the readout trace and autograd and falls
-        back to them for good if they disagree."""
+        anything. Only where fusing pays (``fused_attention.pays_off``: large batches on a CPU).
+        The first fused call checks itself against the readout trace and autograd and falls back
+        to them for good if they disagree."""
+        tokens = self.num_prefix_tokens + self.grid[0] * self.grid[1]
+        batch = pixel_values.shape[0] if pixel_values.ndim == 4 else 0  # else the plain path says what is wrong
+        if not pays_off(batch, self.num_heads, tokens, pixel_values.device):
+            return DualEncoderAdapter.gradient_weighted_attentions(self, pixel_values, prompts, start_layer=start_layer)
         pixel_values = self._check_pixels(pixel_values)
         prompts = self.pair_prompts(pixel_values, prompts)
 
