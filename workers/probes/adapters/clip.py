@@ -282,7 +282,7 @@ class CLIPAdapter(DualEncoderAdapter):
                      attend: Attend | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``_cls_readout_tail``, and with ``probabilities`` also the CLS query's attention row
         ``[B, H, 1, T]`` that its output is computed from (explicit softmax, so that gradients reach
-        it); without, the fused kernel, or ``attend`` where given."""
+        it); without, torch's scaled-dot-product kernel, or ``attend`` where given."""
         vision, last = self.model.vision_model, self.vision_layers[-1]
         attn = last.self_attn
         x = last.layer_norm1(hidden)
