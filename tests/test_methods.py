@@ -435,6 +435,8 @@ def test_it_fuses_only_batches_whose_attention_spans_more_than_one_cache_block(t
         registry.get("chefer")(adapter, pv, ["a red circle"] * batch)
     assert calls == [3, 5]  # one block's worth goes through autograd: it stays in cache there too
     assert not fused_attention.pays_off(64, adapter.num_heads, t, "cuda")  # not measured on a GPU
+    monkeypatch.setattr(fused_attention, "FUSE", True)  # unless a benchmark asks for it
+    assert fused_attention.pays_off(64, adapter.num_heads, t, "cuda") and fused_attention.pays_off(1, 4, t, "cpu")
 
 
 def test_it_occlusion_rejects_windows_that_do_not_fit(clip):

@@ -27,6 +27,9 @@ import torch
 #: Bytes of one [block, H, n, T] float32 tensor the CPU path aims for: small enough that the
 #: few tensors of a block stay in a core's L2 cache between the passes over them.
 CPU_BLOCK_BYTES = 1 << 20
+#: ``None``: fuse where ``pays_off`` says so; ``True``/``False``: always/never (benchmarks that
+#: compare the two paths, e.g. ``benchmarks/gpu_grounding.py`` on a GPU, where it is unmeasured).
+FUSE: bool | None = None
 
 
 def block_size(batch: int, heads: int, rows: int, tokens: int, device: torch.device | str) -> int:
@@ -42,7 +45,9 @@ def pays_off(batch: int, heads: int, tokens: int, device: torch.device | str) ->
     batch whose [B, H, T, T] attention spans more than one block. A batch that fits one block
     stays in cache through autograd too, and there the Python backward step costs more than it
     saves (a per-image loop on the zoo's ViT ran 8% slower on one thread, 16% on two); on a GPU
-    it has not been measured."""
+    it has not been measured (``FUSE`` overrides)."""
+    if FUSE is not None:
+        return FUSE
     return torch.device(device).type == "cpu" and block_size(batch, heads, tokens, tokens, device) < batch
 
 
