@@ -22,7 +22,7 @@ DEFAULT_PLANS: dict[str, list[dict[str, Any]]] = {
     "dual_encoder": [
         {"kind": "grounding", "params": {"methods": "all", "limit": 64}, "dataset": "zoo:heldout"},
         # 32, not 16: one randomised network's pointing on the decoy scenes varies a lot between
-        # draws (0.03-0.44 at 32 examples), and the verdict averages only three
+        # draws (0.00-0.41 at 32 examples), and the verdict averages only three
         {"kind": "sanity", "params": {"method": "chefer", "limit": 32}, "dataset": "zoo:heldout-decoys"},
         {"kind": "robustness", "params": {"limit": 32}, "dataset": "zoo:heldout"},
         {"kind": "attention", "params": {"limit": 32}, "dataset": "zoo:heldout"},

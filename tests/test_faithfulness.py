@@ -338,7 +338,7 @@ def test_it_passes_chefer_on_the_zoo_model_only_once_held_out_scenes_carry_decoy
     assert m["pointing_gain_over_randomised"] == pytest.approx(m["pointing_game"] - m["randomized_pointing_game"],
                                                                abs=1e-3)
     assert m["rank_correlation"] < 0.3 and m["pointing_game"] >= 0.85  # decoys don't fool the trained model
-    assert m["passed"] and not result.findings  # 96 scenes: randomised 0.181 vs chance 0.156; 320: 0.17
+    assert m["passed"] and not result.findings  # 96 scenes: randomised 0.184 vs chance 0.156; 320: 0.174
 
     # the same scenes without decoys: the randomised network's maps still land on *some* object, so
     # on the named one about a third of the time; the check says so instead of passing

@@ -383,7 +383,7 @@ def sanity_probe(model_dir: str, dataset_dir: str | None, params: dict[str, Any]
     margin = _float(params, "pointing_margin", 0.1)
     tolerance = _float(params, "tolerance_px", faithfulness.POINTING_TOLERANCE_PX)
     # A randomised model is one draw from a distribution: over ten draws its pointing game on the
-    # zoo's heldout-decoys split (320 examples) ranged 0.04-0.32 around a mean of 0.20. The verdict
+    # zoo's heldout-decoys split (320 examples) ranged 0.05-0.31 around a mean of 0.20. The verdict
     # uses the mean of ``draws`` independent full randomisations; the first is the cascade, stage by stage.
     draws = _int(params, "draws", 3)
     method_params = params.get("method_params") or {}

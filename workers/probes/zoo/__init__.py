@@ -48,8 +48,7 @@ class Split:
         from workers.probes.zoo import world
 
         draw = world.crowded_scene_at if self.crowded else world.scene_at
-        extra = {"decoys": self.decoys} if self.decoys else {}
-        return (draw(self.seed, i, watermark=self.watermark, **extra) for i in range(self.n_images))
+        return (draw(self.seed, i, watermark=self.watermark, decoys=self.decoys) for i in range(self.n_images))
 
 
 #: Splits by name. Training draws from seeds < 1000 (see ``train.TRAIN_SEED``); evaluation

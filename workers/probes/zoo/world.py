@@ -201,28 +201,37 @@ def _pick_attributes(
     return pairs
 
 
-def _layout(rng: np.random.Generator, n: int, size: int, max_tries: int = 2000,
-            side_range: tuple[int, int] = OBJECT_SIDE, restarts: int = 20) -> list[Box]:
+def _place(rng: np.random.Generator, n: int, size: int, side_range: tuple[int, int], max_tries: int,
+           taken: Sequence[Box] = ()) -> list[Box]:
+    """Up to ``n`` square boxes (side in ``side_range`` at ``DEFAULT_SIZE``), placed one at a time at
+    random, ``MIN_GAP`` apart from each other and from ``taken``, inside the border and outside the
+    watermark region; stops after ``max_tries`` draws."""
     s = size / DEFAULT_SIZE
     lo, hi = round(side_range[0] * s), round(side_range[1] * s)
     gap = max(1, round(MIN_GAP * s))
     border = max(1, round(4 * s))
     reserved = watermark_region(size)
+    boxes: list[Box] = []
+    for _ in range(max_tries):
+        if len(boxes) == n:
+            break
+        side = int(rng.integers(lo, hi + 1))
+        x0 = int(rng.integers(border, size - border - side + 1))
+        y0 = int(rng.integers(border, size - border - side + 1))
+        box = (x0, y0, x0 + side, y0 + side)
+        if _overlaps(box, reserved, 0) or any(_overlaps(box, b, gap) for b in (*taken, *boxes)):
+            continue
+        boxes.append(box)
+    return boxes
+
+
+def _layout(rng: np.random.Generator, n: int, size: int, max_tries: int = 2000,
+            side_range: tuple[int, int] = OBJECT_SIDE, restarts: int = 20) -> list[Box]:
     # Sequential placement can paint itself into a corner when the scene is crowded; it then starts
     # over (still a pure function of ``rng``). Scenes that fit at the first attempt - every scene of
     # the default world - consume exactly the random numbers they always did.
     for _ in range(restarts):
-        boxes: list[Box] = []
-        for _ in range(max_tries):
-            if len(boxes) == n:
-                return boxes
-            side = int(rng.integers(lo, hi + 1))
-            x0 = int(rng.integers(border, size - border - side + 1))
-            y0 = int(rng.integers(border, size - border - side + 1))
-            box = (x0, y0, x0 + side, y0 + side)
-            if _overlaps(box, reserved, 0) or any(_overlaps(box, b, gap) for b in boxes):
-                continue
-            boxes.append(box)
+        boxes = _place(rng, n, size, side_range, max_tries)
         if len(boxes) == n:
             return boxes
     raise ValueError(f"could not place {n} non-overlapping objects in a {size}px image")
@@ -371,25 +380,10 @@ def place_decoys(objects: Sequence[SceneObject], n: int, *, size: int, backgroun
     corner as objects); fewer when a scene has no room. A pure function of ``background_seed``, with
     a generator of its own, so that asking for decoys never changes a scene's objects."""
     rng = np.random.default_rng([background_seed, 17])
-    s = size / DEFAULT_SIZE
-    lo, hi = round(side_range[0] * s), round(side_range[1] * s)
-    gap = max(1, round(MIN_GAP * s))
-    border = max(1, round(4 * s))
-    taken = [o.box for o in objects] + [watermark_region(size)]
-    decoys: list[Decoy] = []
-    for _ in range(200 * n):
-        if len(decoys) == n:
-            break
-        side = int(rng.integers(lo, hi + 1))
-        x0 = int(rng.integers(border, size - border - side + 1))
-        y0 = int(rng.integers(border, size - border - side + 1))
-        box = (x0, y0, x0 + side, y0 + side)
-        if any(_overlaps(box, b, gap) for b in taken):
-            continue
-        taken.append(box)
-        decoys.append(Decoy(shape=shapes[int(rng.integers(len(shapes)))],
-                            grey=int(rng.integers(DECOY_GREY[0], DECOY_GREY[1] + 1)), box=box))
-    return decoys
+    boxes = _place(rng, n, size, side_range, max_tries=200 * n, taken=[o.box for o in objects])
+    shape_ids = rng.integers(len(shapes), size=len(boxes))
+    greys = rng.integers(DECOY_GREY[0], DECOY_GREY[1] + 1, size=len(boxes))
+    return [Decoy(shape=shapes[int(i)], grey=int(g), box=b) for i, g, b in zip(shape_ids, greys, boxes, strict=True)]
 
 
 def render_scene(
