@@ -51,11 +51,6 @@ def pays_off(batch: int, heads: int, tokens: int, device: torch.device | str) ->
     return torch.device(device).type == "cpu" and block_size(batch, heads, tokens, tokens, device) < batch
 
 
-def _block_size(q: torch.Tensor, tokens: int) -> int:
-    b, h, n, _ = q.shape
-    return block_size(b, h, n, tokens, q.device)
-
-
 class WeightedAttentionSink:
     """Collects ``A_bar`` of every fused attention call of one forward pass.
 
@@ -97,7 +92,7 @@ class _WeightedAttention(torch.autograd.Function):
         q, k, v = (x.contiguous() for x in (q, k, v))
         out = q.new_empty(b, h, n, d)
         probs = q.new_empty(b, h, n, t)
-        step = _block_size(q, t)
+        step = block_size(b, h, n, t, q.device)
         for s in range(0, b, step):
             blk = slice(s, s + step)
             scores = torch.matmul(q[blk] * scale, k[blk].transpose(-1, -2))
@@ -121,7 +116,7 @@ class _WeightedAttention(torch.autograd.Function):
         dk = torch.empty_like(k) if need_k else None
         dv = torch.empty_like(v) if need_v else None
         weighted = torch.empty(b, n, t, device=q.device, dtype=torch.float32)
-        step = _block_size(q, t)
+        step = block_size(b, h, n, t, q.device)
         for s in range(0, b, step):
             blk = slice(s, s + step)
             a = probs[blk]
