@@ -43,6 +43,27 @@ def test_it_runs_every_planned_probe_and_reports_partial_evidence_honestly(
 
 
 @pytest.mark.django_db(transaction=True)
+def test_it_halves_a_batch_that_runs_out_of_gpu_memory_and_says_so_in_the_evidence(
+        tiny_clip_version, alice, ada, rita, rob, celery_worker):
+    case = make_case(tiny_clip_version, alice, ada, rita, rob, [
+        {"kind": "selftest", "params": {"batch_size": 8, "out_of_memory_above": 3}},
+        {"kind": "selftest", "params": {"out_of_memory_above": 0, "batch_size": 2}},
+    ])
+
+    run_ids = pipeline.start_case(case.pk, by=alice)
+    wait_for_state(case, AuditCase.State.EVIDENCE_READY)
+
+    fitted, failing = ProbeRun.objects.filter(pk__in=run_ids).order_by("pk")
+    assert fitted.status == ProbeRun.Status.SUCCEEDED and fitted.attempts == 1
+    assert fitted.evidence.metrics["batch_size"] == 2
+    assert fitted.evidence.metrics["memory_backoff"] == {
+        "device": "cpu", "batch_params": {"batch_size": 2}, "out_of_memory_at": [{"batch_size": 8}, {"batch_size": 4}]}
+    assert fitted.params == {"batch_size": 8, "out_of_memory_above": 3}  # the plan as written stays on record
+    assert failing.status == ProbeRun.Status.FAILED and not Evidence.objects.filter(run=failing).exists()
+    assert failing.error.startswith("selftest ran out of cpu memory even with batch_size=1; the model does not fit")
+
+
+@pytest.mark.django_db(transaction=True)
 def test_it_never_stores_a_second_set_of_evidence_for_a_redelivered_task(
         tiny_clip_version, alice, ada, rita, rob, celery_worker):
     from workers.tasks import run_probe

@@ -11,3 +11,7 @@ class ProbeInputError(Exception):
 
 class UnsupportedModelError(ProbeInputError):
     """The model loads, but lacks what a probe needs (the message names what is missing)."""
+
+
+class OutOfDeviceMemory(ProbeInputError):
+    """The model and a batch of one do not fit the device's free memory."""

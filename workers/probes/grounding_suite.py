@@ -167,6 +167,9 @@ def _finite_rows(curve: torch.Tensor, auc: torch.Tensor) -> list[np.ndarray]:
     return [row for row, ok in zip(curve.numpy(), torch.isfinite(auc).tolist()) if ok]
 
 
+# Image-prompt pairs per explained batch, and masked copies per scoring forward: they size memory,
+# not results (maps are per pair; the random maps are seeded per example), so suite.run may lower them.
+BATCH_PARAMS = {"batch_size": 16, "score_batch_size": 128}
 GROUNDING_PARAMS = {"methods", "limit", "batch_size", "format", "steps", "baseline", "seed", "prompt_template",
                     "method_params", "tolerance_px", "figure_examples", "score_batch_size"}
 
@@ -301,7 +304,7 @@ def _grounding_findings(results: list[dict[str, Any]]) -> list[Finding]:
     return findings
 
 
-@probe_kind("grounding")
+@probe_kind("grounding", batch_params=BATCH_PARAMS)
 def grounding_probe(model_dir: str, dataset_dir: str | None, params: dict[str, Any], *, device: str = "cpu",
                     progress: Progress = no_progress) -> ProbeResult:
     """Pointing game, energy pointing game, deletion and insertion AUC of each method, beside the
@@ -312,7 +315,7 @@ def grounding_probe(model_dir: str, dataset_dir: str | None, params: dict[str, A
     _check_params(params, GROUNDING_PARAMS, "grounding")
     requested = params.get("methods", "all")
     methods = [m for m in method_names(requested) if m != RANDOM]
-    batch_size = _int(params, "batch_size", 16)
+    batch_size = _int(params, "batch_size", BATCH_PARAMS["batch_size"])
     steps = _int(params, "steps", 32)
     seed = _int(params, "seed", 0, minimum=0)
     baseline = params.get("baseline", "mean")
@@ -326,7 +329,8 @@ def grounding_probe(model_dir: str, dataset_dir: str | None, params: dict[str, A
     results, extras = evaluate_methods(
         adapter, dataset, methods, batch_size=batch_size, steps=steps, baseline=baseline, seed=seed,
         tolerance_px=_float(params, "tolerance_px", faithfulness.POINTING_TOLERANCE_PX),
-        method_params=method_params, score_batch_size=_int(params, "score_batch_size", 128),
+        method_params=method_params,
+        score_batch_size=_int(params, "score_batch_size", BATCH_PARAMS["score_batch_size"]),
         figure_examples=_int(params, "figure_examples", 4, minimum=0), strict=requested not in (None, "all"),
         progress=progress)
     examples = extras["figure_examples"]
@@ -363,7 +367,7 @@ def _pointing(maps: torch.Tensor, dataset: GroundingDataset, tolerance_px: float
                           for m, e in zip(maps, dataset.examples)]))
 
 
-@probe_kind("sanity")
+@probe_kind("sanity", batch_params={"batch_size": BATCH_PARAMS["batch_size"]})
 def sanity_probe(model_dir: str, dataset_dir: str | None, params: dict[str, Any], *, device: str = "cpu",
                  progress: Progress = no_progress) -> ProbeResult:
     """Cascading model randomisation (Adebayo et al. 2018) for one ``method`` (default ``chefer``).
@@ -377,7 +381,7 @@ def sanity_probe(model_dir: str, dataset_dir: str | None, params: dict[str, Any]
     if not isinstance(method, str) or method in ("all", RANDOM):
         raise ProbeInputError("sanity needs one method name")
     method_names(method)
-    batch_size = _int(params, "batch_size", 16)
+    batch_size = _int(params, "batch_size", BATCH_PARAMS["batch_size"])
     seed = _int(params, "seed", 0, minimum=0)
     threshold = _float(params, "max_rank_correlation", 0.3)
     margin = _float(params, "pointing_margin", 0.1)
@@ -494,7 +498,7 @@ STABILITY_PARAMS = {"methods", "limit", "batch_size", "format", "seed", "prompt_
                     "epsilon", "samples"}
 
 
-@probe_kind("stability")
+@probe_kind("stability", batch_params={"batch_size": BATCH_PARAMS["batch_size"]})
 def stability_probe(model_dir: str, dataset_dir: str | None, params: dict[str, Any], *, device: str = "cpu",
                     progress: Progress = no_progress) -> ProbeResult:
     """Agreement between methods (mean Spearman on the same inputs) and each method's sensitivity to
@@ -503,7 +507,7 @@ def stability_probe(model_dir: str, dataset_dir: str | None, params: dict[str, A
     _check_params(params, STABILITY_PARAMS, "stability")
     methods = [m for m in method_names(params.get("methods", "all")) if m != RANDOM]
     params = {"limit": 32, **params}
-    batch_size = _int(params, "batch_size", 16)
+    batch_size = _int(params, "batch_size", BATCH_PARAMS["batch_size"])
     seed = _int(params, "seed", 0, minimum=0)
     epsilon = _float(params, "epsilon", 0.03)
     samples = _int(params, "samples", 3)

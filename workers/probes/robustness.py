@@ -473,10 +473,11 @@ def findings_for(report: RobustnessReport) -> list[Finding]:
     return findings
 
 
+BATCH_PARAMS = {"batch_size": 32}  # images per forward: memory, not results (suite.run may lower it)
 ROBUSTNESS_PARAMS = {"probes", "limit", "severities", "explain", "batch_size", "seed"}
 
 
-@probe_kind("robustness")
+@probe_kind("robustness", batch_params=BATCH_PARAMS)
 def robustness_kind(model_dir: str, dataset_dir: str | None, params: dict[str, Any], *, device: str = "cpu",
                     progress: Progress = no_progress) -> ProbeResult:
     """``dataset_dir``: a grounding dataset (``None``: the zoo's held-out split). ``params``:
@@ -501,8 +502,9 @@ def robustness_kind(model_dir: str, dataset_dir: str | None, params: dict[str, A
     examples, classes = load_examples(dataset_dir, limit=int(limit) if limit is not None else None)
     seed = int(params.get("seed", 0))
     report = run_robustness(adapter, examples, classes, probes=params.get("probes", "all"), severities=severities,
-                            explain=bool(params.get("explain", True)), batch_size=int(params.get("batch_size", 32)),
-                            seed=seed, progress=progress)
+                            explain=bool(params.get("explain", True)),
+                            batch_size=int(params.get("batch_size", BATCH_PARAMS["batch_size"])), seed=seed,
+                            progress=progress)
     metrics = report.as_dict()
     figures = {"robustness_curves": figure_curves(report), "robustness_examples": figure_examples(examples[0], classes, seed)}
     typo_row = next((r for r in report.rows if r["probe"] == "typographic"), None)

@@ -4,6 +4,12 @@ Operators put it in a plan to check a new GPU worker end to end without waiting 
 and the reliability tests use it because its duration and failure are controllable:
 ``params = {"seconds": 2.0, "fail": false}``. ``seconds`` holds the run open (reporting progress)
 so a test can kill a worker or restart the broker in the middle of it.
+
+``batch_size`` (default 1) blank images go through the forward pass. On a GPU a large one tells an
+operator what fits beside the model: a batch that runs out of memory is halved until it fits
+(``suite.run``), and the evidence says at which size (``memory_backoff``). ``out_of_memory_above``
+raises the GPU's out-of-memory error for larger batches (0: for every batch), to exercise that path
+on any device.
 """
 
 from __future__ import annotations
@@ -21,15 +27,22 @@ class SelftestFailure(RuntimeError):
     """Raised on request (``fail: true``) to exercise the failure path."""
 
 
-@probe_kind("selftest")
+PARAMS = {"seconds", "fail", "seed", "batch_size", "out_of_memory_above"}
+
+
+@probe_kind("selftest", batch_params={"batch_size": 1})
 def selftest(model_dir: str, dataset_dir: str | None, params: dict[str, Any], *, device: str = "cpu",
              progress: Progress = no_progress) -> ProbeResult:
-    unknown = sorted(set(params) - {"seconds", "fail", "seed"})
+    unknown = sorted(set(params) - PARAMS)
     if unknown:
-        raise ProbeInputError(f"selftest: unknown parameters {unknown}; allowed: seconds, fail, seed")
+        raise ProbeInputError(f"selftest: unknown parameters {unknown}; allowed: {', '.join(sorted(PARAMS))}")
     seconds = params.get("seconds", 0.0)
     if not isinstance(seconds, int | float) or not 0 <= seconds <= MAX_SECONDS:
         raise ProbeInputError(f"selftest: 'seconds' must be a number between 0 and {MAX_SECONDS:g}")
+    batch_size, limit = params.get("batch_size", 1), params.get("out_of_memory_above")
+    for key, value, least in (("batch_size", batch_size, 1), ("out_of_memory_above", limit, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise ProbeInputError(f"selftest: '{key}' must be an integer >= {least}")
     progress(0.0, "loading the model")
     started = time.perf_counter()
     adapter = load_model(model_dir, device)
@@ -43,15 +56,17 @@ def selftest(model_dir: str, dataset_dir: str | None, params: dict[str, Any], *,
     import torch
 
     parameters = sum(p.numel() for p in adapter.model.parameters())
+    if limit is not None and batch_size > limit:
+        raise torch.OutOfMemoryError(f"selftest: batches above {limit} do not fit (params.out_of_memory_above)")
     with torch.no_grad():
-        pixel_values = torch.zeros(1, 3, adapter.image_size, adapter.image_size, device=adapter.device)
+        pixel_values = torch.zeros(batch_size, 3, adapter.image_size, adapter.image_size, device=adapter.device)
         forward_started = time.perf_counter()
         if adapter.kind == "dual_encoder":
             adapter.image_embeds(pixel_values)
         forward_seconds = time.perf_counter() - forward_started
     metrics = {"architecture": adapter.architecture, "kind": adapter.kind, "device": str(adapter.device),
                "parameters": int(parameters), "load_seconds": round(load_seconds, 4),
-               "forward_seconds": round(forward_seconds, 4), "held_seconds": float(seconds)}
+               "forward_seconds": round(forward_seconds, 4), "held_seconds": float(seconds), "batch_size": batch_size}
     return ProbeResult(kind="selftest", metrics=metrics,
                        summary=f"Worker loaded the {adapter.architecture} model ({parameters:,} parameters) on "
                                f"{adapter.device} and ran a forward pass.",

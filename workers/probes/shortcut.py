@@ -286,11 +286,12 @@ def figure_evidence(report: ShortcutReport, extras: dict[str, Any]):
     return fig
 
 
+BATCH_PARAMS = {"batch_size": 32}  # images per forward: memory, not results (suite.run may lower it)
 SHORTCUT_PARAMS = {"inputs", "target", "concept", "layers", "random_runs", "null_concepts", "alpha", "seed",
                    "batch_size", "method"}
 
 
-@probe_kind("shortcut")
+@probe_kind("shortcut", batch_params=BATCH_PARAMS)
 def shortcut_kind(model_dir: str, dataset_dir: str | None, params: dict[str, Any], *, device: str = "cpu",
                   progress: Progress = no_progress) -> ProbeResult:
     """``dataset_dir``: the concepts folder (``<concept>/``, ``random/`` and optionally the
@@ -322,8 +323,8 @@ def shortcut_kind(model_dir: str, dataset_dir: str | None, params: dict[str, Any
         tcav.load_images(random_paths), stamp, concept=concept, layers=params.get("layers", "auto"),
         runs=int(params.get("random_runs", tcav.DEFAULT_RANDOM_RUNS)),
         null_concepts=int(params.get("null_concepts", tcav.DEFAULT_NULL_CONCEPTS)), alpha=float(params.get("alpha", tcav.DEFAULT_ALPHA)),
-        seed=seed, batch_size=int(params.get("batch_size", 32)), method=str(params.get("method", "chefer")),
-        progress=progress)
+        seed=seed, batch_size=int(params.get("batch_size", BATCH_PARAMS["batch_size"])),
+        method=str(params.get("method", "chefer")), progress=progress)
     metrics = report.as_dict()
     lines = ", ".join(f"{k}: {'yes' if v else ('not measured' if v is None else 'no')}" for k, v in report.evidence.items())
     summary = (f"Shortcut check of {concept!r} for {report.target!r}: "

@@ -14,6 +14,10 @@ plain function (no Django, no Celery)::
 - ``params``: JSON parameters from the case's probe plan (validate them; unknown keys are an error).
 - ``progress(fraction, phase)``: call it as work advances (0..1) so runs show progress.
 
+A kind whose parameters include batch sizes declares them with its defaults,
+``@probe_kind("name", batch_params={"batch_size": 16})``: when a GPU runs out of memory, ``run``
+starts the kind again with them halved (see ``run``).
+
 The command line (``workers/probes/commands``) and the Celery tasks (``workers/tasks.py``) both call
 these functions, so the evidence in a report is exactly what the CLI prints.
 """
@@ -97,11 +101,16 @@ KIND_MODULES = [
 ]
 
 _KINDS: dict[str, ProbeKind] = {}
+_BATCH_PARAMS: dict[str, dict[str, int]] = {}
 
 
-def probe_kind(name: str) -> Callable[[ProbeKind], ProbeKind]:
+def probe_kind(name: str, *, batch_params: dict[str, int] | None = None) -> Callable[[ProbeKind], ProbeKind]:
+    """Register a kind. ``batch_params``: the parameters that only size its batches, with the kind's
+    defaults (e.g. ``{"batch_size": 16}``); :func:`run` halves them when a GPU runs out of memory.
+    Declare only parameters the results do not depend on."""
     def decorator(fn: ProbeKind) -> ProbeKind:
         _KINDS[name] = fn
+        _BATCH_PARAMS[name] = dict(batch_params or {})
         return fn
 
     return decorator
@@ -133,5 +142,61 @@ def get_kind(name: str) -> ProbeKind:
 
 def run(name: str, model_dir: str, dataset_dir: str | None = None, params: dict[str, Any] | None = None, *,
         device: str = "cpu", progress: Progress = no_progress) -> ProbeResult:
-    """Run probe kind ``name``; raises ``ProbeInputError`` for bad input."""
-    return get_kind(name)(model_dir, dataset_dir, dict(params or {}), device=device, progress=progress)
+    """Run probe kind ``name``; raises ``ProbeInputError`` for bad input.
+
+    Memory backoff: a GPU shared with other work, or a model larger than the plan's batch sizes
+    assumed, runs out of memory part-way. Failing the run would make the submitter guess smaller
+    batch sizes and start again, so the kind runs again from the start with its ``batch_params``
+    halved, down to 1; the sizes that fitted are recorded in ``metrics["memory_backoff"]``. Only
+    when even batches of 1 do not fit does it raise :class:`OutOfDeviceMemory`."""
+    import torch
+
+    kind = get_kind(name)
+    params = dict(params or {})
+    failed: list[dict[str, Any]] = []
+    while True:
+        tried = {key: params.get(key, default) for key, default in _BATCH_PARAMS[name].items()}
+        try:
+            result = kind(model_dir, dataset_dir, dict(params), device=device, progress=progress)
+        except torch.OutOfMemoryError as exc:
+            reason = (str(exc).splitlines() or ["out of memory"])[0]
+        else:
+            if failed:
+                result.metrics["memory_backoff"] = {"device": device, "batch_params": tried, "out_of_memory_at": failed}
+            return result
+        # Only here, outside the except clause, has the error's traceback let go of the failed
+        # attempt's frames, and with them its tensors.
+        _release_device_memory()
+        smaller = _halved(tried)
+        if smaller is None:
+            from workers.probes.errors import OutOfDeviceMemory
+
+            at = f" even with {_sizes(tried)}" if tried else " (it has no batch size to lower)"
+            raise OutOfDeviceMemory(f"{name} ran out of {device} memory{at}; the model does not fit this device "
+                                    f"next to what else runs on it ({reason})")
+        failed.append(tried)
+        progress(0.0, f"out of {device} memory at {_sizes(tried)}; starting again at {_sizes(smaller)}")
+        params.update(smaller)
+
+
+def _halved(sizes: dict[str, Any]) -> dict[str, int] | None:
+    """Every batch size halved (at least 1), or ``None`` when all are 1 already (or there are none)."""
+    if not sizes or all(size <= 1 for size in sizes.values()):
+        return None
+    return {key: max(1, size // 2) for key, size in sizes.items()}
+
+
+def _sizes(sizes: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={size}" for key, size in sizes.items())
+
+
+def _release_device_memory() -> None:
+    """Collect what the failed attempt left in reference cycles and hand the allocator's cached
+    blocks back to the driver, so the next attempt starts from the model's own footprint."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

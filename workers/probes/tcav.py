@@ -803,6 +803,7 @@ def findings_for(report: TCAVReport) -> list[Finding]:
     return findings
 
 
+BATCH_PARAMS = {"batch_size": 32}  # images per forward: memory, not results (suite.run may lower it)
 TCAV_PARAMS = {"inputs", "target", "concepts", "layers", "random_runs", "null_concepts", "pooling", "alpha", "seed",
                "batch_size", "statistic"}
 
@@ -816,7 +817,7 @@ def check_params(params: dict[str, Any], allowed: set[str], required: Sequence[s
         raise ProbeInputError(f"missing parameter(s): {', '.join(missing)}")
 
 
-@probe_kind("tcav")
+@probe_kind("tcav", batch_params=BATCH_PARAMS)
 def tcav_kind(model_dir: str, dataset_dir: str | None, params: dict[str, Any], *, device: str = "cpu",
               progress: Progress = no_progress) -> ProbeResult:
     """``dataset_dir``: the concepts folder (one folder per concept and ``random/``).
@@ -838,7 +839,7 @@ def tcav_kind(model_dir: str, dataset_dir: str | None, params: dict[str, Any], *
         null_concepts=int(params.get("null_concepts", DEFAULT_NULL_CONCEPTS)), pooling=params.get("pooling", "auto"),
         statistic=str(params.get("statistic", DEFAULT_STATISTIC)),
         alpha=float(params.get("alpha", DEFAULT_ALPHA)), seed=int(params.get("seed", 0)),
-        batch_size=int(params.get("batch_size", 32)), progress=progress)
+        batch_size=int(params.get("batch_size", BATCH_PARAMS["batch_size"])), progress=progress)
     significant = [r for r in report.results if r.significant]
     summary = (f"TCAV for {report.target!r}: {len(report.results)} concept x layer test(s), "
                f"{len(significant)} significant after Holm correction (alpha {report.alpha}).")

@@ -149,6 +149,8 @@ def attention_gradients(y: torch.Tensor, attentions: Sequence[torch.Tensor], *,
             grads = torch.autograd.grad(y, list(attentions), grad_outputs=torch.eye(t, dtype=y.dtype, device=y.device),
                                         is_grads_batched=True, retain_graph=False)
             return [g[:, 0] for g in grads]
+        except torch.OutOfMemoryError:
+            raise  # the per-target loop would meet a graph this attempt has half freed
         except RuntimeError:
             # Some kernels have no vmap rule; fall back to the per-target loop (same numbers).
             pass

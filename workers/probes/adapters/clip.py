@@ -245,6 +245,8 @@ class CLIPAdapter(DualEncoderAdapter):
             return plain()
         try:
             out = fast()
+        except torch.OutOfMemoryError:
+            raise  # says nothing about the shortcut: the caller lowers its batch size (suite.run)
         except (AttributeError, TypeError, RuntimeError):
             setattr(self, flag, False)
             return plain()

@@ -1,0 +1,163 @@
+"""Running probe kinds (workers/probes/suite.py): memory backoff when a device runs out of memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.zoo_fixtures import heldout_fixture
+from workers.probes import registry, suite
+from workers.probes.errors import OutOfDeviceMemory, ProbeInputError
+
+KIND = "test.memory-hungry"
+
+heldout = heldout_fixture(12)
+
+
+@pytest.fixture
+def hungry_kind():
+    """A kind that needs batches of at most ``fits`` (its default batch_size is 16)."""
+    calls: list[dict] = []
+    state = {"fits": 4}
+
+    def hungry(model_dir, dataset_dir, params, *, device, progress):
+        calls.append(dict(params))
+        if params.get("batch_size", 16) > state["fits"]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return suite.ProbeResult(kind=KIND, metrics={"n": 3}, summary="ok")
+
+    suite.probe_kind(KIND, batch_params={"batch_size": 16, "score_batch_size": 128})(hungry)
+    yield calls, state
+    suite._KINDS.pop(KIND, None)
+    suite._BATCH_PARAMS.pop(KIND, None)
+
+
+def test_it_starts_again_with_halved_batches_when_the_device_runs_out_of_memory(hungry_kind):
+    calls, _ = hungry_kind
+    phases: list[str] = []
+    result = suite.run(KIND, "model", None, {"score_batch_size": 100}, device="cuda",
+                       progress=lambda fraction, phase: phases.append(phase))
+    assert [c.get("batch_size") for c in calls] == [None, 8, 4]
+    assert [c["score_batch_size"] for c in calls] == [100, 50, 25]
+    assert result.metrics["n"] == 3
+    assert result.metrics["memory_backoff"] == {
+        "device": "cuda", "batch_params": {"batch_size": 4, "score_batch_size": 25},
+        "out_of_memory_at": [{"batch_size": 16, "score_batch_size": 100}, {"batch_size": 8, "score_batch_size": 50}]}
+    assert phases[0] == "out of cuda memory at batch_size=16, score_batch_size=100; starting again at batch_size=8, " \
+                        "score_batch_size=50"
+
+
+def test_it_records_nothing_when_the_first_attempt_fits(hungry_kind):
+    calls, _ = hungry_kind
+    result = suite.run(KIND, "model", None, {"batch_size": 2}, device="cuda")
+    assert len(calls) == 1 and "memory_backoff" not in result.metrics
+
+
+def test_it_gives_up_with_a_clear_error_when_even_batches_of_one_do_not_fit(hungry_kind):
+    calls, state = hungry_kind
+    state["fits"] = 0
+    with pytest.raises(OutOfDeviceMemory, match="ran out of cuda memory even with batch_size=1, score_batch_size=1; "
+                                                "the model does not fit .* \\(CUDA out of memory") as caught:
+        suite.run(KIND, "model", None, {}, device="cuda")
+    assert isinstance(caught.value, ProbeInputError)  # the CLI prints it; a task fails the run with it
+    # each size is halved until every one of them is 1: 128 takes 7 halvings
+    assert [c.get("score_batch_size") for c in calls] == [None, 64, 32, 16, 8, 4, 2, 1]
+    assert [c.get("batch_size") for c in calls] == [None, 8, 4, 2, 1, 1, 1, 1]
+
+
+def test_it_does_not_retry_a_kind_that_declares_no_batch_sizes():
+    calls = []
+
+    def whole(model_dir, dataset_dir, params, *, device, progress):
+        calls.append(params)
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    suite.probe_kind("test.whole")(whole)
+    try:
+        with pytest.raises(OutOfDeviceMemory, match="no batch size to lower"):
+            suite.run("test.whole", "model", None, {}, device="cuda")
+    finally:
+        suite._KINDS.pop("test.whole", None)
+        suite._BATCH_PARAMS.pop("test.whole", None)
+    assert len(calls) == 1
+
+
+def test_it_declares_only_batch_sizes_that_each_kind_accepts(tmp_path):
+    missing_model, missing_data = str(tmp_path / "no-model"), str(tmp_path / "no-data")
+    declared = {name: sizes for name, sizes in suite._BATCH_PARAMS.items() if sizes and name in suite.kinds()}
+    assert set(declared) >= {"grounding", "sanity", "stability", "robustness", "shortcut", "tcav"}
+    for name, sizes in declared.items():
+        with pytest.raises(ProbeInputError, match="(?i)unknown"):
+            suite.run(name, missing_model, missing_data, {"no_such_parameter": 1})
+        for key in sizes:
+            # a declared size the kind rejected as unknown would turn a retry into a bad-input failure
+            with pytest.raises(ProbeInputError) as caught:
+                suite.run(name, missing_model, missing_data, {key: 1})
+            assert "unknown" not in str(caught.value).lower(), (name, key, str(caught.value))
+
+
+def test_it_gives_the_same_grounding_numbers_after_backing_off(monkeypatch, heldout):
+    from workers.probes import zoo
+
+    model = str(zoo.checkpoint_path("tiny-clip"))
+    params = {"methods": ["chefer"], "steps": 8, "figure_examples": 0}
+    fitted = suite.run("grounding", model, str(heldout), {**params, "batch_size": 3})
+
+    chefer = registry.get("chefer")
+    batches: list[int] = []
+
+    def chefer_on_a_small_gpu(adapter, pixel_values, prompts, **kwargs):
+        batches.append(len(prompts))
+        if len(prompts) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return chefer(adapter, pixel_values, prompts, **kwargs)
+
+    monkeypatch.setitem(registry._METHODS, "chefer", chefer_on_a_small_gpu)
+    backed_off = suite.run("grounding", model, str(heldout), {**params, "batch_size": 12})
+    assert batches[:2] == [12, 6] and set(batches[2:]) == {3}
+    assert backed_off.metrics["memory_backoff"]["batch_params"] == {"batch_size": 3, "score_batch_size": 32}
+
+    def numbers(result):
+        return [{k: v for k, v in m.items() if k != "seconds"} for m in result.metrics["methods"]]
+
+    assert numbers(backed_off) == numbers(fitted)
+
+
+def test_it_keeps_a_clip_shortcut_after_an_out_of_memory_error():
+    from workers.probes import zoo
+    from workers.probes.adapters import load_adapter
+
+    adapter = load_adapter(str(zoo.checkpoint_path("tiny-clip")))
+
+    def fast():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        adapter._checked_shortcut("_fused_weighting_ok", fast, lambda: "plain", lambda: torch.zeros(1))
+    # an out-of-memory error says nothing about whether the shortcut is right for this model
+    assert adapter._fused_weighting_ok is not False
+
+
+def test_it_frees_the_failed_attempts_tensors_before_starting_again():
+    import weakref
+
+    first_attempt: list[weakref.ref] = []
+    alive_at_retry: list[bool] = []
+
+    def grows(model_dir, dataset_dir, params, *, device, progress):
+        if not first_attempt:
+            activations = torch.empty(1024, 1024)
+            first_attempt.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        alive_at_retry.append(first_attempt[0]() is not None)
+        return suite.ProbeResult(kind="test.grows", metrics={}, summary="ok")
+
+    suite.probe_kind("test.grows", batch_params={"batch_size": 8})(grows)
+    try:
+        suite.run("test.grows", "model", None, {}, device="cuda")
+    finally:
+        suite._KINDS.pop("test.grows", None)
+        suite._BATCH_PARAMS.pop("test.grows", None)
+    # held by the error's traceback until the except clause ends: a retry from inside it would
+    # start with the failed attempt's memory still taken
+    assert alive_at_retry == [False]
