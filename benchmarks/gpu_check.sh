@@ -2,7 +2,7 @@
 # One short GPU session: the ViT-B/16 grounding benchmark (bf16), batched chefer on the machine's CPU
 # cores, then the probe library's CUDA path on the zoo models (grounding evaluation, the shortcut probe,
 # and the generative probes: token attribution with its benchmark, attention statistics, head
-# ablation). Writes JSON to ${OUT:-gpu-out}/.
+# ablation), and memory backoff after a real out-of-memory error. Writes JSON to ${OUT:-gpu-out}/
 set -uo pipefail
 out=${OUT:-gpu-out}; mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 LOUPE_CACHE_DIR=/tmp/loupe-cache
@@ -37,3 +37,9 @@ timeout 60 python3 -m workers.probes attention --model $llava --dataset "$heldou
 timeout 90 python3 -m workers.probes intervene --model $llava --dataset "$heldout" --kind head-ablation --mode mean \
   --limit 16 --device cuda --no-progress --json > "$out/intervene_cuda.json"; echo "intervene cuda rc=$?"
 head -c 600 "$out/intervene_cuda.json"; echo
+# Memory backoff on a real device: a selftest batch of 2^20 blank images cannot fit; suite.run halves it
+# until it does and records where (metrics.memory_backoff).
+timeout 120 python3 -c "
+import json; from workers.probes import suite
+print(json.dumps(suite.run('selftest', '$model', None, {'batch_size': 1 << 20}, device='cuda').metrics))
+" > "$out/memory_backoff_cuda.json"; echo "memory backoff cuda rc=$?"; cat "$out/memory_backoff_cuda.json"; echo
