@@ -361,11 +361,13 @@ def remove_tree(path: Path) -> None:
 # --- images -----------------------------------------------------------------------------------
 
 def validate_image(fileobj: BinaryIO, *, max_pixels: int | None = None) -> tuple[str, tuple[int, int]]:
-    """Check an uploaded image without decoding more than its header; return (format, size).
+    """Check an uploaded image; return (format, size).
 
     Pillow refuses images over ``Image.MAX_IMAGE_PIXELS * 2`` and only *warns* between 1x and 2x;
     we turn the warning into an error and also check the declared size explicitly against our own
-    limit, because a PNG that declares 100k x 100k pixels is a few hundred bytes on the wire.
+    limit, because a PNG that declares 100k x 100k pixels is a few hundred bytes on the wire. Only
+    then are the pixels decoded: ``verify()`` checks PNG checksums but reads nothing of a JPEG, so a
+    truncated JPEG would pass it.
     """
     import warnings
 
@@ -390,7 +392,11 @@ def validate_image(fileobj: BinaryIO, *, max_pixels: int | None = None) -> tuple
                     if image.format not in IMAGE_FORMATS:
                         raise UploadRejected("unsupported_image", f"image format {image.format} is not accepted")
                     image.verify()
-                    return image.format, (width, height)
+                    image_format = image.format
+                fileobj.seek(0)
+                with Image.open(fileobj) as image:  # verify() leaves the image unusable: open it again
+                    image.load()
+                return image_format, (width, height)
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
                 raise UploadRejected("image_too_large", f"the image is a decompression bomb: {exc}", status=413) from None
             except UnidentifiedImageError:

@@ -187,3 +187,19 @@ def test_it_refuses_what_is_not_an_image():
     with pytest.raises(UploadRejected) as caught:
         validate_image(io.BytesIO(b"GIF89a but not really"), max_pixels=1000)
     assert caught.value.code in {"not_an_image", "corrupt_image"}
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+def test_it_refuses_a_truncated_image_even_after_weasyprint_is_imported(image_format):
+    import numpy as np
+
+    import governance.reports.render  # noqa: F401 - imports WeasyPrint, which once made Pillow lenient
+
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buffer, format=image_format)
+    whole = buffer.getvalue()
+    assert validate_image(io.BytesIO(whole), max_pixels=10_000) == (image_format, (64, 64))
+    with pytest.raises(UploadRejected) as caught:
+        validate_image(io.BytesIO(whole[:len(whole) // 2]), max_pixels=10_000)
+    assert caught.value.code == "corrupt_image"
