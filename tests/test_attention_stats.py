@@ -17,6 +17,7 @@ from tests.zoo_fixtures import heldout_fixture  # noqa: E402
 from workers.probes import attention_stats as ast  # noqa: E402
 from workers.probes import suite  # noqa: E402
 from workers.probes.cli import main  # noqa: E402
+from workers.probes.errors import ProbeInputError  # noqa: E402
 from workers.probes.zoo import captioner, checkpoint_path  # noqa: E402
 
 
@@ -57,6 +58,17 @@ def test_it_finds_object_aligned_heads_in_the_captioner(heldout, tmp_path):
     assert m["flag_counts"]["aligned"] >= 1
     assert "heads" in result.figures
     json.dumps(m)
+
+
+def test_it_gives_the_same_statistics_whatever_the_batch_size(heldout):
+    # suite.run lowers batch_size when a GPU runs out of memory; that must not change the evidence
+    model = str(checkpoint_path(captioner.NAME))
+    params = {"prompts": list(captioner.PROMPTS[:2]), "max_new_tokens": 12}
+    whole = suite.run("attention", model, str(heldout), {**params, "batch_size": 8}).metrics
+    split = suite.run("attention", model, str(heldout), {**params, "batch_size": 3}).metrics
+    assert {k: v for k, v in split.items() if k != "seconds"} == {k: v for k, v in whole.items() if k != "seconds"}
+    with pytest.raises(ProbeInputError, match="batch_size"):
+        suite.run("attention", model, str(heldout), {"batch_size": 0})
 
 
 def test_it_analyses_dual_encoders_with_seed_consistency(heldout, tmp_path):

@@ -275,16 +275,18 @@ def load_compare(model_dirs: Sequence[str], device: str) -> list[Any]:
     return [load_any(d, device) for d in model_dirs]
 
 
-PARAMS = {"prompts", "compare_models", "limit", "max_new_tokens"}
+PARAMS = {"prompts", "compare_models", "limit", "max_new_tokens", "batch_size"}
+BATCH_PARAMS = {"batch_size": 16}  # images per forward: memory, not results (suite.run may lower it)
 
 
-@probe_kind("attention")
+@probe_kind("attention", batch_params=BATCH_PARAMS)
 def attention_kind(model_dir: str, dataset_dir: str | None, params: dict, *, device: str = "cpu",
                    progress: Progress = no_progress) -> ProbeResult:
     """Cross-modal attention statistics per layer and head (dual encoders and fusion models).
 
     ``params``: ``prompts`` (paraphrases, fusion only; default: the zoo captioner's four),
-    ``compare_models`` (model dirs for seed consistency), ``limit`` (images), ``max_new_tokens``.
+    ``compare_models`` (model dirs for seed consistency), ``limit`` (images), ``max_new_tokens``,
+    ``batch_size`` (images per forward, default 16).
     """
     from workers.probes.adapters.fusion import load_any
     from workers.probes.scenes import load_scenes
@@ -308,9 +310,13 @@ def attention_kind(model_dir: str, dataset_dir: str | None, params: dict, *, dev
         from workers.probes.zoo import dataset_dir as zoo_dataset
 
         dataset_dir = str(zoo_dataset("heldout"))
+    batch_size = _int(params, "batch_size", BATCH_PARAMS["batch_size"])
+    if batch_size < 1:
+        raise ProbeInputError("parameter 'batch_size' must be at least 1")
     scenes = load_scenes(dataset_dir, limit=_int(params, "limit", None))
     metrics = analyse(adapter, scenes, prompts=prompts, compare=load_compare(compare_dirs, device),
-                      max_new_tokens=_int(params, "max_new_tokens", 32) or 32, progress=progress)
+                      max_new_tokens=_int(params, "max_new_tokens", 32) or 32, batch_size=batch_size,
+                      progress=progress)
     return result_from_metrics(metrics)
 
 
