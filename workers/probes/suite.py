@@ -107,7 +107,7 @@ _BATCH_PARAMS: dict[str, dict[str, int]] = {}
 def probe_kind(name: str, *, batch_params: dict[str, int] | None = None) -> Callable[[ProbeKind], ProbeKind]:
     """Register a kind. ``batch_params``: the parameters that only size its batches, with the kind's
     defaults (e.g. ``{"batch_size": 16}``); :func:`run` halves them when a GPU runs out of memory.
-    Declare only parameters the results do not depend on."""
+    Declare only parameters the results do not depend on (beyond float rounding)."""
     def decorator(fn: ProbeKind) -> ProbeKind:
         _KINDS[name] = fn
         _BATCH_PARAMS[name] = dict(batch_params or {})
