@@ -161,3 +161,11 @@ def test_it_frees_the_failed_attempts_tensors_before_starting_again():
     # held by the error's traceback until the except clause ends: a retry from inside it would
     # start with the failed attempt's memory still taken
     assert alive_at_retry == [False]
+
+
+@pytest.mark.parametrize("value", [0, -4, "8", 2.5, True, None])
+def test_it_refuses_a_batch_size_that_is_not_a_positive_integer_for_every_kind(value, tmp_path):
+    for name, sizes in suite._BATCH_PARAMS.items():
+        for key in sizes:
+            with pytest.raises(ProbeInputError, match=f"{name}: {key} must be an integer >= 1, got {value!r}"):
+                suite.run(name, str(tmp_path / "no-model"), None, {key: value})

@@ -153,6 +153,14 @@ def run(name: str, model_dir: str, dataset_dir: str | None = None, params: dict[
 
     kind = get_kind(name)
     params = dict(params or {})
+    for key in _BATCH_PARAMS[name]:
+        # Checked here for every kind alike: a plan's "batch_size": 0 or "8" would otherwise reach
+        # range() or int() inside the kind and fail with Python's words, not ours.
+        value = params.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            from workers.probes.errors import ProbeInputError
+
+            raise ProbeInputError(f"{name}: {key} must be an integer >= 1, got {value!r}")
     failed: list[dict[str, Any]] = []
     while True:
         tried = {key: params.get(key, default) for key, default in _BATCH_PARAMS[name].items()}
