@@ -72,6 +72,39 @@ def test_it_ranks_heads_by_their_effect_on_generated_tokens(adapter, heldout):
     assert mean["mode"] == "mean" and len(mean["heads"]) == len(m["heads"])
 
 
+def test_it_averages_only_real_tokens_for_mean_ablation():
+    proj = torch.nn.Linear(2, 2)
+    sums, counts = [torch.zeros(2)], [0]
+    x = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [1000.0, 1000.0]]])  # the last position is padding
+    mask = torch.tensor([[1, 1, 0]])
+    with iv.recorded_means([proj], sums, counts, [lambda: mask]):
+        proj(x)
+    assert counts == [2] and torch.equal(sums[0] / counts[0], torch.tensor([2.0, 3.0]))
+
+
+@pytest.mark.parametrize("mode", ["mean", "zero"])
+def test_it_gives_the_same_head_ablation_whatever_the_batch_size(adapter, heldout, mode):
+    # right-padded caption batches once put their padding into the means (and so into the results)
+    scenes = load_scenes(heldout, limit=6)
+    whole = iv.head_ablation(adapter, scenes, mode=mode, max_new_tokens=12, batch_size=6)
+    split = iv.head_ablation(adapter, scenes, mode=mode, max_new_tokens=12, batch_size=4)
+    assert [h["mean_change"] for h in split["heads"]] == pytest.approx([h["mean_change"] for h in whole["heads"]],
+                                                                       abs=2e-5)
+
+
+def test_it_ablates_a_dual_encoders_text_heads_past_its_text_embedding_cache(heldout):
+    from workers.probes.adapters import load_adapter
+
+    clip = load_adapter(str(checkpoint_path("tiny-clip")))
+    scenes = load_scenes(heldout, limit=8)
+    clean_text = clip.text_embeds([s.prompt for s in scenes]).clone()  # now cached, as in a worker
+    m = iv.head_ablation(clip, scenes, mode="zero")
+    text = [h for h in m["heads"] if h["component"] == "text"]
+    assert len(text) == 8 and max(abs(h["mean_change"]) for h in text) > 0.5  # was exactly 0 for every text head
+    # and no ablated text embedding is left behind for the next probe on this (cached) adapter
+    assert torch.equal(clip.text_embeds([s.prompt for s in scenes]), clean_text)
+
+
 def test_it_changes_the_colour_word_only_when_the_object_features_are_swapped(adapter, heldout):
     m = iv.feature_swap(adapter, load_scenes(heldout))
     assert m["n_cases"] >= 8

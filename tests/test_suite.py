@@ -85,7 +85,8 @@ def test_it_does_not_retry_a_kind_that_declares_no_batch_sizes():
 def test_it_declares_only_batch_sizes_that_each_kind_accepts(tmp_path):
     missing_model, missing_data = str(tmp_path / "no-model"), str(tmp_path / "no-data")
     declared = {name: sizes for name, sizes in suite._BATCH_PARAMS.items() if sizes and name in suite.kinds()}
-    assert set(declared) >= {"grounding", "sanity", "stability", "robustness", "shortcut", "tcav", "attention", "selftest"}
+    assert set(declared) >= {"grounding", "sanity", "stability", "robustness", "shortcut", "tcav", "attention",
+                             "selftest", "intervention", "token_attribution"}
     for name, sizes in declared.items():
         with pytest.raises(ProbeInputError, match="(?i)unknown"):
             suite.run(name, missing_model, missing_data, {"no_such_parameter": 1})

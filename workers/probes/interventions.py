@@ -68,14 +68,24 @@ def ablated_head(module: torch.nn.Module, head: int, n_heads: int, replacement: 
 
 
 @contextmanager
-def recorded_means(modules: Sequence[torch.nn.Module], sums: list[torch.Tensor], counts: list[int]):
-    """Accumulate the mean input of each module (over batch and positions) into ``sums``/``counts``."""
+def recorded_means(modules: Sequence[torch.nn.Module], sums: list[torch.Tensor], counts: list[int],
+                   masks: Sequence[Callable[[], torch.Tensor | None]] | None = None):
+    """Accumulate the mean input of each module (over batch and positions) into ``sums``/``counts``.
+
+    ``masks[i]()``, where given, is the ``[B, T]`` attention mask of the sequence module ``i`` is
+    reading at the time; its padded positions (0) are left out. A padding position's activation is
+    nothing the model meets on real input, and how many there are depends on which captions share a
+    batch, so counting them would bias mean ablation and make it depend on the batch size."""
 
     def make(i):
         def pre_hook(_mod, args):
             x = args[0].detach()
-            sums[i] += x.reshape(-1, x.shape[-1]).sum(0).float().cpu()  # sums live on the CPU
-            counts[i] += x.reshape(-1, x.shape[-1]).shape[0]
+            rows = x.reshape(-1, x.shape[-1])
+            mask = masks[i]() if masks is not None else None
+            if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]):
+                rows = rows[mask.reshape(-1).to(rows.device).bool()]
+            sums[i] += rows.sum(0).float().cpu()  # sums live on the CPU
+            counts[i] += rows.shape[0]
         return pre_hook
 
     handles = [m.register_forward_pre_hook(make(i)) for i, m in enumerate(modules)]
@@ -104,14 +114,20 @@ def components(adapter) -> dict[str, tuple[list[torch.nn.Module], int]]:
     return out
 
 
-def _fusion_outcome(adapter, batches) -> Callable[[], np.ndarray]:
-    """A function returning, per image, the mean log-prob of its (clean) generated tokens."""
+def _fusion_outcome(adapter, batches, masks: dict[str, torch.Tensor | None]) -> Callable[[], np.ndarray]:
+    """A function returning, per image, the mean log-prob of its (clean) generated tokens. While the
+    language model runs, ``masks["decoder"]`` is its batch's attention mask (``recorded_means``)."""
 
     def outcome() -> np.ndarray:
         values = []
         with torch.no_grad():
             for embeds_fn, ids, mask, rows, targets in batches:
-                logits = adapter.language_logits(embeds_fn(), mask)
+                embeds = embeds_fn()
+                masks["decoder"] = mask
+                try:
+                    logits = adapter.language_logits(embeds, mask)
+                finally:
+                    masks["decoder"] = None
                 logp = torch.log_softmax(logits.float(), -1)
                 for b in range(ids.shape[0]):
                     values.append(float(logp[b, rows[b], targets[b]].mean()))
@@ -120,7 +136,7 @@ def _fusion_outcome(adapter, batches) -> Callable[[], np.ndarray]:
     return outcome
 
 
-def _fusion_batches(adapter, scenes, prompt: str, max_new_tokens: int, batch_size: int = 16):
+def _fusion_batches(adapter, scenes, prompt: str, max_new_tokens: int, batch_size: int):
     """Clean generations, packed as right-padded teacher-forced batches (causal: padding at the
     end never changes earlier positions)."""
     batches = []
@@ -152,37 +168,76 @@ def _fusion_batches(adapter, scenes, prompt: str, max_new_tokens: int, batch_siz
     return batches
 
 
-def _dual_outcome(adapter, scenes, batch_size: int = 32) -> Callable[[], np.ndarray]:
+def _dual_outcome(adapter, scenes, batch_size: int,
+                  masks: dict[str, torch.Tensor | None]) -> tuple[Callable[[], np.ndarray], Callable[[], None]]:
+    """``(outcome, inputs)``: ``outcome()`` returns each image's image-text score; ``inputs()`` runs
+    both towers once over what mean ablation averages: every image, and every distinct prompt once.
+    (A scoring pass encodes each batch's distinct prompts, so averaging over the scoring passes
+    would weight a prompt by the number of batches it turns up in.) While the text tower runs,
+    ``masks["text"]`` is the attention mask of the prompts it encodes (``recorded_means``)."""
     chunks = []
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start:start + batch_size]
         chunks.append((adapter.preprocess([s.load_image() for s in chunk]), [s.prompt for s in chunk]))
 
-    def outcome() -> np.ndarray:
-        with torch.no_grad():
-            return np.concatenate([adapter.score(pv, prompts).float().cpu().numpy() for pv, prompts in chunks])
+    @contextmanager
+    def text_tower_runs(prompts: Sequence[str]):
+        # The adapter caches text embeddings: served from the cache, an ablated text head would
+        # change nothing, and an ablated embedding left there would reach whatever uses the
+        # (worker-cached) adapter next. So the text tower runs each time, from an empty cache.
+        adapter.clear_caches()
+        masks["text"] = adapter.tokenize(list(dict.fromkeys(prompts)))[1]  # what text_embeds encodes
+        try:
+            yield
+        finally:
+            masks["text"] = None
+            adapter.clear_caches()
 
-    return outcome
+    def outcome() -> np.ndarray:
+        values = []
+        with torch.no_grad():
+            for pv, prompts in chunks:
+                with text_tower_runs(prompts):
+                    values.append(adapter.score(pv, prompts).float().cpu().numpy())
+        return np.concatenate(values)
+
+    def inputs() -> None:
+        distinct = list(dict.fromkeys(s.prompt for s in scenes))
+        with torch.no_grad():
+            for pv, _ in chunks:
+                adapter.image_embeds(pv)
+            for start in range(0, len(distinct), batch_size):
+                with text_tower_runs(distinct[start:start + batch_size]):
+                    adapter.text_embeds(distinct[start:start + batch_size])
+
+    return outcome, inputs
 
 
 def head_ablation(adapter, scenes, *, mode: str = "zero", prompt: str | None = None, max_new_tokens: int = 32,
-                  progress: Progress = no_progress) -> dict[str, Any]:
-    """Ablate every head of every component in turn; rank heads by the mean change of the output."""
+                  batch_size: int = 16, progress: Progress = no_progress) -> dict[str, Any]:
+    """Ablate every head of every component in turn; rank heads by the mean change of the output.
+    ``batch_size``: images per forward pass."""
     if mode not in ("zero", "mean"):
         raise ProbeInputError(f"ablation mode must be 'zero' or 'mean', got {mode!r}")
     started = time.perf_counter()
     comps = components(adapter)
+    # Per component, the attention mask of the padded sequence it is reading, while it reads one.
+    masks: dict[str, torch.Tensor | None] = {}
     if adapter.kind == "fusion":
-        outcome = _fusion_outcome(adapter, _fusion_batches(adapter, scenes, prompt or _default_prompt(), max_new_tokens))
+        batches = _fusion_batches(adapter, scenes, prompt or _default_prompt(), max_new_tokens, batch_size)
+        outcome = _fusion_outcome(adapter, batches, masks)
+        inputs: Callable[[], Any] = outcome  # each image's real tokens, once (padding left out by mask)
         measure = "mean log-probability of the generated tokens"
     else:
-        outcome = _dual_outcome(adapter, scenes)
+        outcome, inputs = _dual_outcome(adapter, scenes, batch_size, masks)
         measure = "image-text similarity (logit-scaled)"
     all_mods = [m for mods, _ in comps.values() for m in mods]
     sums = [torch.zeros(m.in_features) for m in all_mods]
     counts = [0] * len(all_mods)
-    with recorded_means(all_mods, sums, counts):
-        clean = outcome()
+    mask_of = [lambda comp=comp: masks.get(comp) for comp, (mods, _) in comps.items() for _m in mods]
+    with recorded_means(all_mods, sums, counts, mask_of):
+        inputs()
+    clean = outcome()
     means = {id(m): s / max(c, 1) for m, s, c in zip(all_mods, sums, counts, strict=True)}
     total = sum(len(mods) * h for mods, h in comps.values())
     rows, done = [], 0
@@ -411,14 +466,16 @@ def _default_prompt() -> str:
 
 # --- probe kind ----------------------------------------------------------------------------------
 
-PARAMS = {"kind", "mode", "prompt", "limit", "max_new_tokens", "seed", "site"}
+PARAMS = {"kind", "mode", "prompt", "limit", "max_new_tokens", "seed", "site", "batch_size"}
+BATCH_PARAMS = {"batch_size": 16}  # images per forward: memory, not results (suite.run may lower it)
 
 
-@probe_kind("intervention")
+@probe_kind("intervention", batch_params=BATCH_PARAMS)
 def intervention_kind(model_dir: str, dataset_dir: str | None, params: dict, *, device: str = "cpu",
                       progress: Progress = no_progress) -> ProbeResult:
     """``params``: ``kind`` ("head-ablation" or "feature-swap", required), ``mode`` ("zero"/"mean",
-    head ablation), ``prompt``, ``limit`` (images), ``max_new_tokens``, ``seed``."""
+    head ablation), ``prompt``, ``limit`` (images), ``max_new_tokens``, ``seed``, ``batch_size`` (images
+    per forward in head ablation, default 16)."""
     from workers.probes.adapters.fusion import load_any
     from workers.probes.scenes import load_scenes
     from workers.probes.token_attribution import _int
@@ -438,7 +495,8 @@ def intervention_kind(model_dir: str, dataset_dir: str | None, params: dict, *, 
     max_new = _int(params, "max_new_tokens", 32) or 32
     if kind == "head-ablation":
         metrics = head_ablation(adapter, scenes, mode=str(params.get("mode", "zero")), prompt=params.get("prompt"),
-                                max_new_tokens=max_new, progress=progress)
+                                max_new_tokens=max_new, batch_size=_int(params, "batch_size", BATCH_PARAMS["batch_size"]),
+                                progress=progress)
         return _ablation_result(metrics)
     metrics = feature_swap(adapter, scenes, prompt=params.get("prompt"), max_new_tokens=max_new,
                            seed=_int(params, "seed", 0) or 0, site=str(params.get("site", "patch-embedding")),

@@ -438,10 +438,12 @@ def _hit(box: Sequence[float], patch_box: Sequence[float], tolerance: float = 0.
 
 
 def evaluate_pointing(adapter: FusionAdapter, scenes, *, prompt: str, max_new_tokens: int = 32,
-                      progress: Progress = no_progress, keep: int = 0) -> tuple[dict[str, Any], list]:
+                      progress: Progress = no_progress, keep: int = 0,
+                      batch_size: int = 16) -> tuple[dict[str, Any], list]:
     """For every generated word that names exactly one object of its image (a colour or shape
     word in the zoo world): does the argmax patch of its image relevance lie in that object's box
-    (patch centre inside the box)? Returns metrics and the first ``keep`` (scene, attribution)."""
+    (patch centre inside the box)? Returns metrics and the first ``keep`` (scene, attribution).
+    ``batch_size``: images per generation pass (each is attributed on its own)."""
     hits = {m: [] for m in METHODS}
     tolerant = {m: [] for m in METHODS}
     chance: list[float] = []
@@ -449,9 +451,8 @@ def evaluate_pointing(adapter: FusionAdapter, scenes, *, prompt: str, max_new_to
     unmatched = words = 0
     kept = []
     started = time.perf_counter()
-    batch = 16
-    for start in range(0, len(scenes), batch):
-        chunk = scenes[start:start + batch]
+    for start in range(0, len(scenes), batch_size):
+        chunk = scenes[start:start + batch_size]
         images = [s.load_image() for s in chunk]
         enc, feats = adapter.prepare(images, prompt)
         with torch.no_grad():
@@ -513,7 +514,8 @@ def _is_world_word(word: str) -> bool:
 
 # --- probe kind -------------------------------------------------------------------------------
 
-PARAMS = {"prompt", "max_new_tokens", "limit", "examples"}
+PARAMS = {"prompt", "max_new_tokens", "limit", "examples", "batch_size"}
+BATCH_PARAMS = {"batch_size": 16}  # images per generation pass: memory, not results (suite.run may lower it)
 
 
 def load_fusion(model_dir: str, device: str = "cpu") -> FusionAdapter:
@@ -533,13 +535,14 @@ def default_prompt(adapter: FusionAdapter) -> str:
     return PROMPTS[0]
 
 
-@probe_kind("token_attribution")
+@probe_kind("token_attribution", batch_params=BATCH_PARAMS)
 def token_attribution_kind(model_dir: str, dataset_dir: str | None, params: dict, *, device: str = "cpu",
                            progress: Progress = no_progress) -> ProbeResult:
     """Attribute every generated word; score colour/shape words against ground-truth boxes.
 
     ``params``: ``prompt`` (default "describe the image"), ``max_new_tokens`` (32), ``limit``
-    (images, default all), ``examples`` (figures, 3). ``dataset_dir`` None -> the zoo's held-out split.
+    (images, default all), ``examples`` (figures, 3), ``batch_size`` (images per generation pass, 16).
+    ``dataset_dir`` None -> the zoo's held-out split.
     """
     from workers.probes.scenes import load_scenes
 
@@ -555,7 +558,8 @@ def token_attribution_kind(model_dir: str, dataset_dir: str | None, params: dict
     prompt = str(params.get("prompt") or default_prompt(adapter))
     metrics, kept = evaluate_pointing(adapter, scenes, prompt=prompt,
                                       max_new_tokens=_int(params, "max_new_tokens", 32),
-                                      progress=progress, keep=_int(params, "examples", 3))
+                                      progress=progress, keep=_int(params, "examples", 3),
+                                      batch_size=_int(params, "batch_size", BATCH_PARAMS["batch_size"]))
     figures = {f"caption_{i}": caption_figure(img, att, boxes=scene.boxes) for i, (scene, img, att) in enumerate(kept)}
     findings = []
     p = metrics["pointing"]["chefer"]
