@@ -5,7 +5,8 @@ output projection) and measure the change in the output: the mean log-probabilit
 model's own generated tokens for fusion models (teacher-forced), the paired image-text
 similarity for dual encoders. Heads are ranked by the mean change; each comes with Cohen's d
 (mean / sd of the per-image change) and the number of cases. Mean ablation uses the head's
-mean output over the same images (all positions), which keeps the activation scale realistic.
+mean output over the same inputs (every position of a real token: padding is left out; for dual
+encoders every image and every distinct prompt once), which keeps the activation scale realistic.
 
 Feature swap: replace the visual features of one object's patches with those of an object of
 the same shape but another colour taken from another image (cells resampled onto the target's
