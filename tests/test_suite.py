@@ -124,6 +124,17 @@ def test_it_gives_the_same_grounding_numbers_after_backing_off(monkeypatch, held
     assert numbers(backed_off) == numbers(fitted)
 
 
+def test_it_gives_the_same_stability_numbers_at_any_batch_size(heldout):
+    # the perturbations are drawn per example, not per batch, so lowering batch_size changes nothing
+    from workers.probes import zoo
+
+    model = str(zoo.checkpoint_path("tiny-clip"))
+    params = {"methods": ["chefer", "rollout"], "samples": 2}
+    whole = suite.run("stability", model, str(heldout), {**params, "batch_size": 12}).metrics
+    split = suite.run("stability", model, str(heldout), {**params, "batch_size": 5}).metrics
+    assert {k: v for k, v in split.items() if k != "seconds"} == {k: v for k, v in whole.items() if k != "seconds"}
+
+
 def test_it_keeps_a_clip_shortcut_after_an_out_of_memory_error():
     from workers.probes import zoo
     from workers.probes.adapters import load_adapter

@@ -529,7 +529,8 @@ def stability_probe(model_dir: str, dataset_dir: str | None, params: dict[str, A
             reference = run(batch.pixel_values, batch.prompts)
             maps[name].append(reference)
             result = stability.input_sensitivity(run, batch.pixel_values, batch.prompts, epsilon=epsilon,
-                                                 samples=samples, seed=seed + b, reference=reference)
+                                                 samples=samples, seed=seed, reference=reference,
+                                                 indices=batch.indices)
             rho[name] += result.rank_correlation.tolist()
             sensitivity[name] += result.max_sensitivity.tolist()
     progress(1.0, "done")

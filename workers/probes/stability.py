@@ -58,18 +58,22 @@ class Sensitivity:
 
 def input_sensitivity(explain: Explain, pixel_values: torch.Tensor, prompts: Sequence[str], *,
                       epsilon: float = 0.05, samples: int = 4, seed: int = 0,
-                      reference: torch.Tensor | None = None) -> Sensitivity:
-    """Worst-case change of the explanation under ``samples`` uniform perturbations of size ``epsilon``."""
+                      reference: torch.Tensor | None = None, indices: Sequence[int] = ()) -> Sensitivity:
+    """Worst-case change of the explanation under ``samples`` uniform perturbations of size ``epsilon``.
+
+    Each example's noise comes from a generator of its own, seeded by ``seed`` and its index in the
+    dataset (``indices``; default: its place in the batch), so an example gets the same noise in
+    whatever batch it is explained."""
     if epsilon <= 0 or samples < 1:
         raise ValueError("epsilon must be positive and samples at least 1")
     base = (reference if reference is not None else explain(pixel_values, prompts)).detach().float().cpu()
     base_flat = base.reshape(len(base), -1)
     base_norm = base_flat.norm(dim=1).clamp(min=1e-12)
-    generator = torch.Generator().manual_seed(seed)
+    generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in (indices or range(len(base)))]
     worst_rho = np.full(len(base), np.inf)
     worst_sensitivity = np.zeros(len(base))
     for _ in range(samples):
-        noise = (torch.rand(pixel_values.shape, generator=generator) * 2 - 1) * epsilon
+        noise = (torch.stack([torch.rand(pixel_values.shape[1:], generator=g) for g in generators]) * 2 - 1) * epsilon
         perturbed = explain(pixel_values + noise.to(pixel_values.device, pixel_values.dtype), prompts).detach().float().cpu()
         worst_rho = np.minimum(worst_rho, rank_correlation(base, perturbed))
         change = ((perturbed.reshape(len(base), -1) - base_flat).norm(dim=1) / base_norm).numpy()
