@@ -81,8 +81,7 @@ def batches(adapter, dataset: GroundingDataset, batch_size: int) -> Iterator[Bat
 
 def random_maps(grid: tuple[int, int], indices: Sequence[int], seed: int) -> torch.Tensor:
     """``[B, gh, gw]`` uniform noise, one seeded generator per example (independent of batching)."""
-    return torch.stack([torch.rand(grid, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-                        for i in indices])
+    return torch.stack([torch.rand(grid, generator=g) for g in stability.example_generators(seed, indices)])
 
 
 def explain(adapter, method: str, pixel_values: torch.Tensor, prompts: Sequence[str], *,

@@ -56,6 +56,12 @@ class Sensitivity:
     max_sensitivity: np.ndarray  # [B] worst relative change over the perturbations
 
 
+def example_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One generator per dataset example (``indices``), so an example draws the same numbers in
+    whatever batch it is processed."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+
+
 def input_sensitivity(explain: Explain, pixel_values: torch.Tensor, prompts: Sequence[str], *,
                       epsilon: float = 0.05, samples: int = 4, seed: int = 0,
                       reference: torch.Tensor | None = None, indices: Sequence[int] = ()) -> Sensitivity:
@@ -69,7 +75,7 @@ def input_sensitivity(explain: Explain, pixel_values: torch.Tensor, prompts: Seq
     base = (reference if reference is not None else explain(pixel_values, prompts)).detach().float().cpu()
     base_flat = base.reshape(len(base), -1)
     base_norm = base_flat.norm(dim=1).clamp(min=1e-12)
-    generators = [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in (indices or range(len(base)))]
+    generators = example_generators(seed, indices or range(len(base)))
     worst_rho = np.full(len(base), np.inf)
     worst_sensitivity = np.zeros(len(base))
     for _ in range(samples):
