@@ -310,13 +310,10 @@ def attention_kind(model_dir: str, dataset_dir: str | None, params: dict, *, dev
         from workers.probes.zoo import dataset_dir as zoo_dataset
 
         dataset_dir = str(zoo_dataset("heldout"))
-    batch_size = _int(params, "batch_size", BATCH_PARAMS["batch_size"])
-    if batch_size < 1:
-        raise ProbeInputError("parameter 'batch_size' must be at least 1")
     scenes = load_scenes(dataset_dir, limit=_int(params, "limit", None))
     metrics = analyse(adapter, scenes, prompts=prompts, compare=load_compare(compare_dirs, device),
-                      max_new_tokens=_int(params, "max_new_tokens", 32) or 32, batch_size=batch_size,
-                      progress=progress)
+                      max_new_tokens=_int(params, "max_new_tokens", 32) or 32,
+                      batch_size=params.get("batch_size", BATCH_PARAMS["batch_size"]), progress=progress)
     return result_from_metrics(metrics)
 
 

@@ -31,6 +31,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from workers.probes.errors import OutOfDeviceMemory, ProbeInputError
+
 
 class Progress(Protocol):
     def __call__(self, fraction: float, phase: str) -> None: ...
@@ -135,8 +137,6 @@ def get_kind(name: str) -> ProbeKind:
     try:
         return _KINDS[name]
     except KeyError:
-        from workers.probes.errors import ProbeInputError
-
         raise ProbeInputError(f"unknown probe kind {name!r}; available: {', '.join(kinds())}") from None
 
 
@@ -153,13 +153,11 @@ def run(name: str, model_dir: str, dataset_dir: str | None = None, params: dict[
 
     kind = get_kind(name)
     params = dict(params or {})
-    for key in _BATCH_PARAMS[name]:
+    for key in _BATCH_PARAMS[name].keys() & params.keys():
         # Checked here for every kind alike: a plan's "batch_size": 0 or "8" would otherwise reach
         # range() or int() inside the kind and fail with Python's words, not ours.
-        value = params.get(key, 1)
+        value = params[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            from workers.probes.errors import ProbeInputError
-
             raise ProbeInputError(f"{name}: {key} must be an integer >= 1, got {value!r}")
     failed: list[dict[str, Any]] = []
     while True:
@@ -177,8 +175,6 @@ def run(name: str, model_dir: str, dataset_dir: str | None = None, params: dict[
         _release_device_memory()
         smaller = _halved(tried)
         if smaller is None:
-            from workers.probes.errors import OutOfDeviceMemory
-
             at = f" even with {_sizes(tried)}" if tried else " (it has no batch size to lower)"
             raise OutOfDeviceMemory(f"{name} ran out of {device} memory{at}; the model does not fit this device "
                                     f"next to what else runs on it ({reason})")
