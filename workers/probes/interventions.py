@@ -227,7 +227,7 @@ def head_ablation(adapter, scenes, *, mode: str = "zero", prompt: str | None = N
     if adapter.kind == "fusion":
         batches = _fusion_batches(adapter, scenes, prompt or _default_prompt(), max_new_tokens, batch_size)
         outcome = _fusion_outcome(adapter, batches, masks)
-        inputs: Callable[[], Any] = outcome  # each image's real tokens, once (padding left out by mask)
+        inputs: Callable[[], Any] = outcome  # the clean pass reads each image's real tokens once
         measure = "mean log-probability of the generated tokens"
     else:
         outcome, inputs = _dual_outcome(adapter, scenes, batch_size, masks)
@@ -237,8 +237,8 @@ def head_ablation(adapter, scenes, *, mode: str = "zero", prompt: str | None = N
     counts = [0] * len(all_mods)
     mask_of = [lambda comp=comp: masks.get(comp) for comp, (mods, _) in comps.items() for _m in mods]
     with recorded_means(all_mods, sums, counts, mask_of):
-        inputs()
-    clean = outcome()
+        recorded = inputs()
+    clean = recorded if inputs is outcome else outcome()
     means = {id(m): s / max(c, 1) for m, s, c in zip(all_mods, sums, counts, strict=True)}
     total = sum(len(mods) * h for mods, h in comps.values())
     rows, done = [], 0
