@@ -193,7 +193,7 @@ def test_it_refuses_what_is_not_an_image():
 def test_it_refuses_a_truncated_image_even_after_weasyprint_is_imported(image_format):
     import numpy as np
 
-    import governance.reports.render  # noqa: F401 - imports WeasyPrint, which once made Pillow lenient
+    import governance.reports.context  # noqa: F401 - imports WeasyPrint, which once made Pillow lenient
 
     buffer = io.BytesIO()
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)

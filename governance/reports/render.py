@@ -20,17 +20,10 @@ import threading
 from dataclasses import dataclass
 
 from django.template.loader import render_to_string
-from PIL import ImageFile
 from weasyprint import HTML, Attachment
 
 from governance.reports.manifest import ATTACHMENT_NAME
 from governance.reports.url_fetcher import SafeURLFetcher, attachment_url
-
-# Importing WeasyPrint sets Pillow's process-wide LOAD_TRUNCATED_IMAGES, so that a browser-like
-# renderer shows what it can of a broken web image. Reports embed only the figures Loupe drew itself;
-# everything else in the process (upload checks, the probes' image loading) must refuse a truncated
-# file rather than silently pad it with grey, so the switch is turned back.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 PDF_VARIANT = "pdf/a-3b"
 BASE_URL = "loupe://report/"

@@ -27,7 +27,16 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from PIL import ImageFile
 from weasyprint.urls import URLFetcher, URLFetcherResponse
+
+# Every path of Loupe's into WeasyPrint goes through this module (render.py imports it, and so does
+# the report context).
+# Importing WeasyPrint sets Pillow's process-wide LOAD_TRUNCATED_IMAGES, so that a browser-like
+# renderer shows what it can of a broken web image. Reports embed only the figures Loupe drew itself;
+# everything else in the process (upload checks, the probes' image loading) must refuse a truncated
+# file rather than silently pad it with grey, so the switch is turned back.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 SCHEME = "loupe"
 STATIC_ROOT = Path(__file__).resolve().parent.parent / "static"
