@@ -85,6 +85,19 @@ def test_it_traces_attentions_and_hidden_states_with_gradients(which, request):
     assert all(p.grad is None for p in adapter.model.parameters())
 
 
+def test_it_loads_a_siglip_without_transformers_false_alarm_about_its_token_ids(tmp_path, capfd):
+    """An auditor reading the CLI's output must not be told a provider's config is broken when it
+    is transformers' own default SigLIP text config that fails its check (transformers#47612)."""
+    from transformers.utils import logging as hf_logging
+
+    directory = save_tiny_siglip(tmp_path / "siglip")
+    hf_logging.warning_once.cache_clear()  # an earlier load in this process must not hide it
+    capfd.readouterr()
+    adapter = load_adapter(str(directory))
+    assert adapter.architecture == "siglip"
+    assert "vocabulary" not in capfd.readouterr().err
+
+
 def test_it_pairs_images_with_prompts_and_broadcasts_a_single_prompt(clip):
     pv = clip.preprocess(_images(3))
     torch.testing.assert_close(clip.score(pv, ["a cat"]), clip.score_matrix(pv, ["a cat"])[:, 0])

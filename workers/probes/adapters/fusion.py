@@ -424,7 +424,8 @@ def load_generative(path: str | os.PathLike, model_class: str, model_types: Sequ
         raise ProbeInputError(f"{directory}: no *.safetensors weights (pickled weights are refused: "
                               "unpickling can run arbitrary code)")
     try:
-        config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        with quiet_transformers():  # see loading.load: no false alarms about default sub-configs
+            config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise ProbeInputError(f"{directory}: unreadable config.json ({exc})") from None
     if config.model_type not in model_types:

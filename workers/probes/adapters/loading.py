@@ -131,7 +131,12 @@ def load(path_or_id: str, *, revision: str | None = None, device: str | torch.de
     common = {"revision": revision, "trust_remote_code": False, "local_files_only": True}
 
     try:
-        config = AutoConfig.from_pretrained(where, **common)
+        # Quiet here too: transformers 5 builds a default SigLIP text config while merely logging the
+        # loaded one, and that default's own token ids (49406/49407, CLIP leftovers) fail its vocabulary
+        # check, so every SigLIP load warned "may result in unexpected behavior" about a config the
+        # provider never wrote (huggingface/transformers#47612). Real problems still raise below.
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(where, **common)
     except ValueError as exc:
         if "trust_remote_code" in str(exc) or "custom code" in str(exc):
             raise UnsupportedModelError(f"{where} needs custom code (trust_remote_code), which Loupe never runs") \
