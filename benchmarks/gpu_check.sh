@@ -9,28 +9,16 @@
 #     generative probes (token attribution and its benchmark, attention statistics, head ablation),
 #     memory backoff after a real out-of-memory error, the shortcut probe.
 # Everything lands in ${OUT:-gpu-out}/gpu_check.tar.gz (the device tool returns at most 8 files)
-# and a log; one summary line per step goes to stdout.
+# and a log; one line per step goes to stdout.
 set -uo pipefail
 out=${OUT:-gpu-out}; mkdir -p "$out"
 work=$(mktemp -d); deadline=${GPU_CHECK_DEADLINE:-420}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 LOUPE_CACHE_DIR=/tmp/loupe-cache PYTHONPATH=.
 step() {  # step NAME TIMEOUT COMMAND...: stdout to $work/NAME, skipped past the deadline
   local name=$1 limit=$2; shift 2
-  if (( SECONDS > deadline )); then echo "$name skipped (past ${deadline}s)"; return; fi
+  if (( SECONDS > deadline )); then : > "$work/$name"; echo "$name skipped (past ${deadline}s)"; return; fi
   local t0=$SECONDS; timeout "$limit" "$@" > "$work/$name" 2> "$work/$name.err"
   echo "$name rc=$? ${SECONDS}s (+$((SECONDS - t0))s)"
-}
-summary() { python3 - "$@" <<'EOF'
-import json, sys
-for path in sys.argv[1:]:
-    try:
-        c = json.load(open(path))["chefer"]
-        print(path.rsplit("/", 1)[-1], "speedup %.2f" % c["speedup"], "batched %.1f ms" % (1e3 * c["loupe_batched"]["median_s"]),
-              "loop %.1f ms" % (1e3 * c["per_image_loop"]["median_s"]), "share_of_dense %.2f" % c["ceiling"]["batched_share_of_dense_rate"],
-              "ceiling %.1f" % c["ceiling"]["max_speedup"])
-    except Exception as e:  # noqa: BLE001 - a failed run is reported, not fatal
-        print(path, "unreadable:", e)
-EOF
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; lscpu | grep -E "Model name|^CPU\(s\)"
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } \
@@ -41,7 +29,8 @@ for run in 1 2 3; do
       --repeats 7 --threads "$threads" --json "$work/chefer_cpu_${threads}t_r${run}.json"
   done
 done
-summary "$work"/chefer_cpu_*t_r*.json
+# the benchmark prints its own one-line verdict (speedup, ceiling) on stderr
+grep -h "^chefer" "$work"/chefer_cpu_*.txt.err 2>/dev/null
 step gpu_grounding.json 150 python3 benchmarks/gpu_grounding.py --dtype bf16
 head -c 2500 "$work/gpu_grounding.json"; echo
 zoo=workers/probes/zoo/checkpoints
