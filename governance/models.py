@@ -379,17 +379,18 @@ def validate_server_path(path: str) -> None:
 def validate_probe_plan(plan: Any) -> None:
     """Check a probe plan's structure: ``[{"kind": str, "params": {...}, "dataset": str | None}, ...]``.
 
-    Known kinds come from ``workers.probes.suite.kinds()`` at validation time. Raises
-    ``ValidationError`` naming the offending item, e.g. ``probe_plan[2].kind: unknown probe kind``.
+    Kinds and their parameter schemas come from their declarations (``workers.probes.kinds``).
+    Raises ``ValidationError`` naming the offending item, e.g. ``probe_plan[2].kind: unknown probe
+    kind`` or ``probe_plan[0].params.limit: input should be greater than or equal to 1 (got 0)``.
     An empty plan is valid for a draft; :func:`governance.workflow.submit` requires at least one probe.
     """
-    from workers.probes import suite  # plain library; governance may import it (never the reverse)
+    from workers.probes import kinds  # plain library; governance may import it (never the reverse)
 
     if not isinstance(plan, list):
         raise ValidationError(f"probe plan must be a JSON list of probes, got {type(plan).__name__}")
     if len(plan) > MAX_PROBE_PLAN_ITEMS:
         raise ValidationError(f"probe plan has {len(plan)} probes; at most {MAX_PROBE_PLAN_ITEMS} are allowed")
-    known = set(suite.kinds())
+    known = set(kinds.names())
     errors = []
     for i, item in enumerate(plan):
         where = f"probe_plan[{i}]"
@@ -412,6 +413,9 @@ def validate_probe_plan(plan: Any) -> None:
                 canonical_json(params)
             except (TypeError, ValueError) as exc:
                 errors.append(f"{where}.params: not plain JSON ({exc})")
+            else:
+                if kind in known:
+                    errors += [f"{where}.params.{problem}" for problem in kinds.param_problems(kind, params)]
         dataset = item.get("dataset")
         if dataset is not None and (not isinstance(dataset, str) or not dataset or len(dataset) > 1024):
             errors.append(f"{where}.dataset: expected a dataset name or path (1-1024 characters) or null")

@@ -33,12 +33,19 @@ TEST_KIND = "test.echo"
 def test_probe_kind() -> str:
     """A probe kind registered for tests only (real kinds import torch models; plans only need a name)."""
 
-    def echo(model_dir, dataset_dir, params, *, device, progress):  # pragma: no cover - never run here
-        return suite.ProbeResult(kind=TEST_KIND, metrics=dict(params), summary="echo")
+    from pydantic import ConfigDict
 
-    suite.probe_kind(TEST_KIND)(echo)
+    from workers.probes import kinds
+
+    class EchoParams(kinds.KindParams):
+        model_config = ConfigDict(extra="allow")
+
+    def echo(model_dir, dataset_dir, params, *, device, progress):  # pragma: no cover - never run here
+        return suite.ProbeResult(kind=TEST_KIND, metrics=params.model_dump(), summary="echo")
+
+    kinds.probe_kind(TEST_KIND, title="Echo (tests)", section=None, params=EchoParams, help="tests only")(echo)
     yield TEST_KIND
-    suite._KINDS.pop(TEST_KIND, None)
+    kinds.unregister(TEST_KIND)
 
 
 def _user(username: str, role: str | None = None, organisation=None, **extra) -> User:

@@ -237,9 +237,6 @@ def test_it_leaves_a_cached_model_exactly_as_it_was_after_the_randomisation_test
     adapter = suite.load_model(str(models["clip"]), "cpu")
     pixels = torch.zeros(1, 3, adapter.image_size, adapter.image_size)
     before = adapter.score(pixels, ["a red circle"]).item()
-    suite.set_model_loader(lambda model_dir, device: adapter)
-    try:
-        suite.run("sanity", str(models["clip"]), str(shapes), {"method": "chefer", "limit": 2})
-    finally:
-        suite.set_model_loader(None)
+    suite.run("sanity", str(models["clip"]), str(shapes), {"method": "chefer", "limit": 2},
+              loader=lambda model_dir, device: adapter)
     assert adapter.score(pixels, ["a red circle"]).item() == before

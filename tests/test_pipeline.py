@@ -115,21 +115,26 @@ def test_it_refuses_a_dataset_outside_the_allowed_roots_and_writes_nothing(tiny_
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("params, message", [
-    ({"inputs": "/etc", "target": "a cat"}, "not below an allowed dataset root"),
-    ({"compare_models": ["/root"]}, "not below an allowed model root"),
-    ({"compare_models": "zoo:tiny-clip"}, "expected a list of model references"),
+@pytest.mark.parametrize("kind, params, message", [
+    ("tcav", {"inputs": "/etc", "target": "a cat"}, "not below an allowed dataset root"),
+    ("attention", {"compare_models": ["/root"]}, "not below an allowed model root"),
 ])
-def test_it_confines_server_paths_inside_probe_params_too(tiny_clip_version, alice, ada, rita, rob, params, message):
+def test_it_confines_server_paths_inside_probe_params_too(tiny_clip_version, alice, ada, rita, rob, kind, params,
+                                                          message):
     # tcav/shortcut read an image folder and the attention probe loads models named in params: a
     # plan is user input, so these paths get the same confinement as the plan's dataset
-    case = make_case(tiny_clip_version, alice, ada, rita, rob, [{"kind": "selftest", "params": params}])
+    case = make_case(tiny_clip_version, alice, ada, rita, rob, [{"kind": kind, "params": params}])
 
     with pytest.raises(pipeline.PipelineError, match=message):
         pipeline.start_case(case.pk, by=alice)
 
     case.refresh_from_db()
     assert case.state == AuditCase.State.SUBMITTED and not case.runs.exists()
+
+
+def test_it_refuses_model_references_that_are_not_a_list():
+    with pytest.raises(pipeline.PipelineError, match="expected a list of model references"):
+        pipeline.resolve_params({"compare_models": "zoo:tiny-clip"})
 
 
 def test_it_resolves_zoo_references_in_probe_params():

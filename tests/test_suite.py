@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from tests.zoo_fixtures import heldout_fixture
-from workers.probes import registry, suite
+from workers.probes import kinds, registry, suite
 from workers.probes.errors import OutOfDeviceMemory, ProbeInputError
+from workers.probes.kinds import BatchSize, KindParams
 
 KIND = "test.memory-hungry"
 
 heldout = heldout_fixture(12)
+
+
+class HungryParams(KindParams):
+    batch_size: BatchSize = 16
+    score_batch_size: BatchSize = 128
+
+
+class NoParams(KindParams):
+    pass
+
+
+def declare(name, fn, params=NoParams):
+    kinds.probe_kind(name, title=name, section=None, params=params, help="a kind of this test module only")(fn)
 
 
 @pytest.fixture
@@ -21,15 +37,14 @@ def hungry_kind():
     state = {"fits": 4}
 
     def hungry(model_dir, dataset_dir, params, *, device, progress):
-        calls.append(dict(params))
-        if params.get("batch_size", 16) > state["fits"]:
+        calls.append(params.model_dump())
+        if params.batch_size > state["fits"]:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return suite.ProbeResult(kind=KIND, metrics={"n": 3}, summary="ok")
 
-    suite.probe_kind(KIND, batch_params={"batch_size": 16, "score_batch_size": 128})(hungry)
+    declare(KIND, hungry, HungryParams)
     yield calls, state
-    suite._KINDS.pop(KIND, None)
-    suite._BATCH_PARAMS.pop(KIND, None)
+    kinds.unregister(KIND)
 
 
 def test_it_starts_again_with_halved_batches_when_the_device_runs_out_of_memory(hungry_kind):
@@ -37,7 +52,7 @@ def test_it_starts_again_with_halved_batches_when_the_device_runs_out_of_memory(
     phases: list[str] = []
     result = suite.run(KIND, "model", None, {"score_batch_size": 100}, device="cuda",
                        progress=lambda fraction, phase: phases.append(phase))
-    assert [c.get("batch_size") for c in calls] == [None, 8, 4]
+    assert [c["batch_size"] for c in calls] == [16, 8, 4]
     assert [c["score_batch_size"] for c in calls] == [100, 50, 25]
     assert result.metrics["n"] == 3
     assert result.metrics["memory_backoff"] == {
@@ -61,8 +76,8 @@ def test_it_gives_up_with_a_clear_error_when_even_batches_of_one_do_not_fit(hung
         suite.run(KIND, "model", None, {}, device="cuda")
     assert isinstance(caught.value, ProbeInputError)  # the CLI prints it; a task fails the run with it
     # each size is halved until every one of them is 1: 128 takes 7 halvings
-    assert [c.get("score_batch_size") for c in calls] == [None, 64, 32, 16, 8, 4, 2, 1]
-    assert [c.get("batch_size") for c in calls] == [None, 8, 4, 2, 1, 1, 1, 1]
+    assert [c["score_batch_size"] for c in calls] == [128, 64, 32, 16, 8, 4, 2, 1]
+    assert [c["batch_size"] for c in calls] == [16, 8, 4, 2, 1, 1, 1, 1]
 
 
 def test_it_does_not_retry_a_kind_that_declares_no_batch_sizes():
@@ -72,19 +87,18 @@ def test_it_does_not_retry_a_kind_that_declares_no_batch_sizes():
         calls.append(params)
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    suite.probe_kind("test.whole")(whole)
+    declare("test.whole", whole)
     try:
         with pytest.raises(OutOfDeviceMemory, match="no batch size to lower"):
             suite.run("test.whole", "model", None, {}, device="cuda")
     finally:
-        suite._KINDS.pop("test.whole", None)
-        suite._BATCH_PARAMS.pop("test.whole", None)
+        kinds.unregister("test.whole")
     assert len(calls) == 1
 
 
 def test_it_declares_only_batch_sizes_that_each_kind_accepts(tmp_path):
     missing_model, missing_data = str(tmp_path / "no-model"), str(tmp_path / "no-data")
-    declared = {name: sizes for name, sizes in suite._BATCH_PARAMS.items() if sizes and name in suite.kinds()}
+    declared = {spec.name: spec.batch_params for spec in kinds.all_kinds() if spec.batch_params}
     assert set(declared) >= {"grounding", "sanity", "stability", "robustness", "shortcut", "tcav", "attention",
                              "selftest", "intervention", "token_attribution"}
     for name, sizes in declared.items():
@@ -164,12 +178,11 @@ def test_it_frees_the_failed_attempts_tensors_before_starting_again():
         alive_at_retry.append(first_attempt[0]() is not None)
         return suite.ProbeResult(kind="test.grows", metrics={}, summary="ok")
 
-    suite.probe_kind("test.grows", batch_params={"batch_size": 8})(grows)
+    declare("test.grows", grows, HungryParams)
     try:
         suite.run("test.grows", "model", None, {}, device="cuda")
     finally:
-        suite._KINDS.pop("test.grows", None)
-        suite._BATCH_PARAMS.pop("test.grows", None)
+        kinds.unregister("test.grows")
     # held by the error's traceback until the except clause ends: a retry from inside it would
     # start with the failed attempt's memory still taken
     assert alive_at_retry == [False]
@@ -177,7 +190,8 @@ def test_it_frees_the_failed_attempts_tensors_before_starting_again():
 
 @pytest.mark.parametrize("value", [0, -4, "8", 2.5, True, None])
 def test_it_refuses_a_batch_size_that_is_not_a_positive_integer_for_every_kind(value, tmp_path):
-    for name, sizes in suite._BATCH_PARAMS.items():
-        for key in sizes:
-            with pytest.raises(ProbeInputError, match=f"{name}: {key} must be an integer >= 1, got {value!r}"):
-                suite.run(name, str(tmp_path / "no-model"), None, {key: value})
+    for spec in kinds.all_kinds():
+        for key in spec.batch_params:
+            got = re.escape(repr(value))
+            with pytest.raises(ProbeInputError, match=f"^{spec.name}: (.*; )?{key}: input should be [^;]* \\(got {got}\\)"):
+                suite.run(spec.name, str(tmp_path / "no-model"), None, {key: value})

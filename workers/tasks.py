@@ -177,11 +177,11 @@ def run_probe(self, run_id: int) -> dict[str, Any]:
         model_dir = str(artifacts.model_directory(version))
         dataset_dir = pipeline.resolve_dataset(run.dataset)
         device = runtime.select_device()
-        suite.set_model_loader(lambda path, dev: runtime.model_cache.get(
-            version.manifest_hash or path, dev, lambda: suite._default_loader(path, dev)))
         params = pipeline.resolve_params(run.params)  # confined again: settings may have changed since
         result = suite.run(run.kind, model_dir, dataset_dir, params, device=device,
-                           progress=pipeline.RunProgress(run_id))
+                           progress=pipeline.RunProgress(run_id),
+                           loader=lambda path, dev: runtime.model_cache.get(
+                               version.manifest_hash or path, dev, lambda: suite.load_adapter_uncached(path, dev)))
         evidence.record_result(run_id, result, _provenance(version, device, run.params))
     except evidence.AlreadyRecorded:
         pass
@@ -194,8 +194,6 @@ def run_probe(self, run_id: int) -> dict[str, Any]:
     except Exception as exc:  # a probe bug: fail this run with its reason, keep the others going
         logger.exception("probe run %s (%s) raised", run_id, run.kind)
         _fail(run_id, f"{type(exc).__name__}: {exc}")
-    finally:
-        suite.set_model_loader(None)
     _request_aggregation(run_id)
     status = ProbeRun.objects.filter(pk=run_id).values_list("status", flat=True).first()
     return {"run": run_id, "status": status}

@@ -12,6 +12,7 @@ from rest_framework.reverse import reverse
 
 from governance import access
 from governance import models as m
+from governance.api.plan_schema import ProbePlanField
 
 User = get_user_model()
 
@@ -108,6 +109,7 @@ class AuditCaseSerializer(serializers.ModelSerializer):
     model_version = VisibleRelatedField(queryset=m.ModelVersion.objects.all())
     reviewers = ReviewerField(many=True, required=False,
                               help_text="User ids of reviewers (admins assign them; submitters cannot).")
+    probe_plan = ProbePlanField(required=False, validators=[m.validate_probe_plan])
     approvals = serializers.SerializerMethodField()
 
     class Meta:

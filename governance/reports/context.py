@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from governance.reports import figures
+from workers.probes import kinds as probe_kinds
+from workers.probes.errors import ProbeInputError
+from workers.probes.kinds import KindSpec
 from governance.reports.url_fetcher import artifact_url
 
 # Free text longer than this is cut in the PDF (the full text stays in the manifest and the export bundle);
@@ -34,17 +37,6 @@ _LONG_WORD = re.compile(r"\S{%d,}" % (MAX_WORD_CHARS + 1))
 MAX_METRIC_ROWS = 80
 MAX_TABLE_ROWS = 40
 
-KIND_TITLES = {
-    "grounding": "Visual grounding and faithfulness",
-    "sanity": "Sanity checks (model randomisation)",
-    "token_attribution": "Token attribution (generative models)",
-    "attention": "Cross-modal attention statistics",
-    "intervention": "Causal interventions",
-    "tcav": "Concept tests (TCAV)",
-    "shortcut": "Shortcut detection",
-    "robustness": "Robustness probes",
-}
-
 CARD_TITLES = {
     "model_details": "Model details", "intended_uses": "Intended uses", "out_of_scope_uses": "Out-of-scope uses",
     "training_data": "Training data", "evaluation_data": "Evaluation data", "metrics": "Metrics",
@@ -54,25 +46,52 @@ CARD_TITLES = {
 
 @dataclass(frozen=True)
 class Section:
+    """A report section. Which probe kinds' evidence it shows is declared by each kind
+    (``section=`` in ``workers.probes.kinds.probe_kind``), see :func:`section_kinds`."""
+
     key: str
     title: str
     requirement: str
-    kinds: tuple[str, ...] = ()
 
 
 SECTIONS = (
     Section("summary", "Executive summary", "Art. 13(1), 13(3)(b): transparency of the system's characteristics"),
     Section("purpose", "Intended purpose and model card", "Art. 13(3)(a), 13(3)(b)(i); Annex IV point 1"),
-    Section("explain", "Ability to explain outputs", "Art. 13(3)(b)(iv), Art. 13(3)(d)",
-            ("grounding", "sanity", "token_attribution", "attention", "intervention")),
-    Section("bias", "Performance for groups and bias examination", "Art. 10(2)(f)-(g), Art. 13(3)(b)(v)",
-            ("tcav", "shortcut")),
-    Section("robustness", "Accuracy and robustness", "Art. 15; Art. 13(3)(b)(ii)", ("robustness",)),
+    Section("explain", "Ability to explain outputs", "Art. 13(3)(b)(iv), Art. 13(3)(d)"),
+    Section("bias", "Performance for groups and bias examination", "Art. 10(2)(f)-(g), Art. 13(3)(b)(v)"),
+    Section("robustness", "Accuracy and robustness", "Art. 15; Art. 13(3)(b)(ii)"),
     Section("oversight", "Human oversight", "Art. 14; Annex IV point 2(e)"),
     Section("testlog", "Test log", "Annex IV point 2(g)"),
     Section("limitations", "Limitations", "Art. 13(3)(b)(iii); Annex IV point 3"),
     Section("appendix", "Appendix: hashes, libraries, glossary", "Annex IV points 2(g), 4"),
 )
+
+def section_kinds() -> dict[str, list[KindSpec]]:
+    """``{section key: [the kinds whose evidence it shows]}``, in the kinds' declaration order.
+
+    A kind that names a section this report does not define raises: its evidence would otherwise
+    never reach a report, and nobody would notice."""
+    keys = {section.key for section in SECTIONS}
+    out: dict[str, list[KindSpec]] = {key: [] for key in keys}
+    for spec in probe_kinds.all_kinds():
+        if spec.section is None:
+            continue
+        if spec.section not in keys:
+            raise ValueError(f"probe kind {spec.name!r} declares report section {spec.section!r}, which the report "
+                             f"does not define (sections: {', '.join(sorted(keys))})")
+        out[spec.section].append(spec)
+    return out
+
+
+def kind_titles() -> dict[str, str]:
+    """Title of every kind whose evidence the report shows (section order, then declaration order)."""
+    by_section = section_kinds()
+    return {spec.name: spec.title for section in SECTIONS for spec in by_section[section.key]}
+
+
+def kind_title(kind: str | None) -> str:
+    return kind_titles().get(kind or "", kind or "")
+
 
 SEVERITY_ORDER = {"high": 0, "medium": 1, "low": 2, "info": 3}
 
@@ -261,10 +280,10 @@ def summary_figures(entry: dict[str, Any], inputs: RenderInputs) -> list[dict[st
         series = {str(name): (c["x"], c["y"]) for name, c in list(curves.items())[:8]
                   if isinstance(c, dict) and isinstance(c.get("x"), list) and isinstance(c.get("y"), list)}
         if series:
-            png = figures.curves(KIND_TITLES.get(kind, kind), series, xlabel=str(metrics.get("curve_x", "fraction")),
+            png = figures.curves(kind_title(kind), series, xlabel=str(metrics.get("curve_x", "fraction")),
                                  ylabel=str(metrics.get("curve_y", "score")))
             out.append({"url": _generated(inputs, f"{eid}-curves", png),
-                        "caption": f"Curves recorded by evidence #{eid} ({KIND_TITLES.get(kind, kind)})."})
+                        "caption": f"Curves recorded by evidence #{eid} ({kind_title(kind)})."})
     return out
 
 
@@ -280,7 +299,7 @@ def evidence_view(entry: dict[str, Any], run: dict[str, Any] | None, inputs: Ren
             figures_out.append({"url": artifact_url(key), "caption": f"{artifact['name']} (evidence #{entry['id']}, "
                                 f"stored artifact, SHA-256 {artifact['sha256'][:16]}...)"})
     return {
-        "id": entry.get("id"), "kind": entry.get("kind"), "title": KIND_TITLES.get(entry.get("kind"), entry.get("kind")),
+        "id": entry.get("id"), "kind": entry.get("kind"), "title": kind_title(entry.get("kind")),
         "summary": truncate(entry.get("summary")), "metric_rows": flatten(entry.get("metrics") or {}),
         "tables": record_tables(entry.get("metrics") or {}), "findings": entry.get("findings") or [],
         "figures": figures_out, "files": files, "run": run, "digest": entry.get("digest"),
@@ -303,16 +322,36 @@ def decision(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def limitations(evidence: list[dict[str, Any]], present_kinds: set[str]) -> dict[str, Any]:
-    """Measured disagreement/instability values, and the gaps the evidence leaves."""
+    """Measured disagreement/instability values (the metrics each kind's glossary marks as
+    ``limitation``), and the gaps the evidence leaves."""
     measured = []
-    words = ("disagree", "agreement", "stabil", "rank_corr", "spearman", "kendall", "consisten", "ssim")
     for entry in evidence:
+        kind = entry.get("kind")
+        try:
+            quoted = {key for key, metric in probe_kinds.glossary(kind)[kind].items() if metric.limitation}
+        except ProbeInputError:  # evidence of a kind no longer declared: its numbers stay in the manifest
+            quoted = set()
         for path, value in flatten(entry.get("metrics") or {}):
-            if any(w in path.lower() for w in words):
-                measured.append({"evidence": entry.get("id"), "kind": entry.get("kind"), "metric": path, "value": value})
-    gaps = [f"No {KIND_TITLES[k].lower()} evidence was recorded, so this report makes no statement about it."
-            for k in KIND_TITLES if k not in present_kinds]
+            if path.rsplit(".", 1)[-1] in quoted:
+                measured.append({"evidence": entry.get("id"), "kind": kind, "metric": path, "value": value})
+    titles = kind_titles()
+    gaps = [f"No {title.lower()} evidence was recorded, so this report makes no statement about it."
+            for kind, title in titles.items() if kind not in present_kinds]
     return {"measured": measured[:60], "gaps": gaps}
+
+
+def glossary() -> list[tuple[str, str]]:
+    """The report's glossary: general terms, then the metrics each probe kind declares."""
+    terms = list(GLOSSARY)
+    known = {term for term, _ in terms}
+    by_section = section_kinds()
+    for section in SECTIONS:
+        for spec in by_section[section.key]:
+            for metric in spec.glossary.values():
+                if metric.label not in known:
+                    known.add(metric.label)
+                    terms.append((metric.label, f"{metric.meaning[:1].upper()}{metric.meaning[1:]} ({spec.title})."))
+    return terms
 
 
 def library_versions() -> list[tuple[str, str]]:
@@ -338,11 +377,12 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
     evidence = [evidence_view(e, runs.get(e.get("run_id")), inputs, load_artifact) for e in manifest.get("evidence", [])]
     present = {e["kind"] for e in evidence}
     sections = []
+    by_section = section_kinds()
     for section in SECTIONS:
         kinds = []
-        for kind in section.kinds:
-            items = [e for e in evidence if e["kind"] == kind]
-            kinds.append({"kind": kind, "title": KIND_TITLES.get(kind, kind), "evidence": items})
+        for spec in by_section[section.key]:
+            items = [e for e in evidence if e["kind"] == spec.name]
+            kinds.append({"kind": spec.name, "title": spec.title, "evidence": items})
         sections.append({"key": section.key, "title": section.title, "requirement": section.requirement,
                          "kinds": kinds, "number": len(sections) + 1})
     findings = []
@@ -373,7 +413,7 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
         "signoffs": [{**s, "comment": truncate(s.get("comment"), MAX_COMMENT_CHARS)} for s in manifest.get("signoffs", [])],
         "test_log": test_log, "limitations": limitations(manifest.get("evidence", []), present),
         "artifacts": artifacts, "model_files": sorted((manifest["model"].get("files") or {}).items()),
-        "libraries": library_versions(), "glossary": GLOSSARY,
-        "missing_kinds": [KIND_TITLES[k] for k in KIND_TITLES if k not in present],
+        "libraries": library_versions(), "glossary": glossary(),
+        "missing_kinds": [title for kind, title in kind_titles().items() if kind not in present],
     }
     return context, inputs

@@ -26,14 +26,16 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from scipy.stats import rankdata
 
 from workers.probes.errors import ProbeInputError
-from workers.probes.suite import Finding, ProbeResult, Progress, no_progress, probe_kind
+from workers.probes.kinds import BatchSize, DatasetArg, Flag, KindParams, Limit, Metric, probe_kind
+from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
 
 ALIGNED_SHARE, ALIGNED_LIFT, DIFFUSE_ENTROPY, ERRATIC_RHO = 0.5, 2.0, 0.9, 0.3
 
@@ -275,45 +277,57 @@ def load_compare(model_dirs: Sequence[str], device: str) -> list[Any]:
     return [load_any(d, device) for d in model_dirs]
 
 
-PARAMS = {"prompts", "compare_models", "limit", "max_new_tokens", "batch_size"}
-BATCH_PARAMS = {"batch_size": 16}  # images per forward: memory, not results (suite.run may lower it)
+class AttentionParams(KindParams):
+    prompts: Annotated[list[Annotated[str, Field(min_length=1)]] | None, Flag(name="--prompt")] = Field(
+        None, min_length=1, description="prompt paraphrases (generative models; default: the zoo captioner's four)")
+    compare_models: Annotated[list[Annotated[str, Field(min_length=1)]], Flag(name="--compare-model")] = Field(
+        default_factory=list, description="other seeds / instances of the same architecture, for consistency")
+    limit: Limit = None
+    max_new_tokens: int = Field(32, ge=1, le=1024, description="tokens generated per image (generative models)")
+    batch_size: BatchSize = 16
 
 
-@probe_kind("attention", batch_params=BATCH_PARAMS)
-def attention_kind(model_dir: str, dataset_dir: str | None, params: dict, *, device: str = "cpu",
+def _cli_text(result: ProbeResult, params: AttentionParams) -> str:
+    lines = [result.summary]
+    for row in result.metrics["heads_table"]:
+        lines.append(f"  L{row['layer']}H{row['head']}  alignment {row['alignment']:.2f}  entropy {row['entropy']:.2f}  "
+                     f"{' '.join(row['flags'])}")
+    return "\n".join(lines)
+
+
+@probe_kind(
+    "attention", title="Cross-modal attention statistics", section="explain", params=AttentionParams,
+    help="cross-modal attention statistics per layer and head", present=_cli_text,
+    dataset=DatasetArg(help="a dataset folder (annotations.jsonl, optional scenes.jsonl); default: the zoo's "
+                            "held-out split"),
+    glossary={
+        "alignment": Metric("Alignment", "share of a head's image attention inside the object boxes"),
+        "entropy": Metric("Entropy", "how evenly a head spreads its attention over the image"),
+        "paraphrase_consistency": Metric("Paraphrase consistency", "rank correlation of a head's attention across "
+                                         "prompt paraphrases", limitation=True),
+        "seed_consistency": Metric("Seed consistency", "rank correlation of a head's attention across model seeds",
+                                   limitation=True),
+        "alignment_baseline": Metric("Uniform share", "the alignment of attention spread uniformly"),
+    })
+def attention_kind(model_dir: str, dataset_dir: str | None, params: AttentionParams, *, device: str = "cpu",
                    progress: Progress = no_progress) -> ProbeResult:
-    """Cross-modal attention statistics per layer and head (dual encoders and fusion models).
-
-    ``params``: ``prompts`` (paraphrases, fusion only; default: the zoo captioner's four),
-    ``compare_models`` (model dirs for seed consistency), ``limit`` (images), ``max_new_tokens``,
-    ``batch_size`` (images per forward, default 16).
-    """
+    """Cross-modal attention statistics per layer and head (dual encoders and fusion models)."""
     from workers.probes.adapters.fusion import load_any
     from workers.probes.scenes import load_scenes
-    from workers.probes.token_attribution import _int
 
-    unknown = set(params) - PARAMS
-    if unknown:
-        raise ProbeInputError(f"unknown parameters for attention: {', '.join(sorted(unknown))}")
     adapter = load_any(model_dir, device)
-    prompts = params.get("prompts")
-    if prompts is not None and (not isinstance(prompts, list) or not all(isinstance(p, str) and p for p in prompts)):
-        raise ProbeInputError("parameter 'prompts' must be a list of non-empty strings")
+    prompts = list(params.prompts) if params.prompts is not None else None
     if prompts is None and adapter.kind == "fusion":
         from workers.probes.zoo.captioner import PROMPTS
 
         prompts = list(PROMPTS)
-    compare_dirs = params.get("compare_models") or []
-    if not isinstance(compare_dirs, list):
-        raise ProbeInputError("parameter 'compare_models' must be a list of model directories")
     if dataset_dir is None:
         from workers.probes.zoo import dataset_dir as zoo_dataset
 
         dataset_dir = str(zoo_dataset("heldout"))
-    scenes = load_scenes(dataset_dir, limit=_int(params, "limit", None))
-    metrics = analyse(adapter, scenes, prompts=prompts, compare=load_compare(compare_dirs, device),
-                      max_new_tokens=_int(params, "max_new_tokens", 32) or 32,
-                      batch_size=params.get("batch_size", BATCH_PARAMS["batch_size"]), progress=progress)
+    scenes = load_scenes(dataset_dir, limit=params.limit)
+    metrics = analyse(adapter, scenes, prompts=prompts, compare=load_compare(list(params.compare_models), device),
+                      max_new_tokens=params.max_new_tokens, batch_size=params.batch_size, progress=progress)
     return result_from_metrics(metrics)
 
 

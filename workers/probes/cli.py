@@ -1,8 +1,10 @@
 """``python -m workers.probes <command> ...``: the probe library's command line (a public contract).
 
-Each command lives in ``workers/probes/commands/<name>.py`` and defines
-``configure(parser: argparse.ArgumentParser) -> None`` and ``run(args) -> int``.
-Add a command by adding its module and its name to ``COMMANDS``.
+Every probe kind is a command, derived from its declaration (``workers/probes/commands/kind.py``):
+its name (or the ``command`` it declares), its help, one option per parameter. Commands that are
+not probe kinds live in ``workers/probes/commands/<name>.py``, define
+``configure(parser: argparse.ArgumentParser) -> None`` and ``run(args) -> int``, and are listed in
+``COMMANDS``.
 """
 
 from __future__ import annotations
@@ -14,30 +16,23 @@ import sys
 from workers.probes.allocator import tune_malloc
 from workers.probes.errors import ProbeInputError
 
-# name -> one-line help
+# Commands that are not probe kinds: name -> one-line help
 COMMANDS: dict[str, str] = {
-    "evaluate": "score grounding methods for faithfulness on a dataset",
     "explain": "write one heatmap overlaid on an image",
-    "sanity": "cascading model-randomisation sanity check",
-    "tcav": "concept activation vector tests with corrected significance",
-    "robustness": "corruption, typographic and prompt-perturbation probes",
-    "shortcut": "detect a shortcut concept (e.g. a watermark)",
     "attribute": "generate a caption and attribute each token (generative VLMs)",
-    "attention": "cross-modal attention statistics per layer and head",
-    "intervene": "head ablation and feature swap interventions",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m workers.probes", description=__doc__.splitlines()[0])
+    from workers.probes import kinds
+    from workers.probes.commands import kind as kind_command
+
+    parser = argparse.ArgumentParser(prog="python -m workers.probes", description=(__doc__ or "").splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    for spec in kinds.all_kinds():
+        kind_command.configure(sub.add_parser(spec.command, help=spec.help, description=spec.help), spec)
     for name, help_text in COMMANDS.items():
-        try:
-            module = importlib.import_module(f"workers.probes.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"workers.probes.commands.{name}":
-                raise
-            continue  # not implemented yet in this checkout
+        module = importlib.import_module(f"workers.probes.commands.{name}")
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         module.configure(command_parser)
         command_parser.set_defaults(_run=module.run)
@@ -49,7 +44,7 @@ def check_output_folders(args: argparse.Namespace) -> None:
     can run for many minutes, and its results must not be lost to a typo in where the figures go."""
     folder = getattr(args, "figures", None)
     if folder is not None:
-        from workers.probes.commands.grounding_common import output_folder
+        from workers.probes.commands.common import output_folder
 
         output_folder(folder)
 

@@ -32,16 +32,18 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from scipy.stats import fisher_exact
 
 from workers.probes.adapters.base import numbered_modules
 from workers.probes.attention_stats import patch_boxes
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
-from workers.probes.suite import Finding, ProbeResult, Progress, no_progress, probe_kind
+from workers.probes.kinds import BatchSize, DatasetArg, KindParams, Limit, Metric, Seed, probe_kind
+from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
 
 KINDS = ("head-ablation", "feature-swap")
 
@@ -467,41 +469,50 @@ def _default_prompt() -> str:
 
 # --- probe kind ----------------------------------------------------------------------------------
 
-PARAMS = {"kind", "mode", "prompt", "limit", "max_new_tokens", "seed", "site", "batch_size"}
-BATCH_PARAMS = {"batch_size": 16}  # images per forward: memory, not results (suite.run may lower it)
+class InterventionParams(KindParams):
+    kind: Literal["head-ablation", "feature-swap"] = Field(description="which intervention")
+    mode: Literal["zero", "mean"] = Field("zero", description="head ablation: replace a head's output by zeros "
+                                                              "or by its mean")
+    prompt: str | None = Field(None, min_length=1, max_length=2000,
+                               description="generative models: the prompt (default 'describe the image')")
+    limit: Limit = None
+    max_new_tokens: int = Field(32, ge=1, le=1024, description="tokens generated per image")
+    seed: Seed = 0
+    site: Literal["patch-embedding", "projector"] = Field("patch-embedding", description="feature swap: where "
+                                                                                         "features are replaced")
+    batch_size: BatchSize = 16
 
 
-@probe_kind("intervention", batch_params=BATCH_PARAMS)
-def intervention_kind(model_dir: str, dataset_dir: str | None, params: dict, *, device: str = "cpu",
+@probe_kind(
+    "intervention", title="Causal interventions", section="explain", params=InterventionParams,
+    help="head ablation and feature swap interventions", command="intervene",
+    dataset=DatasetArg(help="a dataset folder (annotations.jsonl + scenes.jsonl); default: the zoo's held-out split"),
+    glossary={
+        "mean_change": Metric("Mean change", "mean change of the measured output when a head is ablated"),
+        "cohens_d": Metric("Cohen's d", "effect size of the ablation"),
+        "object_swap_changed": Metric("Object swap changed the output", "share of cases where swapping the object's "
+                                                                        "patches changed the output to the donor"),
+        "background_swap_changed": Metric("Background swap changed the output", "the same for as many background "
+                                                                                "patches (the control)"),
+    })
+def intervention_kind(model_dir: str, dataset_dir: str | None, params: InterventionParams, *, device: str = "cpu",
                       progress: Progress = no_progress) -> ProbeResult:
-    """``params``: ``kind`` ("head-ablation" or "feature-swap", required), ``mode`` ("zero"/"mean",
-    head ablation), ``prompt``, ``limit`` (images), ``max_new_tokens``, ``seed``, ``batch_size`` (images
-    per forward in head ablation, default 16)."""
+    """Head ablation or feature swap on a scenes dataset (``None``: the zoo's held-out split)."""
     from workers.probes.adapters.fusion import load_any
     from workers.probes.scenes import load_scenes
-    from workers.probes.token_attribution import _int
 
-    unknown = set(params) - PARAMS
-    if unknown:
-        raise ProbeInputError(f"unknown parameters for intervention: {', '.join(sorted(unknown))}")
-    kind = params.get("kind")
-    if kind not in KINDS:
-        raise ProbeInputError(f"parameter 'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
     adapter = load_any(model_dir, device)
     if dataset_dir is None:
         from workers.probes.zoo import dataset_dir as zoo_dataset
 
         dataset_dir = str(zoo_dataset("heldout"))
-    scenes = load_scenes(dataset_dir, limit=_int(params, "limit", None))
-    max_new = _int(params, "max_new_tokens", 32) or 32
-    if kind == "head-ablation":
-        metrics = head_ablation(adapter, scenes, mode=str(params.get("mode", "zero")), prompt=params.get("prompt"),
-                                max_new_tokens=max_new, batch_size=_int(params, "batch_size", BATCH_PARAMS["batch_size"]),
-                                progress=progress)
+    scenes = load_scenes(dataset_dir, limit=params.limit)
+    if params.kind == "head-ablation":
+        metrics = head_ablation(adapter, scenes, mode=params.mode, prompt=params.prompt,
+                                max_new_tokens=params.max_new_tokens, batch_size=params.batch_size, progress=progress)
         return _ablation_result(metrics)
-    metrics = feature_swap(adapter, scenes, prompt=params.get("prompt"), max_new_tokens=max_new,
-                           seed=_int(params, "seed", 0) or 0, site=str(params.get("site", "patch-embedding")),
-                           progress=progress)
+    metrics = feature_swap(adapter, scenes, prompt=params.prompt, max_new_tokens=params.max_new_tokens,
+                           seed=params.seed, site=params.site, progress=progress)
     return _swap_result(metrics)
 
 

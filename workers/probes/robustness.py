@@ -30,15 +30,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from pydantic import Field
 
 from workers.probes.adapters.base import DualEncoderAdapter
 from workers.probes.errors import ProbeInputError
-from workers.probes.suite import Finding, ProbeResult, Progress, no_progress, probe_kind
+from workers.probes.kinds import BatchSize, DatasetArg, Flag, KindParams, Limit, Metric, Seed, probe_kind
+from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
 
 SEVERITIES = (1, 2, 3, 4, 5)
 # ImageNet-C parameters (Hendrycks & Dietterich 2019, ``make_imagenet_c.py``) by severity 1..5.
@@ -473,38 +475,60 @@ def findings_for(report: RobustnessReport) -> list[Finding]:
     return findings
 
 
-BATCH_PARAMS = {"batch_size": 32}  # images per forward: memory, not results (suite.run may lower it)
-ROBUSTNESS_PARAMS = {"probes", "limit", "severities", "explain", "batch_size", "seed"}
+class RobustnessParams(KindParams):
+    probes: str | list[str] = Field("all", description="'all', a family (corruption, typographic, prompt) or "
+                                                       "probe names (a list, or comma-separated)")
+    severities: list[Annotated[int, Field(ge=1, le=5)]] = Field(list(SEVERITIES), min_length=1,
+                                                                description="corruption severities, 1..5")
+    explain: Annotated[bool, Flag(negative="--no-explanations")] = Field(
+        True, description="measure the chefer explanation drift too")
+    limit: Limit = None
+    batch_size: BatchSize = 32
+    seed: Seed = 0
 
 
-@probe_kind("robustness", batch_params=BATCH_PARAMS)
-def robustness_kind(model_dir: str, dataset_dir: str | None, params: dict[str, Any], *, device: str = "cpu",
+def _cli_text(result: ProbeResult, params: RobustnessParams) -> str:
+    lines = [result.summary]
+    for r in result.metrics["probes"]:
+        sev = "" if r["severity"] is None else f" s{r['severity']}"
+        drift = "-" if r["explanation_spearman"] is None else f"{r['explanation_spearman']:.2f}"
+        lines.append(f"{r['probe'] + sev:<24} acc {r['accuracy']:.3f}  flips {r['flip_rate']:.3f}  "
+                     f"score drop {r['score_drop']:+.2f}  explanation rho {drift}")
+    return "\n".join(lines)
+
+
+@probe_kind(
+    "robustness", title="Robustness probes", section="robustness", params=RobustnessParams,
+    help="corruption, typographic and prompt-perturbation probes", present=_cli_text,
+    dataset=DatasetArg(help="grounding dataset folder; default: the zoo's held-out split"),
+    glossary={
+        "clean_accuracy": Metric("Clean accuracy", "zero-shot accuracy on the unchanged images"),
+        "accuracy": Metric("Accuracy", "zero-shot accuracy under the perturbation"),
+        "accuracy_drop": Metric("Accuracy drop", "clean accuracy minus accuracy under the perturbation"),
+        "flip_rate": Metric("Flip rate", "share of decisions the perturbation changes"),
+        "score_drop": Metric("Score drop", "mean fall of the true class's score"),
+        "explanation_spearman": Metric("Explanation drift (Spearman)", "rank correlation between the explanation "
+                                       "of the clean and of the perturbed image", limitation=True),
+        "mean_corruption_accuracy_by_severity": Metric("Corruption accuracy by severity",
+                                                       "mean accuracy over the corruptions at each severity"),
+    })
+def robustness_kind(model_dir: str, dataset_dir: str | None, params: RobustnessParams, *, device: str = "cpu",
                     progress: Progress = no_progress) -> ProbeResult:
-    """``dataset_dir``: a grounding dataset (``None``: the zoo's held-out split). ``params``:
-    ``probes`` ("all" or names), ``limit``, ``severities`` (list of 1..5), ``explain`` (bool),
-    ``batch_size``, ``seed``."""
+    """``dataset_dir``: a grounding dataset (``None``: the zoo's held-out split); its prompts
+    double as the class names."""
     from workers.probes import suite
 
-    unknown = sorted(set(params) - ROBUSTNESS_PARAMS)
-    if unknown:
-        raise ProbeInputError(f"unknown parameter(s): {', '.join(unknown)}; allowed: {', '.join(sorted(ROBUSTNESS_PARAMS))}")
     if dataset_dir is None:
         from workers.probes import zoo
 
         dataset_dir = str(zoo.dataset_dir("heldout"))
-    severities = [int(s) for s in params.get("severities", SEVERITIES)]
-    if not severities or any(s not in SEVERITIES for s in severities):
-        raise ProbeInputError(f"severities must be within 1..5, got {severities}")
     adapter = suite.load_model(model_dir, device)
     if not isinstance(adapter, DualEncoderAdapter):
         raise ProbeInputError("robustness probes need a dual-encoder (CLIP-like) model")
-    limit = params.get("limit")
-    examples, classes = load_examples(dataset_dir, limit=int(limit) if limit is not None else None)
-    seed = int(params.get("seed", 0))
-    report = run_robustness(adapter, examples, classes, probes=params.get("probes", "all"), severities=severities,
-                            explain=bool(params.get("explain", True)),
-                            batch_size=int(params.get("batch_size", BATCH_PARAMS["batch_size"])), seed=seed,
-                            progress=progress)
+    examples, classes = load_examples(dataset_dir, limit=params.limit)
+    seed = params.seed
+    report = run_robustness(adapter, examples, classes, probes=params.probes, severities=list(params.severities),
+                            explain=params.explain, batch_size=params.batch_size, seed=seed, progress=progress)
     metrics = report.as_dict()
     figures = {"robustness_curves": figure_curves(report), "robustness_examples": figure_examples(examples[0], classes, seed)}
     typo_row = next((r for r in report.rows if r["probe"] == "typographic"), None)

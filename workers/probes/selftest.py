@@ -15,10 +15,10 @@ on any device.
 from __future__ import annotations
 
 import time
-from typing import Any
+from pydantic import Field
 
-from workers.probes.errors import ProbeInputError
-from workers.probes.suite import Finding, ProbeResult, Progress, load_model, no_progress, probe_kind
+from workers.probes.kinds import BatchSize, KindParams, Metric, Seed, probe_kind
+from workers.probes.suite import Finding, ProbeResult, Progress, load_model, no_progress
 
 MAX_SECONDS = 600.0
 
@@ -27,22 +27,23 @@ class SelftestFailure(RuntimeError):
     """Raised on request (``fail: true``) to exercise the failure path."""
 
 
-PARAMS = {"seconds", "fail", "seed", "batch_size", "out_of_memory_above"}
+class SelftestParams(KindParams):
+    seconds: float = Field(0.0, ge=0, le=MAX_SECONDS, description="hold the run this long (exercises progress and "
+                                                                   "cancellation)")
+    fail: bool = Field(False, description="fail on purpose (exercises the failure path)")
+    seed: Seed = 0
+    batch_size: BatchSize = 1
+    out_of_memory_above: int | None = Field(None, ge=0, description="pretend batches above this size do not fit "
+                                                                    "(exercises the memory backoff)")
 
 
-@probe_kind("selftest", batch_params={"batch_size": 1})
-def selftest(model_dir: str, dataset_dir: str | None, params: dict[str, Any], *, device: str = "cpu",
+@probe_kind("selftest", title="Worker self-test", section=None, params=SelftestParams,
+            help="load the model and run one forward pass (checks a worker, not the model)",
+            glossary={"load_seconds": Metric("Load time (s)", "seconds the worker took to load the model"),
+                      "forward_seconds": Metric("Forward pass (s)", "seconds of one forward pass")})
+def selftest(model_dir: str, dataset_dir: str | None, params: SelftestParams, *, device: str = "cpu",
              progress: Progress = no_progress) -> ProbeResult:
-    unknown = sorted(set(params) - PARAMS)
-    if unknown:
-        raise ProbeInputError(f"selftest: unknown parameters {unknown}; allowed: {', '.join(sorted(PARAMS))}")
-    seconds = params.get("seconds", 0.0)
-    if not isinstance(seconds, int | float) or not 0 <= seconds <= MAX_SECONDS:
-        raise ProbeInputError(f"selftest: 'seconds' must be a number between 0 and {MAX_SECONDS:g}")
-    batch_size = params.get("batch_size", 1)  # checked by suite.run, like every declared batch size
-    limit = params.get("out_of_memory_above")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ProbeInputError("selftest: 'out_of_memory_above' must be an integer >= 0")
+    seconds, batch_size, limit = params.seconds, params.batch_size, params.out_of_memory_above
     progress(0.0, "loading the model")
     started = time.perf_counter()
     adapter = load_model(model_dir, device)
@@ -51,7 +52,7 @@ def selftest(model_dir: str, dataset_dir: str | None, params: dict[str, Any], *,
     while (left := deadline - time.monotonic()) > 0:
         progress(1.0 - left / max(float(seconds), 1e-9), "holding")
         time.sleep(min(0.2, left))
-    if params.get("fail"):
+    if params.fail:
         raise SelftestFailure("selftest failed on request (params.fail = true)")
     import torch
 
@@ -70,4 +71,4 @@ def selftest(model_dir: str, dataset_dir: str | None, params: dict[str, Any], *,
     return ProbeResult(kind="selftest", metrics=metrics,
                        summary=f"Worker loaded the {adapter.architecture} model ({parameters:,} parameters) on "
                                f"{adapter.device} and ran a forward pass.",
-                       findings=[Finding("info", "worker self-test passed")], seed=int(params.get("seed", 0)))
+                       findings=[Finding("info", "worker self-test passed")], seed=params.seed)

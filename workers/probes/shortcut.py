@@ -40,11 +40,13 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field
 
 from workers.probes import tcav
 from workers.probes.adapters.base import DualEncoderAdapter
 from workers.probes.errors import ProbeInputError
-from workers.probes.suite import Finding, ProbeResult, Progress, no_progress, probe_kind
+from workers.probes.kinds import BatchSize, DatasetArg, KindParams, Metric, Seed, probe_kind
+from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
 
 #: Intervention evidence: the artefact moves random images at least this share of the way towards
 #: the target inputs' score.
@@ -286,45 +288,64 @@ def figure_evidence(report: ShortcutReport, extras: dict[str, Any]):
     return fig
 
 
-BATCH_PARAMS = {"batch_size": 32}  # images per forward: memory, not results (suite.run may lower it)
-SHORTCUT_PARAMS = {"inputs", "target", "concept", "layers", "random_runs", "null_concepts", "alpha", "seed",
-                   "batch_size", "method"}
+class ShortcutParams(KindParams):
+    inputs: str | None = Field(None, min_length=1, description="folder of images of the class (default: the "
+                                                              "shortcut zoo's)")
+    target: str | None = Field(None, min_length=1, description="the class text, e.g. 'a red circle' (default: the "
+                                                              "shortcut zoo's)")
+    concept: str = Field(DEFAULT_CONCEPT, min_length=1, description="the artefact's concept folder")
+    layers: str | list[int] = Field("auto", description="'auto' or the layers, e.g. [2, 4] or '2,4'")
+    random_runs: int = Field(tcav.DEFAULT_RANDOM_RUNS, ge=2, le=500,
+                             description="concept-vs-random and random-vs-random CAVs per layer")
+    null_concepts: int = Field(tcav.DEFAULT_NULL_CONCEPTS, ge=1, le=500,
+                               description="random concepts forming the null")
+    alpha: float = Field(tcav.DEFAULT_ALPHA, gt=0, lt=1, description="family-wise error rate after Holm")
+    method: str = Field("chefer", min_length=1, description="grounding method for the relevance share")
+    seed: Seed = 0
+    batch_size: BatchSize = 32
 
 
-@probe_kind("shortcut", batch_params=BATCH_PARAMS)
-def shortcut_kind(model_dir: str, dataset_dir: str | None, params: dict[str, Any], *, device: str = "cpu",
+@probe_kind(
+    "shortcut", title="Shortcut detection", section="bias", params=ShortcutParams,
+    help="detect a shortcut concept (e.g. a watermark)",
+    dataset=DatasetArg(flag="--concepts", help="folder with the artefact concept folder, random/ and "
+                                               "<concept>.stamp.json/.png (default: the shortcut zoo's)"),
+    glossary={
+        "flagged": Metric("Flagged", "the class score relies on the artefact by at least two kinds of evidence"),
+        "tcav": Metric("TCAV of the artefact", "whether the artefact concept significantly moves the class score"),
+        "intervention": Metric("Pasting the artefact", "score change when the artefact is pasted onto otherwise "
+                                                       "identical images"),
+        "relevance": Metric("Relevance on the artefact", "share of the grounding method's relevance on the artefact"),
+    })
+def shortcut_kind(model_dir: str, dataset_dir: str | None, params: ShortcutParams, *, device: str = "cpu",
                   progress: Progress = no_progress) -> ProbeResult:
     """``dataset_dir``: the concepts folder (``<concept>/``, ``random/`` and optionally the
-    ``<concept>.stamp.*`` files); ``None`` uses the shortcut zoo's data. ``params``: ``inputs``
-    (folder of target images; default the zoo's), ``target`` (default the zoo's "a red circle"),
-    ``concept`` (default "watermark"), ``layers``, ``random_runs``, ``alpha``, ``seed``,
-    ``batch_size``, ``method`` (grounding method, default chefer)."""
+    ``<concept>.stamp.*`` files); ``None``, like a missing ``inputs`` or ``target``, uses the
+    shortcut zoo's data."""
     from workers.probes import suite
 
-    tcav.check_params(params, SHORTCUT_PARAMS, [])
-    if dataset_dir is None or params.get("inputs") is None or params.get("target") is None:
+    inputs, target = params.inputs, params.target
+    if dataset_dir is None or inputs is None or target is None:
         from workers.probes.zoo import shortcut as zoo_shortcut
 
         data = zoo_shortcut.probe_data()
         dataset_dir = dataset_dir or str(data / "concepts")
-        params.setdefault("inputs", str(data / "inputs"))
-        params.setdefault("target", zoo_shortcut.TARGET)
-    concept = str(params.get("concept", DEFAULT_CONCEPT))
-    input_paths = tcav.load_image_folder(params["inputs"], minimum=tcav.MIN_TARGET_IMAGES, what="target inputs")
+        inputs = inputs or str(data / "inputs")
+        target = target or zoo_shortcut.TARGET
+    concept = params.concept
+    input_paths = tcav.load_image_folder(inputs, minimum=tcav.MIN_TARGET_IMAGES, what="target inputs")
     concept_paths, random_paths = tcav.load_concepts_dir(dataset_dir, [concept])
     stamp = load_stamp(dataset_dir, concept)
     adapter = suite.load_model(model_dir, device)
     if not isinstance(adapter, DualEncoderAdapter):
         raise ProbeInputError("the shortcut probe needs a dual-encoder (CLIP-like) model")
-    tcav.resolve_layers(params.get("layers", "auto"), adapter.num_layers)
-    seed = int(params.get("seed", 0))
+    tcav.resolve_layers(params.layers, adapter.num_layers)
+    seed = params.seed
     report, extras = run_shortcut(
-        adapter, str(params["target"]), tcav.load_images(input_paths), tcav.load_images(concept_paths[concept]),
-        tcav.load_images(random_paths), stamp, concept=concept, layers=params.get("layers", "auto"),
-        runs=int(params.get("random_runs", tcav.DEFAULT_RANDOM_RUNS)),
-        null_concepts=int(params.get("null_concepts", tcav.DEFAULT_NULL_CONCEPTS)), alpha=float(params.get("alpha", tcav.DEFAULT_ALPHA)),
-        seed=seed, batch_size=int(params.get("batch_size", BATCH_PARAMS["batch_size"])),
-        method=str(params.get("method", "chefer")), progress=progress)
+        adapter, target, tcav.load_images(input_paths), tcav.load_images(concept_paths[concept]),
+        tcav.load_images(random_paths), stamp, concept=concept, layers=params.layers, runs=params.random_runs,
+        null_concepts=params.null_concepts, alpha=params.alpha, seed=seed, batch_size=params.batch_size,
+        method=params.method, progress=progress)
     metrics = report.as_dict()
     lines = ", ".join(f"{k}: {'yes' if v else ('not measured' if v is None else 'no')}" for k, v in report.evidence.items())
     summary = (f"Shortcut check of {concept!r} for {report.target!r}: "

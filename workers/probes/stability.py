@@ -12,12 +12,22 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from scipy.stats import rankdata
+
+from workers.probes import figures
+from workers.probes.explanations import (RANDOM, DatasetParams, batches, dataset_for, example_generators, explain,
+                                         load_dual_encoder, method_names, rounded)
+from workers.probes.kinds import Flag, Limit, Metric, probe_kind
+from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
 
 Explain = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]  # (pixel_values, prompts) -> [B, gh, gw]
 
@@ -56,12 +66,6 @@ class Sensitivity:
     max_sensitivity: np.ndarray  # [B] worst relative change over the perturbations
 
 
-def example_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    """One generator per dataset example (``indices``), so an example draws the same numbers in
-    whatever batch it is processed."""
-    return [torch.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
-
-
 def input_sensitivity(explain: Explain, pixel_values: torch.Tensor, prompts: Sequence[str], *,
                       epsilon: float = 0.05, samples: int = 4, seed: int = 0,
                       reference: torch.Tensor | None = None, indices: Sequence[int] = ()) -> Sensitivity:
@@ -85,3 +89,87 @@ def input_sensitivity(explain: Explain, pixel_values: torch.Tensor, prompts: Seq
         change = ((perturbed.reshape(len(base), -1) - base_flat).norm(dim=1) / base_norm).numpy()
         worst_sensitivity = np.maximum(worst_sensitivity, change)
     return Sensitivity(rank_correlation=worst_rho, max_sensitivity=worst_sensitivity)
+
+
+# --------------------------------------------------------------------------- the probe kind
+
+
+class StabilityParams(DatasetParams):
+    methods: Annotated[str | list[str], Flag(name="--method")] = Field(
+        "all", description="'all', one method name or a list of them")
+    # Every method is explained (1 + samples) times per example: a smaller default than grounding's.
+    limit: Limit = 32
+    epsilon: float = Field(0.03, gt=0, le=1, description="radius of the uniform input perturbation (normalised "
+                                                         "pixel units; 0.03 is about 2 grey levels for CLIP)")
+    samples: int = Field(3, ge=1, le=64, description="perturbed copies of each input")
+    method_params: Annotated[dict[str, dict[str, Any]], Flag(hidden=True)] = Field(
+        default_factory=dict, description="parameters per method, {method: {parameter: value}}")
+
+
+@probe_kind(
+    "stability", title="Explanation stability and method agreement", section="explain", params=StabilityParams,
+    help="agreement between methods and their sensitivity to imperceptible input noise",
+    glossary={
+        "agreement": Metric("Method agreement", "mean Spearman correlation between the maps of two methods on the "
+                                                "same inputs", limitation=True),
+        "rank_correlation": Metric("Spearman under noise", "mean rank correlation between the maps of an input and "
+                                   "of a copy perturbed by at most epsilon", limitation=True),
+        "worst_rank_correlation": Metric("Worst Spearman under noise", "the lowest such correlation over the "
+                                         "examples", limitation=True),
+        "max_sensitivity": Metric("Max-sensitivity", "largest relative change of a map under the perturbations "
+                                  "(Yeh et al. 2019; lower is more stable)", limitation=True),
+    })
+def stability_probe(model_dir: str, dataset_dir: str | None, params: StabilityParams, *, device: str = "cpu",
+                    progress: Progress = no_progress) -> ProbeResult:
+    """Agreement between methods (mean Spearman on the same inputs) and each method's sensitivity to
+    ``samples`` uniform input perturbations of radius ``epsilon`` (normalised pixel units)."""
+    methods = [m for m in method_names(params.methods) if m != RANDOM]
+    batch_size, seed, epsilon, samples = params.batch_size, params.seed, params.epsilon, params.samples
+    method_params = params.method_params
+    dataset = dataset_for(dataset_dir, limit=params.limit, format=params.format,
+                          prompt_template=params.prompt_template)
+    adapter = load_dual_encoder(model_dir, device)
+    started = time.perf_counter()
+    maps: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+    rho: dict[str, list[float]] = {m: [] for m in methods}
+    sensitivity: dict[str, list[float]] = {m: [] for m in methods}
+    n_batches = max(1, math.ceil(len(dataset) / batch_size))
+    for b, batch in enumerate(batches(adapter, dataset, batch_size)):
+        for m, name in enumerate(methods):
+            progress((b + m / len(methods)) / n_batches, f"{name} {b * batch_size}/{len(dataset)}")
+            def run(pixels: torch.Tensor, prompts: Sequence[str], name: str = name) -> torch.Tensor:
+                return explain(adapter, name, pixels, prompts, params=method_params.get(name))
+            reference = run(batch.pixel_values, batch.prompts)
+            maps[name].append(reference)
+            result = input_sensitivity(run, batch.pixel_values, batch.prompts, epsilon=epsilon,
+                                                 samples=samples, seed=seed, reference=reference,
+                                                 indices=batch.indices)
+            rho[name] += result.rank_correlation.tolist()
+            sensitivity[name] += result.max_sensitivity.tolist()
+    progress(1.0, "done")
+    names, matrix = method_agreement({m: torch.cat(v) for m, v in maps.items()})
+    metrics = {
+        "n": len(dataset), "epsilon": epsilon, "samples": samples, "methods": names,
+        "agreement": [[rounded(v) for v in row] for row in matrix],
+        "perturbation": {m: {"rank_correlation": rounded(float(np.mean(rho[m]))),
+                             "worst_rank_correlation": rounded(float(np.min(rho[m]))),
+                             "max_sensitivity": rounded(float(np.mean(sensitivity[m])))} for m in methods},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    figure = figures.new_figure(1.2 * len(names) + 2, 1.0 * len(names) + 1.5)
+    ax = figure.add_subplot()
+    image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="coolwarm")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    figure.colorbar(image, ax=ax, label="mean Spearman")
+    findings = [Finding("medium", f"{m} is unstable under imperceptible noise",
+                        f"mean Spearman {metrics['perturbation'][m]['rank_correlation']} between maps of an input and "
+                        f"a copy perturbed by at most {epsilon}")
+                for m in methods if np.mean(rho[m]) < 0.5]
+    summary = "; ".join(f"{m}: Spearman under noise {metrics['perturbation'][m]['rank_correlation']}, "
+                        f"max-sensitivity {metrics['perturbation'][m]['max_sensitivity']}" for m in methods)
+    return ProbeResult(kind="stability", metrics=metrics, summary=summary, figures={"agreement": figure},
+                       findings=findings, seed=seed, dataset_hash=dataset.fingerprint())

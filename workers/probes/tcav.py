@@ -38,15 +38,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field
 
 from workers.probes.adapters.base import DualEncoderAdapter
 from workers.probes.errors import ProbeInputError
-from workers.probes.suite import Finding, ProbeResult, Progress, no_progress, probe_kind
+from workers.probes.kinds import BatchSize, DatasetArg, Flag, KindParams, Metric, Seed, probe_kind
+from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
 
 #: A CAV whose mean held-out accuracy is below this is reported as unreliable.
 MIN_CAV_ACCURACY = 0.7
@@ -803,46 +805,68 @@ def findings_for(report: TCAVReport) -> list[Finding]:
     return findings
 
 
-BATCH_PARAMS = {"batch_size": 32}  # images per forward: memory, not results (suite.run may lower it)
-TCAV_PARAMS = {"inputs", "target", "concepts", "layers", "random_runs", "null_concepts", "pooling", "alpha", "seed",
-               "batch_size", "statistic"}
+class TcavParams(KindParams):
+    inputs: str = Field(min_length=1, description="folder of target images (e.g. images of the class)")
+    target: str = Field(min_length=1, description="the text whose score is tested, e.g. 'a red circle'")
+    concepts: Annotated[list[str] | None, Flag(name="--concept")] = Field(
+        None, min_length=1, description="concept folders to test (default: every folder but random/)")
+    layers: str | list[int] = Field("auto", description="'auto' (every few layers) or the layers, e.g. [2, 4] or '2,4'")
+    random_runs: int = Field(DEFAULT_RANDOM_RUNS, ge=2, le=500,
+                             description="concept-vs-random and random-vs-random CAVs per concept and layer")
+    null_concepts: int = Field(DEFAULT_NULL_CONCEPTS, ge=1, le=500,
+                               description="random concepts (each with random_runs CAVs) forming the null")
+    statistic: Literal["derivative", "tcav_score"] = Field(
+        DEFAULT_STATISTIC, description="what the test compares with random concepts: the mean cosine directional "
+                                       "derivative or the TCAV score itself")
+    pooling: Literal["auto", "cls", "mean"] = Field("auto", description="activation per image: CLS token or mean "
+                                                                        "of patch tokens (auto: CLS where there is one)")
+    alpha: float = Field(DEFAULT_ALPHA, gt=0, lt=1, description="family-wise error rate after Holm")
+    seed: Seed = 0
+    batch_size: BatchSize = 32
 
 
-def check_params(params: dict[str, Any], allowed: set[str], required: Sequence[str]) -> None:
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise ProbeInputError(f"unknown parameter(s): {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-    missing = [key for key in required if params.get(key) in (None, "")]
-    if missing:
-        raise ProbeInputError(f"missing parameter(s): {', '.join(missing)}")
+def _cli_text(result: ProbeResult, params: TcavParams) -> str:
+    lines = [result.summary]
+    for r in result.metrics["results"]:
+        mark = "*" if r["significant"] else (" " if r["reliable"] else "?")
+        lines.append(f"{mark} {r['concept']:<20} layer {r['layer']:>2}  TCAV {r['tcav_score']:.2f} "
+                     f"(random {r['random_score']:.2f})  p_adj {r['p_adjusted']:.3g}  CAV acc {r['cav_accuracy']:.2f}")
+    lines.append("* significant after Holm correction; ? unreliable CAV (held-out accuracy < 0.7)")
+    return "\n".join(lines)
 
 
-@probe_kind("tcav", batch_params=BATCH_PARAMS)
-def tcav_kind(model_dir: str, dataset_dir: str | None, params: dict[str, Any], *, device: str = "cpu",
+@probe_kind(
+    "tcav", title="Concept tests (TCAV)", section="bias", params=TcavParams,
+    help="concept activation vector tests with corrected significance", present=_cli_text,
+    dataset=DatasetArg(flag="--concepts", required=True,
+                       help="folder with one sub-folder per concept and random/"),
+    glossary={
+        "tcav_score": Metric("TCAV score", "share of target inputs whose score rises along the concept's direction"),
+        "random_score": Metric("TCAV score of random concepts", "the same for random image sets: the null"),
+        "p_adjusted": Metric("Corrected p-value", "p-value after Holm correction for the concepts and layers tested"),
+        "significant": Metric("Significant", "the concept's effect differs from random concepts after correction"),
+        "cav_accuracy": Metric("CAV accuracy", "held-out accuracy of the concept-vs-random classifier; below 0.7 the "
+                                               "concept direction is not evidence"),
+        "cohens_d": Metric("Cohen's d", "effect size of the concept against random concepts"),
+    })
+def tcav_kind(model_dir: str, dataset_dir: str | None, params: TcavParams, *, device: str = "cpu",
               progress: Progress = no_progress) -> ProbeResult:
-    """``dataset_dir``: the concepts folder (one folder per concept and ``random/``).
-    ``params``: ``inputs`` (folder of target images), ``target`` (text), optional ``concepts``
-    (list of folder names), ``layers`` ("auto" or a list), ``random_runs``, ``null_concepts``, ``pooling``, ``alpha``,
-    ``seed``, ``batch_size``."""
+    """``dataset_dir``: the concepts folder (one folder per concept and ``random/``)."""
     from workers.probes import suite
 
-    check_params(params, TCAV_PARAMS, ["inputs", "target"])
     if not dataset_dir:
         raise ProbeInputError("tcav needs a concepts folder (one folder per concept and random/)")
     adapter = suite.load_model(model_dir, device)
     if not isinstance(adapter, DualEncoderAdapter):
         raise ProbeInputError("tcav needs a dual-encoder (CLIP-like) model")
     report, figures = tcav_from_folders(
-        adapter, inputs_dir=params["inputs"], concepts_dir=dataset_dir, target=str(params["target"]),
-        concepts=params.get("concepts"), layers=params.get("layers", "auto"),
-        runs=int(params.get("random_runs", DEFAULT_RANDOM_RUNS)),
-        null_concepts=int(params.get("null_concepts", DEFAULT_NULL_CONCEPTS)), pooling=params.get("pooling", "auto"),
-        statistic=str(params.get("statistic", DEFAULT_STATISTIC)),
-        alpha=float(params.get("alpha", DEFAULT_ALPHA)), seed=int(params.get("seed", 0)),
-        batch_size=int(params.get("batch_size", BATCH_PARAMS["batch_size"])), progress=progress)
+        adapter, inputs_dir=params.inputs, concepts_dir=dataset_dir, target=params.target,
+        concepts=params.concepts, layers=params.layers, runs=params.random_runs,
+        null_concepts=params.null_concepts, pooling=params.pooling, statistic=params.statistic,
+        alpha=params.alpha, seed=params.seed, batch_size=params.batch_size, progress=progress)
     significant = [r for r in report.results if r.significant]
     summary = (f"TCAV for {report.target!r}: {len(report.results)} concept x layer test(s), "
                f"{len(significant)} significant after Holm correction (alpha {report.alpha}).")
     return ProbeResult(kind="tcav", metrics=report.as_dict(), summary=summary, figures=figures,
-                       findings=findings_for(report), seed=int(params.get("seed", 0)))
+                       findings=findings_for(report), seed=params.seed)
 

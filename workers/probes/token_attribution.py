@@ -37,11 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field
 
 from workers.probes.adapters.fusion import Encoded, FusionAdapter
 from workers.probes.chefer import propagate_row, weighted_attention
 from workers.probes.errors import ProbeInputError
-from workers.probes.suite import Finding, ProbeResult, Progress, no_progress, probe_kind
+from workers.probes.kinds import BatchSize, DatasetArg, KindParams, Limit, Metric, probe_kind
+from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
 
 #: ``chefer``: decoder only (image-token columns); ``chefer_full``: also through the vision tower;
 #: ``raw``: attention of the predicting position, mean over layers and heads.
@@ -514,8 +516,13 @@ def _is_world_word(word: str) -> bool:
 
 # --- probe kind -------------------------------------------------------------------------------
 
-PARAMS = {"prompt", "max_new_tokens", "limit", "examples", "batch_size"}
-BATCH_PARAMS = {"batch_size": 16}  # images per generation pass: memory, not results (suite.run may lower it)
+class TokenAttributionParams(KindParams):
+    prompt: str | None = Field(None, min_length=1, max_length=2000,
+                               description="the text prompt (default: the zoo captioner's 'describe the image')")
+    max_new_tokens: int = Field(32, ge=1, le=1024, description="tokens generated per image")
+    limit: Limit = None
+    examples: int = Field(3, ge=0, le=32, description="captions shown as figures")
+    batch_size: BatchSize = 16
 
 
 def load_fusion(model_dir: str, device: str = "cpu") -> FusionAdapter:
@@ -535,31 +542,32 @@ def default_prompt(adapter: FusionAdapter) -> str:
     return PROMPTS[0]
 
 
-@probe_kind("token_attribution", batch_params=BATCH_PARAMS)
-def token_attribution_kind(model_dir: str, dataset_dir: str | None, params: dict, *, device: str = "cpu",
-                           progress: Progress = no_progress) -> ProbeResult:
+@probe_kind(
+    "token_attribution", title="Token attribution (generative models)", section="explain",
+    params=TokenAttributionParams, help="generate captions and check each object word's attribution against its box",
+    dataset=DatasetArg(help="a dataset folder (annotations.jsonl + scenes.jsonl); default: the zoo's held-out split"),
+    glossary={
+        "pointing": Metric("Word pointing game", "share of object words whose attribution maximum lies in the box of "
+                                                 "the object they name"),
+        "random_baseline": Metric("Pointing by chance", "the same share for a random patch"),
+        "n_words": Metric("Object words", "generated words that name one object of the dataset"),
+        "hallucinated_words": Metric("Hallucinated words", "colour or shape words with no matching object"),
+    })
+def token_attribution_kind(model_dir: str, dataset_dir: str | None, params: TokenAttributionParams, *,
+                           device: str = "cpu", progress: Progress = no_progress) -> ProbeResult:
     """Attribute every generated word; score colour/shape words against ground-truth boxes.
-
-    ``params``: ``prompt`` (default "describe the image"), ``max_new_tokens`` (32), ``limit``
-    (images, default all), ``examples`` (figures, 3), ``batch_size`` (images per generation pass, 16).
-    ``dataset_dir`` None -> the zoo's held-out split.
-    """
+    ``dataset_dir`` None -> the zoo's held-out split."""
     from workers.probes.scenes import load_scenes
 
-    unknown = set(params) - PARAMS
-    if unknown:
-        raise ProbeInputError(f"unknown parameters for token_attribution: {', '.join(sorted(unknown))}")
     adapter = load_fusion(model_dir, device)
     if dataset_dir is None:
         from workers.probes.zoo import dataset_dir as zoo_dataset
 
         dataset_dir = str(zoo_dataset("heldout"))
-    scenes = load_scenes(dataset_dir, limit=_int(params, "limit", None))
-    prompt = str(params.get("prompt") or default_prompt(adapter))
-    metrics, kept = evaluate_pointing(adapter, scenes, prompt=prompt,
-                                      max_new_tokens=_int(params, "max_new_tokens", 32),
-                                      progress=progress, keep=_int(params, "examples", 3),
-                                      batch_size=_int(params, "batch_size", BATCH_PARAMS["batch_size"]))
+    scenes = load_scenes(dataset_dir, limit=params.limit)
+    prompt = params.prompt or default_prompt(adapter)
+    metrics, kept = evaluate_pointing(adapter, scenes, prompt=prompt, max_new_tokens=params.max_new_tokens,
+                                      progress=progress, keep=params.examples, batch_size=params.batch_size)
     figures = {f"caption_{i}": caption_figure(img, att, boxes=scene.boxes) for i, (scene, img, att) in enumerate(kept)}
     findings = []
     p = metrics["pointing"]["chefer"]
@@ -584,16 +592,3 @@ def token_attribution_kind(model_dir: str, dataset_dir: str | None, params: dict
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1%}"
-
-
-def _int(params: dict, key: str, default: int | None) -> int | None:
-    value = params.get(key, default)
-    if value is None:
-        return None
-    try:
-        value = int(value)
-    except (TypeError, ValueError):
-        raise ProbeInputError(f"parameter {key!r} must be an integer, got {params.get(key)!r}") from None
-    if value < 0:
-        raise ProbeInputError(f"parameter {key!r} must not be negative")
-    return value

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from workers.probes.commands import grounding_common as common
+from workers.probes.commands import common
 from workers.probes.errors import ProbeInputError
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from workers.probes.commands import grounding_common as common
+from workers.probes.commands import common
 from workers.probes.errors import ProbeInputError
 
 FIGURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pdf", ".svg"}
@@ -26,7 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from workers.probes import faithfulness, figures
     from workers.probes.datasets import MAX_PIXELS, open_image
-    from workers.probes.grounding_suite import explain_image, load_dual_encoder, method_names
+    from workers.probes.explanations import explain_image, load_dual_encoder, method_names
 
     out = Path(args.out)
     if out.suffix.lower() not in FIGURE_SUFFIXES:

@@ -1,14 +1,13 @@
-"""Arguments and output helpers shared by the grounding commands (evaluate, sanity).
+"""Arguments and output helpers shared by the commands.
 
-Not a command itself: ``cli.COMMANDS`` does not list it. Command modules import torch, matplotlib
-and the probe code inside ``run`` only, so ``python -m workers.probes --help`` stays fast.
+Not a command itself. Command modules import torch, matplotlib and the probe code inside ``run``
+only, so ``python -m workers.probes --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from workers.probes.errors import ProbeInputError
 from workers.probes.suite import ProbeResult
@@ -31,15 +30,6 @@ def non_negative_int(text: str) -> int:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a Hugging Face-format model directory (or pinned hub id)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default cpu")
-
-
-def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", choices=["jsonl", "coco"], default="jsonl",
-                        help="dataset format: annotations.jsonl (default) or a COCO instances JSON")
-    parser.add_argument("--prompt-template", default=None,
-                        help="COCO only: prompt from the category name (default 'a photo of a {name}')")
-    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per method call (default 16)")
-    parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N examples")
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,13 +55,3 @@ def write_figures(result: ProbeResult, folder: str | None) -> list[Path]:
     target = output_folder(folder)
     return [figures.save(figure, target / f"{result.kind}-{name}.png") for name, figure in result.figures.items()]
 
-
-def table(entries: list[dict[str, Any]]) -> str:
-    """A plain-text table of evaluate results, baselines in the last columns."""
-    columns = ["method", "n", "pointing_game", "energy_pointing_game", "deletion_auc", "insertion_auc",
-               "random_pointing_game", "random_deletion_auc", "random_insertion_auc", "seconds"]
-    rows = [[("-" if e.get(c) is None else str(e.get(c))) for c in columns] for e in entries]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
-    return "\n".join(lines)
