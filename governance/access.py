@@ -27,9 +27,9 @@ Public functions: ``roles_of(user)``, ``has_role(user, role)``, ``is_admin(user)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from django.db.models import Model, Q, QuerySet
+
+from governance.scope import Scope
 
 SUBMITTER = "submitter"
 REVIEWER = "reviewer"
@@ -131,53 +131,10 @@ def organisation_id_of(user) -> int | None:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Scope:
-    """How a model relates to organisations and cases.
-
-    ``org``: lookup from the model to its organisation (``"model_version__ai_model__organisation"``).
-    ``case``: lookup from the model to its audit case (``"run__case"``), for reviewers.
-    ``via_cases``: for models *above* the case, the lookup from ``AuditCase`` to this model
-    (``"model_version__ai_model"``), so reviewers see the model behind a case they review.
-    ``own_user``: lookup to a user that may always see the row (their own membership).
-    """
-
-    org: str | None = None
-    case: str | None = None
-    via_cases: str | None = None
-    own_user: str | None = None
-
-
-_SCOPES: dict[type[Model], Scope] = {}
-
-
-def register_scope(model: type[Model], **scope: str | None) -> None:
-    """Declare how a (new) model is narrowed. Models without a scope are visible to admins and
-    auditors only."""
-    _SCOPES[model] = Scope(**scope)
-
-
-def _default_scopes() -> None:
-    from governance import models as m
-
-    register_scope(m.Organisation, org="", via_cases="model_version__ai_model__organisation")
-    register_scope(m.Membership, org="organisation", own_user="user")
-    register_scope(m.AIModel, org="organisation", via_cases="model_version__ai_model")
-    register_scope(m.ModelVersion, org="ai_model__organisation", via_cases="model_version")
-    register_scope(m.AuditCase, org="model_version__ai_model__organisation", via_cases="")
-    register_scope(m.ProbeRun, org="case__model_version__ai_model__organisation", case="case")
-    register_scope(m.Evidence, org="run__case__model_version__ai_model__organisation", case="run__case")
-    register_scope(m.EvidenceArtifact, org="evidence__run__case__model_version__ai_model__organisation",
-                   case="evidence__run__case")
-    register_scope(m.Signoff, org="case__model_version__ai_model__organisation", case="case")
-    register_scope(m.Report, org="case__model_version__ai_model__organisation", case="case")
-    register_scope(m.AuditEvent, org="organisation", case="case")
-
-
 def scope_of(model: type[Model]) -> Scope | None:
-    if not _SCOPES:
-        _default_scopes()
-    return _SCOPES.get(model)
+    """How ``model`` is narrowed, as the model declares it (``access_scope``). Models without a
+    scope are visible to admins and auditors only."""
+    return getattr(model, "access_scope", None)
 
 
 def _lookup(path: str, suffix: str) -> str:

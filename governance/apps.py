@@ -1,4 +1,7 @@
+from typing import Any
+
 from django.apps import AppConfig
+from django.db.models import QuerySet
 from django.db.models.signals import post_migrate
 
 
@@ -6,6 +9,12 @@ class GovernanceConfig(AppConfig):
     name = "governance"
     verbose_name = "Loupe governance"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def narrow(self, queryset: QuerySet, user: Any) -> QuerySet:
+        """``queryset`` narrowed to what ``user`` may see (``GovernanceQuerySet.visible_to``)."""
+        from governance.access import narrow
+
+        return narrow(queryset, user)
 
     def ready(self) -> None:
         from governance.access import sync_roles_after_migrate

@@ -35,6 +35,7 @@ from django.db import models
 from django.db.models import Q
 
 from governance.canonical import canonical_json, digest
+from governance.scope import Scope
 
 SHA256_VALIDATOR = RegexValidator(r"^[0-9a-f]{64}$", "Expected a lowercase hex SHA-256 digest (64 characters).")
 GIT_REVISION_VALIDATOR = RegexValidator(
@@ -57,9 +58,12 @@ class GovernanceQuerySet(models.QuerySet):
     """Every Loupe queryset can be narrowed to what a user may see (see :mod:`governance.access`)."""
 
     def visible_to(self, user) -> GovernanceQuerySet:
-        from governance import access  # access imports models; import lazily
+        # The narrowing rules live in governance.access, which imports these models; the app
+        # config hands them over, so this module never imports access.
+        from django.apps import apps
 
-        return access.narrow(self, user)
+        narrowed: GovernanceQuerySet = apps.get_app_config("governance").narrow(self, user)
+        return narrowed
 
 
 class AppendOnlyQuerySet(GovernanceQuerySet):
@@ -143,6 +147,8 @@ class AppendOnlyModel(models.Model):
 class Organisation(models.Model):
     """A model provider. Submitters belong to one (via :class:`Membership`) and see only its models."""
 
+    access_scope = Scope(org="", via_cases="model_version__ai_model__organisation")
+
     name = models.CharField(max_length=200, unique=True)
     slug = models.SlugField(max_length=100, unique=True)
     contact_email = models.EmailField(blank=True)
@@ -160,6 +166,8 @@ class Organisation(models.Model):
 class Membership(models.Model):
     """Ties a user to the one organisation they act for."""
 
+    access_scope = Scope(org="organisation", own_user="user")
+
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="membership")
     organisation = models.ForeignKey(Organisation, on_delete=models.PROTECT, related_name="memberships")
     created_at = models.DateTimeField(auto_now_add=True)
@@ -175,6 +183,8 @@ class Membership(models.Model):
 
 class AIModel(models.Model):
     """An inventory entry: one AI system as the provider describes it (EU AI Act Art. 11, Annex IV 1)."""
+
+    access_scope = Scope(org="organisation", via_cases="model_version__ai_model")
 
     class Modality(models.TextChoices):
         IMAGE_TEXT = "image-text", "Vision-language (image and text)"
@@ -243,6 +253,8 @@ class ModelVersion(models.Model):
     every file's relative path to its SHA-256; ``manifest_hash`` fingerprints the whole directory and
     is what evidence provenance, sign-offs and reports refer to.
     """
+
+    access_scope = Scope(org="ai_model__organisation", via_cases="model_version")
 
     class Source(models.TextChoices):
         ARCHIVE = "archive", "Uploaded archive"
@@ -430,6 +442,8 @@ class AuditCase(models.Model):
     and writes the audit log in the same transaction); saving a changed state directly raises.
     """
 
+    access_scope = Scope(org="model_version__ai_model__organisation", via_cases="")
+
     class State(models.TextChoices):
         DRAFT = "draft", "Draft"
         SUBMITTED = "submitted", "Submitted"
@@ -520,6 +534,8 @@ def new_idempotency_key() -> str:
 
 class ProbeRun(models.Model):
     """One probe of a case's plan executed (or to be executed) by a worker, with its provenance."""
+
+    access_scope = Scope(org="case__model_version__ai_model__organisation", case="case")
 
     class Status(models.TextChoices):
         PENDING = "pending", "Pending"
@@ -618,6 +634,8 @@ class Evidence(models.Model):
     One per run (so a redelivered task can never add a second set). Immutable once the run finished.
     """
 
+    access_scope = Scope(org="run__case__model_version__ai_model__organisation", case="run__case")
+
     run = models.OneToOneField(ProbeRun, on_delete=models.PROTECT, related_name="evidence")
     kind = models.CharField(max_length=100)
     metrics = models.JSONField(default=dict, blank=True)
@@ -663,6 +681,9 @@ def artifact_upload_to(instance: EvidenceArtifact, filename: str) -> str:
 
 class EvidenceArtifact(AppendOnlyModel):
     """A file (figure, array, CSV) attached to evidence, stored through Django's storage API."""
+
+    access_scope = Scope(org="evidence__run__case__model_version__ai_model__organisation",
+                         case="evidence__run__case")
 
     evidence = models.ForeignKey(Evidence, on_delete=models.PROTECT, related_name="artifacts")
     name = models.CharField(max_length=200)
@@ -712,6 +733,8 @@ class Signoff(AppendOnlyModel):
     Create sign-offs with :func:`governance.workflow.sign_off`, which enforces segregation of duties.
     """
 
+    access_scope = Scope(org="case__model_version__ai_model__organisation", case="case")
+
     class Decision(models.TextChoices):
         APPROVE = "approve", "Approve"
         REJECT = "reject", "Reject"
@@ -747,6 +770,8 @@ def report_upload_to(instance: Report, filename: str) -> str:
 
 class Report(AppendOnlyModel):
     """An issued report version. Immutable: a new generation creates version n+1 that supersedes n."""
+
+    access_scope = Scope(org="case__model_version__ai_model__organisation", case="case")
 
     case = models.ForeignKey(AuditCase, on_delete=models.PROTECT, related_name="reports")
     version = models.PositiveIntegerField(validators=[MinValueValidator(1)])
@@ -793,6 +818,8 @@ class AuditEvent(AppendOnlyModel):
     ``payload`` is stored as canonical JSON *text* so its hash is over the exact stored bytes.
     ``row_hash`` covers every other column and ``prev_hash``, chaining each row to the one before.
     """
+
+    access_scope = Scope(org="organisation", case="case")
 
     GENESIS_HASH = "0" * 64
 

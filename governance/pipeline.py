@@ -235,12 +235,17 @@ def dispatch(case_id: int, run_ids: list[int]) -> None:
     """
     from celery import chord, group
 
-    from workers import tasks
+    from workers.celery import app
 
+    # Tasks are sent by name: the web process never imports the worker's task module (which imports
+    # this one). Executed in-process, the tasks must be registered first, as a worker does at start.
+    if broker_is_eager():
+        app.loader.import_default_modules()
     runs = list(ProbeRun.objects.filter(pk__in=run_ids).order_by("pk"))
-    header = group(tasks.run_probe.si(run.pk).set(task_id=run.task_id) for run in runs)
+    header = group(app.signature("workers.tasks.run_probe", args=(run.pk,), immutable=True).set(task_id=run.task_id)
+                   for run in runs)
     try:
-        chord(header)(tasks.aggregate_case.si(case_id))
+        chord(header)(app.signature("workers.tasks.aggregate_case", args=(case_id,), immutable=True))
     except Exception as exc:
         if broker_is_eager():
             raise

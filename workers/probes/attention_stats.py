@@ -67,7 +67,7 @@ def inside_mask(boxes: Sequence[Sequence[float]], pboxes: np.ndarray) -> np.ndar
 
 def fusion_image_attention(adapter, images, prompt: str, *, max_new_tokens: int = 32) -> np.ndarray:
     """``[n, L, H, G]``: decoder attention from the generated text to the image, per head."""
-    from workers.probes.token_attribution import _targets
+    from workers.probes.token_attribution import generated_targets
 
     enc = adapter.encode(prompt)
     # mapping: None where image tokens are grid cells; else (BLIP-2) [n, n_img, G]: each query
@@ -80,7 +80,7 @@ def fusion_image_attention(adapter, images, prompt: str, *, max_new_tokens: int 
         out = []
         for k, gen in enumerate(generated):
             gen = gen or [adapter.eos_token_id]
-            ids, rows = _targets(adapter, enc, gen)
+            ids, rows = generated_targets(adapter, enc, gen)
             trace = adapter.trace(adapter.embed(ids, feats[k:k + 1]), ids, enc.image_positions)
             a = torch.stack([x[0] for x in trace.attentions]).float()  # [L, H, N, N]
             if mapping is None:

@@ -159,3 +159,18 @@ def chefer(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, start
     maps = [relevance(adapter, pixel_values[s], prompts[s], start_layer=start_layer).image
             for s in chunks(len(prompts), batch_size)]
     return torch.cat(maps)
+
+
+def vision_relevance(rows_rel: torch.Tensor, image_positions: torch.Tensor, attentions: Sequence[torch.Tensor],
+                     grads: Sequence[torch.Tensor], vision_rows: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Carry image-token relevance ``rows_rel[:, image_positions]`` back to the input patches.
+
+    ``attentions[l]`` ``[1, Hv, Tv, Tv]``, ``grads[l]`` ``[T, Hv, Tv, Tv]``; Chefer's rule gives
+    ``R_v = prod_l (I + mean_h((grad * A)+))`` per target; returns ``[T, G]`` over patch tokens.
+    """
+    t = rows_rel.shape[0]
+    tv = attentions[0].shape[-1] if attentions else int(vision_rows.max()) + 1
+    r = torch.zeros(t, tv, dtype=rows_rel.dtype, device=rows_rel.device)
+    r[:, vision_rows] = rows_rel[:, image_positions].clamp(min=0)
+    cams = [weighted_attention(a, g) for a, g in zip(attentions, grads, strict=True)]  # [T, Tv, Tv] each
+    return propagate_row(r, cams)[:, prefix:]

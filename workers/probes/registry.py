@@ -32,12 +32,10 @@ def register(name: str) -> Callable[[GroundingMethod], GroundingMethod]:
 
 
 def _load_all() -> None:
+    """Import every method module; a listed module that is missing raises, so a renamed method
+    cannot silently drop out of an evaluation."""
     for module in METHOD_MODULES:
-        try:
-            importlib.import_module(f"workers.probes.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"workers.probes.{module}":
-                raise
+        importlib.import_module(f"workers.probes.{module}")
 
 
 def available() -> list[str]:

@@ -227,9 +227,9 @@ def _scene_objects(root: Path) -> dict[Path, list[tuple[tuple[str, ...], tuple[f
     """``scenes.jsonl`` objects (zoo datasets) by resolved image path; ``{}`` if absent."""
     if not (root / "scenes.jsonl").is_file():
         return {}
-    from workers.probes.scenes import _read_scenes_jsonl
+    from workers.probes.scenes import read_scenes_jsonl
 
-    return {path.resolve(): [(o.words, o.box) for o in objects] for path, objects in _read_scenes_jsonl(root).items()}
+    return {path.resolve(): [(o.words, o.box) for o in objects] for path, objects in read_scenes_jsonl(root).items()}
 
 
 # --- measurement -----------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def load_scenes(dataset_dir: str | Path, *, limit: int | None = None) -> list[Sc
     by_image: dict[Path, list] = {}
     for ex in dataset:
         by_image.setdefault(ex.image_path, []).append(ex)
-    scene_objects = _read_scenes_jsonl(dataset.root)
+    scene_objects = read_scenes_jsonl(dataset.root)
     out: list[SceneImage] = []
     for path, examples in by_image.items():
         first = examples[0]
@@ -81,7 +81,7 @@ def load_scenes(dataset_dir: str | Path, *, limit: int | None = None) -> list[Sc
     return out
 
 
-def _read_scenes_jsonl(root: Path) -> dict[Path, tuple[NamedObject, ...]]:
+def read_scenes_jsonl(root: Path) -> dict[Path, tuple[NamedObject, ...]]:
     path = root / "scenes.jsonl"
     if not path.is_file():
         return {}

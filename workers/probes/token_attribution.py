@@ -40,7 +40,7 @@ from PIL import Image
 from pydantic import Field
 
 from workers.probes.adapters.fusion import Encoded, FusionAdapter
-from workers.probes.chefer import propagate_row, weighted_attention
+from workers.probes.chefer import weighted_attention
 from workers.probes.errors import ProbeInputError
 from workers.probes.kinds import BatchSize, DatasetArg, KindParams, Limit, Metric, probe_kind
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
@@ -76,7 +76,7 @@ class TokenAttribution:
     n_prompt_text: int = 0
 
 
-def _targets(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def generated_targets(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced input ids ``[1, N]`` (prompt + all but the last generated token) and the
     prediction position of every generated token ``[T]``."""
     gen = torch.tensor([list(generated)], dtype=torch.long, device=enc.input_ids.device)
@@ -184,7 +184,7 @@ def attribute_generated(adapter: FusionAdapter, enc: Encoded, image_features: to
     """
     if not generated:
         raise ProbeInputError("the model generated no tokens to attribute")
-    ids, rows = _targets(adapter, enc, generated)
+    ids, rows = generated_targets(adapter, enc, generated)
     with torch.enable_grad():
         embeds, vision = _traced_embeddings(adapter, ids, image_features, pixel_values)
         trace = adapter.trace_targets(embeds, int(rows[0]))
@@ -253,27 +253,12 @@ def _relevance(adapter: FusionAdapter, trace, generated: Sequence[int], enc: Enc
         return out
 
 
-def vision_relevance(rows_rel: torch.Tensor, image_positions: torch.Tensor, attentions: Sequence[torch.Tensor],
-                     grads: Sequence[torch.Tensor], vision_rows: torch.Tensor, prefix: int) -> torch.Tensor:
-    """Carry image-token relevance ``rows_rel[:, image_positions]`` back to the input patches.
-
-    ``attentions[l]`` ``[1, Hv, Tv, Tv]``, ``grads[l]`` ``[T, Hv, Tv, Tv]``; Chefer's rule gives
-    ``R_v = prod_l (I + mean_h((grad * A)+))`` per target; returns ``[T, G]`` over patch tokens.
-    """
-    t = rows_rel.shape[0]
-    tv = attentions[0].shape[-1] if attentions else int(vision_rows.max()) + 1
-    r = torch.zeros(t, tv, dtype=rows_rel.dtype, device=rows_rel.device)
-    r[:, vision_rows] = rows_rel[:, image_positions].clamp(min=0)
-    cams = [weighted_attention(a, g) for a, g in zip(attentions, grads, strict=True)]  # [T, Tv, Tv] each
-    return propagate_row(r, cams)[:, prefix:]
-
-
 def naive_attribute_generated(adapter: FusionAdapter, enc: Encoded, image_features: torch.Tensor,
                               generated: Sequence[int]) -> torch.Tensor:
     """The naive recomputation baseline: a fresh forward and backward per generated token
     (prefix up to the token). Returns the chefer rows ``[T, N_full]`` (zero-padded); used by the
     benchmark and by tests as the reference the efficient path must equal."""
-    ids_full, rows = _targets(adapter, enc, generated)
+    ids_full, rows = generated_targets(adapter, enc, generated)
     n = ids_full.shape[1]
     out = torch.zeros(len(generated), n, device=ids_full.device)
     for t, token in enumerate(generated):
@@ -293,7 +278,7 @@ def naive_attribute_generated(adapter: FusionAdapter, enc: Encoded, image_featur
 def to_attribution(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int], rows_by_method: dict[str, torch.Tensor],
                    prompt: str) -> TokenAttribution:
     """Split relevance rows into image maps (vision grid) and text relevance."""
-    ids, rows = _targets(adapter, enc, generated)
+    ids, rows = generated_targets(adapter, enc, generated)
     seq = ids[0].tolist() + [generated[-1]]
     image_pos = enc.image_positions
     grid_pos = image_pos[adapter.image_token_prefix:]

@@ -370,7 +370,7 @@ class FusionAdapter(VisionLanguageAdapter):
         tower (Chefer's self-attention rule); other methods read the image-token columns as cells.
         """
         if method == "chefer_full":
-            from workers.probes.token_attribution import vision_relevance
+            from workers.probes.chefer import vision_relevance
 
             return vision_relevance(rows_rel, image_positions, attentions, grads, vision_rows, self.num_prefix_tokens)
         return rows_rel[:, image_positions[self.image_token_prefix:]].clamp(min=0)
