@@ -36,7 +36,9 @@ from django.db import transaction
 from django.db.models import Model
 from django.utils import timezone
 
-from governance.canonical import canonical_json, digest, sha256_hex
+from loupe_verify import chain
+
+from governance.canonical import canonical_json, sha256_hex
 from governance.models import (
     AIModel,
     AuditCase,
@@ -62,23 +64,12 @@ def _timestamp(value: dt.datetime) -> str:
 def row_hash_of(row: dict[str, Any]) -> str:
     """The row hash of an audit-log row given as a dict with the columns in :data:`ROW_FIELDS`.
 
-    ``created_at`` may be a datetime or its ISO string as exported in excerpts.
+    ``created_at`` may be a datetime or its ISO string as exported in excerpts. The rule itself lives
+    in :func:`loupe_verify.chain.row_hash_of`, which the offline verifier shares.
     """
     created = row["created_at"]
-    material = {
-        "seq": row["seq"],
-        "created_at": _timestamp(created) if isinstance(created, dt.datetime) else created,
-        "actor_id": row["actor_id"],
-        "actor_label": row["actor_label"],
-        "action": row["action"],
-        "object_type": row["object_type"],
-        "object_id": row["object_id"],
-        "organisation_id": row["organisation_id"],
-        "case_id": row["case_id"],
-        "payload_hash": row["payload_hash"],
-        "prev_hash": row["prev_hash"],
-    }
-    return digest(material)
+    return chain.row_hash_of({**row, "created_at": _timestamp(created) if isinstance(created, dt.datetime)
+                              else created})
 
 
 def _case_and_organisation(obj: Model | None) -> tuple[AuditCase | None, int | None]:

@@ -1,34 +1,11 @@
-"""Canonical JSON and SHA-256: the one way Loupe turns data into a digest.
+"""Canonical JSON and SHA-256 for the service: re-exports :mod:`loupe_verify.canonical`.
 
-Every hash that a reviewer signs, an auditor recomputes or a report embeds (audit-log rows, evidence
-and case digests, model manifests) goes through :func:`canonical_json`, so two parties who hold the
-same data always compute the same digest, on any Python version and database.
-
-The encoding is RFC 8785-like: UTF-8, keys sorted, no insignificant whitespace, no NaN/Infinity
-(they have no JSON meaning and would make digests ambiguous).
+One implementation (RFC 8785, the ``rfc8785`` package) serves the service and the offline verifier,
+so a digest computed here is the digest ``loupe-verify`` recomputes from an export bundle.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from typing import Any
+from loupe_verify.canonical import canonical_json, digest, sha256_hex
 
-
-def canonical_json(data: Any) -> bytes:
-    """Serialise ``data`` deterministically (sorted keys, compact separators, UTF-8).
-
-    Raises ``ValueError`` for NaN/Infinity and ``TypeError`` for values JSON cannot express.
-    """
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
-
-
-def sha256_hex(data: bytes) -> str:
-    """Hex SHA-256 of ``data``."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def digest(data: Any) -> str:
-    """Hex SHA-256 of the canonical JSON of ``data``."""
-    return sha256_hex(canonical_json(data))
+__all__ = ["canonical_json", "digest", "sha256_hex"]

@@ -807,6 +807,48 @@ class Report(AppendOnlyModel):
         super().save(*args, **kwargs)
 
 
+def countersignature_upload_to(instance: Countersignature, filename: str) -> str:
+    report = instance.report
+    return f"reports/case-{report.case_id}/v{report.version}/countersigned/{filename}"
+
+
+class Countersignature(AppendOnlyModel):
+    """A reviewer's countersignature on an issued report: the whole countersigned PDF, stored as is.
+
+    Each one extends the issued file (``sequence`` 1) or the previous countersigned file by one
+    incremental revision holding the reviewer's signature; ``previous_sha256`` names the file it
+    extends. Accepted by :func:`governance.reports.countersign.countersign`, recorded in the audit log
+    (``report.countersigned``) with its content digest, and exported with the report.
+    """
+
+    report = models.ForeignKey(Report, on_delete=models.PROTECT, related_name="countersignatures")
+    reviewer = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="countersignatures")
+    sequence = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    pdf = models.FileField(upload_to=countersignature_upload_to, max_length=500)
+    sha256 = models.CharField(max_length=64, validators=[SHA256_VALIDATOR], unique=True)
+    previous_sha256 = models.CharField(max_length=64, validators=[SHA256_VALIDATOR])
+    cert_sha256 = models.CharField(max_length=64, validators=[SHA256_VALIDATOR])
+    signer = models.CharField(max_length=300, help_text="The signing certificate's subject.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = AppendOnlyQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["report", "sequence"]
+        constraints = [models.UniqueConstraint(fields=["report", "sequence"], name="countersignature_unique_sequence")]
+
+    def __str__(self) -> str:
+        return f"countersignature {self.sequence} of {self.report} by {self.reviewer}"
+
+    @property
+    def case_id(self) -> int:  # the audit log attributes the row to the report's case
+        return self.report.case_id
+
+    @property
+    def case(self) -> AuditCase:
+        return self.report.case
+
+
 # --------------------------------------------------------------------------------------------------
 # Audit log
 # --------------------------------------------------------------------------------------------------

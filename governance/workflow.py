@@ -60,6 +60,7 @@ from django.utils import timezone
 
 from governance import access, audit_log
 from governance.canonical import digest
+from governance.evidence import content_digest
 from governance.models import AuditCase, AuditEvent, Evidence, ProbeRun, Signoff, validate_probe_plan
 
 S = AuditCase.State
@@ -443,7 +444,8 @@ def sign_off(case: AuditCase, reviewer, decision: str, comment: str = "", eviden
             comment=comment, digest=signed_digest, review_round=locked.review_round)
         audit_log.record(reviewer, "signoff.created", signoff, {
             "decision": decision, "digest": signed_digest, "evidence": evidence.pk if evidence else None,
-            "report_section": report_section, "comment": comment, "review_round": locked.review_round})
+            "report_section": report_section, "comment": comment, "review_round": locked.review_round,
+            "content_digest": content_digest(signoff)})
 
         if signoff.is_case_level and decision == D.REJECT:
             _apply(locked, S.REJECTED, reviewer, {"signoff": signoff.pk})

@@ -163,6 +163,7 @@ def draft_case(acme_version, alice, test_probe_kind):
 
 def finish_run_with_evidence(case, *, kind: str = TEST_KIND, summary: str = "All good."):
     """Create a run for ``case`` with evidence and one artifact, then mark the run succeeded."""
+    from governance.evidence import log_recorded
     from governance.models import Evidence, EvidenceArtifact, ProbeRun
 
     run = ProbeRun.objects.create(case=case, kind=kind, params={"n": 3}, status=ProbeRun.Status.RUNNING,
@@ -175,6 +176,7 @@ def finish_run_with_evidence(case, *, kind: str = TEST_KIND, summary: str = "All
     run.progress = 1.0
     run.finished_at = timezone.now()
     run.save()
+    log_recorded(evidence)  # bound to the audit log by its content digest, as record_result does
     return run, evidence
 
 

@@ -14,6 +14,8 @@ import hashlib
 import numpy as np
 from django.contrib.auth import get_user_model
 
+from governance import audit_log
+from governance.evidence import content_digest, log_recorded
 from governance.models import (AIModel, AuditCase, Evidence, EvidenceArtifact, ModelVersion, Organisation,
                                ProbeRun, Signoff)
 from governance.reports import figures
@@ -112,8 +114,9 @@ def make_standalone_case(*, kinds=ALL_KINDS, figures_per_evidence: int = 1, titl
     case.submitted_at = case.state_changed_at = T0
     case.save()
     for reviewer in reviewers:
-        Signoff.objects.create(case=case, reviewer=reviewer, decision="approve", comment="Evidence complete.",
-                               digest=hashlib.sha256(reviewer.username.encode()).hexdigest(), review_round=1)
+        signoff = Signoff.objects.create(case=case, reviewer=reviewer, decision="approve", comment="Evidence complete.",
+                                         digest=hashlib.sha256(reviewer.username.encode()).hexdigest(), review_round=1)
+        audit_log.record(reviewer, "signoff.created", signoff, {"content_digest": content_digest(signoff)})
     return case
 
 
@@ -131,4 +134,5 @@ def add_evidence(case: AuditCase, kind: str, *, seed: int, figures_per_evidence:
     EvidenceArtifact.from_bytes(evidence, "values.npy", np.arange(4, dtype=np.float32).tobytes(), "application/octet-stream")
     run.status = ProbeRun.Status.SUCCEEDED
     run.save()
+    log_recorded(evidence)  # as governance.evidence.record_result does: bound to the log by its digest
     return evidence

@@ -49,6 +49,7 @@ def make_review_case(draft_case, *, alice, ada, rita, rob, summary: str = "Relev
     """``draft_case`` walked to ``evidence_ready`` with one grounding run: two heatmaps, a CSV, metrics
     (scalars and a per-method table) and findings of several severities. Returns (case, evidence)."""
     from governance import workflow
+    from governance.evidence import log_recorded
     from governance.models import Evidence, EvidenceArtifact, ProbeRun
 
     workflow.assign_reviewers(draft_case, [rita, rob], by=ada)
@@ -73,5 +74,6 @@ def make_review_case(draft_case, *, alice, ada, rita, rob, summary: str = "Relev
     run.phase = "done"
     run.finished_at = timezone.now()
     run.save()
+    log_recorded(evidence)  # bound to the audit log by its content digest, as record_result does
     workflow.mark_evidence_ready(draft_case)
     return draft_case, evidence

@@ -28,7 +28,7 @@ def keys(tmp_path_factory):
     with override_settings(LOUPE_SIGNING_DIR=directory):
         call_command("make_signing_key", stdout=io.StringIO())  # issuer
         call_command("make_signing_key", "--name", "Rita Reviewer", "--slug", "rita", stdout=io.StringIO())
-        call_command("make_signing_key", "--name", "Alan Approver", "--slug", "approver", stdout=io.StringIO())
+        call_command("make_signing_key", "--name", "Rob Reviewer", "--slug", "rob", stdout=io.StringIO())
     return directory
 
 
@@ -76,16 +76,16 @@ def verify_fails(path, *extra) -> str:
 
 def test_it_signs_at_issue_and_countersigns_in_turn(signed_report, keys):
     v1 = signed_report["path"]
-    assert "Loupe-issuer: OK" in verify(v1).replace("signature ", "")
+    assert "Loupe-issuer: OK · issuer" in verify(v1).replace("signature ", "")
     reviewed, approved = v1.with_name("reviewed.pdf"), v1.with_name("approved.pdf")
     call_command("sign_report", str(v1), str(reviewed), "--key", str(keys / "rita-key.pem"),
-                 "--cert", str(keys / "rita-cert.pem"), "--role", "reviewer", stdout=io.StringIO())
-    call_command("sign_report", str(reviewed), str(approved), "--key", str(keys / "approver-key.pem"),
-                 "--cert", str(keys / "approver-cert.pem"), "--role", "approver", stdout=io.StringIO())
+                 "--cert", str(keys / "rita-cert.pem"), "--record", "rita", stdout=io.StringIO())
+    call_command("sign_report", str(reviewed), str(approved), "--key", str(keys / "rob-key.pem"),
+                 "--cert", str(keys / "rob-cert.pem"), "--record", "rob", stdout=io.StringIO())
     out = verify(approved)
-    for field, who in (("Loupe-issuer", "issuer"), ("Loupe-reviewer", "Rita Reviewer"),
-                       ("Loupe-approver", "Alan Approver")):
-        assert f"signature {field}: OK" in out and who in out
+    for field, who in (("Loupe-issuer", "issuer"), ("Loupe-reviewer", "reviewer rita · Rita Reviewer"),
+                       ("Loupe-reviewer-2", "reviewer rob · Rob Reviewer")):
+        assert f"signature {field}: OK · {who}" in out
     assert "all 3 signature(s) and the manifest verify" in out
     assert f"audit log: unchanged up to the head anchored at issue (seq {signed_report['report'].manifest['audit_log']['seq']}" in out
     # Earlier signatures are untouched bytes of the later file: incremental updates only.
@@ -109,12 +109,12 @@ def test_it_fails_bytes_appended_after_the_last_signature(signed_report, keys):
 
 def test_it_fails_a_signature_from_an_untrusted_key(signed_report, keys, tmp_path_factory):
     other = tmp_path_factory.mktemp("other-ca")
-    call_command("make_signing_key", "--dir", str(other), "--name", "Mallory", "--slug", "mallory",
+    call_command("make_signing_key", "--dir", str(other), "--name", "Mallory", "--slug", "rita",
                  stdout=io.StringIO())
     forged = signed_report["tmp"] / "forged.pdf"
-    call_command("sign_report", str(signed_report["path"]), str(forged), "--key", str(other / "mallory-key.pem"),
-                 "--cert", str(other / "mallory-cert.pem"), "--role", "approver", stdout=io.StringIO())
-    assert "does not chain to a configured trust root" in verify_fails(forged)
+    call_command("sign_report", str(signed_report["path"]), str(forged), "--key", str(other / "rita-key.pem"),
+                 "--cert", str(other / "rita-cert.pem"), stdout=io.StringIO())
+    assert "does not chain to a trusted root" in verify_fails(forged)
 
 
 def test_it_fails_an_unsigned_report_unless_asked_and_identical(signed_report, tmp_path):

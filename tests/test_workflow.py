@@ -27,7 +27,8 @@ def test_it_walks_a_case_from_draft_to_approved_with_two_distinct_reviewers(case
     case.refresh_from_db()
     assert case.state == S.APPROVED
     actions = list(AuditEvent.objects.filter(case=case).values_list("action", flat=True))
-    assert actions == ["case.reviewers_assigned", "case.submitted", "case.running", "case.evidence_ready",
+    assert actions == ["case.reviewers_assigned", "case.submitted", "case.running", "evidence.recorded",
+                       "case.evidence_ready",
                        "case.in_review", "signoff.created", "signoff.created", "case.approved"]
 
 

@@ -14,7 +14,10 @@ Modules: :mod:`.manifest` (what a report covers), :mod:`.context` (manifest -> t
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from governance.models import AuditCase, Report
@@ -36,8 +39,11 @@ def render_case(case: AuditCase, *, version: int, report_meta: dict[str, Any] | 
     from governance.reports.render import render_html, render_pdf
     from governance.reports.url_fetcher import SafeURLFetcher
 
-    manifest = mf.build_manifest(case, version=version, audit_anchor=audit_anchor)
     meta = {"version": version, "supersedes": None, "changelog": []} | (report_meta or {})
+    # What the cover states about this version (what it supersedes, the change log) is part of the
+    # embedded, signed manifest, so it can be checked against the issued versions it names.
+    manifest = mf.build_manifest(case, version=version, audit_anchor=audit_anchor, report_meta=meta)
+    meta = {**manifest["report"], "author": meta.get("author")}
     files = {a.pk: a for a in EvidenceArtifact.objects.filter(evidence__run__case=case)}
 
     def load_artifact(entry: dict[str, Any]) -> tuple[bytes, str]:
@@ -70,16 +76,28 @@ def generate_report(case: AuditCase, *, author, sign: bool = True) -> Report:
     from django.db import transaction
 
     from governance import audit_log
+    from governance.evidence import DigestMismatch, content_digest, unbound_case_rows
     from governance.models import AuditCase as Case
     from governance.models import Report as ReportModel
     from governance.reports import signing, versions
     from governance.reports.manifest import build_manifest, manifest_sha256
 
     written: list = []  # files stored before the row is; removed again if the transaction fails
+    refused = unbound_case_rows(case)
+    if refused:
+        # The refusal is itself recorded (in its own transaction: the caller's may roll back).
+        with transaction.atomic():
+            audit_log.record(author, "report.refused", case, {"reason": "evidence_digest_mismatch",
+                                                              "problems": refused[:50]})
+        logger.error("report for case #%s refused: %s", case.pk, "; ".join(refused))
+        raise DigestMismatch(f"refusing to issue a report for case #{case.pk}: " + "; ".join(refused))
     try:
         with transaction.atomic():
             # Lock the case so two concurrent requests cannot both compute version n+1.
             locked = Case.objects.select_for_update().get(pk=case.pk)
+            refused = unbound_case_rows(locked)  # again, under the lock
+            if refused:
+                raise DigestMismatch(f"refusing to issue a report for case #{case.pk}: " + "; ".join(refused))
             previous = versions.latest(locked)
             version = previous.version + 1 if previous else 1
             changes = versions.changelog(previous.manifest if previous else None, build_manifest(locked, version=version))
@@ -90,12 +108,13 @@ def generate_report(case: AuditCase, *, author, sign: bool = True) -> Report:
             anchor = audit_log.anchor()
             rendered, manifest = render_case(locked, version=version, report_meta=meta, audit_anchor=anchor)
             pdf = rendered.pdf
-            signed_by = None
+            signed_by = signer_cert_sha256 = None
             paths = signing.configured_signer_paths() if sign else None
             if paths is not None:
                 signer = signing.load_signer(*paths)
                 pdf = signing.sign_pdf(pdf, signer, role="issuer", reason=f"Loupe report v{version} of case #{case.pk} issued")
                 signed_by = signer.signing_cert.subject.human_friendly
+                signer_cert_sha256 = signing.cert_sha256(signer.signing_cert)
             report = ReportModel(case=locked, version=version, sha256=hashlib.sha256(pdf).hexdigest(), manifest=manifest,
                                  author=author, supersedes=previous, changelog=changes)
             report.pdf.save(f"loupe-case-{case.pk}-report-v{version}.pdf", ContentFile(pdf), save=False)
@@ -104,8 +123,9 @@ def generate_report(case: AuditCase, *, author, sign: bool = True) -> Report:
             audit_log.record(author, "report.issued", report, {
                 "version": version, "sha256": report.sha256, "pages": rendered.pages,
                 "manifest_sha256": manifest_sha256(manifest),
-                "supersedes": previous.version if previous else None, "signed_by": signed_by, "audit_anchor": anchor,
-                "refused_urls": rendered.refused_urls[:20]})
+                "supersedes": previous.version if previous else None, "signed_by": signed_by,
+                "signer_cert_sha256": signer_cert_sha256, "audit_anchor": anchor,
+                "refused_urls": rendered.refused_urls[:20], "content_digest": content_digest(report)})
     except BaseException:
         from django.core.files.storage import default_storage
 

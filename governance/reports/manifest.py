@@ -43,12 +43,12 @@ def run_entry(run: ProbeRun) -> dict[str, Any]:
 
 
 def evidence_entry(evidence: Evidence) -> dict[str, Any]:
-    artifacts = [{"id": a.pk, "name": a.name, "content_type": a.content_type, "sha256": a.sha256, "size": a.size}
-                 for a in sorted(evidence.artifacts.all(), key=lambda a: (a.name, a.pk))]
-    entry = {"id": evidence.pk, "run_id": evidence.run_id, "kind": evidence.kind, "metrics": evidence.metrics,
-             "summary": evidence.summary, "findings": evidence.findings, "artifacts": artifacts,
-             "created_at": _iso(evidence.created_at)}
-    entry["digest"] = digest({k: v for k, v in entry.items() if k != "digest"})
+    """The evidence row's content plus ``digest``: its content digest, the one its ``evidence.recorded``
+    audit event carries (:func:`governance.evidence.content_digest`)."""
+    from governance.evidence import evidence_content
+
+    entry = evidence_content(evidence)
+    entry["digest"] = digest(entry)
     return entry
 
 
@@ -72,8 +72,13 @@ def case_signoffs(case: AuditCase):
     return case.signoffs.select_related("reviewer").order_by("created_at", "pk")
 
 
-def build_manifest(case: AuditCase, *, version: int, audit_anchor: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_manifest(case: AuditCase, *, version: int, audit_anchor: dict[str, Any] | None = None,
+                   report_meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything report ``version`` of ``case`` states, as plain JSON (deterministic order).
+
+    ``report_meta``: ``supersedes`` (the previous version number or None) and ``changelog`` (the
+    change-log entries printed on the cover), stored under ``"report"`` so the cover's claims
+    about earlier versions are signed with the rest and can be checked against them.
 
     ``audit_anchor``: the audit log's head when the report is issued (``audit_log.anchor()``),
     stored as ``"audit_log"``; renders that issue nothing (previews) leave it out, so that they
@@ -90,7 +95,9 @@ def build_manifest(case: AuditCase, *, version: int, audit_anchor: dict[str, Any
     as_of = max(t for t in timestamps if t is not None)
     manifest = {
         "format": FORMAT,
-        "report": {"case_id": case.pk, "version": version},
+        "report": {"case_id": case.pk, "version": version,
+                   "supersedes": (report_meta or {}).get("supersedes"),
+                   "changelog": list((report_meta or {}).get("changelog") or [])},
         "as_of": as_of.isoformat(),
         "case": {"id": case.pk, "title": case.title, "scope": case.scope, "state": case.state,
                  "review_round": case.review_round, "required_approvals": case.required_approvals,
@@ -175,6 +182,7 @@ def check_against_database(manifest: dict[str, Any], *, check_files: bool = True
     elif digest(report.manifest) != digest(manifest):
         problems.append(f"the embedded manifest differs from the one stored for report v{report.version}")
     else:
+        problems += claims_problems(manifest, report)
         latest = case.reports.order_by("-version").first()
         if latest and latest.version > report.version:
             notes.append(f"a newer version (v{latest.version}) of this report exists")
@@ -214,6 +222,29 @@ def check_against_database(manifest: dict[str, Any], *, check_files: bool = True
     if check_files:
         problems += check_artifact_files(manifest)
     return problems, notes
+
+
+def claims_problems(manifest: dict[str, Any], report: Report) -> list[str]:
+    """Check what the report states about earlier versions against the issued versions: the version
+    it supersedes and the change log printed on its cover (recomputed from that version's manifest)."""
+    from governance.reports.versions import changelog
+
+    claims = manifest.get("report") or {}
+    previous = report.supersedes
+    expected = previous.version if previous is not None else None
+    problems = []
+    if claims.get("supersedes") != expected:
+        problems.append(f"the report claims to supersede {_version_text(claims.get('supersedes'))} but v{report.version} "
+                        f"of case #{report.case_id} was issued superseding {_version_text(expected)}")
+    recomputed = changelog(previous.manifest if previous is not None else None, manifest)
+    if claims.get("changelog") != recomputed:
+        problems.append("the change log printed on the report is not the one recomputed from "
+                        f"{_version_text(expected)}")
+    return problems
+
+
+def _version_text(version: Any) -> str:
+    return f"v{version}" if version else "no earlier version"
 
 
 def check_artifact_files(manifest: dict[str, Any]) -> list[str]:

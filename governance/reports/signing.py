@@ -1,15 +1,20 @@
 """PAdES signatures on issued reports (pyHanko), and their verification.
 
 Each signature is an *incremental update*: the bytes already signed stay untouched, so the
-issuer's signature, a reviewer's and an approver's can be added in turn and each earlier one
-keeps verifying (pyHanko's difference analysis confirms that later revisions only added
-signatures).
+issuer's signature and then reviewers' countersignatures are added in turn and each earlier one
+keeps verifying. Verification (who signed, in which role, and what every later revision changed)
+lives in :mod:`loupe_verify.pdf`, shared with the offline verifier.
 
 Keys: production keys come from settings (``LOUPE_SIGNING_KEY``, ``LOUPE_SIGNING_CERT``,
 ``LOUPE_SIGNING_CA_CHAIN``, the passphrase from the environment variable named by
 ``LOUPE_SIGNING_KEY_PASSPHRASE_ENV``) and verification trusts the certificates in
-``LOUPE_SIGNING_TRUST_ROOTS``. ``manage.py make_signing_key`` creates a development CA and
-signer certificates that fit these settings.
+``LOUPE_SIGNING_TRUST_ROOTS``. The issuer certificate must carry the Loupe issuer policy
+(:data:`loupe_verify.pdf.ISSUER_POLICY_OID`); reviewer certificates the reviewer policy and the
+reviewer's username as subject UID. ``manage.py make_signing_key`` creates a development CA and
+signer certificates that fit these settings; production keys are PEM files (optionally
+passphrase-protected) issued by the organisation's CA with those policies, or a PKCS#11 token
+(pyHanko's ``pkcs11.PKCS11Signer`` gives the same ``signers.Signer`` interface as
+:func:`load_signer`; see README "Production signing keys").
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from asn1crypto import pem as asn1_pem
@@ -25,15 +29,14 @@ from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 from django.conf import settings
 from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
 from pyhanko.pdf_utils.reader import PdfFileReader
 from pyhanko.sign import fields, signers
-from pyhanko.sign.diff_analysis import ModificationLevel
-from pyhanko.sign.validation import validate_pdf_signature
-from pyhanko.sign.validation.status import SignatureCoverageLevel
-from pyhanko_certvalidator import ValidationContext
+
+from loupe_verify.pdf import (DOCUMENT_SIGNING_EKU, ISSUER_POLICY_OID, REVIEWER_POLICY_OID, PdfVerification,
+                              cert_sha256, verify_pdf)
 
 
 class SigningError(Exception):
@@ -95,17 +98,53 @@ def trust_roots() -> list[asn1_x509.Certificate]:
 
 # --- signing --------------------------------------------------------------------------------
 
+class PdfA3IncrementalWriter(IncrementalPdfFileWriter):
+    """An incremental writer that keeps an issued PDF/A-3 a PDF/A-3.
+
+    pyHanko's writer, left alone, bumps the catalog to ``/Version /2.0`` and declares the ISO/TS
+    32002 extension when it signs with an ECDSA key (PDF/A-3 is PDF 1.7, ISO 19005-3 6.1.2), and
+    rewrites ``/Info`` and the XMP ``pdf:Producer``/``xmp:ModifyDate`` on save, which breaks their
+    equivalence (6.6.2.3.1) and would be a change to the issued metadata after the issuer signed.
+    A signature revision therefore writes the signature only: metadata stays as issued and the
+    version never goes past 1.7 (ECDSA P-256 with SHA-256 is already usable in PDF 1.7/PAdES).
+    """
+
+    def ensure_output_version(self, version):
+        if tuple(version) > (1, 7):
+            return
+        super().ensure_output_version(version)
+
+    def register_extension(self, ext):
+        if str(ext.base_version).lstrip("/") not in ("1.7", "1.6", "1.5", "1.4"):
+            return  # an extension of PDF 2.0 (ISO/TS 32002) has no place in a PDF/A-3 file
+        super().register_extension(ext)
+
+    def _update_meta(self):
+        return None
+
+
 def existing_signature_fields(pdf: bytes) -> list[str]:
     reader = PdfFileReader(io.BytesIO(pdf), strict=False)
     return [sig.field_name for sig in reader.embedded_signatures]
 
 
-def sign_pdf(pdf: bytes, signer: signers.SimpleSigner, *, role: str, reason: str, name: str | None = None,
-             location: str | None = None) -> bytes:
-    """Append a PAdES baseline-B signature for ``role`` (e.g. "issuer", "reviewer", "approver").
+def timestamper():
+    """The RFC 3161 timestamp authority from ``LOUPE_TSA_URL`` (PAdES B-T), or None."""
+    url = _setting("LOUPE_TSA_URL", "") or os.environ.get("LOUPE_TSA_URL", "")
+    if not url:
+        return None
+    from pyhanko.sign.timestamps import HTTPTimeStamper
 
-    The signature lives in a new field ``Loupe-<role>[-n]`` added by an incremental update, so
-    signatures already present stay valid.
+    return HTTPTimeStamper(url, timeout=int(_setting("LOUPE_TSA_TIMEOUT", 10)))
+
+
+def sign_pdf(pdf: bytes, signer: signers.SimpleSigner, *, role: str, reason: str, name: str | None = None,
+             location: str | None = None, timestamp: bool = True) -> bytes:
+    """Append a PAdES signature for ``role`` (``issuer`` or ``reviewer``) as an incremental update.
+
+    The signature lives in a new, invisible field ``Loupe-<role>[-n]`` so signatures already present
+    stay valid. With ``LOUPE_TSA_URL`` set (and ``timestamp``), the signature carries an RFC 3161
+    signature timestamp: PAdES B-T.
     """
     taken = set(existing_signature_fields(pdf))
     base = f"Loupe-{role.strip().replace(' ', '-') or 'signer'}"
@@ -113,7 +152,7 @@ def sign_pdf(pdf: bytes, signer: signers.SimpleSigner, *, role: str, reason: str
     while field_name in taken:
         n += 1
         field_name = f"{base}-{n}"
-    writer = IncrementalPdfFileWriter(io.BytesIO(pdf), strict=False)
+    writer = PdfA3IncrementalWriter(io.BytesIO(pdf), strict=False)
     meta = signers.PdfSignatureMetadata(
         field_name=field_name,
         subfilter=fields.SigSeedSubFilter.PADES,
@@ -122,65 +161,27 @@ def sign_pdf(pdf: bytes, signer: signers.SimpleSigner, *, role: str, reason: str
         name=name,
         location=location,
     )
-    out = signers.sign_pdf(writer, meta, signer=signer)
+    out = signers.sign_pdf(writer, meta, signer=signer, timestamper=timestamper() if timestamp else None)
     return out.getvalue()
 
 
 # --- verification ---------------------------------------------------------------------------
 
-@dataclass
-class SignatureCheck:
-    field_name: str
-    signer: str
-    signed_at: str | None
-    intact: bool
-    valid: bool
-    trusted: bool
-    covers_whole_file: bool
-    later_changes_ok: bool
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
+def issuer_fingerprints() -> set[str]:
+    """SHA-256 of the configured issuer certificate (``LOUPE_SIGNING_CERT``), if readable."""
+    cert = _setting("LOUPE_SIGNING_CERT", "")
+    if cert and Path(cert).is_file():
+        return {cert_sha256(c) for c in load_certificates([cert])[:1]}
+    return set()
 
 
-def verify_signatures(pdf: bytes, roots: list[asn1_x509.Certificate] | None = None) -> list[SignatureCheck]:
-    """Check every signature: integrity, validity, chain to ``roots``, and what came after it.
-
-    The last signature must cover the whole file; earlier ones may only be followed by
-    revisions that add signatures (pyHanko's diff policy decides what is harmless).
-    """
-    roots = trust_roots() if roots is None else roots
-    context = ValidationContext(trust_roots=roots, allow_fetching=False)
-    reader = PdfFileReader(io.BytesIO(pdf), strict=False)
-    embedded = list(reader.embedded_signatures)
-    checks: list[SignatureCheck] = []
-    for index, sig in enumerate(embedded):
-        status = validate_pdf_signature(sig, context)
-        is_last = index == len(embedded) - 1
-        whole_file = status.coverage == SignatureCoverageLevel.ENTIRE_FILE
-        # Only extra signatures (and their form fields) may follow an earlier signature.
-        level = status.modification_level
-        later_ok = whole_file or (status.coverage == SignatureCoverageLevel.ENTIRE_REVISION
-                                  and level is not None and level <= ModificationLevel.FORM_FILLING
-                                  and status.docmdp_ok is not False)
-        signer = status.signing_cert.subject.human_friendly if status.signing_cert is not None else "?"
-        signed_at = status.signer_reported_dt.isoformat() if status.signer_reported_dt else None
-        check = SignatureCheck(sig.field_name, signer, signed_at, bool(status.intact), bool(status.valid),
-                               bool(status.trusted), whole_file, later_ok)
-        if not status.intact:
-            check.problems.append("the signed bytes were changed after signing (digest mismatch)")
-        elif not status.valid:
-            check.problems.append("the cryptographic signature does not verify")
-        if status.intact and status.valid and not status.trusted:
-            check.problems.append("the signer's certificate does not chain to a configured trust root")
-        if is_last and not whole_file:
-            check.problems.append("bytes were appended after the last signature")
-        if not is_last and not later_ok:
-            check.problems.append("a later revision made changes other than adding signatures")
-        checks.append(check)
-    return checks
+def verify_signatures(pdf: bytes, roots: list[asn1_x509.Certificate] | None = None, *,
+                      issuer_fingerprints: set[str] | None = None,
+                      accepted_reviewers: set[str] | None = None) -> PdfVerification:
+    """Verify ``pdf``'s signatures, signers' roles and later revisions (:func:`loupe_verify.pdf.verify_pdf`)
+    against ``roots`` (default ``LOUPE_SIGNING_TRUST_ROOTS``)."""
+    return verify_pdf(pdf, trust_roots() if roots is None else roots, issuer_fingerprints=issuer_fingerprints,
+                      accepted_reviewers=accepted_reviewers)
 
 
 # --- development keys -----------------------------------------------------------------------
@@ -223,14 +224,29 @@ def make_development_ca(directory: Path, *, days: int = 3650) -> tuple[Path, Pat
 
 
 def make_development_signer(directory: Path, common_name: str, *, slug: str, passphrase: bytes | None = None,
-                            days: int = 825) -> tuple[Path, Path]:
-    """Issue a signer key + certificate from the development CA; returns (key, cert)."""
+                            days: int = 825, role: str = "issuer", username: str | None = None) -> tuple[Path, Path]:
+    """Issue a signer key + certificate from the development CA; returns (key, cert).
+
+    ``role="issuer"``: the certificate carries :data:`~loupe_verify.pdf.ISSUER_POLICY_OID`, which only
+    the service's issuer certificate may carry. ``role="reviewer"``: it carries the reviewer policy
+    and names ``username`` (the Loupe account) in the subject's UID, which is how a countersignature
+    is tied to a reviewer. Both get the document-signing extended key usage (RFC 9336).
+    """
+    if role not in ("issuer", "reviewer"):
+        raise ValueError(f"role must be 'issuer' or 'reviewer', not {role!r}")
+    if role == "reviewer" and not username:
+        raise ValueError("a reviewer certificate must name the reviewer's Loupe username")
     ca_key_path, ca_cert_path = make_development_ca(directory)
     ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(ca_cert.subject)
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                  x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Loupe (development)")]
+    if username:
+        attributes.append(x509.NameAttribute(NameOID.USER_ID, username))
+    policy = ISSUER_POLICY_OID if role == "issuer" else REVIEWER_POLICY_OID
+    cert = (x509.CertificateBuilder().subject_name(x509.Name(attributes)).issuer_name(ca_cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -238,7 +254,9 @@ def make_development_signer(directory: Path, common_name: str, *, slug: str, pas
             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=True, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False, key_cert_sign=False,
                                          crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.ObjectIdentifier(DOCUMENT_SIGNING_EKU)]), critical=False)
+            .add_extension(x509.CertificatePolicies([x509.PolicyInformation(x509.ObjectIdentifier(policy), None)]),
+                           critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
     key_path, cert_path = directory / f"{slug}-key.pem", directory / f"{slug}-cert.pem"

@@ -19,6 +19,7 @@ class Command(BaseCommand):
         parser.add_argument("--output", help="also write the PDF to this path")
 
     def handle(self, *args, **options):
+        from governance.evidence import DigestMismatch
         from governance.reports import generate_report
 
         case = AuditCase.objects.filter(pk=options["case_id"]).first()
@@ -28,7 +29,10 @@ class Command(BaseCommand):
         if author is None:
             raise CommandError(f"user {options['author']!r} does not exist")
         with tqdm(total=1, desc=f"report for case #{case.pk}", disable=options["verbosity"] < 1) as bar:
-            report = generate_report(case, author=author, sign=not options["no_sign"])
+            try:
+                report = generate_report(case, author=author, sign=not options["no_sign"])
+            except DigestMismatch as exc:
+                raise CommandError(str(exc)) from exc
             bar.update(1)
         if options["output"]:
             with report.pdf.open("rb") as handle, open(options["output"], "wb") as out:

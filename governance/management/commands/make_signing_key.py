@@ -2,8 +2,10 @@
 
 Writes a development CA (``dev-ca-*.pem``, self-signed) and a signer key + certificate issued by it
 into ``LOUPE_SIGNING_DIR``. Without arguments it creates the service's issuer key at the paths the
-default settings use, so reports are signed at issue. For reviewer/approver countersignatures:
-``--name "Rita Reviewer" --slug rita``. Never use these in production.
+default settings use, so reports are signed at issue (its certificate carries the Loupe issuer
+policy). For a reviewer's countersignatures: ``--name "Rita Reviewer" --slug rita --username rita``
+(a reviewer certificate names the Loupe username it belongs to; ``--username`` defaults to the slug).
+Certificates carry the document-signing extended key usage. Never use these in production.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ class Command(BaseCommand):
         parser.add_argument("--dir", default=None, help="output directory (default: LOUPE_SIGNING_DIR)")
         parser.add_argument("--name", default="Loupe report issuer (development)")
         parser.add_argument("--slug", default="issuer", help="file prefix: <slug>-key.pem, <slug>-cert.pem")
+        parser.add_argument("--role", choices=["issuer", "reviewer"], default=None,
+                            help="issuer (default for --slug issuer) or reviewer (default otherwise)")
+        parser.add_argument("--username", default=None, help="reviewer's Loupe username (default: the slug)")
         parser.add_argument("--force", action="store_true", help="replace an existing key with this prefix")
         parser.add_argument("--passphrase-env", help="encrypt the key with the passphrase in this env variable")
 
@@ -40,6 +45,9 @@ class Command(BaseCommand):
             if not value:
                 raise CommandError(f"environment variable {options['passphrase_env']} is empty")
             passphrase = value.encode()
-        key, cert = make_development_signer(directory, options["name"], slug=slug, passphrase=passphrase)
+        role = options["role"] or ("issuer" if slug == "issuer" else "reviewer")
+        username = options["username"] or (slug if role == "reviewer" else None)
+        key, cert = make_development_signer(directory, options["name"], slug=slug, passphrase=passphrase,
+                                            role=role, username=username)
         self.stdout.write(f"key:  {key}\ncert: {cert}\nCA:   {directory / 'dev-ca-cert.pem'} "
                           "(trust root for verify_report)\nDevelopment only: do not use in production.")
