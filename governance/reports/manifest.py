@@ -179,10 +179,11 @@ def check_against_database(manifest: dict[str, Any], *, check_files: bool = True
     report = Report.objects.filter(case=case, version=ref.get("version")).first()
     if report is None:
         problems.append(f"report v{ref.get('version')} of case #{case.pk} was never issued by this service")
-    elif digest(report.manifest) != digest(manifest):
-        problems.append(f"the embedded manifest differs from the one stored for report v{report.version}")
     else:
         problems += claims_problems(manifest, report)
+    if report is not None and digest(report.manifest) != digest(manifest):
+        problems.append(f"the embedded manifest differs from the one stored for report v{report.version}")
+    elif report is not None:
         latest = case.reports.order_by("-version").first()
         if latest and latest.version > report.version:
             notes.append(f"a newer version (v{latest.version}) of this report exists")
