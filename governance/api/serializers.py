@@ -230,6 +230,21 @@ class ReportSerializer(serializers.ModelSerializer):
         return reverse("report-download", args=[obj.pk], request=self.context.get("request"))
 
 
+class CountersignatureSerializer(serializers.ModelSerializer):
+    reviewer_username = serializers.CharField(source="reviewer.get_username", read_only=True)
+    download_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = m.Countersignature
+        fields = ["id", "report", "sequence", "reviewer", "reviewer_username", "sha256", "previous_sha256",
+                  "cert_sha256", "signer", "created_at", "download_url"]
+        read_only_fields = fields
+
+    @extend_schema_field(OpenApiTypes.URI)
+    def get_download_url(self, obj) -> str:
+        return reverse("report-countersigned", args=[obj.report_id, obj.sequence], request=self.context.get("request"))
+
+
 class AuditEventSerializer(serializers.ModelSerializer):
     data = serializers.JSONField(read_only=True)
 

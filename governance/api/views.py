@@ -498,6 +498,29 @@ class ReportViewSet(ReadOnlyViewSet):
         return hashed_download(report.pdf, f"loupe-case-{report.case_id}-report-v{report.version}.pdf",
                                "application/pdf", report.sha256)
 
+    action_roles = {"countersign": frozenset({REVIEWER}), "countersigned": frozenset({SUBMITTER, REVIEWER, AUDITOR, ADMIN})}
+
+    @extend_schema(summary="Countersign: upload the report (or its latest countersigned file) with your signature "
+                           "appended", request={"multipart/form-data": {"type": "object", "properties": {
+                               "file": {"type": "string", "format": "binary"}}}},
+                   responses={201: serializers.CountersignatureSerializer, **ERRORS})
+    @action(detail=True, methods=["post"], parser_classes=[MultiPartParser])
+    def countersign(self, request, pk=None):
+        from governance.reports.countersign import countersign, read_upload
+
+        row = countersign(self.get_object(), request.user, read_upload(request.FILES.get("file")))
+        return Response(serializers.CountersignatureSerializer(row, context=self.get_serializer_context()).data,
+                        status=status.HTTP_201_CREATED)
+
+    @extend_schema(summary="Download countersigned file n of the report",
+                   responses={(200, "application/pdf"): OpenApiTypes.BINARY, 404: ERRORS[404]})
+    @action(detail=True, methods=["get"], url_path=r"countersigned/(?P<sequence>[0-9]+)", url_name="countersigned")
+    def countersigned(self, request, pk=None, sequence=None):
+        row = self.get_object().countersignatures.filter(sequence=int(sequence)).first()
+        if row is None:
+            raise NotFound("no such countersigned file")
+        return hashed_download(row.pdf, row.pdf.name.rsplit("/", 1)[-1], "application/pdf", row.sha256)
+
 
 class AuditEventViewSet(ReadOnlyViewSet):
     """The hash-chained audit log (append-only), narrowed to what you may see."""

@@ -23,12 +23,22 @@ from governance.models import AuditCase, Countersignature, Report
 from governance.reports import signing
 from governance.reports.verification import approving_reviewers, issued_event
 from governance.workflow import NotAllowed, WorkflowError
+from loupe_verify.pdf import PdfError
 
 MAX_BYTES = 64 * 1024 * 1024
 
 
 class CountersignRejected(WorkflowError):
     """The uploaded file is not a valid countersignature of this report by this reviewer."""
+
+
+def read_upload(upload) -> bytes:
+    """The bytes of an uploaded file, refused before reading when missing or too large."""
+    if upload is None:
+        raise CountersignRejected("send the countersigned PDF as the multipart field 'file'")
+    if upload.size > MAX_BYTES:
+        raise CountersignRejected(f"the file is larger than {MAX_BYTES} bytes")
+    return upload.read()
 
 
 def latest_file(report: Report) -> tuple[bytes, int]:
@@ -60,8 +70,11 @@ def countersign(report: Report, reviewer, pdf: bytes) -> Countersignature:
         payload = event.data if event is not None else {}
         pins = {payload["signer_cert_sha256"]} if payload.get("signer_cert_sha256") else (
             signing.issuer_fingerprints() or None)
-        checked = signing.verify_signatures(pdf, signing.trust_roots(), issuer_fingerprints=pins,
-                                            accepted_reviewers=approving_reviewers(case))
+        try:
+            checked = signing.verify_signatures(pdf, signing.trust_roots(), issuer_fingerprints=pins,
+                                                accepted_reviewers=approving_reviewers(case))
+        except PdfError as exc:
+            raise CountersignRejected(str(exc)) from exc
         problems = [p for c in checked.signatures for p in c.problems] + checked.problems
         regular = [c for c in checked.signatures if c.kind == "signature"]
         if not problems and checked.issued_sha256 != report.sha256:
