@@ -292,6 +292,16 @@ class ReviewViews:
 
         return self._act(request, case_id, REPORT_ROLES, "Issuing a report", act)
 
+    def countersign(self, request: HttpRequest, case_id: int, report_id: int) -> HttpResponse:
+        def act(case: m.AuditCase) -> str:
+            from governance.reports.countersign import countersign, read_upload
+
+            report = get_object_or_404(m.Report.objects.visible_to(request.user), pk=report_id, case=case)
+            row = countersign(report, request.user, read_upload(request.FILES.get("file")))
+            return f"Stored your countersignature {row.sequence} of report v{report.version} (SHA-256 {row.sha256[:16]}...)."
+
+        return self._act(request, case_id, frozenset({access.REVIEWER}), "Countersigning a report", act)
+
     def artifact(self, request: HttpRequest, case_id: int, artifact_id: int) -> FileResponse:
         case = visible_case(request, case_id)
         artifact = get_object_or_404(m.EvidenceArtifact.objects.visible_to(request.user),
@@ -332,4 +342,6 @@ def urls(admin_site) -> list:
         path(prefix + "artifact/<int:artifact_id>/", wrap(require_GET(views.artifact)), name=f"{name}_artifact"),
         path(prefix + "reports/<int:report_id>/download/", wrap(require_GET(views.report_download)),
              name=f"{name}_report_download"),
+        path(prefix + "reports/<int:report_id>/countersign/", wrap(require_POST(views.countersign)),
+             name=f"{name}_report_countersign"),
     ]

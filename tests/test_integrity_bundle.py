@@ -155,3 +155,33 @@ def test_edited_manifest_metrics_or_audit_log_fail(exported):
     log["rows"][0]["actor_label"] = "mallory"
     result = edit("audit-log.json", lambda b: json.dumps(log).encode())
     assert any("audit-log.json: audit-log row seq" in p and "row hash" in p for p in result.problems), result.problems
+
+
+def test_a_reviewer_countersigns_in_the_review_workspace_and_the_result_verifies(exported, keys, tmp_path):  # noqa: F811
+    from django.test import Client
+    from django.urls import reverse
+
+    from tests.review_fixtures import admit
+
+    report, rob = exported["report"], exported["actors"]["rob"]
+    admit(rob)
+    latest = Countersignature.objects.get(report=report).pdf.open("rb").read()
+    signed = signing.sign_pdf(latest, signing.load_signer(keys / "rob-key.pem", keys / "rob-cert.pem"),
+                              role="reviewer", reason="countersigned in the workspace")
+    client = Client()
+    client.force_login(rob)
+    upload = io.BytesIO(signed)
+    upload.name = "signed.pdf"
+    with signing_settings(keys):
+        response = client.post(reverse("admin:governance_auditcase_review_report_countersign",
+                                       args=[report.case_id, report.pk]), {"file": upload})
+        assert response.status_code == 302 and response["Location"].endswith("/review/"), response["Location"]
+        row = Countersignature.objects.get(report=report, sequence=2)
+        assert row.reviewer == rob and row.previous_sha256 == hashlib.sha256(latest).hexdigest()
+        path = tmp_path / "countersigned-2.pdf"
+        path.write_bytes(signed)
+        out = io.StringIO()
+        call_command("verify_report", str(path), stdout=out, stderr=io.StringIO())
+    text = out.getvalue()
+    assert "reviewer rita · Rita Reviewer" in text and "reviewer rob · Rob Reviewer" in text
+    assert "all 3 signature(s) and the manifest verify" in text
