@@ -34,6 +34,7 @@ from asn1crypto import x509 as asn1_x509
 from loupe_verify import chain
 from loupe_verify.canonical import digest
 from loupe_verify.pdf import PdfError, cert_role, cert_sha256, verify_pdf
+from loupe_verify.pdfa import pdfa3b_problems
 
 MANIFEST_ATTACHMENT = "loupe-manifest.json"
 MAX_MEMBER_BYTES = 1 << 31  # refuse zip members that claim more than 2 GiB uncompressed
@@ -166,6 +167,11 @@ def _check_pdf(name: str, pdf: bytes, roots, issuer_pins, reviewers, result: Bun
                             f"{check.signer}{stamp}")
         result.problems += [f"{name}: signature {check.field_name}: {p}" for p in check.problems]
     result.problems += [f"{name}: {p}" for p in checked.problems]
+    try:
+        pdfa = pdfa3b_problems(pdf)
+    except Exception as exc:  # noqa: BLE001 - reported, the signatures above decide validity
+        pdfa = [f"not checked ({type(exc).__name__})"]
+    result.lines += [f"{name}: PDF/A-3b: {p}" for p in pdfa] or [f"{name}: PDF/A-3b rules signing can break: OK"]
     return checked
 
 

@@ -1,4 +1,7 @@
-"""Render a report context to a PDF/A-3b with WeasyPrint, deterministically.
+"""Render a report context to a tagged PDF/A-3b with WeasyPrint, deterministically.
+
+Tagged: WeasyPrint's ``pdf_tags`` writes the structure tree (headings, paragraphs, tables, figures)
+so assistive technology can read the report.
 
 Determinism (the same case state gives the same bytes) comes from:
 
@@ -38,6 +41,20 @@ class RenderedPDF:
     served_urls: list[str]
 
 
+def _one_af_entry_per_file(document, pdf) -> None:
+    """WeasyPrint's PDF/A-3 writer adds each attachment to the catalog's ``/AF`` twice (once from the
+    ``/EmbeddedFiles`` name tree, once as a file specification); ISO 19005-3 6.8 wants each
+    associated file referenced once."""
+    entries = pdf.catalog.get("AF")
+    if entries:
+        seen, unique = set(), []
+        for entry in entries:
+            if str(entry) not in seen:
+                seen.add(str(entry))
+                unique.append(entry)
+        entries[:] = unique
+
+
 def render_html(context: dict) -> str:
     return render_to_string("reports/report.html", context)
 
@@ -62,8 +79,9 @@ def render_pdf(html: str, *, fetcher: SafeURLFetcher, manifest: bytes, created: 
         weasy_logger.setLevel(logging.CRITICAL)
         try:
             document = HTML(string=html, base_url=BASE_URL, url_fetcher=fetcher).render(
-                pdf_variant=PDF_VARIANT)
-            pdf = document.write_pdf(pdf_variant=PDF_VARIANT, pdf_identifier=True, attachments=[attachment])
+                pdf_variant=PDF_VARIANT, pdf_tags=True)
+            pdf = document.write_pdf(pdf_variant=PDF_VARIANT, pdf_tags=True, pdf_identifier=True,
+                                     attachments=[attachment], finisher=_one_af_entry_per_file)
         finally:
             weasy_logger.setLevel(previous_level)
             if previous_epoch is None:
