@@ -130,12 +130,12 @@ def existing_signature_fields(pdf: bytes) -> list[str]:
 
 def timestamper():
     """The RFC 3161 timestamp authority from ``LOUPE_TSA_URL`` (PAdES B-T), or None."""
-    url = _setting("LOUPE_TSA_URL", "") or os.environ.get("LOUPE_TSA_URL", "")
+    url = _setting("LOUPE_TSA_URL", "")
     if not url:
         return None
-    from pyhanko.sign.timestamps import HTTPTimeStamper
+    from pyhanko.sign.timestamps.requests_client import RequestsHTTPTimeStamper
 
-    return HTTPTimeStamper(url, timeout=int(_setting("LOUPE_TSA_TIMEOUT", 10)))
+    return RequestsHTTPTimeStamper(url, timeout=int(_setting("LOUPE_TSA_TIMEOUT", 10)))
 
 
 def sign_pdf(pdf: bytes, signer: signers.SimpleSigner, *, role: str, reason: str, name: str | None = None,
@@ -261,5 +261,33 @@ def make_development_signer(directory: Path, common_name: str, *, slug: str, pas
             .sign(ca_key, hashes.SHA256()))
     key_path, cert_path = directory / f"{slug}-key.pem", directory / f"{slug}-cert.pem"
     _write_key(key_path, key, passphrase)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def make_development_tsa(directory: Path, *, days: int = 825) -> tuple[Path, Path]:
+    """A timestamp authority key + certificate from the development CA (extended key usage
+    timeStamping, critical, as RFC 3161 requires); returns (key, cert). For tests and local runs of a
+    development TSA; production uses a qualified or organisational TSA at ``LOUPE_TSA_URL``."""
+    ca_key_path, ca_cert_path = make_development_ca(directory)
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+    # RSA: pyHanko's DummyTimeStamper, which tests and local development TSAs run on, signs with RSA only.
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(_name("Loupe development TSA")).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=True, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.TIME_STAMPING]), critical=True)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    key_path, cert_path = directory / "tsa-key.pem", directory / "tsa-cert.pem"
+    _write_key(key_path, key, None)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path

@@ -209,6 +209,9 @@ LOUPE_SIGNING_KEY_PASSPHRASE_ENV = "LOUPE_SIGNING_KEY_PASSPHRASE"
 LOUPE_SIGNING_CA_CHAIN = env_list("LOUPE_SIGNING_CA_CHAIN", str(LOUPE_SIGNING_DIR / "dev-ca-cert.pem"))
 # verify_report accepts signatures that chain to one of these certificates.
 LOUPE_SIGNING_TRUST_ROOTS = env_list("LOUPE_SIGNING_TRUST_ROOTS", str(LOUPE_SIGNING_DIR / "dev-ca-cert.pem"))
+# RFC 3161 timestamp authority: when set, every signature carries its timestamp (PAdES B-T).
+LOUPE_TSA_URL = os.environ.get("LOUPE_TSA_URL", "")
+LOUPE_TSA_TIMEOUT = int(os.environ.get("LOUPE_TSA_TIMEOUT", "10"))
 
 LOGGING = {
     "version": 1,
