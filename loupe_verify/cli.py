@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
-from loupe_verify.bundle import load_pem_certs, verify_bundle
+# pyHanko imports DSA support, which cryptography flags as deprecated; it is not used here.
+warnings.filterwarnings("ignore", message="DSA is deprecated")
+
+from loupe_verify.bundle import load_pem_certs, verify_bundle  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
