@@ -14,7 +14,7 @@ reviewer's username as subject UID. ``manage.py make_signing_key`` creates a dev
 signer certificates that fit these settings; production keys are PEM files (optionally
 passphrase-protected) issued by the organisation's CA with those policies, or a PKCS#11 token
 (pyHanko's ``pkcs11.PKCS11Signer`` gives the same ``signers.Signer`` interface as
-:func:`load_signer`; see README "Production signing keys").
+:func:`load_signer`; see ``docs/integrity.md``).
 """
 
 from __future__ import annotations
