@@ -1,5 +1,6 @@
 """PAdES B-T: with ``LOUPE_TSA_URL`` set, every signature carries an RFC 3161 timestamp from that
-authority (a local TSA the test starts), which ``verify_report`` validates and prints."""
+authority (a local TSA the test starts), which ``verify_report`` validates and prints. B-LTA:
+``archive_report`` adds the validation data and a document timestamp, still PDF/A-3b and verifying."""
 
 from __future__ import annotations
 
@@ -41,10 +42,20 @@ def test_reports_and_countersignatures_carry_a_verified_timestamp(tsa_keys, tmp_
         path.write_bytes(countersigned)
         out = io.StringIO()
         call_command("verify_report", str(path), stdout=out, stderr=io.StringIO())
+        archived = tmp_path / "archived.pdf"
+        call_command("archive_report", str(path), str(archived), stdout=io.StringIO())
+        archived_out = io.StringIO()
+        call_command("verify_report", str(archived), stdout=archived_out, stderr=io.StringIO())
     assert tsa.requests >= 2  # pyHanko also asks once per signature to size the signature field
     lines = [line for line in out.getvalue().splitlines() if line.startswith("signature ")]
     assert len(lines) == 2 and all("· timestamp 20" in line for line in lines), out.getvalue()
     assert pdfa3b_problems(countersigned) == []
+    # B-LTA: a document security store and a document timestamp over everything, still PDF/A-3b.
+    data = archived.read_bytes()
+    assert data.startswith(countersigned) and b"/DSS" in data[len(countersigned):]
+    assert pdfa3b_problems(data) == []
+    text = archived_out.getvalue()
+    assert "· timestamp · Loupe development TSA" in text and "all 3 signature(s) and the manifest verify" in text
 
 
 def test_an_unreachable_timestamp_authority_issues_nothing(tsa_keys, tmp_path, test_probe_kind):

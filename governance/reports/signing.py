@@ -165,6 +165,33 @@ def sign_pdf(pdf: bytes, signer: signers.SimpleSigner, *, role: str, reason: str
     return out.getvalue()
 
 
+def add_archival_timestamp(pdf: bytes, roots: list[asn1_x509.Certificate] | None = None) -> bytes:
+    """PAdES B-LTA: append the validation data of every signature (certificates, into the document
+    security store) and a document timestamp from ``LOUPE_TSA_URL`` covering all of it, in one
+    incremental revision that keeps the file PDF/A-3b. Run it again before the newest timestamp's
+    certificate expires to extend the archive."""
+    from pyhanko.sign.signers.pdf_signer import PdfTimeStamper
+    from pyhanko.sign.validation.dss import DocumentSecurityStore
+    from pyhanko_certvalidator import ValidationContext
+
+    stamper = timestamper()
+    if stamper is None:
+        raise SigningError("an archival timestamp needs LOUPE_TSA_URL")
+    roots = trust_roots() if roots is None else roots
+    context = ValidationContext(trust_roots=roots, allow_fetching=False, revocation_mode="soft-fail")
+    reader = PdfFileReader(io.BytesIO(pdf), strict=False)
+    writer = PdfA3IncrementalWriter(io.BytesIO(pdf), strict=False)
+    for sig in reader.embedded_signatures:
+        certs = list(sig.signed_data["certificates"]) if sig.signed_data["certificates"].native else []
+        DocumentSecurityStore.supply_dss_in_writer(
+            writer, sig.pkcs7_content, certs=[c.chosen for c in certs] + roots, validation_context=context)
+    # No validation context here: pyHanko would then add the timestamp authority's validation data in
+    # a further revision through its own writer (rewriting the metadata). That data belongs to the
+    # next archival timestamp, which covers this one.
+    out = PdfTimeStamper(stamper).timestamp_pdf(writer, "sha256")
+    return out.getvalue()
+
+
 # --- verification ---------------------------------------------------------------------------
 
 def issuer_fingerprints() -> set[str]:

@@ -90,8 +90,9 @@ def verify_report_pdf(pdf: bytes, roots: list[asn1_x509.Certificate] | None = No
         for check in checked.signatures:
             who = f"{check.role}" + (f" {check.username}" if check.username else "")
             stamp = f" · timestamp {check.timestamp}" if check.timestamp else ""
+            signed = f" · signed {check.signed_at}" if check.signed_at else ""
             result.lines.append(f"signature {check.field_name}: {'OK' if check.ok else 'FAILED'} · {who} · "
-                                f"{check.signer} · signed {check.signed_at}{stamp}")
+                                f"{check.signer}{signed}{stamp}")
             result.problems += [f"signature {check.field_name}: {p}" for p in check.problems]
         result.problems += [f"revisions: {p}" for p in checked.problems if p != "no trust root given"]
         if "no trust root given" in checked.problems and checked.signatures:
