@@ -74,3 +74,19 @@ def test_the_migration_binds_rows_recorded_before_digests(case_with_evidence):
     from governance.models import AuditEvent
 
     assert AuditEvent.objects.filter(action=ev.BACKFILL_ACTION).count() == 1
+
+
+def test_the_api_refuses_a_report_from_edited_evidence_and_the_refusal_stays_logged(case_with_evidence, ada):
+    from rest_framework.test import APIClient
+
+    from governance.models import AuditEvent
+
+    evidence = Evidence.objects.filter(run__case=case_with_evidence).first()
+    _tamper(f"UPDATE {Evidence._meta.db_table} SET summary = %s WHERE id = %s", ["All findings resolved.", evidence.pk])
+    client = APIClient()
+    client.force_authenticate(ada)
+    response = client.post(f"/api/cases/{case_with_evidence.pk}/reports/")
+    assert response.status_code == 409 and response.json()["error"] == "immutable"
+    assert f"evidence #{evidence.pk}" in response.json()["detail"]
+    assert AuditEvent.objects.filter(action="report.refused", case=case_with_evidence).count() == 1
+    assert not case_with_evidence.reports.exists()
