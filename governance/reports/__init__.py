@@ -8,8 +8,9 @@ Public entry points (the API, the admin and the management commands call only th
 
 Modules: :mod:`.manifest` (what a report covers), :mod:`.context` (manifest -> template context),
 :mod:`.figures` (summary figures), :mod:`.url_fetcher` (the only thing WeasyPrint may read),
-:mod:`.render` (PDF/A-3b), :mod:`.signing` (PAdES), :mod:`.versions` (numbering and change log),
-:mod:`.export` (zip bundle).
+:mod:`.render` (tagged PDF/A-3b), :mod:`.signing` (PAdES B-T/B-LTA), :mod:`.versions` (numbering and
+change log), :mod:`.verification` (a PDF against what was issued), :mod:`.countersign` (reviewers'
+countersignatures), :mod:`.export` (zip bundle, verified offline by :mod:`loupe_verify`).
 """
 
 from __future__ import annotations
