@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 from benchmarks._runtime import add_allocator_option, apply_allocator  # noqa: E402
 from workers.probes import token_attribution as ta  # noqa: E402
-from workers.probes.adapters.fusion import load_any  # noqa: E402
+from workers.probes.suite import load_model  # noqa: E402
 from workers.probes.zoo import checkpoint_path, world  # noqa: E402
 from workers.probes.zoo.captioner import PROMPTS  # noqa: E402
 
@@ -63,7 +63,7 @@ def main() -> int:
     args = parser.parse_args()
     allocator = apply_allocator(args.allocator)
     torch.set_num_threads(args.threads)
-    adapter = load_any(args.model or str(checkpoint_path("tiny-llava")), args.device)
+    adapter = load_model(args.model or str(checkpoint_path("tiny-llava")), args.device)
 
     def sync() -> None:
         if args.device == "cuda":

@@ -22,7 +22,7 @@ from workers.probes import chefer, interventions  # noqa: E402
 from workers.probes import token_attribution as ta  # noqa: E402
 from workers.probes.adapters import load_adapter  # noqa: E402
 from workers.probes.adapters.blip2 import Blip2Adapter  # noqa: E402
-from workers.probes.adapters.fusion import load_any  # noqa: E402
+from workers.probes.suite import load_model  # noqa: E402
 from workers.probes.cli import main  # noqa: E402
 from workers.probes.errors import ProbeInputError, UnsupportedModelError  # noqa: E402
 from workers.probes.zoo import world  # noqa: E402
@@ -62,7 +62,7 @@ def scenes(tmp_path_factory):
 
 def test_it_loads_through_the_architecture_table_and_generates(blip2_dir, adapter):
     assert isinstance(adapter, Blip2Adapter) and adapter.kind == "fusion" and not adapter.patch_aligned
-    assert isinstance(load_any(str(blip2_dir)), Blip2Adapter)
+    assert isinstance(load_model(str(blip2_dir)), Blip2Adapter)
     assert adapter.grid == (4, 4) and adapter.cross_layers == [0, 1]
     enc = adapter.encode(PROMPT)
     # as Blip2Processor builds it: the query tokens first, then BOS + prompt

@@ -20,6 +20,6 @@ router.register("audit-events", views.AuditEventViewSet, basename="auditevent")
 
 urlpatterns = [
     path("auth/token/", views.ObtainTokenView.as_view(), name="auth-token"),
-    re_path(r"^cases/(?P<pk>[0-9]+)/export/?$", exports.CaseExportView.as_view(), name="case-export"),  # issue 7
+    re_path(r"^cases/(?P<pk>[0-9]+)/export/?$", exports.CaseExportView.as_view(), name="case-export"),
     *router.urls,
 ]

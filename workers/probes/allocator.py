@@ -5,10 +5,9 @@ threshold (128 KiB at start, raised as large blocks are freed) with a fresh ``mm
 them on ``free``, and gives the top of the heap back to the kernel once more than its trim
 threshold is free there. A batched backward pass allocates and frees dozens of 0.2-10 MB
 gradient tensors per explanation, so each one arrives as fresh pages that the kernel must fault
-in and zero: about 3,300 page faults per attributed caption on the zoo captioner, and 15% of the
-attribution time on this project's 2-core CPU (``benchmarks/token_attribution.py --allocator
-glibc`` vs ``loupe``: 0.223 vs 0.189 s for 5 captions, medians of 3 runs each). Keeping freed
-memory in the process removes them.
+in and zero, thousands of page faults per attributed caption (their cost:
+``benchmarks/token_attribution.py --allocator glibc`` vs ``loupe``). Keeping freed memory in the
+process removes them.
 
 The settings: a fixed mmap threshold of 32 MiB (the largest glibc accepts; larger blocks are still
 mapped and unmapped) and a trim threshold of 256 MiB (at most that much freed memory stays with
@@ -50,7 +49,7 @@ def _libc() -> ctypes.CDLL | None:
 
 def tune_malloc() -> bool:
     """Apply the settings above to this process (once; safe to call again). Returns whether glibc's
-    allocator now runs with them: False on other C libraries or with ``LOUPE_MALLOC_TUNING=0``."""
+    allocator runs with them: False on other C libraries or with ``LOUPE_MALLOC_TUNING=0``."""
     global _applied
     if _applied:
         return True

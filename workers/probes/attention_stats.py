@@ -272,9 +272,9 @@ def _default_prompt() -> str:
 
 
 def load_compare(model_dirs: Sequence[str], device: str) -> list[Any]:
-    from workers.probes.adapters.fusion import load_any
+    from workers.probes.suite import load_model
 
-    return [load_any(d, device) for d in model_dirs]
+    return [load_model(d, device) for d in model_dirs]
 
 
 class AttentionParams(KindParams):
@@ -312,10 +312,10 @@ def _cli_text(result: ProbeResult, params: AttentionParams) -> str:
 def attention_kind(model_dir: str, dataset_dir: str | None, params: AttentionParams, *, device: str = "cpu",
                    progress: Progress = no_progress) -> ProbeResult:
     """Cross-modal attention statistics per layer and head (dual encoders and fusion models)."""
-    from workers.probes.adapters.fusion import load_any
+    from workers.probes.suite import load_model
     from workers.probes.scenes import load_scenes
 
-    adapter = load_any(model_dir, device)
+    adapter = load_model(model_dir, device)
     prompts = list(params.prompts) if params.prompts is not None else None
     if prompts is None and adapter.kind == "fusion":
         from workers.probes.zoo.captioner import PROMPTS

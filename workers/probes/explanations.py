@@ -29,15 +29,8 @@ RANDOM = "random"
 
 
 def load_dual_encoder(model: str, device: str = "cpu") -> Any:
-    """Load ``model`` through ``suite.load_model`` and insist on a dual encoder."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ProbeInputError(f"device {device!r} requested but CUDA is not available on this machine")
-    adapter = suite.load_model(model, device)
-    if getattr(adapter, "kind", None) != "dual_encoder":
-        kind = getattr(adapter, "kind", None) or type(adapter).__name__
-        raise ProbeInputError(f"{model}: grounding needs a dual encoder (CLIP-like image-text model); "
-                              f"this model is a {kind} model")
-    return adapter
+    """``suite.load_model`` for grounding, which needs a dual encoder."""
+    return suite.load_model(model, device, family="dual_encoder")
 
 
 def dataset_for(dataset_dir: str | None, *, limit: int | None = None, format: str = "jsonl",

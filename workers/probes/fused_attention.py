@@ -3,18 +3,17 @@
 Chefer's rule needs, for every layer, ``A_bar = mean_heads((dS/dA * A)+)`` ``[B, n, T]`` from the
 attention probabilities ``A`` ``[B, H, n, T]`` and their gradient. Through plain autograd that
 costs, per layer, a [B, H, n, T] gradient tensor handed back to the caller, another pass to
-multiply it with ``A``, and the softmax backward's own pass over the same product; at batch 32
-on the zoo's ViT each of these tensors is 11 MB, well past the CPU's caches, so every pass
-streams from memory and the batched call spent more time moving probabilities than multiplying
-matrices. Here one ``autograd.Function`` does the attention and, in its backward pass, computes
+multiply it with ``A``, and the softmax backward's own pass over the same product; for a batch
+these tensors are well past the CPU's caches, so every pass streams from memory and the batched
+call spends more time moving probabilities than multiplying matrices. Here one ``autograd.Function`` does the attention and, in its backward pass, computes
 ``P = dS/dA * A`` once per block of images, derives both ``A_bar`` (clamp, head mean) and the
 softmax backward (``P - A * rowsum(P)``) from it while the block is still in cache, and hands
 ``A_bar`` to a ``WeightedAttentionSink`` instead of returning the gradient.
 
-Why by hand (nothing in torch fuses a softmax's backward with a side output): at batch 32 on the
-zoo's ViT the batched chefer call peaks at a third less memory, since one [B, n, T] matrix per
-layer stays alive instead of two [B, H, n, T] tensors, and runs 1.04-1.18x faster on a 2-core CPU
-(``benchmarks/README.md``). The result equals the autograd path's to float rounding (tests).
+Why by hand (nothing in torch fuses a softmax's backward with a side output): the batched chefer
+call peaks at less memory, since one [B, n, T] matrix per layer stays alive instead of two
+[B, H, n, T] tensors (speed and memory: ``benchmarks/README.md``). The result equals the autograd
+path's to float rounding (tests).
 
 Shapes: ``q`` ``[B, H, n, d]`` (``n`` query rows: all ``T`` tokens, or the readout row alone),
 ``k``/``v`` ``[B, H, T, d]``.
@@ -28,7 +27,7 @@ import torch
 #: few tensors of a block stay in a core's L2 cache between the passes over them.
 CPU_BLOCK_BYTES = 1 << 20
 #: ``None``: fuse where ``pays_off`` says so; ``True``/``False``: always/never (benchmarks that
-#: compare the two paths, e.g. ``benchmarks/gpu_grounding.py`` on a GPU, where it is unmeasured).
+#: compare the two paths, e.g. ``benchmarks/gpu_grounding.py`` on a GPU).
 FUSE: bool | None = None
 
 
@@ -41,11 +40,10 @@ def block_size(batch: int, heads: int, rows: int, tokens: int, device: torch.dev
 
 
 def pays_off(batch: int, heads: int, tokens: int, device: torch.device | str) -> bool:
-    """Whether to fuse rather than go through autograd: where it was measured to pay, on a CPU for a
-    batch whose [B, H, T, T] attention spans more than one block. A batch that fits one block
+    """Whether to fuse rather than go through autograd: where the benchmark shows it pays, on a CPU
+    for a batch whose [B, H, T, T] attention spans more than one block. A batch that fits one block
     stays in cache through autograd too, and there the Python backward step costs more than it
-    saves (a per-image loop on the zoo's ViT ran 8% slower on one thread, 16% on two); on a GPU
-    it has not been measured (``FUSE`` overrides)."""
+    saves; on a GPU there is no benchmark yet (``FUSE`` overrides)."""
     if FUSE is not None:
         return FUSE
     return torch.device(device).type == "cpu" and block_size(batch, heads, tokens, tokens, device) < batch

@@ -498,10 +498,10 @@ class InterventionParams(KindParams):
 def intervention_kind(model_dir: str, dataset_dir: str | None, params: InterventionParams, *, device: str = "cpu",
                       progress: Progress = no_progress) -> ProbeResult:
     """Head ablation or feature swap on a scenes dataset (``None``: the zoo's held-out split)."""
-    from workers.probes.adapters.fusion import load_any
+    from workers.probes.suite import load_model
     from workers.probes.scenes import load_scenes
 
-    adapter = load_any(model_dir, device)
+    adapter = load_model(model_dir, device)
     if dataset_dir is None:
         from workers.probes.zoo import dataset_dir as zoo_dataset
 

@@ -95,8 +95,8 @@ def occlusion(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, wi
     """Occlusion map ``[B, gh, gw]``: score drop when a region is hidden (positive = region supports
     the match). ``window`` defaults to the patch size, ``stride`` to half of it; ``batch_size``
     occluded copies (of any of the images) go through the image tower at once."""
-    # 64 copies per forward: on the zoo's ViT the activations then stay in cache, 1.25x faster per
-    # copy than 256 on one CPU core (measured; larger batches only pay off on a GPU).
+    # 64 copies per forward by default: the activations then stay in a CPU's cache (larger batches
+    # only pay off on a GPU; see benchmarks/results/).
     pixel_map = occlusion_pixels(adapter, pixel_values, prompts, window=window, stride=stride, baseline=baseline,
                                  batch_size=batch_size)
     patch = adapter.patch_size

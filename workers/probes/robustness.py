@@ -522,9 +522,7 @@ def robustness_kind(model_dir: str, dataset_dir: str | None, params: RobustnessP
         from workers.probes import zoo
 
         dataset_dir = str(zoo.dataset_dir("heldout"))
-    adapter = suite.load_model(model_dir, device)
-    if not isinstance(adapter, DualEncoderAdapter):
-        raise ProbeInputError("robustness probes need a dual-encoder (CLIP-like) model")
+    adapter = suite.load_model(model_dir, device, family="dual_encoder")
     examples, classes = load_examples(dataset_dir, limit=params.limit)
     seed = params.seed
     report = run_robustness(adapter, examples, classes, probes=params.probes, severities=list(params.severities),

@@ -336,9 +336,7 @@ def shortcut_kind(model_dir: str, dataset_dir: str | None, params: ShortcutParam
     input_paths = tcav.load_image_folder(inputs, minimum=tcav.MIN_TARGET_IMAGES, what="target inputs")
     concept_paths, random_paths = tcav.load_concepts_dir(dataset_dir, [concept])
     stamp = load_stamp(dataset_dir, concept)
-    adapter = suite.load_model(model_dir, device)
-    if not isinstance(adapter, DualEncoderAdapter):
-        raise ProbeInputError("the shortcut probe needs a dual-encoder (CLIP-like) model")
+    adapter = suite.load_model(model_dir, device, family="dual_encoder")
     tcav.resolve_layers(params.layers, adapter.num_layers)
     seed = params.seed
     report, extras = run_shortcut(

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from workers.probes import kinds as kind_registry
-from workers.probes.errors import OutOfDeviceMemory
+from workers.probes.errors import OutOfDeviceMemory, ProbeInputError
 
 
 class Progress(Protocol):
@@ -78,10 +78,26 @@ def load_adapter_uncached(model_dir: str, device: str = "cpu") -> Any:
 _model_loader: ContextVar[ModelLoader] = ContextVar("model_loader", default=load_adapter_uncached)
 
 
-def load_model(model_dir: str, device: str = "cpu") -> Any:
-    """Load the adapter for ``model_dir``; probe kinds call this instead of ``load_adapter``, so the
-    loader given to :func:`run` (a worker's cache) serves them."""
-    return _model_loader.get()(model_dir, device)
+FAMILIES = {"dual_encoder": "dual encoder (CLIP-like image-text model)", "fusion": "generative (fusion) VLM"}
+
+
+def load_model(model_dir: str, device: str = "cpu", *, family: str | None = None) -> Any:
+    """The adapter for ``model_dir``: the one way probes load a model, so the loader given to
+    :func:`run` (a worker's cache) serves every load.
+
+    ``family`` (``"dual_encoder"`` or ``"fusion"``): the adapter family the probe needs; another
+    family is refused with a ``ProbeInputError`` saying what the model is."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ProbeInputError(f"device {device!r} requested but CUDA is not available on this machine")
+    adapter = _model_loader.get()(model_dir, device)
+    if family is not None and getattr(adapter, "kind", None) != family:
+        actual = getattr(adapter, "kind", None) or type(adapter).__name__
+        raise ProbeInputError(f"{model_dir}: this probe needs a {FAMILIES[family]}; this model is a "
+                              f"{FAMILIES.get(actual, actual)}")
+    return adapter
 
 
 def kinds() -> list[str]:

@@ -856,9 +856,7 @@ def tcav_kind(model_dir: str, dataset_dir: str | None, params: TcavParams, *, de
 
     if not dataset_dir:
         raise ProbeInputError("tcav needs a concepts folder (one folder per concept and random/)")
-    adapter = suite.load_model(model_dir, device)
-    if not isinstance(adapter, DualEncoderAdapter):
-        raise ProbeInputError("tcav needs a dual-encoder (CLIP-like) model")
+    adapter = suite.load_model(model_dir, device, family="dual_encoder")
     report, figures = tcav_from_folders(
         adapter, inputs_dir=params.inputs, concepts_dir=dataset_dir, target=params.target,
         concepts=params.concepts, layers=params.layers, runs=params.random_runs,

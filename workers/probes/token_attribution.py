@@ -511,14 +511,11 @@ class TokenAttributionParams(KindParams):
 
 
 def load_fusion(model_dir: str, device: str = "cpu") -> FusionAdapter:
-    """A fusion adapter for ``model_dir`` or a clear ``ProbeInputError`` (e.g. for a dual encoder)."""
-    from workers.probes.adapters.fusion import load_any
+    """``suite.load_model`` for token attribution, which explains generated text."""
+    from workers.probes import suite
 
-    adapter = load_any(model_dir, device)
-    if getattr(adapter, "kind", None) != "fusion":
-        raise ProbeInputError(f"{model_dir} is a {getattr(adapter, 'kind', 'unknown')} model, not a generative "
-                              "(fusion) VLM: token attribution explains generated text")
-    return adapter  # type: ignore[return-value]
+    adapter: FusionAdapter = suite.load_model(model_dir, device, family="fusion")
+    return adapter
 
 
 def default_prompt(adapter: FusionAdapter) -> str:

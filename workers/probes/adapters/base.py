@@ -98,6 +98,10 @@ class VisionLanguageAdapter(ABC):
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> pixel values ``[B, 3, S, S]`` on ``self.device``."""
 
+    def clear_caches(self) -> None:
+        """Forget whatever was computed from the current weights (call after changing them, e.g.
+        randomisation or ablation); an adapter that caches nothing has nothing to forget."""
+
     @contextlib.contextmanager
     def fused_attention(self) -> Iterator[None]:
         """Run the forward passes inside with PyTorch's fused scaled-dot-product attention.
@@ -105,8 +109,7 @@ class VisionLanguageAdapter(ABC):
         Models are loaded with eager attention because the explanation methods read attention
         probabilities, which fused kernels never materialise. Methods that only need scores
         (occlusion's thousands of occluded copies) don't, and the fused kernel skips the
-        ``[B, H, T, T]`` softmax and its two batched matmuls: 1.4x faster for the zoo's ViT on
-        one CPU core. Eager attention is restored on exit, even after an error; an
+        ``[B, H, T, T]`` softmax and its two batched matmuls. Eager attention is restored on exit, even after an error; an
         architecture without an SDPA path simply stays eager.
         """
         model = getattr(self, "model", None)
@@ -143,8 +146,34 @@ class DualEncoderAdapter(VisionLanguageAdapter):
     kind = "dual_encoder"
 
     @abstractmethod
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> ``(input_ids [P, Tt], attention_mask [P, Tt])`` on the device."""
+
+    @abstractmethod
+    def pair_prompts(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> list[str]:
+        """One prompt per image ``[B]``; a single prompt is broadcast to every image."""
+
+    @abstractmethod
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` -> L2-normalised image embeddings ``[B, E]``."""
+
+    @abstractmethod
+    def pair_score(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Normalised embeddings ``[B, E]`` x ``[B, E]`` -> paired scores ``[B]`` (as ``score``)."""
+
+    @abstractmethod
+    def similarity(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Normalised embeddings ``[N, E]`` x ``[P, E]`` -> all-pairs scores ``[N, P]``."""
+
+    @abstractmethod
+    def attentions(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Attention probabilities without gradients: ``([B, H, T, T] per layer, pool [B, H, T] or
+        None)``, for rules that need no backward pass (rollout, flow)."""
+
+    def patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, T, ...]`` vision tokens -> ``[B, gh, gw, ...]`` patch tokens on the grid."""
+        patches = tokens[:, self.num_prefix_tokens:]
+        return patches.reshape(patches.shape[0], *self.grid, *patches.shape[2:])
 
     @abstractmethod
     def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """``Blip2ForConditionalGeneration`` (decoder-only language model, e.g. OPT) behind ``FusionAdapter``.
 
-Loaded like LLaVA (``fusion.load_generative``): a local directory, transformers' own classes,
+Loaded like LLaVA (``loading.load_generative``): a local directory, transformers' own classes,
 safetensors only, never ``trust_remote_code``, eager attention, float32 weights (a ``dtype`` runs
 the forward passes under autocast); pickled weights and partly random models are refused.
 

@@ -258,9 +258,8 @@ class CLIPAdapter(DualEncoderAdapter):
 
     def _shortcut_tolerance(self, expected: torch.Tensor) -> dict[str, float]:
         """How closely a shortcut must match the plain path: float32 rounding, or, under bf16/fp16
-        autocast, where the two paths round differently at every operation (measured on the zoo's
-        ViT in bf16: scores 0.18 apart on a scale of 10.6, as far as either is from float32),
-        8 epsilons of that precision relative to the result's scale. A wrong layer layout is off
+        autocast, where the two paths round differently at every operation (as far apart as either
+        is from float32), 8 epsilons of that precision relative to the result's scale. A wrong layer layout is off
         by the whole scale, far beyond either."""
         if self.autocast_dtype is None:
             return {"rtol": 1e-3, "atol": 1e-4}
@@ -394,9 +393,9 @@ class CLIPAdapter(DualEncoderAdapter):
         and runs QuickGELU as three elementwise passes (``x * sigmoid(1.702 x)``). Here one product
         with the three weights stacked does the projections, and the 1.702 is folded into ``fc1``
         and ``fc2`` so the activation is a single in-place SiLU: ``x sigmoid(1.702 x) = silu(1.702 x)
-        / 1.702``. Occlusion on the zoo's ViT runs 1.06x faster with it (median of five interleaved
-        A/B runs on 1 CPU thread, 1.05-1.13x), and it equals the model's layer up to float rounding. The stacked and scaled weights are made on every call
-        (microseconds), never cached, because the sanity check randomises weights in place.
+        / 1.702``; it equals the model's layer up to float rounding (its speed-up:
+        ``benchmarks/results/``). The stacked and scaled weights are made on every call, never
+        cached, because the sanity check randomises weights in place.
         ``qkv``: the projections already made (``_qkv``), e.g. reused from the unoccluded image.
         """
         attn = layer.self_attn
@@ -595,8 +594,8 @@ class CLIPAdapter(DualEncoderAdapter):
         output projection and MLP, and the backward pass then carries zeros back through all of
         them; and its eager attention scales the [B, H, T, T] scores instead of the queries and
         runs QuickGELU as three passes. Here the layers below run through ``_traced_layer`` and
-        the last one for the CLS token alone (``_cls_readout``): chefer at batch 32 is 1.7x faster
-        on the zoo's ViT, exact up to float rounding. The first call checks the score against
+        the last one for the CLS token alone (``_cls_readout``), exact up to float rounding (its
+        speed-up: ``benchmarks/results/``). The first call checks the score against
         the model's own forward and falls back to ``trace`` for good if they disagree.
         """
         pixel_values = self._check_pixels(pixel_values)
@@ -682,11 +681,6 @@ class CLIPAdapter(DualEncoderAdapter):
         with self._record(self.vision_layers, grad_from_layer=None) as rec:
             self._encode_image(pixel_values)
         return {layer: rec.hidden_states[layer] for layer in layers}
-
-    def patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``[B, T, ...]`` vision tokens -> ``[B, gh, gw, ...]`` patch tokens on the grid."""
-        patches = tokens[:, self.num_prefix_tokens:]
-        return patches.reshape(patches.shape[0], *self.grid, *patches.shape[2:])
 
     def clear_caches(self) -> None:
         """Forget cached text embeddings (call after changing the weights, e.g. randomisation)."""

@@ -97,6 +97,11 @@ class FusionAdapter(VisionLanguageAdapter):
 
     kind = "fusion"
 
+    @abstractmethod
+    def vision_trace(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Image features computed with the vision path's attentions kept (with gradients):
+        ``(features [B, n_img, D], attentions per vision layer, vision_rows [Tv])``."""
+
     #: image tokens in the joint sequence that map to vision grid cells; ``image_token_prefix``
     #: of them come first and have no cell (e.g. a CLS token kept by LLaVA's "full" strategy).
     image_token_prefix: int = 0
@@ -148,6 +153,8 @@ class FusionAdapter(VisionLanguageAdapter):
         from workers.probes.adapters.loading import resolve_dtype
 
         autocast_dtype = resolve_dtype(dtype, torch.device(device))
+        from workers.probes.adapters.loading import load_generative
+
         model, processor = load_generative(path, cls.hf_class, cls.model_types, cls.family)
         adapter = cls(model.to(device), processor, device)  # type: ignore[call-arg]
         adapter.autocast_dtype = autocast_dtype
@@ -405,56 +412,3 @@ class FusionAdapter(VisionLanguageAdapter):
         ids = enc.input_ids.expand(len(images), -1)
         with torch.no_grad():
             return self.generate(self.embed(ids, feats), max_new_tokens)
-
-
-def load_generative(path: str | os.PathLike, model_class: str, model_types: Sequence[str], family: str):
-    """``(model, processor)`` from a local directory through transformers' ``model_class`` (a name in
-    ``transformers``) and ``AutoProcessor``: safetensors only, never ``trust_remote_code``, eager
-    attention, float32. Refuses pickled weights, other model types and partly random models."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-    from transformers import AutoConfig, AutoProcessor
-
-    from workers.probes.adapters.loading import quiet_transformers
-
-    directory = Path(path)
-    if not directory.is_dir():
-        raise ProbeInputError(f"model directory {str(directory)!r} does not exist")
-    if not any(directory.glob("*.safetensors")):
-        raise ProbeInputError(f"{directory}: no *.safetensors weights (pickled weights are refused: "
-                              "unpickling can run arbitrary code)")
-    try:
-        with quiet_transformers():  # see loading.load: no false alarms about default sub-configs
-            config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ProbeInputError(f"{directory}: unreadable config.json ({exc})") from None
-    if config.model_type not in model_types:
-        raise UnsupportedModelError(
-            f"{directory}: model_type {config.model_type!r} is not a supported generative VLM "
-            f"(supported: {', '.join(model_types)})")
-    try:
-        with quiet_transformers():
-            model, info = getattr(transformers, model_class).from_pretrained(
-                directory, use_safetensors=True, trust_remote_code=False, attn_implementation="eager",
-                dtype=torch.float32, output_loading_info=True)
-            processor = AutoProcessor.from_pretrained(directory, trust_remote_code=False)
-    except (OSError, ValueError, RuntimeError, TypeError) as exc:
-        raise ProbeInputError(f"{directory}: cannot load the {family} checkpoint ({exc})") from None
-    # transformers fills missing weights with random ones; explaining that would be worse than refusing.
-    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
-    if missing or info.get("mismatched_keys"):
-        raise ProbeInputError(f"{directory}: the weights don't match the config ({len(missing)} tensors missing, "
-                              f"e.g. {', '.join(map(str, missing[:3]))}); refusing a partly random model")
-    return model, processor
-
-
-def load_any(model_dir: str, device: str = "cpu") -> VisionLanguageAdapter:
-    """Load ``model_dir`` behind the right adapter (fusion or dual encoder) through
-    ``suite.load_model``, so a worker's model cache serves repeated loads; the architecture table
-    (``adapters.ARCHITECTURES``) routes ``llava`` to ``LlavaAdapter.from_pretrained`` and ``blip-2`` to
-    ``Blip2Adapter.from_pretrained``."""
-    from workers.probes import suite
-
-    if not Path(model_dir).exists():
-        raise ProbeInputError(f"model directory {model_dir} not found")
-    return suite.load_model(model_dir, device)

@@ -19,8 +19,9 @@ import contextlib
 import importlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -214,3 +215,43 @@ def _load_quietly(where, revision, common, adapter_cls, config, dev, autocast_dt
 
     return adapter_cls(model.to(dev), tokenizer, image_processor, device=dev, autocast_dtype=autocast_dtype,
                        source=source, revision=revision)
+
+
+def load_generative(path: str | os.PathLike[str], model_class: str, model_types: Sequence[str],
+                    family: str) -> tuple[Any, Any]:
+    """``(model, processor)`` from a local directory through transformers' ``model_class`` (a name in
+    ``transformers``) and ``AutoProcessor``: safetensors only, never ``trust_remote_code``, eager
+    attention, float32. Refuses pickled weights, other model types and partly random models."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ProbeInputError(f"model directory {str(directory)!r} does not exist")
+    if not any(directory.glob("*.safetensors")):
+        raise ProbeInputError(f"{directory}: no *.safetensors weights (pickled weights are refused: "
+                              "unpickling can run arbitrary code)")
+    try:
+        with quiet_transformers():  # see loading.load: no false alarms about default sub-configs
+            config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ProbeInputError(f"{directory}: unreadable config.json ({exc})") from None
+    if config.model_type not in model_types:
+        raise UnsupportedModelError(
+            f"{directory}: model_type {config.model_type!r} is not a supported generative VLM "
+            f"(supported: {', '.join(model_types)})")
+    try:
+        with quiet_transformers():
+            model, info = getattr(transformers, model_class).from_pretrained(
+                directory, use_safetensors=True, trust_remote_code=False, attn_implementation="eager",
+                dtype=torch.float32, output_loading_info=True)
+            processor = AutoProcessor.from_pretrained(directory, trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError, TypeError) as exc:
+        raise ProbeInputError(f"{directory}: cannot load the {family} checkpoint ({exc})") from None
+    # transformers fills missing weights with random ones; explaining that would be worse than refusing.
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
+    if missing or info.get("mismatched_keys"):
+        raise ProbeInputError(f"{directory}: the weights don't match the config ({len(missing)} tensors missing, "
+                              f"e.g. {', '.join(map(str, missing[:3]))}); refusing a partly random model")
+    return model, processor
