@@ -22,9 +22,9 @@ from workers.probes import chefer, interventions  # noqa: E402
 from workers.probes import token_attribution as ta  # noqa: E402
 from workers.probes.adapters import load_adapter  # noqa: E402
 from workers.probes.adapters.blip2 import Blip2Adapter  # noqa: E402
-from workers.probes.suite import load_model  # noqa: E402
 from workers.probes.cli import main  # noqa: E402
 from workers.probes.errors import ProbeInputError, UnsupportedModelError  # noqa: E402
+from workers.probes.suite import load_model  # noqa: E402
 from workers.probes.zoo import world  # noqa: E402
 
 PROMPT = "describe the image"

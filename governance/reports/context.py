@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from governance.reports import figures
+from governance.reports.url_fetcher import artifact_url
 from workers.probes import kinds as probe_kinds
 from workers.probes.errors import ProbeInputError
 from workers.probes.kinds import KindSpec
-from governance.reports.url_fetcher import artifact_url
 
 # Free text longer than this is cut in the PDF (the full text stays in the manifest and the export bundle);
 # it keeps a hostile or careless 10 MB model card from turning a report into thousands of pages.

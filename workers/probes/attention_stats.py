@@ -312,8 +312,8 @@ def _cli_text(result: ProbeResult, params: AttentionParams) -> str:
 def attention_kind(model_dir: str, dataset_dir: str | None, params: AttentionParams, *, device: str = "cpu",
                    progress: Progress = no_progress) -> ProbeResult:
     """Cross-modal attention statistics per layer and head (dual encoders and fusion models)."""
-    from workers.probes.suite import load_model
     from workers.probes.scenes import load_scenes
+    from workers.probes.suite import load_model
 
     adapter = load_model(model_dir, device)
     prompts = list(params.prompts) if params.prompts is not None else None

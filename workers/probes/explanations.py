@@ -116,7 +116,7 @@ def explain_image(adapter: Any, image: Image.Image, prompt: str, method: str, *,
 def pointing(maps: torch.Tensor, dataset: GroundingDataset, tolerance_px: float) -> float:
     """The pointing game of ``maps`` over ``dataset``."""
     return float(np.mean([faithfulness.localisation(m, e.boxes, e.width, e.height, tolerance_px=tolerance_px).hit
-                          for m, e in zip(maps, dataset.examples)]))
+                          for m, e in zip(maps, dataset.examples, strict=True)]))
 
 
 def method_names(requested: str | Sequence[str] | None) -> list[str]:

@@ -5,7 +5,8 @@ attention probabilities ``A`` ``[B, H, n, T]`` and their gradient. Through plain
 costs, per layer, a [B, H, n, T] gradient tensor handed back to the caller, another pass to
 multiply it with ``A``, and the softmax backward's own pass over the same product; for a batch
 these tensors are well past the CPU's caches, so every pass streams from memory and the batched
-call spends more time moving probabilities than multiplying matrices. Here one ``autograd.Function`` does the attention and, in its backward pass, computes
+call spends more time moving probabilities than multiplying matrices. Here one
+``autograd.Function`` does the attention and, in its backward pass, computes
 ``P = dS/dA * A`` once per block of images, derives both ``A_bar`` (clamp, head mean) and the
 softmax backward (``P - A * rowsum(P)``) from it while the block is still in cache, and hands
 ``A_bar`` to a ``WeightedAttentionSink`` instead of returning the gradient.

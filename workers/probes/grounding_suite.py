@@ -21,8 +21,16 @@ from pydantic import Field
 from workers.probes import faithfulness, figures
 from workers.probes.datasets import GroundingDataset
 from workers.probes.errors import ProbeInputError
-from workers.probes.explanations import (RANDOM, DatasetParams, batches, dataset_for, explain, load_dual_encoder,
-                                         method_names, rounded)
+from workers.probes.explanations import (
+    RANDOM,
+    DatasetParams,
+    batches,
+    dataset_for,
+    explain,
+    load_dual_encoder,
+    method_names,
+    rounded,
+)
 from workers.probes.kinds import BatchSize, Flag, Metric, probe_kind
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
 
@@ -46,7 +54,7 @@ class _Tally:
 
 
 def _finite_rows(curve: torch.Tensor, auc: torch.Tensor) -> list[np.ndarray]:
-    return [row for row, ok in zip(curve.numpy(), torch.isfinite(auc).tolist()) if ok]
+    return [row for row, ok in zip(curve.numpy(), torch.isfinite(auc).tolist(), strict=True) if ok]
 
 
 def evaluate_methods(adapter, dataset: GroundingDataset, methods: Sequence[str], *, batch_size: int = 16,
@@ -87,7 +95,7 @@ def evaluate_methods(adapter, dataset: GroundingDataset, methods: Sequence[str],
                     raise
                 tally.error = str(exc)
                 continue
-            for example, grid_map in zip(batch.examples, maps):
+            for example, grid_map in zip(batch.examples, maps, strict=True):
                 loc = faithfulness.localisation(grid_map, example.boxes, example.width, example.height,
                                                 tolerance_px=tolerance_px)
                 tally.hits.append(loc.hit)
@@ -202,8 +210,8 @@ def table(entries: list[dict[str, Any]]) -> str:
                "random_pointing_game", "random_deletion_auc", "random_insertion_auc", "seconds"]
     rows = [[("-" if e.get(c) is None else str(e.get(c))) for c in columns] for e in entries]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(lines)
 
 

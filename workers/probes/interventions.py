@@ -498,8 +498,8 @@ class InterventionParams(KindParams):
 def intervention_kind(model_dir: str, dataset_dir: str | None, params: InterventionParams, *, device: str = "cpu",
                       progress: Progress = no_progress) -> ProbeResult:
     """Head ablation or feature swap on a scenes dataset (``None``: the zoo's held-out split)."""
-    from workers.probes.suite import load_model
     from workers.probes.scenes import load_scenes
+    from workers.probes.suite import load_model
 
     adapter = load_model(model_dir, device)
     if dataset_dir is None:

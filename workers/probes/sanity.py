@@ -30,8 +30,16 @@ import torch
 from pydantic import Field, field_validator
 
 from workers.probes import faithfulness, figures
-from workers.probes.explanations import (RANDOM, DatasetParams, dataset_for, explain_dataset, load_dual_encoder,
-                                         method_names, pointing, rounded)
+from workers.probes.explanations import (
+    RANDOM,
+    DatasetParams,
+    dataset_for,
+    explain_dataset,
+    load_dual_encoder,
+    method_names,
+    pointing,
+    rounded,
+)
 from workers.probes.kinds import DatasetArg, Flag, Metric, probe_kind
 from workers.probes.stability import rank_correlation
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
@@ -246,7 +254,8 @@ def sanity_probe(model_dir: str, dataset_dir: str | None, params: SanityParams, 
         # detector" effect), and only this gap is evidence about the model.
         "pointing_gain_over_randomised": rounded(trained_pointing - final["pointing_game"]),
         "randomized_parameters": randomised_scalars, "total_parameters": total_scalars,
-        "randomisation_draws": randomised_draws, "cascade": rows, "seconds": round(time.perf_counter() - started, 3), "seed": seed,
+        "randomisation_draws": randomised_draws, "cascade": rows,
+        "seconds": round(time.perf_counter() - started, 3), "seed": seed,
     }
     shown = min(4, len(dataset))
     grid_maps = {"trained": list(trained[:shown]), "randomised": list(last_maps[:shown])}
@@ -258,7 +267,8 @@ def sanity_probe(model_dir: str, dataset_dir: str | None, params: SanityParams, 
     if not passed:
         if final["rank_correlation"] >= threshold:
             detail = (f"after randomising every parameter the maps still correlate with the trained model's "
-                      f"(Spearman {final['rank_correlation']}): the explanation reflects the input more than the model.")
+                      f"(Spearman {final['rank_correlation']}): the explanation reflects the input more than "
+                      "the model.")
         else:
             detail = (f"the maps change once every parameter is randomised (Spearman {final['rank_correlation']}), "
                       f"but the randomised network's maps still hit the named object in {final['pointing_game']} "

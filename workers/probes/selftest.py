@@ -15,6 +15,7 @@ on any device.
 from __future__ import annotations
 
 import time
+
 from pydantic import Field
 
 from workers.probes.kinds import BatchSize, KindParams, Metric, Seed, probe_kind

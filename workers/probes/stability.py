@@ -24,8 +24,17 @@ from pydantic import Field
 from scipy.stats import rankdata
 
 from workers.probes import figures
-from workers.probes.explanations import (RANDOM, DatasetParams, batches, dataset_for, example_generators, explain,
-                                         load_dual_encoder, method_names, rounded)
+from workers.probes.explanations import (
+    RANDOM,
+    DatasetParams,
+    batches,
+    dataset_for,
+    example_generators,
+    explain,
+    load_dual_encoder,
+    method_names,
+    rounded,
+)
 from workers.probes.kinds import Flag, Limit, Metric, probe_kind
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
 
@@ -84,7 +93,8 @@ def input_sensitivity(explain: Explain, pixel_values: torch.Tensor, prompts: Seq
     worst_sensitivity = np.zeros(len(base))
     for _ in range(samples):
         noise = (torch.stack([torch.rand(pixel_values.shape[1:], generator=g) for g in generators]) * 2 - 1) * epsilon
-        perturbed = explain(pixel_values + noise.to(pixel_values.device, pixel_values.dtype), prompts).detach().float().cpu()
+        noisy = pixel_values + noise.to(pixel_values.device, pixel_values.dtype)
+        perturbed = explain(noisy, prompts).detach().float().cpu()
         worst_rho = np.minimum(worst_rho, rank_correlation(base, perturbed))
         change = ((perturbed.reshape(len(base), -1) - base_flat).norm(dim=1) / base_norm).numpy()
         worst_sensitivity = np.maximum(worst_sensitivity, change)

@@ -95,8 +95,8 @@ def load_model(model_dir: str, device: str = "cpu", *, family: str | None = None
     adapter = _model_loader.get()(model_dir, device)
     if family is not None and getattr(adapter, "kind", None) != family:
         actual = getattr(adapter, "kind", None) or type(adapter).__name__
-        raise ProbeInputError(f"{model_dir}: this probe needs a {FAMILIES[family]}; this model is a "
-                              f"{FAMILIES.get(actual, actual)}")
+        raise ProbeInputError(f"{model_dir} is a {FAMILIES.get(actual, actual)} model, not a {FAMILIES[family]}, "
+                              "which this probe needs")
     return adapter
 
 
@@ -132,7 +132,8 @@ def run(name: str, model_dir: str, dataset_dir: str | None = None, params: Mappi
                 reason = (str(exc).splitlines() or ["out of memory"])[0]
             else:
                 if failed:
-                    result.metrics["memory_backoff"] = {"device": device, "batch_params": tried, "out_of_memory_at": failed}
+                    result.metrics["memory_backoff"] = {"device": device, "batch_params": tried,
+                                                        "out_of_memory_at": failed}
                 return result
             # Only here, outside the except clause, has the error's traceback let go of the failed
             # attempt's frames, and with them its tensors.

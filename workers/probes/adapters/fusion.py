@@ -32,7 +32,6 @@ import os
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -40,7 +39,7 @@ import torch
 from PIL import Image
 
 from workers.probes.adapters.base import VisionLanguageAdapter, numbered_modules
-from workers.probes.errors import ProbeInputError, UnsupportedModelError
+from workers.probes.errors import UnsupportedModelError
 
 T = TypeVar("T")
 

@@ -36,7 +36,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workers.probes import figures, token_attribution as ta
+    from workers.probes import figures
+    from workers.probes import token_attribution as ta
     from workers.probes.datasets import MAX_PIXELS, open_image
 
     folder = Path(args.figures) if args.figures else None  # cli.check_output_folders made sure it exists
