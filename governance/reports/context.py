@@ -326,7 +326,7 @@ def limitations(evidence: list[dict[str, Any]], present_kinds: set[str]) -> dict
     ``limitation``), and the gaps the evidence leaves."""
     measured = []
     for entry in evidence:
-        kind = entry.get("kind")
+        kind = str(entry.get("kind") or "")
         try:
             quoted = {key for key, metric in probe_kinds.glossary(kind)[kind].items() if metric.limitation}
         except ProbeInputError:  # evidence of a kind no longer declared: its numbers stay in the manifest

@@ -57,7 +57,7 @@ def _finite_rows(curve: torch.Tensor, auc: torch.Tensor) -> list[np.ndarray]:
     return [row for row, ok in zip(curve.numpy(), torch.isfinite(auc).tolist(), strict=True) if ok]
 
 
-def evaluate_methods(adapter, dataset: GroundingDataset, methods: Sequence[str], *, batch_size: int = 16,
+def evaluate_methods(adapter: Any, dataset: GroundingDataset, methods: Sequence[str], *, batch_size: int = 16,
                      steps: int = 32, baseline: str = "mean", seed: int = 0, tolerance_px: float = 15.0,
                      method_params: dict[str, dict[str, Any]] | None = None, score_batch_size: int = 128,
                      figure_examples: int = 4, strict: bool = True,

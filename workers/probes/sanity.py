@@ -106,7 +106,7 @@ def randomise_(model: torch.nn.Module, names: set[str] | tuple[str, ...], genera
     return changed
 
 
-def forget_cached_outputs(adapter) -> None:
+def forget_cached_outputs(adapter: Any) -> None:
     """Drop whatever the adapter cached from the model's outputs (CLIP's adapter caches text
     embeddings): after randomising, they belong to another model. Uses the adapter's public
     ``clear_caches()`` where it has one."""
@@ -239,7 +239,7 @@ def sanity_probe(model_dir: str, dataset_dir: str | None, params: SanityParams, 
     progress(1.0, "done")
     total_scalars = sum(p.numel() for p in adapter.model.parameters())
     if randomised_draws:
-        final = {k: rounded(float(np.mean([d[k] for d in randomised_draws])))
+        final = {k: round(float(np.mean([d[k] for d in randomised_draws])), 4)
                  for k in ("rank_correlation", "pointing_game")}
     else:
         final = {"rank_correlation": 1.0, "pointing_game": trained_pointing}
@@ -284,7 +284,7 @@ def sanity_probe(model_dir: str, dataset_dir: str | None, params: SanityParams, 
                                                                    "randomised_maps": last_maps.numpy()})
 
 
-def _cascade_figure(rows: list[dict[str, Any]], chance: float):
+def _cascade_figure(rows: list[dict[str, Any]], chance: float) -> Any:
     figure = figures.new_figure(6, 3.5)
     ax = figure.add_subplot()
     x = np.arange(len(rows))

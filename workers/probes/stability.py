@@ -158,7 +158,7 @@ def stability_probe(model_dir: str, dataset_dir: str | None, params: StabilityPa
             sensitivity[name] += result.max_sensitivity.tolist()
     progress(1.0, "done")
     names, matrix = method_agreement({m: torch.cat(v) for m, v in maps.items()})
-    metrics = {
+    metrics: dict[str, Any] = {
         "n": len(dataset), "epsilon": epsilon, "samples": samples, "methods": names,
         "agreement": [[rounded(v) for v in row] for row in matrix],
         "perturbation": {m: {"rank_correlation": rounded(float(np.mean(rho[m]))),

@@ -95,8 +95,8 @@ def load_model(model_dir: str, device: str = "cpu", *, family: str | None = None
     adapter = _model_loader.get()(model_dir, device)
     if family is not None and getattr(adapter, "kind", None) != family:
         actual = getattr(adapter, "kind", None) or type(adapter).__name__
-        raise ProbeInputError(f"{model_dir} is a {FAMILIES.get(actual, actual)} model, not a {FAMILIES[family]}, "
-                              "which this probe needs")
+        raise ProbeInputError(f"{model_dir} is a {FAMILIES.get(actual, f'{actual} model')}, not a "
+                              f"{FAMILIES[family]}, which this probe needs")
     return adapter
 
 
