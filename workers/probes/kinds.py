@@ -51,6 +51,7 @@ KIND_MODULES: tuple[str, ...] = (
     "workers.probes.attention_stats",
     "workers.probes.interventions",
     "workers.probes.selftest",
+    "workers.probes.groups",
 )
 
 # Report sections a kind may name (their titles and legal requirements live with the report,

@@ -25,10 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     from workers.probes import zoo
 
     if args.command == "dataset":
-        from workers.probes.zoo import world
+        from workers.probes.zoo import group_split, world
 
+        if args.split in group_split.GROUP_SPLITS:
+            print(group_split.write_group_dataset(args.out, group_split.GROUP_SPLITS[args.split], name=args.split))
+            return 0
         if args.split not in zoo.SPLITS:
-            print(f"error: unknown split {args.split!r}; known: {', '.join(sorted(zoo.SPLITS))}", file=sys.stderr)
+            known = sorted([*zoo.SPLITS, *group_split.GROUP_SPLITS])
+            print(f"error: unknown split {args.split!r}; known: {', '.join(known)}", file=sys.stderr)
             return 2
         spec = zoo.SPLITS[args.split]
         out = world.write_dataset(args.out, spec.scenes(), info={"split": args.split, "seed": spec.seed})
