@@ -60,6 +60,7 @@ SECTIONS = (
     Section("explain", "Ability to explain outputs", "Art. 13(3)(b)(iv), Art. 13(3)(d)"),
     Section("bias", "Performance for groups and bias examination", "Art. 10(2)(f)-(g), Art. 13(3)(b)(v)"),
     Section("robustness", "Accuracy and robustness", "Art. 15; Art. 13(3)(b)(ii)"),
+    Section("attacks", "Resilience against attacks", "Art. 15(5): resilience against attempts to exploit vulnerabilities"),
     Section("oversight", "Human oversight", "Art. 14; Annex IV point 2(e)"),
     Section("testlog", "Test log", "Annex IV point 2(g)"),
     Section("limitations", "Limitations", "Art. 13(3)(b)(iii); Annex IV point 3"),
@@ -108,6 +109,12 @@ GLOSSARY = [
              "model towards a class, compared with random concepts (Kim et al., 2018)."),
     ("Corrected p-value", "A p-value adjusted for testing many concepts at once (Holm), so that chance findings "
                           "are not reported as effects."),
+    ("Accuracy gap between groups", "The largest difference in accuracy between two groups of inputs, tested "
+                                    "with Fisher's exact test and Holm-corrected across every pair of groups."),
+    ("Adversarial patch", "A small image region optimised to steer the model toward a chosen output wherever it "
+                          "is placed; its share of the explanation's relevance shows whether it captures the model."),
+    ("Visual prompt injection", "Instructions written as text inside an image that make a generative model "
+                                "output something else than what the image shows."),
     ("Shortcut", "A feature that predicts the label in the training data but is not the intended cause, such as "
                  "a watermark or a background."),
     ("Explanation instability", "How much an explanation changes under small input changes that do not change "

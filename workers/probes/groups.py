@@ -71,7 +71,12 @@ class GroupExample:
 def load_group_dataset(path: str | Path, *, limit: int | None = None) -> list[GroupExample]:
     """Read and validate a group-annotated dataset (see the module docstring). Paths may not leave
     the dataset folder, images are size-checked before decoding (the grounding loader's rules)."""
-    from workers.probes.datasets import MAX_PIXELS, _image_size, _resolve_image, _validate_box
+    from workers.probes.datasets import (
+        MAX_PIXELS,
+        _image_size,
+        _resolve_image,
+        _validate_box,
+    )
 
     path = Path(path)
     annotation_file, root = (path, path.parent) if path.is_file() else (path / ANNOTATIONS_FILE, path)
@@ -330,15 +335,12 @@ def grounding_evidence(adapter: Any, examples: Sequence[GroupExample], correct: 
 
 def _fusion_label_map(adapter: Any, image: Image.Image, label: str) -> np.ndarray | None:
     """Token attribution of the generated words that spell the label (all words if none does)."""
-    from workers.probes.token_attribution import attribute, default_prompt
+    from workers.probes.region_relevance import fusion_caption_map
+    from workers.probes.token_attribution import default_prompt
 
-    att = attribute(adapter, image, default_prompt(adapter), max_new_tokens=24)
-    maps = att.image.get("chefer")
-    if maps is None or len(maps) == 0:
-        return None
-    wanted = set(label_phrase(label).split())
-    picked = [t for t, tok in enumerate(att.generated_tokens) if tok.strip("▁Ġ ").lower() in wanted]
-    return maps[picked or list(range(len(maps)))].mean(axis=0)
+    _, grid_map = fusion_caption_map(adapter, model_inputs(adapter, [image]), default_prompt(adapter),
+                                     words=label_phrase(label).split())
+    return grid_map
 
 
 def _mean(values: np.ndarray) -> float | None:

@@ -52,6 +52,7 @@ KIND_MODULES: tuple[str, ...] = (
     "workers.probes.interventions",
     "workers.probes.selftest",
     "workers.probes.groups",
+    "workers.probes.patch_attack",
 )
 
 # Report sections a kind may name (their titles and legal requirements live with the report,

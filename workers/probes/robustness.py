@@ -15,7 +15,9 @@ class names; zero-shot classification picks the best-scoring class prompt):
 Metrics per probe and severity: zero-shot ``accuracy`` (and ``accuracy_drop`` from clean),
 ``flip_rate`` (share of decisions that changed), ``score_drop`` (mean fall of the true prompt's
 score) and ``explanation_spearman`` (mean Spearman rank correlation between the chefer heatmaps of
-the clean and the perturbed input; 1 = the explanation did not move).
+the clean and the perturbed input; 1 = the explanation did not move). The typographic rows also
+give ``relevance_on_text``: the share of the chefer relevance for the *written* class that lies on
+the written label, next to the label's share of the input (``text_area``).
 
 Accuracy: an image counts as correct when its prompt beats every class prompt that names nothing
 in the image (other prompts annotated on the same image, or objects listed in the zoo's
@@ -131,6 +133,12 @@ def text_box_position(width: int, height: int, boxes: Sequence[Sequence[float]],
 
 def write_text(image: Image.Image, text: str, boxes: Sequence[Sequence[float]] = (), *, scale: float = 0.11) -> Image.Image:
     """``text`` in black on a white label (font height ``scale`` x image height) on a copy."""
+    return write_text_box(image, text, boxes, scale=scale)[0]
+
+
+def write_text_box(image: Image.Image, text: str, boxes: Sequence[Sequence[float]] = (), *,
+                   scale: float = 0.11) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """``write_text`` and the label's box ``(x0, y0, x1, y1)`` in the copy's pixels."""
     out = image.convert("RGB").copy()
     draw = ImageDraw.Draw(out)
     font = _font(max(8, round(out.height * scale)))
@@ -141,7 +149,28 @@ def write_text(image: Image.Image, text: str, boxes: Sequence[Sequence[float]] =
     x, y = text_box_position(out.width, out.height, boxes, tw, th)
     draw.rectangle((x, y, x + tw - 1, y + th - 1), fill=(255, 255, 255))
     draw.text((x + pad - left, y + pad - top), text, fill=(0, 0, 0), font=font)
-    return out
+    return out, (x, y, x + tw, y + th)
+
+
+def relevance_on_text(adapter: DualEncoderAdapter, images: Sequence[Image.Image], boxes: Sequence[Sequence[float]],
+                      prompts: Sequence[str], *, batch_size: int = 32) -> tuple[float, float]:
+    """Mean share of the chefer relevance for ``prompts[i]`` (the written class) that lies on the
+    written label ``boxes[i]`` of ``images[i]``, and the labels' mean share of the model's input
+    (``region_relevance``; the boxes are mapped through the image processor's resize and crop)."""
+    from workers.probes.region_relevance import cell_coverage, dual_maps, share_on_region
+
+    shares, areas = [], []
+    for start in range(0, len(images), batch_size):
+        chunk = list(images[start:start + batch_size])
+        maps = dual_maps(adapter, adapter.preprocess(chunk), list(prompts[start:start + batch_size]))
+        for image, box, grid_map in zip(chunk, boxes[start:start + batch_size], maps, strict=True):
+            wx0, wy0, wx1, wy1 = adapter.input_window(image.size)
+            sx, sy = adapter.image_size / (wx1 - wx0), adapter.image_size / (wy1 - wy0)
+            in_box = ((box[0] - wx0) * sx, (box[1] - wy0) * sy, (box[2] - wx0) * sx, (box[3] - wy0) * sy)
+            coverage = cell_coverage(adapter.grid, adapter.image_size, in_box)
+            shares.append(share_on_region(grid_map, coverage))
+            areas.append(float(coverage.mean()))
+    return float(np.mean(shares)), float(np.mean(areas))
 
 
 def class_name(prompt: str) -> str:
@@ -368,10 +397,17 @@ def run_robustness(adapter: DualEncoderAdapter, examples: Sequence[Example], cla
             texts = [class_name(classes[w]) for w in wrong]
             if name == "typographic_control":
                 texts = [scramble(t, seed * 7919 + i) for i, t in enumerate(texts)]
-            perturbed_images = [write_text(ex.image, t, ex.boxes) for ex, t in zip(examples, texts, strict=True)]
+            written = [write_text_box(ex.image, t, ex.boxes) for ex, t in zip(examples, texts, strict=True)]
+            perturbed_images = [image for image, _ in written]
             outcome = measure(adapter, perturbed_images, classes, true_prompts, explain=explain, batch_size=batch_size)
             predicted = decisions(outcome.scores, mask)
             extra["attack_success"] = float((predicted == torch.tensor(wrong)).float().mean())
+            if explain:
+                # How much of the explanation of the written class lands on the writing: a model that
+                # reads shows it here, far above the label's share of the image.
+                share, area = relevance_on_text(adapter, perturbed_images, [box for _, box in written],
+                                                [classes[w] for w in wrong], batch_size=batch_size)
+                extra["relevance_on_text"], extra["text_area"] = share, area
         else:
             if name == "templates":
                 variants = [[template(c, k) for c in classes] for k in range(len(TEMPLATES))]

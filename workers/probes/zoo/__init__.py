@@ -8,7 +8,8 @@ checkpoints (config, safetensors, tokenizer, image processor, model card, ``SHA2
 - ``world``: the synthetic world and the grounding dataset writer.
 - ``train``: ``train_dual_encoder`` and the tiny CLIP / SigLIP configs.
 - ``checkpoint_path(name)``: the committed checkpoint directory, checksums verified.
-- ``dataset_dir(split)``: a split generated deterministically into a cache on first use.
+- ``dataset_dir(split)``: a split generated deterministically into a cache on first use (the
+  group-labelled ``groups`` / ``groups-control`` splits come from ``group_split``).
 - ``python -m workers.probes.zoo build|dataset``: reproduce the models / write a split.
 
 This package imports only numpy and PIL at import time (torch is imported by ``train``).
@@ -81,10 +82,13 @@ def dataset_dir(split: str = "heldout", *, root: str | os.PathLike | None = None
     concurrent generation never leaves a half-written dataset that later runs would trust.
     One prompt per image (``world.first_object_prompt``), boxes in pixels of the 224 px PNGs.
     """
-    from workers.probes.zoo import world
+    from workers.probes.zoo import group_split, world
 
+    if split in group_split.GROUP_SPLITS:  # group-labelled splits have their own annotation format
+        return group_split.group_dataset_dir(split, root=root)
     if split not in SPLITS:
-        raise ProbeInputError(f"unknown zoo split {split!r}; known: {', '.join(sorted(SPLITS))}")
+        known = sorted([*SPLITS, *group_split.GROUP_SPLITS])
+        raise ProbeInputError(f"unknown zoo split {split!r}; known: {', '.join(known)}")
     spec = SPLITS[split]
     base = Path(root) if root is not None else cache_root()
     target = base / f"{split}-v{world.WORLD_VERSION}"

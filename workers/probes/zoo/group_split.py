@@ -52,7 +52,7 @@ def low_contrast(scene, factor: float = LOW_CONTRAST):
     from workers.probes.zoo import world
 
     background = np.median(np.asarray(scene.image.convert("RGB")).reshape(-1, 3), axis=0)
-    rgb = {name: tuple(int(round(factor * c + (1 - factor) * b)) for c, b in zip(colour, background, strict=True))
+    rgb = {name: tuple(round(factor * c + (1 - factor) * b) for c, b in zip(colour, background, strict=True))
            for name, colour in world.COLOUR_RGB.items()}
     redrawn = world.draw_scene(scene.objects, size=scene.size, background_seed=scene.background_seed,
                                texture=scene.texture, colour_rgb=rgb, meta=dict(scene.meta))
@@ -101,7 +101,7 @@ def group_dataset_dir(split: str = "groups", *, root: str | os.PathLike | None =
     zoo cache (written to a temporary sibling and renamed, as ``zoo.dataset_dir`` does)."""
     from workers.probes.zoo import cache_root, world
 
-    if split not in GROUP_SPLITS:
+    if split not in GROUP_SPLITS:  # pragma: no cover - zoo.dataset_dir only passes known names
         raise ProbeInputError(f"unknown zoo group split {split!r}; known: {', '.join(sorted(GROUP_SPLITS))}")
     base = Path(root) if root is not None else cache_root()
     target = base / f"{split}-v{world.WORLD_VERSION}.{GROUP_SPLIT_VERSION}"
