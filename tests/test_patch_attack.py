@@ -126,3 +126,18 @@ def test_on_the_zoo_clip_a_small_patch_steers_and_captures_relevance():
     assert m["patch_area"] <= 0.06
     assert m["success_rate"] >= 0.8 and m["clean_target_rate"] < 0.5
     assert m["relevance_on_patch"] >= 2 * m["patch_area"]
+
+
+def test_the_benchmark_compares_batched_and_per_image_optimisation_that_agree(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "patch_attack", "--batch", "2", "--steps", "1",
+                           "--repeats", "1", "--json", str(tmp_path / "b.json")], cwd=root, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads((tmp_path / "b.json").read_text())
+    assert out["max_abs_diff"] < 1e-5 and out["batched"]["median_s"] > 0 and out["per_image"]["median_s"] > 0
+    assert out["speedup_batched_vs_per_image"] > 0
