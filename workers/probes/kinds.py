@@ -53,6 +53,7 @@ KIND_MODULES: tuple[str, ...] = (
     "workers.probes.selftest",
     "workers.probes.groups",
     "workers.probes.patch_attack",
+    "workers.probes.prompt_injection",
 )
 
 # Report sections a kind may name (their titles and legal requirements live with the report,
