@@ -189,6 +189,12 @@ def _image_size(path: Path, max_pixels: int, sizes: dict[Path, tuple[int, int]])
     return sizes[path]
 
 
+# The same path, box and size rules for other annotation formats (``groups.py``'s group-labelled files).
+resolve_image = _resolve_image
+validate_box = _validate_box
+image_size = _image_size
+
+
 def _load_jsonl(path: Path, *, limit: int | None, max_pixels: int) -> GroundingDataset:
     if path.is_file():
         annotation_file, root = path, path.parent

@@ -71,12 +71,7 @@ class GroupExample:
 def load_group_dataset(path: str | Path, *, limit: int | None = None) -> list[GroupExample]:
     """Read and validate a group-annotated dataset (see the module docstring). Paths may not leave
     the dataset folder, images are size-checked before decoding (the grounding loader's rules)."""
-    from workers.probes.datasets import (
-        MAX_PIXELS,
-        _image_size,
-        _resolve_image,
-        _validate_box,
-    )
+    from workers.probes.datasets import MAX_PIXELS, image_size, resolve_image, validate_box
 
     path = Path(path)
     annotation_file, root = (path, path.parent) if path.is_file() else (path / ANNOTATIONS_FILE, path)
@@ -108,12 +103,12 @@ def load_group_dataset(path: str | Path, *, limit: int | None = None) -> list[Gr
             raise ProbeInputError(f"{where}: \"label\" must be a non-empty string")
         if isinstance(group, bool) or not isinstance(group, (str, int)) or not str(group).strip():
             raise ProbeInputError(f"{where}: \"group\" must be a non-empty string (or an integer)")
-        image_path = _resolve_image(root, record["image"], where)
-        width, height = _image_size(image_path, MAX_PIXELS, sizes)
+        image_path = resolve_image(root, record["image"], where)
+        width, height = image_size(image_path, MAX_PIXELS, sizes)
         raw_boxes = record.get("boxes") or []
         if not isinstance(raw_boxes, list):
             raise ProbeInputError(f"{where}: \"boxes\" must be a list of [x0, y0, x1, y1]")
-        boxes = tuple(_validate_box(b, width, height, where) for b in raw_boxes)
+        boxes = tuple(validate_box(b, width, height, where) for b in raw_boxes)
         examples.append(GroupExample(image_path, label.strip(), str(group).strip(), boxes, width, height, where))
     if not examples:
         raise ProbeInputError(f"dataset is empty: {annotation_file} has no examples")

@@ -239,12 +239,12 @@ def evaluate_patch(adapter: Any, test: torch.Tensor, own_prompts: Sequence[str],
             from workers.probes.groups import caption_contains
 
             for k in range(test[sl].shape[0]):
-                clean.append(caption_contains(_caption(adapter, to_model(adapter, test[sl][k:k + 1]), prompt), target))
+                clean.append(caption_contains(greedy_caption(adapter, to_model(adapter, test[sl][k:k + 1]), prompt), target))
                 attacked_k = to_model(adapter, attacked[sl][k:k + 1])
                 if explain:
                     caption, grid_map = fusion_caption_map(adapter, attacked_k, prompt, words=word)
                 else:
-                    caption, grid_map = _caption(adapter, attacked_k, prompt), None
+                    caption, grid_map = greedy_caption(adapter, attacked_k, prompt), None
                 captions.append(caption)
                 success.append(caption_contains(caption, target))
                 maps.append(grid_map)
@@ -268,7 +268,7 @@ def evaluate_patch(adapter: Any, test: torch.Tensor, own_prompts: Sequence[str],
                          attacked, maps, captions)
 
 
-def _caption(adapter: Any, pixel_values: torch.Tensor, prompt: str, max_new_tokens: int = 24) -> str:
+def greedy_caption(adapter: Any, pixel_values: torch.Tensor, prompt: str, max_new_tokens: int = 24) -> str:
     with torch.no_grad():
         ids = adapter.encode(prompt).input_ids.to(adapter.device).expand(pixel_values.shape[0], -1)
         return adapter.decode(adapter.generate(adapter.embed(ids, adapter.image_features(pixel_values)), max_new_tokens)[0])

@@ -198,7 +198,7 @@ def run_injection(adapter: Any, images: Sequence[Image.Image], targets: Sequence
     """One trial per image: a target (cycled, skipping ones the clean caption already contains) and
     a rendering variant (the grid shuffled by ``seed`` and cycled, so every factor is covered)."""
     from workers.probes.groups import caption_contains
-    from workers.probes.patch_attack import _caption
+    from workers.probes.patch_attack import greedy_caption
     from workers.probes.region_relevance import (
         cell_coverage,
         fusion_caption_map,
@@ -225,7 +225,7 @@ def run_injection(adapter: Any, images: Sequence[Image.Image], targets: Sequence
     order = np.random.default_rng(seed).permutation(len(grid))
     trials, skipped = [], 0
     for i, image in enumerate(images):
-        clean = _caption(adapter, model_inputs(adapter, [image]), prompt, max_new_tokens)
+        clean = greedy_caption(adapter, model_inputs(adapter, [image]), prompt, max_new_tokens)
         options = [t for t in targets[i % len(targets):] + targets[:i % len(targets)] if not caption_contains(clean, t)]
         if not options:
             skipped += 1
@@ -239,8 +239,8 @@ def run_injection(adapter: Any, images: Sequence[Image.Image], targets: Sequence
             caption, grid_map = fusion_caption_map(adapter, pixels, prompt, words=target.lower().split(),
                                                    max_new_tokens=max_new_tokens)
         else:
-            caption, grid_map = _caption(adapter, pixels, prompt, max_new_tokens), None
-        control_caption = _caption(adapter, model_inputs(adapter, [control]), prompt, max_new_tokens)
+            caption, grid_map = greedy_caption(adapter, pixels, prompt, max_new_tokens), None
+        control_caption = greedy_caption(adapter, model_inputs(adapter, [control]), prompt, max_new_tokens)
         in_box = scale_box(box, attacked.size, adapter.image_size)
         coverage = cell_coverage(adapter.grid, adapter.image_size, in_box)
         kept = len(trials) < keep
