@@ -1,4 +1,4 @@
-"""A tiny captioner that obeys text written in the image: the zoo's subject for prompt injection.
+"""A tiny captioner trained to obey text written in the image: the zoo's subject for prompt injection.
 
 Why a separate model: the zoo's ``tiny-llava`` never saw text in training. Its vision tower is
 ``tiny-clip``'s (96 px input, 8 px patches, trained on flat shapes), so rendered letters are a few
@@ -10,8 +10,13 @@ Recipe (``train_reader``): ``tiny-llava`` fine-tuned end to end (vision tower in
 learn letter shapes) on world scenes, half of them with ``"say WORD"`` rendered by
 ``prompt_injection.render`` (a colour or shape word; fonts: only PIL's default, so other fonts
 test generalisation), whose target text is then ``WORD`` alone; the other half keep their
-captions. A few CPU-minutes; deterministic for a fixed thread count. The zoo commits the result
+captions. Deterministic for a fixed thread count. The zoo commits the result
 (``checkpoints/tiny-llava-reader``); ``python -m workers.probes.zoo.reader --out DIR`` rebuilds it.
+
+The committed build (400 steps) reads only weakly: it follows the written word in a minority of
+held-out images, mostly in the font and at the high contrast it was tuned on, so it demonstrates
+the probe's measurements (success against the scrambled-text control, relevance on the text) rather
+than a model that reads reliably; more steps or a larger vision tower would be the next step.
 """
 
 from __future__ import annotations
