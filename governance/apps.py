@@ -23,3 +23,5 @@ class GovernanceConfig(AppConfig):
         post_migrate.connect(sync_roles_after_migrate, sender=self, dispatch_uid="loupe-sync-roles")
         # The pipeline's signal receivers (revoking a withdrawn case's tasks).
         from governance import pipeline  # noqa: F401
+        # System checks of the task settings (visibility timeout vs. hard time limit).
+        from governance import checks  # noqa: F401

@@ -570,6 +570,14 @@ class ProbeRun(models.Model):
     code_version = models.CharField(max_length=100, blank=True)
     seed = models.BigIntegerField(null=True, blank=True)
     library_versions = models.JSONField(default=dict, blank=True)
+    # The lease (workers/tasks.py): the delivery that claimed the run holds ``lease_token`` and renews
+    # ``lease_expires_at`` with a heartbeat while it works. A run whose lease lapsed lost its worker;
+    # the sweeper (governance/pipeline.py ``recover_runs``) dispatches it again. ``dispatched_at`` is
+    # when its latest task message was sent, so a message the broker lost is noticed too.
+    lease_token = models.CharField(max_length=64, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    dispatched_at = models.DateTimeField(null=True, blank=True)
 
     objects = ProbeRunQuerySet.as_manager()
 
@@ -713,9 +721,14 @@ class EvidenceArtifact(AppendOnlyModel):
         """Store ``content`` through the default storage and create the row with its SHA-256 and size."""
         if "/" in name or "\\" in name or name in {"", ".", ".."}:
             raise ValueError(f"artifact name {name!r} must be a plain file name")
+        from governance import artifacts
+
         artifact = cls(evidence=evidence, name=name, content_type=content_type,
                        sha256=hashlib.sha256(content).hexdigest(), size=len(content))
-        artifact.file.save(name, ContentFile(content), save=False)
+        # Content-addressed (governance/artifacts.py): a retried transaction rewrites no copies.
+        run = evidence.run
+        artifact.file.name = artifacts.store_blob(artifacts.run_directory(run.case_id, run.pk), content,
+                                                  artifact.sha256, Path(name).suffix[:20])
         artifact.save()
         return artifact
 
@@ -847,6 +860,29 @@ class Countersignature(AppendOnlyModel):
     @property
     def case(self) -> AuditCase:
         return self.report.case
+
+
+class ReportRequest(models.Model):
+    """One request for a report version, keyed by the client's request id (idempotency key).
+
+    The request and the version it produced are linked in the transaction that issues the version,
+    so a repeated request (a client retry, or the ``render_report`` task delivered again after its
+    commit) finds the link and returns the same version instead of issuing another.
+    """
+
+    key = models.CharField(max_length=200, unique=True)
+    case = models.ForeignKey(AuditCase, on_delete=models.PROTECT, related_name="report_requests")
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    report = models.OneToOneField(Report, on_delete=models.PROTECT, null=True, blank=True, related_name="request")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = GovernanceQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["created_at", "pk"]
+
+    def __str__(self) -> str:
+        return f"report request {self.key} for case #{self.case_id}"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,22 +6,31 @@
       ├─ check the broker first: if it is down, answer clearly and write nothing
       ├─ one transaction: submitted -> running, one ProbeRun per plan item (status queued,
       │  a task id of its own), an audit event
-      └─ on commit: chord(group(run_probe(run_id) on queue "gpu" ...), aggregate_case(case_id))
+      └─ on commit: one run_probe(run_id) message per run, on queue "gpu"
 
-    run_probe(run_id)   (workers/tasks.py)      claim the run, run the probe kind, store evidence
+    run_probe(run_id)   (workers/tasks.py)      lease the run, run the probe kind, store evidence,
+                                                then aggregate the case if it was the last run
     aggregate_case(case_id)                     all runs finished -> running -> evidence_ready
+    recover_runs()      (the sweeper: Celery beat, worker start, ``manage.py recover_runs``)
+                                                re-dispatch runs nobody works on, aggregate
+                                                cases whose runs all finished
 
-Why both a chord *and* a check after every run: the chord is the canvas that expresses "then
-aggregate", but its join counts task completions, and with ``acks_late`` a task whose worker died
-after finishing is delivered again and counted twice; the chord may then fire early (and
-aggregation, seeing an unfinished run, does nothing) or never. So each run, once finished, also asks
-for aggregation. ``aggregate_case`` is idempotent and only acts when every run is finished.
+Why no chord: its join counts task completions, and with ``acks_late`` a task whose worker died
+after finishing is delivered again and counted twice, so it fires early or never; it also needs a
+result backend, which RabbitMQ does not give. Instead each run, once finished, asks for
+aggregation, and the sweeper catches what a lost message or a dead worker left behind.
+``aggregate_case`` is idempotent and only acts when every run is finished.
+
+Lost work is found by leases (workers/runtime.py ``Heartbeat``): a worker renews its run's lease
+while it works, so a ``running`` run whose lease lapsed has no worker, and a ``queued`` run not
+claimed long after its dispatch has no message. Locks follow ``workflow.LOCK_ORDER``.
 
 Everything here receives and enqueues ids, never objects (tasks run in other processes, later).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import os
@@ -32,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
+from django.db.models import Q
 from django.dispatch import receiver
 from django.utils import timezone
 
@@ -203,7 +213,7 @@ def start_case(case_id: int, by=None) -> list[int]:
     """
     check_broker()
     with transaction.atomic():
-        case = AuditCase.objects.select_for_update().get(pk=case_id)
+        case = workflow.lock_case(case_id)  # workflow.LOCK_ORDER: the case first
         items = _plan_items_to_run(case)
         if not items:
             raise PipelineError(f"case #{case.pk}: every planned probe already succeeded; nothing to re-run")
@@ -216,7 +226,7 @@ def start_case(case_id: int, by=None) -> list[int]:
         for i, item in items:
             run = ProbeRun.objects.create(case=case, kind=item["kind"], params=item.get("params") or {},
                                           dataset=item.get("dataset") or "", status=ProbeRun.Status.QUEUED,
-                                          queued_at=now, phase="queued")
+                                          queued_at=now, dispatched_at=now, phase="queued")
             run.task_id = task_id_for(run)
             run.save(update_fields=["task_id"])
             runs.append(run)
@@ -227,14 +237,13 @@ def start_case(case_id: int, by=None) -> list[int]:
     return run_ids
 
 
-def dispatch(case_id: int, run_ids: list[int]) -> None:
-    """Send the canvas: the probe tasks (queue ``gpu``) in parallel, then aggregation.
+def dispatch(case_id: int, run_ids: list[int], countdown: float | None = None) -> None:
+    """Send one ``run_probe`` message (queue ``gpu``) per run; each run asks for aggregation when it
+    finishes, and the sweeper aggregates too (:func:`recover_runs`).
 
     Runs after commit. If the broker went away between the check and now, the runs are put back to
-    ``pending`` with the reason, and ``run_audit`` / the API's start action can dispatch them again.
+    ``pending`` with the reason, and the sweeper (or ``manage.py recover_runs``) dispatches them again.
     """
-    from celery import chord, group
-
     from workers.celery import app
 
     # Tasks are sent by name: the web process never imports the worker's task module (which imports
@@ -242,15 +251,17 @@ def dispatch(case_id: int, run_ids: list[int]) -> None:
     if broker_is_eager():
         app.loader.import_default_modules()
     runs = list(ProbeRun.objects.filter(pk__in=run_ids).order_by("pk"))
-    header = group(app.signature("workers.tasks.run_probe", args=(run.pk,), immutable=True).set(task_id=run.task_id)
-                   for run in runs)
+    sent: list[int] = []
     try:
-        chord(header)(app.signature("workers.tasks.aggregate_case", args=(case_id,), immutable=True))
+        for run in runs:
+            app.signature("workers.tasks.run_probe", args=(run.pk,)).apply_async(task_id=run.task_id,
+                                                                                 countdown=countdown)
+            sent.append(run.pk)
     except Exception as exc:
         if broker_is_eager():
             raise
-        logger.exception("dispatching case %s failed", case_id)
-        ProbeRun.objects.filter(pk__in=run_ids, status=ProbeRun.Status.QUEUED).update(
+        logger.exception("dispatching runs of case %s failed", case_id)
+        ProbeRun.objects.filter(pk__in=set(run_ids) - set(sent), status=ProbeRun.Status.QUEUED).update(
             status=ProbeRun.Status.PENDING, phase=f"not dispatched: broker unavailable ({type(exc).__name__})")
 
 
@@ -258,16 +269,115 @@ def dispatch_pending(case_id: int) -> list[int]:
     """Dispatch runs of a running case that never reached the broker (see :func:`dispatch`)."""
     check_broker()
     with transaction.atomic():
-        pending = list(ProbeRun.objects.select_for_update().filter(
-            case_id=case_id, case__state=S.RUNNING, status=ProbeRun.Status.PENDING))
+        pending = list(ProbeRun.objects.select_for_update(of=("self",), no_key=True).filter(
+            case_id=case_id, case__state=S.RUNNING, status=ProbeRun.Status.PENDING).order_by("pk"))
+        now = timezone.now()
         for run in pending:
             run.status = ProbeRun.Status.QUEUED
             run.phase = "queued again"
-            run.save(update_fields=["status", "phase"])
+            run.dispatched_at = now
+            run.save(update_fields=["status", "phase", "dispatched_at"])
         run_ids = [r.pk for r in pending]
         if run_ids:
             transaction.on_commit(functools.partial(dispatch, case_id, run_ids))
     return run_ids
+
+
+# --------------------------------------------------------------------------------------------------
+# Recovery: the sweeper
+# --------------------------------------------------------------------------------------------------
+
+
+def _utc(value) -> str:
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def recover_runs(now: dt.datetime | None = None) -> dict[str, list[int]]:
+    """Find work nobody is doing and get it done; safe to run any number of times, anywhere, at once.
+
+    - a ``running`` run whose lease lapsed (its worker died or hangs): back to ``queued`` with
+      "worker lost, retrying at ..." and dispatched again after a backoff; after
+      ``LOUPE_RUN_MAX_ATTEMPTS`` lost workers it fails with the reason instead;
+    - a ``pending`` or ``queued`` run of a running case not claimed ``LOUPE_RUN_REDISPATCH_AFTER``
+      seconds after its last dispatch (the broker lost the message): dispatched again;
+    - an active run of a case that is no longer running: cancelled;
+    - a running case whose runs all finished: aggregated.
+
+    Each run is handled under its row lock (``skip_locked``: two sweepers never both take a run) and
+    re-checked there, and ``dispatched_at`` moves forward, so a second sweep finds nothing to do.
+    A duplicate message is harmless anyway: the run's lease lets only one delivery execute it.
+    Returns the run and case ids acted on, by what was done.
+    """
+    from workers import runtime
+
+    now = now or timezone.now()
+    lease = runtime.lease_duration()
+    redispatch_after = dt.timedelta(seconds=settings.LOUPE_RUN_REDISPATCH_AFTER)
+    done: dict[str, list[int]] = {"requeued": [], "redispatched": [], "failed": [], "cancelled": [], "aggregated": []}
+    lapsed = Q(status=ProbeRun.Status.RUNNING) & (
+        Q(lease_expires_at__lt=now) | Q(lease_expires_at__isnull=True, started_at__lt=now - lease))
+    unclaimed = Q(status__in=(ProbeRun.Status.PENDING, ProbeRun.Status.QUEUED)) & (
+        Q(dispatched_at__lt=now - redispatch_after)
+        | Q(dispatched_at__isnull=True, queued_at__lt=now - redispatch_after)
+        | Q(dispatched_at__isnull=True, queued_at__isnull=True, created_at__lt=now - redispatch_after))
+    orphaned = Q(status__in=ProbeRun.ACTIVE) & ~Q(case__state=S.RUNNING)
+    candidates = list(ProbeRun.objects.filter(lapsed | unclaimed | orphaned).order_by("pk").values_list("pk", flat=True))
+    to_dispatch: dict[tuple[int, float], list[int]] = {}
+    for run_id in candidates:
+        with transaction.atomic():
+            run = (ProbeRun.objects.select_for_update(of=("self",), no_key=True, skip_locked=True)
+                   .filter(pk=run_id).filter(lapsed | unclaimed | orphaned).first())
+            if run is None:
+                continue  # another sweeper or a worker holds it, or it moved on
+            case_state = AuditCase.objects.filter(pk=run.case_id).values_list("state", flat=True).get()
+            if case_state != S.RUNNING:
+                run.status, run.finished_at = ProbeRun.Status.CANCELLED, now
+                run.phase = f"cancelled: the case is '{case_state}'"
+                run.lease_expires_at = None
+                run.save(update_fields=["status", "finished_at", "phase", "lease_expires_at"])
+                done["cancelled"].append(run.pk)
+                continue
+            was_running = run.status == ProbeRun.Status.RUNNING
+            if was_running and run.attempts >= settings.LOUPE_RUN_MAX_ATTEMPTS:
+                last = _utc(run.heartbeat_at) if run.heartbeat_at else "never"
+                run.status, run.finished_at, run.phase = ProbeRun.Status.FAILED, now, "failed"
+                run.error = (f"worker lost {run.attempts} times (last heartbeat {last}); "
+                             f"gave up after {settings.LOUPE_RUN_MAX_ATTEMPTS} attempts")
+                run.lease_expires_at = None
+                run.save(update_fields=["status", "finished_at", "phase", "error", "lease_expires_at"])
+                audit_log.record(None, "run.failed", run, {"kind": run.kind, "error": run.error})
+                done["failed"].append(run.pk)
+                continue
+            delay = runtime.retry_delay(run.attempts) if was_running else 0.0
+            retry_at = now + dt.timedelta(seconds=delay)
+            if was_running:
+                last = _utc(run.heartbeat_at) if run.heartbeat_at else "never"
+                run.phase = f"worker lost (last heartbeat {last}), retrying at {_utc(retry_at)}"
+                done["requeued"].append(run.pk)
+            else:
+                since = run.dispatched_at or run.queued_at or run.created_at
+                run.phase = f"not picked up since {_utc(since)} (task message lost?), dispatched again at {_utc(retry_at)}"
+                done["redispatched"].append(run.pk)
+            run.status = ProbeRun.Status.QUEUED
+            run.progress = 0.0
+            run.lease_token, run.lease_expires_at = "", None
+            run.dispatched_at = retry_at
+            run.save(update_fields=["status", "progress", "phase", "lease_token", "lease_expires_at", "dispatched_at"])
+            if was_running:
+                audit_log.record(None, "run.requeued", run, {"kind": run.kind, "attempts": run.attempts,
+                                                             "reason": "worker lost (lease lapsed)"})
+            to_dispatch.setdefault((run.case_id, delay), []).append(run.pk)
+    for (case_id, delay), run_ids in to_dispatch.items():
+        dispatch(case_id, run_ids, countdown=delay or None)
+    stalled = (AuditCase.objects.filter(state=S.RUNNING).exclude(runs__status__in=ProbeRun.ACTIVE)
+               .values_list("pk", flat=True))
+    for case_id in list(stalled):
+        result = aggregate_case(case_id)
+        if "evidence ready" in result:
+            done["aggregated"].append(case_id)
+    if any(done.values()):
+        logger.info("recover_runs: %s", {k: v for k, v in done.items() if v})
+    return done
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,6 +388,7 @@ def dispatch_pending(case_id: int) -> list[int]:
 def case_progress(case: AuditCase) -> dict[str, Any]:
     """Counts by status, overall progress (0..1) and whether the evidence is partial."""
     runs = list(case.runs.all())
+    missing = unsatisfied_plan_items(case, runs)
     counts = {status: 0 for status in ProbeRun.Status.values}
     for run in runs:
         counts[run.status] += 1
@@ -287,10 +398,24 @@ def case_progress(case: AuditCase) -> dict[str, Any]:
         "runs": total,
         "counts": counts,
         "progress": round(progress, 4),
-        "partial": counts[ProbeRun.Status.FAILED] > 0 or counts[ProbeRun.Status.CANCELLED] > 0,
+        "partial": bool(missing),
         "failed": [{"run": run.pk, "kind": run.kind, "error": run.error} for run in runs
-                   if run.status == ProbeRun.Status.FAILED],
+                   if run.status == ProbeRun.Status.FAILED and _item_key(run.kind, run.params, run.dataset) in missing],
     }
+
+
+def _item_key(kind: str, params: dict[str, Any] | None, dataset: str | None) -> tuple[str, str, str]:
+    return kind, _key(params or {}), dataset or ""
+
+
+def unsatisfied_plan_items(case: AuditCase, runs: list[ProbeRun] | None = None) -> set[tuple[str, str, str]]:
+    """Plan items of ``case`` without a succeeded run. Evidence is partial exactly when this is not
+    empty: runs cancelled or failed on the way (a withdrawn and resubmitted case, a re-run that then
+    succeeded) do not make it partial once every planned item has succeeded."""
+    runs = list(case.runs.all()) if runs is None else runs
+    succeeded = {_item_key(r.kind, r.params, r.dataset) for r in runs if r.status == ProbeRun.Status.SUCCEEDED}
+    planned = {_item_key(item["kind"], item.get("params"), item.get("dataset")) for item in case.probe_plan or []}
+    return planned - succeeded
 
 
 def aggregate_case(case_id: int) -> str:
@@ -300,7 +425,7 @@ def aggregate_case(case_id: int) -> str:
     event, the API (``progress.partial``) and the report state plainly.
     """
     with transaction.atomic():
-        case = AuditCase.objects.select_for_update().get(pk=case_id)
+        case = workflow.lock_case(case_id)  # workflow.LOCK_ORDER: the case first
         if case.state != S.RUNNING:
             return f"case #{case_id} is '{case.state}'; nothing to aggregate"
         if case.runs.filter(status__in=ProbeRun.ACTIVE).exists():
@@ -336,8 +461,14 @@ class RunProgress:
                 return
             self._last_write, self._last_phase = now, phase
         # Never report 1.0 from inside the probe: "done" is set with the evidence, atomically.
-        ProbeRun.objects.filter(pk=self.run_id, status=ProbeRun.Status.RUNNING).update(
-            progress=min(fraction, 0.99), phase=phase)
+        try:
+            ProbeRun.objects.filter(pk=self.run_id, status=ProbeRun.Status.RUNNING).update(
+                progress=min(fraction, 0.99), phase=phase)
+        except (OperationalError, InterfaceError):
+            # Progress is best effort: a database blip must not fail a probe that is otherwise fine
+            # (the heartbeat and the final write decide what happens to the run).
+            logger.warning("progress of run %s not written", self.run_id, exc_info=True)
+            connection.close()
         for listener in list(progress_listeners):
             listener(self.run_id, fraction, phase)
 

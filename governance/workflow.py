@@ -29,8 +29,9 @@ current :func:`case_digest`) and no objection is open; a case-level ``reject`` m
 or report section never move the case, but an item whose latest decision by a reviewer is not
 ``approve`` is an open objection that blocks approval.
 
-Every change locks the case row (``SELECT ... FOR UPDATE``), checks, saves and writes the audit log in
-one transaction, so concurrent sign-offs cannot both "complete" a case or skip a check.
+Every change locks the case row (``SELECT ... FOR UPDATE`` of that row only), checks, saves and writes
+the audit log in one transaction, so concurrent sign-offs cannot both "complete" a case or skip a
+check. Locks are always taken in :data:`LOCK_ORDER` (case, its runs, the audit chain head).
 
 Public API (names are stable; the API, admin and tasks call these):
 
@@ -213,9 +214,29 @@ def available_transitions(case: AuditCase, user) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
+# Lock order, the same on every path that writes (workflow, pipeline, tasks, reports):
+#   1. the case row (AuditCase, FOR UPDATE of that row only),
+#   2. its probe-run rows (ProbeRun, by ascending pk),
+#   3. the audit chain head (governance.audit_log.record, always last: every write ends with it).
+# ``of=("self",)`` matters: with ``select_related`` PostgreSQL would otherwise also lock the joined
+# ModelVersion and AIModel rows, serialising every action on every case of one model version and
+# taking them in the opposite order to a case insert (chain head, then the version's key-share
+# lock), which deadlocks. ``no_key=True`` (FOR NO KEY UPDATE) because nothing here changes a key:
+# rows that merely *reference* the case (audit events, runs, sign-offs) check their foreign key
+# with a KEY SHARE lock at commit, often while holding the chain head; a plain FOR UPDATE would
+# make them wait for the case while its holder waits for the chain head.
+LOCK_ORDER = ("case", "probe runs (by pk)", "audit chain head")
+
+
+def lock_case(case_id: int) -> AuditCase:
+    """``SELECT ... FOR NO KEY UPDATE OF`` the case row only (first in :data:`LOCK_ORDER`).
+    Call inside ``transaction.atomic()``."""
+    return (AuditCase.objects.select_for_update(of=("self",), no_key=True)
+            .select_related("model_version__ai_model").get(pk=case_id))
+
+
 def _lock(case: AuditCase) -> AuditCase:
-    return (AuditCase.objects.select_for_update()
-            .select_related("model_version__ai_model").get(pk=case.pk))
+    return lock_case(case.pk)
 
 
 def _sync(source: AuditCase, target: AuditCase) -> None:

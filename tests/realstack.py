@@ -23,11 +23,18 @@ Reusable pieces for reliability tests (SIGKILL, Redis restarts, broker down):
 - :class:`RedisServer`: a private, throw-away ``redis-server`` on a free port (optionally with an
   append-only file, so a restart keeps queued messages), for tests that stop or restart the broker
   without disturbing the shared one;
+- :func:`use_broker`: point this test process's Celery app at another broker for a while (a private
+  Redis), and back, leaving no closed connection pool behind;
+- :class:`DatabaseOutage`: ``pg_terminate_backend`` every connection to the test database in a loop;
+- workers started with ``beat=True`` run Celery beat too (the sweeper), and with
+  ``kill_after={"workers.tasks.render_report"}`` the pool process SIGKILLs itself once after that
+  task committed and before it is acknowledged (``tests/faults.py``);
 - :func:`wait_until`: poll a condition with a timeout and a helpful failure message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -35,6 +42,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from itertools import count
@@ -99,15 +107,23 @@ class WorkerProcess:
     """One ``celery worker`` subprocess in its own process group."""
 
     def __init__(self, env: dict[str, str], *, queues: str = "gpu,cpu,reports", concurrency: int = 1,
-                 log_dir: Path, extra_args: list[str] | None = None) -> None:
+                 log_dir: Path, extra_args: list[str] | None = None, beat: bool = False,
+                 kill_after: set[str] | frozenset[str] = frozenset()) -> None:
         number = next(_worker_numbers)
         self.hostname = f"loupe-test-{os.getpid()}-{number}@{socket.gethostname()}"
-        self.env = env
+        self.env = dict(env)
         self.log_path = log_dir / f"worker-{number}.log"
+        extra = list(extra_args or [])
+        if beat:  # the schedule file goes with the logs, never into the checkout
+            extra += ["-B", "-s", str(log_dir / f"beat-{number}")]
+        if kill_after:
+            extra += ["--include", "tests.faults"]
+            self.env["LOUPE_TEST_KILL_AFTER"] = ",".join(sorted(kill_after))
+            self.env["LOUPE_TEST_KILL_MARKERS"] = str(log_dir / f"kills-{number}")
         self.command = [
             sys.executable, "-m", "celery", "-A", "workers.celery", "worker",
             "-Q", queues, "-c", str(concurrency), "--pool=prefork", "-n", self.hostname,
-            "--loglevel=INFO", "--without-mingle", "--without-gossip", *(extra_args or []),
+            "--loglevel=INFO", "--without-mingle", "--without-gossip", *extra,
         ]
         self.process: subprocess.Popen | None = None
 
@@ -215,6 +231,78 @@ class RealStack:
         from workers.celery import app
 
         return app.control.purge()
+
+
+@contextlib.contextmanager
+def use_broker(url: str) -> Iterator[None]:
+    """Point this test process's Celery app (publisher and result backend) at another broker.
+
+    kombu keeps connection and producer pools in process-wide registries keyed by the broker URL:
+    closing the app's pool without removing it from there leaves a *closed* pool that the next user
+    of the same URL gets back ("Acquire on closed pool" in whichever test comes next). So every
+    switch resets the registries, which closes and forgets all pools."""
+    from kombu import pools
+
+    from workers.celery import app
+
+    def reset() -> None:
+        pools.reset()
+        app._pool = None
+        app.amqp._producer_pool = None
+        app._local.__dict__.pop("backend", None)
+
+    saved_env = os.environ.get("CELERY_BROKER_URL")
+    saved = app.conf.broker_url, app.conf.result_backend
+    os.environ["CELERY_BROKER_URL"] = url  # Celery lets the environment win over its configuration
+    app.conf.broker_url = app.conf.result_backend = url
+    reset()
+    try:
+        yield
+    finally:
+        app.conf.broker_url, app.conf.result_backend = saved
+        if saved_env is None:
+            os.environ.pop("CELERY_BROKER_URL", None)
+        else:
+            os.environ["CELERY_BROKER_URL"] = saved_env
+        reset()
+
+
+class DatabaseOutage:
+    """Terminate every other session on the test database every ``interval`` seconds for ``seconds``
+    (``pg_terminate_backend``), from a thread with its own connection: workers, heartbeats and this
+    process's Django connection all lose theirs, and new ones last until the next round. Use as a
+    context manager around the outage, or ``start()``/``join()``; close Django's connection after."""
+
+    def __init__(self, database_url: str, *, seconds: float = 45.0, interval: float = 0.25) -> None:
+        self.database_url = database_url
+        self.seconds = seconds
+        self.interval = interval
+        self.terminated = 0
+        self._thread = threading.Thread(target=self._loop, name="database-outage", daemon=True)
+
+    def _loop(self) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + self.seconds
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            while time.monotonic() < deadline:
+                rows = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                    "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall()
+                self.terminated += len(rows)
+                time.sleep(self.interval)
+
+    def start(self) -> DatabaseOutage:
+        self._thread.start()
+        return self
+
+    def join(self) -> None:
+        self._thread.join(timeout=self.seconds + 30)
+
+    def __enter__(self) -> DatabaseOutage:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.join()
 
 
 class RedisServer:

@@ -12,6 +12,14 @@ limits, broker visibility timeout). This module only builds the app and routes t
 Start a worker that serves both queues with::
 
     celery -A workers.celery worker -Q gpu,cpu,reports -c 1 --pool=prefork
+
+and one scheduler for the whole deployment (or ``-B`` on exactly one worker)::
+
+    celery -A workers.celery beat
+
+Beat sends the sweeper (``workers.tasks.recover_runs``) every ``LOUPE_SWEEP_INTERVAL`` seconds; every
+worker also sends one when it starts, so work stranded by a crash or a broker restart is picked up
+as soon as a worker is back, even without beat. Sweeps are idempotent, so extra ones are harmless.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import os
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_init, worker_ready
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "governance.settings")
 
@@ -44,3 +53,36 @@ def route_task(name: str, args: Any, kwargs: Any, options: dict[str, Any], task:
 app = Celery("loupe")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks(["workers"], related_name="tasks")
+
+
+def _beat_schedule() -> dict[str, dict[str, Any]]:
+    from django.conf import settings
+
+    return {"loupe-recover-runs": {"task": "workers.tasks.recover_runs",
+                                   "schedule": float(settings.LOUPE_SWEEP_INTERVAL),
+                                   "options": {"expires": float(settings.LOUPE_SWEEP_INTERVAL)}}}
+
+
+app.conf.beat_schedule = _beat_schedule()
+
+
+@worker_ready.connect(dispatch_uid="loupe-sweep-on-worker-start")
+def sweep_on_worker_start(sender: Any = None, **kwargs: Any) -> None:
+    """A worker that starts (perhaps replacing one that crashed) asks for a sweep at once."""
+    try:
+        app.send_task("workers.tasks.recover_runs", queue=CPU_QUEUE)
+    except Exception:  # noqa: BLE001 - the broker may be flaky at start; beat sweeps again later
+        import logging
+
+        logging.getLogger(__name__).warning("could not request a sweep at worker start", exc_info=True)
+
+
+@worker_init.connect(dispatch_uid="loupe-refuse-unsafe-settings")
+def refuse_unsafe_settings(sender: Any = None, **kwargs: Any) -> None:
+    """A worker does not start on settings that would run a probe twice (governance/checks.py)."""
+    from django.core.checks import run_checks
+    from django.core.exceptions import ImproperlyConfigured
+
+    serious = [message for message in run_checks() if message.is_serious() and str(message.id).startswith("loupe.")]
+    if serious:
+        raise ImproperlyConfigured("; ".join(f"{m.id}: {m.msg}" for m in serious))

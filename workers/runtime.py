@@ -97,3 +97,96 @@ def code_version() -> str:
 
 
 _CODE_VERSION: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Run leases, heartbeats and retry timing (see workers/tasks.py run_probe, governance/pipeline.py
+# recover_runs). Read from settings at call time, so tests and operators can change them.
+# --------------------------------------------------------------------------------------------------
+
+
+def lease_duration():
+    """How long a claimed run stays leased without a heartbeat (``LOUPE_RUN_LEASE_SECONDS``)."""
+    import datetime as dt
+
+    from django.conf import settings
+
+    return dt.timedelta(seconds=settings.LOUPE_RUN_LEASE_SECONDS)
+
+
+def heartbeat_interval() -> float:
+    """A third of the lease: two heartbeats may be missed (a slow database) before the lease lapses."""
+    return lease_duration().total_seconds() / 3
+
+
+def retry_window() -> float:
+    """Seconds during which transient errors are retried before a run fails (``LOUPE_RUN_RETRY_WINDOW``)."""
+    from django.conf import settings
+
+    return float(settings.LOUPE_RUN_RETRY_WINDOW)
+
+
+def retry_delay(retries: int) -> float:
+    """Exponential backoff: 1, 2, 4, ... seconds, capped at ``LOUPE_RUN_RETRY_MAX_DELAY``."""
+    from django.conf import settings
+
+    return float(min(2 ** min(retries, 16), settings.LOUPE_RUN_RETRY_MAX_DELAY))
+
+
+def pause(seconds: float) -> None:
+    """Sleep between in-process retries (its own name, so tests can skip the wait)."""
+    import time
+
+    time.sleep(seconds)
+
+
+class Heartbeat:
+    """Renews a run's lease every :func:`heartbeat_interval` seconds from a daemon thread while the
+    probe works. It writes only while the run is still ``running`` under this lease token, so a
+    delivery whose lease was taken over stops renewing (``lost`` becomes true). Database errors are
+    logged and retried on the next beat: a blip must not kill the probe, and a long outage lets the
+    lease lapse, which is exactly what the sweeper should then see."""
+
+    def __init__(self, run_id: int, token: str) -> None:
+        self.run_id = run_id
+        self.token = token
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"loupe-heartbeat-{run_id}", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def beat(self) -> bool:
+        from django.utils import timezone
+
+        from governance.models import ProbeRun
+
+        now = timezone.now()
+        updated = ProbeRun.objects.filter(pk=self.run_id, lease_token=self.token,
+                                          status=ProbeRun.Status.RUNNING).update(
+            lease_expires_at=now + lease_duration(), heartbeat_at=now)
+        return updated == 1
+
+    def _loop(self) -> None:
+        import logging
+
+        from django.db import connection
+
+        log = logging.getLogger(__name__)
+        try:
+            while not self._stop.wait(heartbeat_interval()):
+                try:
+                    if not self.beat():
+                        self.lost = True
+                        return
+                except Exception:  # noqa: BLE001 - a database blip; the next beat tries again
+                    log.warning("heartbeat of run %s failed", self.run_id, exc_info=True)
+                    connection.close()
+        finally:
+            connection.close()  # this thread's own connection

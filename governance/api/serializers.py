@@ -161,7 +161,8 @@ class ProbeRunSerializer(serializers.ModelSerializer):
         model = m.ProbeRun
         fields = ["id", "case", "kind", "params", "dataset", "status", "progress", "phase", "created_at", "queued_at",
                   "started_at", "finished_at", "duration_seconds", "error", "task_id", "attempts", "device",
-                  "model_manifest_hash", "dataset_hash", "code_version", "seed", "library_versions"]
+                  "model_manifest_hash", "dataset_hash", "code_version", "seed", "library_versions",
+                  "heartbeat_at", "lease_expires_at"]
         read_only_fields = fields
 
 

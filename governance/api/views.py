@@ -19,7 +19,7 @@ from pathlib import Path
 from django.db import transaction
 from django.http import FileResponse, HttpResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action
@@ -314,7 +314,7 @@ class AuditCaseViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveModel
         "start": WRITERS, "reviewers": frozenset({ADMIN}),
         # Anyone but an auditor may try: the workflow then names the reason (e.g. segregation of duties).
         "signoff": frozenset({SUBMITTER, REVIEWER, ADMIN}),
-        "request_report": frozenset({REVIEWER, ADMIN}),
+        "request_report": frozenset({REVIEWER, ADMIN}), "rerun": WRITERS,
     }
 
     def get_serializer_class(self):
@@ -356,7 +356,7 @@ class AuditCaseViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveModel
         data = dict(serializer.validated_data)
         reviewers = data.pop("reviewers", None)
         with transaction.atomic():
-            case = m.AuditCase.objects.select_for_update().get(pk=serializer.instance.pk)
+            case = workflow.lock_case(serializer.instance.pk)
             if not access.can_edit(user, case):  # re-checked under the lock: the state may have moved on
                 raise PermissionDenied(f"Case #{case.pk} is '{case.state}' and can no longer be edited.")
             changed = _changes(case, data)
@@ -395,6 +395,18 @@ class AuditCaseViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveModel
         _start_case(case, request.user)
         return self._respond(case, status.HTTP_202_ACCEPTED)
 
+    @extend_schema(summary="Run the failed probes of a case again (evidence ready -> running; admins)", request=None,
+                   responses={202: serializers.AuditCaseSerializer, **ERRORS})
+    @action(detail=True, methods=["post"])
+    def rerun(self, request, pk=None):
+        case = self.get_object()
+        if case.state != m.AuditCase.State.EVIDENCE_READY:
+            return Response({"error": "not_rerunnable",
+                             "detail": f"Case #{case.pk} is '{case.state}'; failed probes are re-run once its "
+                                       "evidence is ready."}, status=status.HTTP_409_CONFLICT)
+        _start_case(case, request.user)
+        return self._respond(case, status.HTTP_202_ACCEPTED)
+
     @extend_schema(summary="Sign off the case (or one evidence item / report section)",
                    request=serializers.SignoffRequestSerializer,
                    responses={201: serializers.SignoffSerializer, **ERRORS})
@@ -408,19 +420,32 @@ class AuditCaseViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveModel
                         status=status.HTTP_201_CREATED)
 
     @extend_schema(summary="Issue the next report version of this case (rendered now, immutable afterwards)",
-                   request=None, responses={201: serializers.ReportSerializer, **ERRORS})
+                   description="Send an `Idempotency-Key` header (any unique string, e.g. a UUID) to make the "
+                               "request safe to repeat: the same key returns the version it issued (200) "
+                               "instead of issuing another.",
+                   parameters=[OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER, required=False)],
+                   request=None, responses={201: serializers.ReportSerializer, 200: serializers.ReportSerializer,
+                                            **ERRORS})
     @action(detail=True, methods=["post"], url_path="reports")
     def request_report(self, request, pk=None):
+        import uuid
+
+        from governance import report_requests
+
         case = self.get_object()
         if case.state in (m.AuditCase.State.DRAFT, m.AuditCase.State.SUBMITTED, m.AuditCase.State.RUNNING):
             return Response({"error": "no_evidence_yet",
                              "detail": f"Case #{case.pk} is '{case.state}'; a report needs the evidence first."},
                             status=status.HTTP_409_CONFLICT)
-        from governance.reports import generate_report
-
-        report = generate_report(case, author=request.user)
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not 0 < len(key.strip()) <= report_requests.MAX_KEY_LENGTH:
+            return Response({"error": "bad_idempotency_key",
+                             "detail": f"Idempotency-Key must be 1 to {report_requests.MAX_KEY_LENGTH} characters."},
+                            status=status.HTTP_400_BAD_REQUEST)
+        key = f"api:{request.user.pk}:{key.strip()}" if key else f"api:{uuid.uuid4()}"
+        report, created = report_requests.issue(case.pk, request.user, key)
         return Response(serializers.ReportSerializer(report, context=self.get_serializer_context()).data,
-                        status=status.HTTP_201_CREATED)
+                        status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def generate_report(case: AuditCase, *, author, sign: bool = True) -> Report:
     try:
         with transaction.atomic():
             # Lock the case so two concurrent requests cannot both compute version n+1.
-            locked = Case.objects.select_for_update().get(pk=case.pk)
+            locked = Case.objects.select_for_update(of=("self",), no_key=True).get(pk=case.pk)  # workflow.LOCK_ORDER
             refused = unbound_case_rows(locked)  # again, under the lock
             if refused:
                 raise DigestMismatch(f"refusing to issue a report for case #{case.pk}: " + "; ".join(refused))

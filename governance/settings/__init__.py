@@ -191,6 +191,19 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "unacked_restore_throttle": 1,
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Run leases and recovery (workers/runtime.py, governance/pipeline.py recover_runs): a claimed run
+# is leased for LOUPE_RUN_LEASE_SECONDS and renewed by a heartbeat every third of that; a run
+# whose lease lapsed, or that sat queued LOUPE_RUN_REDISPATCH_AFTER seconds without a worker
+# claiming it (a message the broker lost), is dispatched again by the sweeper, which runs every
+# LOUPE_SWEEP_INTERVAL seconds (Celery beat) and when a worker starts. A run that lost its worker
+# LOUPE_RUN_MAX_ATTEMPTS times, or met transient errors for LOUPE_RUN_RETRY_WINDOW seconds, fails
+# with the reason.
+LOUPE_RUN_LEASE_SECONDS = float(os.environ.get("LOUPE_RUN_LEASE_SECONDS", "60"))
+LOUPE_RUN_REDISPATCH_AFTER = float(os.environ.get("LOUPE_RUN_REDISPATCH_AFTER", "600"))
+LOUPE_RUN_MAX_ATTEMPTS = int(os.environ.get("LOUPE_RUN_MAX_ATTEMPTS", "5"))
+LOUPE_RUN_RETRY_WINDOW = float(os.environ.get("LOUPE_RUN_RETRY_WINDOW", "600"))
+LOUPE_RUN_RETRY_MAX_DELAY = float(os.environ.get("LOUPE_RUN_RETRY_MAX_DELAY", "30"))
+LOUPE_SWEEP_INTERVAL = float(os.environ.get("LOUPE_SWEEP_INTERVAL", "60"))
 CELERY_TASK_DEFAULT_QUEUE = "cpu"
 CELERY_TASK_CREATE_MISSING_QUEUES = True
 CELERY_TASK_ROUTES = ("workers.celery.route_task",)
