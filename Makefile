@@ -6,8 +6,10 @@ PYTHON ?= $$(test -x $(VENV)/bin/python && echo $(VENV)/bin/python || echo pytho
 # The real-stack test row: PostgreSQL + Redis + a real Celery worker process (see tests/realstack.py).
 REAL_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/loupe
 REAL_BROKER_URL ?= redis://127.0.0.1:6379/15
+# The same row on RabbitMQ (kombu's pyamqp), the broker that keeps messages durably.
+RABBITMQ_BROKER_URL ?= amqp://guest:guest@127.0.0.1:5672//
 
-.PHONY: help install demo test test-real migrate zoo bench
+.PHONY: help install demo test test-real test-real-rabbitmq migrate zoo bench
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -26,6 +28,9 @@ test: ## the test suite (SQLite + in-process tasks); PYTEST_ARGS="tests/test_api
 
 test-real: ## the database tests again on PostgreSQL + Redis with a real Celery worker process
 	LOUPE_REAL_STACK=1 DATABASE_URL=$(REAL_DATABASE_URL) CELERY_BROKER_URL=$(REAL_BROKER_URL) $(PYTHON) -m pytest $(PYTEST_ARGS)
+
+test-real-rabbitmq: ## the tests with real worker processes (-m realworker) on PostgreSQL + RabbitMQ
+	LOUPE_REAL_STACK=1 DATABASE_URL=$(REAL_DATABASE_URL) CELERY_BROKER_URL=$(RABBITMQ_BROKER_URL) $(PYTHON) -m pytest -m realworker $(PYTEST_ARGS)
 
 zoo: ## retrain the reference models from scratch
 	$(PYTHON) -m workers.probes.zoo build

@@ -35,7 +35,10 @@ def routed_queues() -> set[str]:
     return queues
 
 
-@pytest.mark.parametrize("name", [n for n, s in SERVICES.items() if "celery" in (s.get("command") or [])])
+WORKERS = [n for n, s in SERVICES.items() if "celery" in (s.get("command") or []) and "worker" in s["command"]]
+
+
+@pytest.mark.parametrize("name", WORKERS)
 def test_it_starts_workers_on_a_real_celery_app_and_queues_the_code_routes_to(name):
     command = SERVICES[name]["command"]
     app_path = option(command, "-A", "--app")
@@ -47,11 +50,17 @@ def test_it_starts_workers_on_a_real_celery_app_and_queues_the_code_routes_to(na
 
 def test_it_consumes_every_queue_the_code_routes_to():
     consumed = set()
-    for service in SERVICES.values():
-        command = service.get("command") or []
-        if "celery" in command:
-            consumed |= set(option(command, "-Q", "--queues").split(","))
+    for name in WORKERS:
+        consumed |= set(option(SERVICES[name]["command"], "-Q", "--queues").split(","))
     assert routed_queues() <= consumed
+
+
+def test_it_runs_exactly_one_scheduler_for_the_sweeper():
+    schedulers = [n for n, s in SERVICES.items() if "beat" in (s.get("command") or []) or "-B" in (s.get("command") or [])]
+    assert schedulers == ["beat"]
+    assert "replicas" not in (SERVICES["beat"].get("deploy") or {})
+    tasks = {entry["task"] for entry in celery_module.app.conf.beat_schedule.values()}
+    assert "workers.tasks.recover_runs" in tasks
 
 
 def test_it_gives_the_gpu_worker_a_gpu_and_one_process():

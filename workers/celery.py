@@ -80,9 +80,13 @@ def sweep_on_worker_start(sender: Any = None, **kwargs: Any) -> None:
 @worker_init.connect(dispatch_uid="loupe-refuse-unsafe-settings")
 def refuse_unsafe_settings(sender: Any = None, **kwargs: Any) -> None:
     """A worker does not start on settings that would run a probe twice (governance/checks.py)."""
+    import logging
+
     from django.core.checks import run_checks
-    from django.core.exceptions import ImproperlyConfigured
 
     serious = [message for message in run_checks() if message.is_serious() and str(message.id).startswith("loupe.")]
     if serious:
-        raise ImproperlyConfigured("; ".join(f"{m.id}: {m.msg}" for m in serious))
+        text = "; ".join(f"{m.id}: {m.msg} (hint: {m.hint})" for m in serious)
+        logging.getLogger(__name__).critical("refusing to start: %s", text)
+        # SystemExit, not an exception: Celery logs and ignores exceptions raised by signal handlers.
+        raise SystemExit(f"refusing to start: {text}")

@@ -118,8 +118,8 @@ def _claim(run_id: int, task_id: str, lease: str | None = None):
 
     with transaction.atomic():
         # Only the run row is locked (workflow.LOCK_ORDER: a run after its case; the case is read).
-        run = ProbeRun.objects.select_for_update(of=("self",), no_key=True).get(pk=run_id)
-        if run.is_finished:
+        run = ProbeRun.objects.select_for_update(of=("self",), no_key=True).filter(pk=run_id).first()
+        if run is None or run.is_finished:  # (a message outliving its row, e.g. a restored database)
             return None
         now = timezone.now()
         case_state = AuditCase.objects.filter(pk=run.case_id).values_list("state", flat=True).get()

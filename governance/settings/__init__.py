@@ -155,10 +155,14 @@ SPECTACULAR_SETTINGS = {
 # --- Celery -----------------------------------------------------------------
 # Without a broker URL tasks run eagerly, in-process: the embedded default.
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "")
-# The pipeline's chord (probe runs, then aggregation) needs a result backend; the broker's Redis
-# serves unless one is configured. Results are small (a run id and a status) and expire in a day.
-CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND", CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(
-    ("redis://", "rediss://")) else "")
+# Brokers: Redis (redis://) or RabbitMQ (amqp://, kombu's pyamqp). The pipeline needs no task results
+# (runs record their outcome in the database); they serve callers that wait for one (tests, the
+# admin). On Redis the broker's own database keeps them, on RabbitMQ they travel back as messages
+# to the caller (rpc://). Results are small and expire in a day.
+_DEFAULT_RESULT_BACKEND = (CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://"))
+                           else "rpc://" if CELERY_BROKER_URL.startswith(("amqp://", "amqps://", "pyamqp://"))
+                           else "")
+CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND", _DEFAULT_RESULT_BACKEND)
 CELERY_RESULT_EXPIRES = 24 * 3600
 CELERY_TASK_ALWAYS_EAGER = not CELERY_BROKER_URL
 CELERY_TASK_EAGER_PROPAGATES = True
