@@ -3,7 +3,8 @@
 The default test run uses SQLite and executes tasks in-process (eagerly). With ``LOUPE_REAL_STACK=1``
 and ``DATABASE_URL=postgres://...``, ``CELERY_BROKER_URL=redis://...`` the same suite runs on
 PostgreSQL, and tests that ask for the ``celery_worker`` fixture talk to a real
-``celery -A workers.celery worker -Q gpu,cpu,reports -c 1 --pool=prefork`` subprocess through Redis.
+``celery -A workers.celery worker -Q gpu,cpu,reports -c 1 --pool=prefork`` subprocess through Redis
+(or RabbitMQ: ``make test-real-rabbitmq`` runs the ``realworker`` tests with ``CELERY_BROKER_URL=amqp://...``).
 
 How the worker sees the test's rows: pytest-django creates the test database ``test_<name>``; the
 worker is started *after* that, with ``DATABASE_URL`` pointing at it and ``LOUPE_STORAGE_ROOT`` at the
@@ -369,7 +370,8 @@ def real_stack(django_db_setup, django_db_blocker, tmp_path_factory, _isolated_m
     from django.db import connection
 
     if not settings.CELERY_BROKER_URL:
-        raise RuntimeError("LOUPE_REAL_STACK=1 needs CELERY_BROKER_URL=redis://127.0.0.1:6379/<n>")
+        raise RuntimeError("LOUPE_REAL_STACK=1 needs CELERY_BROKER_URL=redis://127.0.0.1:6379/<n> "
+                           "(or amqp://guest:guest@127.0.0.1:5672// for RabbitMQ)")
     with django_db_blocker.unblock():
         database_url = database_url_for(connection.settings_dict)
     env = {

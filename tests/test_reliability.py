@@ -24,10 +24,10 @@ from tests.realstack import DatabaseOutage, RedisServer, database_url_for, use_b
 pytestmark = [pytest.mark.realworker, pytest.mark.django_db(transaction=True)]
 
 # Short enough for a test, and in the required order: soft limit < hard limit < visibility timeout.
-# Leases lapse 3 s after the last heartbeat; beat sweeps every second; a queued run nobody claimed
+# Leases lapse 6 s after the last heartbeat; beat sweeps every second; a queued run nobody claimed
 # is dispatched again after 5 s.
 FAST = {"LOUPE_TASK_SOFT_TIME_LIMIT": "20", "LOUPE_TASK_TIME_LIMIT": "25", "LOUPE_BROKER_VISIBILITY_TIMEOUT": "30",
-        "LOUPE_BROKER_RESTORE_INTERVAL": "2", "LOUPE_RUN_LEASE_SECONDS": "3", "LOUPE_SWEEP_INTERVAL": "1",
+        "LOUPE_BROKER_RESTORE_INTERVAL": "2", "LOUPE_RUN_LEASE_SECONDS": "6", "LOUPE_SWEEP_INTERVAL": "1",
         "LOUPE_RUN_REDISPATCH_AFTER": "5", "LOUPE_RUN_RETRY_MAX_DELAY": "4"}
 FINAL = set(ProbeRun.FINISHED)
 
@@ -71,7 +71,7 @@ def test_a_run_whose_worker_is_sigkilled_shows_worker_lost_and_completes_exactly
     wait_until(lambda: runs_of(case)[0].status == ProbeRun.Status.RUNNING and runs_of(case)[0].progress > 0,
                timeout=60)
     first.kill()  # SIGKILL, the whole worker: nothing gets to acknowledge or clean up
-    wait_until(lambda: runs_of(case)[0].lease_expires_at < timezone.now(), timeout=10, message="the lease to lapse")
+    wait_until(lambda: runs_of(case)[0].lease_expires_at < timezone.now(), timeout=20, message="the lease to lapse")
     call_command("recover_runs")  # what beat or a starting worker does; here while no worker runs
     [run] = runs_of(case)
     assert run.status == ProbeRun.Status.QUEUED and run.progress == 0.0
