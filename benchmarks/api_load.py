@@ -169,8 +169,9 @@ def _peer_client(base: str, deadline: float, rec: Recorder) -> None:
         rec.add("healthz", response.status_code, time.perf_counter() - started)
 
 
-def _run_clients(n: int, target, *args) -> float:
-    threads = [threading.Thread(target=target, args=args(i) if callable(args) else args) for i in range(n)]
+def _run_clients(n: int, target, args_for) -> float:
+    """Run ``target(*args_for(i))`` in ``n`` threads; the wall time until all finished."""
+    threads = [threading.Thread(target=target, args=args_for(i)) for i in range(n)]
     started = time.monotonic()
     for t in threads:
         t.start()
@@ -186,10 +187,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--peer-seconds", type=float, default=15.0)
     parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
+    parser.add_argument("--warmup-seconds", type=float, default=15.0)
     parser.add_argument("--prepared", type=int, default=300, help="cases with evidence ready, to sign off")
     parser.add_argument("--json", type=Path, help="write the result here as JSON")
     args = parser.parse_args(argv)
 
+    load_before = round(os.getloadavg()[0], 2)
     database = args.database if args.database.endswith("_bench") else args.database + "_bench"
     _recreate_database(database)
     media = Path(tempfile.mkdtemp(prefix="loupe-api-load-"))
@@ -212,27 +215,31 @@ def main(argv: list[str]) -> int:
                     break
             except requests.RequestException:
                 time.sleep(0.5)
+        # Warm-up, not measured: each gunicorn worker imports the API, DRF and the probe registry (which
+        # validates plans) on its first requests.
+        _run_clients(args.workers * 2, _workflow_client,
+                     lambda i: (base, setup, [], time.monotonic() + args.warmup_seconds, Recorder()))
         slices = [setup["ready"][i::args.clients] for i in range(args.clients)]
         load = Recorder()
         deadline = time.monotonic() + args.seconds
         elapsed = _run_clients(args.clients, _workflow_client, lambda i: (base, setup, slices[i], deadline, load))
         peer = Recorder()
         peer_deadline = time.monotonic() + args.peer_seconds
-        peer_elapsed = _run_clients(args.clients, _peer_client, base, peer_deadline, peer)
+        peer_elapsed = _run_clients(args.clients, _peer_client, lambda i: (base, peer_deadline, peer))
     finally:
         server.terminate()
         server.wait(timeout=30)
     result = {
         "benchmark": "api_load", "clients": args.clients, "gunicorn_workers": args.workers,
-        "cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
+        "cpus": os.cpu_count(), "load_average_1m_before": load_before, "load_average_1m": round(os.getloadavg()[0], 2),
         "workflow": load.summary(elapsed), "peer_healthz": peer.summary(peer_elapsed),
     }
     w, p = result["workflow"], result["peer_healthz"]
     result["p50_ratio_vs_healthz"] = round(w["p50_ms"] / p["p50_ms"], 2) if w["p50_ms"] and p["p50_ms"] else None
     print(f"{'mix':<10} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'5xx':>5}  statuses")
     for name, row in (("workflow", w), ("healthz", p)):
-        print(f"{name:<10} {row['requests_per_second']:>8} {row['p50_ms']:>8} {row['p95_ms']:>8} {row['http_5xx']:>5}  "
-              f"{row['statuses']}")
+        print(f"{name:<10} {row['requests_per_second']!s:>8} {row['p50_ms']!s:>8} {row['p95_ms']!s:>8} "
+              f"{row['http_5xx']:>5}  {row['statuses']}")
     print(json.dumps(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
