@@ -153,7 +153,8 @@ def _claim(run_id: int, task_id: str, lease: str | None = None):
 
 
 def _fail(run_id: int, reason: str, lease: str | None = None) -> bool:
-    """Mark the run failed with ``reason`` (unless it finished, or ``lease`` no longer holds it)."""
+    """Mark the run failed with ``reason``, unless it finished or another delivery holds it: ``lease``
+    no longer its token, or (without one: this delivery never claimed it) a live lease on it."""
     from django.utils import timezone
 
     from governance import audit_log
@@ -162,6 +163,9 @@ def _fail(run_id: int, reason: str, lease: str | None = None) -> bool:
     with transaction.atomic():
         run = ProbeRun.objects.select_for_update(of=("self",), no_key=True).get(pk=run_id)
         if run.is_finished or (lease is not None and run.lease_token != lease):
+            return False
+        if lease is None and run.status == ProbeRun.Status.RUNNING and run.lease_expires_at is not None \
+                and run.lease_expires_at > timezone.now():
             return False
         run.status = ProbeRun.Status.FAILED
         run.error = reason[:5000]
