@@ -108,32 +108,7 @@ def read_config(directory: Path) -> dict:
 # Evidence files: content-addressed
 # --------------------------------------------------------------------------------------------------
 
-#: Evidence artifacts are stored by content, in their run's directory:
-#: ``evidence/case-<case>/run-<run>/<sha256><suffix>``. A transaction that rolls back after writing
-#: them (a dropped connection) and is then retried writes the same names again instead of suffixed
-#: copies; and since a run has evidence exactly when it succeeded (one transaction), whatever lies in
-#: the directory of a run that is claimed again was left by a rolled-back attempt and is removed
-#: (:func:`discard_unrecorded_files`). ``manage.py check_storage`` lists anything else astray.
-
-
-def run_directory(case_id: int, run_id: int) -> str:
-    return f"evidence/case-{case_id}/run-{run_id}"
-
-
-def store_blob(directory: str, content: bytes, sha256: str, suffix: str) -> str:
-    """Store ``content`` (whose SHA-256 is ``sha256``) under its content address in ``directory``
-    through the default storage and return the name. An existing file of that name holds the same
-    bytes (``check_storage --verify`` would say otherwise) and is kept."""
-    from django.core.files.base import ContentFile
-    from django.core.files.storage import default_storage
-
-    name = f"{directory}/{sha256}{suffix}"
-    if default_storage.exists(name):
-        return name
-    saved = default_storage.save(name, ContentFile(content))
-    if saved != name:  # another writer created it between our check and our save: keep theirs
-        default_storage.delete(saved)
-    return name
+# Evidence files are content-addressed (governance/blobs.py); these two look at what is stored.
 
 
 def discard_unrecorded_files(case_id: int, run_id: int) -> list[str]:
@@ -141,6 +116,7 @@ def discard_unrecorded_files(case_id: int, run_id: int) -> list[str]:
     again): they were written by an attempt whose transaction rolled back. Returns their names."""
     from django.core.files.storage import default_storage
 
+    from governance.blobs import run_directory
     from governance.models import EvidenceArtifact
 
     directory = run_directory(case_id, run_id)

@@ -721,14 +721,14 @@ class EvidenceArtifact(AppendOnlyModel):
         """Store ``content`` through the default storage and create the row with its SHA-256 and size."""
         if "/" in name or "\\" in name or name in {"", ".", ".."}:
             raise ValueError(f"artifact name {name!r} must be a plain file name")
-        from governance import artifacts
+        from governance import blobs
 
         artifact = cls(evidence=evidence, name=name, content_type=content_type,
                        sha256=hashlib.sha256(content).hexdigest(), size=len(content))
-        # Content-addressed (governance/artifacts.py): a retried transaction rewrites no copies.
+        # Content-addressed (governance/blobs.py): a retried transaction rewrites no copies.
         run = evidence.run
-        artifact.file.name = artifacts.store_blob(artifacts.run_directory(run.case_id, run.pk), content,
-                                                  artifact.sha256, Path(name).suffix[:20])
+        artifact.file.name = blobs.store_blob(blobs.run_directory(run.case_id, run.pk), content,
+                                              artifact.sha256, Path(name).suffix[:20])
         artifact.save()
         return artifact
 

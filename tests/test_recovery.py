@@ -242,11 +242,11 @@ def test_a_run_claimed_again_discards_files_its_rolled_back_attempt_left(
         fresh_media, tiny_clip_version, alice, ada, rita, rob, lost_messages, monkeypatch, settings):
     from pathlib import Path
 
-    from governance import artifacts
+    from governance import blobs
 
     case = selftest_case(tiny_clip_version, alice, ada, rita, rob, n=1)
     [run_id] = pipeline.start_case(case.pk, by=alice)
-    leftover = Path(settings.MEDIA_ROOT) / artifacts.run_directory(case.pk, run_id) / ("0" * 64 + ".json")
+    leftover = Path(settings.MEDIA_ROOT) / blobs.run_directory(case.pk, run_id) / ("0" * 64 + ".json")
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"{}")  # what an evidence transaction that rolled back leaves behind
     from workers import tasks

@@ -55,9 +55,9 @@ def _files_of(run: ProbeRun):
 
     from django.conf import settings
 
-    from governance import artifacts
+    from governance import blobs
 
-    directory = Path(settings.MEDIA_ROOT) / artifacts.run_directory(run.case_id, run.pk)
+    directory = Path(settings.MEDIA_ROOT) / blobs.run_directory(run.case_id, run.pk)
     return list(directory.iterdir()) if directory.is_dir() else []
 
 
