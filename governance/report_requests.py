@@ -28,11 +28,21 @@ def issue(case_id: int, author, key: str) -> tuple[Report, bool]:
     """The report version requested under ``key``: issued now (``created`` true) or, for a repeated
     key, the version the first request issued. Raises :class:`IdempotencyConflict` for a key used on
     another case, ``ValueError`` for an empty or over-long key."""
+    from governance.evidence import unbound_case_rows
+    from governance.models import AuditCase
     from governance.reports import generate_report
 
     key = (key or "").strip()
     if not key or len(key) > MAX_KEY_LENGTH:
         raise ValueError(f"an idempotency key is 1 to {MAX_KEY_LENGTH} characters")
+    existing = ReportRequest.objects.filter(key=key, case_id=case_id, report__isnull=False).select_related("report").first()
+    if existing is not None:
+        return existing.report, False
+    case = AuditCase.objects.get(pk=case_id)
+    if unbound_case_rows(case):
+        # generate_report refuses such a case and logs the refusal in a transaction of its own; called
+        # inside ours below, that log row would roll back with the refusal.
+        generate_report(case, author=author)
     with transaction.atomic():
         # workflow.LOCK_ORDER: the case first. Two requests with one key serialise here, so the
         # second sees the first one's link instead of issuing another version.
