@@ -74,7 +74,8 @@ def user(name, role, organisation=None):
     return u
 alice, rita, rob = user("alice", "submitter", org), user("rita", "reviewer"), user("rob", "reviewer")
 ada = user("ada", "admin")
-model = AIModel.objects.create(organisation=org, name="Acme CLIP", provider_name="Acme", provider_contact="a@acme.example",
+model = AIModel.objects.create(organisation=org, name="Acme CLIP", provider_name="Acme",
+    provider_contact="a@acme.example",
     intended_purpose="Tagging.", modality=AIModel.Modality.IMAGE_TEXT, risk_category=AIModel.RiskCategory.LIMITED,
     created_by=alice)
 version = ModelVersion(ai_model=model, version="1.0", source=ModelVersion.Source.HUB, hub_id="acme/clip",
@@ -139,7 +140,8 @@ def _workflow_client(base: str, setup: dict, slice_: list[int], deadline: float,
     def call(name: str, method: str, path: str, who: str, **kwargs):
         started = time.perf_counter()
         response = session.request(method, base + path, headers=auth[who], timeout=60, **kwargs)
-        rec.add(name, response.status_code, time.perf_counter() - started, response.text if response.status_code >= 500 else "")
+        body = response.text if response.status_code >= 500 else ""
+        rec.add(name, response.status_code, time.perf_counter() - started, body)
         return response
 
     i = 0
@@ -154,7 +156,8 @@ def _workflow_client(base: str, setup: dict, slice_: list[int], deadline: float,
             call("signoff", "POST", f"/api/cases/{half_signed.pop()}/signoff/", "rob", json={"decision": "approve"})
         elif pending:
             case_id = pending.pop()
-            if call("signoff", "POST", f"/api/cases/{case_id}/signoff/", "rita", json={"decision": "approve"}).status_code == 201:
+            signed = call("signoff", "POST", f"/api/cases/{case_id}/signoff/", "rita", json={"decision": "approve"})
+            if signed.status_code == 201:
                 half_signed.append(case_id)
         call("list", "GET", "/api/cases/?page_size=20", "rita")
 

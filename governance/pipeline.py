@@ -321,7 +321,8 @@ def recover_runs(now: dt.datetime | None = None) -> dict[str, list[int]]:
         | Q(dispatched_at__isnull=True, queued_at__lt=now - redispatch_after)
         | Q(dispatched_at__isnull=True, queued_at__isnull=True, created_at__lt=now - redispatch_after))
     orphaned = Q(status__in=ProbeRun.ACTIVE) & ~Q(case__state=S.RUNNING)
-    candidates = list(ProbeRun.objects.filter(lapsed | unclaimed | orphaned).order_by("pk").values_list("pk", flat=True))
+    candidates = list(ProbeRun.objects.filter(lapsed | unclaimed | orphaned).order_by("pk")
+                      .values_list("pk", flat=True))
     to_dispatch: dict[tuple[int, float], list[int]] = {}
     for run_id in candidates:
         with transaction.atomic():
@@ -356,7 +357,8 @@ def recover_runs(now: dt.datetime | None = None) -> dict[str, list[int]]:
                 done["requeued"].append(run.pk)
             else:
                 since = run.dispatched_at or run.queued_at or run.created_at
-                run.phase = f"not picked up since {_utc(since)} (task message lost?), dispatched again at {_utc(retry_at)}"
+                run.phase = (f"not picked up since {_utc(since)} (task message lost?), "
+                             f"dispatched again at {_utc(retry_at)}")
                 done["redispatched"].append(run.pk)
             run.status = ProbeRun.Status.QUEUED
             run.progress = 0.0

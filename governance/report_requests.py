@@ -35,7 +35,8 @@ def issue(case_id: int, author, key: str) -> tuple[Report, bool]:
     key = (key or "").strip()
     if not key or len(key) > MAX_KEY_LENGTH:
         raise ValueError(f"an idempotency key is 1 to {MAX_KEY_LENGTH} characters")
-    existing = ReportRequest.objects.filter(key=key, case_id=case_id, report__isnull=False).select_related("report").first()
+    existing = (ReportRequest.objects.filter(key=key, case_id=case_id, report__isnull=False)
+                .select_related("report").first())
     if existing is not None:
         return existing.report, False
     case = AuditCase.objects.get(pk=case_id)

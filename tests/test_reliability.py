@@ -41,7 +41,8 @@ def assert_settled(case: AuditCase, *, succeeded: int) -> None:
     storage that matches the records (no orphaned copies, nothing missing)."""
     runs = runs_of(case)
     assert {r.status for r in runs} <= FINAL, [(r.pk, r.status, r.phase) for r in runs]
-    assert sum(r.status == ProbeRun.Status.SUCCEEDED for r in runs) == succeeded, [(r.pk, r.status, r.error) for r in runs]
+    assert sum(r.status == ProbeRun.Status.SUCCEEDED for r in runs) == succeeded, \
+        [(r.pk, r.status, r.error) for r in runs]
     assert Evidence.objects.filter(run__case=case).count() == succeeded
     assert AuditEvent.objects.filter(action="evidence.recorded", case=case).count() == succeeded
     call_command("check_storage")  # raises on a missing file
