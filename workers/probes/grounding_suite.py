@@ -205,7 +205,7 @@ class GroundingParams(DatasetParams):
     tolerance_px: float = Field(faithfulness.POINTING_TOLERANCE_PX, ge=0, le=1000,
                                 description="pixels around a box that still count as a hit")
     figure_examples: int = Field(4, ge=0, le=32, description="examples shown in the heatmap figure")
-    validate: bool = Field(True, description="validate every method on this model: deletion/insertion against a "
+    validate_methods: bool = Field(True, description="validate every method on this model: deletion/insertion against a "
                                              "random order, randomisation sanity, agreement, stability")
     validation_examples: int = Field(16, ge=1, le=1024, description="examples the sanity, agreement and stability "
                                                                     "checks of the validation run on")
@@ -264,7 +264,7 @@ def grounding_probe(model_dir: str, dataset_dir: str | None, params: GroundingPa
         score_batch_size=params.score_batch_size, figure_examples=params.figure_examples,
         strict=params.methods != "all", progress=progress)
     validated = None
-    if params.validate and methods:
+    if params.validate_methods and methods:
         validated = validate_on_model(adapter, dataset, [r["method"] for r in results if r["method"] != RANDOM
                                                          and not r.get("error")], extras["per_example"],
                                       examples=params.validation_examples, batch_size=params.batch_size,
