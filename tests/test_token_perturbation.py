@@ -9,10 +9,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.zoo_fixtures import HELDOUT_SEED  # noqa: E402
-from workers.probes import token_attribution as ta  # noqa: E402
-from workers.probes import token_perturbation as tp  # noqa: E402
-from workers.probes.zoo import captioner, checkpoint_path, world  # noqa: E402
+from tests.zoo_fixtures import HELDOUT_SEED
+from workers.probes import token_attribution as ta
+from workers.probes import token_perturbation as tp
+from workers.probes.zoo import captioner, checkpoint_path, world
 
 
 @pytest.fixture(scope="module")
