@@ -127,3 +127,18 @@ def test_pooling_heads_are_found_by_structure_not_by_name(tmp_path):
     renamed.second = torch.nn.MultiheadAttention(D, 2, batch_first=True)
     with pytest.raises(UnsupportedModelError, match="2 attention-pooling heads"):
         find_pooling_head(renamed, vision.encoder.layers)
+
+
+def test_the_zoo_siglip_is_trained_with_the_sigmoid_loss_and_explained_through_its_pooling_head():
+    from workers.probes import zoo
+    from workers.probes.explanations import dataset_for, explain_dataset, pointing
+
+    path = zoo.checkpoint_path("tiny-siglip")
+    assert json.loads((path / "training.json").read_text())["train"]["loss"] == "sigmoid"
+    adapter = load_adapter(str(path))
+    assert adapter.pooling_head_attention is not None and adapter.num_prefix_tokens == 0
+    dataset = dataset_for(None, limit=96)
+    maps = explain_dataset(adapter, dataset, "chefer", batch_size=32, params={}, seed=0)
+    # the bar is 0.85 on the 320-image held-out split (measured 0.853 when the checkpoint was built);
+    # these 96 images are held to 0.75 (sd ~0.036 at p=0.85)
+    assert pointing(maps, dataset, 15.0) >= 0.75

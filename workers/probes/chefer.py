@@ -124,7 +124,10 @@ def relevance(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, st
         raise ProbeInputError(f"start layer {start_layer} out of range 0..{adapter.num_layers - 1}")
     if not text:
         weighted = adapter.gradient_weighted_attentions(pixel_values, prompts, start_layer=start_layer)
-        return CheferRelevance(image=_image_map(adapter, weighted.layers, weighted.pool))
+        pool = None
+        if weighted.pool is not None:  # the readout weights: the pooling step's own attention (see pooled_relevance)
+            pool = adapter.attentions(pixel_values)[1].float().mean(1)
+        return CheferRelevance(image=_image_map(adapter, weighted.layers, pool))
 
     trace = adapter.trace(pixel_values, prompts, grad_from_layer=start_layer, text=True, retain_grads=False)
     vision = list(trace.attentions[start_layer:])
@@ -132,7 +135,7 @@ def relevance(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, st
     texts = list(trace.text_attentions)
     grads = torch.autograd.grad(trace.score.sum(), vision + pooled + texts)
     layers = [weighted_attention(a, g) for a, g in zip(vision, grads)]
-    pool = weighted_attention(pooled[0], grads[len(vision)]) if pooled else None
+    pool = pooled[0].detach().float().mean(1) if pooled else None
     image = _image_map(adapter, layers, pool)
 
     text_layers = [weighted_attention(a, g) for a, g in zip(texts, grads[len(vision) + len(pooled):])]
@@ -153,13 +156,16 @@ def _image_map(adapter, layers: Sequence[torch.Tensor], pool: torch.Tensor | Non
 
 
 def pooled_relevance(pool: torch.Tensor, layers: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Relevance ``[B, T]`` of the tokens for an embedding read out by an attention-pooling head.
+    """Relevance ``[B, T]`` of the tokens for an embedding read out by an attention-pooling head;
+    ``pool`` ``[B, T]`` is the readout row.
 
     The pooling head's probe is a query of its own attending to the encoder's tokens: Chefer's
-    bi-modal rule for a query over a context modality (eq. 10), ``R^pc = A_bar_pool @ R_bar^cc``,
-    where ``A_bar_pool`` ``[B, T]`` is the gradient-weighted, head-fused pooling row and
-    ``R_bar^cc`` the encoder's self-attention relevance ``R = prod_l (I + A_bar_l)`` with its
-    residual normalised (eq. 8-9, ``normalised_residual``).
+    bi-modal rule for a query over a context modality (eq. 10), ``R^pc = A_pool @ R_bar^cc``, where
+    ``R_bar^cc`` is the encoder's gradient-weighted self-attention relevance ``R = prod_l (I +
+    A_bar_l)`` with its residual normalised (eq. 8-9, ``normalised_residual``) and ``A_pool`` ``[B,
+    T]`` the pooling step's head-averaged attention: the weights with which the final token states
+    make the embedding, the readout row, as the one-hot CLS row is for CLIP (the gradient
+    weighting, which makes the map specific to the prompt, is in ``R^cc``).
 
     Why not the CLS-token rule with the pooling row as the readout row: ``A_bar`` carries the
     scale of the gradients, so ``I + A_bar`` is nearly the identity and the pooled row comes back
