@@ -73,7 +73,12 @@ def test_it_prints_a_list_for_all_methods_with_a_random_baseline(capsys, models,
                          "--limit", "2", "--steps", "4", "--json")
     assert code == 0, err
     results = json.loads(out)
-    assert [r["method"] for r in results] == [*registry.available(), "random"]
+    # every method once, the methods validated on this model first, the random baseline last
+    assert sorted(r["method"] for r in results[:-1]) == sorted(registry.available())
+    assert results[-1]["method"] == "random"
+    verdicts = [r.get("verdict") for r in results[:-1] if not r.get("error")]
+    assert all(v in ("faithful on this model", "not shown to be") for v in verdicts)
+    assert verdicts == sorted(verdicts, key=lambda v: v != "faithful on this model")
     for result in results:
         assert set(result) >= KEYS, result["method"]
         assert result["n"] == 2 or result.get("error"), result

@@ -129,6 +129,13 @@ def test_it_chefer_row_propagation_equals_the_literal_matrix_rule(which, request
     else:
         row = weighted_attention(trace.pool_attention, trace.pool_attention.grad)
     torch.testing.assert_close(propagate_row(row, bars), literal, rtol=1e-5, atol=1e-7)
+    if trace.pool_attention is not None:
+        # a pooling head's probe is a query over the encoder's tokens: Chefer's bi-modal rule
+        # (eq. 10), R^pc = A_pool @ R_bar with R_bar = (R - I) / rowsum(R - I) + I (eq. 8-9), the
+        # pooling step's attention being the readout row
+        eye = torch.eye(t)
+        r_bar = (r - eye) / (r - eye).sum(-1, keepdim=True) + eye
+        literal = torch.bmm(trace.pool_attention.detach().mean(1).unsqueeze(1), r_bar)[:, 0]
     expected = literal[:, adapter.num_prefix_tokens:].reshape(2, *adapter.grid)
     torch.testing.assert_close(registry.get("chefer")(adapter, pv, ["a red circle", "a cat"]), expected,
                                rtol=1e-5, atol=1e-7)

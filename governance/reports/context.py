@@ -344,7 +344,14 @@ def limitations(evidence: list[dict[str, Any]], present_kinds: set[str]) -> dict
     titles = kind_titles()
     gaps = [f"No {title.lower()} evidence was recorded, so this report makes no statement about it."
             for kind, title in titles.items() if kind not in present_kinds]
-    return {"measured": measured[:60], "gaps": gaps}
+    # What the per-audit validation of the explanation methods says in words (methods shown but not
+    # validated on this model, maps a common corruption reorders): ``workers.probes.validation``.
+    stated = []
+    for entry in evidence:
+        block = (entry.get("metrics") or {}).get("validation") if isinstance(entry.get("metrics"), dict) else None
+        for text in (block or {}).get("limitations") or [] if isinstance(block, dict) else []:
+            stated.append({"evidence": entry.get("id"), "kind": entry.get("kind"), "text": str(text)})
+    return {"measured": measured[:60], "gaps": gaps, "stated": stated[:40]}
 
 
 def glossary() -> list[tuple[str, str]]:

@@ -8,7 +8,8 @@ probabilities ``A_l`` ``[H, T, T]`` and their gradients ``dS/dA_l`` for the expl
     R <- R + A_bar_l @ R,      R initialised to the identity
 
 and the image map is the readout row of ``R`` over the patch tokens (``R[cls, patches]`` for
-CLIP; for SigLIP's pooling head see ``relevance.py``). The text-side relevance is the same rule
+CLIP). An attention-pooling head (SigLIP's) is a query attending to the encoder's tokens, and gets
+the bi-modal rule for such a query (``pooled_relevance``). The text-side relevance is the same rule
 on the text tower, read at the token the text embedding is taken from.
 
 Implementation note (exact, not an approximation): ``R_L = (I + A_bar_L) ... (I + A_bar_s)``, and
@@ -123,7 +124,10 @@ def relevance(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, st
         raise ProbeInputError(f"start layer {start_layer} out of range 0..{adapter.num_layers - 1}")
     if not text:
         weighted = adapter.gradient_weighted_attentions(pixel_values, prompts, start_layer=start_layer)
-        return CheferRelevance(image=_image_map(adapter, weighted.layers, weighted.pool))
+        pool = None
+        if weighted.pool is not None:  # the readout weights: the pooling step's own attention (see pooled_relevance)
+            pool = adapter.attentions(pixel_values)[1].float().mean(1)
+        return CheferRelevance(image=_image_map(adapter, weighted.layers, pool))
 
     trace = adapter.trace(pixel_values, prompts, grad_from_layer=start_layer, text=True, retain_grads=False)
     vision = list(trace.attentions[start_layer:])
@@ -131,7 +135,7 @@ def relevance(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, st
     texts = list(trace.text_attentions)
     grads = torch.autograd.grad(trace.score.sum(), vision + pooled + texts)
     layers = [weighted_attention(a, g) for a, g in zip(vision, grads)]
-    pool = weighted_attention(pooled[0], grads[len(vision)]) if pooled else None
+    pool = pooled[0].detach().float().mean(1) if pooled else None
     image = _image_map(adapter, layers, pool)
 
     text_layers = [weighted_attention(a, g) for a, g in zip(texts, grads[len(vision) + len(pooled):])]
@@ -143,10 +147,40 @@ def relevance(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, st
 
 
 def _image_map(adapter, layers: Sequence[torch.Tensor], pool: torch.Tensor | None) -> torch.Tensor:
-    """The readout row through the head-fused layers ``[B, q, T]`` -> ``[B, gh, gw]``."""
+    """The readout through the head-fused layers ``[B, q, T]`` -> ``[B, gh, gw]``."""
+    if pool is not None:
+        return to_grid(adapter, pooled_relevance(pool, layers))
     b, t = layers[-1].shape[0], layers[-1].shape[-1]
     row = readout_row(adapter, pool, b, t).to(layers[0].device)
     return to_grid(adapter, propagate_row(row, layers))
+
+
+def pooled_relevance(pool: torch.Tensor, layers: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Relevance ``[B, T]`` of the tokens for an embedding read out by an attention-pooling head;
+    ``pool`` ``[B, T]`` is the readout row.
+
+    The pooling head's probe is a query of its own attending to the encoder's tokens: Chefer's
+    bi-modal rule for a query over a context modality (eq. 10), ``R^pc = A_pool @ R_bar^cc``, where
+    ``R_bar^cc`` is the encoder's gradient-weighted self-attention relevance ``R = prod_l (I +
+    A_bar_l)`` with its residual normalised (eq. 8-9, ``normalised_residual``) and ``A_pool`` ``[B,
+    T]`` the pooling step's head-averaged attention: the weights with which the final token states
+    make the embedding, the readout row, as the one-hot CLS row is for CLIP (the gradient
+    weighting, which makes the map specific to the prompt, is in ``R^cc``).
+
+    Why not the CLS-token rule with the pooling row as the readout row: ``A_bar`` carries the
+    scale of the gradients, so ``I + A_bar`` is nearly the identity and the pooled row comes back
+    almost unchanged: the map shows where the probe looked (often a few register-like tokens
+    that gathered the image's content in the upper layers), not where that content came from.
+    With a CLS token the identity term only touches the CLS column, which no map shows; with a
+    pooling head it lands on the patches. Normalising the residual weighs each token's gathered
+    context as much as its own state, whatever the gradients' scale.
+
+    ``layers`` must be the full ``[B, T, T]`` matrices (every token's row can reach the pooled
+    output).
+    """
+    b, t = pool.shape
+    r = self_relevance(layers, t, b, device=pool.device)
+    return torch.bmm(pool.float()[:, None, :], normalised_residual(r))[:, 0]
 
 
 @register("chefer")
@@ -162,15 +196,25 @@ def chefer(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, start
 
 
 def vision_relevance(rows_rel: torch.Tensor, image_positions: torch.Tensor, attentions: Sequence[torch.Tensor],
-                     grads: Sequence[torch.Tensor], vision_rows: torch.Tensor, prefix: int) -> torch.Tensor:
+                     grads: Sequence[torch.Tensor], vision_rows: torch.Tensor, prefix: int, *,
+                     normalise: bool = False) -> torch.Tensor:
     """Carry image-token relevance ``rows_rel[:, image_positions]`` back to the input patches.
 
     ``attentions[l]`` ``[1, Hv, Tv, Tv]``, ``grads[l]`` ``[T, Hv, Tv, Tv]``; Chefer's rule gives
     ``R_v = prod_l (I + mean_h((grad * A)+))`` per target; returns ``[T, G]`` over patch tokens.
+
+    ``normalise``: the bi-modal rule for a modality read by another through the projector (eq. 10):
+    ``R_v`` with its residual normalised (eq. 8-9, ``normalised_residual``) before the image tokens'
+    relevance is carried through it. Without, ``I + A_bar`` is nearly the identity at the gradients'
+    scale and the result is the decoder's image-token columns again; with, each token's gathered
+    context counts as much as its own state.
     """
     t = rows_rel.shape[0]
     tv = attentions[0].shape[-1] if attentions else int(vision_rows.max()) + 1
     r = torch.zeros(t, tv, dtype=rows_rel.dtype, device=rows_rel.device)
     r[:, vision_rows] = rows_rel[:, image_positions].clamp(min=0)
     cams = [weighted_attention(a, g) for a, g in zip(attentions, grads, strict=True)]  # [T, Tv, Tv] each
-    return propagate_row(r, cams)[:, prefix:]
+    if not normalise or not cams:
+        return propagate_row(r, cams)[:, prefix:]
+    r_bar = normalised_residual(self_relevance(cams, tv, t, device=r.device))
+    return torch.bmm(r[:, None, :], r_bar)[:, 0, prefix:]

@@ -8,6 +8,7 @@ prints. Inputs reach the methods as :mod:`workers.probes.explanations` describes
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from workers.probes import faithfulness, figures
+from workers.probes import faithfulness, figures, sanity, validation
 from workers.probes.datasets import GroundingDataset
 from workers.probes.errors import ProbeInputError
 from workers.probes.explanations import (
@@ -27,8 +28,10 @@ from workers.probes.explanations import (
     batches,
     dataset_for,
     explain,
+    explain_dataset,
     load_dual_encoder,
     method_names,
+    model_inputs,
     rounded,
 )
 from workers.probes.kinds import BatchSize, Flag, Metric, probe_kind
@@ -146,6 +149,8 @@ def evaluate_methods(adapter: Any, dataset: GroundingDataset, methods: Sequence[
         entry["curve_score"] = curve_score
         results.append(entry)
     extras = {"figure_examples": examples_for_figure, "fractions": fractions, "curve_score": curve_score,
+              "per_example": {name: {"hits": t.hits, "deletion": t.deletion, "insertion": t.insertion}
+                              for name, t in tallies.items() if not t.error},
               "mean_curves": {name: (np.mean(t.deletion_curves, axis=0) if t.deletion_curves else None,
                                      np.mean(t.insertion_curves, axis=0) if t.insertion_curves else None)
                               for name, t in tallies.items()}}
@@ -200,6 +205,10 @@ class GroundingParams(DatasetParams):
     tolerance_px: float = Field(faithfulness.POINTING_TOLERANCE_PX, ge=0, le=1000,
                                 description="pixels around a box that still count as a hit")
     figure_examples: int = Field(4, ge=0, le=32, description="examples shown in the heatmap figure")
+    validate_methods: bool = Field(True, description="validate every method on this model: deletion/insertion against a "
+                                             "random order, randomisation sanity, agreement, stability")
+    validation_examples: int = Field(16, ge=1, le=1024, description="examples the sanity, agreement and stability "
+                                                                    "checks of the validation run on")
     method_params: Annotated[dict[str, dict[str, Any]], Flag(hidden=True)] = Field(
         default_factory=dict, description="parameters per method, {method: {parameter: value}}")
 
@@ -254,6 +263,18 @@ def grounding_probe(model_dir: str, dataset_dir: str | None, params: GroundingPa
         seed=params.seed, tolerance_px=params.tolerance_px, method_params=params.method_params,
         score_batch_size=params.score_batch_size, figure_examples=params.figure_examples,
         strict=params.methods != "all", progress=progress)
+    validated = None
+    if params.validate_methods and methods:
+        validated = validate_on_model(adapter, dataset, [r["method"] for r in results if r["method"] != RANDOM
+                                                         and not r.get("error")], extras["per_example"],
+                                      examples=params.validation_examples, batch_size=params.batch_size,
+                                      seed=params.seed, method_params=params.method_params)
+        order = {name: k for k, name in enumerate(validated["validated"] + validated["not_shown"])}
+        results.sort(key=lambda r: order.get(r["method"], len(order)))  # validated methods first, random last
+        for entry in results:
+            verdict = next((v for v in validated["methods"] if v["method"] == entry["method"]), None)
+            if verdict is not None:
+                entry["verdict"] = verdict["verdict"]
     examples = extras["figure_examples"]
     figs = _curve_figures(extras)
     if examples["images"] and methods:
@@ -264,7 +285,56 @@ def grounding_probe(model_dir: str, dataset_dir: str | None, params: GroundingPa
     chance = results[0]
     summary = (f"{len(dataset)} examples; chance pointing {chance['random_pointing_game']}, random-order deletion "
                f"{chance['random_deletion_auc']}, insertion {chance['random_insertion_auc']}. " + "; ".join(lines))
+    if validated is not None:
+        summary += f". {validation.summary_line(validated)}."
     return ProbeResult(kind="grounding", metrics={"methods": results, "n": len(dataset), "steps": params.steps,
-                                                  "baseline": params.baseline, "format": dataset.format},
+                                                  "baseline": params.baseline, "format": dataset.format,
+                                                  **({"validation": validated} if validated is not None else {})},
                        summary=summary, figures=figs, findings=_grounding_findings(results), seed=params.seed,
                        dataset_hash=dataset.fingerprint())
+
+
+def validate_on_model(adapter, dataset: GroundingDataset, methods: Sequence[str], per_example: dict[str, Any], *,
+                      examples: int, batch_size: int, seed: int,
+                      method_params: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``validation.validate`` for a grounding evidence item: the per-example deletion/insertion and
+    pointing already measured, plus, on the first ``examples`` examples, every method's maps on the
+    trained model (method agreement) and on the same model with all weights randomised (sanity)."""
+    sample = dataclasses.replace(dataset, examples=dataset.examples[:max(1, examples)])
+    trained = {m: explain_dataset(adapter, sample, m, batch_size=batch_size, params=method_params.get(m) or {},
+                                  seed=seed) for m in methods}
+    randomised_maps = {}
+    with sanity.randomised(adapter.model, on_change=lambda: sanity.forget_cached_outputs(adapter)):
+        generator = torch.Generator().manual_seed(seed)
+        sanity.randomise_(adapter.model, {name for name, _ in adapter.model.named_parameters()}, generator)
+        sanity.forget_cached_outputs(adapter)
+        for m in methods:
+            randomised_maps[m] = explain_dataset(adapter, sample, m, batch_size=batch_size,
+                                                  params=method_params.get(m) or {}, seed=seed)
+    checks = {m: validation.randomisation_check(trained[m], randomised_maps[m], seed=seed) for m in methods}
+    stable = _stability_under_corruptions(adapter, sample, methods, trained, batch_size=batch_size, seed=seed,
+                                          method_params=method_params)
+    per_method = {m: per_example[m] for m in methods}
+    return validation.validate(per_method, per_example[RANDOM], maps=trained, sanity=checks, seed=seed,
+                               stability=stable)
+
+
+def _stability_under_corruptions(adapter, sample: GroundingDataset, methods: Sequence[str],
+                                 trained: dict[str, torch.Tensor], *, batch_size: int, seed: int,
+                                 method_params: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per method, the rank correlation of its maps on the clean and on corrupted images (the
+    robustness probe's corruptions, at its middle severity), to report beside the maps."""
+    from workers.probes import robustness
+
+    images = [example.load_image() for example in sample.examples]
+    prompts = [example.prompt for example in sample.examples]
+    corrupted: dict[str, dict[str, torch.Tensor]] = {m: {} for m in methods}
+    for kind in robustness.CORRUPTIONS:
+        changed = [robustness.corrupt(im, kind, 3, seed=seed * 100_003 + i) for i, im in enumerate(images)]
+        for m in methods:
+            corrupted[m][kind] = torch.cat([
+                explain(adapter, m, model_inputs(adapter, changed[s:s + batch_size]), prompts[s:s + batch_size],
+                        params=method_params.get(m) or {}, indices=range(s, min(s + batch_size, len(images))),
+                        seed=seed)
+                for s in range(0, len(images), batch_size)])
+    return {m: validation.stability_under(trained[m], corrupted[m], seed=seed) for m in methods}

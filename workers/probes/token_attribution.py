@@ -40,14 +40,28 @@ from PIL import Image
 from pydantic import Field
 
 from workers.probes.adapters.fusion import Encoded, FusionAdapter
-from workers.probes.chefer import weighted_attention
+from workers.probes import validation
+from workers.probes.chefer import vision_relevance, weighted_attention
 from workers.probes.errors import ProbeInputError
-from workers.probes.kinds import BatchSize, DatasetArg, KindParams, Limit, Metric, probe_kind
+from workers.probes.kinds import BatchSize, DatasetArg, KindParams, Limit, Metric, Seed, probe_kind
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
+from workers.probes.token_perturbation import METHODS as PERTURBATION_METHODS
+from workers.probes.token_perturbation import perturbation_attribution, word_deletion_insertion
 
 #: ``chefer``: decoder only (image-token columns); ``chefer_full``: also through the vision tower;
-#: ``raw``: attention of the predicting position, mean over layers and heads.
-METHODS = ("chefer", "chefer_full", "raw")
+#: ``chefer_bimodal``: the decoder's image-token relevance through the projector into the vision
+#: encoder by Chefer's bi-modal rule (``vision_relevance(normalise=True)``); ``raw``: attention of the
+#: predicting position, mean over layers and heads; then the perturbation and gradient methods that
+#: reach the pixels (``token_perturbation``).
+ATTENTION_METHODS = ("chefer", "chefer_full", "chefer_bimodal", "raw")
+METHODS = (*ATTENTION_METHODS, *PERTURBATION_METHODS)
+#: How the caption figure labels each method's row.
+METHOD_LABELS = {"chefer": "grad x attn (decoder)", "chefer_full": "grad x attn (+ vision)",
+                 "chefer_bimodal": "grad x attn (bi-modal)", "raw": "raw attention", "occlusion": "occlusion",
+                 "occlusion_2x2": "occlusion 2x2", "input_x_gradient": "input x gradient",
+                 "integrated_gradients": "integrated gradients"}
+#: Methods whose rows are already over the vision grid's patches (not over the joint sequence).
+GRID_METHODS = frozenset({"chefer_full", "chefer_bimodal", *PERTURBATION_METHODS})
 #: Suffix of the ``[T, G]`` patch maps that ``attribute_generated`` adds for adapters whose image
 #: tokens are not grid cells (``"chefer@patches"``, ``"raw@patches"``).
 PATCHES = "@patches"
@@ -166,7 +180,8 @@ def attention_gradients(y: torch.Tensor, attentions: Sequence[torch.Tensor], *,
 
 def attribute_generated(adapter: FusionAdapter, enc: Encoded, image_features: torch.Tensor,
                         generated: Sequence[int], *, batched: bool = True,
-                        pixel_values: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                        pixel_values: torch.Tensor | None = None,
+                        perturbation: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """Relevance rows ``{method: [T, N]}`` of every generated token over the joint sequence.
 
     ``image_features`` ``[1, n_img, D]`` (LM input), ``generated`` the T generated token ids.
@@ -181,6 +196,7 @@ def attribute_generated(adapter: FusionAdapter, enc: Encoded, image_features: to
     (``adapter.patch_relevance``). For adapters whose image tokens are not grid cells
     (``patch_aligned`` False, e.g. BLIP-2's Q-Former queries) it also gains ``chefer@patches`` and
     ``raw@patches`` ``[T, G]``: the adapter's mapping of those rows to the patches.
+    ``perturbation`` (with ``pixel_values``): ``token_perturbation`` methods to add, ``[T, G]`` each.
     """
     if not generated:
         raise ProbeInputError("the model generated no tokens to attribute")
@@ -188,7 +204,10 @@ def attribute_generated(adapter: FusionAdapter, enc: Encoded, image_features: to
     with torch.enable_grad():
         embeds, vision = _traced_embeddings(adapter, ids, image_features, pixel_values)
         trace = adapter.trace_targets(embeds, int(rows[0]))
-    return _relevance(adapter, trace, generated, enc, vision, batched=batched)
+    out = _relevance(adapter, trace, generated, enc, vision, batched=batched)
+    if pixel_values is not None and perturbation:
+        out.update(perturbation_attribution(adapter, enc, pixel_values, generated, methods=perturbation))
+    return out
 
 
 def generate_and_attribute(adapter: FusionAdapter, enc: Encoded, image_features: torch.Tensor | None,
@@ -246,6 +265,9 @@ def _relevance(adapter: FusionAdapter, trace, generated: Sequence[int], enc: Enc
         if vision:
             link = ([a.detach().float() for a in vision_attns], grads[2 * n_dec - 1:], vision[1])
             out["chefer_full"] = adapter.patch_relevance("chefer_full", out["chefer"], enc.image_positions, *link)
+            if adapter.patch_aligned:
+                out["chefer_bimodal"] = vision_relevance(out["chefer"], enc.image_positions, *link,
+                                                         prefix=adapter.num_prefix_tokens, normalise=True)
             if not adapter.patch_aligned:
                 # image tokens are not grid cells (BLIP-2's queries): the adapter maps every method to patches
                 for method in ("chefer", "raw"):
@@ -295,9 +317,12 @@ def to_attribution(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int
     for method, r in rows_by_method.items():
         if method.endswith(PATCHES):
             continue
-        if method == "chefer_full":  # already over the vision grid's patches
+        if method in GRID_METHODS:  # already over the vision grid's patches
             result.image[method] = r.detach().float().cpu().clamp(min=0).reshape(len(generated), gh, gw).numpy()
-            result.text[method] = result.text["chefer"]
+            # the Chefer variants share the decoder's text relevance; perturbation of the image says
+            # nothing about the text
+            result.text[method] = (result.text["chefer"] if method.startswith("chefer")
+                                   else np.zeros_like(result.text["chefer"]))
             continue
         patches = rows_by_method.get(method + PATCHES)
         if patches is None and not adapter.patch_aligned:
@@ -321,11 +346,14 @@ def to_attribution(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int
 
 def attribute(adapter: FusionAdapter, image: Image.Image, prompt: str, *, max_new_tokens: int = 32,
               batched: bool = True) -> TokenAttribution:
-    """Generate a caption for ``image`` and attribute each generated token (every method), from one
-    generation pass and one batched backward pass (``generate_and_attribute``)."""
+    """Generate a caption for ``image`` and attribute each generated token (every method): the
+    attention methods from one generation pass and one batched backward pass
+    (``generate_and_attribute``), the perturbation and gradient methods teacher-forced on the caption."""
     enc = adapter.encode(prompt)
+    pixel_values = adapter.preprocess([image])
     generated, rows = generate_and_attribute(adapter, enc, None, max_new_tokens, batched=batched,
-                                             pixel_values=adapter.preprocess([image]))
+                                             pixel_values=pixel_values)
+    rows.update(perturbation_attribution(adapter, enc, pixel_values, generated))
     return to_attribution(adapter, enc, generated, rows, prompt)
 
 
@@ -409,7 +437,7 @@ def caption_figure(image: Image.Image, att: TokenAttribution, *, boxes: Sequence
         for k in range(t):
             title = att.generated_tokens[k] if m == 0 else None
             figures.draw_overlay(axes[m][k + 1], image, att.image[method][k], boxes=boxes, title=title)
-        label = {"chefer": "grad x attn (decoder)", "chefer_full": "grad x attn (+ vision)"}.get(method, "raw attention")
+        label = METHOD_LABELS.get(method, method)
         axes[m][0].text(-0.1, 0.5, label,
                         transform=axes[m][0].transAxes, rotation=90, va="center", ha="right", fontsize=9)
     fig.suptitle(f"“{att.caption}”  (prompt: {att.prompt})", fontsize=10)
@@ -426,17 +454,25 @@ def _hit(box: Sequence[float], patch_box: Sequence[float], tolerance: float = 0.
 
 def evaluate_pointing(adapter: FusionAdapter, scenes, *, prompt: str, max_new_tokens: int = 32,
                       progress: Progress = no_progress, keep: int = 0,
-                      batch_size: int = 16) -> tuple[dict[str, Any], list]:
+                      batch_size: int = 16,
+                      perturbation: Sequence[str] = PERTURBATION_METHODS, validate_images: int = 4,
+                      seed: int = 0) -> tuple[dict[str, Any], list]:
     """For every generated word that names exactly one object of its image (a colour or shape
     word in the zoo world): does the argmax patch of its image relevance lie in that object's box
     (patch centre inside the box)? Returns metrics and the first ``keep`` (scene, attribution).
-    ``batch_size``: images per generation pass (each is attributed on its own)."""
+    ``batch_size``: images per generation pass (each is attributed on its own).
+
+    On the words checked in the first ``validate_images`` images, every method is validated on this
+    model (``validation``): per-word deletion/insertion against a random order, the randomisation
+    sanity check, method agreement; ``metrics["validation"]``."""
     hits = {m: [] for m in METHODS}
     tolerant = {m: [] for m in METHODS}
     chance: list[float] = []
     by_kind: dict[str, dict[str, list[bool]]] = {}
     unmatched = words = 0
     kept = []
+    curves: dict[str, dict[str, list[float]]] = {}
+    validation_items: list[tuple] = []  # (enc, pixel values, generated, checked word indices, {method: [W, G]})
     started = time.perf_counter()
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start:start + batch_size]
@@ -447,11 +483,14 @@ def evaluate_pointing(adapter: FusionAdapter, scenes, *, prompt: str, max_new_to
         for k, (scene, image, gen) in enumerate(zip(chunk, images, generated, strict=True)):
             if not gen:
                 continue
-            rows = attribute_generated(adapter, enc, feats[k:k + 1], gen, pixel_values=adapter.preprocess([image]))
+            pixel_values = adapter.preprocess([image])
+            rows = attribute_generated(adapter, enc, feats[k:k + 1], gen, pixel_values=pixel_values,
+                                       perturbation=perturbation)
             att = to_attribution(adapter, enc, gen, rows, prompt)
             if len(kept) < keep:
                 kept.append((scene, image, att))
             pboxes = adapter.patch_boxes((scene.width, scene.height))
+            checked: list[int] = []
             for t, tok in enumerate(att.generated_tokens):
                 word = tok.lower().lstrip("▁Ġ")
                 if word in STOPWORDS or not word.isalpha():
@@ -468,29 +507,67 @@ def evaluate_pointing(adapter: FusionAdapter, scenes, *, prompt: str, max_new_to
                     continue
                 box = named[0].box
                 words += 1
+                checked.append(t)
                 kind = "colour" if word == named[0].colour else "shape" if word == named[0].shape else "word"
-                for method in METHODS:
+                for method in [m for m in METHODS if m in att.image]:
                     img = att.image[method][t].reshape(-1)
                     hit = _hit(box, pboxes[int(np.argmax(img))])
                     hits[method].append(hit)
                     # the grounding engine's pointing-game tolerance: 15 px at 224 px
                     tolerant[method].append(_hit(box, pboxes[int(np.argmax(img))], 15 * scene.width / 224))
-                    by_kind.setdefault(kind, {m: [] for m in METHODS})[method].append(hit)
+                    by_kind.setdefault(kind, {m: [] for m in METHODS}).setdefault(method, []).append(hit)
                 chance.append(float(np.mean([_hit(box, pb) for pb in pboxes])))
+            if checked and len(validation_items) < validate_images:
+                word_maps = {m: torch.as_tensor(att.image[m][checked]).flatten(1) for m in att.image}
+                full_maps = {m: torch.as_tensor(att.image[m]).flatten(1) for m in att.image}
+                got = word_deletion_insertion(adapter, enc, pixel_values, gen, checked, full_maps, seed=seed)
+                for m, modes in got.items():
+                    for mode, values in modes.items():
+                        curves.setdefault(m, {"deletion": [], "insertion": []})[mode] += values
+                validation_items.append((enc, pixel_values, gen, checked, word_maps))
         progress(min(1.0, (start + len(chunk)) / len(scenes)), "attributing generated words")
     metrics: dict[str, Any] = {
         "n_images": len(scenes),
         "n_words": words,
         "hallucinated_words": unmatched,
-        "pointing": {m: (float(np.mean(v)) if v else None) for m, v in hits.items()},
+        "pointing": {m: (float(np.mean(v)) if v else None) for m, v in hits.items() if v or m in ATTENTION_METHODS},
         "random_baseline": float(np.mean(chance)) if chance else None,
         "pointing_15px_tolerance": {m: (float(np.mean(v)) if v else None) for m, v in tolerant.items()},
-        "by_word_kind": {k: {m: float(np.mean(v)) for m, v in d.items()} | {"n": len(d["chefer"])}
+        "by_word_kind": {k: {m: float(np.mean(v)) for m, v in d.items() if v} | {"n": len(d["chefer"])}
                          for k, d in by_kind.items()},
         "seconds": round(time.perf_counter() - started, 2),
         "criterion": "argmax patch centre inside the named object's box",
     }
+    if validation_items:
+        metrics["validation"] = _validate_words(adapter, validation_items, curves, hits, perturbation, seed)
     return metrics, kept
+
+
+def _validate_words(adapter: FusionAdapter, items: list[tuple], curves: dict[str, dict[str, list[float]]],
+                    hits: dict[str, list[bool]], perturbation: Sequence[str], seed: int) -> dict[str, Any]:
+    """``validation.validate`` over the checked words of the validation images: their curves, every
+    method's maps on the same words with the model's weights randomised (teacher-forced on the same
+    captions), and agreement between the methods' maps."""
+    from workers.probes import sanity
+
+    trained: dict[str, list[torch.Tensor]] = {}
+    randomised: dict[str, list[torch.Tensor]] = {}
+    with sanity.randomised(adapter.model):
+        sanity.randomise_(adapter.model, {n for n, _ in adapter.model.named_parameters()},
+                          torch.Generator().manual_seed(seed))
+        for enc, pixel_values, gen, checked, word_maps in items:
+            with torch.no_grad():
+                feats = adapter.image_features(pixel_values)
+            rows = attribute_generated(adapter, enc, feats, gen, pixel_values=pixel_values, perturbation=perturbation)
+            att = to_attribution(adapter, enc, gen, rows, "")
+            for m, maps in word_maps.items():
+                if m in att.image:
+                    trained.setdefault(m, []).append(maps)
+                    randomised.setdefault(m, []).append(torch.as_tensor(att.image[m][checked]).flatten(1))
+    maps = {m: torch.cat(v) for m, v in trained.items()}
+    checks = {m: validation.randomisation_check(maps[m], torch.cat(randomised[m]), seed=seed) for m in maps}
+    per_method = {m: {"hits": hits.get(m), **curves[m]} for m in maps if m in curves}
+    return validation.validate(per_method, curves["random"], maps=maps, sanity=checks, seed=seed)
 
 
 def _is_world_word(word: str) -> bool:
@@ -508,6 +585,12 @@ class TokenAttributionParams(KindParams):
     limit: Limit = None
     examples: int = Field(3, ge=0, le=32, description="captions shown as figures")
     batch_size: BatchSize = 16
+    perturbation: str | list[str] = Field(
+        "all", description="perturbation and gradient methods besides the attention ones: 'all', 'none' or a list of "
+                           + ", ".join(PERTURBATION_METHODS))
+    validate_images: int = Field(4, ge=0, le=256, description="images whose object words validate every method on "
+                                                              "this model (deletion/insertion, sanity, agreement)")
+    seed: Seed = 0
 
 
 def load_fusion(model_dir: str, device: str = "cpu") -> FusionAdapter:
@@ -549,7 +632,9 @@ def token_attribution_kind(model_dir: str, dataset_dir: str | None, params: Toke
     scenes = load_scenes(dataset_dir, limit=params.limit)
     prompt = params.prompt or default_prompt(adapter)
     metrics, kept = evaluate_pointing(adapter, scenes, prompt=prompt, max_new_tokens=params.max_new_tokens,
-                                      progress=progress, keep=params.examples, batch_size=params.batch_size)
+                                      progress=progress, keep=params.examples, batch_size=params.batch_size,
+                                      validate_images=params.validate_images, seed=params.seed,
+                                      perturbation=_perturbation_methods(params.perturbation))
     figures = {f"caption_{i}": caption_figure(img, att, boxes=scene.boxes) for i, (scene, img, att) in enumerate(kept)}
     findings = []
     p = metrics["pointing"]["chefer"]
@@ -568,8 +653,28 @@ def token_attribution_kind(model_dir: str, dataset_dir: str | None, params: Toke
                                 f"{metrics['hallucinated_words']} colour/shape words had no matching object."))
     summary = (f"Token attribution on {metrics['n_images']} images, {metrics['n_words']} object words: "
                f"pointing {_pct(p)} (gradient x attention) vs {_pct(metrics['pointing']['raw'])} (raw attention), "
-               f"random {_pct(metrics['random_baseline'])}.")
+               f"random {_pct(metrics['random_baseline'])}; every method: "
+               + ", ".join(f"{m} {_pct(v)}" for m, v in metrics["pointing"].items()) + ".")
+    if "validation" in metrics:
+        summary += f" {validation.summary_line(metrics['validation']).capitalize()}."
+        if not metrics["validation"]["validated"]:
+            findings.append(Finding("medium", "No attribution method was shown faithful on this model",
+                                    "On the validation words no method's patch order beat a random order in both "
+                                    "deletion and insertion with a sanity check passed; the maps are shown "
+                                    "labelled as not validated."))
     return ProbeResult(kind="token_attribution", metrics=metrics, summary=summary, figures=figures, findings=findings)
+
+
+def _perturbation_methods(value: Any) -> tuple[str, ...]:
+    """``"all"`` (default), ``"none"`` or a list of ``token_perturbation`` methods."""
+    if value in (None, "all"):
+        return PERTURBATION_METHODS
+    if value in ("none", [], ()):
+        return ()
+    names = [n.strip() for n in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or any(n not in PERTURBATION_METHODS for n in names):
+        raise ProbeInputError(f"perturbation must be 'all', 'none' or a list of {', '.join(PERTURBATION_METHODS)}")
+    return tuple(names)
 
 
 def _pct(v: float | None) -> str:

@@ -65,6 +65,22 @@ def _flat_layers(weighted: WeightedAttentions) -> torch.Tensor:
     return torch.cat([layer.flatten(1) for layer in weighted.layers], dim=1)
 
 
+def find_pooling_head(vision_model: torch.nn.Module,
+                      encoder_layers: Sequence[torch.nn.Module]) -> torch.nn.MultiheadAttention | None:
+    """The attention of the vision tower's attention-pooling head, or ``None``.
+
+    An attention-pooling head is an attention step of learned queries over the encoder's final
+    tokens, outside the encoder's own layers; in transformers (SigLIP's ``head``, and the heads
+    other towers copied from it) it is a ``torch.nn.MultiheadAttention``. Two such modules would
+    leave the readout ambiguous, which is refused rather than guessed."""
+    inside = {id(m) for layer in encoder_layers for m in layer.modules()}
+    found = [m for m in vision_model.modules() if isinstance(m, torch.nn.MultiheadAttention) and id(m) not in inside]
+    if len(found) > 1:
+        raise UnsupportedModelError(f"the vision tower has {len(found)} attention-pooling heads; Loupe explains "
+                                    "an image embedding read out by one")
+    return found[0] if found else None
+
+
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
     if args:
         return args[0]
@@ -113,8 +129,13 @@ class CLIPAdapter(DualEncoderAdapter):
 
     @property
     def pooling_head_attention(self) -> torch.nn.MultiheadAttention | None:
-        """The attention of a MAP pooling head, ``None`` when a CLS token is read out."""
-        return None
+        """The attention of an attention-pooling ("MAP") head, ``None`` when a CLS token is read out.
+
+        Found by structure, not by name (``find_pooling_head``), so that a provider's variant with
+        the head elsewhere, or a CLIP-layout tower that pools with one, is still read out through it."""
+        if not hasattr(self, "_pooling_head"):
+            self._pooling_head = find_pooling_head(self.model.vision_model, self.vision_layers)
+        return self._pooling_head
 
     def _text_readout_index(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Index ``[P]`` of the token whose final state becomes the text embedding."""
@@ -229,6 +250,8 @@ class CLIPAdapter(DualEncoderAdapter):
         good if they disagree (e.g. a subclass with another layer layout).
         """
         pixel_values = self._check_pixels(pixel_values)
+        if self.pooling_head_attention is not None:  # the head reads every token: nothing to skip
+            return self.image_embeds(pixel_values)
         return self._checked_shortcut("_cls_readout_ok", lambda: self._cls_readout_embeds(pixel_values),
                                       lambda: self.image_embeds(pixel_values),
                                       lambda: self.image_embeds(pixel_values[:2]))
@@ -325,7 +348,7 @@ class CLIPAdapter(DualEncoderAdapter):
         """
         images = self._check_pixels(images)
         plain = super().occluded_embeds_for_scoring
-        if self._cls_readout_ok is False or len(self.vision_layers) < 2:
+        if self._cls_readout_ok is False or len(self.vision_layers) < 2 or self.pooling_head_attention is not None:
             return plain(images, image_index, boxes, baseline)
         return self._checked_shortcut("_occlusion_shortcut_ok",
                                       lambda: self._occluded_embeds(images, image_index, boxes, baseline),
@@ -600,6 +623,8 @@ class CLIPAdapter(DualEncoderAdapter):
         """
         pixel_values = self._check_pixels(pixel_values)
         prompts = self.pair_prompts(pixel_values, prompts)
+        if self.pooling_head_attention is not None:  # the head reads every last-layer token
+            return self.trace(pixel_values, prompts, retain_grads=False)
         return self._checked_shortcut(
             "_readout_trace_ok", lambda: self._readout_trace(pixel_values, prompts),
             lambda: self.trace(pixel_values, prompts, retain_grads=False),
@@ -633,7 +658,7 @@ class CLIPAdapter(DualEncoderAdapter):
         to them for good if they disagree."""
         tokens = self.num_prefix_tokens + self.grid[0] * self.grid[1]
         batch = pixel_values.shape[0] if pixel_values.ndim == 4 else 0  # else the plain path says what is wrong
-        if not pays_off(batch, self.num_heads, tokens, pixel_values.device):
+        if self.pooling_head_attention is not None or not pays_off(batch, self.num_heads, tokens, pixel_values.device):
             return DualEncoderAdapter.gradient_weighted_attentions(self, pixel_values, prompts, start_layer=start_layer)
         pixel_values = self._check_pixels(pixel_values)
         prompts = self.pair_prompts(pixel_values, prompts)
@@ -738,10 +763,9 @@ class SiglipAdapter(CLIPAdapter):
             raise UnsupportedModelError("SigLIP vision tower without a pooling head (vision_use_head=False) "
                                         "produces no image embedding to explain")
         super().__init__(model, *args, **kwargs)
-
-    @property
-    def pooling_head_attention(self) -> torch.nn.MultiheadAttention:
-        return self.model.vision_model.head.attention
+        if self.pooling_head_attention is None:
+            raise UnsupportedModelError("SigLIP vision tower without an attention-pooling head: no image embedding "
+                                        "to explain")
 
     def image_embeds_for_scoring(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # the pooling head attends over every last-layer token: there is nothing to skip

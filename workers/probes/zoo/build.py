@@ -35,6 +35,8 @@ class Recipe:
     #: Every ``crowded_every``-th training scene is a crowded one (``world.crowded_scene_at``);
     #: 0: none. The text side then covers the crowded palette too.
     crowded_every: int = 0
+    #: SigLIP's initial logit bias (``train.build_model``).
+    logit_bias: float = -10.0
 
 
 RECIPES: dict[str, Recipe] = {
@@ -49,7 +51,15 @@ RECIPES: dict[str, Recipe] = {
                                             threads=1, extra_prompts=T.prompt_grid(world.CROWDED_SHAPES,
                                                                                    world.CROWDED_COLOURS)),
                         crowded_every=3),
-    "tiny-siglip": Recipe(kind="siglip", train=T.TrainConfig(steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, pool_size=3000, threads=1)),
+    # Trained the way SigLIP is trained: the pairwise sigmoid loss (``TrainConfig.loss="sigmoid"``),
+    # on the same 12x12 grid and crowded mix as tiny-clip, so the zoo exercises relevance read out
+    # through an attention-pooling head on a model whose pooling head learned under that loss.
+    "tiny-siglip": Recipe(kind="siglip", spec=T.ArchSpec(image_size=96, patch_size=8, vision_layers=3),
+                          train=T.TrainConfig(steps=2000, batch_size=32, lr=1.5e-3, warmup_steps=50, pool_size=3000,
+                                              threads=1, loss="sigmoid",
+                                              extra_prompts=T.prompt_grid(world.CROWDED_SHAPES,
+                                                                          world.CROWDED_COLOURS)),
+                          crowded_every=3, logit_bias=-3.0),
 }
 
 #: Scenes used for the quick quality metric recorded in the model card.
@@ -65,7 +75,7 @@ def build_reference_model(name: str, out_dir: str | os.PathLike, *, steps: int |
     siglip = recipe.kind == "siglip"
     tokenizer = T.build_tokenizer(model_input_names=("input_ids",) if siglip else ("input_ids", "attention_mask"))
     processor = T.build_image_processor(recipe.kind, recipe.spec.image_size)
-    model = T.build_model(recipe.kind, recipe.spec, seed=cfg.seed)
+    model = T.build_model(recipe.kind, recipe.spec, seed=cfg.seed, logit_bias=recipe.logit_bias)
 
     def scene_fn(i: int) -> world.Scene:
         if recipe.crowded_every and i % recipe.crowded_every == recipe.crowded_every - 1:
@@ -95,6 +105,7 @@ def build_reference_model(name: str, out_dir: str | os.PathLike, *, steps: int |
         "heldout_zero_shot": metrics,
         **T.config_dict(cfg, recipe.spec),
         "n_objects": list(recipe.n_objects),
+        **({"logit_bias": recipe.logit_bias} if recipe.kind == "siglip" else {}),
         "world_version": world.WORLD_VERSION,
         "train_seed_stream": T.TRAIN_SEED,
         "torch": torch.__version__,
@@ -114,6 +125,10 @@ def model_card(info: dict) -> str:
     arch = info["architecture"]
     tr = info["train"]
     cls = "CLIPModel" if info["kind"] == "clip" else "SiglipModel"
+    loss_text = ("SigLIP's pairwise sigmoid loss over every image-prompt pair of the batch (true pairs "
+                 f"positive, logit bias initialised at {info.get('logit_bias', -10.0)})"
+                 if tr.get("loss") == "sigmoid" else
+                 "multi-positive InfoNCE with in-batch negatives (other true pairs masked, not pushed apart)")
     grid = arch["image_size"] // arch["patch_size"]
     return f"""---
 library_name: transformers
@@ -169,9 +184,8 @@ about how real CLIP/SigLIP checkpoints behave on real images.
 
 ## Training
 
-Prompt = one object present in the image ("a red circle"); multi-positive InfoNCE with in-batch
-negatives (other true pairs masked, not pushed apart) and every colour x shape prompt added as hard
-negatives. {tr['steps']} steps, batch {tr['batch_size']}, AdamW lr {tr['lr']}, cosine schedule,
+Prompt = one object present in the image ("a red circle"); {loss_text} and every colour x shape
+prompt added as hard negatives. {tr['steps']} steps, batch {tr['batch_size']}, AdamW lr {tr['lr']}, cosine schedule,
 {tr['pool_size']} training scenes (world stream seed {info['train_seed_stream']}, 1-4 objects each, horizontal flips),
 seed {tr['seed']}, {tr['threads']} torch threads. Wall time {info['train_seconds']} s
 ({info['train_cpu_seconds']} CPU-seconds) on {info['machine']}, torch {info['torch']},

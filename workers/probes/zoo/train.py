@@ -11,8 +11,9 @@ The loss (``contrastive_loss``) is a multi-positive InfoNCE with in-batch negati
 apart (a batch often holds two images with a red circle), and ``extra_prompts`` (by default
 every colour x shape prompt) join the text side as hard negatives, so an image with a red circle
 and a blue square is also contrasted with "a red square" and "a blue circle". SigLIP's pairwise
-sigmoid loss is available (``TrainConfig.loss="sigmoid"``) but learned far more slowly in the
-short CPU budget, so both reference models use InfoNCE (for SigLIP the bias then cancels).
+sigmoid loss (``TrainConfig.loss="sigmoid"``) trains the zoo's SigLIP, as SigLIP is trained, so the
+zoo exercises a pooling head that learned under it; it needs a logit bias initialised near the
+prior log-odds of a true pair (``build_model``'s ``logit_bias``) to learn in the short CPU budget.
 
 ``train_dual_encoder`` is deliberately generic (scene sampler, caption function, positives
 function, config), because the shortcut zoo reuses it with a watermark-biased world.
@@ -191,18 +192,24 @@ def build_image_processor(kind: str, image_size: int):
     raise ValueError(f"unknown dual-encoder kind {kind!r}")
 
 
-def build_model(kind: str, spec: ArchSpec = ArchSpec(), seed: int = 0) -> CLIPModel | SiglipModel:
-    """Freshly initialised tiny model (``kind`` "clip" or "siglip"), deterministic in ``seed``."""
+def build_model(kind: str, spec: ArchSpec = ArchSpec(), seed: int = 0, *,
+                logit_bias: float = -10.0) -> CLIPModel | SiglipModel:
+    """Freshly initialised tiny model (``kind`` "clip" or "siglip"), deterministic in ``seed``.
+
+    ``logit_bias``: SigLIP's initial bias. The paper's -10 suits its batches of thousands of
+    negatives per positive; with a few dozen texts per image the prior log-odds of a true pair are
+    nearer -3, and Adam moves the bias by about the learning rate per step, so starting at -10
+    spends thousands of steps on the bias alone before the towers get a useful signal."""
     torch.manual_seed(seed)
     if kind == "clip":
         return CLIPModel(tiny_clip_config(spec))
     if kind == "siglip":
         model = SiglipModel(tiny_siglip_config(spec))
-        # The SigLIP paper's initialisation (t' = log 10, b = -10): with many negatives per
-        # positive, starting from a strongly negative bias avoids a large initial loss.
+        # The SigLIP paper's initialisation (t' = log 10, b negative): with many negatives per
+        # positive, starting from a negative bias avoids a large initial loss.
         with torch.no_grad():
             model.logit_scale.fill_(math.log(10.0))
-            model.logit_bias.fill_(-10.0)
+            model.logit_bias.fill_(logit_bias)
         return model
     raise ValueError(f"unknown dual-encoder kind {kind!r}")
 
@@ -250,8 +257,6 @@ class TrainConfig:
     extra_prompts: list[str] | None = None
     flip: bool = True
     #: "infonce" (multi-positive, masked false negatives) or "sigmoid" (SigLIP's pairwise loss).
-    #: The zoo trains both models with "infonce": in our runs the sigmoid loss had barely left
-    #: chance after 400 steps, where InfoNCE reached 0.27 object accuracy.
     loss: str = "infonce"
 
 
