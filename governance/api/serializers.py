@@ -100,6 +100,17 @@ class ModelVersionUploadSerializer(serializers.Serializer):
                                               "config.json and *.safetensors; pickled weights are refused.")
 
 
+class ModelVersionUploadResultSerializer(ModelVersionSerializer):
+    """The created version, plus the pickled weights found next to the safetensors and skipped."""
+
+    ignored_files = serializers.ListField(
+        child=serializers.CharField(), read_only=True,
+        help_text="Pickle-format files in the archive (e.g. pytorch_model.bin) that were neither stored nor loaded.")
+
+    class Meta(ModelVersionSerializer.Meta):
+        fields = [*ModelVersionSerializer.Meta.fields, "ignored_files"]
+
+
 class ModelCardImportSerializer(serializers.Serializer):
     card = serializers.CharField(max_length=1024 * 1024, trim_whitespace=False,
                                  help_text="README.md text: YAML metadata between --- lines, then ## sections.")

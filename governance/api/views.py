@@ -190,7 +190,7 @@ class ModelVersionViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveMo
 
     @extend_schema(summary="Upload a model archive (.zip or .tar.gz of a Hugging Face-format directory)",
                    request={"multipart/form-data": serializers.ModelVersionUploadSerializer},
-                   responses={201: serializers.ModelVersionSerializer, 413: ERRORS[400], **ERRORS})
+                   responses={201: serializers.ModelVersionUploadResultSerializer, 413: ERRORS[400], **ERRORS})
     @action(detail=False, methods=["post"], parser_classes=[MultiPartParser, FormParser])
     def upload(self, request):
         """Validate the archive (safetensors + config.json; no pickles, links, traversal or bombs), then
@@ -218,8 +218,9 @@ class ModelVersionViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveMo
         upload.seek(0)
         destination: Path | None = None
         stored_name = ""
+        limits = uploads.limits_for(ai_model.organisation)
         try:
-            with uploads.extracted_model_archive(upload.file, size=upload.size) as extracted:
+            with uploads.extracted_model_archive(upload.file, size=upload.size, limits=limits) as extracted:
                 with transaction.atomic():
                     version = m.ModelVersion(ai_model=ai_model, version=label, source=m.ModelVersion.Source.ARCHIVE,
                                              created_by=request.user)
@@ -231,7 +232,7 @@ class ModelVersionViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveMo
                     audit_log.record(request.user, "model_version.uploaded", version, {
                         "version": label, "archive": stored_name, "archive_sha256": archive_sha256.hexdigest(),
                         "archive_bytes": upload.size, "files": extracted.files,
-                        "unpacked_bytes": extracted.unpacked_bytes})
+                        "unpacked_bytes": extracted.unpacked_bytes, "ignored_files": extracted.ignored})
                     if "README.md" in extracted.files:  # the Hugging Face model card travels with the model
                         modelcard.import_card(version, (destination / "README.md").read_bytes(), by=request.user)
                     tasks.enqueue_on_commit(tasks.compute_manifest, version.pk)
@@ -242,8 +243,8 @@ class ModelVersionViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveMo
             if stored_name:
                 m.ModelVersion._meta.get_field("archive").storage.delete(stored_name)
             raise
-        return Response(serializers.ModelVersionSerializer(version, context=self.get_serializer_context()).data,
-                        status=status.HTTP_201_CREATED)
+        data = serializers.ModelVersionSerializer(version, context=self.get_serializer_context()).data
+        return Response({**data, "ignored_files": extracted.ignored}, status=status.HTTP_201_CREATED)
 
     @extend_schema(summary="Recompute the SHA-256 manifest and architecture family (on a worker)", request=None,
                    responses={202: serializers.TaskQueuedSerializer, **ERRORS})

@@ -117,6 +117,11 @@ LOUPE_MAX_ARCHIVE_BYTES = int(os.environ.get("LOUPE_MAX_ARCHIVE_BYTES", str(2 * 
 LOUPE_MAX_UNPACKED_BYTES = int(os.environ.get("LOUPE_MAX_UNPACKED_BYTES", str(8 * 1024**3)))
 LOUPE_MAX_IMAGE_PIXELS = int(os.environ.get("LOUPE_MAX_IMAGE_PIXELS", str(40_000_000)))
 LOUPE_MAX_ARCHIVE_FILES = int(os.environ.get("LOUPE_MAX_ARCHIVE_FILES", "2000"))
+# Declared unpacked bytes per compressed byte, per archive member and overall (0: unchecked). Real
+# weights barely compress; a decompression bomb compresses a thousandfold.
+LOUPE_MAX_COMPRESSION_RATIO = float(os.environ.get("LOUPE_MAX_COMPRESSION_RATIO", "100"))
+# Bytes of uploaded models (archives plus unpacked files) one organisation may store (0: no quota).
+LOUPE_ORGANISATION_QUOTA_BYTES = int(os.environ.get("LOUPE_ORGANISATION_QUOTA_BYTES", str(64 * 1024**3)))
 DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("DATA_UPLOAD_MAX_MEMORY_SIZE", str(10 * 1024**2)))
 FILE_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("FILE_UPLOAD_MAX_MEMORY_SIZE", str(10 * 1024**2)))
 # Server-side model directories may only be registered from below these roots.
