@@ -126,6 +126,8 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("DATA_UPLOAD_MAX_MEMORY_SIZE", 
 FILE_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("FILE_UPLOAD_MAX_MEMORY_SIZE", str(10 * 1024**2)))
 # Server-side model directories may only be registered from below these roots.
 LOUPE_MODEL_ROOTS = env_list("LOUPE_MODEL_ROOTS", str(VAR_DIR / "models"))
+# Plan datasets (a probe's ``dataset`` and ``params.inputs``) may only name directories below these.
+LOUPE_DATASET_ROOTS = env_list("LOUPE_DATASET_ROOTS", str(VAR_DIR / "datasets"))
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
