@@ -136,6 +136,28 @@ class AuditCaseSerializer(serializers.ModelSerializer):
                     if s.decision == m.Signoff.Decision.APPROVE and s.review_round == obj.review_round
                     and s.is_case_level})
 
+    def to_internal_value(self, data):
+        # Segregation of duties is checked on the raw input, before the ids are looked up:
+        # otherwise a reviewer's id passes the field and a non-reviewer's fails it, which would tell
+        # a submitter who reviews. (validate() below repeats the check for other callers.)
+        request = self.context.get("request")
+        if not access.is_admin(request.user if request else None) and hasattr(data, "get"):
+            errors = {}
+            if data.get("reviewers") is not None:
+                current = ({str(pk) for pk in self.instance.reviewers.values_list("pk", flat=True)}
+                           if self.instance else set())
+                given = data.getlist("reviewers") if hasattr(data, "getlist") else data.get("reviewers")
+                if not isinstance(given, list) or {str(v) for v in given} != current:
+                    errors["reviewers"] = ["Only an admin assigns reviewers (segregation of duties)."]
+            if data.get("required_approvals") is not None:
+                current_required = (self.instance.required_approvals if self.instance
+                                    else m.AuditCase._meta.get_field("required_approvals").default)
+                if str(data.get("required_approvals")) != str(current_required):
+                    errors["required_approvals"] = ["Only an admin may change the number of required approvals."]
+            if errors:
+                raise serializers.ValidationError(errors)
+        return super().to_internal_value(data)
+
     def validate(self, attrs):
         request = self.context.get("request")
         if access.is_admin(request.user if request else None):
@@ -212,19 +234,21 @@ class SignoffSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class CaseEvidenceField(serializers.PrimaryKeyRelatedField):
+    """An evidence id of the case being signed off: another case's evidence reads as "does not
+    exist", exactly like a missing id."""
+
+    def get_queryset(self):
+        return m.Evidence.objects.filter(run__case=self.context["case"])
+
+
 class SignoffRequestSerializer(serializers.Serializer):
     decision = serializers.ChoiceField(choices=m.Signoff.Decision.choices)
     comment = serializers.CharField(required=False, allow_blank=True, max_length=10_000, default="")
-    evidence = serializers.PrimaryKeyRelatedField(
+    evidence = CaseEvidenceField(
         queryset=m.Evidence.objects.all(), required=False, allow_null=True, default=None,
         help_text="Sign off one evidence item of this case instead of the whole case.")
     report_section = serializers.CharField(required=False, allow_blank=True, max_length=100, default="")
-
-    def validate_evidence(self, evidence):
-        case = self.context["case"]
-        if evidence is not None and evidence.run.case_id != case.pk:
-            raise serializers.ValidationError("This evidence belongs to another case.")
-        return evidence
 
 
 class ReportSerializer(serializers.ModelSerializer):

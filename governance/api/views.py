@@ -62,6 +62,8 @@ class LoupeViewSet(viewsets.GenericViewSet):
 
     permission_classes = [RolePermission, CanEditObject]
     pagination_class = Pagination
+    # Ids are whole numbers: anything else is not a route (a JSON 404, documented as an integer).
+    lookup_value_regex = "[0-9]+"
     action_roles: dict[str, frozenset[str]] = {}
     ordering = ["-pk"]
 

@@ -51,6 +51,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Below /api/, every error is {"error", "detail"} JSON, whatever raised it (governance/api/errors.py).
+    "governance.api.errors.ApiErrorMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -124,6 +126,8 @@ LOUPE_MAX_COMPRESSION_RATIO = float(os.environ.get("LOUPE_MAX_COMPRESSION_RATIO"
 LOUPE_ORGANISATION_QUOTA_BYTES = int(os.environ.get("LOUPE_ORGANISATION_QUOTA_BYTES", str(64 * 1024**3)))
 DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("DATA_UPLOAD_MAX_MEMORY_SIZE", str(10 * 1024**2)))
 FILE_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("FILE_UPLOAD_MAX_MEMORY_SIZE", str(10 * 1024**2)))
+# JSON request bodies nested deeper than this are refused (400) before anything walks them.
+LOUPE_MAX_JSON_DEPTH = int(os.environ.get("LOUPE_MAX_JSON_DEPTH", "64"))
 # Server-side model directories may only be registered from below these roots.
 LOUPE_MODEL_ROOTS = env_list("LOUPE_MODEL_ROOTS", str(VAR_DIR / "models"))
 # Plan datasets (a probe's ``dataset`` and ``params.inputs``) may only name directories below these.
@@ -143,6 +147,11 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "governance.api.errors.exception_handler",
+    "DEFAULT_PARSER_CLASSES": [
+        "governance.api.parsers.DepthLimitedJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "ORDERING_PARAM": "ordering",
     # Only the token endpoint is throttled (password guessing); see governance.api.views.ObtainTokenView.
     "DEFAULT_THROTTLE_RATES": {"anon": os.environ.get("LOUPE_TOKEN_THROTTLE", "30/minute")},
