@@ -298,5 +298,9 @@ class ErrorSerializer(serializers.Serializer):
     detail = serializers.JSONField()
 
 
+class TokenSerializer(serializers.Serializer):
+    token = serializers.CharField(help_text="Send it as `Authorization: Token <token>`.")
+
+
 class TaskQueuedSerializer(serializers.Serializer):
     detail = serializers.CharField()

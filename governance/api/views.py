@@ -27,9 +27,9 @@ from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
-from rest_framework.throttling import AnonRateThrottle
 
-from governance import access, artifacts, audit_log, modelcard, uploads, workflow
+from governance import access, artifacts, audit_log, login_guard, modelcard, uploads, workflow
+from governance.client_ip import LoginRateThrottle
 from governance import models as m
 from governance.api import filters, serializers
 from governance.api.permissions import CanEditObject, RolePermission
@@ -47,9 +47,22 @@ ERRORS = {
 
 
 class ObtainTokenView(ObtainAuthToken):
-    """Exchange a username and password for the user's API token (``Authorization: Token <key>``)."""
+    """Exchange a username and password for the user's API token (``Authorization: Token <key>``).
 
-    throttle_classes = [AnonRateThrottle]
+    Throttled per client address, and refused while that address is locked out after repeated
+    failures (django-axes, shared with the admin login: governance/login_guard.py)."""
+
+    throttle_classes = [LoginRateThrottle]
+
+    @extend_schema(responses={200: serializers.TokenSerializer, 400: ERRORS[400],
+                              429: OpenApiResponse(serializers.ErrorSerializer,
+                                                   description="Too many attempts from this address.")})
+    def post(self, request, *args, **kwargs):
+        from axes.handlers.proxy import AxesProxyHandler
+
+        if not AxesProxyHandler.is_allowed(request._request, {"username": request.data.get("username")}):
+            return Response({"error": "locked_out", "detail": login_guard.MESSAGE}, status=429)
+        return super().post(request, *args, **kwargs)
 
 
 class Pagination(PageNumberPagination):

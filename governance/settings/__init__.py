@@ -46,6 +46,7 @@ INSTALLED_APPS = [
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "axes",
     "governance",
 ]
 
@@ -60,7 +61,38 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Login lockout (last, as django-axes requires): governance/login_guard.py.
+    "axes.middleware.AxesMiddleware",
 ]
+
+# django-axes first: it refuses a locked-out client before any password is checked.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+
+# --- Client address, throttling and login lockout -------------------------------------------------
+# How many reverse proxies in front of Loupe append the client to X-Forwarded-For (0: the header is
+# ignored). Throttle and lockout key on the address this yields (governance/client_ip.py).
+LOUPE_TRUSTED_PROXIES = int(os.environ.get("LOUPE_TRUSTED_PROXIES", "0"))
+# Throttle counters live in the default cache, which every process must share: Redis when
+# LOUPE_CACHE_URL is set (production), else a table in the database (`manage.py createcachetable`,
+# which the migrations also run).
+LOUPE_CACHE_URL = os.environ.get("LOUPE_CACHE_URL", "")
+CACHES = {
+    "default": ({"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": LOUPE_CACHE_URL}
+                if LOUPE_CACHE_URL else
+                {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "loupe_cache"}),
+}
+# Failed logins per client address before a lockout, and how long it lasts (hours). Lift it early
+# with `manage.py axes_reset` (or axes_reset_ip ADDRESS / axes_reset_username NAME).
+AXES_FAILURE_LIMIT = int(os.environ.get("LOUPE_LOGIN_FAILURE_LIMIT", "10"))
+AXES_COOLOFF_TIME = float(os.environ.get("LOUPE_LOGIN_LOCKOUT_HOURS", "1"))
+AXES_LOCKOUT_PARAMETERS = ["ip_address"]
+AXES_CLIENT_IP_CALLABLE = "governance.client_ip.client_ip"
+AXES_LOCKOUT_CALLABLE = "governance.login_guard.lockout_response"
+AXES_RESET_ON_SUCCESS = True
+AXES_VERBOSE = False
 
 ROOT_URLCONF = "governance.urls"
 WSGI_APPLICATION = "governance.wsgi.application"
@@ -153,8 +185,9 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.MultiPartParser",
     ],
     "ORDERING_PARAM": "ordering",
-    # Only the token endpoint is throttled (password guessing); see governance.api.views.ObtainTokenView.
-    "DEFAULT_THROTTLE_RATES": {"anon": os.environ.get("LOUPE_TOKEN_THROTTLE", "30/minute")},
+    # Only the token endpoint is throttled (password guessing), per client address (LOUPE_TRUSTED_PROXIES);
+    # see governance.api.views.ObtainTokenView. Lockout after repeated failures: AXES_* below.
+    "DEFAULT_THROTTLE_RATES": {"login": os.environ.get("LOUPE_TOKEN_THROTTLE", "30/minute")},
 }
 
 SPECTACULAR_SETTINGS = {
