@@ -52,6 +52,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # A Content-Security-Policy on every response (governance/csp.py).
+    "governance.csp.ContentSecurityPolicyMiddleware",
     # Below /api/, every error is {"error", "detail"} JSON, whatever raised it (governance/api/errors.py).
     "governance.api.errors.ApiErrorMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -158,6 +160,9 @@ LOUPE_MAX_COMPRESSION_RATIO = float(os.environ.get("LOUPE_MAX_COMPRESSION_RATIO"
 LOUPE_ORGANISATION_QUOTA_BYTES = int(os.environ.get("LOUPE_ORGANISATION_QUOTA_BYTES", str(64 * 1024**3)))
 DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("DATA_UPLOAD_MAX_MEMORY_SIZE", str(10 * 1024**2)))
 FILE_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("FILE_UPLOAD_MAX_MEMORY_SIZE", str(10 * 1024**2)))
+# The Content-Security-Policy header (governance/csp.py holds the default; empty: none is sent).
+LOUPE_CONTENT_SECURITY_POLICY = os.environ.get("LOUPE_CONTENT_SECURITY_POLICY", __import__(
+    "governance.csp", fromlist=["DEFAULT_POLICY"]).DEFAULT_POLICY)
 # JSON request bodies nested deeper than this are refused (400) before anything walks them.
 LOUPE_MAX_JSON_DEPTH = int(os.environ.get("LOUPE_MAX_JSON_DEPTH", "64"))
 # Server-side model directories may only be registered from below these roots.
