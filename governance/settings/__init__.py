@@ -54,6 +54,8 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     # A Content-Security-Policy on every response (governance/csp.py).
     "governance.csp.ContentSecurityPolicyMiddleware",
+    # Bidirectional control characters in provider text are removed from HTML (governance/text.py).
+    "governance.text.BidiControlMiddleware",
     # Below /api/, every error is {"error", "detail"} JSON, whatever raised it (governance/api/errors.py).
     "governance.api.errors.ApiErrorMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
