@@ -122,6 +122,16 @@ DATABASES = {
         conn_max_age=int(os.environ.get("DB_CONN_MAX_AGE", "0")),
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The embedded default serves concurrent requests from one SQLite file: a writer waits for the
+    # lock (busy timeout, seconds) instead of failing with "database is locked", and transactions
+    # take the write lock when they begin (IMMEDIATE), because SQLite cannot wait when a reader
+    # upgrades to a writer mid-transaction. WAL lets readers go on while one request writes.
+    DATABASES["default"].setdefault("OPTIONS", {}).update({
+        "timeout": int(os.environ.get("LOUPE_SQLITE_BUSY_TIMEOUT", "30")),
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    })
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
