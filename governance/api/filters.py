@@ -12,6 +12,7 @@ from __future__ import annotations
 import django_filters
 from django import forms
 from django.db import models
+from drf_spectacular.utils import extend_schema_field
 
 from governance import models as m
 
@@ -19,6 +20,7 @@ from governance import models as m
 MAX_ID = 2**63 - 1
 
 
+@extend_schema_field({"type": "integer", "minimum": 1, "maximum": MAX_ID})
 class IdFilter(django_filters.NumberFilter):
     """A filter on an id reached through a relation (``?ai_model=3``): a whole number in the
     databases' id range. NumberFilter alone takes any decimal, and SQLite cannot even bind an
@@ -32,11 +34,30 @@ class IdFilter(django_filters.NumberFilter):
         super().__init__(*args, **kwargs)
 
 
+@extend_schema_field({"type": "integer", "minimum": -MAX_ID - 1, "maximum": MAX_ID})
+class IntegerFilter(django_filters.NumberFilter):
+    """A whole-number field (``?version=2``): ``2.5`` is refused, not rounded or matched as a decimal."""
+
+    field_class = forms.IntegerField
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("min_value", -MAX_ID - 1)
+        kwargs.setdefault("max_value", MAX_ID)
+        super().__init__(*args, **kwargs)
+
+
+_INTEGER_FIELDS = (models.AutoField, models.BigAutoField, models.IntegerField, models.BigIntegerField,
+                   models.SmallIntegerField, models.PositiveIntegerField, models.PositiveSmallIntegerField,
+                   models.PositiveBigIntegerField)
+
+
 class LoupeFilterSet(django_filters.FilterSet):
-    """Foreign keys (and one-to-ones) filter by id, without an existence check (see the module docstring)."""
+    """Foreign keys (and one-to-ones) filter by id, without an existence check (see the module
+    docstring); integer fields take whole numbers only."""
 
     FILTER_DEFAULTS = {
         **django_filters.FilterSet.FILTER_DEFAULTS,
+        **{field: {"filter_class": IntegerFilter} for field in _INTEGER_FIELDS},
         models.ForeignKey: {"filter_class": IdFilter},
         models.OneToOneField: {"filter_class": IdFilter},
     }

@@ -64,11 +64,18 @@ CARD_FIELDS = list(m.ModelVersion.CARD_FIELDS)
 
 class ModelVersionSerializer(serializers.ModelSerializer):
     ai_model = VisibleRelatedField(queryset=m.AIModel.objects.all())
+    # Every source is documented (a version read back may be 'archive'); creating one with 'archive'
+    # is refused with the way to do it.
     source = serializers.ChoiceField(
-        choices=[m.ModelVersion.Source.PATH, m.ModelVersion.Source.HUB],
+        choices=m.ModelVersion.Source.choices,
         help_text="'path' (admins: a directory below LOUPE_MODEL_ROOTS) or 'hub' (an id with a pinned 40-hex "
-                  "revision). Upload an archive with POST /api/versions/upload/ instead.")
+                  "revision). 'archive' versions are created by POST /api/versions/upload/.")
     archive_url = serializers.SerializerMethodField()
+
+    def validate_source(self, value):
+        if value == m.ModelVersion.Source.ARCHIVE:
+            raise serializers.ValidationError("Upload the archive with POST /api/versions/upload/.")
+        return value
 
     class Meta:
         model = m.ModelVersion
@@ -79,7 +86,7 @@ class ModelVersionSerializer(serializers.ModelSerializer):
                             "created_at", "updated_at"]
         validators = []
 
-    @extend_schema_field(OpenApiTypes.URI)
+    @extend_schema_field(serializers.URLField(allow_null=True))
     def get_archive_url(self, obj) -> str | None:
         return None if not obj.archive else reverse("version-archive", args=[obj.pk], request=self.context.get("request"))
 
@@ -296,6 +303,11 @@ class ErrorSerializer(serializers.Serializer):
 
     error = serializers.CharField()
     detail = serializers.JSONField()
+
+
+class TokenRequestSerializer(serializers.Serializer):
+    username = serializers.CharField(min_length=1, max_length=150)
+    password = serializers.CharField(min_length=1, max_length=4096, style={"input_type": "password"})
 
 
 class TokenSerializer(serializers.Serializer):

@@ -23,7 +23,7 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import mixins, status, viewsets
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound, PermissionDenied
+from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
@@ -54,7 +54,8 @@ class ObtainTokenView(ObtainAuthToken):
 
     throttle_classes = [LoginRateThrottle]
 
-    @extend_schema(responses={200: serializers.TokenSerializer, 400: ERRORS[400],
+    @extend_schema(request=serializers.TokenRequestSerializer,
+                   responses={200: serializers.TokenSerializer, 400: ERRORS[400],
                               429: OpenApiResponse(serializers.ErrorSerializer,
                                                    description="Too many attempts from this address.")})
     def post(self, request, *args, **kwargs):
@@ -66,8 +67,39 @@ class ObtainTokenView(ObtainAuthToken):
 
 
 class Pagination(PageNumberPagination):
+    """``?page=`` (from 1) and ``?page_size=`` (1 to 500); a page size outside that is refused, not
+    silently replaced by the default."""
+
     page_size_query_param = "page_size"
     max_page_size = 500
+
+    def get_page_number(self, request, paginator):
+        raw = request.query_params.get(self.page_query_param)
+        if raw is None:
+            return 1
+        if raw in self.last_page_strings:
+            return raw
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValidationError({self.page_query_param: ["A whole number from 1."]})
+        return raw
+
+    def get_page_size(self, request):
+        raw = request.query_params.get(self.page_size_query_param)
+        if raw is None:
+            return self.page_size
+        if not raw.isdigit() or not 1 <= int(raw) <= self.max_page_size:
+            raise ValidationError({self.page_size_query_param: [
+                f"A whole number from 1 to {self.max_page_size}."]})
+        return int(raw)
+
+    def get_schema_operation_parameters(self, view):
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            if parameter["name"] == self.page_query_param:
+                parameter["schema"] = {"type": "integer", "minimum": 1}
+            elif parameter["name"] == self.page_size_query_param:
+                parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": self.max_page_size}
+        return parameters
 
 
 class LoupeViewSet(viewsets.GenericViewSet):
@@ -75,8 +107,8 @@ class LoupeViewSet(viewsets.GenericViewSet):
 
     permission_classes = [RolePermission, CanEditObject]
     pagination_class = Pagination
-    # Ids are whole numbers: anything else is not a route (a JSON 404, documented as an integer).
-    lookup_value_regex = "[0-9]+"
+    # Ids are whole numbers below 2**63: anything else is not a route (a JSON 404).
+    lookup_value_regex = "[0-9]{1,18}"
     action_roles: dict[str, frozenset[str]] = {}
     ordering = ["-pk"]
 
@@ -507,7 +539,8 @@ class EvidenceArtifactViewSet(ReadOnlyViewSet):
     filterset_class = filters.EvidenceArtifactFilter
     ordering_fields = ["created_at", "name"]
 
-    @extend_schema(summary="Download the artifact file", responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, 404: ERRORS[404]})
+    @extend_schema(summary="Download the artifact file (served with the content type it was stored with)",
+                   responses={(200, "*/*"): OpenApiTypes.BINARY, 404: ERRORS[404]})
     @action(detail=True, methods=["get"])
     def download(self, request, pk=None):
         artifact = self.get_object()

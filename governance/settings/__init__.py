@@ -194,7 +194,7 @@ REST_FRAMEWORK = {
         "django_filters.rest_framework.DjangoFilterBackend",
         "rest_framework.filters.OrderingFilter",
     ],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "governance.api.schema.LoupeAutoSchema",
     "EXCEPTION_HANDLER": "governance.api.errors.exception_handler",
     "DEFAULT_PARSER_CLASSES": [
         "governance.api.parsers.DepthLimitedJSONParser",
@@ -212,6 +212,8 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Audit vision-language models: inventory, cases, probe runs, evidence, sign-offs and reports.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Separate request and response components: read-only fields are neither required nor sent.
+    "COMPONENT_SPLIT_REQUEST": True,
     # Swagger UI assets are served from our own static files, never a CDN.
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
