@@ -70,3 +70,20 @@ def test_a_draft_cases_model_stays_editable(draft_case, alice):
     client.force_authenticate(alice)
     response = client.patch(f"/api/models/{model.pk}/", {"risk_category": "minimal"}, format="json")
     assert response.status_code == 200, response.json()
+
+
+def test_a_report_is_never_issued_as_approved_on_stale_approvals(approved_high_risk, rita, settings, tmp_path):
+    """Even if the inventory changed past every guard (here: raw SQL), the approvals no longer match
+    what the reviewers saw, and no report claims the case approved."""
+    from governance.models import Report
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    AIModel.objects.filter(pk=approved_high_risk.model_version.ai_model_id).update(
+        risk_category="minimal", annex_iii_area="")
+    assert workflow.review_status(approved_high_risk).stale_approvals
+    client = APIClient()
+    client.force_authenticate(rita)
+    response = client.post(f"/api/cases/{approved_high_risk.pk}/reports/")
+    assert response.status_code in (400, 409), response.content[:300]
+    assert "stale" in response.json()["detail"]
+    assert not Report.objects.filter(case=approved_high_risk).exists()
