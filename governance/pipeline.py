@@ -86,21 +86,30 @@ def resolve_dataset(reference: str | None) -> str | None:
     """A plan's ``dataset`` -> a local directory (see :func:`governance.references.resolve_dataset`)."""
     from governance import references
 
-    return references.resolve_dataset(reference)
+    try:
+        return references.resolve_dataset(reference)
+    except references.ReferenceUnavailable as exc:
+        raise PipelineError(str(exc)) from exc
 
 
 def resolve_model_reference(reference: str) -> str:
     """``zoo:<checkpoint>`` or a directory below ``LOUPE_MODEL_ROOTS`` -> a local model directory."""
     from governance import references
 
-    return references.resolve_model(reference)
+    try:
+        return references.resolve_model(reference)
+    except references.ReferenceUnavailable as exc:
+        raise PipelineError(str(exc)) from exc
 
 
 def resolve_params(params: dict[str, Any] | None) -> dict[str, Any]:
     """A copy of ``params`` with every reference resolved and confined (:mod:`governance.references`)."""
     from governance import references
 
-    return references.resolve_params(params)
+    try:
+        return references.resolve_params(params)
+    except references.ReferenceUnavailable as exc:
+        raise PipelineError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------------------------

@@ -28,10 +28,12 @@ ZOO_DATASETS: tuple[str, ...] = ("heldout", "validation", "crowded", "heldout-de
 PATH_PARAMS: dict[str, str] = {"inputs": "dataset", "compare_models": "models"}
 
 
-def _error_class():
-    from governance.pipeline import PipelineError
+class ReferenceUnavailable(Exception):
+    """A plan reference the server will not use (the pipeline answers it as its ``PipelineError``)."""
 
-    return PipelineError
+
+def _error_class():
+    return ReferenceUnavailable
 
 
 def unavailable(what: str, reference: object) -> Exception:
