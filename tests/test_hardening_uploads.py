@@ -19,7 +19,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from django.conf import settings
 from rest_framework.test import APIClient
 
 from governance.models import AuditEvent, ModelVersion
@@ -150,9 +149,9 @@ def test_the_compression_ratio_limit_is_configurable(tmp_path, settings):
     with extracted_model_archive(io.BytesIO(data), limits=UploadLimits.from_settings()) as model:
         assert "model.safetensors" in model.files
     settings.LOUPE_MAX_COMPRESSION_RATIO = 50
-    with pytest.raises(UploadRejected) as caught:
-        with extracted_model_archive(io.BytesIO(data), limits=UploadLimits.from_settings()):
-            pass
+    with pytest.raises(UploadRejected) as caught, \
+            extracted_model_archive(io.BytesIO(data), limits=UploadLimits.from_settings()):
+        pass
     assert caught.value.code == "compression_ratio" and "50" in caught.value.message
 
 
@@ -179,7 +178,8 @@ def test_an_archive_rooted_at_dot_is_accepted(alice, acme_model, tmp_path):
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
         archive.add(directory, arcname=".")
-    assert tarfile.open(fileobj=io.BytesIO(buffer.getvalue())).getnames()[0] == "."
+    with tarfile.open(fileobj=io.BytesIO(buffer.getvalue())) as written:
+        assert written.getnames()[0] == "."
     response = upload(alice, acme_model, "dot", buffer.getvalue(), name="m.tar.gz")
     assert response.status_code == 201, response.json()
 

@@ -13,8 +13,8 @@ from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation, TooManyFieldsSent
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError
-from django.http import Http404, JsonResponse
 from django.db.models import ProtectedError, RestrictedError
+from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -25,7 +25,6 @@ from governance.modelcard import ModelCardError
 from governance.models import ImmutableError
 from governance.uploads import UploadRejected
 from workers.probes.errors import ProbeInputError
-
 
 #: The service's own errors: (class, stable code, HTTP status). The API's exception handler and the
 #: admin review page (``admin_review``) both answer with these; subclasses come before their bases.

@@ -40,6 +40,7 @@ class LoupeAutoSchema(AutoSchema):
     def _resolve_path_parameters(self, variables):
         parameters = super()._resolve_path_parameters(variables)
         for parameter in parameters:
-            if parameter.get("name") in ("id", "pk"):
+            pattern = parameter.get("schema", {}).get("pattern", "")
+            if parameter.get("name") in ("id", "pk") or pattern.startswith("^[0-9]"):
                 parameter["schema"] = {"type": "integer", "minimum": 0, "maximum": MAX_PATH_ID}
         return parameters

@@ -9,6 +9,6 @@ def create_cache_table(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
-    dependencies = [("governance", "0004_frozen_finished_runs")]
+    dependencies = [("governance", "0005_i19_countersignatures")]
 
     operations = [migrations.RunPython(create_cache_table, migrations.RunPython.noop, elidable=True)]
