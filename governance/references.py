@@ -20,9 +20,12 @@ from typing import Any
 from django.conf import settings
 
 #: The committed reference checkpoints (``workers/probes/zoo/checkpoints``); a test keeps it in step.
-ZOO_MODELS: tuple[str, ...] = ("clean-clip", "shortcut-clip", "tiny-clip", "tiny-llava", "tiny-siglip")
-#: The synthetic world's splits (``workers.probes.zoo.SPLITS``) and the shortcut zoo's concept folders.
-ZOO_DATASETS: tuple[str, ...] = ("heldout", "validation", "crowded", "heldout-decoys", "shortcut-concepts")
+ZOO_MODELS: tuple[str, ...] = ("clean-clip", "shortcut-clip", "tiny-clip", "tiny-llava", "tiny-llava-reader",
+                               "tiny-siglip")
+#: The synthetic world's splits (``workers.probes.zoo.SPLITS``, ``zoo.group_split``) and the shortcut
+#: zoo's concept folders.
+ZOO_DATASETS: tuple[str, ...] = ("heldout", "validation", "crowded", "heldout-decoys", "groups", "groups-control",
+                                 "shortcut-concepts")
 
 #: Probe parameters that name server directories, and what they name.
 PATH_PARAMS: dict[str, str] = {"inputs": "dataset", "compare_models": "models"}

@@ -93,10 +93,11 @@ def test_missing_and_forbidden_references_answer_identically(key, roots, tmp_pat
 
 def test_zoo_names_come_from_a_closed_list_that_matches_the_committed_zoo():
     from workers.probes import zoo
+    from workers.probes.zoo import group_split
 
     committed = sorted(p.name for p in zoo.CHECKPOINT_ROOT.iterdir() if (p / "config.json").is_file())
     assert sorted(references.ZOO_MODELS) == committed
-    assert set(references.ZOO_DATASETS) == {*zoo.SPLITS, "shortcut-concepts"}
+    assert set(references.ZOO_DATASETS) == {*zoo.SPLITS, *group_split.GROUP_SPLITS, "shortcut-concepts"}
     assert pipeline.resolve_model_reference("zoo:tiny-clip") == str(zoo.checkpoint_path("tiny-clip"))
 
 
