@@ -9,6 +9,6 @@ def create_cache_table(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
-    dependencies = [("governance", "0005_i19_countersignatures")]
+    dependencies = [("governance", "0006_i21_run_lease_report_requests")]
 
     operations = [migrations.RunPython(create_cache_table, migrations.RunPython.noop, elidable=True)]
