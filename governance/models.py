@@ -228,6 +228,33 @@ class AIModel(models.Model):
 
     objects = GovernanceQuerySet.as_manager()
 
+    # What a case's conclusions rest on (they are part of workflow.case_digest): frozen while a case of
+    # one of the model's versions is being audited or was decided, like the version's card.
+    FROZEN_FIELDS = ("provider_name", "intended_purpose", "modality", "risk_category", "annex_iii_area")
+
+    @classmethod
+    def from_db(cls, db, field_names, values):
+        instance = super().from_db(db, field_names, values)
+        instance._loaded_frozen = {name: instance.__dict__[name] for name in cls.FROZEN_FIELDS
+                                   if name in instance.__dict__}
+        return instance
+
+    def save(self, *args, **kwargs):
+        loaded = getattr(self, "_loaded_frozen", None)
+        if not self._state.adding and loaded:
+            changed = [name for name, value in loaded.items() if self.__dict__.get(name) != value]
+            if changed:
+                busy = (AuditCase.objects.filter(model_version__ai_model_id=self.pk,
+                                                 state__in=AuditCase.AUDITED_STATES)
+                        .order_by("pk").values_list("pk", flat=True).first())
+                if busy is not None:
+                    raise ImmutableError(
+                        f"{self} is under audit in case #{busy}, whose conclusions rest on its "
+                        f"{', '.join(changed)}; these cannot change until the case is closed (archived) or sent "
+                        "back for changes. Register a new model instead if the system itself changed.")
+        super().save(*args, **kwargs)
+        self._loaded_frozen = {name: self.__dict__.get(name) for name in self.FROZEN_FIELDS}
+
     class Meta:
         verbose_name = "AI model"
         ordering = ["organisation__name", "name"]

@@ -71,84 +71,45 @@ class PipelineError(Exception):
 # --------------------------------------------------------------------------------------------------
 
 
+# One resolver for every reference in a plan (closed zoo lists, roots after links, one answer for
+# missing and forbidden): governance/references.py. These names are what callers use.
+
+
 def dataset_roots() -> list[Path]:
     """Server directories below which plan datasets may live (``LOUPE_DATASET_ROOTS``)."""
-    default = str(Path(settings.VAR_DIR) / "datasets")
-    return [Path(p).resolve() for p in os.environ.get("LOUPE_DATASET_ROOTS", default).split(",") if p.strip()]
+    from governance import references
 
-
-def _server_directory(reference: str, zoo_lookup, roots: list[Path], what: str, zoo_what: str) -> str:
-    """``zoo:<name>`` through ``zoo_lookup``, else a directory below one of ``roots``: a plan is user
-    input, and a worker must not be pointed at arbitrary server paths."""
-    if reference.startswith("zoo:"):
-        from workers.probes.errors import ProbeInputError
-
-        try:
-            return str(zoo_lookup(reference.removeprefix("zoo:")))
-        except ProbeInputError as exc:
-            raise PipelineError(str(exc)) from exc
-    path = Path(reference).resolve()
-    if not any(path.is_relative_to(root) for root in roots):
-        raise PipelineError(f"{what} {reference!r} is not below an allowed {what} root "
-                            f"({', '.join(map(str, roots))}) and is not a {zoo_what}")
-    if not path.is_dir():
-        raise PipelineError(f"{what} {reference!r} is not a directory on this server")
-    return str(path)
+    return references.dataset_roots()
 
 
 def resolve_dataset(reference: str | None) -> str | None:
-    """Turn a plan's ``dataset`` into a local directory.
+    """A plan's ``dataset`` -> a local directory (see :func:`governance.references.resolve_dataset`)."""
+    from governance import references
 
-    ``None``/empty: the probe kind's own default. ``zoo:<split>`` (e.g. ``zoo:heldout``): a split of the
-    synthetic reference world, generated deterministically; ``zoo:shortcut-concepts``: the watermark
-    and random concept folders of the shortcut zoo. Anything else must be a directory below
-    ``LOUPE_DATASET_ROOTS``.
-    """
-    if not reference:
-        return None
-    if reference == "zoo:shortcut-concepts":
-        from workers.probes.zoo import shortcut
-
-        return str(shortcut.probe_data() / "concepts")
-    from workers.probes import zoo
-
-    return _server_directory(reference, zoo.dataset_dir, dataset_roots(), "dataset", "zoo split")
-
-
-#: Probe parameters that name server paths, like ``dataset`` does: ``inputs`` (a folder of target
-#: images for tcav/shortcut) and ``compare_models`` (model directories for the attention probe's
-#: seed consistency). They are plan input too, so they get the same confinement.
-PATH_PARAMS = {"inputs": "dataset", "compare_models": "models"}
+    try:
+        return references.resolve_dataset(reference)
+    except references.ReferenceUnavailable as exc:
+        raise PipelineError(str(exc)) from exc
 
 
 def resolve_model_reference(reference: str) -> str:
     """``zoo:<checkpoint>`` or a directory below ``LOUPE_MODEL_ROOTS`` -> a local model directory."""
-    if not isinstance(reference, str) or not reference:
-        raise PipelineError(f"model reference {reference!r}: expected 'zoo:<checkpoint>' or a server path")
-    from workers.probes import zoo
+    from governance import references
 
-    roots = [Path(r).resolve() for r in settings.LOUPE_MODEL_ROOTS]
-    return _server_directory(reference, zoo.checkpoint_path, roots, "model", "zoo checkpoint")
+    try:
+        return references.resolve_model(reference)
+    except references.ReferenceUnavailable as exc:
+        raise PipelineError(str(exc)) from exc
 
 
 def resolve_params(params: dict[str, Any] | None) -> dict[str, Any]:
-    """A copy of a plan item's ``params`` with every server path in it resolved and confined
-    (:data:`PATH_PARAMS`); raises :class:`PipelineError` for a path the server will not use.
-    The run keeps the references as written (they are what the evidence's provenance shows)."""
-    resolved = dict(params or {})
-    for key, kind in PATH_PARAMS.items():
-        if resolved.get(key) is None:
-            continue
-        value = resolved[key]
-        if kind == "dataset":
-            if not isinstance(value, str):
-                raise PipelineError(f"params.{key}: expected a dataset path or zoo reference")
-            resolved[key] = resolve_dataset(value)
-        else:
-            if not isinstance(value, list):
-                raise PipelineError(f"params.{key}: expected a list of model references")
-            resolved[key] = [resolve_model_reference(v) for v in value]
-    return resolved
+    """A copy of ``params`` with every reference resolved and confined (:mod:`governance.references`)."""
+    from governance import references
+
+    try:
+        return references.resolve_params(params)
+    except references.ReferenceUnavailable as exc:
+        raise PipelineError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------------------------

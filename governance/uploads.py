@@ -9,7 +9,18 @@ safetensors weights, and refused with an explicit reason when it
 - escapes the target directory (``../``, absolute paths, drive letters, backslashes) or contains
   links, devices or FIFOs (tar symlinks and hardlinks can point anywhere on the server);
 - is too large compressed, declares or actually unpacks to too many bytes (zip bombs lie in
-  their headers, so the bytes written are counted too), or has too many members.
+  their headers, so the bytes written are counted too), or has too many members;
+- declares more than ``LOUPE_MAX_COMPRESSION_RATIO`` times its compressed size, per member (zip
+  headers state both sizes) and overall (tar headers only state the unpacked size): real weights
+  barely compress, a bomb compresses a thousandfold. This is checked on the *declared* sizes before a
+  byte is written, so a bomb never reaches the disk;
+- has a ``.safetensors`` member whose header does not describe exactly the member's bytes (checked
+  on the header, read first, before the tensor data is written);
+- would take its organisation over ``LOUPE_ORGANISATION_QUOTA_BYTES`` of stored models.
+
+Pickled weights next to safetensors weights (a Hugging Face snapshot often has both
+``pytorch_model.bin`` and ``model.safetensors``) are skipped, never written, and reported in
+:attr:`ExtractedModel.ignored`; a model whose only weights are pickles is refused.
 
 Archives are unpacked into a private temporary directory on the storage volume; the caller moves
 the directory into place only after validation and inside the database transaction that records
@@ -26,6 +37,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import tarfile
 import tempfile
 import zipfile
@@ -41,6 +53,13 @@ PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", 
 IMAGE_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
 CONFIG_MAX_BYTES = 1024 * 1024
 _CHUNK = 1024 * 1024
+#: Below this many unpacked bytes the compression ratio is not checked: small text files (configs,
+#: tokenizers) compress well and cannot hurt.
+RATIO_FLOOR_BYTES = 1024 * 1024
+#: The safetensors library refuses headers above 100 MB; so do we, before reading more.
+SAFETENSORS_HEADER_MAX = 100 * 1000 * 1000
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
 
 
 class UploadRejected(Exception):
@@ -63,15 +82,27 @@ class UploadLimits:
     max_unpacked_bytes: int
     max_files: int
     max_image_pixels: int
+    #: Unpacked bytes per compressed byte, per member and overall; 0 switches the check off.
+    max_compression_ratio: float = 100.0
+    #: Bytes the uploading organisation may still store (archive plus unpacked files); None: no quota.
+    quota_remaining: int | None = None
 
     @classmethod
-    def from_settings(cls) -> UploadLimits:
+    def from_settings(cls, *, quota_remaining: int | None = None) -> UploadLimits:
         return cls(
             max_archive_bytes=settings.LOUPE_MAX_ARCHIVE_BYTES,
             max_unpacked_bytes=settings.LOUPE_MAX_UNPACKED_BYTES,
             max_files=settings.LOUPE_MAX_ARCHIVE_FILES,
             max_image_pixels=settings.LOUPE_MAX_IMAGE_PIXELS,
+            max_compression_ratio=float(settings.LOUPE_MAX_COMPRESSION_RATIO),
+            quota_remaining=quota_remaining,
         )
+
+    def allowed_expansion(self, compressed_bytes: int) -> int | None:
+        """The most unpacked bytes ``compressed_bytes`` may legitimately turn into (None: no limit)."""
+        if self.max_compression_ratio <= 0:
+            return None
+        return max(int(self.max_compression_ratio * compressed_bytes), RATIO_FLOOR_BYTES)
 
 
 @dataclass
@@ -82,6 +113,8 @@ class ExtractedModel:
     files: list[str] = field(default_factory=list)  # relative POSIX paths, sorted
     unpacked_bytes: int = 0
     config: dict = field(default_factory=dict)
+    #: Pickled weights found next to safetensors weights: skipped, never written (relative paths, sorted).
+    ignored: list[str] = field(default_factory=list)
 
 
 # --- member checks ----------------------------------------------------------------------------
@@ -116,29 +149,71 @@ def refuse_pickles(path: PurePosixPath) -> None:
 class _Budget:
     """Counts members and unpacked bytes against the limits as the archive is read."""
 
-    def __init__(self, limits: UploadLimits) -> None:
+    def __init__(self, limits: UploadLimits, archive_bytes: int) -> None:
         self.limits = limits
+        self.archive_bytes = archive_bytes
         self.files = 0
         self.bytes = 0
+        self.declared = 0
 
-    def add_member(self, name: str, declared_size: int) -> None:
+    def _refuse_over(self, total: int, name: str | None) -> None:
+        at = f" (at {name!r})" if name else ""
+        if total > self.limits.max_unpacked_bytes:
+            raise UploadRejected(
+                "unpacked_too_large",
+                f"the archive unpacks to more than {self.limits.max_unpacked_bytes} bytes{at}; refused",
+                status=413,
+            )
+        # The stored archive counts against the quota as well as what it unpacks to.
+        quota = None if self.limits.quota_remaining is None else self.limits.quota_remaining - self.archive_bytes
+        if quota is not None and total > quota:
+            raise UploadRejected(
+                "quota_exceeded",
+                f"the archive unpacks to more than the {max(quota, 0)} bytes your organisation's storage quota "
+                f"has left{at}; refused. Ask an operator to raise LOUPE_ORGANISATION_QUOTA_BYTES or remove "
+                "unused versions.", status=413,
+            )
+
+    def add_member(self, name: str, declared_size: int, compressed_size: int | None = None) -> None:
+        """Check a member's header before any of its bytes are read: count, declared size, and the
+        compression ratio of the member (where the format states it) and of the archive so far."""
         self.files += 1
         if self.files > self.limits.max_files:
             raise UploadRejected(
                 "too_many_files", f"the archive has more than {self.limits.max_files} files; refused", status=413
             )
-        if declared_size < 0 or self.bytes + declared_size > self.limits.max_unpacked_bytes:
+        if declared_size < 0:
+            raise UploadRejected("corrupt_archive", f"archive member {name!r} declares a negative size; refused")
+        self.declared += declared_size
+        self._refuse_over(self.declared, name)
+        ratio = self.limits.max_compression_ratio
+        if compressed_size is not None:
+            allowed = self.limits.allowed_expansion(compressed_size)
+            if allowed is not None and declared_size > allowed:
+                raise UploadRejected(
+                    "compression_ratio",
+                    f"archive member {name!r} declares {declared_size} bytes from {compressed_size} compressed "
+                    f"bytes, more than the allowed compression ratio of {ratio:g}; refused as a decompression bomb",
+                    status=413,
+                )
+        allowed = self.limits.allowed_expansion(self.archive_bytes)
+        if allowed is not None and self.declared > allowed:
             raise UploadRejected(
-                "unpacked_too_large",
-                f"the archive unpacks to more than {self.limits.max_unpacked_bytes} bytes (at {name!r}); refused",
+                "compression_ratio",
+                f"the archive declares more than {self.declared} unpacked bytes (at {name!r}) from "
+                f"{self.archive_bytes} bytes, more than the allowed compression ratio of {ratio:g}; refused as "
+                "a decompression bomb",
                 status=413,
             )
 
     def copy(self, name: str, src: IO[bytes], dst: BinaryIO, declared_size: int) -> int:
-        """Copy member data, refusing as soon as it writes more than it declared or than the limit."""
+        """Copy member data, refusing as soon as it writes more than it declared or than the limit.
+        A ``.safetensors`` member's header is read and checked against the declared size first."""
         written = 0
+        head = _read_safetensors_head(name, src, declared_size) if name.lower().endswith(".safetensors") else b""
         while True:
-            chunk = src.read(_CHUNK)
+            chunk = head or src.read(_CHUNK)
+            head = b""
             if not chunk:
                 break
             written += len(chunk)
@@ -148,14 +223,71 @@ class _Budget:
                     "corrupt_archive",
                     f"archive member {name!r} unpacks to more bytes than its header declares; refused",
                 )
-            if self.bytes > self.limits.max_unpacked_bytes:
-                raise UploadRejected(
-                    "unpacked_too_large",
-                    f"the archive unpacks to more than {self.limits.max_unpacked_bytes} bytes; refused",
-                    status=413,
-                )
+            self._refuse_over(self.bytes, None)
             dst.write(chunk)
         return written
+
+
+def _read_exactly(src: IO[bytes], n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = src.read(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def _read_safetensors_head(name: str, src: IO[bytes], declared_size: int) -> bytes:
+    """Read and check a safetensors member's header; return the bytes read (to be written first).
+
+    The header is JSON naming each tensor's dtype, shape and byte range; the ranges must tile the data
+    section exactly, and the data section must end where the member ends. A file that is longer or
+    shorter than its header says is refused here, before its data is written."""
+    def bad(why: str) -> UploadRejected:
+        return UploadRejected("bad_safetensors", f"{name!r} is not a valid safetensors file: {why}")
+
+    if declared_size < 8:
+        raise bad("shorter than its 8-byte header length")
+    prefix = _read_exactly(src, 8)
+    (header_len,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (None,)
+    if header_len is None or header_len > min(SAFETENSORS_HEADER_MAX, declared_size - 8):
+        raise bad("its header length is larger than the file")
+    raw = _read_exactly(src, header_len)
+    if len(raw) != header_len:
+        raise bad("truncated header")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise bad("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    ranges = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            start, end = (int(x) for x in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+            dtype = str(info["dtype"])
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"tensor {key!r} has no valid dtype, shape and data_offsets") from None
+        if start < 0 or end < start or any(d < 0 for d in shape):
+            raise bad(f"tensor {key!r} has invalid offsets or shape")
+        count = 1
+        for d in shape:
+            count *= d
+        if dtype in _DTYPE_BYTES and count * _DTYPE_BYTES[dtype] != end - start:
+            raise bad(f"tensor {key!r} ({dtype}, shape {shape}) does not match its byte range {start}..{end}")
+        ranges.append((start, end))
+    position = 0
+    for start, end in sorted(ranges):
+        if start != position:
+            raise bad("its tensors' byte ranges overlap or leave holes")
+        position = end
+    if 8 + header_len + position != declared_size:
+        raise bad(f"its header describes {8 + header_len + position} bytes but the file has {declared_size}")
+    return prefix + raw
 
 
 def _open_target(root: Path, rel: PurePosixPath, seen: set[str]) -> BinaryIO:
@@ -171,8 +303,9 @@ def _open_target(root: Path, rel: PurePosixPath, seen: set[str]) -> BinaryIO:
     return open(target, "xb")  # noqa: SIM115 - closed by the caller
 
 
-def _extract_zip(fileobj: BinaryIO, root: Path, limits: UploadLimits) -> list[str]:
-    budget, seen, files = _Budget(limits), set(), []
+def _extract_zip(fileobj: BinaryIO, root: Path, limits: UploadLimits, archive_bytes: int,
+                 ignored: list[str]) -> list[str]:
+    budget, seen, files = _Budget(limits, archive_bytes), set(), []
     with zipfile.ZipFile(fileobj) as archive:
         infos = archive.infolist()
         if len(infos) > limits.max_files:
@@ -192,10 +325,11 @@ def _extract_zip(fileobj: BinaryIO, root: Path, limits: UploadLimits) -> list[st
                 raise UploadRejected("special_file", f"archive member {info.filename!r} is not a regular file; refused")
             if info.flag_bits & 0x1:
                 raise UploadRejected("encrypted_archive", f"archive member {info.filename!r} is encrypted; refused")
-            refuse_pickles(rel)
-            budget.add_member(info.filename, info.file_size)
+            if rel.suffix.lower() in PICKLE_SUFFIXES:
+                ignored.append(str(rel))
+                continue
+            budget.add_member(info.filename, info.file_size, info.compress_size)
             checked.append((info, rel))
-        budget.files = 0
         budget.bytes = 0
         for info, rel in checked:
             with archive.open(info) as src, _open_target(root, rel, seen) as dst:
@@ -204,8 +338,9 @@ def _extract_zip(fileobj: BinaryIO, root: Path, limits: UploadLimits) -> list[st
     return files
 
 
-def _extract_tar(fileobj: BinaryIO, root: Path, limits: UploadLimits) -> list[str]:
-    budget, seen, files, members = _Budget(limits), set(), [], 0
+def _extract_tar(fileobj: BinaryIO, root: Path, limits: UploadLimits, archive_bytes: int,
+                 ignored: list[str]) -> list[str]:
+    budget, seen, files, members = _Budget(limits, archive_bytes), set(), [], 0
     # Stream mode ("r|") reads each header once, in order, and never seeks: the whole archive
     # is never decompressed just to list it. Decompressing with GzipFile ourselves (not "r|gz")
     # checks the gzip CRC and length at the end, so a truncated upload is refused instead of
@@ -216,6 +351,8 @@ def _extract_tar(fileobj: BinaryIO, root: Path, limits: UploadLimits) -> list[st
             members += 1
             if members > limits.max_files:
                 raise UploadRejected("too_many_files", f"the archive has more than {limits.max_files} files; refused", status=413)
+            if member.isdir() and all(p in ("", ".") for p in PurePosixPath(member.name).parts):
+                continue  # the archive's own root, as `tar -C dir .` writes it ("./")
             rel = safe_member_path(member.name)
             if member.issym() or member.islnk():
                 raise UploadRejected(
@@ -226,7 +363,9 @@ def _extract_tar(fileobj: BinaryIO, root: Path, limits: UploadLimits) -> list[st
                 continue
             if not member.isreg():
                 raise UploadRejected("special_file", f"archive member {member.name!r} is not a regular file; refused")
-            refuse_pickles(rel)
+            if rel.suffix.lower() in PICKLE_SUFFIXES:
+                ignored.append(str(rel))  # skipped: the stream moves past its data unread
+                continue
             budget.add_member(member.name, member.size)
             src = archive.extractfile(member)
             assert src is not None  # regular files always have data
@@ -237,25 +376,25 @@ def _extract_tar(fileobj: BinaryIO, root: Path, limits: UploadLimits) -> list[st
     # GzipFile verifies the CRC and raises EOFError on truncation.
     while chunk := gz.read(_CHUNK):
         budget.bytes += len(chunk)
-        if budget.bytes > limits.max_unpacked_bytes:
-            raise UploadRejected(
-                "unpacked_too_large", f"the archive unpacks to more than {limits.max_unpacked_bytes} bytes; refused", status=413
-            )
+        budget._refuse_over(budget.bytes, None)
     return files
 
 
-def _strip_single_top_directory(root: Path, files: list[str]) -> tuple[Path, list[str]]:
+def _strip_single_top_directory(root: Path, files: list[str], ignored: list[str]) -> tuple[Path, list[str], list[str]]:
     """Archives made with ``zip -r model.zip model/`` have one top directory; look inside it."""
     if "config.json" in files:
-        return root, files
-    tops = {f.split("/", 1)[0] for f in files}
-    if len(tops) == 1 and all("/" in f for f in files):
+        return root, files, ignored
+    tops = {f.split("/", 1)[0] for f in files + ignored}
+    if len(tops) == 1 and all("/" in f for f in files + ignored):
         top = tops.pop()
-        return root / top, [f.split("/", 1)[1] for f in files]
-    return root, files
+        return root / top, [f.split("/", 1)[1] for f in files], [f.split("/", 1)[1] for f in ignored]
+    return root, files, ignored
 
 
-def _check_model_directory(root: Path, files: list[str]) -> dict:
+def _check_model_directory(root: Path, files: list[str], ignored: list[str]) -> dict:
+    weights = [f for f in files if f.endswith(".safetensors")]
+    if ignored and not weights:
+        refuse_pickles(PurePosixPath(ignored[0]))
     if "config.json" not in files:
         raise UploadRejected(
             "missing_config", "the archive has no config.json at its top level; upload a Hugging Face-format model directory"
@@ -269,7 +408,6 @@ def _check_model_directory(root: Path, files: list[str]) -> dict:
         raise UploadRejected("bad_config", f"config.json is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise UploadRejected("bad_config", "config.json must hold a JSON object")
-    weights = [f for f in files if f.endswith(".safetensors")]
     if not weights:
         raise UploadRejected(
             "missing_safetensors", "the archive has no .safetensors weights; Loupe only accepts safetensors checkpoints"
@@ -326,21 +464,27 @@ def extracted_model_archive(fileobj: BinaryIO, *, size: int | None = None,
         raise UploadRejected(
             "archive_too_large", f"the archive is {size} bytes; the limit is {limits.max_archive_bytes}", status=413
         )
+    if limits.quota_remaining is not None and size > limits.quota_remaining:
+        raise UploadRejected(
+            "quota_exceeded", f"the archive is {size} bytes; your organisation's storage quota has "
+            f"{max(limits.quota_remaining, 0)} bytes left", status=413)
     kind = sniff_archive(fileobj)
     workdir = Path(tempfile.mkdtemp(prefix="upload-", dir=staging_root()))
     try:
         unpacked = workdir / "model"
         unpacked.mkdir()
+        ignored: list[str] = []
+        extract = _extract_zip if kind == "zip" else _extract_tar
         try:
-            files = _extract_zip(fileobj, unpacked, limits) if kind == "zip" else _extract_tar(fileobj, unpacked, limits)
+            files = extract(fileobj, unpacked, limits, size, ignored)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, OSError, NotImplementedError) as exc:
             if isinstance(exc, FileExistsError):
                 raise UploadRejected("duplicate_member", f"the archive has two members with the same path: {exc.filename}") from None
             raise UploadRejected("corrupt_archive", f"the {kind} archive is corrupt or truncated: {exc}") from None
-        root, files = _strip_single_top_directory(unpacked, files)
-        config = _check_model_directory(root, files)
+        root, files, ignored = _strip_single_top_directory(unpacked, files, ignored)
+        config = _check_model_directory(root, files, ignored)
         yield ExtractedModel(path=root, files=sorted(files), unpacked_bytes=sum((root / f).stat().st_size for f in files),
-                             config=config)
+                             config=config, ignored=sorted(ignored))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -352,6 +496,34 @@ def install_model_directory(extracted: ExtractedModel, destination: Path) -> Non
     if destination.exists():
         raise UploadRejected("already_uploaded", f"{destination.name} already has an artifact", status=409)
     os.replace(extracted.path, destination)
+
+
+def organisation_storage_used(organisation) -> int:
+    """Bytes the organisation's uploaded versions occupy: archives plus unpacked directories."""
+    from governance.artifacts import uploaded_model_directory
+    from governance.models import ModelVersion
+
+    used = 0
+    for version in ModelVersion.objects.filter(ai_model__organisation=organisation).exclude(archive=""):
+        try:
+            used += version.archive.size
+        except OSError:
+            pass
+        for dirpath, _dirs, names in os.walk(uploaded_model_directory(version)):
+            for name in names:
+                try:
+                    used += os.lstat(os.path.join(dirpath, name)).st_size
+                except OSError:
+                    pass
+    return used
+
+
+def limits_for(organisation) -> UploadLimits:
+    """The settings' limits, with what ``organisation``'s quota (``LOUPE_ORGANISATION_QUOTA_BYTES``,
+    0: none) has left."""
+    quota = int(settings.LOUPE_ORGANISATION_QUOTA_BYTES)
+    remaining = None if quota <= 0 else quota - organisation_storage_used(organisation)
+    return UploadLimits.from_settings(quota_remaining=remaining)
 
 
 def remove_tree(path: Path) -> None:

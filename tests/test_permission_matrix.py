@@ -73,7 +73,7 @@ TABLE = [
     Row("list models", "get", "/api/models/", LIST),
     Row("read Acme's model", "get", "/api/models/{model}/", READ),
     Row("register a model for Acme", "post", "/api/models/", CREATE_OWN, _model_body),
-    Row("edit Acme's model", "patch", "/api/models/{model}/", WRITE_OWN, lambda w: {"intended_purpose": "Search."}),
+    Row("edit Acme's model", "patch", "/api/models/{model}/", WRITE_OWN, lambda w: {"provider_contact": "ml@acme.example"}),
     Row("delete Acme's model", "delete", "/api/models/{model}/", NO_METHOD),
     Row("list versions", "get", "/api/versions/", LIST),
     Row("read the version under review", "get", "/api/versions/{version}/", READ),

@@ -58,7 +58,10 @@ def test_it_accepts_a_safetensors_model_directory(builder, prefix, tmp_path, med
 @pytest.mark.parametrize("suffix", [".bin", ".pt", ".pkl", ".ckpt", ".pth"])
 @pytest.mark.parametrize("pack", [zip_bytes, targz_bytes])
 def test_it_refuses_pickled_weights_by_name(suffix, pack, tmp_path, media_root):
+    """A model whose only weights are pickles (next to safetensors, they are skipped: see
+    test_hardening_uploads)."""
     members = model_members(write_tiny_hf_model(tmp_path / "m"))
+    del members["model.safetensors"]
     members[f"pytorch_model{suffix}"] = b"\x80\x04\x95 not really a pickle"
     error = refusal(pack(members))
     assert error.code == "pickled_weights"

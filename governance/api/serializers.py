@@ -64,11 +64,18 @@ CARD_FIELDS = list(m.ModelVersion.CARD_FIELDS)
 
 class ModelVersionSerializer(serializers.ModelSerializer):
     ai_model = VisibleRelatedField(queryset=m.AIModel.objects.all())
+    # Every source is documented (a version read back may be 'archive'); creating one with 'archive'
+    # is refused with the way to do it.
     source = serializers.ChoiceField(
-        choices=[m.ModelVersion.Source.PATH, m.ModelVersion.Source.HUB],
+        choices=m.ModelVersion.Source.choices,
         help_text="'path' (admins: a directory below LOUPE_MODEL_ROOTS) or 'hub' (an id with a pinned 40-hex "
-                  "revision). Upload an archive with POST /api/versions/upload/ instead.")
+                  "revision). 'archive' versions are created by POST /api/versions/upload/.")
     archive_url = serializers.SerializerMethodField()
+
+    def validate_source(self, value):
+        if value == m.ModelVersion.Source.ARCHIVE:
+            raise serializers.ValidationError("Upload the archive with POST /api/versions/upload/.")
+        return value
 
     class Meta:
         model = m.ModelVersion
@@ -79,7 +86,7 @@ class ModelVersionSerializer(serializers.ModelSerializer):
                             "created_at", "updated_at"]
         validators = []
 
-    @extend_schema_field(OpenApiTypes.URI)
+    @extend_schema_field(serializers.URLField(allow_null=True))
     def get_archive_url(self, obj) -> str | None:
         return None if not obj.archive else reverse("version-archive", args=[obj.pk], request=self.context.get("request"))
 
@@ -98,6 +105,17 @@ class ModelVersionUploadSerializer(serializers.Serializer):
     version = serializers.CharField(max_length=100)
     archive = serializers.FileField(help_text="A .zip or .tar.gz of a Hugging Face-format model directory: "
                                               "config.json and *.safetensors; pickled weights are refused.")
+
+
+class ModelVersionUploadResultSerializer(ModelVersionSerializer):
+    """The created version, plus the pickled weights found next to the safetensors and skipped."""
+
+    ignored_files = serializers.ListField(
+        child=serializers.CharField(), read_only=True,
+        help_text="Pickle-format files in the archive (e.g. pytorch_model.bin) that were neither stored nor loaded.")
+
+    class Meta(ModelVersionSerializer.Meta):
+        fields = [*ModelVersionSerializer.Meta.fields, "ignored_files"]
 
 
 class ModelCardImportSerializer(serializers.Serializer):
@@ -124,6 +142,28 @@ class AuditCaseSerializer(serializers.ModelSerializer):
         return len({s.reviewer_id for s in obj.signoffs.all()
                     if s.decision == m.Signoff.Decision.APPROVE and s.review_round == obj.review_round
                     and s.is_case_level})
+
+    def to_internal_value(self, data):
+        # Segregation of duties is checked on the raw input, before the ids are looked up:
+        # otherwise a reviewer's id passes the field and a non-reviewer's fails it, which would tell
+        # a submitter who reviews. (validate() below repeats the check for other callers.)
+        request = self.context.get("request")
+        if not access.is_admin(request.user if request else None) and hasattr(data, "get"):
+            errors = {}
+            if data.get("reviewers") is not None:
+                current = ({str(pk) for pk in self.instance.reviewers.values_list("pk", flat=True)}
+                           if self.instance else set())
+                given = data.getlist("reviewers") if hasattr(data, "getlist") else data.get("reviewers")
+                if not isinstance(given, list) or {str(v) for v in given} != current:
+                    errors["reviewers"] = ["Only an admin assigns reviewers (segregation of duties)."]
+            if data.get("required_approvals") is not None:
+                current_required = (self.instance.required_approvals if self.instance
+                                    else m.AuditCase._meta.get_field("required_approvals").default)
+                if str(data.get("required_approvals")) != str(current_required):
+                    errors["required_approvals"] = ["Only an admin may change the number of required approvals."]
+            if errors:
+                raise serializers.ValidationError(errors)
+        return super().to_internal_value(data)
 
     def validate(self, attrs):
         request = self.context.get("request")
@@ -201,19 +241,21 @@ class SignoffSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class CaseEvidenceField(serializers.PrimaryKeyRelatedField):
+    """An evidence id of the case being signed off: another case's evidence reads as "does not
+    exist", exactly like a missing id."""
+
+    def get_queryset(self):
+        return m.Evidence.objects.filter(run__case=self.context["case"])
+
+
 class SignoffRequestSerializer(serializers.Serializer):
     decision = serializers.ChoiceField(choices=m.Signoff.Decision.choices)
     comment = serializers.CharField(required=False, allow_blank=True, max_length=10_000, default="")
-    evidence = serializers.PrimaryKeyRelatedField(
+    evidence = CaseEvidenceField(
         queryset=m.Evidence.objects.all(), required=False, allow_null=True, default=None,
         help_text="Sign off one evidence item of this case instead of the whole case.")
     report_section = serializers.CharField(required=False, allow_blank=True, max_length=100, default="")
-
-    def validate_evidence(self, evidence):
-        case = self.context["case"]
-        if evidence is not None and evidence.run.case_id != case.pk:
-            raise serializers.ValidationError("This evidence belongs to another case.")
-        return evidence
 
 
 class ReportSerializer(serializers.ModelSerializer):
@@ -261,6 +303,15 @@ class ErrorSerializer(serializers.Serializer):
 
     error = serializers.CharField()
     detail = serializers.JSONField()
+
+
+class TokenRequestSerializer(serializers.Serializer):
+    username = serializers.CharField(min_length=1, max_length=150)
+    password = serializers.CharField(min_length=1, max_length=4096, style={"input_type": "password"})
+
+
+class TokenSerializer(serializers.Serializer):
+    token = serializers.CharField(help_text="Send it as `Authorization: Token <token>`.")
 
 
 class TaskQueuedSerializer(serializers.Serializer):

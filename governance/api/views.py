@@ -23,13 +23,13 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import mixins, status, viewsets
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound, PermissionDenied
+from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
-from rest_framework.throttling import AnonRateThrottle
 
-from governance import access, artifacts, audit_log, modelcard, uploads, workflow
+from governance import access, artifacts, audit_log, login_guard, modelcard, uploads, workflow
+from governance.client_ip import LoginRateThrottle
 from governance import models as m
 from governance.api import filters, serializers
 from governance.api.permissions import CanEditObject, RolePermission
@@ -47,14 +47,59 @@ ERRORS = {
 
 
 class ObtainTokenView(ObtainAuthToken):
-    """Exchange a username and password for the user's API token (``Authorization: Token <key>``)."""
+    """Exchange a username and password for the user's API token (``Authorization: Token <key>``).
 
-    throttle_classes = [AnonRateThrottle]
+    Throttled per client address, and refused while that address is locked out after repeated
+    failures (django-axes, shared with the admin login: governance/login_guard.py)."""
+
+    throttle_classes = [LoginRateThrottle]
+
+    @extend_schema(request=serializers.TokenRequestSerializer,
+                   responses={200: serializers.TokenSerializer, 400: ERRORS[400],
+                              429: OpenApiResponse(serializers.ErrorSerializer,
+                                                   description="Too many attempts from this address.")})
+    def post(self, request, *args, **kwargs):
+        from axes.handlers.proxy import AxesProxyHandler
+
+        if not AxesProxyHandler.is_allowed(request._request, {"username": request.data.get("username")}):
+            return Response({"error": "locked_out", "detail": login_guard.MESSAGE}, status=429)
+        return super().post(request, *args, **kwargs)
 
 
 class Pagination(PageNumberPagination):
+    """``?page=`` (from 1) and ``?page_size=`` (1 to 500); a page size outside that is refused, not
+    silently replaced by the default."""
+
     page_size_query_param = "page_size"
     max_page_size = 500
+
+    def get_page_number(self, request, paginator):
+        raw = request.query_params.get(self.page_query_param)
+        if raw is None:
+            return 1
+        if raw in self.last_page_strings:
+            return raw
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValidationError({self.page_query_param: ["A whole number from 1."]})
+        return raw
+
+    def get_page_size(self, request):
+        raw = request.query_params.get(self.page_size_query_param)
+        if raw is None:
+            return self.page_size
+        if not raw.isdigit() or not 1 <= int(raw) <= self.max_page_size:
+            raise ValidationError({self.page_size_query_param: [
+                f"A whole number from 1 to {self.max_page_size}."]})
+        return int(raw)
+
+    def get_schema_operation_parameters(self, view):
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            if parameter["name"] == self.page_query_param:
+                parameter["schema"] = {"type": "integer", "minimum": 1}
+            elif parameter["name"] == self.page_size_query_param:
+                parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": self.max_page_size}
+        return parameters
 
 
 class LoupeViewSet(viewsets.GenericViewSet):
@@ -62,6 +107,8 @@ class LoupeViewSet(viewsets.GenericViewSet):
 
     permission_classes = [RolePermission, CanEditObject]
     pagination_class = Pagination
+    # Ids are whole numbers below 2**63: anything else is not a route (a JSON 404).
+    lookup_value_regex = "[0-9]{1,18}"
     action_roles: dict[str, frozenset[str]] = {}
     ordering = ["-pk"]
 
@@ -190,7 +237,7 @@ class ModelVersionViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveMo
 
     @extend_schema(summary="Upload a model archive (.zip or .tar.gz of a Hugging Face-format directory)",
                    request={"multipart/form-data": serializers.ModelVersionUploadSerializer},
-                   responses={201: serializers.ModelVersionSerializer, 413: ERRORS[400], **ERRORS})
+                   responses={201: serializers.ModelVersionUploadResultSerializer, 413: ERRORS[400], **ERRORS})
     @action(detail=False, methods=["post"], parser_classes=[MultiPartParser, FormParser])
     def upload(self, request):
         """Validate the archive (safetensors + config.json; no pickles, links, traversal or bombs), then
@@ -218,8 +265,9 @@ class ModelVersionViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveMo
         upload.seek(0)
         destination: Path | None = None
         stored_name = ""
+        limits = uploads.limits_for(ai_model.organisation)
         try:
-            with uploads.extracted_model_archive(upload.file, size=upload.size) as extracted:
+            with uploads.extracted_model_archive(upload.file, size=upload.size, limits=limits) as extracted:
                 with transaction.atomic():
                     version = m.ModelVersion(ai_model=ai_model, version=label, source=m.ModelVersion.Source.ARCHIVE,
                                              created_by=request.user)
@@ -231,7 +279,7 @@ class ModelVersionViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveMo
                     audit_log.record(request.user, "model_version.uploaded", version, {
                         "version": label, "archive": stored_name, "archive_sha256": archive_sha256.hexdigest(),
                         "archive_bytes": upload.size, "files": extracted.files,
-                        "unpacked_bytes": extracted.unpacked_bytes})
+                        "unpacked_bytes": extracted.unpacked_bytes, "ignored_files": extracted.ignored})
                     if "README.md" in extracted.files:  # the Hugging Face model card travels with the model
                         modelcard.import_card(version, (destination / "README.md").read_bytes(), by=request.user)
                     tasks.enqueue_on_commit(tasks.compute_manifest, version.pk)
@@ -242,8 +290,8 @@ class ModelVersionViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveMo
             if stored_name:
                 m.ModelVersion._meta.get_field("archive").storage.delete(stored_name)
             raise
-        return Response(serializers.ModelVersionSerializer(version, context=self.get_serializer_context()).data,
-                        status=status.HTTP_201_CREATED)
+        data = serializers.ModelVersionSerializer(version, context=self.get_serializer_context()).data
+        return Response({**data, "ignored_files": extracted.ignored}, status=status.HTTP_201_CREATED)
 
     @extend_schema(summary="Recompute the SHA-256 manifest and architecture family (on a worker)", request=None,
                    responses={202: serializers.TaskQueuedSerializer, **ERRORS})
@@ -491,7 +539,8 @@ class EvidenceArtifactViewSet(ReadOnlyViewSet):
     filterset_class = filters.EvidenceArtifactFilter
     ordering_fields = ["created_at", "name"]
 
-    @extend_schema(summary="Download the artifact file", responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, 404: ERRORS[404]})
+    @extend_schema(summary="Download the artifact file (served with the content type it was stored with)",
+                   responses={(200, "*/*"): OpenApiTypes.BINARY, 404: ERRORS[404]})
     @action(detail=True, methods=["get"])
     def download(self, request, pk=None):
         artifact = self.get_object()

@@ -60,6 +60,21 @@ def render_case(case: AuditCase, *, version: int, report_meta: dict[str, Any] | 
     return rendered, manifest
 
 
+def _refuse_stale_approval(case: AuditCase) -> None:
+    """An approved case whose approvals no longer match what it is now (its digest changed) must not
+    be reported as approved: the report would print APPROVED over conclusions nobody signed."""
+    from governance import workflow
+    from governance.models import AuditCase as Case
+
+    if case.state != Case.State.APPROVED:
+        return
+    status = workflow.review_status(case)
+    if len(status.approved_by) < case.required_approvals:
+        raise workflow.WorkflowError(
+            f"case #{case.pk} is approved, but {len(status.stale_approvals)} of its approvals are stale: the case "
+            "changed after they were given. No report is issued until it is reviewed again.")
+
+
 def generate_report(case: AuditCase, *, author, sign: bool = True) -> Report:
     """Issue the next report version of ``case`` (v1, v2, ...) and return the new ``Report`` row.
 
@@ -99,6 +114,7 @@ def generate_report(case: AuditCase, *, author, sign: bool = True) -> Report:
             refused = unbound_case_rows(locked)  # again, under the lock
             if refused:
                 raise DigestMismatch(f"refusing to issue a report for case #{case.pk}: " + "; ".join(refused))
+            _refuse_stale_approval(locked)
             previous = versions.latest(locked)
             version = previous.version + 1 if previous else 1
             changes = versions.changelog(previous.manifest if previous else None, build_manifest(locked, version=version))

@@ -56,7 +56,10 @@ def _one_af_entry_per_file(document, pdf) -> None:
 
 
 def render_html(context: dict) -> str:
-    return render_to_string("reports/report.html", context)
+    from governance.text import strip_bidi_controls
+
+    # Provider text must not reorder what the reader sees (governance/text.py).
+    return strip_bidi_controls(render_to_string("reports/report.html", context))
 
 
 def render_pdf(html: str, *, fetcher: SafeURLFetcher, manifest: bytes, created: dt.datetime) -> RenderedPDF:

@@ -46,11 +46,18 @@ INSTALLED_APPS = [
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "axes",
     "governance",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # A Content-Security-Policy on every response (governance/csp.py).
+    "governance.csp.ContentSecurityPolicyMiddleware",
+    # Bidirectional control characters in provider text are removed from HTML (governance/text.py).
+    "governance.text.BidiControlMiddleware",
+    # Below /api/, every error is {"error", "detail"} JSON, whatever raised it (governance/api/errors.py).
+    "governance.api.errors.ApiErrorMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -58,7 +65,38 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Login lockout (last, as django-axes requires): governance/login_guard.py.
+    "axes.middleware.AxesMiddleware",
 ]
+
+# django-axes first: it refuses a locked-out client before any password is checked.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+
+# --- Client address, throttling and login lockout -------------------------------------------------
+# How many reverse proxies in front of Loupe append the client to X-Forwarded-For (0: the header is
+# ignored). Throttle and lockout key on the address this yields (governance/client_ip.py).
+LOUPE_TRUSTED_PROXIES = int(os.environ.get("LOUPE_TRUSTED_PROXIES", "0"))
+# Throttle counters live in the default cache, which every process must share: Redis when
+# LOUPE_CACHE_URL is set (production), else a table in the database (`manage.py createcachetable`,
+# which the migrations also run).
+LOUPE_CACHE_URL = os.environ.get("LOUPE_CACHE_URL", "")
+CACHES = {
+    "default": ({"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": LOUPE_CACHE_URL}
+                if LOUPE_CACHE_URL else
+                {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "loupe_cache"}),
+}
+# Failed logins per client address before a lockout, and how long it lasts (hours). Lift it early
+# with `manage.py axes_reset` (or axes_reset_ip ADDRESS / axes_reset_username NAME).
+AXES_FAILURE_LIMIT = int(os.environ.get("LOUPE_LOGIN_FAILURE_LIMIT", "10"))
+AXES_COOLOFF_TIME = float(os.environ.get("LOUPE_LOGIN_LOCKOUT_HOURS", "1"))
+AXES_LOCKOUT_PARAMETERS = ["ip_address"]
+AXES_CLIENT_IP_CALLABLE = "governance.client_ip.client_ip"
+AXES_LOCKOUT_CALLABLE = "governance.login_guard.lockout_response"
+AXES_RESET_ON_SUCCESS = True
+AXES_VERBOSE = False
 
 ROOT_URLCONF = "governance.urls"
 WSGI_APPLICATION = "governance.wsgi.application"
@@ -84,6 +122,16 @@ DATABASES = {
         conn_max_age=int(os.environ.get("DB_CONN_MAX_AGE", "0")),
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The embedded default serves concurrent requests from one SQLite file: a writer waits for the
+    # lock (busy timeout, seconds) instead of failing with "database is locked", and transactions
+    # take the write lock when they begin (IMMEDIATE), because SQLite cannot wait when a reader
+    # upgrades to a writer mid-transaction. WAL lets readers go on while one request writes.
+    DATABASES["default"].setdefault("OPTIONS", {}).update({
+        "timeout": int(os.environ.get("LOUPE_SQLITE_BUSY_TIMEOUT", "30")),
+        "transaction_mode": "IMMEDIATE",
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    })
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -117,10 +165,22 @@ LOUPE_MAX_ARCHIVE_BYTES = int(os.environ.get("LOUPE_MAX_ARCHIVE_BYTES", str(2 * 
 LOUPE_MAX_UNPACKED_BYTES = int(os.environ.get("LOUPE_MAX_UNPACKED_BYTES", str(8 * 1024**3)))
 LOUPE_MAX_IMAGE_PIXELS = int(os.environ.get("LOUPE_MAX_IMAGE_PIXELS", str(40_000_000)))
 LOUPE_MAX_ARCHIVE_FILES = int(os.environ.get("LOUPE_MAX_ARCHIVE_FILES", "2000"))
+# Declared unpacked bytes per compressed byte, per archive member and overall (0: unchecked). Real
+# weights barely compress; a decompression bomb compresses a thousandfold.
+LOUPE_MAX_COMPRESSION_RATIO = float(os.environ.get("LOUPE_MAX_COMPRESSION_RATIO", "100"))
+# Bytes of uploaded models (archives plus unpacked files) one organisation may store (0: no quota).
+LOUPE_ORGANISATION_QUOTA_BYTES = int(os.environ.get("LOUPE_ORGANISATION_QUOTA_BYTES", str(64 * 1024**3)))
 DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("DATA_UPLOAD_MAX_MEMORY_SIZE", str(10 * 1024**2)))
 FILE_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("FILE_UPLOAD_MAX_MEMORY_SIZE", str(10 * 1024**2)))
+# The Content-Security-Policy header (governance/csp.py holds the default; empty: none is sent).
+LOUPE_CONTENT_SECURITY_POLICY = os.environ.get("LOUPE_CONTENT_SECURITY_POLICY", __import__(
+    "governance.csp", fromlist=["DEFAULT_POLICY"]).DEFAULT_POLICY)
+# JSON request bodies nested deeper than this are refused (400) before anything walks them.
+LOUPE_MAX_JSON_DEPTH = int(os.environ.get("LOUPE_MAX_JSON_DEPTH", "64"))
 # Server-side model directories may only be registered from below these roots.
 LOUPE_MODEL_ROOTS = env_list("LOUPE_MODEL_ROOTS", str(VAR_DIR / "models"))
+# Plan datasets (a probe's ``dataset`` and ``params.inputs``) may only name directories below these.
+LOUPE_DATASET_ROOTS = env_list("LOUPE_DATASET_ROOTS", str(VAR_DIR / "datasets"))
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -134,11 +194,17 @@ REST_FRAMEWORK = {
         "django_filters.rest_framework.DjangoFilterBackend",
         "rest_framework.filters.OrderingFilter",
     ],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "governance.api.schema.LoupeAutoSchema",
     "EXCEPTION_HANDLER": "governance.api.errors.exception_handler",
+    "DEFAULT_PARSER_CLASSES": [
+        "governance.api.parsers.DepthLimitedJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "ORDERING_PARAM": "ordering",
-    # Only the token endpoint is throttled (password guessing); see governance.api.views.ObtainTokenView.
-    "DEFAULT_THROTTLE_RATES": {"anon": os.environ.get("LOUPE_TOKEN_THROTTLE", "30/minute")},
+    # Only the token endpoint is throttled (password guessing), per client address (LOUPE_TRUSTED_PROXIES);
+    # see governance.api.views.ObtainTokenView. Lockout after repeated failures: AXES_* below.
+    "DEFAULT_THROTTLE_RATES": {"login": os.environ.get("LOUPE_TOKEN_THROTTLE", "30/minute")},
 }
 
 SPECTACULAR_SETTINGS = {
@@ -146,6 +212,8 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Audit vision-language models: inventory, cases, probe runs, evidence, sign-offs and reports.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Separate request and response components: read-only fields are neither required nor sent.
+    "COMPONENT_SPLIT_REQUEST": True,
     # Swagger UI assets are served from our own static files, never a CDN.
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
