@@ -49,24 +49,28 @@ ROLE_PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
         "aimodel": ("add", "change", "view"), "modelversion": ("add", "change", "view"),
         "auditcase": ("add", "change", "view"),
         "proberun": VIEW, "evidence": VIEW, "evidenceartifact": VIEW, "signoff": VIEW, "report": VIEW,
-        "auditevent": VIEW,
+        "auditevent": VIEW, "acceptancecriterion": VIEW, "findingacknowledgement": VIEW,
+        "providerdocument": ("add", "view"),
     },
     REVIEWER: {
         "organisation": VIEW, "membership": VIEW, "aimodel": VIEW, "modelversion": VIEW,
         "auditcase": ("view", "sign_off"),
         "proberun": VIEW, "evidence": VIEW, "evidenceartifact": VIEW,
         "signoff": ("add", "view"), "report": ("add", "view"), "auditevent": VIEW,
+        "acceptancecriterion": VIEW, "findingacknowledgement": VIEW, "providerdocument": VIEW,
     },
     AUDITOR: {
         "organisation": VIEW, "membership": VIEW, "aimodel": VIEW, "modelversion": VIEW, "auditcase": VIEW,
         "proberun": VIEW, "evidence": VIEW, "evidenceartifact": VIEW, "signoff": VIEW, "report": VIEW,
         "auditevent": VIEW, "auditchainhead": VIEW,
+        "acceptancecriterion": VIEW, "findingacknowledgement": VIEW, "providerdocument": VIEW,
     },
     ADMIN: {
         "organisation": ALL, "membership": ALL, "aimodel": ALL, "modelversion": ALL,
         "auditcase": ALL + ("sign_off",), "proberun": ALL,
         "evidence": VIEW, "evidenceartifact": VIEW, "signoff": VIEW, "report": ("add", "view"),
         "auditevent": VIEW, "auditchainhead": VIEW,
+        "acceptancecriterion": ("change", "view"), "findingacknowledgement": VIEW, "providerdocument": ("add", "view"),
     },
 }
 # Admins also manage accounts (app label "auth").

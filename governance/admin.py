@@ -278,3 +278,53 @@ class AuditChainHeadAdmin(ReadOnlyAdmin):
     def get_queryset(self, request):
         qs = admin.ModelAdmin.get_queryset(self, request)
         return qs if access.is_admin(request.user) or access.is_auditor(request.user) else qs.none()
+
+
+class CriterionForm(forms.ModelForm):
+    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=True,
+                             help_text="Why this criterion changes; recorded in the audit log and shown in the report.")
+
+    class Meta:
+        model = m.AcceptanceCriterion
+        fields = ("comparator", "threshold", "reference", "severity", "where")
+
+
+@admin.register(m.AcceptanceCriterion)
+class AcceptanceCriterionAdmin(VisibleToAdmin):
+    """Criteria change only through :func:`governance.acceptance.set_criterion` (admins, with a reason)."""
+
+    form = CriterionForm
+    list_display = ("case", "kind", "metric", "comparator", "threshold", "reference", "severity", "source", "updated_at")
+    list_filter = ("kind", "severity", "source")
+    readonly_fields = ("case", "kind", "metric", "source", "rationale", "updated_by", "updated_at")
+
+    def has_add_permission(self, request, obj=None):
+        return False  # defaults are stored with the case; a new metric's criterion comes through the API
+
+    def has_change_permission(self, request, obj=None):
+        return access.is_admin(request.user)
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def save_model(self, request, obj, form, change):
+        from governance import acceptance
+
+        data = {name: form.cleaned_data.get(name) for name in ("comparator", "threshold", "reference", "severity",
+                                                               "where")}
+        acceptance.set_criterion(obj.case, kind=obj.kind, metric=obj.metric, by=request.user,
+                                 reason=form.cleaned_data["reason"], **data)
+
+
+@admin.register(m.FindingAcknowledgement)
+class FindingAcknowledgementAdmin(ReadOnlyAdmin):
+    list_display = ("case", "finding", "reviewer", "review_round", "created_at")
+    readonly_fields = ("case", "signoff", "finding", "reviewer", "reason", "review_round", "created_at")
+
+
+@admin.register(m.ProviderDocument)
+class ProviderDocumentAdmin(ReadOnlyAdmin):
+    list_display = ("model_version", "doc_type", "version", "title", "sha256", "created_at")
+    list_filter = ("doc_type",)
+    readonly_fields = ("model_version", "doc_type", "version", "title", "file", "content_type", "sha256", "size",
+                       "uploaded_by", "created_at")

@@ -982,3 +982,137 @@ class AuditChainHead(models.Model):
 
     def __str__(self) -> str:
         return f"head at #{self.seq}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Acceptance criteria, acknowledged findings and provider documents (report content, issue 24)
+# --------------------------------------------------------------------------------------------------
+
+
+class AcceptanceCriterion(models.Model):
+    """What a case accepts for one metric of one probe kind: the line between "meets" and a finding.
+
+    Defaults come from :mod:`governance.acceptance` (per risk category and intended purpose); an
+    admin may change one only through :func:`governance.acceptance.set_criterion`, which logs the
+    reason. Findings and their severities in the report derive from these rows, not from the probes.
+    """
+
+    class Comparator(models.TextChoices):
+        AT_MOST = "at_most", "at most the threshold"
+        AT_LEAST = "at_least", "at least the threshold"
+        BELOW_REFERENCE = "below_reference", "below the reference measure"
+        ABOVE_REFERENCE = "above_reference", "above the reference measure"
+
+    class Severity(models.TextChoices):
+        HIGH = "high", "High"
+        MEDIUM = "medium", "Medium"
+        LOW = "low", "Low"
+
+    class Source(models.TextChoices):
+        DEFAULT = "default", "Default for the risk category"
+        ADMIN = "admin", "Changed by an administrator"
+
+    case = models.ForeignKey(AuditCase, on_delete=models.PROTECT, related_name="criteria")
+    kind = models.CharField(max_length=100)
+    metric = models.CharField(max_length=200, help_text="Metric key as the probe records it (see the glossary); "
+                              "criteria scoped by ``where`` add '@field=value' to keep keys unique.")
+    comparator = models.CharField(max_length=20, choices=Comparator.choices)
+    threshold = models.FloatField(null=True, blank=True)
+    reference = models.CharField(max_length=200, blank=True,
+                                 help_text="For *_reference comparators: the metric compared against.")
+    where = models.JSONField(default=dict, blank=True,
+                             help_text='Only rows of the metrics that match, e.g. {"family": "corruption", "severity": 3}.')
+    severity = models.CharField(max_length=10, choices=Severity.choices,
+                                help_text="Severity of the finding when the criterion is not met.")
+    source = models.CharField(max_length=10, choices=Source.choices, default=Source.DEFAULT)
+    rationale = models.TextField(blank=True, help_text="Why this line: the default's reason or the admin's.")
+    updated_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True,
+                                   related_name="+")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = GovernanceQuerySet.as_manager()
+    access_scope = Scope(org="case__model_version__ai_model__organisation", case="case")
+
+    class Meta:
+        verbose_name_plural = "acceptance criteria"
+        ordering = ["case", "kind", "metric"]
+        constraints = [models.UniqueConstraint(fields=["case", "kind", "metric"], name="criterion_unique_metric"),
+                       models.CheckConstraint(
+                           condition=Q(comparator__in=["at_most", "at_least"], threshold__isnull=False)
+                           | Q(comparator__in=["below_reference", "above_reference"]) & ~Q(reference=""),
+                           name="criterion_has_threshold_or_reference")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.metric} {self.comparator} {self.threshold if self.threshold is not None else self.reference}"
+
+
+class FindingAcknowledgement(AppendOnlyModel):
+    """A reviewer's reason for approving despite one open high or medium finding. Append-only."""
+
+    case = models.ForeignKey(AuditCase, on_delete=models.PROTECT, related_name="acknowledgements")
+    signoff = models.ForeignKey(Signoff, on_delete=models.PROTECT, related_name="acknowledgements")
+    finding = models.CharField(max_length=300, help_text="The finding's key (see governance.acceptance).")
+    reviewer = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    reason = models.TextField()
+    review_round = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = AppendOnlyQuerySet.as_manager()
+    access_scope = Scope(org="case__model_version__ai_model__organisation", case="case")
+
+    class Meta:
+        ordering = ["case", "created_at", "pk"]
+
+    def __str__(self) -> str:
+        return f"{self.reviewer}: {self.finding}"
+
+
+def provider_document_upload_to(instance: ProviderDocument, filename: str) -> str:
+    return (f"provider-documents/version-{instance.model_version_id}/{instance.doc_type}/"
+            f"v{instance.version}/{filename}")
+
+
+class ProviderDocument(AppendOnlyModel):
+    """A document only the provider can supply (risk-management file, declaration of conformity...).
+
+    Typed, hashed and versioned: a new upload of the same type is version n+1; earlier versions stay.
+    The report's coverage matrix cites the latest version of each type with its SHA-256.
+    """
+
+    class DocType(models.TextChoices):
+        RISK_MANAGEMENT = "risk_management", "Risk-management file (Art. 9)"
+        QMS = "qms", "Quality-management system (Art. 17)"
+        STANDARDS = "standards", "Harmonised standards and specifications applied"
+        POST_MARKET = "post_market", "Post-market monitoring plan (Art. 72)"
+        DECLARATION = "declaration", "EU declaration of conformity (Art. 47)"
+        DATA_SHEET = "data_sheet", "Data sheet (training, validation and test data)"
+        INSTRUCTIONS = "instructions", "Instructions for use (Art. 13)"
+        OVERSIGHT = "oversight", "Human-oversight measures (Art. 14)"
+        CYBERSECURITY = "cybersecurity", "Cybersecurity measures (Art. 15)"
+        SYSTEM_DESCRIPTION = "system_description", "System description: hardware, deployment forms, versions"
+        CHANGE_LOG = "change_log", "Changes made through the life cycle"
+        SYNTHETIC_CONTENT = "synthetic_content", "Marking and disclosure of synthetic content (Art. 50)"
+        GPAI_DOCUMENTATION = "gpai_documentation", "General-purpose model documentation (Art. 53, Annex XI)"
+        COPYRIGHT_POLICY = "copyright_policy", "Copyright policy and training-content summary (Art. 53(1)(c)-(d))"
+
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="provider_documents")
+    doc_type = models.CharField(max_length=30, choices=DocType.choices)
+    version = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    title = models.CharField(max_length=200)
+    file = models.FileField(upload_to=provider_document_upload_to, max_length=500)
+    content_type = models.CharField(max_length=100)
+    sha256 = models.CharField(max_length=64, validators=[SHA256_VALIDATOR])
+    size = models.PositiveBigIntegerField()
+    uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = AppendOnlyQuerySet.as_manager()
+    access_scope = Scope(org="model_version__ai_model__organisation", via_cases="model_version__provider_documents")
+
+    class Meta:
+        ordering = ["model_version", "doc_type", "version"]
+        constraints = [models.UniqueConstraint(fields=["model_version", "doc_type", "version"],
+                                               name="provider_document_unique_version")]
+
+    def __str__(self) -> str:
+        return f"{self.get_doc_type_display()} v{self.version}"

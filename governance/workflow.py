@@ -59,7 +59,7 @@ from django.db import transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
-from governance import access, audit_log
+from governance import acceptance, access, audit_log
 from governance.canonical import digest
 from governance.evidence import content_digest
 from governance.models import AuditCase, AuditEvent, Evidence, ProbeRun, Signoff, validate_probe_plan
@@ -424,12 +424,14 @@ def review_status(case: AuditCase, current_digest: str | None = None) -> ReviewS
 
 
 def sign_off(case: AuditCase, reviewer, decision: str, comment: str = "", evidence: Evidence | None = None,
-             report_section: str = "") -> Signoff:
+             report_section: str = "", acknowledgements: dict[str, str] | None = None) -> Signoff:
     """Record ``reviewer``'s decision on ``case`` (or one evidence item / report section) and apply it.
 
     Refuses (:class:`NotAllowed`) anyone not assigned to the case and anyone with a conflict (the
     submitter above all). A case in ``evidence_ready`` enters review with the first sign-off.
-    ``reject`` and ``request_changes`` need a comment. Returns the new, immutable :class:`Signoff`.
+    ``reject`` and ``request_changes`` need a comment. A case-level approval while high or medium
+    findings (from the case's acceptance criteria) are open needs ``acknowledgements``, one reason per
+    finding key (:mod:`governance.acceptance`). Returns the new, immutable :class:`Signoff`.
     """
     if decision not in D.values:
         raise WorkflowError(f"unknown decision {decision!r}; expected one of {', '.join(D.values)}")
@@ -460,13 +462,21 @@ def sign_off(case: AuditCase, reviewer, decision: str, comment: str = "", eviden
             signed_digest = evidence_digest(evidence)
         else:
             signed_digest = case_digest(locked)
+        acknowledged = []
+        if evidence is None and not report_section and decision == D.APPROVE:
+            acceptance.ensure_defaults(locked)
+            acknowledged = acceptance.check_acknowledged(locked, acknowledgements)
+        elif acknowledgements:
+            raise WorkflowError("acknowledgements belong to a case-level approval")
         signoff = Signoff.objects.create(
             case=locked, evidence=evidence, report_section=report_section, reviewer=reviewer, decision=decision,
             comment=comment, digest=signed_digest, review_round=locked.review_round)
         audit_log.record(reviewer, "signoff.created", signoff, {
             "decision": decision, "digest": signed_digest, "evidence": evidence.pk if evidence else None,
             "report_section": report_section, "comment": comment, "review_round": locked.review_round,
-            "content_digest": content_digest(signoff)})
+            "content_digest": content_digest(signoff)}
+            | ({"acknowledged": {f["key"]: f["reason"] for f in acknowledged}} if acknowledged else {}))
+        acceptance.record_acknowledgements(signoff, acknowledged)
 
         if signoff.is_case_level and decision == D.REJECT:
             _apply(locked, S.REJECTED, reviewer, {"signoff": signoff.pk})

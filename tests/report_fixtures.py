@@ -54,8 +54,13 @@ def metrics_for(kind: str, seed: int) -> tuple[dict, list[dict], str]:
         return ({"target": "cat", "alpha": 0.05, "correction": "holm", "results": results},
                 [{"severity": "high", "title": "Watermark concept drives 'cat' predictions",
                   "detail": "TCAV 0.93, corrected p=0.001"}], "The watermark concept is significant.")
-    if kind == "shortcut":
-        return ({"shortcut": "corner watermark", "accuracy_with": 0.97, "accuracy_without": 0.61, "gap": 0.36},
+    if kind == "shortcut":  # shaped like workers.probes.shortcut: a TCAV report embedded under "tcav"
+        tcav_rows = [{"concept": "watermark", "layer": layer, "tcav_score": 0.93, "tcav_score_std": 0.03,
+                      "p_value": 0.0004, "p_adjusted": 0.001, "significant": True, "random_score": 0.5,
+                      "cav_accuracy": 0.97} for layer in (2, 4)]
+        return ({"target": "red circle", "concept": "watermark", "flagged": True, "tcav": tcav_rows,
+                 "thresholds": {"alpha": 0.05, "min_effect": 0.1},
+                 "shortcut": "corner watermark", "accuracy_with": 0.97, "accuracy_without": 0.61, "gap": 0.36},
                 [{"severity": "high", "title": "Shortcut: corner watermark", "detail": "accuracy drops by 36 points"}],
                 "The model relies on a corner watermark.")
     if kind == "robustness":  # shaped like workers.probes.robustness
@@ -81,8 +86,14 @@ def populate(case: AuditCase, *, submitter, reviewers, admin, kinds=ALL_KINDS, f
         add_evidence(case, kind, seed=index, figures_per_evidence=figures_per_evidence)
     workflow.mark_evidence_ready(case)
     if approve:
+        from governance import acceptance
+
         for reviewer in reviewers:
-            workflow.sign_off(case, reviewer, "approve", comment or f"{reviewer.get_username()}: evidence complete.")
+            # Open high/medium findings need a reason each (the approval path refuses otherwise).
+            reasons = {f["key"]: f"{reviewer.get_username()}: accepted for this synthetic scope ({f['title']})."
+                       for f in acceptance.open_findings(case)}
+            workflow.sign_off(case, reviewer, "approve", comment or f"{reviewer.get_username()}: evidence complete.",
+                              acknowledgements=reasons)
     case.refresh_from_db()
     return case
 

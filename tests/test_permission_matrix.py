@@ -55,6 +55,12 @@ def _upload_body(w):
     return {"ai_model": w["model"], "version": "uploaded-2", "archive": archive}
 
 
+def _document_body(w):
+    document = io.BytesIO(b"%PDF-1.4\n% declaration\n")
+    document.name = "declaration.pdf"
+    return {"model_version": w["version"], "doc_type": "declaration", "file": document}
+
+
 def _case_body(w):
     return {"model_version": w["version"], "title": "Another audit", "probe_plan": [{"kind": w["kind"]}]}
 
@@ -92,6 +98,11 @@ TABLE = [
     Row("export a model card", "get", "/api/versions/{version}/model-card/", READ),
     Row("import a model card", "put", "/api/versions/{uploaded}/model-card/", WRITE_OWN,
         lambda w: {"card": "# Card\n\n## Caveats\n\nNone.\n"}),
+    Row("list provider documents", "get", "/api/documents/", LIST),
+    Row("read a document of the version under review", "get", "/api/documents/{document}/", READ),
+    Row("download a document of the version under review", "get", "/api/documents/{document}/download/", READ),
+    Row("attach a provider document", "post", "/api/documents/", CREATE_OWN, _document_body, multipart=True),
+    Row("change a provider document", "patch", "/api/documents/{document}/", NO_METHOD, lambda w: {"title": "x"}),
     # Cases and workflow
     Row("list cases", "get", "/api/cases/", LIST),
     Row("read the case under review", "get", "/api/cases/{case}/", READ),
@@ -106,6 +117,9 @@ TABLE = [
         lambda w: {"reviewers": [w["rita"], w["rob"]]}),
     Row("approve the case under review", "post", "/api/cases/{case}/signoff/", (401, 404, 403, 201, 404, 403, 403),
         lambda w: {"decision": "approve", "comment": "ok"}),
+    Row("read the criteria of the case under review", "get", "/api/cases/{case}/criteria/", READ),
+    Row("change a criterion", "post", "/api/cases/{case}/criteria/", (401, 404, 403, 403, 404, 403, 200),
+        lambda w: {"kind": "grounding", "metric": "deletion_auc", "severity": "high", "reason": "High stakes."}),
     Row("request a report", "post", "/api/cases/{case}/reports/", (401, 403, 403, 201, 404, 403, 201)),
     Row("delete a case", "delete", "/api/cases/{draft}/", NO_METHOD),
     # Read-only records
@@ -166,6 +180,10 @@ def world(case_with_evidence, acme, acme_model, acme_version, alice, mallory, ri
                                                          "archive": archive}, format="multipart")
     assert uploaded.status_code == 201, uploaded.content
     _ = finish_run_with_evidence  # the case's run and evidence come from case_with_evidence
+    from governance import provider_documents
+
+    document = provider_documents.attach(acme_version, doc_type="risk_management", title="Risk file",
+                                         filename="risk.pdf", stream=io.BytesIO(b"%PDF-1.4\n% risk\n"), by=alice)
     return {
         "users": {"anon": None, "mallory": mallory, "alice": alice, "rita": rita, "ruth": ruth, "audrey": audrey,
                   "ada": ada},
@@ -173,7 +191,7 @@ def world(case_with_evidence, acme, acme_model, acme_version, alice, mallory, ri
         "case": case.pk, "draft": draft.pk, "submitted": submitted.pk, "run": evidence.run_id,
         "evidence": evidence.pk, "artifact": evidence.artifacts.get().pk, "signoff": signoff.pk, "report": report.pk,
         "event": AuditEvent.objects.filter(case=case).latest("seq").pk, "kind": test_probe_kind, "zip": zip_data,
-        "rita": rita.pk, "rob": rob.pk,
+        "rita": rita.pk, "rob": rob.pk, "document": document.pk,
     }
 
 
@@ -190,7 +208,8 @@ def request_as(user, row: Row, world: dict) -> int:
 
 
 SECTIONS = {
-    "inventory": [r for r in TABLE if r.path.startswith(("/api/organisations", "/api/models", "/api/versions"))],
+    "inventory": [r for r in TABLE if r.path.startswith(("/api/organisations", "/api/models", "/api/versions",
+                                                         "/api/documents"))],
     "cases": [r for r in TABLE if r.path.startswith("/api/cases")],
     "records": [r for r in TABLE if r.path.startswith(("/api/runs", "/api/evidence", "/api/artifacts",
                                                        "/api/signoffs", "/api/reports", "/api/audit-events"))],

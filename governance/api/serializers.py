@@ -256,6 +256,15 @@ class SignoffRequestSerializer(serializers.Serializer):
         queryset=m.Evidence.objects.all(), required=False, allow_null=True, default=None,
         help_text="Sign off one evidence item of this case instead of the whole case.")
     report_section = serializers.CharField(required=False, allow_blank=True, max_length=100, default="")
+    acknowledgements = serializers.DictField(
+        child=serializers.CharField(max_length=2_000, allow_blank=False), required=False, default=dict,
+        help_text="Approving with open high or medium findings: {finding key: reason} for each one "
+                  "(keys from GET /api/cases/{id}/criteria/).")
+
+    def validate_acknowledgements(self, value):
+        if len(value) > 200:
+            raise serializers.ValidationError("At most 200 acknowledgements per sign-off.")
+        return value
 
 
 class ReportSerializer(serializers.ModelSerializer):

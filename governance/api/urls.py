@@ -4,7 +4,7 @@ Swagger UI, served from our own static files, at ``/api/docs/``."""
 from django.urls import path, re_path
 from rest_framework.routers import DefaultRouter
 
-from governance.api import exports, views
+from governance.api import acceptance, exports, views
 
 router = DefaultRouter()
 router.register("organisations", views.OrganisationViewSet, basename="organisation")
@@ -17,9 +17,11 @@ router.register("artifacts", views.EvidenceArtifactViewSet, basename="artifact")
 router.register("signoffs", views.SignoffViewSet, basename="signoff")
 router.register("reports", views.ReportViewSet, basename="report")
 router.register("audit-events", views.AuditEventViewSet, basename="auditevent")
+router.register("documents", acceptance.ProviderDocumentViewSet, basename="providerdocument")
 
 urlpatterns = [
     path("auth/token/", views.ObtainTokenView.as_view(), name="auth-token"),
     re_path(r"^cases/(?P<pk>[0-9]+)/export/?$", exports.CaseExportView.as_view(), name="case-export"),
+    re_path(r"^cases/(?P<pk>[0-9]+)/criteria/?$", acceptance.CaseCriteriaView.as_view(), name="case-criteria"),
     *router.urls,
 ]

@@ -92,6 +92,8 @@ def build_manifest(case: AuditCase, *, version: int, audit_anchor: dict[str, Any
     timestamps += [r.finished_at for r in case.runs.all()]
     timestamps += [s.created_at for s in case.signoffs.all()]
     timestamps += [e.created_at for e in Evidence.objects.filter(run__case=case)]
+    timestamps += list(case.criteria.values_list("updated_at", flat=True))
+    timestamps += list(mv.provider_documents.values_list("created_at", flat=True))
     as_of = max(t for t in timestamps if t is not None)
     manifest = {
         "format": FORMAT,
@@ -119,10 +121,26 @@ def build_manifest(case: AuditCase, *, version: int, audit_anchor: dict[str, Any
         "runs": runs,
         "evidence": evidence,
         "signoffs": signoffs,
+        **report_content(case),
     }
     if audit_anchor is not None:
         manifest["audit_log"] = {"seq": audit_anchor["seq"], "row_hash": audit_anchor["row_hash"]}
     return manifest
+
+
+def report_content(case: AuditCase) -> dict[str, Any]:
+    """Acceptance criteria, acknowledged findings and provider documents (see governance.acceptance)."""
+    from governance import acceptance, provider_documents
+
+    return {
+        "criteria": [acceptance.entry_of(spec, row) for spec, row in acceptance.case_specs(case)],
+        "acknowledgements": [{"id": a.pk, "signoff_id": a.signoff_id, "finding": a.finding, "reason": a.reason,
+                              "reviewer": _user(a.reviewer), "review_round": a.review_round,
+                              "created_at": _iso(a.created_at)}
+                             for a in case.acknowledgements.select_related("reviewer").order_by("created_at", "pk")],
+        "provider_documents": [provider_documents.entry(d)
+                               for d in provider_documents.latest_documents(case.model_version)],
+    }
 
 
 def manifest_bytes(manifest: dict[str, Any]) -> bytes:

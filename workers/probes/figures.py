@@ -19,6 +19,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+from workers.probes.palette import colour
+
 Box = Sequence[float]
 
 
@@ -100,19 +102,34 @@ def heatmap_overlay(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, b
 
 def heatmap_grid(images: Sequence[Image.Image], maps: Mapping[str, Sequence[torch.Tensor | np.ndarray]], *,
                  row_titles: Sequence[str] | None = None, boxes: Sequence[Sequence[Box]] | None = None,
-                 alpha: float = 0.85, cmap: str = HEATMAP_CMAP, cell: float = 2.2) -> Figure:
+                 alpha: float = 0.85, cmap: str = HEATMAP_CMAP, cell: float = 2.4) -> Figure:
     """Rows = images, columns = the image itself then one overlay per entry of ``maps``
-    (``{column title: [map per image]}``)."""
+    (``{column title: [map per image]}``), with one colour bar for every overlay and a legend for
+    the annotated-object boxes. ``row_titles`` (e.g. the prompt and the model's score) are wrapped
+    above each row's image so that they stay legible when the figure is scaled to a page."""
+    import textwrap
+
+    from matplotlib.lines import Line2D
+
     columns = ["image", *maps]
-    figure = new_figure(cell * len(columns), cell * len(images) + 0.3)
+    figure = new_figure(cell * len(columns) + 0.9, cell * len(images) + 0.9)
     axes = figure.subplots(len(images), len(columns), squeeze=False)
     for row, image in enumerate(images):
         row_boxes = boxes[row] if boxes is not None else ()
-        draw_image(axes[row][0], image, boxes=row_boxes, title=row_titles[row] if row_titles is not None else None,
-                   fontsize=8)
+        title = row_titles[row] if row_titles is not None else None
+        draw_image(axes[row][0], image, boxes=row_boxes,
+                   title="\n".join(textwrap.wrap(str(title), 28)[:3]) if title else None, fontsize=9)
         for column, name in enumerate(maps, start=1):
             draw_overlay(axes[row][column], image, maps[name][row], boxes=row_boxes, alpha=alpha, cmap=cmap,
                          title=name if row == 0 else None)
+            if row == 0:
+                axes[row][column].set_title(name, fontsize=11, fontweight="bold")
+    if maps:
+        scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)
+        figure.colorbar(scale, ax=axes[:, 1:].ravel().tolist(), fraction=0.03, pad=0.01,
+                        label="relevance (min-max scaled per map)")
+    figure.legend(handles=[Line2D([], [], color="lime", linewidth=2, label="annotated object (ground truth)")],
+                  loc="outside lower center", frameon=False, fontsize=9)
     return figure
 
 
@@ -120,19 +137,20 @@ def perturbation_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, 
                         ylabel: str = "normalised score") -> Figure:
     """Deletion/insertion-style curves: ``{label: (x, y)}``, AUC in the legend. Labels containing
     "random" are drawn dashed, so baselines read as baselines."""
-    figure = new_figure(5, 3.5)
+    figure = new_figure(6.2, 3.5)
     ax = figure.add_subplot()
     for label, (x, y) in curves.items():
         x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
         auc = float(np.trapezoid(y, x)) if len(x) > 1 else float("nan")
-        ax.plot(x, y, linestyle="--" if "random" in label else "-", label=f"{label} (AUC {auc:.3f})")
+        ax.plot(x, y, linestyle="--" if "random" in label else "-", color=colour(label),
+                label=f"{label} (AUC {auc:.3f})")
     ax.set_xlabel("share of patches changed")
     ax.set_ylabel(ylabel)
     ax.set_xlim(0, 1)
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    figure.legend(fontsize=8, loc="outside right upper")  # outside the axes: never over a curve
     return figure
 
 

@@ -116,6 +116,9 @@ def evaluate_methods(adapter: Any, dataset: GroundingDataset, methods: Sequence[
             if name != RANDOM:
                 keep = max(0, figure_examples - len(examples_for_figure["maps"][name]))
                 examples_for_figure["maps"][name] += list(maps[:keep])
+                if name == methods[0]:  # the unaltered image's score: the curve's first point
+                    examples_for_figure.setdefault("scores", []).extend(
+                        float(v) for v in np.asarray(curves.deletion_curve, dtype=float)[:keep, 0])
         keep = max(0, figure_examples - len(examples_for_figure["images"]))
         examples_for_figure["images"] += batch.images[:keep]
         examples_for_figure["boxes"] += [e.boxes for e in batch.examples[:keep]]
@@ -278,8 +281,12 @@ def grounding_probe(model_dir: str, dataset_dir: str | None, params: GroundingPa
     examples = extras["figure_examples"]
     figs = _curve_figures(extras)
     if examples["images"] and methods:
+        scores = examples.get("scores") or []
+        score_name = "probability" if extras["curve_score"] == "probability" else "score"
+        titles = [f'"{prompt}" ({score_name} {scores[i]:.2f})' if i < len(scores) else f'"{prompt}"'
+                  for i, prompt in enumerate(examples["prompts"])]
         figs["examples"] = figures.heatmap_grid(examples["images"], examples["maps"], boxes=examples["boxes"],
-                                                row_titles=examples["prompts"])
+                                                row_titles=titles)
     lines = [f"{r['method']}: pointing {r['pointing_game']}, energy {r['energy_pointing_game']}, "
              f"deletion {r['deletion_auc']}, insertion {r['insertion_auc']}" for r in results]
     chance = results[0]

@@ -285,17 +285,22 @@ def sanity_probe(model_dir: str, dataset_dir: str | None, params: SanityParams, 
 
 
 def _cascade_figure(rows: list[dict[str, Any]], chance: float) -> Any:
-    figure = figures.new_figure(6, 3.5)
-    ax = figure.add_subplot()
+    """Two measures on two labelled axes (they have different meanings and scales), stages shared."""
+    figure = figures.new_figure(6.4, 4.6)
+    top, bottom = figure.subplots(2, 1, sharex=True)
     x = np.arange(len(rows))
-    ax.plot(x, [c["rank_correlation"] for c in rows], marker="o", label="Spearman vs trained maps")
-    ax.plot(x, [c["pointing_game"] for c in rows], marker="s", label="pointing game")
-    ax.axhline(chance, linestyle="--", color="grey", label="pointing game at chance")
-    ax.set_xticks(x, [c["stage"] for c in rows], rotation=45, ha="right", fontsize=8)
-    ax.set_xlabel("randomised down to")
-    ax.set_ylim(-0.2, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    top.plot(x, [c["rank_correlation"] for c in rows], marker="o", color="#0072B2")
+    top.set_ylabel("rank agreement with\ntrained maps (Spearman)", fontsize=8)
+    top.set_ylim(-0.2, 1.05)
+    top.grid(alpha=0.3)
+    bottom.plot(x, [c["pointing_game"] for c in rows], marker="s", color="#D55E00", label="pointing game")
+    bottom.axhline(chance, linestyle="--", color="black", linewidth=0.8, label="pointing game at chance")
+    bottom.set_ylabel("pointing game", fontsize=8)
+    bottom.set_ylim(-0.05, 1.05)
+    bottom.set_xticks(x, [c["stage"] for c in rows], rotation=45, ha="right", fontsize=8)
+    bottom.set_xlabel("layers randomised, from the output down to")
+    bottom.grid(alpha=0.3)
+    figure.legend(*bottom.get_legend_handles_labels(), fontsize=8, loc="outside right upper", frameon=False)
     return figure
 
 

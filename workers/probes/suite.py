@@ -134,6 +134,10 @@ def run(name: str, model_dir: str, dataset_dir: str | None = None, params: Mappi
                 if failed:
                     result.metrics["memory_backoff"] = {"device": device, "batch_params": tried,
                                                         "out_of_memory_at": failed}
+                if result.dataset_hash is None and dataset_dir:
+                    # Every kind's evidence names the exact data it measured, whether or not the kind
+                    # fingerprints its own dataset format.
+                    result.dataset_hash = directory_fingerprint(dataset_dir)
                 return result
             # Only here, outside the except clause, has the error's traceback let go of the failed
             # attempt's frames, and with them its tensors.
@@ -148,6 +152,24 @@ def run(name: str, model_dir: str, dataset_dir: str | None = None, params: Mappi
             checked = checked.model_copy(update=smaller)
     finally:
         _model_loader.reset(token)
+
+
+def directory_fingerprint(path: str) -> str:
+    """SHA-256 over every file below ``path`` (relative name and content digest, in sorted order)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(path)
+    digest = hashlib.sha256()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(root) if file != root else file.name).encode())
+        with file.open("rb") as handle:
+            content = hashlib.sha256()
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                content.update(chunk)
+        digest.update(content.digest())
+    return digest.hexdigest()
 
 
 def _halved(sizes: dict[str, Any]) -> dict[str, int] | None:

@@ -183,16 +183,31 @@ class Command(BaseCommand):
             card_text=card, risk_category=AIModel.RiskCategory.MINIMAL, intended_purpose=spec["purpose"],
             provider_contact="lab@loupe.invalid")
         version.refresh_from_db()
+        self.attach_documents(version, spec, cast)
         self.stdout.write(f"  {name}: version #{version.pk} ({version.architecture_family}), "
                           f"manifest {version.manifest_hash[:16]}...")
         return version
+
+    def attach_documents(self, version: ModelVersion, spec: dict[str, Any], cast: dict[str, Any]) -> None:
+        """The provider's instructions for use, as a provider document (the other types stay missing,
+        so the reports show both "supplied by the provider" and "not covered")."""
+        import io
+
+        from governance import provider_documents
+
+        text = (f"# Instructions for use: {spec['name']}\n\n{spec['purpose']}\n\n"
+                "Human oversight: every output is shown to an operator beside the image; the operator accepts or "
+                "overrides it. The model is a research reference and must not be used for decisions about people.\n")
+        provider_documents.attach(version, doc_type="instructions", title=f"Instructions for use ({spec['name']})",
+                                  filename="instructions.md", stream=io.BytesIO(text.encode()), by=cast["provider"])
 
     def review_and_report(self, case: AuditCase, cast: dict[str, Any], *, with_report: bool) -> dict[str, Any]:
         progress = pipeline.case_progress(case)
         findings = sorted({f["severity"] for run in case.runs.all() if hasattr(run, "evidence")
                            for f in run.evidence.findings})
-        flagged = [f["title"] for run in case.runs.all() if hasattr(run, "evidence")
-                   for f in run.evidence.findings if f["severity"] == "high"]
+        from governance import acceptance
+
+        flagged = [f["title"] for f in acceptance.open_findings(case) if f["severity"] == "high"]
         if case.state == AuditCase.State.EVIDENCE_READY:
             if flagged:
                 workflow.sign_off(case, cast["reviewer-2"], "approve",
@@ -201,9 +216,17 @@ class Command(BaseCommand):
                 workflow.sign_off(case, cast["reviewer-1"], "reject",
                                   "Rejected: " + "; ".join(flagged)[:500])
             else:
+                from governance import acceptance
+
                 for reviewer in ("reviewer-1", "reviewer-2"):
+                    # Each open high/medium finding is acknowledged with its own reason (the approval
+                    # path refuses a blanket "no high-severity finding").
+                    reasons = {f["key"]: f"Accepted for the demo scope (a reference model on synthetic data): "
+                                         f"{f['title'].lower()}; that result is reported as a limitation and not "
+                                         f"relied on." for f in acceptance.open_findings(case)}
                     workflow.sign_off(case, cast[reviewer], "approve",
-                                      "Evidence reviewed: faithful explanations, no high-severity finding.")
+                                      "The evidence is complete and correct for the stated demo scope; each open "
+                                      "finding is acknowledged individually.", acknowledgements=reasons)
         case.refresh_from_db()
         item: dict[str, Any] = {
             "case": case.pk, "title": case.title, "state": case.state,
