@@ -44,16 +44,17 @@ class Spec:
 
     def describe(self) -> str:
         """The criterion in words: "Deletion score below Deletion score of a random order"."""
-        name = glossary.label(self.metric)
-        scope = "".join(f", {glossary.label(k).lower()} {v}" for k, v in sorted(self.where.items()) if v != "*")
+        name = glossary.label(self.metric, self.kind)
+        scope = "".join(f", {glossary.label(k, self.kind).lower()} {v}" for k, v in sorted(self.where.items())
+                        if v != "*")
         if self.comparator == "at_most":
             text = f"{name} at most {self.threshold:g}"
         elif self.comparator == "at_least":
             text = f"{name} at least {self.threshold:g}"
         elif self.comparator == "below_reference":
-            text = f"{name} below {glossary.label(self.reference).lower()}"
+            text = f"{name} below {glossary.label(self.reference, self.kind).lower()}"
         else:
-            text = f"{name} above {glossary.label(self.reference).lower()}"
+            text = f"{name} above {glossary.label(self.reference, self.kind).lower()}"
         return text + (f" ({scope[2:]})" if scope else "")
 
 
@@ -361,9 +362,10 @@ def findings(verdicts: Iterable[Verdict]) -> list[dict[str, Any]]:
         shown = f"{v.value:.3g}"
         against = f"{v.reference_value:.3g}" if v.reference_value is not None else f"{v.criterion.threshold:g}"
         out.append({"key": v.key, "severity": v.criterion.severity, "kind": v.criterion.kind, "evidence": v.evidence,
-                    "title": f"{glossary.label(v.criterion.metric)} for {v.subject} does not meet the criterion",
+                    "title": f"{glossary.label(v.criterion.metric, v.criterion.kind)} for {v.subject} does not meet "
+                             f"the criterion",
                     "detail": f"Measured {shown}; the case accepts {v.criterion.describe().lower()} ({against}). "
-                              f"{glossary.meaning(v.criterion.metric)}",
+                              f"{glossary.meaning(v.criterion.metric, v.criterion.kind)}",
                     "criterion": v.criterion.describe()})
     order = {"high": 0, "medium": 1, "low": 2}
     return sorted(out, key=lambda f: (order.get(f["severity"], 9), f["evidence"] or 0, f["key"]))

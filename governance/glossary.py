@@ -215,39 +215,55 @@ QUALIFIERS = frozenset({"raw", "chefer_full", "target_inputs", "random_images", 
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 
 
+def _words(entry: Any) -> tuple[str, str] | None:
+    if isinstance(entry, Mapping):
+        entry_label, entry_meaning = entry.get("label"), entry.get("meaning")
+    elif isinstance(entry, (tuple, list)) and len(entry) == 2:
+        entry_label, entry_meaning = entry
+    else:
+        entry_label, entry_meaning = getattr(entry, "label", None), getattr(entry, "meaning", "")
+    if not entry_label:
+        return None
+    text = str(entry_meaning or "")
+    return str(entry_label), text[:1].upper() + text[1:] if text else ""
+
+
 @functools.lru_cache(maxsize=1)
-def _declared() -> dict[str, tuple[str, str]]:
-    """Entries the probe kinds declare (``workers.probes.kinds``: ``glossary={key: Metric(label,
-    meaning)}`` on each kind); empty where the probe library is unavailable. Where two kinds label the
-    same key, the first declared kind's words are used."""
+def _declared_by_kind() -> dict[str, dict[str, tuple[str, str]]]:
+    """``{kind: {key: (label, meaning)}}`` as the probe kinds declare them (``workers.probes.kinds``:
+    ``glossary={key: Metric(label, meaning)}``); empty where the probe library is unavailable."""
     try:
         from workers.probes import kinds
     except Exception:  # the report must render even where the probe library cannot be imported
         return {}
-    merged: dict[str, Any] = {}
     try:
         source = getattr(kinds, "glossary", None)
-        for entries in (source() if callable(source) else {}).values():
-            for key, entry in (entries or {}).items():
-                merged.setdefault(str(key), entry)
+        declared = source() if callable(source) else {}
     except Exception:
         return {}
-    out: dict[str, tuple[str, str]] = {}
-    for key, entry in merged.items():
-        if isinstance(entry, Mapping):
-            entry_label, entry_meaning = entry.get("label"), entry.get("meaning")
-        elif isinstance(entry, (tuple, list)) and len(entry) == 2:
-            entry_label, entry_meaning = entry
-        else:
-            entry_label, entry_meaning = getattr(entry, "label", None), getattr(entry, "meaning", "")
-        if entry_label:
-            text = str(entry_meaning or "")
-            out[key] = (str(entry_label), text[:1].upper() + text[1:] if text else "")
-    return out
+    return {str(kind): {str(key): words for key, entry in (entries or {}).items() if (words := _words(entry))}
+            for kind, entries in declared.items()}
 
 
-def _entry(key: str) -> tuple[str, str] | None:
-    return _declared().get(key) or TERMS.get(key)
+@functools.lru_cache(maxsize=1)
+def _declared() -> dict[str, tuple[str, str]]:
+    """Every kind's declared entries merged; where two kinds word the same key, the first kind wins."""
+    merged: dict[str, tuple[str, str]] = {}
+    for entries in _declared_by_kind().values():
+        for key, words in entries.items():
+            merged.setdefault(key, words)
+    return merged
+
+
+def cache_clear() -> None:
+    """Forget the kinds' declarations (tests that declare a kind)."""
+    _declared_by_kind.cache_clear()
+    _declared.cache_clear()
+
+
+def _entry(key: str, kind: str | None = None) -> tuple[str, str] | None:
+    own = _declared_by_kind().get(kind or "", {}).get(key) if kind else None
+    return own or _declared().get(key) or TERMS.get(key)
 
 
 def humanise(key: str) -> str:
@@ -255,21 +271,22 @@ def humanise(key: str) -> str:
     return text[:1].upper() + text[1:] if text else str(key)
 
 
-def label(key: str) -> str:
-    """Human label of a metric key (the last segment of a dotted path is looked up)."""
+def label(key: str, kind: str | None = None) -> str:
+    """Human label of a metric key (the last segment of a dotted path is looked up); ``kind``: the
+    probe kind that recorded it, whose own declaration wins (a key can mean different things)."""
     key = str(key)
-    entry = _entry(key) or _entry(key.rsplit(".", 1)[-1])
+    entry = _entry(key, kind) or _entry(key.rsplit(".", 1)[-1], kind)
     return entry[0] if entry else humanise(key.rsplit(".", 1)[-1])
 
 
-def meaning(key: str) -> str:
+def meaning(key: str, kind: str | None = None) -> str:
     """One-line meaning of a metric key, or "" when the glossary has none."""
     key = str(key)
-    entry = _entry(key) or _entry(key.rsplit(".", 1)[-1])
+    entry = _entry(key, kind) or _entry(key.rsplit(".", 1)[-1], kind)
     return entry[1] if entry else ""
 
 
-def path_label(path: str) -> str:
+def path_label(path: str, kind: str | None = None) -> str:
     """A dotted metric path as words: the leaf's label, qualified by the segments above it.
 
     ``mean_corruption_accuracy_by_severity.3`` -> "Accuracy under corruption (3)";
@@ -281,7 +298,7 @@ def path_label(path: str) -> str:
     named = [i for i, p in enumerate(parts) if not _NUMBER.match(p)]
     # The measure is the last segment the glossary knows (``pointing.chefer``: the word pointing game,
     # for chefer); segments after it qualify it.
-    known = [i for i in named if _entry(parts[i]) is not None and parts[i] not in QUALIFIERS]
+    known = [i for i in named if _entry(parts[i], kind) is not None and parts[i] not in QUALIFIERS]
     leaf = known[-1] if known else (named[-1] if named else len(parts) - 1)
     qualifiers = []
     for i, part in enumerate(parts):
@@ -290,20 +307,20 @@ def path_label(path: str) -> str:
         by = re.search(r"_by_([a-z]+)$", parts[i - 1]) if i > 0 and _NUMBER.match(part) else None
         if by:  # mean_accuracy_by_severity.3 -> "severity 3"
             qualifiers.append(f"{by.group(1)} {part}")
-        elif _NUMBER.match(part) or _entry(part) is None:
+        elif _NUMBER.match(part) or _entry(part, kind) is None:
             qualifiers.append(humanise(part) if "_" in part else part)
         else:
-            qualifiers.append(label(part))
-    text = label(parts[leaf])
+            qualifiers.append(label(part, kind))
+    text = label(parts[leaf], kind)
     return f"{text} ({', '.join(qualifiers)})" if qualifiers else text
 
 
-def path_meaning(path: str) -> str:
-    """The meaning of a dotted metric path: that of its last named segment."""
+def path_meaning(path: str, kind: str | None = None) -> str:
+    """The meaning of a dotted metric path: that of the measure :func:`path_label` names."""
     named = [p for p in str(path).split(".") if p and not _NUMBER.match(p)]
-    measures = [p for p in named if meaning(p) and p not in QUALIFIERS]
-    fallback = [p for p in named if meaning(p)]
-    return meaning((measures or fallback)[-1]) if (measures or fallback) else ""
+    measures = [p for p in named if meaning(p, kind) and p not in QUALIFIERS]
+    fallback = [p for p in named if meaning(p, kind)]
+    return meaning((measures or fallback)[-1], kind) if (measures or fallback) else ""
 
 
 def missing(keys: list[str]) -> list[str]:

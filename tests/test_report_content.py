@@ -124,7 +124,8 @@ def test_findings_and_severities_come_from_the_declared_criteria_with_verdicts(i
     criteria = _section_text(pages, "3. Acceptance criteria and verdicts", "4. Intended purpose")
     assert "Criterion" in criteria and "Verdict" in criteria
     assert "meets" in criteria and "does not meet" in criteria
-    assert "Deletion score below deletion score of a random order" in criteria
+    deletion = acceptance.Spec("grounding", "deletion_auc", "below_reference", reference="random_deletion_auc")
+    assert deletion.describe() in criteria  # e.g. "Deletion AUC below deletion AUC of a random order"
     assert "95% CI" in criteria  # shares of examples carry their interval
     # The admin's change and its reason are in the report, and in the audit log with before/after.
     assert "Prompts are fixed by the shop" in criteria
@@ -157,7 +158,7 @@ def test_the_shortcut_probes_tcav_evidence_is_in_the_bias_section_and_not_called
 
 def test_a_new_version_lists_field_level_changes(issued):
     details = [c["detail"] for c in issued["v2_changelog"]]
-    assert any(d.startswith("Criterion changed from 'Deletion score below") and "(medium)" in d and "(high)" in d
+    assert any(d.startswith("Criterion changed from 'Deletion") and "(medium)" in d and "(high)" in d
                and "medical-grade" in d for d in details), details
     text = " ".join(_pages(issued["v2"])[:3])
     assert "Changes since v1" in text and "Criterion changed" in text
@@ -257,15 +258,15 @@ def test_a_kind_declared_glossary_entry_wins(monkeypatch):
     from workers.probes import kinds
     from workers.probes.kinds import Metric
 
-    glossary._declared.cache_clear()
+    glossary.cache_clear()
     monkeypatch.setattr(kinds, "glossary",
                         lambda kind=None: {"grounding": {"deletion_auc": Metric("Deletion (declared)", "declared meaning.")}})
     try:
         assert glossary.label("methods.deletion_auc") == "Deletion (declared)"
         assert glossary.meaning("deletion_auc") == "Declared meaning."  # capitalised like Loupe's own
-        assert glossary.label("insertion_auc") == "Insertion score"  # falls back to Loupe's table
+        assert glossary.label("energy_pointing_game") == "Energy pointing game"  # falls back to Loupe's table
     finally:
-        glossary._declared.cache_clear()
+        glossary.cache_clear()
 
 
 def test_an_admin_changes_a_criterion_in_the_admin_only_with_a_reason(db, test_probe_kind, settings, tmp_path):

@@ -226,15 +226,15 @@ def flatten(metrics: Any, prefix: str = "") -> list[tuple[str, str]]:
 FIGURE_ONLY = ("curves", "agreement")
 
 
-def metric_rows(metrics: Any) -> list[dict[str, str]]:
+def metric_rows(metrics: Any, kind: str | None = None) -> list[dict[str, str]]:
     """Scalar metrics as rows a person can read: human label, value, one-line meaning (no raw keys)."""
     if isinstance(metrics, dict):
         metrics = {k: v for k, v in metrics.items() if k not in FIGURE_ONLY}
-    return [{"label": glossary.path_label(path), "value": value, "meaning": glossary.path_meaning(path)}
+    return [{"label": glossary.path_label(path, kind), "value": value, "meaning": glossary.path_meaning(path, kind)}
             for path, value in flatten(metrics)]
 
 
-def record_tables(metrics: Any, prefix: str = "") -> list[dict[str, Any]]:
+def record_tables(metrics: Any, prefix: str = "", kind: str | None = None) -> list[dict[str, Any]]:
     """Lists of dicts in the metrics (e.g. one row per method or concept) as small tables.
 
     ``title`` and ``columns`` keep the metric keys (for machine use); ``label``, ``column_labels`` and
@@ -245,7 +245,7 @@ def record_tables(metrics: Any, prefix: str = "") -> list[dict[str, Any]]:
     for key, value in metrics.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict):
-            tables += record_tables(value, path + ".")
+            tables += record_tables(value, path + ".", kind)
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             columns: list[str] = []
             for record in value:
@@ -254,9 +254,10 @@ def record_tables(metrics: Any, prefix: str = "") -> list[dict[str, Any]]:
                         columns.append(column)
             columns = columns[:9]
             rows = [[fmt(record.get(c)) for c in columns] for record in value[:MAX_TABLE_ROWS]]
-            tables.append({"title": path, "label": glossary.path_label(path), "columns": columns,
-                           "column_labels": [glossary.label(c) for c in columns],
-                           "legend": [(glossary.label(c), glossary.meaning(c)) for c in columns if glossary.meaning(c)],
+            tables.append({"title": path, "label": glossary.path_label(path, kind), "columns": columns,
+                           "column_labels": [glossary.label(c, kind) for c in columns],
+                           "legend": [(glossary.label(c, kind), glossary.meaning(c, kind)) for c in columns
+                                      if glossary.meaning(c, kind)],
                            "rows": rows, "more": max(0, len(value) - MAX_TABLE_ROWS)})
     return tables
 
@@ -423,7 +424,7 @@ def evidence_view(entry: dict[str, Any], run: dict[str, Any] | None, inputs: Ren
     return {
         "id": entry.get("id"), "kind": kind, "title": kind_title(kind),
         "plain": KIND_PLAIN.get(kind, ""), "summary": truncate(entry.get("summary")),
-        "metric_rows": metric_rows(metrics), "tables": record_tables(metrics),
+        "metric_rows": metric_rows(metrics, kind), "tables": record_tables(metrics, kind=kind),
         "observations": [{"title": truncate(f.get("title"))[:500], "detail": truncate(f.get("detail"), MAX_COMMENT_CHARS),
                           "rating": f.get("severity", "info")} for f in entry.get("findings") or []],
         "findings": entry.get("findings") or [], "figures": figures_out, "files": files, "run": run,
@@ -475,7 +476,8 @@ def limitations(evidence: list[dict[str, Any]], missing: list[str]) -> dict[str,
             if (leaf in declared) if declared else any(w in path.lower() for w in words):
                 measured.append({"evidence": entry.get("id"), "kind": kind_title(entry.get("kind")),
                                  "metric": glossary.path_label(path, entry.get("kind")),
-                                 "meaning": glossary.path_meaning(path, entry.get("kind")), "value": value})
+                                 "meaning": glossary.path_meaning(path, entry.get("kind")),
+                                 "value": value})
     gaps = [f"No {title.lower()} evidence was recorded, so this report makes no statement about it." for title in missing]
     # What the per-audit validation of the explanation methods says in words (methods shown but not
     # validated on this model, maps a common corruption reorders): ``workers.probes.validation``.
@@ -559,7 +561,7 @@ def _criteria(manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict
                 measured += f" vs {fmt(v.reference_value)}"
             if v.interval:
                 measured += f" (95% CI {fmt(v.interval[0])} to {fmt(v.interval[1])})"
-        rows.append({"criterion": v.criterion.describe(), "meaning": glossary.meaning(v.criterion.metric),
+        rows.append({"criterion": v.criterion.describe(), "meaning": glossary.meaning(v.criterion.metric, v.criterion.kind),
                      "kind": kind_title(v.criterion.kind), "evidence": v.evidence,
                      "subject": v.subject, "measured": measured, "ci": v.interval, "verdict": v.verdict,
                      "met": v.met, "severity": v.criterion.severity, "source": v.criterion.source,
