@@ -228,8 +228,21 @@ def _words(entry: Any) -> tuple[str, str] | None:
     return str(entry_label), text[:1].upper() + text[1:] if text else ""
 
 
-@functools.lru_cache(maxsize=1)
 def _declared_by_kind() -> dict[str, dict[str, tuple[str, str]]]:
+    """The kinds' declarations, recomputed when the set of declared kinds changes (a test or a
+    plugin declaring a kind later)."""
+    try:
+        from workers.probes import kinds
+
+        registry = getattr(kinds, "_KINDS", {})
+        key = tuple(sorted((name, id(spec)) for name, spec in registry.items()))
+    except Exception:
+        key = ()
+    return _declared_by_kind_cached(key)
+
+
+@functools.lru_cache(maxsize=4)
+def _declared_by_kind_cached(key: tuple) -> dict[str, dict[str, tuple[str, str]]]:
     """``{kind: {key: (label, meaning)}}`` as the probe kinds declare them (``workers.probes.kinds``:
     ``glossary={key: Metric(label, meaning)}``); empty where the probe library is unavailable."""
     try:
@@ -245,7 +258,6 @@ def _declared_by_kind() -> dict[str, dict[str, tuple[str, str]]]:
             for kind, entries in declared.items()}
 
 
-@functools.lru_cache(maxsize=1)
 def _declared() -> dict[str, tuple[str, str]]:
     """Every kind's declared entries merged; where two kinds word the same key, the first kind wins."""
     merged: dict[str, tuple[str, str]] = {}
@@ -257,8 +269,7 @@ def _declared() -> dict[str, tuple[str, str]]:
 
 def cache_clear() -> None:
     """Forget the kinds' declarations (tests that declare a kind)."""
-    _declared_by_kind.cache_clear()
-    _declared.cache_clear()
+    _declared_by_kind_cached.cache_clear()
 
 
 def _entry(key: str, kind: str | None = None) -> tuple[str, str] | None:

@@ -85,10 +85,15 @@ def test_a_new_kind_lands_in_the_report_section_it_declares(toy_kind):
 
     assert [spec.name for spec in context.section_kinds()["bias"]][-1] == "toy"
     assert context.kind_titles()["toy"] == "Toy probe"
-    assert ("Wobble", "How much the model wobbles when poked (Toy probe).") in context.glossary()
+    from governance import glossary
+
+    assert (glossary.label("wobble", "toy"), glossary.meaning("wobble", "toy")) == (
+        "Wobble", "How much the model wobbles when poked")
     evidence = [{"id": 1, "kind": "toy", "metrics": {"wobble": 0.25, "poked": 3}}]
-    limits = context.limitations(evidence, {"toy"})
-    assert limits["measured"] == [{"evidence": 1, "kind": "toy", "metric": "wobble", "value": "0.25"}]
+    limits = context.limitations(evidence, [])
+    # The report names the measure and the kind in words, never by their keys.
+    assert limits["measured"] == [{"evidence": 1, "kind": "Toy probe", "metric": "Wobble",
+                                   "meaning": "How much the model wobbles when poked", "value": "0.25"}]
     assert not any("toy probe" in gap for gap in limits["gaps"])
     assert kinds.glossary("toy") == {"toy": {"wobble": kinds.Metric("Wobble", "how much the model wobbles when poked",
                                                                     limitation=True)}}

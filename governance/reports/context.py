@@ -525,6 +525,29 @@ def kind_section(kind: str) -> str | None:
     return KIND_SECTIONS.get(kind, OTHER_SECTION)
 
 
+def section_kinds() -> dict[str, list[Any]]:
+    """``{section key: [KindSpec of every kind whose evidence it shows]}``, in declaration order.
+
+    A kind that names a section this report does not define raises: its evidence would otherwise
+    never reach a report, and nobody would notice."""
+    keys = [s.key for s in SECTIONS]
+    out: dict[str, list[Any]] = {key: [] for key in keys}
+    for name, spec in _declared_kinds().items():
+        if spec.section is None:
+            continue
+        if spec.section not in out:
+            raise ValueError(f"probe kind {name!r} declares report section {spec.section!r}, which the report does "
+                             f"not define (sections: {', '.join(sorted(keys))})")
+        out[spec.section].append(spec)
+    return out
+
+
+def kind_titles() -> dict[str, str]:
+    """Title of every kind whose evidence the report shows (section order, then declaration order)."""
+    by_section = section_kinds()
+    return {spec.name: spec.title for section in SECTIONS for spec in by_section[section.key]}
+
+
 def kind_title(kind: str | None) -> str:
     spec = _declared_kinds().get(kind or "")
     return spec.title if spec is not None else KIND_TITLES.get(kind or "", glossary.humanise(kind or ""))
