@@ -242,7 +242,9 @@ def test_provider_documents_are_typed_hashed_versioned_and_scoped(db, test_probe
     client.force_authenticate(other)
     assert client.get(f"/api/documents/{first.json()['id']}/").status_code == 404
     assert post(PDF_DOC, "doc.pdf").status_code in (400, 403)
-    with pytest.raises(Exception):
+    from governance.models import ImmutableError
+
+    with pytest.raises(ImmutableError):
         ProviderDocument.objects.filter(pk=first.json()["id"]).update(title="changed")
 
 

@@ -26,7 +26,7 @@ from rest_framework.permissions import IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from governance import access, acceptance, glossary, provider_documents
+from governance import acceptance, access, glossary, provider_documents
 from governance import models as m
 from governance.api.views import ADMIN, ERRORS, SUBMITTER, LoupeViewSet
 
@@ -81,7 +81,8 @@ class CaseCriteriaView(APIView):
         try:
             acceptance.set_criterion(case, by=request.user, **data)
         except ValidationError as exc:
-            raise DRFValidationError(exc.message_dict if hasattr(exc, "error_dict") else {"detail": exc.messages})
+            raise DRFValidationError(exc.message_dict if hasattr(exc, "error_dict")
+                                     else {"detail": exc.messages}) from None
         return Response(_criteria_payload(case))
 
 
@@ -132,7 +133,7 @@ class ProviderDocumentViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.Retrie
                                                  title=serializer.validated_data["title"], filename=upload.name,
                                                  stream=upload, by=request.user)
         except provider_documents.DocumentRejected as exc:
-            raise DRFValidationError({"file": str(exc)})
+            raise DRFValidationError({"file": str(exc)}) from None
         return Response(ProviderDocumentSerializer(document).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(summary="Download the document", responses={200: bytes, **ERRORS})

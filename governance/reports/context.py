@@ -693,7 +693,7 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
                         "html": markdown_html(truncate(card.get(k))) if str(card.get(k) or "").strip() else ""}
                        for k, t in CARD_TITLES.items()],
         "model_info": {k: truncate(v) for k, v in (manifest.get("model_info") or {}).items()},
-        "sections": sections, "section_by_key": {s["key"]: s for s in sections}, 
+        "sections": sections, "section_by_key": {s["key"]: s for s in sections},
         "evidence": evidence, "findings": findings, "blocking_open": blocking_open, "observations": observations,
         "flags": flags, "decision": decision(manifest), "disclaimer": DISCLAIMER,
         "sanity_note": sanity_note, "criteria_rows": criteria_rows,
