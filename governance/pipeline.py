@@ -47,7 +47,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from governance import audit_log, workflow
-from governance.models import AuditCase, ProbeRun
+from governance.models import AuditCase, Evidence, ProbeRun
 
 logger = logging.getLogger(__name__)
 
@@ -394,6 +394,13 @@ def aggregate_case(case_id: int) -> str:
         if case.runs.filter(status__in=ProbeRun.ACTIVE).exists():
             return f"case #{case_id} still has active runs"
         summary = case_progress(case)
+        if not Evidence.objects.filter(run__case=case).exists():
+            # Nothing to review: "evidence ready" with no evidence would invite an approval of nothing.
+            workflow.transition(case, S.SUBMITTED, None, note="every probe run finished without evidence")
+            audit_log.record(None, "case.no_evidence", case, {
+                "counts": summary["counts"],
+                "failed": [{"run": f["run"], "kind": f["kind"]} for f in summary["failed"]]})
+            return f"case #{case_id}: no evidence; back to submitted"
         workflow.mark_evidence_ready(case, by=None)
         audit_log.record(None, "case.evidence_aggregated", case, {
             "counts": summary["counts"], "partial": summary["partial"],
