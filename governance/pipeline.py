@@ -205,8 +205,11 @@ def dispatch(case_id: int, run_ids: list[int], countdown: float | None = None) -
     Runs after commit. If the broker went away between the check and now, the runs are put back to
     ``pending`` with the reason, and the sweeper (or ``manage.py recover_runs``) dispatches them again.
     """
+    from workers import local
     from workers.celery import app
 
+    if local.offload(dispatch, case_id, run_ids, countdown):  # embedded default in the web process: never hold the request
+        return
     # Tasks are sent by name: the web process never imports the worker's task module (which imports
     # this one). Executed in-process, the tasks must be registered first, as a worker does at start.
     if broker_is_eager():
