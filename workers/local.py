@@ -90,6 +90,10 @@ def _loop() -> None:
             except Exception as exc:  # noqa: BLE001 - a job's failure must end its runs, not the thread
                 logger.exception("local worker job %s%r failed", getattr(fn, "__name__", fn), args)
                 _fail_leftovers(args, exc)
+            else:
+                # In-process tasks swallow some errors into their results; whatever the reason, a run
+                # this job was given must not stay active once the job is over.
+                _fail_leftovers(args, RuntimeError("the run ended without recording a result"))
             finally:
                 close_old_connections()
         finally:
