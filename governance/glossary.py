@@ -1,9 +1,10 @@
 """What a metric means: a human label, a one-line meaning, its baseline and its pass criterion.
 
-One public function, :func:`describe_metric`, so the review workspace and the report ask the same
-question in one place. The entries are keyed by a metric's last dotted segment (``pointing_game``
-in ``methods.chefer.pointing_game``) because probe kinds share vocabulary; a probe kind that
-declares its own glossary can replace this lookup without touching its callers.
+One public function, :func:`describe_metric`. The label and meaning come from the glossary the
+probe kind declares (``workers.probes.kinds``, the same one the report prints); the baseline and
+the pass criterion, which kinds do not declare, come from the table below, keyed by a metric's last
+dotted segment (``pointing_game`` in ``methods.chefer.pointing_game``) because kinds share that
+vocabulary. A metric neither knows keeps a readable label and claims no meaning.
 """
 
 from __future__ import annotations
@@ -63,6 +64,16 @@ def _humanise(key: str) -> str:
     return words[:1].upper() + words[1:] if words else key
 
 
+def _declared(kind: str, leaf: str):
+    """The kind's own glossary entry for ``leaf``, or None (unknown kinds, e.g. test kinds, have none)."""
+    from workers.probes import kinds as probe_kinds
+
+    try:
+        return probe_kinds.glossary(kind).get(kind, {}).get(leaf)
+    except Exception:  # noqa: BLE001 - an unregistered kind simply has no declared glossary
+        return None
+
+
 def describe_metric(kind: str, key: str) -> MetricInfo:
     """The glossary entry for metric ``key`` (a dotted path) of a ``kind`` probe's evidence.
 
@@ -72,9 +83,12 @@ def describe_metric(kind: str, key: str) -> MetricInfo:
     parts = [p for p in str(key).split(".") if p]
     leaf = parts[-1] if parts else str(key)
     entry = _ENTRIES.get(leaf)
+    declared = _declared(kind, leaf)
     context = " / ".join(_humanise(p) for p in parts[:-1])
-    if entry is None:
+    if entry is None and declared is None:
         return MetricInfo(label=_humanise(" ".join(parts[-2:]) if len(parts) > 1 else leaf))
-    label, meaning, baseline, criterion = entry
+    label, meaning, baseline, criterion = entry or (leaf, "", "", "")
+    if declared is not None:
+        label, meaning = declared.label, declared.meaning[:1].upper() + declared.meaning[1:]
     return MetricInfo(label=f"{label} ({context})" if context else label, meaning=meaning, baseline=baseline,
                       criterion=criterion)

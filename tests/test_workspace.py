@@ -51,7 +51,7 @@ def test_the_workspace_puts_the_decision_first_the_evidence_next_and_the_sign_of
     for select in re.findall(r'<select name="decision"[^>]*>(.*?)</select>', page, re.S):
         assert select.startswith('<option value="">')
     # metrics carry a human label, a meaning and the criterion
-    assert "Pointing game" in page and "hottest heatmap pixel" in page and "higher is better" in page
+    assert "Pointing game" in page and "inside the named object" in page and "higher is better" in page
     # figures describe themselves and open in the viewer
     assert 'alt="heatmap-grid.png"' not in page
     assert reverse("admin:governance_auditcase_review_viewer", args=[review_case.pk, 1]).rsplit("/", 3)[0] in page

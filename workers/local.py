@@ -107,13 +107,15 @@ def _fail_leftovers(args: tuple[Any, ...], exc: Exception) -> None:
     case_id, run_ids = args
     from django.utils import timezone
 
-    from governance import pipeline
     from governance.models import ProbeRun
+    from workers.celery import app
 
     reason = f"the local worker failed: {type(exc).__name__}: {exc}"[:2000]
     ProbeRun.objects.filter(pk__in=run_ids, status__in=ProbeRun.ACTIVE).update(
         status=ProbeRun.Status.FAILED, error=reason, phase="failed", finished_at=timezone.now())
     try:
-        pipeline.aggregate_case(case_id)
+        # By name, as the pipeline sends it: this module stays below the pipeline, which imports it.
+        app.loader.import_default_modules()
+        app.signature("workers.tasks.aggregate_case", args=(case_id,), immutable=True).apply()
     except Exception:  # noqa: BLE001 - logged; the runs themselves are final already
         logger.exception("aggregating case %s after a failed local job", case_id)
