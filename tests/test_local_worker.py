@@ -58,7 +58,7 @@ def test_a_job_that_crashes_leaves_no_run_active(tiny_clip_version, alice, ada, 
 
     from celery import canvas
 
-    monkeypatch.setattr(canvas._chord, "__call__", broken)
+    monkeypatch.setattr(canvas.Signature, "apply_async", broken)
     pipeline.start_case(case.pk, by=alice)
     assert local.wait_idle(60)
     run = ProbeRun.objects.get(case=case)

@@ -102,9 +102,9 @@ def _loop() -> None:
 
 def _fail_leftovers(args: tuple[Any, ...], exc: Exception) -> None:
     """Runs a failed dispatch left queued or running end as failed, and their case is aggregated."""
-    if len(args) != 2 or not isinstance(args[1], list):
+    if len(args) < 2 or not isinstance(args[1], list):
         return
-    case_id, run_ids = args
+    case_id, run_ids = args[0], args[1]
     from django.utils import timezone
 
     from governance.models import ProbeRun
