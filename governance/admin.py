@@ -24,6 +24,10 @@ from django.utils.html import format_html
 from governance import access, admin_review, audit_log, workflow
 from governance import models as m
 
+admin.site.site_header = "Loupe"
+admin.site.site_title = "Loupe"
+admin.site.index_title = "Loupe administration"
+
 
 class VisibleToAdmin(admin.ModelAdmin):
     """Narrows the queryset centrally and logs every change made through the admin."""
@@ -164,8 +168,10 @@ class SignoffInline(ReadOnlyInline):
 @admin.register(m.AuditCase)
 class AuditCaseAdmin(VisibleToAdmin):
     form = AuditCaseForm
-    list_display = ("__str__", "model_version", "state", "required_approvals", "submitted_by", "state_changed_at",
-                    "review_link")
+    # The title opens the review workspace (what people come for); "edit" opens the change form.
+    list_display = ("case_link", "review_link", "model_version", "state", "required_approvals", "state_changed_at",
+                    "edit_link")
+    list_display_links = ("edit_link",)
     list_filter = ("state",)
     change_form_template = "admin/governance/auditcase/change_form.html"
     search_fields = ("title", "model_version__ai_model__name")
@@ -175,6 +181,14 @@ class AuditCaseAdmin(VisibleToAdmin):
 
     def get_urls(self):
         return admin_review.urls(self.admin_site) + super().get_urls()
+
+    @admin.display(description="case", ordering="title")
+    def case_link(self, obj):
+        return format_html('<a href="{}">{}</a>', reverse("admin:governance_auditcase_review", args=[obj.pk]), obj)
+
+    @admin.display(description="edit")
+    def edit_link(self, obj):
+        return "Edit"
 
     @admin.display(description="review")
     def review_link(self, obj):

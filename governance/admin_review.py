@@ -37,6 +37,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from governance import access, audit_log, pipeline, workflow
 from governance import models as m
+from governance.glossary import describe_metric
 from governance.api.errors import domain_error
 from governance.reports.context import flatten, record_tables
 
@@ -106,7 +107,7 @@ class EvidenceView:
     run: m.ProbeRun
     images: list[m.EvidenceArtifact]
     files: list[m.EvidenceArtifact]
-    metric_rows: list[tuple[str, str]]
+    metric_rows: list[dict[str, str]]
     metric_tables: list[dict[str, Any]]
     findings: list[dict[str, Any]]
     signoffs: list[m.Signoff]
@@ -140,15 +141,136 @@ def evidence_views(case: m.AuditCase, user) -> list[EvidenceView]:
     views = []
     for evidence in evidence_qs:
         artifacts = sorted(evidence.artifacts.all(), key=lambda a: a.name)
+        for artifact in artifacts:
+            artifact.alt = describe_figure(artifact, evidence)
         findings = sorted((f for f in evidence.findings or [] if isinstance(f, dict)),
                           key=lambda f: SEVERITY_ORDER.get(f.get("severity"), len(SEVERITY_ORDER)))
         views.append(EvidenceView(
             evidence=evidence, run=evidence.run,
             images=[a for a in artifacts if a.content_type in INLINE_IMAGE_TYPES],
             files=[a for a in artifacts if a.content_type not in INLINE_IMAGE_TYPES],
-            metric_rows=flatten(evidence.metrics), metric_tables=record_tables(evidence.metrics),
+            metric_rows=explained_rows(evidence.kind, flatten(evidence.metrics)),
+            metric_tables=explained_tables(evidence.kind, record_tables(evidence.metrics)),
             findings=findings, signoffs=[s for s in signoffs if s.evidence_id == evidence.pk]))
     return views
+
+
+def explained_rows(kind: str, rows: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """Metric rows with the glossary's label, meaning, baseline and criterion beside the raw key."""
+    explained = []
+    for key, value in rows:
+        info = describe_metric(kind, key)
+        explained.append({"key": key, "value": value, "label": info.label, "meaning": info.meaning,
+                          "baseline": info.baseline, "criterion": info.criterion})
+    return explained
+
+
+def explained_tables(kind: str, tables: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for table in tables:
+        table["headers"] = [{"key": c, **vars(describe_metric(kind, c))} for c in table["columns"]]
+        table["caption"] = describe_metric(kind, table["title"]).label
+    return tables
+
+
+def decision_summary(case: m.AuditCase, evidence: list[EvidenceView], review, progress: dict[str, Any]
+                     ) -> dict[str, Any]:
+    """What a reviewer needs before anything else: the verdict so far, every finding by severity
+    (each linked to its evidence), what the plan asked for that produced no evidence, and whether
+    the evidence is partial."""
+    findings = []
+    for item in evidence:
+        for finding in item.findings:
+            findings.append({**finding, "evidence": item.evidence.pk, "kind": item.evidence.kind})
+    findings.sort(key=lambda f: SEVERITY_ORDER.get(f.get("severity"), len(SEVERITY_ORDER)))
+    counts = {sev: sum(1 for f in findings if f.get("severity") == sev) for sev in m.FINDING_SEVERITIES}
+    covered = {(item.run.kind, pipeline._key(item.run.params), item.run.dataset or "") for item in evidence}
+    runs_by_item: dict[tuple, m.ProbeRun] = {}
+    for run in case.runs.order_by("created_at", "pk"):
+        runs_by_item[(run.kind, pipeline._key(run.params), run.dataset or "")] = run
+    not_tested = []
+    for item in case.probe_plan or []:
+        key = (item.get("kind"), pipeline._key(item.get("params") or {}), item.get("dataset") or "")
+        if key in covered:
+            continue
+        run = runs_by_item.get(key)
+        reason = ("not run yet" if run is None else
+                  f"run #{run.pk} {run.get_status_display().lower()}" + (f": {run.error[:160]}" if run.error else ""))
+        not_tested.append({"kind": item.get("kind"), "dataset": item.get("dataset") or "", "reason": reason})
+    top = next((sev for sev in m.FINDING_SEVERITIES if counts.get(sev)), "")
+    if case.state == S.APPROVED:
+        verdict, tone = "Approved", "ok"
+    elif case.state == S.REJECTED:
+        verdict, tone = "Rejected", "bad"
+    elif case.state == S.CHANGES_REQUESTED:
+        verdict, tone = "Changes requested", "warn"
+    elif case.state in NO_EVIDENCE_YET:
+        verdict, tone = "No decision possible yet: the evidence is not in", "neutral"
+    elif not evidence:
+        verdict, tone = "Nothing to review: no evidence", "bad"
+    else:
+        verdict = (f"Awaiting sign-off: {len(review.approved_by)} of {review.required} approvals"
+                   + (f"; open objections: {len(review.open_objections)}" if review.open_objections else ""))
+        tone = "warn" if top in ("critical", "high") else "neutral"
+    return {"verdict": verdict, "tone": tone, "findings": findings, "counts": counts, "top_severity": top,
+            "not_tested": not_tested, "partial": bool(progress.get("partial")) or bool(not_tested and evidence)}
+
+
+FIGURE_DESCRIPTIONS = {
+    "examples": "example images with each method's relevance heatmap overlaid (one row per image, its prompt above, "
+                "one column per method)",
+    "curves": "deletion and insertion curves of each method beside the random order",
+    "heads": "attention statistics per layer and head",
+    "head_ablation": "score change when each attention head is ablated",
+    "robustness_curves": "accuracy under each corruption at increasing severity",
+    "robustness_examples": "an example image under each corruption",
+    "shortcut_evidence": "relevance on the suspected shortcut and the score with it added and removed",
+    "agreement": "agreement between the heatmaps of repeated, perturbed runs",
+}
+
+
+def describe_figure(artifact: m.EvidenceArtifact, evidence: m.Evidence) -> str:
+    """Alt text that says what the figure shows, not its file name."""
+    stem = artifact.name.rsplit(".", 1)[0]
+    what = next((text for key, text in FIGURE_DESCRIPTIONS.items() if stem == key or stem.startswith(key)),
+                f"figure {stem.replace('_', ' ')}")
+    text = f"{evidence.kind} probe, run #{evidence.run_id}: {what}."
+    if "heat" in stem or stem.startswith(("examples", "caption", "localisation", "shortcut")):
+        text += " Heatmaps use the inferno scale (dark: low relevance, yellow: high); green boxes mark the annotated object."
+    return text
+
+
+def _prompts(evidence: m.Evidence) -> list[str]:
+    """Prompts the evidence names (for the viewer's caption), when its metrics carry them."""
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                if key in ("prompt", "target", "prompts") and isinstance(inner, (str, list)):
+                    found.extend([inner] if isinstance(inner, str) else [p for p in inner if isinstance(p, str)])
+                else:
+                    walk(inner)
+        elif isinstance(value, list):
+            for inner in value[:50]:
+                walk(inner)
+
+    walk(evidence.metrics)
+    return list(dict.fromkeys(found))[:12]
+
+
+def queue_row(case: m.AuditCase, user) -> dict[str, Any]:
+    """One line of the review queue: is the case waiting for ``user``, how bad is it, how far is it."""
+    severities = [e.max_severity for e in m.Evidence.objects.filter(run__case=case) if e.max_severity]
+    top = min(severities, key=lambda sev: SEVERITY_ORDER.get(sev, 99)) if severities else ""
+    status = workflow.review_status(case) if case.state in (S.EVIDENCE_READY, S.IN_REVIEW) else None
+    assigned = any(r.pk == user.pk for r in case.reviewers.all())
+    decided = status is not None and user.get_username() in (
+        status.approved_by + status.rejected_by + status.changes_requested_by)
+    return {"case": case, "model": case.model_version, "risk": case.model_version.ai_model.get_risk_category_display(),
+            "risk_code": case.model_version.ai_model.risk_category, "severity": top,
+            "approvals": f"{len(status.approved_by)} of {status.required}" if status else "",
+            "awaiting_me": status is not None and assigned and not decided and not signoff_hint(case, user),
+            "url": reverse("admin:governance_auditcase_review", args=[case.pk])}
 
 
 def signoff_hint(case: m.AuditCase, user) -> str:
@@ -159,9 +281,9 @@ def signoff_hint(case: m.AuditCase, user) -> str:
         return "Your role is read-only here."
     conflict = workflow.conflict_of(case, user)
     if conflict:
-        return f"Segregation of duties: {conflict}."
+        return f"segregation of duties: {conflict}."
     if not access.has_role(user, access.REVIEWER) or not case.reviewers.filter(pk=user.pk).exists():
-        return f"Only the reviewers assigned to case #{case.pk} sign it off."
+        return f"only reviewers assigned to case #{case.pk} may sign it off."
     return ""
 
 
@@ -172,15 +294,18 @@ def review_context(request: HttpRequest, case: m.AuditCase, admin_site) -> dict[
     rows = audit_log.excerpt(case)
     status = workflow.review_status(case)
     hint = signoff_hint(case, user)
+    status_now = status_payload(case)
+    evidence = evidence_views(case, user)
     return {
+        "decision": decision_summary(case, evidence, status, status_now),
         **admin_site.each_context(request),
         "title": f"Review: {case.title}",
         "case": case, "version": version, "ai_model": version.ai_model,
         "card_fields": [(version._meta.get_field(name).verbose_name, getattr(version, name))
                         for name in m.ModelVersion.CARD_FIELDS if getattr(version, name)],
-        "status": status_payload(case),
+        "status": status_now,
         "runs": run_rows(case),
-        "evidence": evidence_views(case, user),
+        "evidence": evidence,
         "review": status,
         "case_signoffs": m.Signoff.objects.visible_to(user).filter(case=case, evidence__isnull=True)
         .select_related("reviewer").order_by("created_at", "pk"),
@@ -241,22 +366,68 @@ class ReviewViews:
         messages.success(request, message)
         return redirect(self.page_url(case), permanent=False)
 
+    def _signoff_target(self, request: HttpRequest, case: m.AuditCase) -> m.Evidence | None:
+        evidence_id = request.POST.get("evidence", "")
+        if not evidence_id:
+            return None
+        if not evidence_id.isdigit():
+            raise Refused("evidence must be an evidence id", 400)
+        evidence = m.Evidence.objects.visible_to(request.user).filter(pk=int(evidence_id), run__case=case).first()
+        if evidence is None:
+            raise Refused(f"evidence #{evidence_id} is not part of case #{case.pk}", 400)
+        return evidence
+
     def signoff(self, request: HttpRequest, case_id: int) -> HttpResponse:
+        """Two steps: the form's POST shows what is being signed (decision, comment and the digest of
+        the evidence as it stands); only the confirmation, which carries that digest back, records
+        the sign-off, and only if the evidence still has that digest."""
+        case = visible_case(request, case_id)
+        try:
+            _require_roles(request.user, SIGNOFF_ROLES, "Signing off")
+        except PermissionDenied as exc:
+            return self.render(request, case, error=str(exc), status=403)
+        decision = request.POST.get("decision", "")
+        comment = request.POST.get("comment", "").strip()
+        try:
+            evidence = self._signoff_target(request, case)
+        except Refused as exc:
+            return self.render(request, case, error=str(exc), status=exc.status)
+        form_id = f"evidence-{evidence.pk}" if evidence else "case"
+        field_errors = {}
+        if decision not in D.values:
+            field_errors["decision"] = ("Choose a decision." if not decision else
+                                        f"unknown decision {decision!r}; choose one of {', '.join(D.labels)}.")
+        elif decision != D.APPROVE and not comment:
+            field_errors["comment"] = f"A '{D(decision).label}' decision needs a comment saying why."
+        if field_errors:
+            context = review_context(request, case, self.admin_site)
+            if form_id == "case":
+                context.update(error="The sign-off was not recorded: see the form.", case_errors=field_errors,
+                               case_values={"decision": decision, "comment": comment})
+            else:
+                context["error"] = f"The sign-off on {form_id.replace('-', ' #')} was not recorded: " + \
+                    " ".join(field_errors.values())
+            return TemplateResponse(request, self.template, context, status=400)
+        confirmed = request.POST.get("digest", "")
+        hint = signoff_hint(case, request.user)
+        if hint and not confirmed:  # no confirmation screen for a sign-off the workflow would refuse
+            return self.render(request, case, error=hint,
+                               status=409 if case.state not in (S.EVIDENCE_READY, S.IN_REVIEW) else 403)
+        digest = workflow.evidence_digest(evidence) if evidence is not None else workflow.case_digest(case)
+        if not confirmed:
+            context = {**self.admin_site.each_context(request), "title": f"Confirm your sign-off on case #{case.pk}",
+                       "case": case, "evidence": evidence, "decision": decision,
+                       "decision_label": D(decision).label, "comment": comment, "digest": digest,
+                       "opts": m.AuditCase._meta, "page_url": self.page_url(case)}
+            return TemplateResponse(request, "admin/governance/auditcase/confirm_signoff.html", context)
+
         def act(case: m.AuditCase) -> str:
-            decision = request.POST.get("decision", "")
-            evidence = None
-            evidence_id = request.POST.get("evidence", "")
-            if evidence_id:
-                if not evidence_id.isdigit():
-                    raise Refused("evidence must be an evidence id", 400)
-                evidence = m.Evidence.objects.visible_to(request.user).filter(pk=int(evidence_id),
-                                                                             run__case=case).first()
-                if evidence is None:
-                    raise Refused(f"evidence #{evidence_id} is not part of case #{case.pk}", 400)
-            signoff = workflow.sign_off(case, request.user, decision, request.POST.get("comment", ""),
-                                        evidence=evidence)
+            if confirmed != digest:
+                raise Refused("The evidence changed after you opened the confirmation (its digest is now "
+                              f"{digest[:16]}...); nothing was recorded. Review it again.", 409)
+            signoff = workflow.sign_off(case, request.user, decision, comment, evidence=evidence)
             target = f"evidence #{evidence.pk}" if evidence else f"case #{case.pk}"
-            return (f"Recorded your '{signoff.get_decision_display()}' on {target}. "
+            return (f"Recorded your '{signoff.get_decision_display()}' on {target} (digest {signoff.digest[:16]}...). "
                     f"The case is now {case.get_state_display()}.")
 
         return self._act(request, case_id, SIGNOFF_ROLES, "Signing off", act)
@@ -302,6 +473,35 @@ class ReviewViews:
 
         return self._act(request, case_id, frozenset({access.REVIEWER}), "Countersigning a report", act)
 
+    def queue(self, request: HttpRequest) -> HttpResponse:
+        """Cases awaiting the user's sign-off first, then every other case they can see."""
+        user = request.user
+        cases = (m.AuditCase.objects.visible_to(user)
+                 .select_related("model_version__ai_model").prefetch_related("reviewers").order_by("-state_changed_at", "-pk"))
+        mine, others = [], []
+        for case in cases:
+            row = queue_row(case, user)
+            (mine if row["awaiting_me"] else others).append(row)
+        context = {**self.admin_site.each_context(request), "title": "Review queue", "mine": mine, "others": others,
+                   "opts": m.AuditCase._meta}
+        return TemplateResponse(request, "admin/governance/auditcase/queue.html", context)
+
+    def viewer(self, request: HttpRequest, case_id: int, artifact_id: int) -> HttpResponse:
+        """One figure, large: zoom, the other figures of the same evidence one click away, the colour
+        scale and box legend, and the scores of the evidence it belongs to."""
+        case = visible_case(request, case_id)
+        artifact = get_object_or_404(m.EvidenceArtifact.objects.visible_to(request.user).select_related("evidence__run"),
+                                     pk=artifact_id, evidence__run__case=case, content_type__in=INLINE_IMAGE_TYPES)
+        evidence = artifact.evidence
+        siblings = [a for a in sorted(evidence.artifacts.all(), key=lambda a: a.name)
+                    if a.content_type in INLINE_IMAGE_TYPES]
+        tables = explained_tables(evidence.kind, record_tables(evidence.metrics))
+        context = {**self.admin_site.each_context(request), "title": f"{artifact.name}: evidence #{evidence.pk}",
+                   "case": case, "artifact": artifact, "evidence": evidence, "siblings": siblings,
+                   "alt": describe_figure(artifact, evidence), "tables": tables,
+                   "prompts": _prompts(evidence), "opts": m.AuditCase._meta, "page_url": self.page_url(case)}
+        return TemplateResponse(request, "admin/governance/auditcase/viewer.html", context)
+
     def artifact(self, request: HttpRequest, case_id: int, artifact_id: int) -> FileResponse:
         case = visible_case(request, case_id)
         artifact = get_object_or_404(m.EvidenceArtifact.objects.visible_to(request.user),
@@ -334,6 +534,8 @@ def urls(admin_site) -> list:
     prefix = "<int:case_id>/review/"
     name = "governance_auditcase_review"
     return [
+        path("queue/", wrap(require_GET(views.queue)), name="governance_auditcase_queue"),
+        path(prefix + "artifact/<int:artifact_id>/view/", wrap(require_GET(views.viewer)), name=f"{name}_viewer"),
         path(prefix, wrap(require_GET(views.page)), name=name),
         path(prefix + "status.json", wrap(require_GET(views.status)), name=f"{name}_status"),
         path(prefix + "signoff/", wrap(require_POST(views.signoff)), name=f"{name}_signoff"),

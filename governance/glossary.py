@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 TERMS: dict[str, tuple[str, str]] = {
@@ -348,3 +349,48 @@ def entries(keys: list[str] | None = None) -> list[tuple[str, str]]:
         if text:
             seen.setdefault(label(key), text)
     return sorted(seen.items(), key=lambda item: item[0].lower())
+
+
+# --- what the review workspace shows beside a label: the baseline and the pass criterion ---------
+
+@dataclass(frozen=True)
+class MetricInfo:
+    label: str
+    meaning: str = ""
+    baseline: str = ""
+    criterion: str = ""
+
+
+#: measure -> (baseline it is read against, what passing looks like). Kinds declare labels and
+#: meanings, not references, so these live here; keyed by the measure, which kinds share.
+REFERENCES: dict[str, tuple[str, str]] = {
+    "pointing_game": ("pointing game of a random point", "higher is better; well above chance"),
+    "energy_pointing_game": ("the box's share of the image", "higher is better"),
+    "deletion_auc": ("deletion score of a random order", "lower is better; below the random order"),
+    "insertion_auc": ("insertion score of a random order", "higher is better; above the random order"),
+    "random_pointing_game": ("", "reference"),
+    "random_deletion_auc": ("", "reference"),
+    "random_insertion_auc": ("", "reference"),
+    "spearman": ("0 (unrelated maps)", "below 0.3 to pass the sanity check"),
+    "rank_correlation": ("0 (unrelated maps)", ""),
+    "passed": ("", "yes"),
+    "p_value": ("", "below the corrected significance level"),
+    "p_adjusted": ("", "below the significance level"),
+    "tcav_score": ("0.5 (random directions)", "far from 0.5 and significant"),
+    "relative_to_gap": ("unrelated inputs", "near 0 means the intervened part does not matter"),
+    "accuracy": ("chance: 1 / number of classes", "higher is better"),
+    "drop": ("0 (no effect)", "a large drop flags reliance"),
+}
+
+
+def describe_metric(kind: str, key: str) -> MetricInfo:
+    """Label, meaning, baseline and pass criterion of metric ``key`` (a dotted path) of a ``kind``
+    probe's evidence: the words of :func:`path_label`/:func:`path_meaning`, so the workspace and
+    the report say the same thing. Unknown metrics keep a readable label and claim no meaning."""
+    named = [p for p in str(key).split(".") if p and not _NUMBER.match(p)]
+    measure = next((p for p in reversed(named) if p in REFERENCES), "")
+    baseline, criterion = REFERENCES.get(measure, ("", ""))
+    found = meaning(named[-1], kind) if named else ""
+    text = path_meaning(key, kind) or found
+    return MetricInfo(label=path_label(key, kind), meaning=text[:1].upper() + text[1:], baseline=baseline,
+                      criterion=criterion)

@@ -47,7 +47,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from governance import audit_log, workflow
-from governance.models import AuditCase, ProbeRun
+from governance.models import AuditCase, Evidence, ProbeRun
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +205,11 @@ def dispatch(case_id: int, run_ids: list[int], countdown: float | None = None) -
     Runs after commit. If the broker went away between the check and now, the runs are put back to
     ``pending`` with the reason, and the sweeper (or ``manage.py recover_runs``) dispatches them again.
     """
+    from workers import local
     from workers.celery import app
 
+    if local.offload(dispatch, case_id, run_ids, countdown):  # embedded default in the web process: never hold the request
+        return
     # Tasks are sent by name: the web process never imports the worker's task module (which imports
     # this one). Executed in-process, the tasks must be registered first, as a worker does at start.
     if broker_is_eager():
@@ -394,6 +397,13 @@ def aggregate_case(case_id: int) -> str:
         if case.runs.filter(status__in=ProbeRun.ACTIVE).exists():
             return f"case #{case_id} still has active runs"
         summary = case_progress(case)
+        if not Evidence.objects.filter(run__case=case).exists():
+            # Nothing to review: "evidence ready" with no evidence would invite an approval of nothing.
+            workflow.transition(case, S.SUBMITTED, None, note="every probe run finished without evidence")
+            audit_log.record(None, "case.no_evidence", case, {
+                "counts": summary["counts"],
+                "failed": [{"run": f["run"], "kind": f["kind"]} for f in summary["failed"]]})
+            return f"case #{case_id}: no evidence; back to submitted"
         workflow.mark_evidence_ready(case, by=None)
         audit_log.record(None, "case.evidence_aggregated", case, {
             "counts": summary["counts"], "partial": summary["partial"],

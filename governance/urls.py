@@ -3,9 +3,14 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from governance.health import healthz
+from governance.portal import urls as portal_urls
+from governance.portal.views import landing
 
 urlpatterns = [
+    path("", landing, name="landing"),
     path("healthz", healthz, name="healthz"),
+    path("portal/", include(portal_urls)),
+    *portal_urls.auth_urlpatterns,
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     # The split view serves Swagger UI's start-up script as a file, so the CSP needs no inline script.

@@ -8,6 +8,7 @@ States and transitions (``TRANSITIONS``)::
                                                                         running      approved | rejected
     changes_requested ──resubmit──▶ submitted                                       | changes_requested
     draft, changes_requested, approved, rejected ──▶ archived (terminal)
+    running ──(every run finished, no evidence)──▶ submitted
 
 - ``in_review -> approved | rejected | changes_requested`` happen only through :func:`sign_off`.
 - ``archived`` is terminal; drafts and changes-requested cases may be archived by their owner,
@@ -22,7 +23,8 @@ must never pass ``by=None``.
 Segregation of duties (:func:`conflict_of`): a user who created or submitted the case, created its
 model or model version, or belongs to the provider organisation can neither be assigned as a
 reviewer nor sign off. Only assigned reviewers sign off. One reviewer counts once: their *latest*
-case-level decision in the current review round counts. A case is approved once the required number
+case-level decision in the current review round counts, and repeating one's own latest decision on
+unchanged evidence is refused. A case is approved once the required number
 of distinct eligible reviewers approve the evidence as it stands (their sign-off digest equals the
 current :func:`case_digest`) and no objection is open; a case-level ``reject`` moves it to
 ``rejected`` and ``request_changes`` to ``changes_requested`` at once. Sign-offs on one evidence item
@@ -74,7 +76,9 @@ VIA_SIGNOFF = frozenset({"signoff"})
 TRANSITIONS: dict[str, dict[str, frozenset[str]]] = {
     S.DRAFT: {S.SUBMITTED: frozenset({OWNER, ADMIN}), S.ARCHIVED: frozenset({OWNER, ADMIN})},
     S.SUBMITTED: {S.RUNNING: frozenset({OWNER, ADMIN, SYSTEM}), S.DRAFT: frozenset({OWNER, ADMIN})},
-    S.RUNNING: {S.EVIDENCE_READY: frozenset({ADMIN, SYSTEM}), S.DRAFT: frozenset({OWNER, ADMIN})},
+    # running -> submitted: every run finished without evidence; the owner may start them again.
+    S.RUNNING: {S.EVIDENCE_READY: frozenset({ADMIN, SYSTEM}), S.DRAFT: frozenset({OWNER, ADMIN}),
+                S.SUBMITTED: frozenset({SYSTEM})},
     S.EVIDENCE_READY: {S.IN_REVIEW: frozenset({REVIEWER, ADMIN, SYSTEM}), S.RUNNING: frozenset({ADMIN, SYSTEM})},
     S.IN_REVIEW: {S.APPROVED: VIA_SIGNOFF, S.REJECTED: VIA_SIGNOFF, S.CHANGES_REQUESTED: VIA_SIGNOFF},
     S.CHANGES_REQUESTED: {S.SUBMITTED: frozenset({OWNER, ADMIN}), S.ARCHIVED: frozenset({OWNER, ADMIN})},
@@ -423,6 +427,21 @@ def review_status(case: AuditCase, current_digest: str | None = None) -> ReviewS
     return status
 
 
+def _refuse_duplicate(case: AuditCase, reviewer, decision: str, signed_digest: str, evidence: Evidence | None,
+                      report_section: str) -> None:
+    """The same decision by the same reviewer on the same, unchanged evidence in one round counts
+    once; saying it again would only look like a second voice, so it is refused."""
+    latest = (Signoff.objects.filter(case_id=case.pk, reviewer=reviewer, review_round=case.review_round,
+                                     evidence=evidence, report_section=report_section)
+              .order_by("-created_at", "-pk").first())
+    if latest is not None and latest.decision == decision and latest.digest == signed_digest:
+        target = f"evidence #{evidence.pk}" if evidence is not None else (
+            f"section {report_section}" if report_section else f"case #{case.pk}")
+        raise WorkflowError(f"you already recorded '{latest.get_decision_display()}' on {target} in review round "
+                            f"{case.review_round} ({latest.created_at:%Y-%m-%d %H:%M} UTC) and the evidence has not "
+                            "changed since; a decision counts once")
+
+
 def sign_off(case: AuditCase, reviewer, decision: str, comment: str = "", evidence: Evidence | None = None,
              report_section: str = "", acknowledgements: dict[str, str] | None = None) -> Signoff:
     """Record ``reviewer``'s decision on ``case`` (or one evidence item / report section) and apply it.
@@ -462,6 +481,7 @@ def sign_off(case: AuditCase, reviewer, decision: str, comment: str = "", eviden
             signed_digest = evidence_digest(evidence)
         else:
             signed_digest = case_digest(locked)
+        _refuse_duplicate(locked, reviewer, decision, signed_digest, evidence, report_section)
         acknowledged = []
         if evidence is None and not report_section and decision == D.APPROVE:
             acceptance.ensure_defaults(locked)

@@ -7,6 +7,8 @@ Every one of them has staff status here, so the admin's door is open and Loupe's
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.test import Client
 from django.urls import reverse
@@ -39,6 +41,15 @@ def as_(request):
             client.force_login(request.getfixturevalue(name))
         return client
     return client_for
+
+
+def sign(client, case, data: dict):
+    """The workspace's two steps: the form shows what is signed, the confirmation records it."""
+    first = client.post(url("_signoff", case), data)
+    found = re.search(rb'name="digest" value="([0-9a-f]{64})"', first.content)
+    if first.status_code != 200 or not found:
+        return first
+    return client.post(url("_signoff", case), {**data, "digest": found.group(1).decode()})
 
 
 def url(name: str, case, *args) -> str:
@@ -133,7 +144,7 @@ REFUSAL = {"alice": "segregation of duties: alice created or submitted case",
 
 @pytest.mark.parametrize("actor", ACTORS)
 def test_it_takes_a_case_sign_off_only_from_an_assigned_independent_reviewer(review_case, as_, actor):
-    response = as_(actor).post(url("_signoff", review_case), {"decision": "approve", "comment": "Looks sound."})
+    response = sign(as_(actor), review_case, {"decision": "approve", "comment": "Looks sound."})
     if actor == "anonymous":
         assert_login_redirect(response)
     else:
@@ -153,7 +164,7 @@ def test_it_takes_a_case_sign_off_only_from_an_assigned_independent_reviewer(rev
 def test_it_signs_off_one_evidence_item_and_records_its_digest(review_case, evidence, as_):
     from governance import workflow
 
-    response = as_("rita").post(url("_signoff", review_case), {"decision": "request_changes", "evidence": evidence.pk,
+    response = sign(as_("rita"), review_case, {"decision": "request_changes", "evidence": evidence.pk,
                                                               "comment": "Explain the watermark finding."})
     assert response.status_code == 302
     signoff = Signoff.objects.get(case=review_case)
@@ -169,11 +180,12 @@ def test_it_approves_the_case_after_two_distinct_reviewers(review_case, as_, rob
     admit(rob)
     rob_client = Client()
     rob_client.force_login(rob)
-    assert as_("rita").post(url("_signoff", review_case), {"decision": "approve"}).status_code == 302
-    assert as_("rita").post(url("_signoff", review_case), {"decision": "approve"}).status_code == 302
+    assert sign(as_("rita"), review_case, {"decision": "approve"}).status_code == 302
+    repeated = sign(as_("rita"), review_case, {"decision": "approve"})
+    assert repeated.status_code == 400 and "a decision counts once" in repeated.content.decode()
     review_case.refresh_from_db()
     assert review_case.state == S.IN_REVIEW  # rita counts once
-    assert rob_client.post(url("_signoff", review_case), {"decision": "approve"}).status_code == 302
+    assert sign(rob_client, review_case, {"decision": "approve"}).status_code == 302
     review_case.refresh_from_db()
     assert review_case.state == S.APPROVED
 
@@ -185,14 +197,14 @@ def test_it_approves_the_case_after_two_distinct_reviewers(review_case, as_, rob
     ({"decision": "approve", "evidence": "1; DROP"}, 400, "must be an evidence id"),
 ])
 def test_it_refuses_bad_sign_offs_with_a_clear_message(review_case, as_, data, status, message):
-    response = as_("rita").post(url("_signoff", review_case), data)
+    response = sign(as_("rita"), review_case, data)
     assert response.status_code == status
     assert message in response.content.decode()
     assert not Signoff.objects.filter(case=review_case).exists()
 
 
 def test_it_rejects_the_case_with_a_comment(review_case, as_):
-    response = as_("rita").post(url("_signoff", review_case), {"decision": "reject", "comment": "Shortcut."})
+    response = sign(as_("rita"), review_case, {"decision": "reject", "comment": "Shortcut."})
     assert response.status_code == 302
     review_case.refresh_from_db()
     assert review_case.state == S.REJECTED
@@ -298,7 +310,7 @@ def test_it_does_not_serve_another_cases_artifact_under_this_case(review_case, e
 def test_it_refuses_a_post_without_a_csrf_token(review_case, rita):
     client = Client(enforce_csrf_checks=True)
     client.force_login(rita)
-    response = client.post(url("_signoff", review_case), {"decision": "approve"})
+    response = sign(client, review_case, {"decision": "approve"})
     assert response.status_code == 403
     assert not Signoff.objects.filter(case=review_case).exists()
     page = client.get(url("", review_case)).content.decode()
@@ -319,7 +331,7 @@ def test_it_escapes_every_piece_of_user_text(draft_case, alice, ada, rita, rob, 
     draft_case.scope = HOSTILE
     draft_case.save()
     case, evidence = make_review_case(draft_case, alice=alice, ada=ada, rita=rita, rob=rob, summary=HOSTILE)
-    as_("rita").post(url("_signoff", case), {"decision": "request_changes", "comment": HOSTILE, "evidence": evidence.pk})
+    sign(as_("rita"), case, {"decision": "request_changes", "comment": HOSTILE, "evidence": evidence.pk})
     html = as_("rita").get(url("", case)).content.decode()
     assert "<script>alert" not in html and "<img src=x" not in html
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html
@@ -327,7 +339,7 @@ def test_it_escapes_every_piece_of_user_text(draft_case, alice, ada, rita, rob, 
 
 
 def test_it_records_actions_in_the_audit_log_it_shows(review_case, as_):
-    as_("rita").post(url("_signoff", review_case), {"decision": "approve"})
+    sign(as_("rita"), review_case, {"decision": "approve"})
     actions = [row["action"] for row in audit_log.excerpt(review_case)]
     assert actions[-2:] == ["case.in_review", "signoff.created"]
     page = as_("audrey").get(url("", review_case)).content.decode()

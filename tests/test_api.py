@@ -263,7 +263,7 @@ def test_it_signs_off_with_segregation_of_duties(case_with_evidence, alice, rita
 
     assert client_for(rita).post(url, {"decision": "approve", "comment": "grounding is faithful"}, format="json").status_code == 201
     twice = client_for(rita).post(url, {"decision": "approve"}, format="json")
-    assert twice.status_code == 201
+    assert twice.status_code == 400 and "a decision counts once" in twice.json()["detail"]
     case_with_evidence.refresh_from_db()
     assert case_with_evidence.state == "in_review"  # one reviewer counts once
     assert client_for(rob).post(url, {"decision": "approve"}, format="json").status_code == 201

@@ -87,6 +87,7 @@ def test_it_lets_a_reviewer_review_sign_off_and_download_a_report_in_a_browser(
     form.locator("input[value=approve]").check()
     form.locator("textarea[name=comment]").fill("Grounding evidence is sound; the watermark finding is documented.")
     form.locator("button[type=submit]").click()
+    page.click("#confirm-button")  # the confirmation step shows the digest being signed
     page.wait_for_selector("text=Recorded your 'Approve' on case")
     assert Signoff.objects.filter(case=case, reviewer=rita, decision="approve", evidence=None).count() == 1
     assert AuditCase.objects.get(pk=case.pk).state == AuditCase.State.IN_REVIEW

@@ -72,7 +72,8 @@ def test_it_refuses_sign_off_by_anyone_not_assigned(case_with_evidence, ruth, au
 
 def test_it_counts_one_reviewer_once(case_with_evidence, rita, rob):
     workflow.sign_off(case_with_evidence, rita, "approve")
-    workflow.sign_off(case_with_evidence, rita, "approve", "Really, I approve.")
+    with pytest.raises(workflow.WorkflowError, match="a decision counts once"):
+        workflow.sign_off(case_with_evidence, rita, "approve", "Really, I approve.")
     case_with_evidence.refresh_from_db()
     assert case_with_evidence.state == S.IN_REVIEW
     assert workflow.review_status(case_with_evidence).approved_by == ["rita"]

@@ -100,6 +100,9 @@ AXES_VERBOSE = False
 
 ROOT_URLCONF = "governance.urls"
 WSGI_APPLICATION = "governance.wsgi.application"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "landing"
+LOGOUT_REDIRECT_URL = "landing"
 
 TEMPLATES = [
     {

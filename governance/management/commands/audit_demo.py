@@ -35,6 +35,7 @@ from django.db import transaction
 
 from governance import pipeline, registration, workflow
 from governance.console import RunBars
+from governance.management.commands.create_user import new_password
 from governance.models import AIModel, AuditCase, Membership, ModelVersion, Organisation
 
 # name in the zoo -> (inventory name, risk category, intended purpose, case title, plan)
@@ -92,6 +93,7 @@ class Command(BaseCommand):
             raise CommandError(f"unknown demo models {unknown}; choose from {', '.join(DEMO_MODELS)}")
         self.say("1/4 database and demo cast")
         call_command("migrate", interactive=False, verbosity=0)
+        self.credentials: list[tuple[str, str, str]] = []
         cast = self.cast()
 
         self.say("2/4 reference models")
@@ -135,8 +137,12 @@ class Command(BaseCommand):
         out.write_text(json.dumps({"seconds": round(seconds, 1), "cases": summary}, indent=2) + "\n")
         self.stdout.write(f"evidence and reports: {settings.MEDIA_ROOT}")
         self.stdout.write(f"summary: {out}")
-        self.stdout.write(f"done in {seconds:.0f} s. Browse it: python manage.py changepassword reviewer-1, "
-                          "then python manage.py runserver and open http://127.0.0.1:8000/admin/")
+        self.stdout.write(f"done in {seconds:.0f} s.")
+        self.say("Browse it: `make serve`, then open http://127.0.0.1:8000/ and log in as")
+        for username, role, password in self.credentials:
+            where = "provider portal" if role == "submitter" else "review queue"
+            self.stdout.write(f"  {username:<11} password {password}   ({role}; {where})")
+        self.stdout.write("  (new passwords on every demo run; accounts of your own: manage.py create_user)")
 
     def say(self, text: str) -> None:
         self.stdout.write(self.style.MIGRATE_HEADING(text))
@@ -153,11 +159,15 @@ class Command(BaseCommand):
                                                        defaults={"email": f"{username}@loupe.invalid",
                                                                  "is_staff": role in ("admin", "reviewer", "auditor")})
             if created:
-                user.set_unusable_password()  # set one with `manage.py changepassword` to log in
-                user.save()
                 user.groups.add(Group.objects.get(name=role))
                 if role == "submitter":
                     Membership.objects.create(user=user, organisation=organisation)
+            # A fresh password on every demo run, printed at the end: the demo's accounts are for
+            # trying Loupe in a browser, and nobody can recover a password printed by an earlier run.
+            password = new_password()
+            user.set_password(password)
+            user.save(update_fields=["password"])
+            self.credentials.append((username, role, password))
             users[username] = user
         return users
 

@@ -24,7 +24,8 @@ class Command(BaseCommand):
         parser.add_argument("--model", required=True, help="model directory below LOUPE_MODEL_ROOTS")
         parser.add_argument("--card", help="model card (README.md with YAML metadata); default: DIR/README.md")
         parser.add_argument("--name", help="inventory name (default: the directory name)")
-        parser.add_argument("--version", default="1", help="version label (default: 1)")
+        # Not --version: Django's own option prints Django's version.
+        parser.add_argument("--model-version", default="1", help="version label (default: 1)")
         parser.add_argument("--organisation", required=True, help="provider organisation slug")
         parser.add_argument("--submitter", required=True, help="username of the submitter (a member)")
         parser.add_argument("--risk", default=AIModel.RiskCategory.MINIMAL, choices=AIModel.RiskCategory.values)
@@ -55,7 +56,7 @@ class Command(BaseCommand):
         try:
             version = registration.register_directory(
                 directory, organisation=organisation, submitter=submitter,
-                name=options["name"] or directory.resolve().name, version=options["version"],
+                name=options["name"] or directory.resolve().name, version=options["model_version"],
                 card_text=card_text, risk_category=options["risk"])
             version.refresh_from_db()
             case = None
