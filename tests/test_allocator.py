@@ -71,8 +71,9 @@ def test_it_is_applied_by_the_probe_task_before_anything_else(monkeypatch):
 
     calls = []
     monkeypatch.setattr(allocator, "tune_malloc", lambda: calls.append("tuned") or True)
-    with pytest.raises(ProbeRun.DoesNotExist):
-        run_probe.run(987654)  # no such run: the task stops at claiming it, already tuned
+    outcome = run_probe.run(987654)  # no such run: the task stops at claiming it, already tuned
+    assert outcome["skipped"] and outcome["status"] is None
+    assert not ProbeRun.objects.filter(pk=987654).exists()
     assert calls == ["tuned"]
 
 
