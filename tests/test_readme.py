@@ -68,6 +68,7 @@ def test_the_readme_own_model_block_runs_verbatim_on_a_model_the_repository_neve
 @pytest.mark.django_db
 def test_create_user_makes_a_submitter_who_can_log_in_in_a_new_organisation(capsys, monkeypatch):
     from django.contrib.auth import authenticate
+    from django.test import RequestFactory
 
     from governance import access
     from governance.models import Organisation
@@ -76,7 +77,7 @@ def test_create_user_makes_a_submitter_who_can_log_in_in_a_new_organisation(caps
     call_command("create_user", "zoe", "--role", "submitter", "--organisation", "zeta-labs")
     out = capsys.readouterr().out
     password = re.search(r"password for zoe: (\S+)", out).group(1)
-    user = authenticate(username="zoe", password=password)
+    user = authenticate(RequestFactory().post("/login/"), username="zoe", password=password)
     assert user is not None and access.roles_of(user) == {"submitter"} and not user.is_staff
     assert access.organisation_of(user) == Organisation.objects.get(slug="zeta-labs")
 
@@ -84,12 +85,13 @@ def test_create_user_makes_a_submitter_who_can_log_in_in_a_new_organisation(caps
 @pytest.mark.django_db
 def test_create_user_takes_the_password_from_the_environment_and_never_prints_it(capsys, monkeypatch):
     from django.contrib.auth import authenticate
+    from django.test import RequestFactory
 
     monkeypatch.setenv("LOUPE_NEW_PASSWORD", "correct-horse-battery-9")
     call_command("create_user", "rev", "--role", "reviewer")
     out = capsys.readouterr().out
     assert "correct-horse" not in out
-    user = authenticate(username="rev", password="correct-horse-battery-9")
+    user = authenticate(RequestFactory().post("/login/"), username="rev", password="correct-horse-battery-9")
     assert user is not None and user.is_staff
 
 
