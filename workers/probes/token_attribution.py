@@ -300,7 +300,8 @@ def to_attribution(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int
             result.text[method] = result.text["chefer"]
             continue
         patches = rows_by_method.get(method + PATCHES)
-        if patches is None and not adapter.patch_aligned:
+        regions = getattr(enc, "regions", None)  # [n_img, G] where the image's layout sets the tokens
+        if patches is None and not adapter.patch_aligned and regions is None:
             raise ProbeInputError(f"{adapter.architecture}: image tokens are not grid cells, so mapping them to "
                                   "patches needs the traced image path (attribute_generated with pixel_values)")
         r = r.detach().float().cpu().clone()
@@ -309,6 +310,8 @@ def to_attribution(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int
         if method == "chefer":
             r[torch.arange(len(generated)), rows.cpu()] -= 1.0  # drop the identity term of the token itself
         r = r.clamp(min=0)
+        if patches is None and regions is not None:
+            patches = r[:, image_pos.cpu()] @ regions.detach().float().cpu()
         if patches is not None:
             result.image[method] = patches.detach().float().cpu().clamp(min=0).reshape(len(generated), gh, gw).numpy()
         else:
@@ -323,9 +326,10 @@ def attribute(adapter: FusionAdapter, image: Image.Image, prompt: str, *, max_ne
               batched: bool = True) -> TokenAttribution:
     """Generate a caption for ``image`` and attribute each generated token (every method), from one
     generation pass and one batched backward pass (``generate_and_attribute``)."""
+    pixel_values = adapter.preprocess([image])  # first: some families' image tokens follow the image's layout
     enc = adapter.encode(prompt)
     generated, rows = generate_and_attribute(adapter, enc, None, max_new_tokens, batched=batched,
-                                             pixel_values=adapter.preprocess([image]))
+                                             pixel_values=pixel_values)
     return to_attribution(adapter, enc, generated, rows, prompt)
 
 

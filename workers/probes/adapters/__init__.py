@@ -14,6 +14,8 @@ ARCHITECTURES: dict[str, str] = {
     "siglip": "workers.probes.adapters.clip:SiglipAdapter",
     "llava": "workers.probes.adapters.llava:LlavaAdapter",
     "blip-2": "workers.probes.adapters.blip2:Blip2Adapter",
+    "llava_next": "workers.probes.adapters.llava_next:LlavaNextAdapter",
+    "llava_onevision": "workers.probes.adapters.llava_next:LlavaOnevisionAdapter",
 }
 
 

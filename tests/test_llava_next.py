@@ -1,0 +1,112 @@
+"""LLaVA-NeXT and LLaVA-OneVision: any-resolution tiles, a base image, unpadding and newline tokens.
+
+Tiny random-weight checkpoints built with transformers' own classes (``tests/tiny_vlms.py``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.tiny_vlms import save_tiny_llava_next
+from workers.probes import token_attribution as ta
+from workers.probes.adapters import load_adapter
+from workers.probes.cli import main
+
+FAMILIES = ("llava_next", "llava_onevision")
+#: stored sizes (width, height): square, wide, tall, odd sizes whose resize rounds and pads unevenly
+SIZES = [(16, 16), (40, 20), (20, 50), (33, 33), (61, 17), (90, 37)]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model_dir(request, tmp_path_factory):
+    return save_tiny_llava_next(tmp_path_factory.mktemp(request.param), onevision=request.param == "llava_onevision")
+
+
+@pytest.fixture(scope="module")
+def adapter(model_dir):
+    return load_adapter(str(model_dir))
+
+
+def _marker_per_token(adapter, size, box):
+    """Where a white box drawn on a black stored image lands among the image tokens, found WITHOUT the
+    adapter's geometry: the processor's own pixels (which tile cells change), packed by the model's own
+    ``pack_image_features`` (unpadding, newlines: zero marker)."""
+    blank = Image.new("RGB", size, (0, 0, 0))
+    marked = blank.copy()
+    marked.paste((255, 255, 255), tuple(int(v) for v in box))
+    ip = adapter.processor.image_processor
+    a, b = (ip([im], return_tensors="pt") for im in (blank, marked))
+    diff = (b["pixel_values"] - a["pixel_values"]).abs().sum(2)[0]  # [tiles, S, S]
+    g, p = adapter.grid[0], adapter.patch_size
+    cells = diff.reshape(diff.shape[0], g, p, g, p).sum((2, 4)).reshape(diff.shape[0], g * g, 1).double()
+    if adapter.vision_cls and adapter.strategy == "full":
+        cells = torch.cat([torch.zeros_like(cells[:, :1]), cells], 1)
+    return adapter._pack([cells], a["image_sizes"].long(), torch.zeros(1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_relevance_planted_at_a_region_comes_back_at_that_region(adapter, size):
+    w, h = size
+    gh, gw = adapter.grid
+    adapter.preprocess([Image.new("RGB", size)])
+    enc = adapter.encode("<image> describe the image")
+    assert enc.regions.shape == (len(enc.image_positions), gh * gw)
+    assert torch.allclose(enc.regions.sum(1), torch.ones(len(enc.regions)))
+    for k in (0, gw - 1, gw + 1, gh * gw - 1):  # corners and an inner region
+        r, c = divmod(k, gw)
+        # the middle half of region k, so that resampling blur stays inside it
+        box = ((c + .25) * w / gw, (r + .25) * h / gh, (c + .75) * w / gw, (r + .75) * h / gh)
+        if box[2] - box[0] < 2 or box[3] - box[1] < 2:
+            continue
+        planted = _marker_per_token(adapter, size, box)
+        assert planted.shape[0] == len(enc.image_positions), "the processor and the adapter disagree on the tokens"
+        back = planted[:, 0] @ enc.regions.double()
+        assert int(back.argmax()) == k, (size, k, back.reshape(gh, gw))
+        assert back[k] > 0.5 * back.sum()
+
+
+def test_image_features_match_the_prompt_at_every_size(adapter):
+    for size in SIZES:
+        pv = adapter.preprocess([Image.new("RGB", size, (90, 20, 200))])
+        enc = adapter.encode("describe the image")
+        feats = adapter.image_features(pv)
+        assert feats.shape[1] == len(enc.image_positions)
+        adapter.embed(enc.input_ids, feats)  # raises when features and image tokens disagree
+
+
+def test_each_tokens_region_relevance_sums_to_its_image_relevance(adapter):
+    image = Image.new("RGB", (40, 24), (200, 40, 40))
+    pv = adapter.preprocess([image])
+    enc = adapter.encode("describe the image")
+    generated, rows = ta.generate_and_attribute(adapter, enc, None, 4, pixel_values=pv)
+    att = ta.to_attribution(adapter, enc, generated, rows, "describe the image")
+    assert set(att.image) == {"chefer", "raw"}  # chefer_full needs the vision rule over one grid: not offered
+    for method in att.image:
+        on_image = rows[method][:, enc.image_positions].clamp(min=0).sum(1).numpy()
+        np.testing.assert_allclose(att.image[method].reshape(len(generated), -1).sum(1), on_image, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(40, 24), (24, 60)])
+def test_attribute_command_end_to_end(model_dir, tmp_path, capsys, size):
+    image = tmp_path / "img.png"
+    Image.new("RGB", size, (10, 200, 30)).save(image)
+    assert main(["attribute", "--model", str(model_dir), "--image", str(image), "--json",
+                 "--max-new-tokens", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"]
+    for tok in out["tokens"]:
+        for method in ("chefer", "raw"):
+            entry = tok[method]
+            img = np.asarray(entry["image_relevance"])
+            assert img.shape == (4, 4)
+            x0, y0, x1, y1 = entry["argmax_box"]
+            assert 0 <= x0 < x1 <= size[0] + 1e-6 and 0 <= y0 < y1 <= size[1] + 1e-6
+    graph = out["graph"]
+    totals = {}
+    for e in graph["edges"]:
+        totals[e["target"]] = totals.get(e["target"], 0.0) + e["weight"]
+    assert all(abs(v - 1.0) < 2e-2 for v in totals.values())

@@ -1,0 +1,82 @@
+"""Tiny random-weight checkpoints of the any-resolution and dynamic-layout VLM families, saved with
+transformers' own config, model, image processor and tokenizer classes (``save_pretrained``): what a
+provider's download looks like, at a size the tests can run on two CPU cores.
+
+The tokenizer is the zoo captioner's word-level one (``<image>`` special, BOS only).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+#: tiles of 16 px (4 x 4 patches of 4 px); the high-resolution canvases LLaVA-NeXT/OneVision choose from
+TILE, PATCH = 16, 4
+PINPOINTS = [[16, 32], [32, 16], [32, 32], [16, 48], [48, 16]]
+
+
+def _tokenizer():
+    from workers.probes.zoo import captioner
+
+    return captioner.build_processor().tokenizer
+
+
+def _text_config(tok, hidden: int = 32, heads: int = 2, layers: int = 2):
+    from transformers import Qwen2Config
+
+    vocab = tok.get_vocab()
+    return Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
+                       bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
+                       tie_word_embeddings=False)
+
+
+def _vision_config(hidden: int = 32, heads: int = 2, siglip: bool = False):
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    return (SiglipVisionConfig if siglip else CLIPVisionConfig)(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                            num_attention_heads=heads, image_size=TILE, patch_size=PATCH)
+
+
+def _never_stop(model, tok) -> None:
+    """A zero output row for the end of text: a random model then writes its full length (its logit, 0,
+    stays below the best of the other random logits), so captions always have tokens to attribute."""
+    import torch
+
+    with torch.no_grad():
+        model.get_output_embeddings().weight[tok.get_vocab()["</s>"]] = 0.0
+
+
+def save_tiny_llava_next(directory: str | Path, *, onevision: bool = False, seed: int = 0) -> Path:
+    """A tiny ``LlavaNextForConditionalGeneration`` (or ``LlavaOnevisionForConditionalGeneration``) with its
+    image processor (PIL backend: no torchvision) and tokenizer saved beside it."""
+    import torch
+    import transformers as tf
+
+    directory = Path(directory)
+    tok = _tokenizer()
+    # OneVision as released: a SigLIP tower (no CLS token) read in full; LLaVA-NeXT: CLIP, CLS dropped
+    vision, text = _vision_config(siglip=onevision), _text_config(tok)
+    image_token = tok.get_vocab()["<image>"]
+    if onevision:
+        cfg = tf.LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=image_token,
+                                      image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
+                                      vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+        model_cls, proc_cls = tf.LlavaOnevisionForConditionalGeneration, tf.LlavaOnevisionImageProcessorPil
+        image_processor = proc_cls(size={"height": TILE, "width": TILE}, image_grid_pinpoints=PINPOINTS)
+    else:
+        cfg = tf.LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_token,
+                                 image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
+                                 vision_feature_select_strategy="default")
+        model_cls, proc_cls = tf.LlavaNextForConditionalGeneration, tf.LlavaNextImageProcessorPil
+        image_processor = proc_cls(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
+                                   image_grid_pinpoints=PINPOINTS)
+    torch.manual_seed(seed)
+    model = model_cls(cfg)
+    _never_stop(model, tok)
+    model.save_pretrained(directory)
+    image_processor.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
