@@ -110,3 +110,27 @@ def test_attribute_command_end_to_end(model_dir, tmp_path, capsys, size):
     for e in graph["edges"]:
         totals[e["target"]] = totals.get(e["target"], 0.0) + e["weight"]
     assert all(abs(v - 1.0) < 2e-2 for v in totals.values())
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    from workers.probes.zoo import world
+
+    out = tmp_path_factory.mktemp("scenes")
+    world.write_dataset(out, world.sample_scenes(1_000_003, 2))
+    return out
+
+
+def test_attention_statistics_and_head_ablation_run_and_feature_swap_is_refused(model_dir, scenes, capsys):
+    assert main(["attention", "--model", str(model_dir), "--dataset", str(scenes), "--json",
+                 "--max-new-tokens", "2"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["layers"] == 2 and len(stats["heads_table"]) == 4
+    assert main(["intervene", "--model", str(model_dir), "--dataset", str(scenes), "--kind", "head-ablation",
+                 "--max-new-tokens", "2", "--json"]) == 0
+    ablation = json.loads(capsys.readouterr().out)
+    assert {h["component"] for h in ablation["heads"]} == {"decoder"} and len(ablation["heads"]) == 4
+    code = main(["intervene", "--model", str(model_dir), "--dataset", str(scenes), "--kind", "feature-swap",
+                 "--max-new-tokens", "2", "--json"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "feature swap is not supported" in err

@@ -326,6 +326,9 @@ def feature_swap(adapter, scenes, *, prompt: str | None = None, max_new_tokens: 
     """
     if site not in SITES:
         raise ProbeInputError(f"feature-swap site must be one of {', '.join(SITES)}, got {site!r}")
+    refusal = getattr(adapter, "feature_swap_refusal", None)  # an architecture without one grid per image
+    if refusal:
+        raise UnsupportedModelError(refusal)
     fusion = adapter.kind == "fusion"
     if site == "projector" and not fusion:
         raise ProbeInputError("the 'projector' site exists only in generative (fusion) models")

@@ -35,6 +35,7 @@ class LlavaNextAdapter(RegionMappedAdapter):
     hf_class = "LlavaNextForConditionalGeneration"
     model_types = ("llava_next",)
     family = "LLaVA-NeXT"
+    layout_description = "a base image plus tiles, each its own vision grid"
 
     def __init__(self, model: torch.nn.Module, processor, device: str | torch.device = "cpu"):
         cfg = model.config

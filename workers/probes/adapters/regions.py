@@ -208,6 +208,15 @@ class RegionMappedAdapter(FusionAdapter):
     def patch_boxes(self, image_size: tuple[int, int]) -> np.ndarray:
         return region_boxes(image_size, self.grid)
 
+    @property
+    def feature_swap_refusal(self) -> str:
+        """Why ``interventions.feature_swap`` is refused: it swaps an object's cells of ONE vision grid."""
+        return (f"feature swap is not supported for {self.family}: its image tokens follow the image's layout "
+                f"({self.layout_description}), so an object has no single set of grid cells to swap at the patch "
+                "embedding or the projector")
+
+    layout_description = "the tokens depend on the image's size"
+
     def patch_relevance(self, method, rows_rel, image_positions, attentions, grads, vision_rows):
         raise UnsupportedModelError(f"{self.family}: relevance through the vision tower (chefer_full) is not "
                                     "supported; image-token relevance is mapped to regions by the token layout")
