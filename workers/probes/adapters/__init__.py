@@ -16,6 +16,7 @@ ARCHITECTURES: dict[str, str] = {
     "blip-2": "workers.probes.adapters.blip2:Blip2Adapter",
     "llava_next": "workers.probes.adapters.llava_next:LlavaNextAdapter",
     "llava_onevision": "workers.probes.adapters.llava_next:LlavaOnevisionAdapter",
+    "idefics3": "workers.probes.adapters.idefics3:Idefics3Adapter",
 }
 
 

@@ -14,9 +14,12 @@ transformers version does to tokens (unpadding, rounding, OneVision's bilinear s
 neighbouring boxes) therefore happens to their boxes too.
 
 Supported: loading (image-only processor, no torchvision), captioning, ``attribute`` /
-``token_attribution`` (decoder relevance over image tokens mapped to regions), head ablation over
-the decoder. Refused with a message: ``chefer_full`` (relevance through the vision tower: every tile
-runs through the tower separately and the probes' vision rule assumes one grid), several
+``token_attribution`` (decoder relevance over image tokens mapped to regions), attention
+statistics (decoder attention spread over regions by the same map), head ablation over the decoder
+and the vision tower (which reads every tile and the base image). Refused with a message:
+``chefer_full`` (relevance through the vision tower: every tile runs through the tower separately
+and the probes' vision rule assumes one grid), feature swap (an object's cells lie in the base
+image and in one or more tiles, so there is no single set of cells to swap), several
 ``vision_feature_layer`` values, a tile size that differs from the vision tower's input (crop).
 """
 
@@ -116,7 +119,9 @@ class LlavaNextAdapter(RegionMappedAdapter):
 
     def head_modules(self) -> dict[str, tuple[str, int, int]]:
         return {"decoder": (r"language_model\.(?:model\.)?layers\.(\d+)\.self_attn\.o_proj$", self.num_layers,
-                            self.num_heads)}
+                            self.num_heads),
+                "vision": (r"vision_tower\..*layers\.(\d+)\.self_attn\.out_proj$", self.vision_num_layers,
+                           self.vision_num_heads)}
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):

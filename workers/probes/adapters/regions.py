@@ -118,6 +118,8 @@ class RegionMappedAdapter(FusionAdapter):
 
     patch_aligned = False
     image_token_string = "<image>"
+    #: ``directory -> processor``; None: ``AutoProcessor`` (families whose processor needs no torchvision)
+    processor_loader = staticmethod(image_only_processor)
     _layouts: list[Layout] | None = None
 
     @classmethod
@@ -126,7 +128,7 @@ class RegionMappedAdapter(FusionAdapter):
 
         autocast_dtype = resolve_dtype(dtype, torch.device(device))
         model, processor = load_generative(path, cls.hf_class, cls.model_types, cls.family,
-                                           processor_loader=image_only_processor)
+                                           processor_loader=cls.processor_loader)
         adapter = cls(model.to(device), processor, device)  # type: ignore[call-arg]
         adapter.autocast_dtype = autocast_dtype
         return adapter

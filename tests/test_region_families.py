@@ -1,6 +1,11 @@
-"""LLaVA-NeXT and LLaVA-OneVision: any-resolution tiles, a base image, unpadding and newline tokens.
+"""Families whose image tokens follow the image's layout (``adapters/regions.py``): LLaVA-NeXT and
+LLaVA-OneVision (tiles plus a base image, unpadding, newline tokens), Idefics3 (split frames plus a
+global frame, pixel shuffle).
 
-Tiny random-weight checkpoints built with transformers' own classes (``tests/tiny_vlms.py``)."""
+Tiny random-weight checkpoints built with transformers' own classes (``tests/tiny_vlms.py``). The
+planted-answer test finds where a marker drawn on the stored image lands among the image tokens
+without the adapters' geometry (the processor's own pixels, packed by the model's own code) and
+checks that the adapter's token -> region map brings it back to the region it was drawn in."""
 
 from __future__ import annotations
 
@@ -11,19 +16,23 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.tiny_vlms import save_tiny_llava_next
+from tests.tiny_vlms import save_tiny_idefics3, save_tiny_llava_next
 from workers.probes import token_attribution as ta
 from workers.probes.adapters import load_adapter
 from workers.probes.cli import main
 
-FAMILIES = ("llava_next", "llava_onevision")
+FAMILIES = {
+    "llava_next": lambda d: save_tiny_llava_next(d),
+    "llava_onevision": lambda d: save_tiny_llava_next(d, onevision=True),
+    "idefics3": save_tiny_idefics3,
+}
 #: stored sizes (width, height): square, wide, tall, odd sizes whose resize rounds and pads unevenly
 SIZES = [(16, 16), (40, 20), (20, 50), (33, 33), (61, 17), (90, 37)]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def model_dir(request, tmp_path_factory):
-    return save_tiny_llava_next(tmp_path_factory.mktemp(request.param), onevision=request.param == "llava_onevision")
+    return FAMILIES[request.param](tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="module")
@@ -33,19 +42,21 @@ def adapter(model_dir):
 
 def _marker_per_token(adapter, size, box):
     """Where a white box drawn on a black stored image lands among the image tokens, found WITHOUT the
-    adapter's geometry: the processor's own pixels (which tile cells change), packed by the model's own
-    ``pack_image_features`` (unpadding, newlines: zero marker)."""
+    adapter's geometry: which vision patches of the processor's own frames change, folded into tokens by
+    the model's own code (LLaVA-NeXT: ``pack_image_features``, newlines get no marker; Idefics3: the
+    connector's ``pixel_shuffle``)."""
     blank = Image.new("RGB", size, (0, 0, 0))
     marked = blank.copy()
     marked.paste((255, 255, 255), tuple(int(v) for v in box))
-    ip = adapter.processor.image_processor
-    a, b = (ip([im], return_tensors="pt") for im in (blank, marked))
-    diff = (b["pixel_values"] - a["pixel_values"]).abs().sum(2)[0]  # [tiles, S, S]
-    g, p = adapter.grid[0], adapter.patch_size
+    a, b = (adapter._image_processor_call([im]) for im in (blank, marked))
+    diff = (b["pixel_values"] - a["pixel_values"]).abs().sum(2)[0]  # [frames, S, S]
+    g, p = adapter.image_size // adapter.patch_size, adapter.patch_size
     cells = diff.reshape(diff.shape[0], g, p, g, p).sum((2, 4)).reshape(diff.shape[0], g * g, 1).double()
+    if adapter.architecture == "idefics3":
+        return adapter.model.model.connector.pixel_shuffle(cells, adapter.scale).sum(-1).reshape(-1)
     if adapter.vision_cls and adapter.strategy == "full":
         cells = torch.cat([torch.zeros_like(cells[:, :1]), cells], 1)
-    return adapter._pack([cells], a["image_sizes"].long(), torch.zeros(1, dtype=torch.float64))
+    return adapter._pack([cells], a["image_sizes"].long(), torch.zeros(1, dtype=torch.float64))[:, 0]
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -64,9 +75,13 @@ def test_relevance_planted_at_a_region_comes_back_at_that_region(adapter, size):
             continue
         planted = _marker_per_token(adapter, size, box)
         assert planted.shape[0] == len(enc.image_positions), "the processor and the adapter disagree on the tokens"
-        back = planted[:, 0] @ enc.regions.double()
-        assert int(back.argmax()) == k, (size, k, back.reshape(gh, gw))
-        assert back[k] > 0.5 * back.sum()
+        back = planted @ enc.regions.double()
+        # the marker's region holds the most relevance (a token coarser than a region splits it evenly
+        # between neighbours: a tie), and nearly all of it stays within one region of it
+        assert back[k] >= back.max() * (1 - 1e-9), (size, k, back.reshape(gh, gw))
+        rows, cols = torch.arange(gh * gw) // gw, torch.arange(gh * gw) % gw
+        near = ((rows - r).abs() <= 1) & ((cols - c).abs() <= 1)
+        assert back[near].sum() > 0.9 * back.sum(), (size, k, back.reshape(gh, gw))
 
 
 def test_image_features_match_the_prompt_at_every_size(adapter):
@@ -129,7 +144,8 @@ def test_attention_statistics_and_head_ablation_run_and_feature_swap_is_refused(
     assert main(["intervene", "--model", str(model_dir), "--dataset", str(scenes), "--kind", "head-ablation",
                  "--max-new-tokens", "2", "--json"]) == 0
     ablation = json.loads(capsys.readouterr().out)
-    assert {h["component"] for h in ablation["heads"]} == {"decoder"} and len(ablation["heads"]) == 4
+    assert {h["component"] for h in ablation["heads"]} == {"decoder", "vision"} and len(ablation["heads"]) == 8
+    assert ablation["n_cases"] == 2
     code = main(["intervene", "--model", str(model_dir), "--dataset", str(scenes), "--kind", "feature-swap",
                  "--max-new-tokens", "2", "--json"])
     err = capsys.readouterr().err
