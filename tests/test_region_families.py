@@ -1,6 +1,6 @@
 """Families whose image tokens follow the image's layout (``adapters/regions.py``): LLaVA-NeXT and
-LLaVA-OneVision (tiles plus a base image, unpadding, newline tokens), Idefics3 (split frames plus a
-global frame, pixel shuffle).
+LLaVA-OneVision (tiles plus a base image, unpadding, newline tokens), Idefics3 and SmolVLM (split
+frames plus a global frame, pixel shuffle).
 
 Tiny random-weight checkpoints built with transformers' own classes (``tests/tiny_vlms.py``). The
 planted-answer test finds where a marker drawn on the stored image lands among the image tokens
@@ -25,6 +25,7 @@ FAMILIES = {
     "llava_next": lambda d: save_tiny_llava_next(d),
     "llava_onevision": lambda d: save_tiny_llava_next(d, onevision=True),
     "idefics3": save_tiny_idefics3,
+    "smolvlm": lambda d: save_tiny_idefics3(d, smolvlm=True),
 }
 #: stored sizes (width, height): square, wide, tall, odd sizes whose resize rounds and pads unevenly
 SIZES = [(16, 16), (40, 20), (20, 50), (33, 33), (61, 17), (90, 37)]
@@ -52,7 +53,7 @@ def _marker_per_token(adapter, size, box):
     diff = (b["pixel_values"] - a["pixel_values"]).abs().sum(2)[0]  # [frames, S, S]
     g, p = adapter.image_size // adapter.patch_size, adapter.patch_size
     cells = diff.reshape(diff.shape[0], g, p, g, p).sum((2, 4)).reshape(diff.shape[0], g * g, 1).double()
-    if adapter.architecture == "idefics3":
+    if adapter.architecture in ("idefics3", "smolvlm"):
         return adapter.model.model.connector.pixel_shuffle(cells, adapter.scale).sum(-1).reshape(-1)
     if adapter.vision_cls and adapter.strategy == "full":
         cells = torch.cat([torch.zeros_like(cells[:, :1]), cells], 1)

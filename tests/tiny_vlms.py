@@ -82,10 +82,12 @@ def save_tiny_llava_next(directory: str | Path, *, onevision: bool = False, seed
     return directory
 
 
-def save_tiny_idefics3(directory: str | Path, *, seed: int = 0) -> Path:
+def save_tiny_idefics3(directory: str | Path, *, seed: int = 0, smolvlm: bool = False) -> Path:
     """A tiny ``Idefics3ForConditionalGeneration`` (SigLIP tower on 16 px frames of 4 px patches, pixel
     shuffle 2: 4 tokens per frame) with its own ``Idefics3Processor`` (PIL image processor: images
-    resized to a longest edge of 48 px, split into 16 px frames plus a global frame)."""
+    resized to a longest edge of 48 px, split into 16 px frames plus a global frame). ``smolvlm``: the
+    same with SmolVLM's classes; its processor needs torchvision (video), so the image processor and
+    tokenizer are saved on their own, as the image-only path reads them."""
     import torch
     import transformers as tf
 
@@ -95,16 +97,26 @@ def save_tiny_idefics3(directory: str | Path, *, seed: int = 0) -> Path:
                                                                for j in range(1, 7)]
     tok.add_special_tokens({"additional_special_tokens": specials})
     text = _text_config(tok)
-    vision = tf.Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=2, image_size=TILE, patch_size=PATCH)
-    cfg = tf.Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=2,
-                            image_token_id=tok.convert_tokens_to_ids("<image>"))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=TILE, patch_size=PATCH)
+    image_token = tok.convert_tokens_to_ids("<image>")
+    if smolvlm:
+        cfg = tf.SmolVLMConfig(vision_config=vision, text_config=text.to_dict(), scale_factor=2,
+                               image_token_id=image_token)
+        model_cls, ip_cls = tf.SmolVLMForConditionalGeneration, tf.SmolVLMImageProcessorPil
+    else:
+        cfg = tf.Idefics3Config(vision_config=vision, text_config=text.to_dict(), scale_factor=2,
+                                image_token_id=image_token)
+        model_cls, ip_cls = tf.Idefics3ForConditionalGeneration, tf.Idefics3ImageProcessorPil
     torch.manual_seed(seed)
-    model = tf.Idefics3ForConditionalGeneration(cfg)
+    model = model_cls(cfg)
     _never_stop(model, tok)
     model.save_pretrained(directory)
-    image_processor = tf.Idefics3ImageProcessorPil(size={"longest_edge": 3 * TILE},
-                                                   max_image_size={"longest_edge": TILE})
-    tf.Idefics3Processor(image_processor=image_processor, tokenizer=tok,
-                         image_seq_len=(TILE // PATCH // 2) ** 2).save_pretrained(directory)
+    image_processor = ip_cls(size={"longest_edge": 3 * TILE}, max_image_size={"longest_edge": TILE})
+    if smolvlm:
+        image_processor.save_pretrained(directory)
+        tok.save_pretrained(directory)
+    else:
+        tf.Idefics3Processor(image_processor=image_processor, tokenizer=tok,
+                             image_seq_len=(TILE // PATCH // 2) ** 2).save_pretrained(directory)
     return directory

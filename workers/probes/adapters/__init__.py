@@ -17,6 +17,7 @@ ARCHITECTURES: dict[str, str] = {
     "llava_next": "workers.probes.adapters.llava_next:LlavaNextAdapter",
     "llava_onevision": "workers.probes.adapters.llava_next:LlavaOnevisionAdapter",
     "idefics3": "workers.probes.adapters.idefics3:Idefics3Adapter",
+    "smolvlm": "workers.probes.adapters.idefics3:SmolVLMAdapter",
 }
 
 

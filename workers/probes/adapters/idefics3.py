@@ -1,4 +1,4 @@
-"""Idefics3 (pixel shuffle over split frames) behind ``RegionMappedAdapter``.
+"""Idefics3 and SmolVLM (pixel shuffle over split frames) behind ``RegionMappedAdapter``.
 
 The image processor resizes the stored image to a longest edge of ``size`` and then to multiples
 of ``max_image_size`` (``M``) in both directions, so the canvas covers the whole stored image (no
@@ -18,6 +18,11 @@ Supported: loading (its ``AutoProcessor`` needs no torchvision), captioning, ``a
 vision tower. Refused with a message: ``chefer_full`` (each frame runs through the tower separately
 and the probes' vision rule assumes one grid) and feature swap (an object's patches lie in a split
 frame and in the global frame).
+
+SmolVLM is the same layout with its own classes; its ``AutoProcessor`` also builds a video processor
+(torchvision) and needs ``num2words`` for video prompts, so it loads through the image-only processor
+and expands the prompt with ``processing_smolvlm.get_image_prompt_string``, the function its processor
+calls for images.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from workers.probes.adapters.fusion import autocast_forward
-from workers.probes.adapters.regions import Layout, RegionMappedAdapter
+from workers.probes.adapters.regions import Layout, RegionMappedAdapter, image_only_processor
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
 
@@ -80,14 +85,17 @@ class Idefics3Adapter(RegionMappedAdapter):
         union = torch.cat([parts[..., :2].amin(2), parts[..., 2:].amax(2)], -1)
         return union.reshape(-1, 4)
 
+    def expanded_image(self, rows: int, cols: int) -> str:
+        """The text the processor puts in place of the image placeholder for a ``rows x cols`` split."""
+        return self.processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0)
+
     def prompt_ids(self, prompt: str, n_image_tokens: int) -> list[int]:
         mark = self.image_token_string
         text = prompt if mark in prompt else f"{mark} {prompt}"
         if text.count(mark) != 1:
             raise ProbeInputError(f"the prompt must contain exactly one image placeholder, got {prompt!r}")
         extras = dict(self.current_layout().extras)
-        expanded = self.processor.replace_image_token({"rows": [[extras["rows"]]], "cols": [[extras["cols"]]]}, 0)
-        return list(self.tokenizer(text.replace(mark, expanded, 1)).input_ids)
+        return list(self.tokenizer(text.replace(mark, self.expanded_image(extras["rows"], extras["cols"]), 1)).input_ids)
 
     # --- running -------------------------------------------------------------------------------
 
@@ -103,3 +111,32 @@ class Idefics3Adapter(RegionMappedAdapter):
         return {"decoder": (r"text_model\.layers\.(\d+)\.self_attn\.o_proj$", self.num_layers, self.num_heads),
                 "vision": (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj$", self.vision_num_layers,
                            self.vision_num_heads)}
+
+
+class SmolVLMAdapter(Idefics3Adapter):
+    architecture = "smolvlm"
+    hf_class = "SmolVLMForConditionalGeneration"
+    model_types = ("smolvlm",)
+    family = "SmolVLM"
+    processor_loader = staticmethod(image_only_processor)
+
+    def __init__(self, model: torch.nn.Module, processor, device: str | torch.device = "cpu"):
+        self.setup(model, processor, device)
+        self.scale = int(model.config.scale_factor)
+        tok = self.tokenizer
+        self.image_token_string = getattr(tok, "image_token", None) or "<image>"
+        self.fake_image_token = getattr(tok, "fake_image_token", None) or "<fake_token_around_image>"
+        self.global_image_token = getattr(tok, "global_image_token", None) or "<global-img>"
+        # what the processor's image_seq_len must be for this model: tokens per frame after the shuffle
+        self.image_seq_len = (self.image_size // self.patch_size // self.scale) ** 2
+        frame = int((getattr(processor.image_processor, "max_image_size", None) or {}).get("longest_edge",
+                                                                                           self.image_size))
+        if frame != self.image_size:
+            raise UnsupportedModelError(f"{self.family}: frames of {frame} px but the vision tower reads "
+                                        f"{self.image_size} px; the token -> region map assumes they agree")
+
+    def expanded_image(self, rows: int, cols: int) -> str:
+        from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+        return get_image_prompt_string(rows, cols, self.image_seq_len, self.fake_image_token,
+                                       self.image_token_string, self.global_image_token)
