@@ -97,8 +97,8 @@ def save_tiny_idefics3(directory: str | Path, *, seed: int = 0, smolvlm: bool = 
                                                                for j in range(1, 7)]
     tok.add_special_tokens({"additional_special_tokens": specials})
     text = _text_config(tok)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=TILE, patch_size=PATCH)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": TILE, "patch_size": PATCH}
     image_token = tok.convert_tokens_to_ids("<image>")
     if smolvlm:
         cfg = tf.SmolVLMConfig(vision_config=vision, text_config=text.to_dict(), scale_factor=2,
