@@ -120,3 +120,42 @@ def save_tiny_idefics3(directory: str | Path, *, seed: int = 0, smolvlm: bool = 
         tf.Idefics3Processor(image_processor=image_processor, tokenizer=tok,
                              image_seq_len=(TILE // PATCH // 2) ** 2).save_pretrained(directory)
     return directory
+
+
+def save_tiny_gemma3(directory: str | Path, *, seed: int = 0) -> Path:
+    """A tiny ``Gemma3ForConditionalGeneration`` (SigLIP on 16 px images of 4 px patches, pooled to 2 x 2
+    soft tokens) with its ``Gemma3Processor`` (PIL image processor, word-level tokenizer with Gemma's
+    ``<start_of_image>`` / ``<image_soft_token>`` / ``<end_of_image>``)."""
+    import torch
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from workers.probes.zoo import captioner
+
+    directory = Path(directory)
+    words = [w for w in captioner.vocabulary() if w != "<image>"]
+    words += ["<start_of_image>", "<image_soft_token>", "<end_of_image>"]
+    vocab = {w: i for i, w in enumerate(words)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                              "eoi_token": "<end_of_image>"})
+    text = tf.Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                               sliding_window=64, bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
+                               pad_token_id=vocab["<pad>"])
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=TILE, patch_size=PATCH)
+    cfg = tf.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                          image_token_index=vocab["<image_soft_token>"], boi_token_index=vocab["<start_of_image>"],
+                          eoi_token_index=vocab["<end_of_image>"])
+    torch.manual_seed(seed)
+    model = tf.Gemma3ForConditionalGeneration(cfg)
+    _never_stop(model, tok)
+    model.save_pretrained(directory)
+    image_processor = tf.Gemma3ImageProcessorPil(size={"height": TILE, "width": TILE})
+    tf.Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=4).save_pretrained(directory)
+    return directory

@@ -18,6 +18,7 @@ ARCHITECTURES: dict[str, str] = {
     "llava_onevision": "workers.probes.adapters.llava_next:LlavaOnevisionAdapter",
     "idefics3": "workers.probes.adapters.idefics3:Idefics3Adapter",
     "smolvlm": "workers.probes.adapters.idefics3:SmolVLMAdapter",
+    "gemma3": "workers.probes.adapters.gemma3:Gemma3Adapter",
 }
 
 

@@ -210,9 +210,9 @@ class RegionMappedAdapter(FusionAdapter):
     def patch_boxes(self, image_size: tuple[int, int]) -> np.ndarray:
         return region_boxes(image_size, self.grid)
 
-    @property
-    def feature_swap_refusal(self) -> str:
-        """Why ``interventions.feature_swap`` is refused: it swaps an object's cells of ONE vision grid."""
+    def feature_swap_refusal(self, site: str) -> str | None:
+        """Why ``interventions.feature_swap`` is refused at every site: it swaps an object's cells of ONE
+        vision grid."""
         return (f"feature swap is not supported for {self.family}: its image tokens follow the image's layout "
                 f"({self.layout_description}), so an object has no single set of grid cells to swap at the patch "
                 "embedding or the projector")
