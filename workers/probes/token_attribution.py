@@ -213,7 +213,7 @@ def _traced_embeddings(adapter: FusionAdapter, ids: torch.Tensor, image_features
                        pixel_values: torch.Tensor | None) -> tuple[torch.Tensor, tuple | None]:
     """Joint input embeddings to trace, and ``(vision attentions, vision_rows)`` when the vision tower
     is traced too (``pixel_values`` given and the adapter has ``vision_trace``). Call with grad enabled."""
-    if pixel_values is not None and hasattr(adapter, "vision_trace"):
+    if pixel_values is not None and getattr(adapter, "vision_trace", None) is not None:
         feats, vision_attns, vision_rows = adapter.vision_trace(pixel_values)
         return adapter.embed(ids, feats), (vision_attns, vision_rows)
     if image_features is None:

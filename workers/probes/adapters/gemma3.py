@@ -64,6 +64,8 @@ class Gemma3Adapter(FusionAdapter):
     family = "Gemma 3"
     num_prefix_tokens = 0  # SigLIP: no CLS token
     token_types: torch.Tensor | None = None
+    #: None: ``chefer_full`` is not offered (the pooling between patches and soft tokens is outside the vision rule)
+    vision_trace = None
 
     def __init__(self, model: torch.nn.Module, processor, device: str | torch.device = "cpu"):
         if getattr(processor.image_processor, "do_pan_and_scan", False):

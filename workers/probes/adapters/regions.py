@@ -118,6 +118,9 @@ class RegionMappedAdapter(FusionAdapter):
 
     patch_aligned = False
     image_token_string = "<image>"
+    #: None: relevance is not carried through the vision tower (one tower pass per tile or frame; the
+    #: vision rule assumes one grid), so ``chefer_full`` is not offered
+    vision_trace = None
     #: ``directory -> processor``; None: ``AutoProcessor`` (families whose processor needs no torchvision)
     processor_loader = staticmethod(image_only_processor)
     _layouts: list[Layout] | None = None
