@@ -69,11 +69,12 @@ def fusion_image_attention(adapter, images, prompt: str, *, max_new_tokens: int 
     """``[n, L, H, G]``: decoder attention from the generated text to the image, per head."""
     from workers.probes.token_attribution import generated_targets
 
+    pixel_values = adapter.preprocess(images)  # first: some families' image tokens follow the image's layout
     enc = adapter.encode(prompt)
-    # mapping: None where image tokens are grid cells; else (BLIP-2) [n, n_img, G]: each query
-    # token's Q-Former cross-attention over the patches, which spreads the decoder's attention to
-    # the grid. Both from one pass through the image path.
-    feats, mapping = adapter.image_features_and_patches(adapter.preprocess(images))
+    # mapping: None where image tokens are grid cells; else [n, n_img, G]: (BLIP-2) each query
+    # token's Q-Former cross-attention over the patches, (any-resolution families) each token's share
+    # of each region, which spreads the decoder's attention to the grid. Both from one pass through the image path.
+    feats, mapping = adapter.image_features_and_patches(pixel_values)
     with torch.no_grad():
         generated = adapter.generate(adapter.embed(enc.input_ids.expand(len(images), -1), feats), max_new_tokens)
         grid_pos = enc.image_positions[adapter.image_token_prefix:]

@@ -326,6 +326,10 @@ def feature_swap(adapter, scenes, *, prompt: str | None = None, max_new_tokens: 
     """
     if site not in SITES:
         raise ProbeInputError(f"feature-swap site must be one of {', '.join(SITES)}, got {site!r}")
+    # an architecture whose image tokens or patches are not one grid at this site says why
+    refusal = adapter.feature_swap_refusal(site) if hasattr(adapter, "feature_swap_refusal") else None
+    if refusal:
+        raise UnsupportedModelError(refusal)
     fusion = adapter.kind == "fusion"
     if site == "projector" and not fusion:
         raise ProbeInputError("the 'projector' site exists only in generative (fusion) models")

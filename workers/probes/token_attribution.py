@@ -232,7 +232,7 @@ def _traced_embeddings(adapter: FusionAdapter, ids: torch.Tensor, image_features
                        pixel_values: torch.Tensor | None) -> tuple[torch.Tensor, tuple | None]:
     """Joint input embeddings to trace, and ``(vision attentions, vision_rows)`` when the vision tower
     is traced too (``pixel_values`` given and the adapter has ``vision_trace``). Call with grad enabled."""
-    if pixel_values is not None and hasattr(adapter, "vision_trace"):
+    if pixel_values is not None and getattr(adapter, "vision_trace", None) is not None:
         feats, vision_attns, vision_rows = adapter.vision_trace(pixel_values)
         return adapter.embed(ids, feats), (vision_attns, vision_rows)
     if image_features is None:
@@ -325,7 +325,8 @@ def to_attribution(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int
                                    else np.zeros_like(result.text["chefer"]))
             continue
         patches = rows_by_method.get(method + PATCHES)
-        if patches is None and not adapter.patch_aligned:
+        regions = getattr(enc, "regions", None)  # [n_img, G] where the image's layout sets the tokens
+        if patches is None and not adapter.patch_aligned and regions is None:
             raise ProbeInputError(f"{adapter.architecture}: image tokens are not grid cells, so mapping them to "
                                   "patches needs the traced image path (attribute_generated with pixel_values)")
         r = r.detach().float().cpu().clone()
@@ -334,6 +335,8 @@ def to_attribution(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int
         if method == "chefer":
             r[torch.arange(len(generated)), rows.cpu()] -= 1.0  # drop the identity term of the token itself
         r = r.clamp(min=0)
+        if patches is None and regions is not None:
+            patches = r[:, image_pos.cpu()] @ regions.detach().float().cpu()
         if patches is not None:
             result.image[method] = patches.detach().float().cpu().clamp(min=0).reshape(len(generated), gh, gw).numpy()
         else:
@@ -349,8 +352,8 @@ def attribute(adapter: FusionAdapter, image: Image.Image, prompt: str, *, max_ne
     """Generate a caption for ``image`` and attribute each generated token (every method): the
     attention methods from one generation pass and one batched backward pass
     (``generate_and_attribute``), the perturbation and gradient methods teacher-forced on the caption."""
+    pixel_values = adapter.preprocess([image])  # first: some families' image tokens follow the image's layout
     enc = adapter.encode(prompt)
-    pixel_values = adapter.preprocess([image])
     generated, rows = generate_and_attribute(adapter, enc, None, max_new_tokens, batched=batched,
                                              pixel_values=pixel_values)
     rows.update(perturbation_attribution(adapter, enc, pixel_values, generated))

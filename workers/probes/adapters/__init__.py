@@ -14,6 +14,11 @@ ARCHITECTURES: dict[str, str] = {
     "siglip": "workers.probes.adapters.clip:SiglipAdapter",
     "llava": "workers.probes.adapters.llava:LlavaAdapter",
     "blip-2": "workers.probes.adapters.blip2:Blip2Adapter",
+    "llava_next": "workers.probes.adapters.llava_next:LlavaNextAdapter",
+    "llava_onevision": "workers.probes.adapters.llava_next:LlavaOnevisionAdapter",
+    "idefics3": "workers.probes.adapters.idefics3:Idefics3Adapter",
+    "smolvlm": "workers.probes.adapters.idefics3:SmolVLMAdapter",
+    "gemma3": "workers.probes.adapters.gemma3:Gemma3Adapter",
 }
 
 

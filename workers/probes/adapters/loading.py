@@ -19,7 +19,7 @@ import contextlib
 import importlib
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,9 +218,10 @@ def _load_quietly(where, revision, common, adapter_cls, config, dev, autocast_dt
 
 
 def load_generative(path: str | os.PathLike[str], model_class: str, model_types: Sequence[str],
-                    family: str) -> tuple[Any, Any]:
+                    family: str, *, processor_loader: Callable[[Path], Any] | None = None) -> tuple[Any, Any]:
     """``(model, processor)`` from a local directory through transformers' ``model_class`` (a name in
-    ``transformers``) and ``AutoProcessor``: safetensors only, never ``trust_remote_code``, eager
+    ``transformers``) and ``AutoProcessor`` (or ``processor_loader(directory)``, e.g. an image-only
+    processor: ``regions.image_only_processor``): safetensors only, never ``trust_remote_code``, eager
     attention, float32. Refuses pickled weights, other model types and partly random models."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
@@ -246,7 +247,8 @@ def load_generative(path: str | os.PathLike[str], model_class: str, model_types:
             model, info = getattr(transformers, model_class).from_pretrained(
                 directory, use_safetensors=True, trust_remote_code=False, attn_implementation="eager",
                 dtype=torch.float32, output_loading_info=True)
-            processor = AutoProcessor.from_pretrained(directory, trust_remote_code=False)
+            processor = (processor_loader(directory) if processor_loader is not None
+                         else AutoProcessor.from_pretrained(directory, trust_remote_code=False))
     except (OSError, ValueError, RuntimeError, TypeError) as exc:
         raise ProbeInputError(f"{directory}: cannot load the {family} checkpoint ({exc})") from None
     # transformers fills missing weights with random ones; explaining that would be worse than refusing.
