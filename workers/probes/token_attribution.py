@@ -46,7 +46,7 @@ from workers.probes.errors import ProbeInputError
 from workers.probes.kinds import BatchSize, DatasetArg, KindParams, Limit, Metric, Seed, probe_kind
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
 from workers.probes.token_perturbation import METHODS as PERTURBATION_METHODS
-from workers.probes.token_perturbation import perturbation_attribution, word_deletion_insertion
+from workers.probes.token_perturbation import applies_to, perturbation_attribution, word_deletion_insertion
 
 #: ``chefer``: decoder only (image-token columns); ``chefer_full``: also through the vision tower;
 #: ``chefer_bimodal``: the decoder's image-token relevance through the projector into the vision
@@ -356,7 +356,8 @@ def attribute(adapter: FusionAdapter, image: Image.Image, prompt: str, *, max_ne
     enc = adapter.encode(prompt)
     generated, rows = generate_and_attribute(adapter, enc, None, max_new_tokens, batched=batched,
                                              pixel_values=pixel_values)
-    rows.update(perturbation_attribution(adapter, enc, pixel_values, generated))
+    if applies_to(enc, pixel_values):  # tiled and framed layouts get the attention methods only
+        rows.update(perturbation_attribution(adapter, enc, pixel_values, generated))
     return to_attribution(adapter, enc, generated, rows, prompt)
 
 

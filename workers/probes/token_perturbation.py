@@ -179,6 +179,13 @@ def gradient_rows(adapter: FusionAdapter, enc: Encoded, pixel_values: torch.Tens
     return out
 
 
+def applies_to(enc: Encoded, pixel_values: torch.Tensor) -> bool:
+    """Whether these methods can run: they perturb one image on the vision tower's own patch grid.
+    Tiled or framed layouts (several crops per image, mapped to regions through ``enc.regions``)
+    have several grids per image, which occluding one grid's patches would not explain."""
+    return pixel_values.dim() == 4 and getattr(enc, "regions", None) is None
+
+
 def perturbation_attribution(adapter: FusionAdapter, enc: Encoded, pixel_values: torch.Tensor,
                              generated: Sequence[int], *, methods: Sequence[str] = METHODS,
                              batch_size: int = 64, ig_steps: int = 16) -> dict[str, torch.Tensor]:
@@ -186,6 +193,10 @@ def perturbation_attribution(adapter: FusionAdapter, enc: Encoded, pixel_values:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ProbeInputError(f"unknown attribution method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    if methods and not applies_to(enc, pixel_values):
+        raise ProbeInputError(f"{adapter.architecture}: perturbation attribution ({', '.join(methods)}) needs one "
+                              "image on the vision tower's patch grid; this family splits the image into tiles or "
+                              "frames, so use the attention methods or perturbation='none'")
     out: dict[str, torch.Tensor] = {}
     if "occlusion" in methods:
         out["occlusion"] = occlusion_rows(adapter, enc, pixel_values, generated, window=1, batch_size=batch_size)
