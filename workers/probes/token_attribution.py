@@ -356,7 +356,7 @@ def attribute(adapter: FusionAdapter, image: Image.Image, prompt: str, *, max_ne
     enc = adapter.encode(prompt)
     generated, rows = generate_and_attribute(adapter, enc, None, max_new_tokens, batched=batched,
                                              pixel_values=pixel_values)
-    if applies_to(enc, pixel_values):  # tiled and framed layouts get the attention methods only
+    if applies_to(adapter, enc, pixel_values):  # tiled, framed, pooled layouts: attention methods only
         rows.update(perturbation_attribution(adapter, enc, pixel_values, generated))
     return to_attribution(adapter, enc, generated, rows, prompt)
 

@@ -179,11 +179,18 @@ def gradient_rows(adapter: FusionAdapter, enc: Encoded, pixel_values: torch.Tens
     return out
 
 
-def applies_to(enc: Encoded, pixel_values: torch.Tensor) -> bool:
+def applies_to(adapter: FusionAdapter, enc: Encoded, pixel_values: torch.Tensor) -> bool:
     """Whether these methods can run: they perturb one image on the vision tower's own patch grid.
     Tiled or framed layouts (several crops per image, mapped to regions through ``enc.regions``)
-    have several grids per image, which occluding one grid's patches would not explain."""
-    return pixel_values.dim() == 4 and getattr(enc, "regions", None) is None
+    have several grids per image, which occluding one grid's patches would not explain; pooled
+    layouts (image tokens coarser than the tower's patches) have no patch projection on their grid."""
+    if pixel_values.dim() != 4 or getattr(enc, "regions", None) is not None:
+        return False
+    try:
+        patch_projection(adapter)
+    except UnsupportedModelError:
+        return False
+    return True
 
 
 def perturbation_attribution(adapter: FusionAdapter, enc: Encoded, pixel_values: torch.Tensor,
@@ -193,10 +200,10 @@ def perturbation_attribution(adapter: FusionAdapter, enc: Encoded, pixel_values:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ProbeInputError(f"unknown attribution method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    if methods and not applies_to(enc, pixel_values):
+    if methods and not applies_to(adapter, enc, pixel_values):
         raise ProbeInputError(f"{adapter.architecture}: perturbation attribution ({', '.join(methods)}) needs one "
-                              "image on the vision tower's patch grid; this family splits the image into tiles or "
-                              "frames, so use the attention methods or perturbation='none'")
+                              "image whose tokens are the vision tower's patches; this family tiles, frames or "
+                              "pools the image, so use the attention methods or perturbation='none'")
     out: dict[str, torch.Tensor] = {}
     if "occlusion" in methods:
         out["occlusion"] = occlusion_rows(adapter, enc, pixel_values, generated, window=1, batch_size=batch_size)
