@@ -381,19 +381,26 @@ def open_findings(case) -> list[dict[str, Any]]:
     return [f for f in findings(evaluate(specs, evidence)) if f["severity"] in BLOCKING]
 
 
-def check_acknowledged(case, acknowledgements: Mapping[str, str] | None) -> list[dict[str, Any]]:
-    """The open findings with their reasons; raises ``WorkflowError`` naming any left unacknowledged."""
-    from governance.workflow import WorkflowError
+class AcknowledgementError(ValueError):
+    """An approval's acknowledgements do not match the case's open findings.
 
+    Defined here rather than raised as ``workflow.WorkflowError`` because the workflow calls this
+    module; :func:`governance.workflow.sign_off` turns it into its own error for callers.
+    """
+
+
+def check_acknowledged(case, acknowledgements: Mapping[str, str] | None) -> list[dict[str, Any]]:
+    """The open findings with their reasons; raises :class:`AcknowledgementError` naming any left
+    unacknowledged or any acknowledgement of a finding that is not open."""
     given = {str(k): (v or "").strip() for k, v in (acknowledgements or {}).items()}
     blocking = open_findings(case)
     missing = [f for f in blocking if not given.get(f["key"])]
     if missing:
         listed = "; ".join(f"{f['key']} ({f['severity']}: {f['title']})" for f in missing[:20])
-        raise WorkflowError(f"approving needs a reason for each open high or medium finding; missing: {listed}")
+        raise AcknowledgementError(f"approving needs a reason for each open high or medium finding; missing: {listed}")
     unknown = sorted(set(given) - {f["key"] for f in blocking})
     if unknown:
-        raise WorkflowError(f"acknowledgements name findings that are not open: {', '.join(unknown[:20])}")
+        raise AcknowledgementError(f"acknowledgements name findings that are not open: {', '.join(unknown[:20])}")
     return [f | {"reason": given[f["key"]]} for f in blocking]
 
 

@@ -485,7 +485,10 @@ def sign_off(case: AuditCase, reviewer, decision: str, comment: str = "", eviden
         acknowledged = []
         if evidence is None and not report_section and decision == D.APPROVE:
             acceptance.ensure_defaults(locked)
-            acknowledged = acceptance.check_acknowledged(locked, acknowledgements)
+            try:
+                acknowledged = acceptance.check_acknowledged(locked, acknowledgements)
+            except acceptance.AcknowledgementError as refused:
+                raise WorkflowError(str(refused)) from refused
         elif acknowledgements:
             raise WorkflowError("acknowledgements belong to a case-level approval")
         signoff = Signoff.objects.create(

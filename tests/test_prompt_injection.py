@@ -92,8 +92,13 @@ def test_the_typographic_attack_reports_relevance_on_the_written_text(tmp_path):
 def test_the_zoo_reader_is_a_checksummed_captioner_of_the_same_family():
     """The reader loads like any generative model the probe audits (its injection numbers are in the
     issue's closing note: a run over the held-out split takes many CPU-minutes)."""
-    from workers.probes.adapters.fusion import load_any
-    from workers.probes.zoo import reader
+    import json
 
-    adapter = load_any(str(reader.reader_dir()))
+    from workers.probes import suite
+    from workers.probes.zoo import checkpoint_path, reader
+
+    adapter = suite.load_model(str(reader.reader_dir()), family="fusion")
     assert adapter.kind == "fusion" and set(reader.WORDS) <= set(adapter.processor.tokenizer.get_vocab())
+    config = json.loads((reader.reader_dir() / "config.json").read_text(encoding="utf-8"))
+    base = json.loads((checkpoint_path("tiny-llava") / "config.json").read_text(encoding="utf-8"))
+    assert (config["model_type"], config["architectures"]) == (base["model_type"], base["architectures"])

@@ -69,10 +69,14 @@ def test_the_validation_block_lists_validated_methods_first_with_agreement():
 
 
 def test_the_reports_limitations_carry_what_the_validation_states():
-    from governance.reports.context import limitations
+    from governance.reports.context import kind_title, limitations
 
     text = "gradcam maps are shown but not validated on this model: deletion is not shown to be lower."
     evidence = [{"id": 7, "kind": "grounding", "metrics": {"validation": {"limitations": [text]}}},
                 {"id": 8, "kind": "tcav", "metrics": {"results": []}}]
-    out = limitations(evidence, {"grounding", "tcav"})
-    assert out["stated"] == [{"evidence": 7, "kind": "grounding", "text": text}]
+    # The report names a probe by its title, as in the measured rows beside it; ``missing`` is the
+    # titles of the kinds that recorded no evidence.
+    out = limitations(evidence, [kind_title("sanity")])
+    assert out["stated"] == [{"evidence": 7, "kind": kind_title("grounding"), "text": text}]
+    assert out["gaps"] == [f"No {kind_title('sanity').lower()} evidence was recorded, so this report makes no "
+                           "statement about it."]
