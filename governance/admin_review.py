@@ -35,7 +35,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from governance import access, audit_log, pipeline, workflow
+from governance import acceptance, access, audit_log, pipeline, workflow
 from governance import models as m
 from governance.glossary import describe_metric
 from governance.api.errors import domain_error
@@ -62,6 +62,7 @@ TRANSITION_LABELS = {
     S.IN_REVIEW: "Open review",
     S.ARCHIVED: "Archive",
 }
+ACK_PREFIX = "ack:"
 SEVERITY_ORDER = {severity: i for i, severity in enumerate(m.FINDING_SEVERITIES)}
 
 
@@ -311,6 +312,8 @@ def review_context(request: HttpRequest, case: m.AuditCase, admin_site) -> dict[
         .select_related("reviewer").order_by("created_at", "pk"),
         "reviewers": case.reviewers.order_by("username"),
         "can_sign": not hint, "signoff_hint": hint, "decisions": D.choices,
+        # An approval of the case must give a reason per open high/medium finding (workflow.sign_off).
+        "open_findings": acceptance.open_findings(case) if not hint else [],
         "transitions": [{"to": to, "label": TRANSITION_LABELS.get(to, to)}
                         for to in workflow.available_transitions(case, user)],
         "can_report": bool(roles & REPORT_ROLES) and case.state not in NO_EVIDENCE_YET,
@@ -388,6 +391,9 @@ class ReviewViews:
             return self.render(request, case, error=str(exc), status=403)
         decision = request.POST.get("decision", "")
         comment = request.POST.get("comment", "").strip()
+        # One "ack:<finding key>" field per open finding; only a case-level approval carries them.
+        acknowledgements = {k[len(ACK_PREFIX):]: v.strip() for k, v in request.POST.items()
+                            if k.startswith(ACK_PREFIX)}
         try:
             evidence = self._signoff_target(request, case)
         except Refused as exc:
@@ -399,11 +405,19 @@ class ReviewViews:
                                         f"unknown decision {decision!r}; choose one of {', '.join(D.labels)}.")
         elif decision != D.APPROVE and not comment:
             field_errors["comment"] = f"A '{D(decision).label}' decision needs a comment saying why."
+        if form_id == "case" and decision == D.APPROVE:
+            missing = [f for f in acceptance.open_findings(case) if not acknowledgements.get(f["key"])]
+            if missing:
+                field_errors["acknowledgements"] = (
+                    "Approving needs a reason for each open high or medium finding; missing: "
+                    + "; ".join(f"{f['title']} (evidence #{f['evidence']})" for f in missing) + ".")
         if field_errors:
             context = review_context(request, case, self.admin_site)
             if form_id == "case":
                 context.update(error="The sign-off was not recorded: see the form.", case_errors=field_errors,
-                               case_values={"decision": decision, "comment": comment})
+                               case_values={"decision": decision, "comment": comment},
+                               open_findings=[{**f, "reason": acknowledgements.get(f["key"], "")}
+                                              for f in context["open_findings"]])
             else:
                 context["error"] = f"The sign-off on {form_id.replace('-', ' #')} was not recorded: " + \
                     " ".join(field_errors.values())
@@ -415,7 +429,11 @@ class ReviewViews:
                                status=409 if case.state not in (S.EVIDENCE_READY, S.IN_REVIEW) else 403)
         digest = workflow.evidence_digest(evidence) if evidence is not None else workflow.case_digest(case)
         if not confirmed:
+            acknowledged = [{**f, "reason": acknowledgements.get(f["key"], "")}
+                            for f in acceptance.open_findings(case)] \
+                if evidence is None and decision == D.APPROVE else []
             context = {**self.admin_site.each_context(request), "title": f"Confirm your sign-off on case #{case.pk}",
+                       "acknowledged": acknowledged,
                        "case": case, "evidence": evidence, "decision": decision,
                        "decision_label": D(decision).label, "comment": comment, "digest": digest,
                        "opts": m.AuditCase._meta, "page_url": self.page_url(case)}
@@ -425,7 +443,10 @@ class ReviewViews:
             if confirmed != digest:
                 raise Refused("The evidence changed after you opened the confirmation (its digest is now "
                               f"{digest[:16]}...); nothing was recorded. Review it again.", 409)
-            signoff = workflow.sign_off(case, request.user, decision, comment, evidence=evidence)
+            given = {k: v for k, v in acknowledgements.items() if v} \
+                if evidence is None and decision == D.APPROVE else None
+            signoff = workflow.sign_off(case, request.user, decision, comment, evidence=evidence,
+                                        acknowledgements=given or None)
             target = f"evidence #{evidence.pk}" if evidence else f"case #{case.pk}"
             return (f"Recorded your '{signoff.get_decision_display()}' on {target} (digest {signoff.digest[:16]}...). "
                     f"The case is now {case.get_state_display()}.")

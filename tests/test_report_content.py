@@ -187,6 +187,44 @@ def test_approving_with_open_findings_needs_a_reason_for_each(db, test_probe_kin
     assert any(v["verdict"] == "does not meet" for v in listed["verdicts"])
 
 
+def test_the_workspace_approves_with_open_findings_only_with_a_reason_for_each(db, test_probe_kind, settings,
+                                                                                tmp_path):
+    from django.test import Client
+    from django.urls import reverse
+
+    from governance.models import Signoff
+
+    settings.MEDIA_ROOT = str(tmp_path)
+    case, actors = _acme_case(("grounding",), approve=False)
+    rita = actors["rita"]
+    rita.is_staff = True
+    rita.save(update_fields=["is_staff"])
+    open_keys = [f["key"] for f in acceptance.open_findings(case)]
+    assert open_keys
+    client = Client()
+    client.force_login(rita)
+    page = client.get(reverse("admin:governance_auditcase_review", args=[case.pk])).content.decode()
+    form = page[page.index('id="case-signoff"'):page.index("</form>", page.index('id="case-signoff"'))]
+    for key in open_keys:  # one labelled reason field per open high/medium finding
+        field = re.search(r'<textarea name="ack:%s" id="([^"]+)"' % re.escape(key), form)
+        assert field and f'for="{field.group(1)}"' in form, key
+    url = reverse("admin:governance_auditcase_review_signoff", args=[case.pk])
+    partial = {"decision": "approve", f"ack:{open_keys[0]}": "Known limitation."}
+    refused = client.post(url, partial)
+    assert refused.status_code == 400 and "needs a reason for each open high or medium finding" in \
+        refused.content.decode()
+    assert "Known limitation." in refused.content.decode()  # what was typed is kept
+    reasons = {f"ack:{key}": f"Accepted for the stated scope ({i})." for i, key in enumerate(open_keys)}
+    confirm = client.post(url, {"decision": "approve", **reasons})
+    assert confirm.status_code == 200 and "Accepted for the stated scope (0)." in confirm.content.decode()
+    digest = workflow.case_digest(case)
+    done = client.post(url, {"decision": "approve", "digest": digest, **reasons})
+    assert done.status_code == 302, done.content.decode()[:2000]
+    signoff = Signoff.objects.get(case=case, reviewer=rita, evidence__isnull=True)
+    assert {a.finding: a.reason for a in FindingAcknowledgement.objects.filter(signoff=signoff)} == \
+        {key: f"Accepted for the stated scope ({i})." for i, key in enumerate(open_keys)}
+
+
 def test_only_an_admin_changes_a_criterion_and_only_with_a_reason(db, test_probe_kind, settings, tmp_path):
     settings.MEDIA_ROOT = str(tmp_path)
     case, actors = _acme_case(("grounding",), approve=False)
