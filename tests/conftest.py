@@ -29,6 +29,22 @@ from workers.probes import suite
 TEST_KIND = "test.echo"
 
 
+@pytest.fixture(autouse=True)
+def local_worker_off():
+    """Tests execute runs in the calling thread unless they turn the local background worker on.
+
+    Importing ``governance.wsgi`` (the schema tests load the real WSGI app) enables that worker for
+    the whole process, as the web process wants; left on, every later test's dispatch would return
+    at once and its runs would finish in another thread, outside the test's transaction.
+    """
+    from workers import local
+
+    local.disable()
+    yield
+    local.disable()
+    assert local.wait_idle(120), "the local worker still had jobs two minutes after the test"
+
+
 @pytest.fixture(scope="session")
 def test_probe_kind() -> str:
     """A probe kind registered for tests only (real kinds import torch models; plans only need a name)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from django.conf import settings
 from django.core.checks import run_checks
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -122,8 +123,8 @@ def test_it_fails_a_run_that_lost_its_worker_too_often_and_it_can_be_rerun_from_
         tiny_clip_version, alice, ada, rita, rob, lost_messages, monkeypatch):
     from workers import tasks
 
-    case = selftest_case(tiny_clip_version, alice, ada, rita, rob, n=1)
-    [run_id] = pipeline.start_case(case.pk, by=alice)
+    case = selftest_case(tiny_clip_version, alice, ada, rita, rob, n=2)
+    run_id, other_id = pipeline.start_case(case.pk, by=alice)
     with override_settings(LOUPE_RUN_LEASE_SECONDS=5, LOUPE_RUN_MAX_ATTEMPTS=2):
         for _ in range(2):
             tasks._claim(run_id, "doomed")
@@ -131,10 +132,14 @@ def test_it_fails_a_run_that_lost_its_worker_too_often_and_it_can_be_rerun_from_
     run = ProbeRun.objects.get(pk=run_id)
     assert run.status == ProbeRun.Status.FAILED
     assert run.error.startswith("worker lost 2 times") and "gave up after 2 attempts" in run.error
+
+    monkeypatch.undo()
+    # The other run's message was lost too; the sweeper sends it again and it succeeds, so the case
+    # holds partial evidence (a case with no evidence at all goes back to submitted instead).
+    assert pipeline.recover_runs(now=later(settings.LOUPE_RUN_REDISPATCH_AFTER + 1))["redispatched"] == [other_id]
     case.refresh_from_db()
     assert case.state == S.EVIDENCE_READY and pipeline.case_progress(case)["partial"] is True
 
-    monkeypatch.undo()
     assert client_for(alice).post(f"/api/cases/{case.pk}/rerun/").status_code == 403  # admins re-run
     response = client_for(ada).post(f"/api/cases/{case.pk}/rerun/")
     assert response.status_code == 202, response.content
@@ -170,7 +175,9 @@ def test_it_retries_transient_errors_over_the_window_then_fails_the_run_with_the
     assert run.error == "gave up after retrying for 20 s: OperationalError: terminating connection due to " \
                         "administrator command"
     case.refresh_from_db()
-    assert case.state == S.EVIDENCE_READY
+    assert case.state == S.SUBMITTED  # its only run failed: no evidence to review, so not evidence_ready
+    assert AuditEvent.objects.get(action="case.no_evidence", case=case).data["failed"] == [
+        {"run": run_id, "kind": "selftest"}]
 
 
 def test_a_case_whose_every_planned_item_succeeded_is_not_partial(
