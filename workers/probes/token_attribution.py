@@ -50,7 +50,8 @@ from workers.probes.token_perturbation import applies_to, perturbation_attributi
 
 #: ``chefer``: decoder only (image-token columns); ``chefer_full``: also through the vision tower;
 #: ``chefer_bimodal``: the decoder's image-token relevance through the projector into the vision
-#: encoder by Chefer's bi-modal rule (``vision_relevance(normalise=True)``); ``raw``: attention of the
+#: encoder by Chefer's bi-modal rule (``vision_relevance(normalise=True)``; patch-aligned adapters only:
+#: where a Q-Former sits between, as in BLIP-2, ``chefer_full`` already is that rule); ``raw``: attention of the
 #: predicting position, mean over layers and heads; then the perturbation and gradient methods that
 #: reach the pixels (``token_perturbation``).
 ATTENTION_METHODS = ("chefer", "chefer_full", "chefer_bimodal", "raw")
@@ -265,7 +266,7 @@ def _relevance(adapter: FusionAdapter, trace, generated: Sequence[int], enc: Enc
         if vision:
             link = ([a.detach().float() for a in vision_attns], grads[2 * n_dec - 1:], vision[1])
             out["chefer_full"] = adapter.patch_relevance("chefer_full", out["chefer"], enc.image_positions, *link)
-            if adapter.patch_aligned:
+            if adapter.patch_aligned:  # otherwise the adapter's chefer_full is the bi-modal rule already
                 out["chefer_bimodal"] = vision_relevance(out["chefer"], enc.image_positions, *link,
                                                          prefix=adapter.num_prefix_tokens, normalise=True)
             if not adapter.patch_aligned:

@@ -16,6 +16,11 @@ rule (``chefer.query_context_relevance``) inside the same traced forward as the 
 - ``raw``: the decoder's raw attention over the query tokens, spread over the patches by the
   Q-Former's cross-attention probabilities (mean over heads and cross-attention layers).
 
+There is no separate ``chefer_bimodal``: that is the bi-modal rule through a projector, and here
+``chefer_full`` already applies it through the Q-Former (normalised vision relevance as context).
+The perturbation and gradient methods (``token_perturbation``) need no image-token mapping: they
+perturb the image on the vision tower's own patch grid, as for the patch-aligned families.
+
 Supported: loading, captioning (``generate``), ``attribute`` / ``token_attribution``, ``attention``
 statistics (decoder attention mapped to patches as in ``raw``), head ablation over the decoder
 (OPT ``out_proj``), the vision tower (``projection``) and the Q-Former's cross-attention
