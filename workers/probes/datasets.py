@@ -195,6 +195,29 @@ validate_box = _validate_box
 image_size = _image_size
 
 
+def annotation_records(annotation_file: Path, required: Sequence[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each non-blank line of a JSON-lines annotation file as ``(where, record)``: ``where`` names
+    the file and line for error messages; ``record`` is checked to be an object with ``required`` keys."""
+    try:
+        lines = annotation_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ProbeInputError(f"{annotation_file} is not UTF-8 text") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{annotation_file.name}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ProbeInputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise ProbeInputError(f"{where}: expected a JSON object with {', '.join(required[:-1])} and {required[-1]}")
+        missing = [key for key in required if key not in record]
+        if missing:
+            raise ProbeInputError(f"{where}: missing key(s) {', '.join(missing)}")
+        yield where, record
+
+
 def _load_jsonl(path: Path, *, limit: int | None, max_pixels: int) -> GroundingDataset:
     if path.is_file():
         annotation_file, root = path, path.parent
@@ -204,25 +227,9 @@ def _load_jsonl(path: Path, *, limit: int | None, max_pixels: int) -> GroundingD
             raise ProbeInputError(f"{path} has no {ANNOTATIONS_FILE} (use --format coco for a COCO instances JSON)")
     examples: list[GroundingExample] = []
     sizes: dict[Path, tuple[int, int]] = {}
-    try:
-        lines = annotation_file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ProbeInputError(f"{annotation_file} is not UTF-8 text") from None
-    for number, line in enumerate(lines, start=1):
+    for where, record in annotation_records(annotation_file, ("image", "prompt", "boxes")):
         if limit is not None and len(examples) >= limit:
             break
-        if not line.strip():
-            continue
-        where = f"{annotation_file.name}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ProbeInputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise ProbeInputError(f"{where}: expected a JSON object with image, prompt and boxes")
-        missing = [key for key in ("image", "prompt", "boxes") if key not in record]
-        if missing:
-            raise ProbeInputError(f"{where}: missing key(s) {', '.join(missing)}")
         prompt = record["prompt"]
         if not isinstance(prompt, str) or not prompt.strip():
             raise ProbeInputError(f"{where}: \"prompt\" must be a non-empty string")

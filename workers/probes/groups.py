@@ -26,7 +26,6 @@ Everything here is plain PyTorch; the probe-kind glue is at the bottom of the mo
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,33 +70,17 @@ class GroupExample:
 def load_group_dataset(path: str | Path, *, limit: int | None = None) -> list[GroupExample]:
     """Read and validate a group-annotated dataset (see the module docstring). Paths may not leave
     the dataset folder, images are size-checked before decoding (the grounding loader's rules)."""
-    from workers.probes.datasets import MAX_PIXELS, image_size, resolve_image, validate_box
+    from workers.probes.datasets import MAX_PIXELS, annotation_records, image_size, resolve_image, validate_box
 
     path = Path(path)
     annotation_file, root = (path, path.parent) if path.is_file() else (path / ANNOTATIONS_FILE, path)
     if not annotation_file.is_file():
         raise ProbeInputError(f"{path}: no {ANNOTATIONS_FILE} (lines {{\"image\", \"label\", \"group\"}})")
-    try:
-        lines = annotation_file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ProbeInputError(f"{annotation_file} is not UTF-8 text") from None
     examples: list[GroupExample] = []
     sizes: dict[Path, tuple[int, int]] = {}
-    for number, line in enumerate(lines, start=1):
+    for where, record in annotation_records(annotation_file, ("image", "label", "group")):
         if limit is not None and len(examples) >= limit:
             break
-        if not line.strip():
-            continue
-        where = f"{annotation_file.name}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ProbeInputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise ProbeInputError(f"{where}: expected a JSON object with image, label and group")
-        missing = [key for key in ("image", "label", "group") if key not in record]
-        if missing:
-            raise ProbeInputError(f"{where}: missing key(s) {', '.join(missing)}")
         label, group = record["label"], record["group"]
         if not isinstance(label, str) or not label.strip():
             raise ProbeInputError(f"{where}: \"label\" must be a non-empty string")
