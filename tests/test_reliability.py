@@ -146,7 +146,11 @@ def test_a_worker_killed_between_commit_and_acknowledgement_does_nothing_twice(
     requested = tasks.render_report.apply_async(args=[case.pk, rita.pk])
     report_id = requested.get(timeout=180)  # the answer of the redelivery: the first commit's version
 
-    kills = sorted(p.name for p in (real_stack.log_dir / worker.log_path.stem.replace("worker", "kills")).iterdir())
+    markers = real_stack.log_dir / worker.log_path.stem.replace("worker", "kills")
+    # Celery stores a task's result before its postrun signal, where the kill happens: the answer
+    # can arrive a moment before the kill's marker does.
+    wait_until(lambda: markers.is_dir() and len(list(markers.iterdir())) >= 2, timeout=30, message="both kills")
+    kills = sorted(p.name for p in markers.iterdir())
     assert kills == ["workers.tasks.render_report", "workers.tasks.run_probe"]  # both were killed once
     assert [r.pk for r in Report.objects.filter(case=case)] == [report_id]
     assert AuditEvent.objects.filter(action="report.issued", case=case).count() == 1
