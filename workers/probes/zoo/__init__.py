@@ -21,6 +21,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,12 +93,20 @@ def dataset_dir(split: str = "heldout", *, root: str | os.PathLike | None = None
     spec = SPLITS[split]
     base = Path(root) if root is not None else cache_root()
     target = base / f"{split}-v{world.WORLD_VERSION}"
+    return materialise(target, lambda tmp: world.write_dataset(tmp, spec.scenes(),
+                                                               info={"split": split, "seed": spec.seed}))
+
+
+def materialise(target: Path, write: Callable[[Path], object]) -> Path:
+    """``target`` (a dataset directory with ``dataset.json``), written by ``write(tmp)`` into a
+    temporary sibling and renamed into place on first use, so a crashed or concurrent generation
+    never leaves a half-written dataset that later runs would trust."""
     if (target / "dataset.json").is_file():
         return target
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=base))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        world.write_dataset(tmp, spec.scenes(), info={"split": split, "seed": spec.seed})
+        write(tmp)
         try:
             tmp.rename(target)
         except OSError:

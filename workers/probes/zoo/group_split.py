@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,24 +97,10 @@ def write_group_dataset(out_dir: str | os.PathLike, spec: GroupSplit, *, name: s
 def group_dataset_dir(split: str = "groups", *, root: str | os.PathLike | None = None) -> Path:
     """Directory of group split ``split`` (see ``GROUP_SPLITS``), generated on first use into the
     zoo cache (written to a temporary sibling and renamed, as ``zoo.dataset_dir`` does)."""
-    from workers.probes.zoo import cache_root, world
+    from workers.probes.zoo import cache_root, materialise, world
 
     if split not in GROUP_SPLITS:  # pragma: no cover - zoo.dataset_dir only passes known names
         raise ProbeInputError(f"unknown zoo group split {split!r}; known: {', '.join(sorted(GROUP_SPLITS))}")
     base = Path(root) if root is not None else cache_root()
     target = base / f"{split}-v{world.WORLD_VERSION}.{GROUP_SPLIT_VERSION}"
-    if (target / "dataset.json").is_file():
-        return target
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=base))
-    try:
-        write_group_dataset(tmp, GROUP_SPLITS[split], name=split)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "dataset.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return materialise(target, lambda tmp: write_group_dataset(tmp, GROUP_SPLITS[split], name=split))
