@@ -62,6 +62,22 @@ from workers.probes.zoo.captioner import PROMPTS  # noqa: E402
 N_TOKENS = 10
 
 
+def _interleaved_times(variants: dict, cases: list, repeats: int, sync) -> dict[str, list[float]]:
+    """Seconds per round for each variant over all cases, the variants interleaved in every round
+    so that they share the machine's load; round 0 warms up and is not kept."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(repeats + 1):
+        for name, fn in variants.items():
+            sync()
+            start = time.perf_counter()
+            for case in cases:
+                fn(case)
+            sync()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=None, help="default: the zoo's tiny-llava")
@@ -125,16 +141,7 @@ def main() -> int:
                        float((teacher_forced(case) - reference).abs().max()))
     variants = {"generation": generation, "loupe": loupe, "teacher-forced": teacher_forced,
                 "teacher-forced-loop": teacher_forced_loop, "naive": naive}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for round_ in range(args.repeats + 1):  # round 0 warms up
-        for name, fn in variants.items():
-            sync()
-            start = time.perf_counter()
-            for case in cases:
-                fn(case)
-            sync()
-            if round_:
-                times[name].append(time.perf_counter() - start)
+    times = _interleaved_times(variants, cases, args.repeats, sync)
     tokens = len(cases) * N_TOKENS
     med = {name: statistics.median(t) for name, t in times.items()}
     # What attributing adds to generating the caption, per round (same load), then the median.
@@ -206,16 +213,7 @@ def perturbation_benchmark(adapter, cases, args, sync, allocator) -> int:
     for case in cases[:2]:
         ref = loupe(case)
         max_diff = max(max_diff, float((per_patch_loop(case) - ref).abs().max()), float((captum(case) - ref).abs().max()))
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for round_ in range(args.repeats + 1):  # round 0 warms up
-        for name, fn in variants.items():
-            sync()
-            start = time.perf_counter()
-            for case in cases:
-                fn(case)
-            sync()
-            if round_:
-                times[name].append(time.perf_counter() - start)
+    times = _interleaved_times(variants, cases, args.repeats, sync)
     med = {name: statistics.median(t) for name, t in times.items()}
     out = {
         "benchmark": "token_attribution_perturbation", "method": "occlusion (1 patch, every word, teacher-forced)",
