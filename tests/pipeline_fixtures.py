@@ -46,22 +46,7 @@ def make_case(version, alice, ada, rita, rob, plan) -> AuditCase:
     return case
 
 
-def _state_of(pk: int) -> str | None:
-    """The case's state, or None while SQLite's test database has the table locked: the in-memory,
-    shared-cache database pytest-django gives transactional tests answers a read that meets another
-    thread's write (the local worker's) with "table is locked" at once instead of waiting, which a
-    file database in WAL mode (the embedded default) never does."""
-    from django.db import OperationalError
-
-    try:
-        return AuditCase.objects.filter(pk=pk).values_list("state", flat=True).first()
-    except OperationalError as exc:
-        if "is locked" not in str(exc):
-            raise
-        return None
-
-
 def wait_for_state(case: AuditCase, state: str, timeout: float = 90.0) -> AuditCase:
-    wait_until(lambda: _state_of(case.pk) == state, timeout=timeout)
+    wait_until(lambda: AuditCase.objects.get(pk=case.pk).state == state, timeout=timeout)
     case.refresh_from_db()
     return case
