@@ -37,8 +37,8 @@ from django.views.decorators.http import require_GET, require_POST
 
 from governance import acceptance, access, audit_log, pipeline, workflow
 from governance import models as m
-from governance.glossary import describe_metric
 from governance.api.errors import domain_error
+from governance.glossary import describe_metric
 from governance.reports.context import flatten, record_tables
 
 S = m.AuditCase.State

@@ -22,6 +22,8 @@ class GovernanceConfig(AppConfig):
         # Keep the role groups' permissions in step with the models after every migrate.
         post_migrate.connect(sync_roles_after_migrate, sender=self, dispatch_uid="loupe-sync-roles")
         # The pipeline's signal receivers (revoking a withdrawn case's tasks).
-        from governance import pipeline  # noqa: F401
         # System checks of the task settings (visibility timeout vs. hard time limit).
-        from governance import checks  # noqa: F401
+        from governance import (
+            checks,  # noqa: F401
+            pipeline,  # noqa: F401
+        )

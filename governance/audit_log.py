@@ -36,8 +36,6 @@ from django.db import transaction
 from django.db.models import Model
 from django.utils import timezone
 
-from loupe_verify import chain
-
 from governance.canonical import canonical_json, sha256_hex
 from governance.models import (
     AIModel,
@@ -49,6 +47,7 @@ from governance.models import (
     ModelVersion,
     Organisation,
 )
+from loupe_verify import chain
 
 GENESIS_HASH = AuditEvent.GENESIS_HASH
 HEAD_PK = 1

@@ -33,7 +33,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable

@@ -16,8 +16,16 @@ from django.contrib.auth import get_user_model
 
 from governance import audit_log
 from governance.evidence import content_digest, log_recorded
-from governance.models import (AIModel, AuditCase, Evidence, EvidenceArtifact, ModelVersion, Organisation,
-                               ProbeRun, Signoff)
+from governance.models import (
+    AIModel,
+    AuditCase,
+    Evidence,
+    EvidenceArtifact,
+    ModelVersion,
+    Organisation,
+    ProbeRun,
+    Signoff,
+)
 from governance.reports import figures
 
 ALL_KINDS = ("grounding", "sanity", "tcav", "shortcut", "robustness", "token_attribution", "attention", "intervention")

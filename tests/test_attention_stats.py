@@ -20,7 +20,6 @@ from workers.probes.cli import main  # noqa: E402
 from workers.probes.errors import ProbeInputError  # noqa: E402
 from workers.probes.zoo import captioner, checkpoint_path  # noqa: E402
 
-
 heldout = heldout_fixture(8)
 
 

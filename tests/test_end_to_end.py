@@ -122,11 +122,10 @@ def test_it_takes_a_case_from_upload_to_approval_and_detects_tampering(
     event = AuditEvent.objects.get(action="signoff.created", actor=rita)
     forged = event.payload.replace('"decision":"approve"', '"decision":"reject"')
     assert forged != event.payload
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            if connection.vendor == "postgresql":  # past the immutability trigger, as a superuser could
-                cursor.execute("SET LOCAL session_replication_role = replica")
-            cursor.execute("UPDATE governance_auditevent SET payload = %s WHERE id = %s", [forged, event.pk])
+    with transaction.atomic(), connection.cursor() as cursor:
+        if connection.vendor == "postgresql":  # past the immutability trigger, as a superuser could
+            cursor.execute("SET LOCAL session_replication_role = replica")
+        cursor.execute("UPDATE governance_auditevent SET payload = %s WHERE id = %s", [forged, event.pk])
     code, output = verify_audit_log(real_stack)
     assert code != 0
     assert f"seq {event.seq} (id {event.pk}): modified" in output, output

@@ -291,10 +291,9 @@ def test_it_changes_every_weight_and_restores_the_trained_model(clip_model):
 
 def test_it_restores_the_model_even_when_explaining_fails(clip_model):
     before = clip_model.visual_projection.weight.detach().clone()
-    with pytest.raises(RuntimeError):
-        with sanity.randomised(clip_model):
-            list(sanity.cascade(clip_model))
-            raise RuntimeError("explanation failed")
+    with pytest.raises(RuntimeError), sanity.randomised(clip_model):
+        list(sanity.cascade(clip_model))
+        raise RuntimeError("explanation failed")
     assert torch.equal(clip_model.visual_projection.weight, before)
 
 

@@ -162,9 +162,9 @@ def test_a_worker_killed_between_commit_and_acknowledgement_does_nothing_twice(
 
 def test_a_second_delivery_of_a_live_run_is_refused_and_unsafe_settings_stop_a_worker(
         real_stack, tiny_clip_version, alice, ada, rita, rob):
-    from workers import tasks
-
     from django.conf import settings
+
+    from workers import tasks
 
     real_stack.stop_workers()
     if settings.CELERY_BROKER_URL.startswith("redis"):  # RabbitMQ has no visibility timeout to refuse

@@ -54,12 +54,11 @@ def _acme_case(kinds, *, approve=True, comment=None, card=None):
 def full_report(django_db_setup, django_db_blocker, tmp_path_factory, test_probe_kind):
     """The demo case (every probe kind, two approvals) rendered twice; the database is rolled back."""
     media = tmp_path_factory.mktemp("media")
-    with django_db_blocker.unblock(), override_settings(MEDIA_ROOT=str(media)):
-        with transaction.atomic():
-            case, _ = _acme_case(ALL_KINDS)
-            first, manifest = render_case(case, version=1)
-            second, _ = render_case(case, version=1)
-            transaction.set_rollback(True)
+    with django_db_blocker.unblock(), override_settings(MEDIA_ROOT=str(media)), transaction.atomic():
+        case, _ = _acme_case(ALL_KINDS)
+        first, manifest = render_case(case, version=1)
+        second, _ = render_case(case, version=1)
+        transaction.set_rollback(True)
     return {"first": first, "second": second, "manifest": manifest}
 
 

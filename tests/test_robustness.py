@@ -29,7 +29,6 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="session")
 def report(dataset):
     from workers.probes.adapters import load_adapter
-
     from workers.probes.zoo import checkpoint_path
 
     adapter = load_adapter(str(checkpoint_path("tiny-clip")))  # the reference CLIP (clean accuracy ~0.86)

@@ -16,10 +16,10 @@ from django.db import close_old_connections
 from drf_spectacular.generators import SchemaGenerator
 from hypothesis import HealthCheck, settings
 from rest_framework.authtoken.models import Token
-
-from governance.wsgi import application
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
+
+from governance.wsgi import application
 
 # Per operation and actor. CI keeps it small; a deeper hunt: LOUPE_SCHEMA_EXAMPLES=200 make test PYTEST_ARGS=tests/test_schema.py
 MAX_EXAMPLES = int(os.environ.get("LOUPE_SCHEMA_EXAMPLES", "10"))

@@ -35,9 +35,8 @@ def media_root(settings, tmp_path):
 
 
 def refusal(data: bytes, limits: UploadLimits = LIMITS) -> UploadRejected:
-    with pytest.raises(UploadRejected) as caught:
-        with extracted_model_archive(io.BytesIO(data), limits=limits):
-            pass
+    with pytest.raises(UploadRejected) as caught, extracted_model_archive(io.BytesIO(data), limits=limits):
+        pass
     return caught.value
 
 

@@ -11,8 +11,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-WORDS = ("a an the photo of and red green blue yellow circle square triangle cross star cat dog "
-         "left right top bottom").split()
+WORDS = ["a", "an", "the", "photo", "of", "and", "red", "green", "blue", "yellow", "circle", "square", "triangle", "cross", "star", "cat", "dog", "left", "right", "top", "bottom"]
 
 
 def _tokenizer(max_length: int):
@@ -223,8 +222,16 @@ def save_tiny_blip2(directory: str | Path, *, image_size: int = 32, patch_size: 
     BOS only) and a ``BlipImageProcessor`` resizing to a fixed ``image_size`` square. ``edit(model)``
     may set weights by hand before saving; ``language_model="t5"`` builds the encoder-decoder variant."""
     import torch
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
-                              Blip2VisionConfig, BlipImageProcessor, OPTConfig, T5Config)
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        OPTConfig,
+        T5Config,
+    )
 
     from workers.probes.zoo import captioner
 

@@ -29,10 +29,10 @@ from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 
 from governance import access, artifacts, audit_log, login_guard, modelcard, uploads, workflow
-from governance.client_ip import LoginRateThrottle
 from governance import models as m
 from governance.api import filters, serializers
 from governance.api.permissions import CanEditObject, RolePermission
+from governance.client_ip import LoginRateThrottle
 from workers import tasks
 
 SUBMITTER, REVIEWER, AUDITOR, ADMIN = access.SUBMITTER, access.REVIEWER, access.AUDITOR, access.ADMIN

@@ -35,8 +35,14 @@ from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
 from pyhanko.pdf_utils.reader import PdfFileReader
 from pyhanko.sign import fields, signers
 
-from loupe_verify.pdf import (DOCUMENT_SIGNING_EKU, ISSUER_POLICY_OID, REVIEWER_POLICY_OID, PdfVerification,
-                              cert_sha256, verify_pdf)
+from loupe_verify.pdf import (
+    DOCUMENT_SIGNING_EKU,
+    ISSUER_POLICY_OID,
+    REVIEWER_POLICY_OID,
+    PdfVerification,
+    cert_sha256,
+    verify_pdf,
+)
 
 
 class SigningError(Exception):

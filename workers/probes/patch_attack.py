@@ -40,13 +40,13 @@ from PIL import Image
 from pydantic import Field
 
 from workers.probes.errors import ProbeInputError
+from workers.probes.kinds import DatasetArg, Flag, KindParams, Limit, Metric, Seed, probe_kind
 from workers.probes.region_relevance import (
     cell_coverage,
     dual_maps,
     fusion_caption_map,
     share_on_region,
 )
-from workers.probes.kinds import DatasetArg, Flag, KindParams, Limit, Metric, Seed, probe_kind
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
 
 DEFAULT_AREA = 0.06

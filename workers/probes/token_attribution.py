@@ -39,8 +39,8 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from workers.probes.adapters.fusion import Encoded, FusionAdapter
 from workers.probes import validation
+from workers.probes.adapters.fusion import Encoded, FusionAdapter
 from workers.probes.chefer import vision_relevance, weighted_attention
 from workers.probes.errors import ProbeInputError
 from workers.probes.kinds import BatchSize, DatasetArg, KindParams, Limit, Metric, Seed, probe_kind

@@ -51,10 +51,10 @@ class Command(BaseCommand):
     def _record(self, signed: bytes, username: str) -> None:
         from django.contrib.auth import get_user_model
 
+        from governance.models import Report
         from governance.reports import manifest as mf
         from governance.reports.countersign import countersign
         from governance.workflow import WorkflowError
-        from governance.models import Report
 
         user = get_user_model().objects.filter(username=username).first()
         if user is None:

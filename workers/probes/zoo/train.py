@@ -46,12 +46,7 @@ PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIAL_IDS = {PAD: 0, UNK: 1, BOS: 2, EOS: 3}
 #: Words beyond the world's own, so paraphrased prompts ("a photo of a red circle.") and the
 #: robustness probes' synonyms tokenise to known ids rather than ``<unk>`` (they are untrained).
-EXTRA_WORDS = (
-    "a an the and , . of with in on to is this there photo picture image shape object objects "
-    "left right top bottom middle centre center next above below small large big "
-    "star plus ring round box rectangle disk disc purple orange white black grey gray pink "
-    "stamp watermark logo mark"
-).split()
+EXTRA_WORDS = ["a", "an", "the", "and", ",", ".", "of", "with", "in", "on", "to", "is", "this", "there", "photo", "picture", "image", "shape", "object", "objects", "left", "right", "top", "bottom", "middle", "centre", "center", "next", "above", "below", "small", "large", "big", "star", "plus", "ring", "round", "box", "rectangle", "disk", "disc", "purple", "orange", "white", "black", "grey", "gray", "pink", "stamp", "watermark", "logo", "mark"]
 MAX_TEXT_LENGTH = 16
 
 
