@@ -159,3 +159,52 @@ def save_tiny_gemma3(directory: str | Path, *, seed: int = 0) -> Path:
     image_processor = tf.Gemma3ImageProcessorPil(size={"height": TILE, "width": TILE})
     tf.Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=4).save_pretrained(directory)
     return directory
+
+
+#: Qwen's processor rounds the stored image to multiples of patch x merge (8 px here) with between 64 and
+#: 1024 pixels, i.e. 1 to 16 merged tokens
+QWEN_PATCH, QWEN_MERGE = 4, 2
+
+
+def save_tiny_qwen_vl(directory: str | Path, *, version: str = "2.5", seed: int = 0) -> Path:
+    """A tiny ``Qwen2_5_VLForConditionalGeneration`` (``version`` "2.5") or ``Qwen3VLForConditionalGeneration``
+    ("3": with deepstack features) on 4 px patches merged 2 x 2, with its PIL image processor (resized to
+    multiples of 8 px, 64 to 1024 pixels) and a word-level tokenizer with Qwen's vision tokens, saved on
+    their own: the family's ``AutoProcessor`` also builds a video processor (torchvision)."""
+    import torch
+    import transformers as tf
+
+    directory = Path(directory)
+    tok = _tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                                                          "<|video_pad|>"]})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                                                     "<|video_pad|>", "<s>", "</s>", "<pad>")}
+    text = {"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"], "pad_token_id": ids["<pad>"],
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": QWEN_PATCH,
+              "spatial_merge_size": QWEN_MERGE, "temporal_patch_size": 2, "out_hidden_size": 32}
+    tokens = {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+              "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
+    if version == "3":
+        text["head_dim"] = 16
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vision.update(num_position_embeddings=16, deepstack_visual_indexes=[0])
+        cfg = tf.Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
+        model_cls = tf.Qwen3VLForConditionalGeneration
+    else:
+        vision.update(window_size=2 * QWEN_PATCH * QWEN_MERGE, fullatt_block_indexes=[1])
+        cfg = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+        model_cls = tf.Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = model_cls(cfg)
+    _never_stop(model, tok)
+    model.save_pretrained(directory)
+    factor = QWEN_PATCH * QWEN_MERGE
+    tf.Qwen2VLImageProcessorPil(size={"shortest_edge": factor * factor, "longest_edge": 4 * factor * 4 * factor},
+                                patch_size=QWEN_PATCH, merge_size=QWEN_MERGE,
+                                temporal_patch_size=2).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory

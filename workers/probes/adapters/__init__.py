@@ -19,6 +19,8 @@ ARCHITECTURES: dict[str, str] = {
     "idefics3": "workers.probes.adapters.idefics3:Idefics3Adapter",
     "smolvlm": "workers.probes.adapters.idefics3:SmolVLMAdapter",
     "gemma3": "workers.probes.adapters.gemma3:Gemma3Adapter",
+    "qwen2_5_vl": "workers.probes.adapters.qwen_vl:QwenVLAdapter",
+    "qwen3_vl": "workers.probes.adapters.qwen_vl:Qwen3VLAdapter",
 }
 
 
