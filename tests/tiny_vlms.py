@@ -208,3 +208,32 @@ def save_tiny_qwen_vl(directory: str | Path, *, version: str = "2.5", seed: int 
                                 temporal_patch_size=2).save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
+
+
+def save_tiny_paligemma(directory: str | Path, *, seed: int = 0) -> Path:
+    """A tiny ``PaliGemmaForConditionalGeneration`` (SigLIP on 16 px images of 4 px patches: 16 image tokens,
+    a 3-layer Gemma: the fewest in which the prefix-LM's last prompt row reaches the output through the
+    prompt's cached keys and values) with its own ``PaliGemmaProcessor`` (PIL image processor; the processor
+    adds ``<image>`` and PaliGemma's location and segmentation tokens to the word-level tokenizer)."""
+    import torch
+    import transformers as tf
+
+    directory = Path(directory)
+    tok = _tokenizer()
+    image_processor = tf.SiglipImageProcessorPil(size={"height": TILE, "width": TILE})
+    image_processor.image_seq_length = (TILE // PATCH) ** 2
+    processor = tf.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
+    vocab = tok.get_vocab()
+    text = tf.GemmaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                          num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                          bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"])
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   image_size=TILE, patch_size=PATCH)
+    cfg = tf.PaliGemmaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32,
+                             hidden_size=32, vocab_size=len(tok), image_token_index=processor.image_token_id)
+    torch.manual_seed(seed)
+    model = tf.PaliGemmaForConditionalGeneration(cfg)
+    _never_stop(model, tok)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory

@@ -128,6 +128,12 @@ def split_relevance_rows(prefix: Sequence[torch.Tensor], target: Sequence[torch.
     ``prefix[l]`` ``[1, H, P, P]`` with ``prefix_grads[l]`` ``[T, H, P, P]`` (target t's gradient; the
     top layer's is never read and may be None), ``target[l]`` ``[1, H, T, N]`` with
     ``target_grads[l]`` ``[T, H, T, N]``; row ``P + t`` explains target ``t``. Returns ``[T, N]``.
+
+    A prefix-LM (PaliGemma: the whole prompt attends to itself in both directions) runs its prompt
+    rows in one call, so its prefix is ``[1, H, P + 1, P + 1]``: rows ``..P`` attend to column ``P`` too,
+    and its row ``P`` is the first explained row again, reaching the output both through the prompt's
+    cached keys and values and as target row 0. The one row of the unsplit model has the sum of both
+    gradients, which is what its weighted attention reads.
     """
     t_count, n = target[0].shape[2], target[0].shape[3]
     p = n - t_count
@@ -138,11 +144,17 @@ def split_relevance_rows(prefix: Sequence[torch.Tensor], target: Sequence[torch.
         if k == 0:  # r is still one-hot at row P + t: only that row of the top layer's cam is needed
             r = r + weighted_attention(a[:, t].transpose(0, 1), g[t, :, t])
             continue
+        pa, pg = prefix[layer][0], prefix_grads[layer]
+        assert pg is not None
+        cols = pa.shape[-1]
+        if cols > p:  # the prefix ran the first explained row too (prefix-LM): one row, two gradients
+            g = g.clone()
+            g[:, :, 0, :cols] += pg[:, :, p]
         # Rows P.. come from the target attention, rows ..P from the prefix's (whose columns
         # >= P are zero under the causal mask, so the [P, P] block is the whole row).
         update = torch.bmm(r[:, None, p:], weighted_attention(a, g))[:, 0]
-        cam = weighted_attention(prefix[layer][0], prefix_grads[layer])  # [T, P, P]
-        update[:, :p] += torch.bmm(r[:, None, :p], cam)[:, 0]
+        cam = weighted_attention(pa[:, :p], pg[:, :, :p])  # [T, P, cols]
+        update[:, :cols] += torch.bmm(r[:, None, :p], cam)[:, 0]
         r = r + update
     return r
 

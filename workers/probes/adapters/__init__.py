@@ -21,6 +21,7 @@ ARCHITECTURES: dict[str, str] = {
     "gemma3": "workers.probes.adapters.gemma3:Gemma3Adapter",
     "qwen2_5_vl": "workers.probes.adapters.qwen_vl:QwenVLAdapter",
     "qwen3_vl": "workers.probes.adapters.qwen_vl:Qwen3VLAdapter",
+    "paligemma": "workers.probes.adapters.paligemma:PaliGemmaAdapter",
 }
 
 
