@@ -265,3 +265,26 @@ def save_tiny_blip2(directory: str | Path, *, image_size: int = 32, patch_size: 
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
     Blip2Processor(image_processor=image_processor, tokenizer=tok, num_query_tokens=query_tokens).save_pretrained(directory)
     return directory
+
+
+def save_tiny_siglip2(directory: str | Path, *, patch_size: int = 8, max_num_patches: int = 16, layers: int = 2,
+                      hidden: int = 32, heads: int = 2, seed: int = 0) -> Path:
+    """A tiny NaFlex ``Siglip2Model`` (8 px patches, at most 16 per image: a 4 x 4 square) with its PIL
+    image processor and a word-level tokenizer."""
+    import torch
+    from transformers import Siglip2Config, Siglip2ImageProcessorPil, Siglip2Model
+
+    directory = Path(directory)
+    tok, vocab = _tokenizer(16)
+    cfg = Siglip2Config(
+        # one more: transformers loads this directory with ``Siglip2Tokenizer``, which adds ``<mask>``
+        text_config=dict(vocab_size=len(vocab) + 1, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=heads, max_position_embeddings=16,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=vocab["[EOS]"]),
+        vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, patch_size=patch_size, num_patches=max_num_patches))
+    torch.manual_seed(seed)
+    Siglip2Model(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    Siglip2ImageProcessorPil(patch_size=patch_size, max_num_patches=max_num_patches).save_pretrained(directory)
+    return directory

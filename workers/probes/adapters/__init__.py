@@ -12,6 +12,7 @@ __all__ = ["ARCHITECTURES", "DualEncoderAdapter", "VisionLanguageAdapter", "Visi
 ARCHITECTURES: dict[str, str] = {
     "clip": "workers.probes.adapters.clip:CLIPAdapter",
     "siglip": "workers.probes.adapters.clip:SiglipAdapter",
+    "siglip2": "workers.probes.adapters.siglip2:Siglip2Adapter",
     "llava": "workers.probes.adapters.llava:LlavaAdapter",
     "blip-2": "workers.probes.adapters.blip2:Blip2Adapter",
     "llava_next": "workers.probes.adapters.llava_next:LlavaNextAdapter",
