@@ -84,6 +84,13 @@ def test_the_grounding_commands_run_end_to_end(model_dir, tmp_path, capsys):
     assert result["method"] == "chefer" and result["n"] == 4
     assert main(["attention", "--model", str(model_dir), "--dataset", str(shapes), "--json"]) == 0
     capsys.readouterr()
+    from workers.probes.zoo import world
+
+    scenes = tmp_path / "scenes"
+    world.write_dataset(scenes, world.sample_scenes(1_000_003, 2))
+    assert main(["intervene", "--model", str(model_dir), "--dataset", str(scenes), "--kind", "head-ablation",
+                 "--json", "--no-progress"]) == 0
+    assert {h["component"] for h in json.loads(capsys.readouterr().out)["heads"]} == {"vision", "text"}
     code = main(["intervene", "--model", str(model_dir), "--dataset", str(shapes), "--kind", "feature-swap", "--json"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "feature swap is not supported for SigLIP 2" in err
