@@ -26,7 +26,7 @@ processor), captioning, ``attribute`` / ``token_attribution`` (``chefer``, ``raw
 statistics over regions, head ablation over the decoder and the vision tower. Refused with a message:
 ``chefer_full`` (the merger folds four patches into a token, and Qwen2.5-VL's windows reorder them: the
 probes' vision rule assumes one token per grid cell), feature swap (the image's token grid follows its
-shape, so an object has no fixed set of cells to swap), video inputs (images only).
+shape, so an object has no fixed set of cells to swap). Videos are outside the probes, which read images.
 """
 
 from __future__ import annotations
