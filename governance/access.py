@@ -50,7 +50,8 @@ ROLE_PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
         "auditcase": ("add", "change", "view"),
         "proberun": VIEW, "evidence": VIEW, "evidenceartifact": VIEW, "signoff": VIEW, "report": VIEW,
         "auditevent": VIEW, "acceptancecriterion": VIEW, "findingacknowledgement": VIEW,
-        "providerdocument": ("add", "view"),
+        "providerdocument": ("add", "view"), "findingcomment": ("add", "view"),
+        "webhookendpoint": ("add", "view", "delete"), "webhookdelivery": VIEW,
     },
     REVIEWER: {
         "organisation": VIEW, "membership": VIEW, "aimodel": VIEW, "modelversion": VIEW,
@@ -58,12 +59,14 @@ ROLE_PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
         "proberun": VIEW, "evidence": VIEW, "evidenceartifact": VIEW,
         "signoff": ("add", "view"), "report": ("add", "view"), "auditevent": VIEW,
         "acceptancecriterion": VIEW, "findingacknowledgement": VIEW, "providerdocument": VIEW,
+        "findingcomment": ("add", "view"),
     },
     AUDITOR: {
         "organisation": VIEW, "membership": VIEW, "aimodel": VIEW, "modelversion": VIEW, "auditcase": VIEW,
         "proberun": VIEW, "evidence": VIEW, "evidenceartifact": VIEW, "signoff": VIEW, "report": VIEW,
         "auditevent": VIEW, "auditchainhead": VIEW,
         "acceptancecriterion": VIEW, "findingacknowledgement": VIEW, "providerdocument": VIEW,
+        "findingcomment": VIEW, "webhookendpoint": VIEW, "webhookdelivery": VIEW,
     },
     ADMIN: {
         "organisation": ALL, "membership": ALL, "aimodel": ALL, "modelversion": ALL,
@@ -71,6 +74,7 @@ ROLE_PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
         "evidence": VIEW, "evidenceartifact": VIEW, "signoff": VIEW, "report": ("add", "view"),
         "auditevent": VIEW, "auditchainhead": VIEW,
         "acceptancecriterion": ("change", "view"), "findingacknowledgement": VIEW, "providerdocument": ("add", "view"),
+        "findingcomment": ("add", "view"), "webhookendpoint": ALL, "webhookdelivery": VIEW,
     },
 }
 # Admins also manage accounts (app label "auth").

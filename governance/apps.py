@@ -25,5 +25,6 @@ class GovernanceConfig(AppConfig):
         # System checks of the task settings (visibility timeout vs. hard time limit).
         from governance import (
             checks,  # noqa: F401
+            notifications,  # noqa: F401  (e-mail and webhooks on state changes)
             pipeline,  # noqa: F401
         )

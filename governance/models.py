@@ -1115,3 +1115,132 @@ class ProviderDocument(AppendOnlyModel):
 
     def __str__(self) -> str:
         return f"{self.get_doc_type_display()} v{self.version}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Comment threads on findings and notifications (issue 25)
+# --------------------------------------------------------------------------------------------------
+
+
+class FindingComment(models.Model):
+    """One comment in the thread on one finding of a case. Part of the review's record.
+
+    Append-only: the text, author and target never change (a correction is a new comment). The one
+    change allowed is marking the comment resolved, once, with who and when
+    (:func:`governance.comments.resolve`); the audit log records both the comment and its resolution.
+    ``finding`` is the finding's key (see :func:`governance.comments.case_findings`).
+    """
+
+    access_scope = Scope(org="case__model_version__ai_model__organisation", case="case")
+
+    MUTABLE_FIELDS = ("resolved_by", "resolved_at")
+
+    case = models.ForeignKey(AuditCase, on_delete=models.PROTECT, related_name="comments")
+    finding = models.CharField(max_length=300, db_index=True)
+    evidence = models.ForeignKey(Evidence, on_delete=models.PROTECT, related_name="comments", null=True, blank=True)
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    body = models.TextField()
+    reply_to = models.ForeignKey("self", on_delete=models.PROTECT, null=True, blank=True, related_name="replies")
+    created_at = models.DateTimeField(auto_now_add=True)
+    resolved_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True,
+                                    related_name="+")
+    resolved_at = models.DateTimeField(null=True, blank=True)
+
+    objects = GovernanceQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["case", "created_at", "pk"]
+        constraints = [models.CheckConstraint(
+            condition=Q(resolved_by__isnull=True, resolved_at__isnull=True)
+            | Q(resolved_by__isnull=False, resolved_at__isnull=False),
+            name="findingcomment_resolved_who_and_when")]
+
+    def __str__(self) -> str:
+        return f"comment #{self.pk} on {self.finding} of case #{self.case_id}"
+
+    @classmethod
+    def from_db(cls, db, field_names, values):
+        instance = super().from_db(db, field_names, values)
+        instance._loaded = dict(zip(field_names, values, strict=True))
+        return instance
+
+    def save(self, *args, **kwargs):
+        loaded = getattr(self, "_loaded", None)
+        if not self._state.adding and loaded is not None:
+            changed = [f.attname for f in self._meta.concrete_fields
+                       if f.attname in loaded and getattr(self, f.attname) != loaded[f.attname]]
+            frozen = [name for name in changed if name not in ("resolved_by_id", "resolved_at")]
+            if frozen or (changed and (loaded.get("resolved_at") is not None)):
+                raise ImmutableError(f"Comment #{self.pk} is part of the review record; only marking it resolved "
+                                     "(once) is allowed. Add a new comment instead.")
+        super().save(*args, **kwargs)
+        self._loaded = {f.attname: getattr(self, f.attname) for f in self._meta.concrete_fields}
+
+    def delete(self, *args, **kwargs):
+        raise ImmutableError(f"Comment #{self.pk} is part of the review record and cannot be deleted.")
+
+    @property
+    def is_resolved(self) -> bool:
+        return self.resolved_at is not None
+
+
+class WebhookEndpoint(models.Model):
+    """Where an organisation wants its cases' events POSTed, signed with ``secret`` (HMAC-SHA256).
+
+    ``events`` lists the event names to send (empty: all). See :mod:`governance.notifications`.
+    """
+
+    access_scope = Scope(org="organisation")
+
+    organisation = models.ForeignKey(Organisation, on_delete=models.PROTECT, related_name="webhooks")
+    url = models.URLField(max_length=500)
+    secret = models.CharField(max_length=200)
+    events = models.JSONField(default=list, blank=True)
+    is_active = models.BooleanField(default=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+",
+                                   null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = GovernanceQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["organisation", "pk"]
+
+    def __str__(self) -> str:
+        return f"webhook #{self.pk} of {self.organisation_id}: {self.url}"
+
+    def wants(self, event: str) -> bool:
+        return self.is_active and (not self.events or event in self.events)
+
+
+class WebhookDelivery(models.Model):
+    """One event sent (or being sent) to one endpoint: the exact body, and how delivery went."""
+
+    access_scope = Scope(org="endpoint__organisation")
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        DELIVERED = "delivered", "Delivered"
+        FAILED = "failed", "Failed"
+
+    endpoint = models.ForeignKey(WebhookEndpoint, on_delete=models.PROTECT, related_name="deliveries")
+    event = models.CharField(max_length=64)
+    case = models.ForeignKey(AuditCase, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    delivery_id = models.CharField(max_length=64, unique=True, default=new_idempotency_key)
+    body = models.TextField(help_text="The JSON body as sent (its bytes are what the signature covers).")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING, db_index=True)
+    attempts = models.PositiveIntegerField(default=0)
+    response_status = models.PositiveIntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    objects = GovernanceQuerySet.as_manager()
+
+    class Meta:
+        verbose_name_plural = "webhook deliveries"
+        ordering = ["-created_at", "-pk"]
+
+    def __str__(self) -> str:
+        return f"{self.event} to webhook #{self.endpoint_id} ({self.status})"

@@ -357,3 +357,40 @@ def render_report(self, case_id: int, author_id: int, request_key: str | None = 
     key = request_key or f"task:{self.request.id}"
     report, _ = report_requests.issue(case_id, author, key)
     return report.pk
+
+
+# --------------------------------------------------------------------------------------------------
+# Notifications (governance/notifications.py): e-mail and signed webhooks
+# --------------------------------------------------------------------------------------------------
+
+
+@shared_task(name="workers.tasks.send_notification_mail", autoretry_for=(OSError,), retry_backoff=True,
+             max_retries=5, ignore_result=True)
+def send_notification_mail(subject: str, body: str, recipients: list[str]) -> int:
+    """Send one notification e-mail through Django's mail backend (``EMAIL_BACKEND``)."""
+    from governance import notifications
+
+    return notifications.send_mail_now(subject, body, recipients)
+
+
+@shared_task(name="workers.tasks.deliver_webhook", bind=True, max_retries=None, ignore_result=True)
+def deliver_webhook(self: Any, delivery_id: int) -> str:
+    """POST one webhook delivery; on failure retry with exponential backoff up to
+    ``LOUPE_WEBHOOK_MAX_ATTEMPTS`` attempts, then mark it failed. Every attempt is recorded on the
+    delivery (attempts, response status, last error). A delivered one is never sent again."""
+    from django.conf import settings
+
+    from governance import notifications
+    from governance.models import WebhookDelivery
+
+    delivery = WebhookDelivery.objects.select_related("endpoint").filter(pk=delivery_id).first()
+    if delivery is None or delivery.status != WebhookDelivery.Status.PENDING:
+        return delivery.status if delivery is not None else "missing"
+    if notifications.attempt(delivery):
+        return WebhookDelivery.Status.DELIVERED
+    if delivery.attempts >= settings.LOUPE_WEBHOOK_MAX_ATTEMPTS or not delivery.endpoint.is_active:
+        notifications.give_up(delivery)
+        return WebhookDelivery.Status.FAILED
+    delay = min(settings.LOUPE_WEBHOOK_RETRY_MAX_DELAY,
+                settings.LOUPE_WEBHOOK_RETRY_DELAY * 2 ** (delivery.attempts - 1))
+    raise self.retry(countdown=delay)

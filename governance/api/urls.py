@@ -4,7 +4,7 @@ Swagger UI, served from our own static files, at ``/api/docs/``."""
 from django.urls import path, re_path
 from rest_framework.routers import DefaultRouter
 
-from governance.api import acceptance, exports, views
+from governance.api import acceptance, exports, notifications, views
 
 router = DefaultRouter()
 router.register("organisations", views.OrganisationViewSet, basename="organisation")
@@ -18,10 +18,14 @@ router.register("signoffs", views.SignoffViewSet, basename="signoff")
 router.register("reports", views.ReportViewSet, basename="report")
 router.register("audit-events", views.AuditEventViewSet, basename="auditevent")
 router.register("documents", acceptance.ProviderDocumentViewSet, basename="providerdocument")
+router.register("webhooks", notifications.WebhookViewSet, basename="webhook")
 
 urlpatterns = [
     path("auth/token/", views.ObtainTokenView.as_view(), name="auth-token"),
     re_path(r"^cases/(?P<pk>[0-9]+)/export/?$", exports.CaseExportView.as_view(), name="case-export"),
     re_path(r"^cases/(?P<pk>[0-9]+)/criteria/?$", acceptance.CaseCriteriaView.as_view(), name="case-criteria"),
+    re_path(r"^cases/(?P<pk>[0-9]+)/comments/?$", notifications.CaseCommentsView.as_view(), name="case-comments"),
+    re_path(r"^cases/(?P<pk>[0-9]+)/comments/(?P<comment_id>[0-9]{1,18})/resolve/?$",
+            notifications.CommentResolveView.as_view(), name="case-comment-resolve"),
     *router.urls,
 ]

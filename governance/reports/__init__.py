@@ -91,7 +91,7 @@ def generate_report(case: AuditCase, *, author, sign: bool = True) -> Report:
     from django.core.files.base import ContentFile
     from django.db import transaction
 
-    from governance import audit_log
+    from governance import audit_log, notifications
     from governance.evidence import DigestMismatch, content_digest, unbound_case_rows
     from governance.models import AuditCase as Case
     from governance.models import Report as ReportModel
@@ -143,6 +143,8 @@ def generate_report(case: AuditCase, *, author, sign: bool = True) -> Report:
                 "supersedes": previous.version if previous else None, "signed_by": signed_by,
                 "signer_cert_sha256": signer_cert_sha256, "audit_anchor": anchor,
                 "refused_urls": rendered.refused_urls[:20], "content_digest": content_digest(report)})
+            notifications.notify("report.issued", locked, author, {
+                "report": report.pk, "version": version, "sha256": report.sha256})
     except BaseException:
         from django.core.files.storage import default_storage
 

@@ -301,6 +301,18 @@ LOUPE_SIGNING_TRUST_ROOTS = env_list("LOUPE_SIGNING_TRUST_ROOTS", str(LOUPE_SIGN
 LOUPE_TSA_URL = os.environ.get("LOUPE_TSA_URL", "")
 LOUPE_TSA_TIMEOUT = int(os.environ.get("LOUPE_TSA_TIMEOUT", "10"))
 
+# Notifications (governance/notifications.py): e-mail through Django's mail backend, signed webhooks.
+EMAIL_BACKEND = os.environ.get("LOUPE_EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")
+EMAIL_HOST = os.environ.get("LOUPE_EMAIL_HOST", "localhost")
+EMAIL_PORT = int(os.environ.get("LOUPE_EMAIL_PORT", "25"))
+DEFAULT_FROM_EMAIL = os.environ.get("LOUPE_FROM_EMAIL", "loupe@localhost")
+# Webhook URLs resolving to loopback/private addresses are refused (SSRF) unless this is set.
+LOUPE_WEBHOOK_ALLOW_PRIVATE = os.environ.get("LOUPE_WEBHOOK_ALLOW_PRIVATE", "") == "1"
+LOUPE_WEBHOOK_TIMEOUT = float(os.environ.get("LOUPE_WEBHOOK_TIMEOUT", "10"))
+LOUPE_WEBHOOK_MAX_ATTEMPTS = int(os.environ.get("LOUPE_WEBHOOK_MAX_ATTEMPTS", "6"))
+LOUPE_WEBHOOK_RETRY_DELAY = float(os.environ.get("LOUPE_WEBHOOK_RETRY_DELAY", "30"))
+LOUPE_WEBHOOK_RETRY_MAX_DELAY = float(os.environ.get("LOUPE_WEBHOOK_RETRY_MAX_DELAY", "3600"))
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
