@@ -35,7 +35,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from governance import acceptance, access, audit_log, pipeline, workflow
+from governance import acceptance, access, audit_log, comments, pipeline, workflow
 from governance import models as m
 from governance.api.errors import domain_error
 from governance.glossary import describe_metric
@@ -144,7 +144,9 @@ def evidence_views(case: m.AuditCase, user) -> list[EvidenceView]:
         artifacts = sorted(evidence.artifacts.all(), key=lambda a: a.name)
         for artifact in artifacts:
             artifact.alt = describe_figure(artifact, evidence)
-        findings = sorted((f for f in evidence.findings or [] if isinstance(f, dict)),
+        # Each finding carries its thread key (its position in the evidence, before sorting).
+        findings = sorted(({**f, "key": comments.evidence_finding_key(evidence.pk, i)}
+                           for i, f in enumerate(evidence.findings or []) if isinstance(f, dict)),
                           key=lambda f: SEVERITY_ORDER.get(f.get("severity"), len(SEVERITY_ORDER)))
         views.append(EvidenceView(
             evidence=evidence, run=evidence.run,
@@ -288,6 +290,17 @@ def signoff_hint(case: m.AuditCase, user) -> str:
     return ""
 
 
+def attach_threads(case: m.AuditCase, user, evidence: list[EvidenceView]) -> list[comments.Thread]:
+    """Put each finding's comment thread beside it (``finding["thread"]``); returns the threads on
+    findings shown elsewhere (acceptance-criterion findings, or findings no longer in the evidence)."""
+    threads = comments.threads(case, user)
+    for item in evidence:
+        for finding in item.findings:
+            finding["thread"] = threads.pop(finding["key"], None)
+            finding["anchor"] = comments.anchor(finding["key"])
+    return list(threads.values())
+
+
 def review_context(request: HttpRequest, case: m.AuditCase, admin_site) -> dict[str, Any]:
     user = request.user
     roles = access.roles_of(user)
@@ -297,8 +310,11 @@ def review_context(request: HttpRequest, case: m.AuditCase, admin_site) -> dict[
     hint = signoff_hint(case, user)
     status_now = status_payload(case)
     evidence = evidence_views(case, user)
+    other_threads = attach_threads(case, user, evidence)
     return {
         "decision": decision_summary(case, evidence, status, status_now),
+        "other_threads": other_threads, "can_comment": comments.can_comment(case, user),
+        "can_resolve": comments.can_resolve(case, user),
         **admin_site.each_context(request),
         "title": f"Review: {case.title}",
         "case": case, "version": version, "ai_model": version.ai_model,
@@ -494,6 +510,68 @@ class ReviewViews:
 
         return self._act(request, case_id, frozenset({access.REVIEWER}), "Countersigning a report", act)
 
+    def comment(self, request: HttpRequest, case_id: int) -> HttpResponse:
+        def act(case: m.AuditCase) -> str:
+            row = comments.add_comment(case, request.user, request.POST.get("finding", ""),
+                                       request.POST.get("body", ""), reply_to=_reply_target(request, case))
+            return f"Added your comment #{row.pk} to the thread."
+
+        return self._act(request, case_id, comments.COMMENT_ROLES, "Commenting", act)
+
+    def resolve_comment(self, request: HttpRequest, case_id: int, comment_id: int) -> HttpResponse:
+        def act(case: m.AuditCase) -> str:
+            row = get_object_or_404(m.FindingComment.objects.visible_to(request.user), pk=comment_id, case=case)
+            comments.resolve(row, request.user)
+            return f"Marked comment #{row.pk} resolved."
+
+        return self._act(request, case_id, comments.RESOLVE_ROLES, "Resolving a comment", act)
+
+    def compare(self, request: HttpRequest, case_id: int) -> HttpResponse:
+        """The case's model version beside another version of the same model (``?with=<version id>``)."""
+        from governance import compare
+
+        case = visible_case(request, case_id)
+        version = case.model_version
+        others = list(m.ModelVersion.objects.visible_to(request.user).filter(ai_model_id=version.ai_model_id)
+                      .exclude(pk=version.pk).order_by("-created_at", "-pk"))
+        chosen = request.GET.get("with", "")
+        other = next((v for v in others if str(v.pk) == chosen), None)
+        if chosen and other is None:
+            raise Http404(f"no other version #{chosen} of {version.ai_model} is visible to you")
+        comparison = None
+        if other is not None:
+            older, newer = sorted((version, other), key=lambda v: (v.created_at, v.pk))
+            comparison = {"a": older, "b": newer, **compare.compare_versions(older, newer, request.user)}
+        context = {**self.admin_site.each_context(request), "title": f"Compare versions of {version.ai_model}",
+                   "case": case, "version": version, "others": others, "chosen": other, "comparison": comparison,
+                   "opts": m.AuditCase._meta, "page_url": self.page_url(case)}
+        return TemplateResponse(request, "admin/governance/auditcase/compare.html", context)
+
+    def report_diff(self, request: HttpRequest, case_id: int) -> HttpResponse:
+        """What changed between two report versions of the case (``?from=<n>&to=<n>``; by default the
+        latest against the one before)."""
+        from governance import compare
+
+        case = visible_case(request, case_id)
+        reports = list(m.Report.objects.visible_to(request.user).filter(case=case).order_by("version"))
+        by_version = {r.version: r for r in reports}
+
+        def pick(name: str, default: int | None) -> m.Report | None:
+            raw = request.GET.get(name, "")
+            if not raw:
+                return by_version.get(default) if default is not None else None
+            if not raw.isdigit() or int(raw) not in by_version:
+                raise Http404(f"case #{case.pk} has no report v{raw}")
+            return by_version[int(raw)]
+
+        newer = pick("to", reports[-1].version if reports else None)
+        older = pick("from", newer.version - 1 if newer is not None else None)
+        changes = compare.report_diff(older, newer) if older is not None and newer is not None else []
+        context = {**self.admin_site.each_context(request), "title": f"Report changes of case #{case.pk}",
+                   "case": case, "reports": reports, "older": older, "newer": newer, "changes": changes,
+                   "opts": m.AuditCase._meta, "page_url": self.page_url(case)}
+        return TemplateResponse(request, "admin/governance/auditcase/report_diff.html", context)
+
     def queue(self, request: HttpRequest) -> HttpResponse:
         """Cases awaiting the user's sign-off first, then every other case they can see."""
         user = request.user
@@ -548,6 +626,18 @@ class ReviewViews:
         return response
 
 
+def _reply_target(request: HttpRequest, case: m.AuditCase) -> m.FindingComment | None:
+    raw = request.POST.get("reply_to", "")
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise Refused("reply_to must be a comment id", 400)
+    row = m.FindingComment.objects.visible_to(request.user).filter(pk=int(raw), case=case).first()
+    if row is None:
+        raise Refused(f"comment #{raw} is not part of case #{case.pk}", 400)
+    return row
+
+
 def urls(admin_site) -> list:
     """URL patterns for :class:`~governance.admin.AuditCaseAdmin.get_urls`."""
     views = ReviewViews(admin_site)
@@ -562,6 +652,11 @@ def urls(admin_site) -> list:
         path(prefix + "signoff/", wrap(require_POST(views.signoff)), name=f"{name}_signoff"),
         path(prefix + "transition/", wrap(require_POST(views.transition)), name=f"{name}_transition"),
         path(prefix + "report/", wrap(require_POST(views.report)), name=f"{name}_report"),
+        path(prefix + "compare/", wrap(require_GET(views.compare)), name=f"{name}_compare"),
+        path(prefix + "reports/diff/", wrap(require_GET(views.report_diff)), name=f"{name}_report_diff"),
+        path(prefix + "comments/", wrap(require_POST(views.comment)), name=f"{name}_comment"),
+        path(prefix + "comments/<int:comment_id>/resolve/", wrap(require_POST(views.resolve_comment)),
+             name=f"{name}_comment_resolve"),
         path(prefix + "artifact/<int:artifact_id>/", wrap(require_GET(views.artifact)), name=f"{name}_artifact"),
         path(prefix + "reports/<int:report_id>/download/", wrap(require_GET(views.report_download)),
              name=f"{name}_report_download"),

@@ -20,6 +20,7 @@ Who may do what (visibility first: a case the user cannot see is a 404 before an
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,11 @@ RESOLVE_ROLES = frozenset({access.REVIEWER, access.ADMIN})
 
 def evidence_finding_key(evidence_id: int, index: int) -> str:
     return f"evidence-{evidence_id}/{index}"
+
+
+def anchor(key: str) -> str:
+    """An HTML id for a finding's thread (keys carry characters that ids and URLs mangle)."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
 
 
 def case_findings(case: AuditCase) -> dict[str, dict[str, Any]]:
@@ -134,6 +140,10 @@ class Thread:
     key: str
     finding: dict[str, Any]
     comments: list[FindingComment] = field(default_factory=list)
+
+    @property
+    def anchor(self) -> str:
+        return anchor(self.key)
 
     @property
     def open(self) -> int:

@@ -10,6 +10,9 @@ urlpatterns = [
     path("cases/<int:case_id>/", views.case_page, name="case"),
     path("cases/<int:case_id>/status.json", views.case_status, name="case_status"),
     path("cases/<int:case_id>/transition/", views.case_transition, name="case_transition"),
+    path("cases/<int:case_id>/comments/", views.case_comment, name="case_comment"),
+    path("cases/<int:case_id>/comments/<int:comment_id>/resolve/", views.case_comment_resolve,
+         name="case_comment_resolve"),
     path("cases/<int:case_id>/artifact/<int:artifact_id>/", views.artifact, name="artifact"),
 ]
 

@@ -12,7 +12,7 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from governance import access, admin_review, pipeline, registration, workflow
+from governance import access, admin_review, comments, pipeline, registration, workflow
 from governance import models as m
 from governance.api.errors import domain_error
 
@@ -69,6 +69,7 @@ def _render_case(request: HttpRequest, case_id: int, *, error: str = "", status:
     case = _case(request, case_id)
     user = request.user
     evidence = admin_review.evidence_views(case, user)
+    other_threads = admin_review.attach_threads(case, user, evidence)
     review = workflow.review_status(case)
     progress = admin_review.status_payload(case)
     change_requests = (m.Signoff.objects.visible_to(user).filter(case=case)
@@ -87,6 +88,8 @@ def _render_case(request: HttpRequest, case_id: int, *, error: str = "", status:
         "case": case, "version": case.model_version, "evidence": evidence, "status": progress,
         "runs": admin_review.run_rows(case), "decision": admin_review.decision_summary(case, evidence, review, progress),
         "change_requests": change_requests, "actions": actions, "error": error,
+        "other_threads": other_threads, "can_comment": comments.can_comment(case, user),
+        "can_resolve": comments.can_resolve(case, user),
         "poll_url": reverse("portal:case_status", args=[case.pk])}, status=status)
 
 
@@ -122,6 +125,42 @@ def case_transition(request: HttpRequest, case_id: int) -> HttpResponse:
             raise
         return _render_case(request, case_id, error=str(exc), status=known[1])
     messages.success(request, message)
+    return redirect("portal:case", case_id=case.pk)
+
+
+@login_required
+@require_POST
+def case_comment(request: HttpRequest, case_id: int) -> HttpResponse:
+    """The provider answers in a finding's thread (governance/comments.py decides who may)."""
+    case = _case(request, case_id)
+    try:
+        reply_to = None
+        raw = request.POST.get("reply_to", "")
+        if raw.isdigit():
+            reply_to = m.FindingComment.objects.visible_to(request.user).filter(pk=int(raw), case=case).first()
+        row = comments.add_comment(case, request.user, request.POST.get("finding", ""), request.POST.get("body", ""),
+                                   reply_to=reply_to)
+    except Exception as exc:  # noqa: BLE001 - only the service's own errors are shown; others re-raise
+        known = domain_error(exc)
+        if known is None:
+            raise
+        return _render_case(request, case_id, error=str(exc), status=known[1])
+    messages.success(request, f"Added your comment #{row.pk}; the reviewers are notified.")
+    return redirect(reverse("portal:case", args=[case.pk]) + f"#thread-{comments.anchor(row.finding)}")
+
+
+@login_required
+@require_POST
+def case_comment_resolve(request: HttpRequest, case_id: int, comment_id: int) -> HttpResponse:
+    case = _case(request, case_id)
+    row = get_object_or_404(m.FindingComment.objects.visible_to(request.user), pk=comment_id, case=case)
+    try:
+        comments.resolve(row, request.user)
+    except Exception as exc:  # noqa: BLE001 - only the service's own errors are shown; others re-raise
+        known = domain_error(exc)
+        if known is None:
+            raise
+        return _render_case(request, case_id, error=str(exc), status=known[1])
     return redirect("portal:case", case_id=case.pk)
 
 

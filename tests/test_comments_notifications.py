@@ -1,0 +1,283 @@
+"""Comment threads on findings, e-mail notifications and signed webhooks (issue 25), through the API,
+the review workspace, the provider portal, ``mail.outbox`` and a local HTTP server that receives
+the webhooks and checks their signatures as a receiver would.
+
+Actors (conftest.py): alice submitted Acme's case, rita and rob review it, ruth reviews nothing,
+mallory is at Globex, audrey audits, ada administers.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from django.core import mail
+from django.urls import reverse
+from rest_framework.test import APIClient
+
+from governance import acceptance, audit_log, workflow
+from governance.models import AuditCase, FindingComment, ImmutableError, WebhookDelivery
+from governance.notifications import SIGNATURE_HEADER, verify_signature
+from tests.review_fixtures import HOSTILE, admit, make_review_case
+
+S = AuditCase.State
+
+
+@pytest.fixture
+def review_case(draft_case, alice, ada, rita, rob, ruth, mallory, audrey):
+    admit(alice, ada, rita, rob, ruth, mallory, audrey)
+    case, _ = make_review_case(draft_case, alice=alice, ada=ada, rita=rita, rob=rob)
+    return case
+
+
+@pytest.fixture
+def finding(review_case) -> str:
+    """The key of the evidence's second finding ("Shortcut on watermark", high)."""
+    return f"evidence-{review_case.runs.get().evidence.pk}/1"
+
+
+@pytest.fixture
+def api(request):
+    def client_for(name: str) -> APIClient:
+        client = APIClient()
+        client.force_authenticate(request.getfixturevalue(name))
+        return client
+    return client_for
+
+
+def comments_url(case: AuditCase) -> str:
+    return f"/api/cases/{case.pk}/comments/"
+
+
+# --------------------------------------------------------------------------------------------------
+# Comment threads
+# --------------------------------------------------------------------------------------------------
+
+
+def test_reviewer_asks_and_provider_answers_in_one_thread(review_case, finding, api):
+    asked = api("rita").post(comments_url(review_case), {"finding": finding, "body": "Is the logo in every image?"},
+                             format="json")
+    assert asked.status_code == 201, asked.content
+    answered = api("alice").post(comments_url(review_case), {"finding": finding, "body": "Only in the test split.",
+                                                             "reply_to": asked.data["id"]}, format="json")
+    assert answered.status_code == 201, answered.content
+    listed = api("rob").get(comments_url(review_case), {"finding": finding})
+    assert [(c["author"], c["body"], c["reply_to"]) for c in listed.data] == [
+        ("rita", "Is the logo in every image?", None), ("alice", "Only in the test split.", asked.data["id"])]
+    assert api("audrey").get(comments_url(review_case)).status_code == 200
+    actions = [e.action for e in review_case.audit_events.order_by("seq")]
+    assert actions.count("comment.created") == 2
+    assert audit_log.verify_excerpt(audit_log.excerpt(review_case)) == []
+
+
+def test_other_organisations_and_unassigned_reviewers_get_404(review_case, finding, api):
+    for name in ("mallory", "ruth"):
+        assert api(name).get(comments_url(review_case)).status_code == 404
+        assert api(name).post(comments_url(review_case), {"finding": finding, "body": "x"},
+                              format="json").status_code == 404
+    assert not FindingComment.objects.exists()
+
+
+def test_auditors_read_only_and_unknown_findings_refused(review_case, finding, api):
+    refused = api("audrey").post(comments_url(review_case), {"finding": finding, "body": "x"}, format="json")
+    assert refused.status_code == 403
+    unknown = api("rita").post(comments_url(review_case), {"finding": "evidence-999/0", "body": "x"}, format="json")
+    assert unknown.status_code == 400
+    assert "no finding" in unknown.json()["detail"]
+    assert api("rita").post(comments_url(review_case), {"finding": finding, "body": "   "},
+                            format="json").status_code == 400
+    assert not FindingComment.objects.exists()
+
+
+def test_comments_are_append_only_and_resolved_once(review_case, finding, api):
+    created = api("rita").post(comments_url(review_case), {"finding": finding, "body": "Explain."}, format="json")
+    comment = FindingComment.objects.get(pk=created.data["id"])
+    comment.body = "Rewritten history"
+    with pytest.raises(ImmutableError):
+        comment.save()
+    with pytest.raises(ImmutableError):
+        FindingComment.objects.get(pk=comment.pk).delete()
+    resolve = f"{comments_url(review_case)}{comment.pk}/resolve/"
+    assert api("alice").post(resolve).status_code == 403  # the provider answers; the reviewer decides
+    done = api("rob").post(resolve)
+    assert done.status_code == 200 and done.data["resolved_by"] == "rob" and done.data["resolved_at"]
+    assert api("rita").post(resolve).status_code == 409
+    assert FindingComment.objects.get(pk=comment.pk).body == "Explain."
+    assert review_case.audit_events.filter(action="comment.resolved").count() == 1
+
+
+def test_workspace_shows_the_thread_beside_its_finding_escaped(review_case, finding, api, client, rita):
+    api("alice").post(comments_url(review_case), {"finding": finding, "body": HOSTILE}, format="json")
+    client.force_login(rita)
+    page = client.get(reverse("admin:governance_auditcase_review", args=[review_case.pk]))
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert "<script>alert" not in html and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html
+    article = html.index(f'id="evidence-{review_case.runs.get().evidence.pk}"')
+    watermark = html.index("Shortcut on watermark", article)
+    assert watermark < html.index("&lt;script&gt;alert", article) < html.index("Slight colour bias", article)
+    posted = client.post(reverse("admin:governance_auditcase_review_comment", args=[review_case.pk]),
+                         {"finding": finding, "body": "Thanks, noted."})
+    assert posted.status_code == 302
+    assert FindingComment.objects.filter(author=rita, body="Thanks, noted.").exists()
+
+
+def test_provider_answers_in_the_portal(review_case, finding, client, alice, mallory):
+    client.force_login(alice)
+    url = reverse("portal:case_comment", args=[review_case.pk])
+    answered = client.post(url, {"finding": finding, "body": "Retrained without the logo."})
+    assert answered.status_code == 302
+    page = client.get(reverse("portal:case", args=[review_case.pk])).content.decode()
+    assert "Retrained without the logo." in page and 'name="finding"' in page
+    client.force_login(mallory)
+    assert client.post(url, {"finding": finding, "body": "peek"}).status_code == 404
+    assert FindingComment.objects.count() == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# E-mail
+# --------------------------------------------------------------------------------------------------
+
+
+def test_state_changes_mail_the_submitter_and_reviewers(draft_case, alice, ada, rita, rob,
+                                                       django_capture_on_commit_callbacks):
+    workflow.assign_reviewers(draft_case, [rita, rob], by=ada)
+    with django_capture_on_commit_callbacks(execute=True):
+        workflow.submit(draft_case, by=alice)
+    sent = mail.outbox[-1]
+    assert "submitted for probing" in sent.subject and f"Case #{draft_case.pk}" in sent.subject
+    assert sorted(sent.to) == ["rita@example.org", "rob@example.org"]  # not alice: she acted
+    mail.outbox.clear()
+    with django_capture_on_commit_callbacks(execute=True):
+        workflow.withdraw(draft_case, by=alice)  # back to draft: not an announced event
+    assert mail.outbox == []
+
+
+def test_changes_requested_and_comments_are_mailed(review_case, finding, rita, api,
+                                                   django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        workflow.sign_off(review_case, rita, "request_changes", "Retrain without the logo.")
+    assert [m.subject.rsplit(": ", 1)[1] for m in mail.outbox] == ["changes requested"]
+    assert sorted(mail.outbox[0].to) == ["alice@example.org", "rob@example.org"]
+    mail.outbox.clear()
+    with django_capture_on_commit_callbacks(execute=True):
+        api("alice").post(comments_url(review_case), {"finding": finding, "body": "Done\nSubject: injected"},
+                          format="json")
+    (sent,) = mail.outbox
+    assert "new comment" in sent.subject and "\n" not in sent.subject
+    assert "Shortcut on watermark" in sent.body and "Done\nSubject: injected" in sent.body
+    assert sorted(sent.to) == ["rita@example.org", "rob@example.org"]
+
+
+def test_a_rolled_back_change_announces_nothing(review_case, finding, api, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        refused = api("rita").post(comments_url(review_case), {"finding": "nope", "body": "x"}, format="json")
+    assert refused.status_code == 400 and callbacks == [] and mail.outbox == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Webhooks
+# --------------------------------------------------------------------------------------------------
+
+
+class Receiver:
+    """A local HTTP server that records what it receives and answers with ``status``."""
+
+    def __init__(self, status: int = 204) -> None:
+        self.status = status
+        self.received: list[dict[str, Any]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.received.append({"headers": dict(self.headers), "body": body})
+                self.send_response(outer.status)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    yield server
+    server.close()
+
+
+def test_private_webhook_urls_are_refused_by_default(alice, api, settings):
+    settings.LOUPE_WEBHOOK_ALLOW_PRIVATE = False
+    for url in ("http://127.0.0.1:8080/hook", "http://10.1.2.3/hook", "http://[::1]/hook",
+                "http://169.254.169.254/latest/meta-data", "ftp://example.org/hook"):
+        answer = api("alice").post("/api/webhooks/", {"url": url}, format="json")
+        assert answer.status_code == 400, url
+        assert "url" in answer.json()["fields"], answer.json()
+
+
+def test_signed_webhook_is_delivered_on_approval(review_case, alice, rita, rob, api, receiver, settings,
+                                                 django_capture_on_commit_callbacks):
+    settings.LOUPE_WEBHOOK_ALLOW_PRIVATE = True
+    created = api("alice").post("/api/webhooks/", {"url": receiver.url, "events": ["case.approved"]}, format="json")
+    assert created.status_code == 201, created.content
+    secret = created.data["secret"]
+    assert "secret" not in api("alice").get(f"/api/webhooks/{created.data['id']}/").data
+    assert api("mallory").get(f"/api/webhooks/{created.data['id']}/").status_code == 404
+    acks = {f["key"]: "accepted for the pilot" for f in acceptance.open_findings(review_case)}
+    with django_capture_on_commit_callbacks(execute=True):
+        for reviewer in (rita, rob):
+            workflow.sign_off(review_case, reviewer, "approve", "", acknowledgements=acks or None)
+    review_case.refresh_from_db()
+    assert review_case.state == S.APPROVED
+    (hit,) = receiver.received  # only the subscribed event
+    headers = {k.lower(): v for k, v in hit["headers"].items()}
+    assert verify_signature(secret, headers[SIGNATURE_HEADER.lower()], hit["body"])
+    assert not verify_signature("another-secret-of-enough-length", headers[SIGNATURE_HEADER.lower()], hit["body"])
+    assert not verify_signature(secret, headers[SIGNATURE_HEADER.lower()], hit["body"] + b" ")
+    payload = json.loads(hit["body"])
+    assert payload["event"] == "case.approved" and payload["case"]["id"] == review_case.pk
+    assert headers["x-loupe-event"] == "case.approved"
+    delivery = WebhookDelivery.objects.get()
+    assert (delivery.status, delivery.attempts, delivery.response_status) == ("delivered", 1, 204)
+    listed = api("alice").get(f"/api/webhooks/{created.data['id']}/deliveries/")
+    assert [d["status"] for d in listed.data] == ["delivered"]
+
+
+def test_failed_deliveries_are_retried_then_marked_failed(review_case, finding, api, receiver, settings,
+                                                         django_capture_on_commit_callbacks):
+    settings.LOUPE_WEBHOOK_ALLOW_PRIVATE = True
+    settings.LOUPE_WEBHOOK_MAX_ATTEMPTS = 3
+    receiver.status = 500
+    api("alice").post("/api/webhooks/", {"url": receiver.url}, format="json")
+    with django_capture_on_commit_callbacks(execute=True):
+        api("rita").post(comments_url(review_case), {"finding": finding, "body": "Why?"}, format="json")
+    delivery = WebhookDelivery.objects.get()
+    assert (delivery.event, delivery.status, delivery.attempts) == ("comment.created", "failed", 3)
+    assert delivery.last_error == "HTTP 500" and len(receiver.received) == 3
+    assert len({r["headers"]["X-Loupe-Delivery"] for r in receiver.received}) == 1
+
+
+def test_delivery_rechecks_the_address_before_sending(review_case, finding, api, receiver, settings,
+                                                      django_capture_on_commit_callbacks):
+    settings.LOUPE_WEBHOOK_ALLOW_PRIVATE = True
+    settings.LOUPE_WEBHOOK_MAX_ATTEMPTS = 1
+    api("alice").post("/api/webhooks/", {"url": receiver.url}, format="json")
+    settings.LOUPE_WEBHOOK_ALLOW_PRIVATE = False
+    with django_capture_on_commit_callbacks(execute=True):
+        api("rita").post(comments_url(review_case), {"finding": finding, "body": "Why?"}, format="json")
+    delivery = WebhookDelivery.objects.get()
+    assert delivery.status == "failed" and "non-public address" in delivery.last_error
+    assert receiver.received == []
