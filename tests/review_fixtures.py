@@ -77,3 +77,25 @@ def make_review_case(draft_case, *, alice, ada, rita, rob, summary: str = "Relev
     log_recorded(evidence)  # bound to the audit log by its content digest, as record_result does
     workflow.mark_evidence_ready(draft_case)
     return draft_case, evidence
+
+
+def make_second_version(acme_model, kind: str, *, alice, ada, reviewers):
+    """Version 2.0 of ``acme_model`` (hostile model details, no limitations) with a case of its own,
+    reviewed by ``reviewers``, whose grounding evidence no longer has the watermark finding."""
+    from governance import workflow
+    from governance.models import AuditCase, ModelVersion
+    from tests.conftest import finish_run_with_evidence
+
+    version = ModelVersion(ai_model=acme_model, version="2.0", source=ModelVersion.Source.HUB,
+                           hub_id="acme/clip-tiny", hub_revision="c" * 40, model_details=HOSTILE,
+                           intended_uses="Tagging product photos.", created_by=alice)
+    version.set_manifest({"config.json": "3" * 64, "model.safetensors": "4" * 64})
+    version.save()
+    case = AuditCase.objects.create(model_version=version, title="Acme CLIP 2.0 audit", created_by=alice,
+                                    probe_plan=[{"kind": kind, "params": {"n": 3}}])
+    workflow.assign_reviewers(case, reviewers, by=ada)
+    workflow.submit(case, by=alice)
+    workflow.start_runs(case)
+    finish_run_with_evidence(case, kind="grounding")
+    workflow.mark_evidence_ready(case)
+    return version

@@ -18,7 +18,7 @@ import pytest
 from django.urls import reverse
 
 from tests.accessibility import assert_accessible
-from tests.review_fixtures import admit, make_review_case
+from tests.review_fixtures import admit, make_review_case, make_second_version
 
 CHROMIUM = os.environ.get("LOUPE_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -232,3 +232,48 @@ def test_a_provider_uploads_opens_a_case_watches_runs_and_resubmits(live_server,
     finally:
         local.disable()
         local.wait_idle(120)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_comment_threads_and_version_comparison(live_server, page, axe_report, draft_case, acme_model, alice, ada,
+                                                rita, rob, test_probe_kind):
+    """Rob asks in a finding's thread, alice answers in the portal, rob sees the answer beside the
+    finding and compares the two versions of the model he reviews; each page passes axe."""
+    from governance.models import FindingComment
+
+    admit(alice, ada, rita, rob)
+    case, evidence = make_review_case(draft_case, alice=alice, ada=ada, rita=rita, rob=rob)
+    second = make_second_version(acme_model, test_probe_kind, alice=alice, ada=ada, reviewers=[rob, rita])
+    base = live_server.url
+    log_in(page, base, "rob")
+    page.goto(base + reverse("admin:governance_auditcase_review", args=[case.pk]))
+    thread = page.locator(f"#evidence-{evidence.pk} .thread").first
+    thread.locator("summary").click()
+    thread.locator("textarea").fill("Is the logo in every training image?")
+    with page.expect_navigation():
+        thread.locator("button[type=submit]").click()
+    assert FindingComment.objects.filter(author=rob).count() == 1
+
+    page.context.clear_cookies()
+    log_in(page, base, "alice")
+    page.goto(base + reverse("portal:case", args=[case.pk]))
+    portal_thread = page.locator(f"#evidence-{evidence.pk} .thread").first
+    assert "logo in every training image" in portal_thread.inner_text()
+    portal_thread.locator("textarea").fill("Only in the shop's own photos; retrained without it in 2.0.")
+    assert_accessible(page, "portal-case-thread", axe_report)
+    with page.expect_navigation():
+        portal_thread.locator("button[type=submit]").click()
+
+    page.context.clear_cookies()
+    log_in(page, base, "rob")
+    page.goto(base + reverse("admin:governance_auditcase_review", args=[case.pk]))
+    assert "retrained without it" in page.locator(f"#evidence-{evidence.pk} .thread").first.inner_text()
+    shot(page, "reviewer-4-thread.png", full_page=True)
+    assert_accessible(page, "workspace-thread", axe_report)
+    page.click("#compare-versions")
+    page.select_option("#with", str(second.pk))
+    with page.expect_navigation():
+        page.click("#choose-version button[type=submit]")
+    assert "2 fields changed" in page.inner_text("#card")
+    shot(page, "reviewer-5-compare.png", full_page=True)
+    assert_accessible(page, "compare-versions", axe_report)

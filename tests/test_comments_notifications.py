@@ -22,7 +22,7 @@ from rest_framework.test import APIClient
 from governance import acceptance, audit_log, workflow
 from governance.models import AuditCase, FindingComment, ImmutableError, WebhookDelivery
 from governance.notifications import SIGNATURE_HEADER, verify_signature
-from tests.review_fixtures import HOSTILE, admit, make_review_case
+from tests.review_fixtures import HOSTILE, admit, make_review_case, make_second_version
 
 S = AuditCase.State
 
@@ -281,3 +281,65 @@ def test_delivery_rechecks_the_address_before_sending(review_case, finding, api,
     delivery = WebhookDelivery.objects.get()
     assert delivery.status == "failed" and "non-public address" in delivery.last_error
     assert receiver.received == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Comparing model versions and report versions
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def second_version(review_case, acme_model, alice, ada, rob, ruth, test_probe_kind):
+    """Version 2.0 of the same model with its own case (reviewed by rob and ruth, not rita)."""
+    return make_second_version(acme_model, test_probe_kind, alice=alice, ada=ada, reviewers=[rob, ruth])
+
+
+def test_two_versions_of_a_model_side_by_side(review_case, second_version, client, rob, rita):
+    url = reverse("admin:governance_auditcase_review_compare", args=[review_case.pk])
+    client.force_login(rob)
+    listed = client.get(url).content.decode()
+    assert f'value="{second_version.pk}"' in listed
+    page = client.get(url, {"with": second_version.pk})
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert "<script>alert" not in html and "&lt;script&gt;alert" in html  # 2.0's model details, escaped
+    assert "2 fields changed" in html  # model details and limitations; intended uses are equal
+    assert "0.81" in html and "0.8" in html and "-0.01" in html  # pointing game per version and the change
+    watermark = html.index("Shortcut on watermark")
+    row = html[watermark:html.index("</tr>", watermark)]
+    assert "present (evidence" in row and row.endswith("absent</td>")  # fixed in 2.0
+    client.force_login(rita)  # rita reviews only 1.0: 2.0 is not hers to see
+    assert f'value="{second_version.pk}"' not in client.get(url).content.decode()
+    assert client.get(url, {"with": second_version.pk}).status_code == 404
+
+
+def test_diff_between_report_versions(review_case, finding, rita, rob, alice, client, mallory):
+    import io
+    import re
+
+    from pypdf import PdfReader
+
+    from governance import comments
+    from governance.reports import generate_report
+
+    generate_report(review_case, author=rita)
+    workflow.sign_off(review_case, rob, "request_changes", "Retrain without the logo.")
+    comments.add_comment(review_case, alice, finding, HOSTILE)
+    second = generate_report(review_case, author=rita)
+    # The discussion is in the report, as text: the hostile comment is shown literally, never as markup.
+    assert second.manifest["comments"][0]["body"] == HOSTILE
+    text = re.sub(r"\s+", " ", " ".join(p.extract_text() or "" for p in PdfReader(io.BytesIO(second.pdf.read())).pages))
+    assert "Discussion of the findings" in text and '<script>alert("x")</script>' in text
+    url = reverse("admin:governance_auditcase_review_report_diff", args=[review_case.pk])
+    client.force_login(rita)
+    page = client.get(url)
+    html = page.content.decode()
+    assert page.status_code == 200 and "From v1 to v2" in html
+    assert "signoff_added" in html and "rob (request changes)" in html
+    assert "Case state changed from evidence_ready to changes_requested" in html
+    assert "comment_added" in html and "&lt;script&gt;" not in html  # the change log names, never quotes
+    assert client.get(url, {"from": 7}).status_code == 404
+    review = client.get(reverse("admin:governance_auditcase_review", args=[review_case.pk])).content.decode()
+    assert f"{url}?to=2" in review
+    client.force_login(mallory)
+    assert client.get(url).status_code == 404

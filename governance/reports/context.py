@@ -710,6 +710,7 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
             {"title": "Limitations", "html": markdown_html(truncate(card.get("limitations")))},
         ) if str(c["html"]).strip()],
         "signoffs": [{**s, "comment": truncate(s.get("comment"), MAX_COMMENT_CHARS)} for s in manifest.get("signoffs", [])],
+        "comments": [{**c, "body": truncate(c.get("body"), MAX_COMMENT_CHARS)} for c in manifest.get("comments") or []],
         "test_log": test_log, "limitations": limitations(manifest.get("evidence", []),
                                                          [kind_title(k) for k in missing]),
         "artifacts": artifacts, "model_files": sorted((manifest["model"].get("files") or {}).items()),

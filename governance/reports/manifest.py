@@ -140,6 +140,12 @@ def report_content(case: AuditCase) -> dict[str, Any]:
                              for a in case.acknowledgements.select_related("reviewer").order_by("created_at", "pk")],
         "provider_documents": [provider_documents.entry(d)
                                for d in provider_documents.latest_documents(case.model_version)],
+        # The discussion of the findings (governance/comments.py), as it stood at issuance.
+        "comments": [{"id": c.pk, "finding": c.finding, "evidence_id": c.evidence_id, "author": _user(c.author),
+                      "body": c.body, "reply_to": c.reply_to_id, "created_at": _iso(c.created_at),
+                      "resolved_by": _user(c.resolved_by) if c.resolved_by_id else None,
+                      "resolved_at": _iso(c.resolved_at) if c.resolved_at else None}
+                     for c in case.comments.select_related("author", "resolved_by").order_by("created_at", "pk")],
     }
 
 

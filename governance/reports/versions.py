@@ -62,6 +62,7 @@ def changelog(previous: dict[str, Any] | None, current: dict[str, Any]) -> list[
     changes += _field_changes(previous, current)
     changes += _criteria_changes(previous, current)
     changes += _document_changes(previous, current)
+    changes += _comment_changes(previous, current)
     if not changes:
         changes.append({"change": "no_change", "detail": "No change in evidence, sign-offs or case state; "
                                                          "re-issued from the same case state."})
@@ -152,4 +153,21 @@ def _document_changes(previous: dict[str, Any], current: dict[str, Any]) -> list
                         "detail": f"Provider document '{document['type_label']}' v{document['version']} "
                                   f"(SHA-256 {document['sha256'][:16]}...)"
                                   + (f" replaces v{old['version']}." if old else " added.")})
+    return out
+
+
+def _comment_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[dict[str, Any]]:
+    """Comments added and comments resolved since the previous version (governance/comments.py)."""
+    before = {c["id"]: c for c in previous.get("comments") or []}
+    out = []
+    for comment in current.get("comments") or []:
+        old = before.get(comment["id"])
+        who = (comment.get("author") or {}).get("name", "")
+        if old is None:
+            out.append({"change": "comment_added", "comment": comment["id"],
+                        "detail": f"Comment #{comment['id']} by {who} on finding {comment['finding']}."})
+        if comment.get("resolved_at") and not (old or {}).get("resolved_at"):
+            resolver = (comment.get("resolved_by") or {}).get("name", "")
+            out.append({"change": "comment_resolved", "comment": comment["id"],
+                        "detail": f"Comment #{comment['id']} resolved by {resolver}."})
     return out
