@@ -51,7 +51,7 @@ ROLE_PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
         "proberun": VIEW, "evidence": VIEW, "evidenceartifact": VIEW, "signoff": VIEW, "report": VIEW,
         "auditevent": VIEW, "acceptancecriterion": VIEW, "findingacknowledgement": VIEW,
         "providerdocument": ("add", "view"), "findingcomment": ("add", "view"),
-        "webhookendpoint": ("add", "view", "delete"), "webhookdelivery": VIEW,
+        "webhookendpoint": ("add", "view"), "webhookdelivery": VIEW,
     },
     REVIEWER: {
         "organisation": VIEW, "membership": VIEW, "aimodel": VIEW, "modelversion": VIEW,

@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 from django.core import mail
+from django.db import IntegrityError, connection, transaction
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from governance import acceptance, audit_log, workflow
+from governance import acceptance, audit_log, comments, workflow
 from governance.models import AuditCase, FindingComment, ImmutableError, WebhookDelivery
 from governance.notifications import SIGNATURE_HEADER, verify_signature
 from tests.review_fixtures import HOSTILE, admit, make_review_case, make_second_version
@@ -108,6 +109,19 @@ def test_comments_are_append_only_and_resolved_once(review_case, finding, api):
     assert api("rita").post(resolve).status_code == 409
     assert FindingComment.objects.get(pk=comment.pk).body == "Explain."
     assert review_case.audit_events.filter(action="comment.resolved").count() == 1
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the SQL triggers exist on PostgreSQL only")
+def test_raw_sql_cannot_rewrite_or_delete_comments_on_postgresql(review_case, finding, rita, rob):
+    comment = comments.add_comment(review_case, rita, finding, "Explain.")
+    for sql in ("UPDATE governance_findingcomment SET body = 'rewritten'", "DELETE FROM governance_findingcomment"):
+        with pytest.raises(IntegrityError, match="immutable"), transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(sql)
+    comments.resolve(comment, rob)  # the one change the trigger lets through
+    with pytest.raises(IntegrityError, match="immutable"), transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("UPDATE governance_findingcomment SET resolved_at = now(), resolved_by_id = %s", [rita.pk])
+    comment.refresh_from_db()
+    assert (comment.body, comment.resolved_by) == ("Explain.", rob)
 
 
 def test_workspace_shows_the_thread_beside_its_finding_escaped(review_case, finding, api, client, rita):
@@ -319,7 +333,6 @@ def test_diff_between_report_versions(review_case, finding, rita, rob, alice, cl
 
     from pypdf import PdfReader
 
-    from governance import comments
     from governance.reports import generate_report
 
     generate_report(review_case, author=rita)

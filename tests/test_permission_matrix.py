@@ -121,6 +121,11 @@ TABLE = [
     Row("change a criterion", "post", "/api/cases/{case}/criteria/", (401, 404, 403, 403, 404, 403, 200),
         lambda w: {"kind": "grounding", "metric": "deletion_auc", "severity": "high", "reason": "High stakes."}),
     Row("request a report", "post", "/api/cases/{case}/reports/", (401, 403, 403, 201, 404, 403, 201)),
+    Row("read the comments of the case under review", "get", "/api/cases/{case}/comments/", READ),
+    Row("comment on a finding", "post", "/api/cases/{case}/comments/", (401, 404, 201, 201, 404, 403, 201),
+        lambda w: {"finding": w["finding"], "body": "Is this in every image?"}),
+    Row("resolve a comment", "post", "/api/cases/{case}/comments/{comment}/resolve/",
+        (401, 404, 403, 200, 404, 403, 200)),
     Row("delete a case", "delete", "/api/cases/{draft}/", NO_METHOD),
     # Read-only records
     Row("list runs", "get", "/api/runs/", LIST),
@@ -144,6 +149,14 @@ TABLE = [
     Row("list audit events", "get", "/api/audit-events/", LIST),
     Row("read an audit event of the case", "get", "/api/audit-events/{event}/", READ),
     Row("delete an audit event", "delete", "/api/audit-events/{event}/", NO_METHOD),
+    # Webhooks: an organisation's own
+    Row("list webhooks", "get", "/api/webhooks/", LIST),
+    Row("read Acme's webhook", "get", "/api/webhooks/{webhook}/", ACME_ONLY),
+    Row("register a webhook for Acme", "post", "/api/webhooks/", CREATE_OWN,
+        lambda w: {"organisation": w["acme"], "url": "https://93.184.215.14/loupe"}),
+    Row("read the deliveries of Acme's webhook", "get", "/api/webhooks/{webhook}/deliveries/",
+        (401, 404, 200, 403, 403, 200, 200)),
+    Row("remove Acme's webhook", "delete", "/api/webhooks/{webhook}/", (401, 404, 204, 403, 403, 403, 204)),
     # Documentation is public: the schema describes the API, not anyone's data.
     Row("OpenAPI schema", "get", "/api/schema/", (200,) * 7),
     Row("Swagger UI", "get", "/api/docs/", (200,) * 7),
@@ -184,7 +197,14 @@ def world(case_with_evidence, acme, acme_model, acme_version, alice, mallory, ri
 
     document = provider_documents.attach(acme_version, doc_type="risk_management", title="Risk file",
                                          filename="risk.pdf", stream=io.BytesIO(b"%PDF-1.4\n% risk\n"), by=alice)
+    from governance import comments
+    from governance.models import WebhookEndpoint
+
+    finding = f"evidence-{evidence.pk}/0"
+    comment = comments.add_comment(case, rita, finding, "Why only red objects?")
+    webhook = WebhookEndpoint.objects.create(organisation=acme, url="https://93.184.215.14/hook", secret="s" * 32)
     return {
+        "finding": finding, "comment": comment.pk, "webhook": webhook.pk,
         "users": {"anon": None, "mallory": mallory, "alice": alice, "rita": rita, "ruth": ruth, "audrey": audrey,
                   "ada": ada},
         "acme": acme.pk, "model": acme_model.pk, "version": acme_version.pk, "uploaded": uploaded.json()["id"],
@@ -214,6 +234,7 @@ SECTIONS = {
     "records": [r for r in TABLE if r.path.startswith(("/api/runs", "/api/evidence", "/api/artifacts",
                                                        "/api/signoffs", "/api/reports", "/api/audit-events"))],
     "docs": [r for r in TABLE if r.path.startswith(("/api/schema", "/api/docs"))],
+    "notifications": [r for r in TABLE if r.path.startswith("/api/webhooks")],
 }
 
 

@@ -121,6 +121,12 @@ class WebhookSerializer(serializers.ModelSerializer):
         fields = ["id", "organisation", "url", "secret", "events", "is_active", "created_at"]
         read_only_fields = ["id", "is_active", "created_at"]
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        request = self.context.get("request")
+        if request is not None:  # an organisation the user cannot see is "invalid", as for other objects
+            self.fields["organisation"].queryset = m.Organisation.objects.visible_to(request.user)
+
     def validate_url(self, value: str) -> str:
         try:
             notifications.check_url(value)
