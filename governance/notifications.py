@@ -106,12 +106,15 @@ def notify(event: str, case: AuditCase, actor: Any, data: dict[str, Any] | None 
 def _send_on_commit(task_name: str, *args: Any) -> None:
     # A notification never fails the change it announces: a broker that is down loses the e-mail
     # (logged); a webhook delivery stays 'pending' in the database and can be sent again.
-    # The task is looked up by name (workers.tasks imports this module, so no import back).
+    # Sent by name, as governance.pipeline does: workers.tasks imports this module, so no import back.
+    # Executed in-process, the tasks must be registered first, as a worker does at start.
     def send() -> None:
         from workers.celery import app
 
         try:
-            app.tasks[task_name].apply_async(args=args)
+            if app.conf.task_always_eager:
+                app.loader.import_default_modules()
+            app.signature(task_name, args=args).apply_async()
         except Exception:  # noqa: BLE001 - logged; the committed change stands
             logger.warning("notification task %s not sent", task_name, exc_info=True)
 

@@ -23,6 +23,7 @@ from rest_framework.test import APIClient
 from governance import acceptance, audit_log, comments, workflow
 from governance.models import AuditCase, FindingComment, ImmutableError, WebhookDelivery
 from governance.notifications import SIGNATURE_HEADER, verify_signature
+from tests.conftest import finish_run_with_evidence
 from tests.review_fixtures import HOSTILE, admit, make_review_case, make_second_version
 
 S = AuditCase.State
@@ -169,6 +170,15 @@ def test_state_changes_mail_the_submitter_and_reviewers(draft_case, alice, ada, 
     with django_capture_on_commit_callbacks(execute=True):
         workflow.withdraw(draft_case, by=alice)  # back to draft: not an announced event
     assert mail.outbox == []
+    workflow.submit(draft_case, by=alice)
+    workflow.start_runs(draft_case)
+    finish_run_with_evidence(draft_case)
+    mail.outbox.clear()
+    with django_capture_on_commit_callbacks(execute=True):
+        workflow.mark_evidence_ready(draft_case)  # by the system: everyone concerned hears of it
+    (sent,) = mail.outbox
+    assert "evidence ready for review" in sent.subject and "by system" in sent.body
+    assert sorted(sent.to) == ["alice@example.org", "rita@example.org", "rob@example.org"]
 
 
 def test_changes_requested_and_comments_are_mailed(review_case, finding, rita, api,
@@ -187,10 +197,17 @@ def test_changes_requested_and_comments_are_mailed(review_case, finding, rita, a
     assert sorted(sent.to) == ["rita@example.org", "rob@example.org"]
 
 
-def test_a_rolled_back_change_announces_nothing(review_case, finding, api, django_capture_on_commit_callbacks):
-    with django_capture_on_commit_callbacks(execute=True) as callbacks:
-        refused = api("rita").post(comments_url(review_case), {"finding": "nope", "body": "x"}, format="json")
-    assert refused.status_code == 400 and callbacks == [] and mail.outbox == []
+def test_a_rolled_back_change_announces_nothing(review_case, finding, rita, acme,
+                                                django_capture_on_commit_callbacks):
+    from governance.models import WebhookEndpoint
+
+    WebhookEndpoint.objects.create(organisation=acme, url="https://93.184.215.14/hook", secret="s" * 32)
+    with django_capture_on_commit_callbacks(execute=True) as callbacks, pytest.raises(RuntimeError), \
+            transaction.atomic():
+        comments.add_comment(review_case, rita, finding, "Draft")
+        raise RuntimeError("the surrounding change failed")
+    assert callbacks == [] and mail.outbox == []
+    assert not FindingComment.objects.exists() and not WebhookDelivery.objects.exists()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,7 +344,8 @@ def test_two_versions_of_a_model_side_by_side(review_case, second_version, clien
     assert client.get(url, {"with": second_version.pk}).status_code == 404
 
 
-def test_diff_between_report_versions(review_case, finding, rita, rob, alice, client, mallory):
+def test_diff_between_report_versions(review_case, finding, rita, rob, alice, client, mallory,
+                                      django_capture_on_commit_callbacks):
     import io
     import re
 
@@ -338,7 +356,12 @@ def test_diff_between_report_versions(review_case, finding, rita, rob, alice, cl
     generate_report(review_case, author=rita)
     workflow.sign_off(review_case, rob, "request_changes", "Retrain without the logo.")
     comments.add_comment(review_case, alice, finding, HOSTILE)
-    second = generate_report(review_case, author=rita)
+    mail.outbox.clear()
+    with django_capture_on_commit_callbacks(execute=True):
+        second = generate_report(review_case, author=rita)
+    (announced,) = mail.outbox
+    assert "report issued" in announced.subject and second.sha256 in announced.body
+    assert sorted(announced.to) == ["alice@example.org", "rob@example.org"]
     # The discussion is in the report, as text: the hostile comment is shown literally, never as markup.
     assert second.manifest["comments"][0]["body"] == HOSTILE
     text = re.sub(r"\s+", " ", " ".join(p.extract_text() or "" for p in PdfReader(io.BytesIO(second.pdf.read())).pages))
