@@ -382,6 +382,8 @@ def real_stack(django_db_setup, django_db_blocker, tmp_path_factory, _isolated_m
         "LOUPE_STORAGE_ROOT": str(settings.MEDIA_ROOT),
         "LOUPE_MODEL_ROOTS": ",".join(settings.LOUPE_MODEL_ROOTS),
         "HF_HUB_OFFLINE": "1",
+        # Notification e-mail sent by the workers stays in their memory (no SMTP server in tests).
+        "LOUPE_EMAIL_BACKEND": "django.core.mail.backends.locmem.EmailBackend",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])),
     }
     stack = RealStack(env, tmp_path_factory.mktemp("workers"))
