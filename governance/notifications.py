@@ -105,7 +105,7 @@ def notify(event: str, case: AuditCase, actor: Any, data: dict[str, Any] | None 
 
 def _send_on_commit(task_name: str, *args: Any) -> None:
     # A notification never fails the change it announces: a broker that is down loses the e-mail
-    # (logged); a webhook delivery stays 'pending' in the database and can be sent again.
+    # (logged); a webhook delivery stays 'pending' in its endpoint's delivery list, where it shows.
     # Sent by name, as governance.pipeline does: workers.tasks imports this module, so no import back.
     # Executed in-process, the tasks must be registered first, as a worker does at start.
     def send() -> None:
@@ -122,7 +122,7 @@ def _send_on_commit(task_name: str, *args: Any) -> None:
 
 
 def recipients_of(case: AuditCase, actor: Any) -> list[str]:
-    """The case's submitter (or creator) and its assigned reviewers, with an address, not the actor."""
+    """The case's submitter and creator and its assigned reviewers, with an address, not the actor."""
     User = get_user_model()
     people = {pk for pk in (case.submitted_by_id, case.created_by_id) if pk is not None}
     people |= set(case.reviewers.values_list("pk", flat=True))
