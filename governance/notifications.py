@@ -33,6 +33,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import datetime as dt
 import logging
 import socket
 import time
@@ -46,6 +47,7 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
 from django.db import transaction
+from django.db.models import Q
 from django.dispatch import receiver
 from django.utils import timezone
 
@@ -119,6 +121,26 @@ def _send_on_commit(task_name: str, *args: Any) -> None:
             logger.warning("notification task %s not sent", task_name, exc_info=True)
 
     transaction.on_commit(send)
+
+
+def resend_stalled(now: dt.datetime | None = None) -> list[int]:
+    """Send again the pending deliveries nobody is working on; part of the sweeper (Celery beat).
+
+    A delivery whose task the broker never took (down at commit, or the message lost) would stay
+    pending for ever. One is stalled when its last attempt, or its creation if it was never tried,
+    lies further back than the longest retry delay plus the runs' re-dispatch grace: a retry that is
+    merely waiting in the broker is never doubled. A duplicate is harmless anyway: the task re-reads
+    the row and a delivered one is never sent again, and receivers dedupe on ``X-Loupe-Delivery``.
+    """
+    now = now or timezone.now()
+    cutoff = now - dt.timedelta(seconds=settings.LOUPE_WEBHOOK_RETRY_MAX_DELAY + settings.LOUPE_RUN_REDISPATCH_AFTER)
+    stalled = (WebhookDelivery.objects.filter(status=WebhookDelivery.Status.PENDING)
+               .filter(Q(last_attempt_at__lt=cutoff) | Q(last_attempt_at__isnull=True, created_at__lt=cutoff))
+               .order_by("pk").values_list("pk", flat=True))
+    resent = list(stalled)
+    for delivery_id in resent:
+        _send_on_commit("workers.tasks.deliver_webhook", delivery_id)
+    return resent
 
 
 def recipients_of(case: AuditCase, actor: Any) -> list[str]:

@@ -314,6 +314,37 @@ def test_delivery_rechecks_the_address_before_sending(review_case, finding, api,
     assert receiver.received == []
 
 
+def test_the_sweeper_sends_a_delivery_whose_task_was_lost(review_case, finding, api, receiver, settings,
+                                                          django_capture_on_commit_callbacks):
+    """The broker was down when the comment committed: the delivery stays pending until the sweeper,
+    past the longest retry delay, sends it; a recent pending one (a retry still waiting) is left alone."""
+    import datetime as dt
+
+    from django.utils import timezone
+
+    from workers import tasks
+
+    settings.LOUPE_WEBHOOK_ALLOW_PRIVATE = True
+    api("alice").post("/api/webhooks/", {"url": receiver.url}, format="json")
+    with django_capture_on_commit_callbacks(execute=False):  # the task message is lost
+        api("rita").post(comments_url(review_case), {"finding": finding, "body": "Why?"}, format="json")
+    delivery = WebhookDelivery.objects.get()
+    assert delivery.status == "pending" and receiver.received == []
+    with django_capture_on_commit_callbacks(execute=True):
+        assert tasks.recover_runs()["webhooks_resent"] == []  # too recent to be called lost
+    assert receiver.received == []
+    stale = timezone.now() - dt.timedelta(seconds=settings.LOUPE_WEBHOOK_RETRY_MAX_DELAY
+                                          + settings.LOUPE_RUN_REDISPATCH_AFTER + 1)
+    WebhookDelivery.objects.filter(pk=delivery.pk).update(created_at=stale)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert tasks.recover_runs()["webhooks_resent"] == [delivery.pk]
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts) == ("delivered", 1) and len(receiver.received) == 1
+    with django_capture_on_commit_callbacks(execute=True):
+        assert tasks.recover_runs()["webhooks_resent"] == []  # delivered: never sent again
+    assert len(receiver.received) == 1
+
+
 # --------------------------------------------------------------------------------------------------
 # Comparing model versions and report versions
 # --------------------------------------------------------------------------------------------------

@@ -333,11 +333,15 @@ def aggregate_case(case_id: int) -> str:
 
 @shared_task(name="workers.tasks.recover_runs", ignore_result=True, expires=300)
 def recover_runs() -> dict[str, list[int]]:
-    """The sweeper (Celery beat, and once when a worker starts): see ``governance.pipeline.recover_runs``.
-    It expires: sweeps that queued up while no worker ran are redundant with the next one."""
-    from governance import pipeline
+    """The sweeper (Celery beat, and once when a worker starts): see ``governance.pipeline.recover_runs``
+    and ``governance.notifications.resend_stalled``. It expires: sweeps that queued up while no worker
+    ran are redundant with the next one."""
+    from governance import notifications, pipeline
 
-    return pipeline.recover_runs()
+    done = pipeline.recover_runs()
+    with transaction.atomic():
+        done["webhooks_resent"] = notifications.resend_stalled()
+    return done
 
 
 @shared_task(name="workers.tasks.render_report", bind=True, autoretry_for=TRANSIENT_ERRORS, retry_backoff=True,
