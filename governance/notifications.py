@@ -29,11 +29,11 @@ Redirects are not followed.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import ipaddress
 import json
-import datetime as dt
 import logging
 import socket
 import time
