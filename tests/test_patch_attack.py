@@ -78,7 +78,7 @@ def test_optimisation_raises_the_target_probability(adapter):
     unit = pa.unit_inputs(adapter, images)
     own = [s.objects[0].prompt for s in (world.scene_at(6, i) for i in range(8))]
     attack = pa.optimise_patch(adapter, unit, "a red circle", own, area=0.1, steps=25, batch_size=8, step_size=0.05)
-    assert attack.patch.min() >= 0 and attack.patch.max() <= 1  # projected onto valid pixels
+    assert attack.patch.min() >= 0 and attack.patch.max() <= 1  # a valid image at every step
     assert np.mean(attack.losses[-5:]) > np.mean(attack.losses[:5])
 
 
