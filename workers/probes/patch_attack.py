@@ -9,14 +9,12 @@ far beyond its share of the image.
 - The patch is a square of ``area`` (fraction of the model's ``S x S`` input; the side is rounded
   down, so the reported ``patch_area`` never exceeds the request) in [0, 1] RGB, pasted onto the
   input *before* the model's normalisation, so it is a physically printable image.
-- Optimisation: gradient ascent on the target's log-probability, the patch parameterised as
-  ``sigmoid(w)`` (always a valid image) from a flat mid-grey start, ``w`` moved by Adam; each step
-  on a batch of training images at random positions (expectation over placements, so the patch
-  works wherever it lands; one forward and one backward pass for the batch; ``per_image=True``
-  does the same steps one image at a time, the peer ``benchmarks/patch_attack.py`` measures
-  against). Dual encoders: a two-way softmax of the target against each image's own prompt (the
-  success criterion, smoothed). Generative models: teacher-forced log-probability of the target
-  text as the start of the answer.
+- Optimisation: projected gradient ascent (signed steps, projected back onto [0, 1]) on the
+  target's log-probability, each step on a batch of training images at random positions (one
+  forward and one backward pass for the batch; ``per_image=True`` does the same steps one image at
+  a time, the peer ``benchmarks/patch_attack.py`` measures against). Dual encoders: a two-way
+  softmax of the target against each image's own prompt (the success criterion, smoothed).
+  Generative models: teacher-forced log-probability of the target text as the start of the answer.
 - Success on held-out images (the dataset split in two; positions random, seeded): the target
   scores above the image's own prompt (dual encoders) or the target word appears in the greedy
   caption (generative). ``clean_target_rate``: the same without the patch. Images whose own prompt
@@ -56,7 +54,7 @@ if TYPE_CHECKING:
 
 DEFAULT_AREA = 0.06
 DEFAULT_STEPS = 300
-DEFAULT_STEP_SIZE = 0.1
+DEFAULT_STEP_SIZE = 0.03
 
 
 # --- pixels ----------------------------------------------------------------------------------------
@@ -193,41 +191,29 @@ def optimise_patch(adapter: Any, train: torch.Tensor, target: str, own: Sequence
                    area: float = DEFAULT_AREA, steps: int = DEFAULT_STEPS, step_size: float = DEFAULT_STEP_SIZE,
                    batch_size: int = 32, seed: int = 0, prompt: str | None = None, per_image: bool = False,
                    progress: Progress = no_progress) -> PatchAttack:
-    """Gradient ascent of the mean target log-probability over ``train`` ([0, 1] inputs
+    """Projected gradient ascent of the mean target log-probability over ``train`` ([0, 1] inputs
     ``[N, 3, S, S]``, ``own[i]`` the prompt of image i); each step draws ``batch_size`` images and
-    positions. ``per_image``: each step's gradient summed image by image (the same update, one
-    forward and backward pass per image).
-
-    The patch is ``sigmoid(w)``, so every iterate is a valid image without a projection, and ``w``
-    moves by Adam with learning rate ``step_size``, decayed on a cosine to a tenth of it. Adam's
-    per-pixel scaling keeps pixels whose gradient flips sign with the random placement (the
-    patch lands at every phase of a ViT's patch grid) from oscillating, as signed steps make
-    them. ``w`` starts at zero, a flat mid-grey patch: a neutral start from which the gradient
-    builds shapes, where uniform noise starts the patch as an unrelated high-frequency pattern it
-    has to undo first."""
+    positions. The step size decays on a cosine from ``step_size`` to a tenth of it. ``per_image``:
+    each step's gradient summed image by image (the same update, one forward and backward pass per
+    image)."""
     if steps < 1:
         raise ProbeInputError("steps must be at least 1")
     size = train.shape[-1]
     side = patch_side(area, size)
     generator = torch.Generator().manual_seed(seed)
-    logits = torch.zeros(3, side, side, device=train.device, requires_grad=True)
-    optimiser = torch.optim.Adam([logits], lr=step_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+    patch = torch.rand(3, side, side, generator=generator).to(train.device)
     losses: list[float] = []
     start = time.perf_counter()
-    for _ in range(steps):
+    for step in range(steps):
         idx = torch.randint(0, train.shape[0], (min(batch_size, train.shape[0]),), generator=generator)
         positions = random_positions(generator, len(idx), size, side)
-        patch = torch.sigmoid(logits.detach())
         grad, total = patch_gradient(adapter, train[idx], patch, positions, target, [own[i] for i in idx.tolist()],
                                      prompt=prompt, per_image=per_image)
-        logits.grad = -grad * patch * (1 - patch)  # ascent, through the sigmoid
-        optimiser.step()
-        schedule.step()
+        lr = step_size * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        patch = (patch + lr * grad.sign()).clamp(0, 1)  # projection onto the valid pixels
         losses.append(total)
-        progress(len(losses) / steps, "optimising the patch")
-    return PatchAttack(torch.sigmoid(logits.detach()), size, steps, time.perf_counter() - start, losses)
+        progress((step + 1) / steps, "optimising the patch")
+    return PatchAttack(patch.detach(), size, steps, time.perf_counter() - start, losses)
 
 
 @dataclass
@@ -432,9 +418,8 @@ def findings_for(metrics: dict[str, Any]) -> list[Finding]:
 class PatchAttackParams(KindParams):
     target: str = Field(..., min_length=1, description="the text the patch steers toward, e.g. 'a red circle'")
     area: float = Field(DEFAULT_AREA, gt=0, le=0.5, description="patch area as a fraction of the model input")
-    steps: int = Field(DEFAULT_STEPS, ge=1, le=100_000, description="optimisation steps")
-    step_size: float = Field(DEFAULT_STEP_SIZE, gt=0, le=1,
-                             description="initial Adam learning rate on the patch's logits")
+    steps: int = Field(DEFAULT_STEPS, ge=1, le=100_000, description="projected gradient steps")
+    step_size: float = Field(DEFAULT_STEP_SIZE, gt=0, le=1, description="initial signed step on [0, 1] pixels")
     # The images each step optimises over: it changes the result, so it is not a batch-sizing parameter.
     batch_size: int = Field(32, ge=1, le=4096, description="training images per optimisation step")
     method: str = Field("chefer", description="grounding method for the relevance on the patch (dual encoders)")
