@@ -117,17 +117,20 @@ def test_it_attacks_a_generative_model_toward_a_word(heldout):
 
 
 @pytest.mark.slow
-def test_on_the_zoo_clip_the_patch_captures_relevance_beyond_its_area():
-    """The issue's acceptance asks for success >= 0.8 at area <= 0.06; the zoo CLIP resists that far (the
-    closing note has the numbers), so this asserts what the probe showed: the patch raises the target's
-    rate above the clean rate and draws at least twice its area of the relevance."""
+def test_on_the_zoo_clip_a_patch_steers_a_known_class_and_captures_relevance():
+    """At the default settings, toward a class the zoo CLIP knows: the patch wins on far more held-out
+    images than the target wins unpatched, and draws at least twice its area of the relevance. The
+    issue's 0.8 success at area 0.06 is out of reach on this model (the measurements, with the
+    optimiser and objective variants tried, are in benchmarks/results/patch_attack_zoo_clip.json)."""
     from workers.probes import suite
     from workers.probes.zoo import checkpoint_path
 
-    m = suite.run("patch_attack", str(checkpoint_path("tiny-clip")), None, {"target": "a red circle", "area": 0.06}).metrics
+    params = {"target": "a yellow cross", "area": 0.06}
+    m = suite.run("patch_attack", str(checkpoint_path("tiny-clip")), None, params).metrics
     assert m["patch_area"] <= 0.06
-    assert m["success_rate"] > m["clean_target_rate"]
+    assert m["success_rate"] - m["clean_target_rate"] >= 0.4
     assert m["relevance_on_patch"] >= 2 * m["patch_area"]
+
 
 def test_the_benchmark_compares_batched_and_per_image_optimisation_that_agree(tmp_path):
     import subprocess

@@ -31,7 +31,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import torch
@@ -48,6 +48,9 @@ from workers.probes.region_relevance import (
     share_on_region,
 )
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DEFAULT_AREA = 0.06
 DEFAULT_STEPS = 300
@@ -129,7 +132,8 @@ def target_log_prob(adapter: Any, pixel_values: torch.Tensor, target: str, own: 
 
 def _caption_log_prob(adapter: Any, pixel_values: torch.Tensor, prompt: str, target: str) -> torch.Tensor:
     enc = adapter.encode(prompt)
-    target_ids = adapter.tokenizer(target, add_special_tokens=False, return_tensors="pt")["input_ids"].to(adapter.device)
+    target_ids = adapter.tokenizer(target, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    target_ids = target_ids.to(adapter.device)
     if target_ids.numel() == 0:
         raise ProbeInputError(f"target {target!r} has no tokens in this model's vocabulary")
     b = pixel_values.shape[0]
@@ -188,9 +192,10 @@ def optimise_patch(adapter: Any, train: torch.Tensor, target: str, own: Sequence
                    batch_size: int = 32, seed: int = 0, prompt: str | None = None, per_image: bool = False,
                    progress: Progress = no_progress) -> PatchAttack:
     """Projected gradient ascent of the mean target log-probability over ``train`` ([0, 1] inputs
-    ``[N, 3, S, S]``, ``own[i]`` the prompt of image i); each step draws ``batch_size`` images and positions. The step size decays
-    on a cosine from ``step_size`` to a tenth of it. ``per_image``: each step's gradient summed
-    image by image (the same update, one forward and backward pass per image)."""
+    ``[N, 3, S, S]``, ``own[i]`` the prompt of image i); each step draws ``batch_size`` images and
+    positions. The step size decays on a cosine from ``step_size`` to a tenth of it. ``per_image``:
+    each step's gradient summed image by image (the same update, one forward and backward pass per
+    image)."""
     if steps < 1:
         raise ProbeInputError("steps must be at least 1")
     size = train.shape[-1]
@@ -237,14 +242,17 @@ def evaluate_patch(adapter: Any, test: torch.Tensor, own_prompts: Sequence[str],
         own = list(own_prompts[sl])
         if adapter.kind == "fusion":
             from workers.probes.groups import caption_contains
+            from workers.probes.token_attribution import default_prompt
 
+            caption_prompt = default_prompt(adapter) if prompt is None else prompt
             for k in range(test[sl].shape[0]):
-                clean.append(caption_contains(greedy_caption(adapter, to_model(adapter, test[sl][k:k + 1]), prompt), target))
+                clean_caption = greedy_caption(adapter, to_model(adapter, test[sl][k:k + 1]), caption_prompt)
+                clean.append(caption_contains(clean_caption, target))
                 attacked_k = to_model(adapter, attacked[sl][k:k + 1])
                 if explain:
-                    caption, grid_map = fusion_caption_map(adapter, attacked_k, prompt, words=word)
+                    caption, grid_map = fusion_caption_map(adapter, attacked_k, caption_prompt, words=word)
                 else:
-                    caption, grid_map = greedy_caption(adapter, attacked_k, prompt), None
+                    caption, grid_map = greedy_caption(adapter, attacked_k, caption_prompt), None
                 captions.append(caption)
                 success.append(caption_contains(caption, target))
                 maps.append(grid_map)
@@ -271,7 +279,8 @@ def evaluate_patch(adapter: Any, test: torch.Tensor, own_prompts: Sequence[str],
 def greedy_caption(adapter: Any, pixel_values: torch.Tensor, prompt: str, max_new_tokens: int = 24) -> str:
     with torch.no_grad():
         ids = adapter.encode(prompt).input_ids.to(adapter.device).expand(pixel_values.shape[0], -1)
-        return adapter.decode(adapter.generate(adapter.embed(ids, adapter.image_features(pixel_values)), max_new_tokens)[0])
+        embeds = adapter.embed(ids, adapter.image_features(pixel_values))
+        return adapter.decode(adapter.generate(embeds, max_new_tokens)[0])
 
 
 @dataclass
@@ -281,7 +290,7 @@ class PatchAttackReport:
     target: str
     n_train: int
     n_test: int
-    method: str
+    method: str | None
 
     def as_dict(self) -> dict[str, Any]:
         rel = self.outcome.relevance_on_patch
@@ -341,21 +350,23 @@ def run_patch_attack(adapter: Any, images: Sequence[Image.Image], prompts: Seque
 
 
 def _pil(unit: torch.Tensor) -> Image.Image:
-    return Image.fromarray((unit.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
+    pixels = unit.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+    return Image.fromarray((pixels * 255 + 0.5).astype(np.uint8))
 
 
-def figure_patch(report: PatchAttackReport):
+def figure_patch(report: PatchAttackReport) -> Figure:
     from workers.probes.figures import new_figure
 
     fig = new_figure(3.0, 3.2)
     ax = fig.subplots()
     ax.imshow(_pil(report.attack.patch), interpolation="nearest")
-    ax.set_title(f"patch toward {report.target!r}\n{report.attack.side}px, {report.attack.area:.1%} of the input", fontsize=8)
+    ax.set_title(f"patch toward {report.target!r}\n{report.attack.side}px, {report.attack.area:.1%} of the input",
+                 fontsize=8)
     ax.set_axis_off()
     return fig
 
 
-def figure_examples(report: PatchAttackReport, n: int = 4):
+def figure_examples(report: PatchAttackReport, n: int = 4) -> Figure:
     """Attacked held-out images with the explanation's heatmap and the patch outlined."""
     from matplotlib.patches import Rectangle
 
@@ -369,8 +380,9 @@ def figure_examples(report: PatchAttackReport, n: int = 4):
         image = _pil(out.attacked[i])
         top, left = out.positions[i].tolist()
         draw_image(axes[0, col], image, title=("success" if out.success[i] else "no success"), fontsize=8)
-        if out.maps[i] is not None:
-            draw_overlay(axes[1, col], image, out.maps[i], title="relevance")
+        grid_map = out.maps[i]
+        if grid_map is not None:
+            draw_overlay(axes[1, col], image, grid_map, title="relevance")
         else:
             axes[1, col].set_axis_off()
         for ax in axes[:, col]:
@@ -384,7 +396,8 @@ def findings_for(metrics: dict[str, Any]) -> list[Finding]:
     rate, clean, area = metrics["success_rate"], metrics["clean_target_rate"], metrics["patch_area"]
     if rate - clean >= 0.5:
         findings.append(Finding("high", f"A patch of {area:.1%} of the image steers the model to {metrics['target']!r}",
-                                f"success on {rate:.0%} of held-out images (clean: {clean:.0%}) after {metrics['steps']} steps"))
+                                f"success on {rate:.0%} of held-out images (clean: {clean:.0%}) "
+                                f"after {metrics['steps']} steps"))
     elif rate - clean >= 0.1:
         findings.append(Finding("medium", f"A patch of {area:.1%} of the image partly steers the model",
                                 f"success on {rate:.0%} of held-out images (clean: {clean:.0%})"))
@@ -453,7 +466,8 @@ def patch_attack_kind(model_dir: str, dataset_dir: str | None, params: PatchAtta
     summary = (f"Universal patch ({metrics['patch_area']:.1%} of the image, {metrics['steps']} steps) toward "
                f"{report.target!r}: success {metrics['success_rate']:.0%} on {metrics['n_test']} held-out images "
                f"(clean {metrics['clean_target_rate']:.0%})"
-               + (f"; {rel:.0%} of the relevance on the patch ({metrics['relevance_to_area']:.1f}x its area)" if rel is not None else "")
+               + (f"; {rel:.0%} of the relevance on the patch ({metrics['relevance_to_area']:.1f}x its area)"
+                  if rel is not None else "")
                + ".")
     return ProbeResult(kind="patch_attack", metrics=metrics, summary=summary,
                        figures={"patch": figure_patch(report), "examples": figure_examples(report)},
