@@ -237,3 +237,133 @@ def save_tiny_paligemma(directory: str | Path, *, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+def _word_tokenizer(specials: dict[str, str]):
+    """The zoo captioner's words (without its ``<image>``) plus ``specials`` (attribute name -> token), as a
+    ``PreTrainedTokenizerFast`` whose extra special tokens are those attributes (``tok.image_token`` ...)."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from workers.probes.zoo import captioner
+
+    words = [w for w in captioner.vocabulary() if w != "<image>"] + list(dict.fromkeys(specials.values()))
+    vocab = {w: i for i, w in enumerate(words)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return tf.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                      unk_token="<unk>", extra_special_tokens=specials)
+
+
+def save_tiny_internvl(directory: str | Path, *, seed: int = 0) -> Path:
+    """A tiny ``InternVLForConditionalGeneration`` (InternViT on 16 px tiles of 4 px patches, pixel shuffle 0.5:
+    4 tokens per tile) with its ``GotOcr2ImageProcessorPil`` (up to 6 tiles plus a thumbnail) and a word-level
+    tokenizer carrying InternVL's ``<img>`` / ``<IMG_CONTEXT>`` / ``</img>``. Its ``AutoProcessor`` also builds
+    a video processor (torchvision), so the image processor, tokenizer and ``processor_config.json`` are
+    saved the way ``InternVLProcessor.save_pretrained`` writes them."""
+    import json
+
+    import torch
+    import transformers as tf
+
+    directory = Path(directory)
+    tok = _word_tokenizer({"start_image_token": "<img>", "end_image_token": "</img>",
+                           "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    text = _text_config(tok)
+    vision = tf.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=TILE, patch_size=PATCH)
+    cfg = tf.InternVLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=4,
+                            downsample_ratio=0.5)
+    torch.manual_seed(seed)
+    model = tf.InternVLForConditionalGeneration(cfg)
+    _never_stop(model, tok)
+    model.save_pretrained(directory)
+    tf.GotOcr2ImageProcessorPil(size={"height": TILE, "width": TILE}, crop_to_patches=True, min_patches=1,
+                                max_patches=6).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    (directory / "processor_config.json").write_text(json.dumps({"processor_class": "InternVLProcessor",
+                                                                 "image_seq_length": 4}), encoding="utf-8")
+    return directory
+
+
+def save_tiny_mistral3(directory: str | Path, *, seed: int = 0) -> Path:
+    """A tiny ``Mistral3ForConditionalGeneration`` (Pixtral tower with 4 px patches, images up to 32 px on
+    their longest edge, patch merger 2: one token per 8 px square) with its ``PixtralImageProcessorPil`` and
+    a word-level tokenizer carrying ``[IMG]`` / ``[IMG_BREAK]`` / ``[IMG_END]``. ``PixtralProcessor`` needs
+    torchvision, so the image processor, tokenizer and ``processor_config.json`` are saved as
+    ``PixtralProcessor.save_pretrained`` writes them."""
+    import json
+
+    import torch
+    import transformers as tf
+
+    directory = Path(directory)
+    tok = _word_tokenizer({"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
+                           "image_end_token": "[IMG_END]"})
+    vocab = tok.get_vocab()
+    text = tf.MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                            sliding_window=None, bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
+                            pad_token_id=vocab["<pad>"], tie_word_embeddings=False)
+    vision = tf.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    head_dim=16, image_size=2 * TILE, patch_size=PATCH)
+    cfg = tf.Mistral3Config(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                            image_token_index=vocab["[IMG]"], spatial_merge_size=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = tf.Mistral3ForConditionalGeneration(cfg)
+    _never_stop(model, tok)
+    model.save_pretrained(directory)
+    tf.PixtralImageProcessorPil(size={"longest_edge": 2 * TILE},
+                                patch_size={"height": PATCH, "width": PATCH}).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    (directory / "processor_config.json").write_text(json.dumps({
+        "processor_class": "PixtralProcessor", "patch_size": PATCH, "spatial_merge_size": 2, "image_token": "[IMG]",
+        "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}), encoding="utf-8")
+    return directory
+
+
+def save_tiny_mllama(directory: str | Path, *, seed: int = 0) -> Path:
+    """A tiny ``MllamaForConditionalGeneration`` (Llama 3.2 Vision: a tiled vision encoder on 16 px tiles of
+    4 px patches, up to 4 tiles; a 3-layer decoder whose middle layer cross-attends to the vision tokens) with
+    its ``MllamaProcessor`` (PIL image processor, word-level tokenizer with ``<|image|>``, a chat template). A
+    fresh model's cross-attention gates are zero (the image has no effect); they are opened here as training
+    does."""
+    import torch
+    import transformers as tf
+
+    directory = Path(directory)
+    tok = _word_tokenizer({"image_token": "<|image|>", "user_turn": "<|user|>", "assistant_turn": "<|assistant|>"})
+    vocab = tok.get_vocab()
+    text = tf.MllamaTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                               num_attention_heads=2, num_key_value_heads=2, cross_attention_layers=[1],
+                               max_position_embeddings=512, bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"],
+                               pad_token_id=vocab["<pad>"])
+    vision = tf.MllamaVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                                   attention_heads=2, image_size=TILE, patch_size=PATCH, max_num_tiles=4,
+                                   vision_output_dim=64, intermediate_layers_indices=[1],
+                                   supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1],
+                                                            [4, 1]])
+    cfg = tf.MllamaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                          image_token_index=vocab["<|image|>"])
+    torch.manual_seed(seed)
+    model = tf.MllamaForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate", ".gate")):
+                param.fill_(1.0)
+    _never_stop(model, tok)
+    model.save_pretrained(directory)
+    image_processor = tf.MllamaImageProcessorPil(size={"height": TILE, "width": TILE}, max_image_tiles=4)
+    tf.MllamaProcessor(image_processor=image_processor, tokenizer=tok,
+                       chat_template=MLLAMA_CHAT_TEMPLATE).save_pretrained(directory)
+    return directory
+
+
+#: A chat template shaped like Llama 3.2 Vision Instruct's (BOS, user turn with the image first, assistant turn
+#: opened), in the tiny tokenizer's words.
+MLLAMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|image|>{% else %} {{ item['text'] }}"
+    "{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")

@@ -33,7 +33,7 @@ import torch
 from pydantic import Field
 from scipy.stats import rankdata
 
-from workers.probes.errors import ProbeInputError
+from workers.probes.errors import ProbeInputError, UnsupportedModelError
 from workers.probes.kinds import BatchSize, DatasetArg, Flag, KindParams, Limit, Metric, probe_kind
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
 
@@ -69,6 +69,9 @@ def fusion_image_attention(adapter, images, prompt: str, *, max_new_tokens: int 
     """``[n, L, H, G]``: decoder attention from the generated text to the image, per head."""
     from workers.probes.token_attribution import generated_targets
 
+    refusal = getattr(adapter, "attention_statistics_refusal", None)
+    if refusal is not None:
+        raise UnsupportedModelError(refusal())
     pixel_values = adapter.preprocess(images)  # first: some families' image tokens follow the image's layout
     enc = adapter.encode(prompt)
     # mapping: None where image tokens are grid cells; else [n, n_img, G]: (BLIP-2) each query

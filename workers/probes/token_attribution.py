@@ -159,6 +159,44 @@ def split_relevance_rows(prefix: Sequence[torch.Tensor], target: Sequence[torch.
     return r
 
 
+def cross_relevance_rows(prefix: Sequence[torch.Tensor], target: Sequence[torch.Tensor],
+                         prefix_grads: Sequence[torch.Tensor | None], target_grads: Sequence[torch.Tensor],
+                         cross_layers: Sequence[int]) -> torch.Tensor:
+    """``split_relevance_rows`` for a decoder whose ``cross_layers`` attend to ``V`` vision tokens outside
+    the sequence (Chefer et al. 2021's rule for co-attention): self-attention layers propagate the text
+    relevance ``r`` as usual; a cross-attention layer adds ``r @ mean_heads((grad * A)+)`` (its ``[P, V]``
+    prefix and ``[T, V]`` target rows) to the vision tokens' relevance and leaves ``r`` as it is (its
+    residual carries the text). Returns ``[T, N + V]``: text relevance, then vision-token relevance."""
+    cross = set(cross_layers)
+    square = [layer for layer in range(len(target)) if layer not in cross]
+    t_count, n = target[square[0]].shape[2], target[square[0]].shape[3]
+    v = target[min(cross)].shape[-1]
+    p = n - t_count
+    t = torch.arange(t_count, device=target[0].device)
+    r = torch.nn.functional.one_hot(t + p, n).to(target[square[0]].dtype)
+    vision = torch.zeros(t_count, v, dtype=r.dtype, device=r.device)
+    for k, layer in enumerate(reversed(range(len(target)))):
+        a, g = target[layer][0], target_grads[layer]  # [H, T, N or V], [T, H, T, N or V]
+        if k == 0:  # r is still one-hot at row P + t: only that row of the top layer's cam is needed
+            top = weighted_attention(a[:, t].transpose(0, 1), g[t, :, t])
+            if layer in cross:
+                vision = vision + top
+            else:
+                r = r + top
+            continue
+        update = torch.bmm(r[:, None, p:], weighted_attention(a, g))[:, 0]  # [T, N or V]
+        prefix_grad = prefix_grads[layer]
+        if prefix_grad is None:
+            raise ValueError(f"layer {layer}: its prefix attention needs its gradient")
+        prefix_cam = weighted_attention(prefix[layer][0], prefix_grad)  # [T, P, P or V]
+        if layer in cross:
+            vision = vision + update + torch.bmm(r[:, None, :p], prefix_cam)[:, 0]
+            continue
+        update[:, :p] += torch.bmm(r[:, None, :p], prefix_cam)[:, 0]
+        r = r + update
+    return torch.cat([r, vision], 1)
+
+
 def raw_rows(target: Sequence[torch.Tensor]) -> torch.Tensor:
     """Raw attention baseline ``[T, N]``: the explained rows of ``target[l]`` ``[1, H, T, N]``,
     averaged over layers and heads."""
@@ -273,6 +311,10 @@ def _relevance(adapter: FusionAdapter, trace, generated: Sequence[int], enc: Enc
     with torch.no_grad():
         prefix = [a.detach().float() for a in trace.prefix_attentions]
         target = [a.detach().float() for a in trace.target_attentions]
+        cross_layers = tuple(getattr(adapter, "cross_attention_layers", ()))
+        if cross_layers:  # the image is read by cross-attention only: no image tokens, no raw image share
+            return {"chefer": cross_relevance_rows(prefix, target, [*grads[:n_dec - 1], None],
+                                                   grads[n_dec - 1:2 * n_dec - 1], cross_layers)}
         chefer = split_relevance_rows(prefix, target, [*grads[:n_dec - 1], None], grads[n_dec - 1:2 * n_dec - 1])
         out = {"chefer": chefer, "raw": raw_rows(target)}
         if vision:
@@ -339,10 +381,14 @@ def to_attribution(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int
             continue
         patches = rows_by_method.get(method + PATCHES)
         regions = getattr(enc, "regions", None)  # [n_img, G] where the image's layout sets the tokens
-        if patches is None and not adapter.patch_aligned and regions is None:
+        cross = getattr(enc, "cross_regions", None)  # [V, G]: the rows end with V vision tokens read by cross-attention
+        if patches is None and not adapter.patch_aligned and regions is None and cross is None:
             raise ProbeInputError(f"{adapter.architecture}: image tokens are not grid cells, so mapping them to "
                                   "patches needs the traced image path (attribute_generated with pixel_values)")
         r = r.detach().float().cpu().clone()
+        if cross is not None:
+            patches = r[:, r.shape[1] - len(cross):].clamp(min=0) @ cross.detach().float().cpu()
+            r = r[:, : r.shape[1] - len(cross)]
         if r.shape[1] < len(seq):
             r = torch.nn.functional.pad(r, (0, len(seq) - r.shape[1]))
         if method == "chefer":

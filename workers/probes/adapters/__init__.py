@@ -23,6 +23,9 @@ ARCHITECTURES: dict[str, str] = {
     "qwen2_5_vl": "workers.probes.adapters.qwen_vl:QwenVLAdapter",
     "qwen3_vl": "workers.probes.adapters.qwen_vl:Qwen3VLAdapter",
     "paligemma": "workers.probes.adapters.paligemma:PaliGemmaAdapter",
+    "internvl": "workers.probes.adapters.internvl:InternVLAdapter",
+    "mistral3": "workers.probes.adapters.mistral3:Mistral3Adapter",
+    "mllama": "workers.probes.adapters.mllama:MllamaAdapter",
 }
 
 

@@ -87,6 +87,8 @@ class VisionLanguageAdapter(ABC):
     num_heads: int  # H
     #: mixed precision for forward passes, requested at load time (``dtype``); None: float32
     autocast_dtype: torch.dtype | None = None
+    #: pickled weight files found beside the safetensors weights at load time: never opened (``loading.load``)
+    ignored_weights: tuple[str, ...] = ()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed precision for every forward pass when a ``dtype`` was requested at load time."""

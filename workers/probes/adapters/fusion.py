@@ -91,6 +91,17 @@ def autocast_forward(method: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+def square_side(value: int | Sequence[int], what: str) -> int:
+    """The side of a square vision input or patch, written as one number or as ``(height, width)``
+    (InternViT's config); a non-square one is refused, as the probes' grid is square."""
+    if isinstance(value, int):
+        return value
+    sides = {int(v) for v in value}
+    if len(sides) != 1:
+        raise UnsupportedModelError(f"a vision tower with a non-square {what} {tuple(value)} is not supported")
+    return sides.pop()
+
+
 class FusionAdapter(VisionLanguageAdapter):
     """Generative VLMs (a vision encoder feeding a causal language model)."""
 
@@ -170,8 +181,8 @@ class FusionAdapter(VisionLanguageAdapter):
         self.tokenizer = processor.tokenizer
         self.device = torch.device(device)
         vc, tc = cfg.vision_config, cfg.text_config
-        self.image_size = int(vc.image_size)
-        self.patch_size = int(vc.patch_size)
+        self.image_size = square_side(vc.image_size, "image size")
+        self.patch_size = square_side(vc.patch_size, "patch size")
         self.grid = (self.image_size // self.patch_size, self.image_size // self.patch_size)
         self.num_layers = int(tc.num_hidden_layers)
         self.num_heads = int(tc.num_attention_heads)
@@ -179,6 +190,32 @@ class FusionAdapter(VisionLanguageAdapter):
         self.vision_num_heads = int(vc.num_attention_heads)
         self.image_token_id = int(cfg.image_token_id)
         self.eos_token_id = self.tokenizer.eos_token_id
+
+    def chat_prompt(self, prompt: str, image_mark: str) -> str:
+        """``prompt`` as the directory's chat template writes one user turn holding the image and the prompt,
+        with the assistant's turn opened (what an instruction-tuned checkpoint was trained to read); unchanged
+        when there is no template, or when the prompt already places the image (``image_mark``): then it is
+        taken as written. The template's leading BOS is dropped when the tokenizer adds one itself, so that
+        encoding does not double it."""
+        processor: Any = self.processor
+        tokenizer: Any = self.tokenizer
+        template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+        if not template or image_mark in prompt:
+            return prompt
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        try:
+            text = str(tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                                     tokenize=False))
+        except Exception as exc:  # jinja2 raises its own TemplateError (and others) from the provider's template
+            raise UnsupportedModelError(f"{self.family}: the directory's chat template cannot render a prompt with "
+                                        f"an image ({exc})") from None
+        if text.count(image_mark) != 1:
+            raise UnsupportedModelError(f"{self.family}: the chat template writes {text.count(image_mark)} image "
+                                        f"placeholders ({image_mark}) for one image")
+        bos = getattr(tokenizer, "bos_token", None)
+        if bos and text.startswith(bos) and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
+            text = text[len(bos):]
+        return text
 
     @property
     def causal_lm(self) -> torch.nn.Module:

@@ -98,6 +98,7 @@ class Gemma3Adapter(FusionAdapter):
 
     def encode(self, prompt: str) -> Encoded:
         mark = self.processor.boi_token
+        prompt = self.chat_prompt(prompt, mark)
         text = prompt if mark in prompt else f"{mark} {prompt}"
         if text.count(mark) != 1:
             raise ProbeInputError(f"the prompt must contain exactly one {mark}, got {prompt!r}")

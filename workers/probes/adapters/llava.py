@@ -38,6 +38,7 @@ class LlavaAdapter(FusionAdapter):
     # --- inputs --------------------------------------------------------------------------
 
     def encode(self, prompt: str) -> Encoded:
+        prompt = self.chat_prompt(prompt, "<image>")
         text = prompt if "<image>" in prompt else "<image> " + prompt
         ids = self.tokenizer(text.replace("<image>", "<image>" * self.n_image_tokens, 1)).input_ids
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +27,8 @@ from typing import Any
 import torch
 
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: models come from local directories
 
@@ -147,10 +150,22 @@ def load(path_or_id: str, *, revision: str | None = None, device: str | torch.de
         raise ProbeInputError(f"cannot read the config of {where}: {exc}") from None
     adapter_cls = _architecture(config)
     if hasattr(adapter_cls, "from_pretrained"):  # fusion adapters load their own head-ful model class (llava.py)
-        return adapter_cls.from_pretrained(where, device=dev, dtype=autocast_dtype)
+        adapter = adapter_cls.from_pretrained(where, device=dev, dtype=autocast_dtype)
+    else:
+        with quiet_transformers():
+            adapter = _load_quietly(where, revision, common, adapter_cls, config, dev, autocast_dtype,
+                                    str(path_or_id))
+    adapter.ignored_weights = ignored_pickles(Path(where)) if Path(where).is_dir() else ()
+    if adapter.ignored_weights:
+        logger.warning("%s: pickled weights ignored (%s); the safetensors weights were loaded", where,
+                       ", ".join(adapter.ignored_weights))
+    return adapter
 
-    with quiet_transformers():
-        return _load_quietly(where, revision, common, adapter_cls, config, dev, autocast_dtype, str(path_or_id))
+
+def ignored_pickles(directory: Path) -> tuple[str, ...]:
+    """Pickled weight files beside a directory's safetensors weights (a Hugging Face snapshot often holds
+    both ``pytorch_model.bin`` and ``model.safetensors``): never opened, reported as ignored."""
+    return tuple(sorted(p.name for p in directory.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES)))
 
 
 @contextlib.contextmanager

@@ -194,6 +194,7 @@ class RegionMappedAdapter(FusionAdapter):
     def encode(self, prompt: str) -> RegionEncoded:
         layout = self.current_layout()
         regions = self.token_regions(layout)
+        prompt = self.chat_prompt(prompt, self.image_token_string)
         input_ids = torch.tensor([self.prompt_ids(prompt, len(regions))], dtype=torch.long, device=self.device)
         positions = (input_ids[0] == self.image_token_id).nonzero().flatten()
         if len(positions) != len(regions):

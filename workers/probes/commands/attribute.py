@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     out = ta.attribution_json(att, adapter.patch_boxes(image.size))
     out["seconds"] = round(time.perf_counter() - started, 3)
     out["image"] = str(args.image)
+    if adapter.ignored_weights:  # pickled files beside the safetensors: never opened
+        out["ignored_weights"] = list(adapter.ignored_weights)
     if folder is not None:
         figures.save(ta.caption_figure(image, att), folder / "attribution-caption.png")
         (folder / "attribution-graph.json").write_text(json.dumps(out["graph"], indent=1), encoding="utf-8")
@@ -61,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"caption: {att.caption}")
         for tok in out["tokens"]:
-            c, r = tok["chefer"], tok["raw"]
-            print(f"  {tok['token']:>12}  image share {c['image_share']:.2f}  peak patch {c['argmax_patch']} "
-                  f"(raw attention: {r['argmax_patch']})")
+            c, r = tok["chefer"], tok.get("raw")  # raw attention has no image share under cross-attention
+            raw = f" (raw attention: {r['argmax_patch']})" if r else ""
+            print(f"  {tok['token']:>12}  image share {c['image_share']:.2f}  peak patch {c['argmax_patch']}{raw}")
     return 0
 
 
