@@ -236,9 +236,11 @@ def _records(metrics: Any, trail: tuple[str, ...] = ()) -> Iterator[tuple[tuple[
 
 def _subject(trail: tuple[str, ...], record: Mapping[str, Any], metric: str) -> str:
     parts = [f"{record[f]}" if f in ("method", "concept", "probe") else f"{glossary.label(f).lower()} {record[f]}"
-             for f in SUBJECT_FIELDS if f in record and record[f] is not None and not isinstance(record[f], (dict, list))]
+             for f in SUBJECT_FIELDS
+             if f in record and record[f] is not None and not isinstance(record[f], (dict, list))]
     if not parts:
-        parts = [glossary.label(t).lower() for t in trail if t not in ("methods", "results", "probes", "perturbation")][-1:]
+        skipped = ("methods", "results", "probes", "perturbation")
+        parts = [glossary.label(t).lower() for t in trail if t not in skipped][-1:]
     return ", ".join(parts) or "overall"
 
 
@@ -331,7 +333,8 @@ def evaluate(specs: Iterable[Spec], evidence: Iterable[Mapping[str, Any]]) -> li
                 raw = record.get(spec.metric)
                 # One value, or one value per method/variant (``{"pointing": {"chefer": 0.9, "raw": 0.95}}``).
                 if isinstance(raw, Mapping):
-                    values = [(str(k), _number(v)) for k, v in raw.items() if k not in BASELINES and _number(v) is not None]
+                    values = [(str(k), _number(v)) for k, v in raw.items()
+                              if k not in BASELINES and _number(v) is not None]
                 else:
                     values = [(None, _number(raw))] if _number(raw) is not None else []
                 for name, value in values:
@@ -346,7 +349,8 @@ def evaluate(specs: Iterable[Spec], evidence: Iterable[Mapping[str, Any]]) -> li
                         reference = _number(record.get(spec.reference))
                         verdict.reference_value = reference
                         if reference is not None:
-                            verdict.met = value < reference if spec.comparator == "below_reference" else value > reference
+                            below = spec.comparator == "below_reference"
+                            verdict.met = value < reference if below else value > reference
                     verdicts.append(verdict)
         if not found:
             verdicts.append(Verdict(spec, None, "", None))

@@ -308,7 +308,8 @@ class AcceptanceCriterionAdmin(VisibleToAdmin):
     """Criteria change only through :func:`governance.acceptance.set_criterion` (admins, with a reason)."""
 
     form = CriterionForm
-    list_display = ("case", "kind", "metric", "comparator", "threshold", "reference", "severity", "source", "updated_at")
+    list_display = ("case", "kind", "metric", "comparator", "threshold", "reference", "severity", "source",
+                    "updated_at")
     list_filter = ("kind", "severity", "source")
     readonly_fields = ("case", "kind", "metric", "source", "rationale", "updated_by", "updated_at")
 

@@ -236,7 +236,8 @@ def describe_figure(artifact: m.EvidenceArtifact, evidence: m.Evidence) -> str:
                 f"figure {stem.replace('_', ' ')}")
     text = f"{evidence.kind} probe, run #{evidence.run_id}: {what}."
     if "heat" in stem or stem.startswith(("examples", "caption", "localisation", "shortcut")):
-        text += " Heatmaps use the inferno scale (dark: low relevance, yellow: high); green boxes mark the annotated object."
+        text += (" Heatmaps use the inferno scale (dark: low relevance, yellow: high); green boxes mark the annotated"
+                 " object.")
     return text
 
 
@@ -277,7 +278,8 @@ def queue_row(case: m.AuditCase, user) -> dict[str, Any]:
 def signoff_hint(case: m.AuditCase, user) -> str:
     """Why the sign-off forms are hidden for ``user`` (display only; ``workflow.sign_off`` decides)."""
     if case.state not in (S.EVIDENCE_READY, S.IN_REVIEW):
-        return f"Sign-offs are taken while the case has evidence ready or is in review; it is {case.get_state_display()}."
+        return ("Sign-offs are taken while the case has evidence ready or is in review; "
+                f"it is {case.get_state_display()}.")
     if not access.roles_of(user) & SIGNOFF_ROLES:
         return "Your role is read-only here."
     conflict = workflow.conflict_of(case, user)
@@ -490,7 +492,8 @@ class ReviewViews:
 
             report = get_object_or_404(m.Report.objects.visible_to(request.user), pk=report_id, case=case)
             row = countersign(report, request.user, read_upload(request.FILES.get("file")))
-            return f"Stored your countersignature {row.sequence} of report v{report.version} (SHA-256 {row.sha256[:16]}...)."
+            return (f"Stored your countersignature {row.sequence} of report v{report.version} "
+                    f"(SHA-256 {row.sha256[:16]}...).")
 
         return self._act(request, case_id, frozenset({access.REVIEWER}), "Countersigning a report", act)
 
@@ -498,7 +501,8 @@ class ReviewViews:
         """Cases awaiting the user's sign-off first, then every other case they can see."""
         user = request.user
         cases = (m.AuditCase.objects.visible_to(user)
-                 .select_related("model_version__ai_model").prefetch_related("reviewers").order_by("-state_changed_at", "-pk"))
+                 .select_related("model_version__ai_model").prefetch_related("reviewers")
+                 .order_by("-state_changed_at", "-pk"))
         mine, others = [], []
         for case in cases:
             row = queue_row(case, user)
@@ -511,8 +515,9 @@ class ReviewViews:
         """One figure, large: zoom, the other figures of the same evidence one click away, the colour
         scale and box legend, and the scores of the evidence it belongs to."""
         case = visible_case(request, case_id)
-        artifact = get_object_or_404(m.EvidenceArtifact.objects.visible_to(request.user).select_related("evidence__run"),
-                                     pk=artifact_id, evidence__run__case=case, content_type__in=INLINE_IMAGE_TYPES)
+        artifacts = m.EvidenceArtifact.objects.visible_to(request.user).select_related("evidence__run")
+        artifact = get_object_or_404(artifacts, pk=artifact_id, evidence__run__case=case,
+                                     content_type__in=INLINE_IMAGE_TYPES)
         evidence = artifact.evidence
         siblings = [a for a in sorted(evidence.artifacts.all(), key=lambda a: a.name)
                     if a.content_type in INLINE_IMAGE_TYPES]

@@ -255,7 +255,8 @@ def unbound_case_rows(case) -> list[str]:
     """:func:`ledger_problems` for the evidence and sign-offs of one case (what a report would state)."""
     evidence = (Evidence.objects.filter(run__case=case).select_related("run").prefetch_related("artifacts")
                 .order_by("pk"))
-    return _row_problems("evidence", evidence) + _row_problems("signoff", Signoff.objects.filter(case=case).order_by("pk"))
+    signoffs = Signoff.objects.filter(case=case).order_by("pk")
+    return _row_problems("evidence", evidence) + _row_problems("signoff", signoffs)
 
 
 def metrics_json(evidence: Evidence) -> str:

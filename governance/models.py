@@ -263,7 +263,8 @@ class AIModel(models.Model):
                 condition=(Q(risk_category="high_risk") & ~Q(annex_iii_area=""))
                 | (~Q(risk_category="high_risk") & Q(annex_iii_area="")),
                 name="aimodel_high_risk_has_area",
-                violation_error_message="A high-risk system needs its high-risk area; other categories must leave it empty.",
+                violation_error_message=("A high-risk system needs its high-risk area; "
+                                         "other categories must leave it empty."),
             ),
         ]
 
@@ -1020,7 +1021,8 @@ class AcceptanceCriterion(models.Model):
     reference = models.CharField(max_length=200, blank=True,
                                  help_text="For *_reference comparators: the metric compared against.")
     where = models.JSONField(default=dict, blank=True,
-                             help_text='Only rows of the metrics that match, e.g. {"family": "corruption", "severity": 3}.')
+                             help_text='Only rows of the metrics that match, '
+                                       'e.g. {"family": "corruption", "severity": 3}.')
     severity = models.CharField(max_length=10, choices=Severity.choices,
                                 help_text="Severity of the finding when the criterion is not met.")
     source = models.CharField(max_length=10, choices=Source.choices, default=Source.DEFAULT)
@@ -1042,7 +1044,8 @@ class AcceptanceCriterion(models.Model):
                            name="criterion_has_threshold_or_reference")]
 
     def __str__(self) -> str:
-        return f"{self.kind} {self.metric} {self.comparator} {self.threshold if self.threshold is not None else self.reference}"
+        bound = self.threshold if self.threshold is not None else self.reference
+        return f"{self.kind} {self.metric} {self.comparator} {bound}"
 
 
 class FindingAcknowledgement(AppendOnlyModel):

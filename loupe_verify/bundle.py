@@ -339,7 +339,8 @@ def _check_report_event(manifest, manifest_bytes, checked, rows, result: BundleR
     payload = chain.payload(row)
     if checked is not None and checked.issued_sha256 and payload.get("sha256") != checked.issued_sha256:
         result.problems.append(f"audit-log.json: the report.issued row (seq {row['seq']}) records SHA-256 "
-                               f"{payload.get('sha256')}, the report's issued revision hashes to {checked.issued_sha256}")
+                               f"{payload.get('sha256')}, the report's issued revision hashes to "
+                               f"{checked.issued_sha256}")
     if payload.get("manifest_sha256") != hashlib.sha256(manifest_bytes).hexdigest():
         result.problems.append(f"audit-log.json: the report.issued row (seq {row['seq']}) records another manifest")
     anchor = manifest.get("audit_log")

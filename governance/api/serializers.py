@@ -88,7 +88,9 @@ class ModelVersionSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(serializers.URLField(allow_null=True))
     def get_archive_url(self, obj) -> str | None:
-        return None if not obj.archive else reverse("version-archive", args=[obj.pk], request=self.context.get("request"))
+        if not obj.archive:
+            return None
+        return reverse("version-archive", args=[obj.pk], request=self.context.get("request"))
 
 
 class ModelVersionUpdateSerializer(ModelVersionSerializer):

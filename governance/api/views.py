@@ -267,22 +267,22 @@ class ModelVersionViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveMo
         stored_name = ""
         limits = uploads.limits_for(ai_model.organisation)
         try:
-            with uploads.extracted_model_archive(upload.file, size=upload.size, limits=limits) as extracted:
-                with transaction.atomic():
-                    version = m.ModelVersion(ai_model=ai_model, version=label, source=m.ModelVersion.Source.ARCHIVE,
-                                             created_by=request.user)
-                    version.archive.save(Path(upload.name).name[-100:] or "model.zip", upload, save=False)
-                    stored_name = version.archive.name
-                    _full_clean_and_save(version)
-                    destination = artifacts.uploaded_model_directory(version)
-                    uploads.install_model_directory(extracted, destination)
-                    audit_log.record(request.user, "model_version.uploaded", version, {
-                        "version": label, "archive": stored_name, "archive_sha256": archive_sha256.hexdigest(),
-                        "archive_bytes": upload.size, "files": extracted.files,
-                        "unpacked_bytes": extracted.unpacked_bytes, "ignored_files": extracted.ignored})
-                    if "README.md" in extracted.files:  # the Hugging Face model card travels with the model
-                        modelcard.import_card(version, (destination / "README.md").read_bytes(), by=request.user)
-                    tasks.enqueue_on_commit(tasks.compute_manifest, version.pk)
+            with (uploads.extracted_model_archive(upload.file, size=upload.size, limits=limits) as extracted,
+                  transaction.atomic()):
+                version = m.ModelVersion(ai_model=ai_model, version=label, source=m.ModelVersion.Source.ARCHIVE,
+                                         created_by=request.user)
+                version.archive.save(Path(upload.name).name[-100:] or "model.zip", upload, save=False)
+                stored_name = version.archive.name
+                _full_clean_and_save(version)
+                destination = artifacts.uploaded_model_directory(version)
+                uploads.install_model_directory(extracted, destination)
+                audit_log.record(request.user, "model_version.uploaded", version, {
+                    "version": label, "archive": stored_name, "archive_sha256": archive_sha256.hexdigest(),
+                    "archive_bytes": upload.size, "files": extracted.files,
+                    "unpacked_bytes": extracted.unpacked_bytes, "ignored_files": extracted.ignored})
+                if "README.md" in extracted.files:  # the Hugging Face model card travels with the model
+                    modelcard.import_card(version, (destination / "README.md").read_bytes(), by=request.user)
+                tasks.enqueue_on_commit(tasks.compute_manifest, version.pk)
         except BaseException:
             # Nothing half-written: the transaction rolled back, so remove what reached the disk.
             if destination is not None:
@@ -321,7 +321,8 @@ class ModelVersionViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveMo
         modelcard.import_card(version, serializer.validated_data["card"], by=request.user)
         return Response(serializers.ModelVersionSerializer(version, context=self.get_serializer_context()).data)
 
-    @extend_schema(summary="Download the uploaded archive", responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, 404: ERRORS[404]})
+    @extend_schema(summary="Download the uploaded archive",
+                   responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, 404: ERRORS[404]})
     @action(detail=True, methods=["get"], url_path="archive", url_name="archive")
     def download(self, request, pk=None):
         version = self.get_object()
@@ -565,14 +566,16 @@ class ReportViewSet(ReadOnlyViewSet):
     filterset_class = filters.ReportFilter
     ordering_fields = ["created_at", "version"]
 
-    @extend_schema(summary="Download the report PDF", responses={(200, "application/pdf"): OpenApiTypes.BINARY, 404: ERRORS[404]})
+    @extend_schema(summary="Download the report PDF",
+                   responses={(200, "application/pdf"): OpenApiTypes.BINARY, 404: ERRORS[404]})
     @action(detail=True, methods=["get"])
     def download(self, request, pk=None):
         report = self.get_object()
         return hashed_download(report.pdf, f"loupe-case-{report.case_id}-report-v{report.version}.pdf",
                                "application/pdf", report.sha256)
 
-    action_roles = {"countersign": frozenset({REVIEWER}), "countersigned": frozenset({SUBMITTER, REVIEWER, AUDITOR, ADMIN})}
+    action_roles = {"countersign": frozenset({REVIEWER}),
+                    "countersigned": frozenset({SUBMITTER, REVIEWER, AUDITOR, ADMIN})}
 
     @extend_schema(summary="Countersign: upload the report (or its latest countersigned file) with your signature "
                            "appended", request={"multipart/form-data": {"type": "object", "properties": {

@@ -253,8 +253,9 @@ def claims_problems(manifest: dict[str, Any], report: Report) -> list[str]:
     expected = previous.version if previous is not None else None
     problems = []
     if claims.get("supersedes") != expected:
-        problems.append(f"the report claims to supersede {_version_text(claims.get('supersedes'))} but v{report.version} "
-                        f"of case #{report.case_id} was issued superseding {_version_text(expected)}")
+        problems.append(f"the report claims to supersede {_version_text(claims.get('supersedes'))} "
+                        f"but v{report.version} of case #{report.case_id} was issued superseding "
+                        f"{_version_text(expected)}")
     recomputed = changelog(previous.manifest if previous is not None else None, manifest)
     if claims.get("changelog") != recomputed:
         problems.append("the change log printed on the report is not the one recomputed from "
