@@ -124,7 +124,8 @@ def test_on_the_zoo_clip_the_patch_captures_relevance_beyond_its_area():
     from workers.probes import suite
     from workers.probes.zoo import checkpoint_path
 
-    m = suite.run("patch_attack", str(checkpoint_path("tiny-clip")), None, {"target": "a red circle", "area": 0.06}).metrics
+    m = suite.run("patch_attack", str(checkpoint_path("tiny-clip")), None,
+                  {"target": "a red circle", "area": 0.06}).metrics
     assert m["patch_area"] <= 0.06
     assert m["success_rate"] > m["clean_target_rate"]
     assert m["relevance_on_patch"] >= 2 * m["patch_area"]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-WORDS = ["a", "an", "the", "photo", "of", "and", "red", "green", "blue", "yellow", "circle", "square", "triangle", "cross", "star", "cat", "dog", "left", "right", "top", "bottom"]
+WORDS = ["a", "an", "the", "photo", "of", "and", "red", "green", "blue", "yellow", "circle", "square", "triangle",
+         "cross", "star", "cat", "dog", "left", "right", "top", "bottom"]
 
 
 def _tokenizer(max_length: int):
@@ -263,5 +264,6 @@ def save_tiny_blip2(directory: str | Path, *, image_size: int = 32, patch_size: 
             edit(model)
     model.save_pretrained(directory)
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
-    Blip2Processor(image_processor=image_processor, tokenizer=tok, num_query_tokens=query_tokens).save_pretrained(directory)
+    processor = Blip2Processor(image_processor=image_processor, tokenizer=tok, num_query_tokens=query_tokens)
+    processor.save_pretrained(directory)
     return directory
