@@ -145,7 +145,7 @@ def _embedded_manifest(pdf: bytes) -> bytes | None:
 
 def _approving_reviewers(manifest: dict[str, Any]) -> set[str]:
     assigned = {(u or {}).get("username") for u in (manifest.get("case") or {}).get("reviewers", [])}
-    latest: dict[str, str] = {}
+    latest: dict[str | None, str | None] = {}
     for signoff in sorted(manifest.get("signoffs", []), key=lambda s: (s.get("created_at") or "", s.get("id") or 0)):
         if signoff.get("evidence_id") is None and not signoff.get("report_section"):
             latest[(signoff.get("reviewer") or {}).get("username")] = signoff.get("decision")
