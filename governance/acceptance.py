@@ -196,9 +196,11 @@ def set_criterion(case, *, kind: str, metric: str, by, reason: str, comparator: 
         if row is None:
             row = AcceptanceCriterion(case=case, kind=kind, metric=metric)
         for name, value in (("comparator", comparator), ("threshold", threshold), ("reference", reference),
-                            ("severity", severity), ("where", where)):
+                            ("severity", severity)):
             if value is not None:
-                setattr(row, name, dict(value) if name == "where" else value)
+                setattr(row, name, value)
+        if where is not None:
+            row.where = dict(where)
         if row.comparator in ("at_most", "at_least"):
             row.reference = ""
         row.source, row.rationale, row.updated_by = AcceptanceCriterion.Source.ADMIN, reason, by
@@ -254,8 +256,8 @@ def _matches(record: Mapping[str, Any], where: Mapping[str, Any]) -> bool:
         if isinstance(wanted, bool) or isinstance(have, bool):
             if bool(have) != bool(wanted):
                 return False
-        elif _number(wanted) is not None and _number(have) is not None:
-            if float(have) != float(wanted):
+        elif (wanted_number := _number(wanted)) is not None and (have_number := _number(have)) is not None:
+            if have_number != wanted_number:
                 return False
         elif str(have) != str(wanted):
             return False
@@ -326,17 +328,20 @@ def evaluate(specs: Iterable[Spec], evidence: Iterable[Mapping[str, Any]]) -> li
         for entry in evidence:
             if spec.kind not in _embedded_kinds(entry):
                 continue
-            top = entry.get("metrics") if isinstance(entry.get("metrics"), Mapping) else {}
+            metrics = entry.get("metrics")
+            top: Mapping[str, Any] = metrics if isinstance(metrics, Mapping) else {}
             for trail, record in _records(entry.get("metrics") or {}):
                 if not _matches(record, spec.where) or record.get("method") in BASELINES:
                     continue
                 raw = record.get(spec.metric)
                 # One value, or one value per method/variant (``{"pointing": {"chefer": 0.9, "raw": 0.95}}``).
+                values: list[tuple[str | None, float]]
                 if isinstance(raw, Mapping):
-                    values = [(str(k), _number(v)) for k, v in raw.items()
-                              if k not in BASELINES and _number(v) is not None]
+                    values = [(str(k), number) for k, v in raw.items()
+                              if k not in BASELINES and (number := _number(v)) is not None]
                 else:
-                    values = [(None, _number(raw))] if _number(raw) is not None else []
+                    number = _number(raw)
+                    values = [(None, number)] if number is not None else []
                 for name, value in values:
                     found = True
                     subject = name or _subject(trail, record, spec.metric)

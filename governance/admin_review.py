@@ -29,6 +29,7 @@ from typing import Any
 
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
+from django.db import models
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
@@ -54,7 +55,7 @@ NO_EVIDENCE_YET = (S.DRAFT, S.SUBMITTED, S.RUNNING)
 # Browsers render these inline; anything else (SVG can carry script, HTML, CSV, arrays) is a download.
 INLINE_IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 
-TRANSITION_LABELS = {
+TRANSITION_LABELS: dict[str, str] = {
     S.SUBMITTED: "Submit for probing",
     S.RUNNING: "Start probe runs",
     S.DRAFT: "Withdraw (back to draft)",
@@ -63,7 +64,8 @@ TRANSITION_LABELS = {
     S.ARCHIVED: "Archive",
 }
 ACK_PREFIX = "ack:"
-SEVERITY_ORDER = {severity: i for i, severity in enumerate(m.FINDING_SEVERITIES)}
+# Keyed by what a finding's "severity" may hold (stored JSON: possibly missing); unknown ones sort last.
+SEVERITY_ORDER: dict[str | None, int] = {severity: i for i, severity in enumerate(m.FINDING_SEVERITIES)}
 
 
 class Refused(Exception):
@@ -193,9 +195,10 @@ def decision_summary(case: m.AuditCase, evidence: list[EvidenceView], review, pr
         key = (item.get("kind"), pipeline._key(item.get("params") or {}), item.get("dataset") or "")
         if key in covered:
             continue
-        run = runs_by_item.get(key)
-        reason = ("not run yet" if run is None else
-                  f"run #{run.pk} {run.get_status_display().lower()}" + (f": {run.error[:160]}" if run.error else ""))
+        latest = runs_by_item.get(key)
+        reason = ("not run yet" if latest is None else
+                  f"run #{latest.pk} {latest.get_status_display().lower()}"
+                  + (f": {latest.error[:160]}" if latest.error else ""))
         not_tested.append({"kind": item.get("kind"), "dataset": item.get("dataset") or "", "reason": reason})
     top = next((sev for sev in m.FINDING_SEVERITIES if counts.get(sev)), "")
     if case.state == S.APPROVED:
@@ -290,6 +293,11 @@ def signoff_hint(case: m.AuditCase, user) -> str:
     return ""
 
 
+def _verbose_name(model: type[models.Model], name: str) -> str:
+    field = model._meta.get_field(name)
+    return str(field.verbose_name) if isinstance(field, models.Field) else name
+
+
 def review_context(request: HttpRequest, case: m.AuditCase, admin_site) -> dict[str, Any]:
     user = request.user
     roles = access.roles_of(user)
@@ -304,7 +312,7 @@ def review_context(request: HttpRequest, case: m.AuditCase, admin_site) -> dict[
         **admin_site.each_context(request),
         "title": f"Review: {case.title}",
         "case": case, "version": version, "ai_model": version.ai_model,
-        "card_fields": [(version._meta.get_field(name).verbose_name, getattr(version, name))
+        "card_fields": [(_verbose_name(m.ModelVersion, name), getattr(version, name))
                         for name in m.ModelVersion.CARD_FIELDS if getattr(version, name)],
         "status": status_now,
         "runs": run_rows(case),
@@ -394,7 +402,7 @@ class ReviewViews:
         decision = request.POST.get("decision", "")
         comment = request.POST.get("comment", "").strip()
         # One "ack:<finding key>" field per open finding; only a case-level approval carries them.
-        acknowledgements = {k[len(ACK_PREFIX):]: v.strip() for k, v in request.POST.items()
+        acknowledgements = {k[len(ACK_PREFIX):]: str(v).strip() for k, v in request.POST.items()
                             if k.startswith(ACK_PREFIX)}
         try:
             evidence = self._signoff_target(request, case)
@@ -503,7 +511,8 @@ class ReviewViews:
         cases = (m.AuditCase.objects.visible_to(user)
                  .select_related("model_version__ai_model").prefetch_related("reviewers")
                  .order_by("-state_changed_at", "-pk"))
-        mine, others = [], []
+        mine: list[dict[str, Any]] = []
+        others: list[dict[str, Any]] = []
         for case in cases:
             row = queue_row(case, user)
             (mine if row["awaiting_me"] else others).append(row)

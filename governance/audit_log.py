@@ -215,7 +215,7 @@ def verify_rows(rows: Iterable[dict[str, Any]], head_seq: int | None = None,
     and, when given, the chain head. Returns the problems found (empty: the log verifies)."""
     rows = list(rows)
     problems: list[Problem] = []
-    by_prev = {}
+    by_prev: dict[str, dict[str, Any]] = {}
     for row in rows:
         by_prev.setdefault(row["prev_hash"], row)
     known_hashes = {row["row_hash"] for row in rows}

@@ -166,7 +166,7 @@ def signoff_content(signoff: Signoff) -> dict[str, Any]:
 def report_content(report: Report) -> dict[str, Any]:
     return {"id": report.pk, "case_id": report.case_id, "version": report.version, "sha256": report.sha256,
             "manifest_sha256": digest(report.manifest), "author_id": report.author_id,
-            "supersedes": report.supersedes.version if report.supersedes_id else None,
+            "supersedes": report.supersedes.version if report.supersedes is not None else None,
             "changelog": report.changelog, "created_at": _iso(report.created_at)}
 
 

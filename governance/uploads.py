@@ -306,7 +306,8 @@ def _open_target(root: Path, rel: PurePosixPath, seen: set[str]) -> BinaryIO:
 
 def _extract_zip(fileobj: BinaryIO, root: Path, limits: UploadLimits, archive_bytes: int,
                  ignored: list[str]) -> list[str]:
-    budget, seen, files = _Budget(limits, archive_bytes), set(), []
+    budget, files = _Budget(limits, archive_bytes), []
+    seen: set[str] = set()
     with zipfile.ZipFile(fileobj) as archive:
         infos = archive.infolist()
         if len(infos) > limits.max_files:
@@ -342,7 +343,8 @@ def _extract_zip(fileobj: BinaryIO, root: Path, limits: UploadLimits, archive_by
 
 def _extract_tar(fileobj: BinaryIO, root: Path, limits: UploadLimits, archive_bytes: int,
                  ignored: list[str]) -> list[str]:
-    budget, seen, files, members = _Budget(limits, archive_bytes), set(), [], 0
+    budget, files, members = _Budget(limits, archive_bytes), [], 0
+    seen: set[str] = set()
     # Stream mode ("r|") reads each header once, in order, and never seeks: the whole archive
     # is never decompressed just to list it. Decompressing with GzipFile ourselves (not "r|gz")
     # checks the gzip CRC and length at the end, so a truncated upload is refused instead of

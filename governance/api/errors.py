@@ -91,10 +91,10 @@ def exception_handler(exc, context):
         extra = {}
         if isinstance(exc, workflow.TransitionError):
             extra = {"from_state": exc.from_state, "to_state": exc.to_state, "allowed": list(exc.allowed)}
-        response = _error(code, str(exc), http_status, **extra)
+        refusal = _error(code, str(exc), http_status, **extra)
         if isinstance(exc, pipeline.BrokerUnavailable):
-            response["Retry-After"] = "30"
-        return response
+            refusal["Retry-After"] = "30"
+        return refusal
     if isinstance(exc, IntegrityError):
         return _error("conflict", "The request conflicts with existing data (a duplicate or a rule the database "
                                   "enforces).", status.HTTP_409_CONFLICT)

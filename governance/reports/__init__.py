@@ -130,6 +130,7 @@ def generate_report(case: AuditCase, *, author, sign: bool = True) -> Report:
             paths = signing.configured_signer_paths() if sign else None
             if paths is not None:
                 signer = signing.load_signer(*paths)
+                assert signer.signing_cert is not None  # load_signer reads the certificate with the key
                 pdf = signing.sign_pdf(pdf, signer, role="issuer",
                                        reason=f"Loupe report v{version} of case #{case.pk} issued")
                 signed_by = signer.signing_cert.subject.human_friendly

@@ -16,6 +16,7 @@ observation. Metric keys are shown through :mod:`governance.glossary`, never raw
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import importlib.metadata
 import json
 import math
@@ -283,7 +284,7 @@ def _generated(inputs: RenderInputs, key: str, png: bytes) -> str:
     # Generated figures are served like artifacts, under a name that cannot collide with an id.
     name = f"gen-{key}"
     inputs.generated[name] = png
-    inputs.artifacts[name] = lambda png=png: (png, "image/png")
+    inputs.artifacts[name] = lambda: (png, "image/png")
     return artifact_url(name)
 
 
@@ -336,15 +337,16 @@ def summary_figures(entry: dict[str, Any], inputs: RenderInputs) -> list[dict[st
                                f"solid bars are significant after {block.get('correction', 'multiple-testing')} "
                                f"correction, hatched bars are not; whiskers: spread over repeated concept vectors."})
     records = _method_records(metrics)
-    panels, described = [], []
+    panels: list[tuple[str, dict[str, float], float | None]] = []
+    described: list[str] = []
     for metric in FAITHFULNESS_METRICS:
         # The random ranking is drawn as the dashed reference line, not as a method's bar.
-        values = {str(r["method"]): r.get(metric) for r in records if isinstance(r.get(metric), (int, float))
+        values = {str(r["method"]): value for r in records if isinstance(value := r.get(metric), (int, float))
                   and r.get("method") not in acceptance.BASELINES}
         if not values:
             continue
-        random = next((r.get(f"random_{metric}") for r in records
-                       if isinstance(r.get(f"random_{metric}"), (int, float))), None)
+        random = next((value for r in records if isinstance(value := r.get(f"random_{metric}"), (int, float))),
+                      None)
         panels.append((f"{glossary.label(metric)} ({BETTER[metric]})", values, random))
         described.append(f"{glossary.label(metric)}: {glossary.meaning(metric)}")
     if panels:
@@ -417,13 +419,13 @@ def evidence_view(entry: dict[str, Any], run: dict[str, Any] | None, inputs: Ren
         files.append(artifact)
         if artifact.get("content_type") in ("image/png", "image/jpeg"):
             key = str(artifact["id"])
-            inputs.artifacts[key] = lambda a=artifact: load_artifact(a)
+            inputs.artifacts[key] = functools.partial(load_artifact, artifact)
             figures_out.append({"url": artifact_url(key), "caption": _artifact_caption(artifact, entry)})
     metrics = entry.get("metrics") or {}
     kind = entry.get("kind")
     return {
         "id": entry.get("id"), "kind": kind, "title": kind_title(kind),
-        "plain": KIND_PLAIN.get(kind, ""), "summary": truncate(entry.get("summary")),
+        "plain": KIND_PLAIN.get(kind or "", ""), "summary": truncate(entry.get("summary")),
         "metric_rows": metric_rows(metrics, kind), "tables": record_tables(metrics, kind=kind),
         "observations": [{"title": truncate(f.get("title"))[:500],
                           "detail": truncate(f.get("detail"), MAX_COMMENT_CHARS),
@@ -640,7 +642,7 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
     not_applicable = [] if generative else [k for k in GENERATIVE_ONLY_KINDS if k not in present]
     missing = [k for k in expected if k not in measured_kinds and k not in not_applicable]
 
-    sections = []
+    sections: list[dict[str, Any]] = []
     for section in SECTIONS:
         groups = []
         if section.key in EVIDENCE_SECTIONS:
@@ -684,7 +686,7 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
                                                 for k, v in sorted((run.get("library_versions") or {}).items()))})
     card = manifest.get("model_card") or {}
     documents = manifest.get("provider_documents") or []
-    coverage_args = {"present_kinds": measured_kinds, "documents": documents, "card": card,
+    coverage_args: dict[str, Any] = {"present_kinds": measured_kinds, "documents": documents, "card": card,
                      "section_numbers": numbers, "kind_sections": homes}
     artifacts = [{"evidence": e["id"], "kind": e["kind"], **a} for e in evidence for a in e["files"]]
     glossary_keys = sorted({path.rsplit(".", 1)[-1] for e in manifest.get("evidence", [])

@@ -16,6 +16,7 @@ import io
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -25,7 +26,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from workers.probes.palette import REFERENCE, colour  # noqa: E402  (plain module: no torch, no Django)
 
-_RC = {
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
+
+_RC: dict[RcKeyType, Any] = {
     "svg.hashsalt": "loupe-report",
     "font.family": "DejaVu Sans",
     "font.size": 8.5,
@@ -127,14 +131,16 @@ def bar_panels(panels: Sequence[tuple[str, Mapping[str, float], float | None]], 
             plt.close(fig)
 
 
-def curves(title: str, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
+def curves(title: str, series: Mapping[str, tuple[Sequence[object], Sequence[object]]], *,
            xlabel: str, ylabel: str) -> bytes:
-    """Line plot of several ``name -> (x, y)`` series (deletion/insertion, robustness curves)."""
+    """Line plot of several ``name -> (x, y)`` series (deletion/insertion, robustness curves); points
+    with a value that is not a finite number (missing in stored metrics) are skipped."""
     with _figure() as (fig, ax):
         drawn = 0
         for name, (xs, ys) in series.items():
             # A ragged series is drawn up to its shorter side rather than failing the whole report.
-            points = [(x, y) for x, y in zip(xs, ys, strict=False) if _finite(x) is not None and _finite(y) is not None]
+            points = [(fx, fy) for x, y in zip(xs, ys, strict=False)
+                      if (fx := _finite(x)) is not None and (fy := _finite(y)) is not None]
             if not points:
                 continue
             px, py = zip(*points, strict=True)

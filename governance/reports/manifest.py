@@ -190,7 +190,7 @@ def check_against_database(manifest: dict[str, Any], *, check_files: bool = True
     """
     problems: list[str] = []
     notes: list[str] = []
-    ref = manifest.get("report") or {}
+    ref: Any = manifest.get("report") or {}  # JSON from the file under verification
     case = AuditCase.objects.filter(pk=ref.get("case_id")).select_related("model_version__ai_model").first()
     if case is None:
         return [f"case #{ref.get('case_id')} named by the manifest does not exist in this database"], notes
