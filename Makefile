@@ -9,7 +9,7 @@ REAL_BROKER_URL ?= redis://127.0.0.1:6379/15
 # The same row on RabbitMQ (kombu's pyamqp), the broker that keeps messages durably.
 RABBITMQ_BROKER_URL ?= amqp://guest:guest@127.0.0.1:5672//
 
-.PHONY: help install demo serve test test-real test-real-rabbitmq migrate zoo bench
+.PHONY: help install demo serve lint test test-real test-real-rabbitmq migrate zoo bench
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -26,6 +26,10 @@ demo: ## the main job on the embedded default (SQLite, in-process tasks)
 serve: ## the web app on http://127.0.0.1:8000/ (embedded default: runs proceed in a background worker)
 	$(PYTHON) manage.py migrate --noinput
 	$(PYTHON) manage.py runserver 127.0.0.1:8000
+
+lint: ## ruff and mypy as configured in pyproject.toml (what CI and the pre-commit hooks run)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: ## the test suite (SQLite + in-process tasks); PYTEST_ARGS="tests/test_api.py -x" narrows it
 	$(PYTHON) -m pytest $(PYTEST_ARGS)

@@ -1,12 +1,13 @@
 """Root pytest configuration: registers the real-stack harness (PostgreSQL + Redis + real Celery
-worker processes when ``LOUPE_REAL_STACK=1``; in-process tasks otherwise). The shared actors and
-cases are in ``tests/conftest.py``."""
+worker processes when ``LOUPE_REAL_STACK=1``; in-process tasks otherwise) and the fixture plugins
+shared across test modules (signing keys and issued reports, the browser page). The shared actors and
+cases are in ``tests/conftest.py``; test modules import helpers, never fixtures or each other."""
 
 from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["tests.realstack"]
+pytest_plugins = ["tests.realstack", "tests.signing_fixtures", "tests.browser_fixtures"]
 
 
 @pytest.fixture(scope="session")

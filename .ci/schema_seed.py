@@ -15,7 +15,7 @@ from rest_framework.authtoken.models import Token  # noqa: E402
 
 from governance import workflow  # noqa: E402
 from governance.models import AIModel, AuditCase, Membership, ModelVersion, Organisation  # noqa: E402
-from tests.conftest import finish_run_with_evidence  # noqa: E402
+from tests.actors import finish_run_with_evidence  # noqa: E402
 
 
 def user(name: str, role: str, **extra) -> User:

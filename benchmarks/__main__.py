@@ -1,7 +1,7 @@
 """``python -m benchmarks NAME [options]``: run ``benchmarks/NAME.py``'s ``main``.
 
-``python -m benchmarks`` alone runs every benchmark with its defaults; ``--list`` lists them. A benchmark is added by dropping a module
-with a ``main(argv)`` function into this folder; nothing here needs to change.
+``python -m benchmarks`` alone runs every benchmark with its defaults; ``--list`` lists them. A benchmark is
+added by dropping a module with a ``main(argv)`` function into this folder; nothing here needs to change.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-WORDS = ["a", "an", "the", "photo", "of", "and", "red", "green", "blue", "yellow", "purple", "circle", "square", "triangle", "cross", "star"]
+WORDS = ["a", "an", "the", "photo", "of", "and", "red", "green", "blue", "yellow", "purple", "circle", "square",
+         "triangle", "cross", "star"]
 
 
 def word_tokenizer(max_length: int):

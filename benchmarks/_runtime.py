@@ -13,7 +13,8 @@ import argparse
 
 def add_allocator_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allocator", choices=["loupe", "glibc"], default="loupe",
-                        help="malloc settings: loupe (as the probe CLI and workers run, the default) or glibc's defaults")
+                        help="malloc settings: loupe (as the probe CLI and workers run, the default) "
+                             "or glibc's defaults")
 
 
 def apply_allocator(choice: str) -> str:

@@ -58,7 +58,8 @@ def load_model(path: str | None):
     except Exception:  # noqa: BLE001 - no zoo checkpoint yet: same size, random weights
         spec = dict(image_size=112, patch_size=16, hidden=64, layers=4, heads=4, text_hidden=64, text_layers=2,
                     text_heads=4, projection=64)
-        return random_clip(**spec), "random CLIP (112 px, 16 px patches, 4 layers, width 64: the first tiny-clip's size)"
+        return (random_clip(**spec),
+                "random CLIP (112 px, 16 px patches, 4 layers, width 64: the first tiny-clip's size)")
 
 
 def with_rate(entry: dict, n: int) -> dict:
@@ -183,7 +184,8 @@ def bench_flow(adapter, pv, repeats):
     sources = list(range(adapter.num_prefix_tokens, mats.shape[-1]))
     keep: dict = {}
     # the reference takes tens of seconds per image: at most 3 repeats, no warm-up
-    t = compare({"ours": lambda: max_flows(mats, pool, sources), "networkx": lambda: flow_reference(mats, pool, sources)},
+    t = compare({"ours": lambda: max_flows(mats, pool, sources),
+                 "networkx": lambda: flow_reference(mats, pool, sources)},
                 max(1, min(3, repeats)), warmup=0, keep=keep)
     return {"layers": int(mats.shape[0]), "tokens": int(mats.shape[-1]), "flows_per_image": len(sources),
             "loupe_scipy": with_rate(t["ours"], 1), "networkx_reference": with_rate(t["networkx"], 1),
@@ -219,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     stride = args.stride or max(1, window // 2)
 
     result = {"benchmark": "grounding", "model": model_name, "device": "cpu", "threads": args.threads,
-              "allocator": allocator, "torch": torch.__version__, "python": platform.python_version(), "repeats": args.repeats,
+              "allocator": allocator, "torch": torch.__version__, "python": platform.python_version(),
+              "repeats": args.repeats,
               "note": "medians; the CPU may be shared with other work, ratios are measured in the same run"}
     if "chefer" in only:
         result["chefer"] = bench_chefer(adapter, pv, prompts, args.repeats)
@@ -260,12 +263,14 @@ def print_table(result: dict) -> None:
             continue
         if peer_key == "best_captum":
             peer_key = r["best_captum"]
-        rows.append(f"{section:<30} ours {r[ours_key]['images_per_s']:9.2f} expl/s (peak +{r[ours_key]['peak_mib']} MiB)"
+        rows.append(f"{section:<30} ours {r[ours_key]['images_per_s']:9.2f} expl/s"
+                    f" (peak +{r[ours_key]['peak_mib']} MiB)"
                     f" | {peer_key} {r[peer_key]['images_per_s']:9.3f} expl/s (peak +{r[peer_key]['peak_mib']} MiB)"
                     f" | x{r[ratio_key]:.1f} (target >= {r['target']})")
         if "ceiling" in r:
             c = r["ceiling"]
-            rows.append(f"{'':<30} ceiling: {c['matmul_mflop_per_image']:.0f} MFLOP of matrix products per image; at this"
-                        f" CPU's dense matmul rate ({c['dense_matmul_gflops']:.0f} GFLOP/s, batched runs at"
-                        f" {c['batched_share_of_dense_rate']:.0%} of it) batching could reach at most x{c['max_speedup']:.1f}")
+            rows.append(f"{'':<30} ceiling: {c['matmul_mflop_per_image']:.0f} MFLOP of matrix products per image;"
+                        f" at this CPU's dense matmul rate ({c['dense_matmul_gflops']:.0f} GFLOP/s, batched runs at"
+                        f" {c['batched_share_of_dense_rate']:.0%} of it) batching could reach at most"
+                        f" x{c['max_speedup']:.1f}")
     print("\n".join(rows), file=sys.stderr)

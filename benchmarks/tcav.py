@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         "peak_mb": {"loupe": ours["peak_mb"], "captum": theirs["peak_mb"]},
         "cavs_fitted_per_layer": {"loupe": ours["cavs_fitted_per_layer"], "captum": theirs["cavs_fitted_per_layer"]},
         "mean_tcav_score": {"loupe": ours["scores"], "captum": theirs["scores"]},
-        "max_abs_score_difference": max(abs(ours["scores"][str(layer)] - theirs["scores"][str(layer)]) for layer in layers),
+        "max_abs_score_difference": max(abs(ours["scores"][str(layer)] - theirs["scores"][str(layer)])
+                                        for layer in layers),
         "p_value": {"loupe (folder-level, derivative)": ours["p_values"], "captum + scipy t-test": theirs["p_values"]},
     }
     print(json.dumps(summary, indent=2))

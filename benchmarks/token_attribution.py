@@ -212,7 +212,8 @@ def perturbation_benchmark(adapter, cases, args, sync, allocator) -> int:
     max_diff = 0.0
     for case in cases[:2]:
         ref = loupe(case)
-        max_diff = max(max_diff, float((per_patch_loop(case) - ref).abs().max()), float((captum(case) - ref).abs().max()))
+        max_diff = max(max_diff, float((per_patch_loop(case) - ref).abs().max()),
+                       float((captum(case) - ref).abs().max()))
     times = _interleaved_times(variants, cases, args.repeats, sync)
     med = {name: statistics.median(t) for name, t in times.items()}
     out = {

@@ -196,9 +196,11 @@ def set_criterion(case, *, kind: str, metric: str, by, reason: str, comparator: 
         if row is None:
             row = AcceptanceCriterion(case=case, kind=kind, metric=metric)
         for name, value in (("comparator", comparator), ("threshold", threshold), ("reference", reference),
-                            ("severity", severity), ("where", where)):
+                            ("severity", severity)):
             if value is not None:
-                setattr(row, name, dict(value) if name == "where" else value)
+                setattr(row, name, value)
+        if where is not None:
+            row.where = dict(where)
         if row.comparator in ("at_most", "at_least"):
             row.reference = ""
         row.source, row.rationale, row.updated_by = AcceptanceCriterion.Source.ADMIN, reason, by
@@ -236,9 +238,11 @@ def _records(metrics: Any, trail: tuple[str, ...] = ()) -> Iterator[tuple[tuple[
 
 def _subject(trail: tuple[str, ...], record: Mapping[str, Any], metric: str) -> str:
     parts = [f"{record[f]}" if f in ("method", "concept", "probe") else f"{glossary.label(f).lower()} {record[f]}"
-             for f in SUBJECT_FIELDS if f in record and record[f] is not None and not isinstance(record[f], (dict, list))]
+             for f in SUBJECT_FIELDS
+             if f in record and record[f] is not None and not isinstance(record[f], (dict, list))]
     if not parts:
-        parts = [glossary.label(t).lower() for t in trail if t not in ("methods", "results", "probes", "perturbation")][-1:]
+        skipped = ("methods", "results", "probes", "perturbation")
+        parts = [glossary.label(t).lower() for t in trail if t not in skipped][-1:]
     return ", ".join(parts) or "overall"
 
 
@@ -252,8 +256,8 @@ def _matches(record: Mapping[str, Any], where: Mapping[str, Any]) -> bool:
         if isinstance(wanted, bool) or isinstance(have, bool):
             if bool(have) != bool(wanted):
                 return False
-        elif _number(wanted) is not None and _number(have) is not None:
-            if float(have) != float(wanted):
+        elif (wanted_number := _number(wanted)) is not None and (have_number := _number(have)) is not None:
+            if have_number != wanted_number:
                 return False
         elif str(have) != str(wanted):
             return False
@@ -324,16 +328,20 @@ def evaluate(specs: Iterable[Spec], evidence: Iterable[Mapping[str, Any]]) -> li
         for entry in evidence:
             if spec.kind not in _embedded_kinds(entry):
                 continue
-            top = entry.get("metrics") if isinstance(entry.get("metrics"), Mapping) else {}
+            metrics = entry.get("metrics")
+            top: Mapping[str, Any] = metrics if isinstance(metrics, Mapping) else {}
             for trail, record in _records(entry.get("metrics") or {}):
                 if not _matches(record, spec.where) or record.get("method") in BASELINES:
                     continue
                 raw = record.get(spec.metric)
                 # One value, or one value per method/variant (``{"pointing": {"chefer": 0.9, "raw": 0.95}}``).
+                values: list[tuple[str | None, float]]
                 if isinstance(raw, Mapping):
-                    values = [(str(k), _number(v)) for k, v in raw.items() if k not in BASELINES and _number(v) is not None]
+                    values = [(str(k), number) for k, v in raw.items()
+                              if k not in BASELINES and (number := _number(v)) is not None]
                 else:
-                    values = [(None, _number(raw))] if _number(raw) is not None else []
+                    number = _number(raw)
+                    values = [(None, number)] if number is not None else []
                 for name, value in values:
                     found = True
                     subject = name or _subject(trail, record, spec.metric)
@@ -346,7 +354,8 @@ def evaluate(specs: Iterable[Spec], evidence: Iterable[Mapping[str, Any]]) -> li
                         reference = _number(record.get(spec.reference))
                         verdict.reference_value = reference
                         if reference is not None:
-                            verdict.met = value < reference if spec.comparator == "below_reference" else value > reference
+                            below = spec.comparator == "below_reference"
+                            verdict.met = value < reference if below else value > reference
                     verdicts.append(verdict)
         if not found:
             verdicts.append(Verdict(spec, None, "", None))

@@ -27,9 +27,13 @@ Public functions: ``roles_of(user)``, ``has_role(user, role)``, ``is_admin(user)
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from django.db.models import Model, Q, QuerySet
 
 from governance.scope import Scope
+
+QS = TypeVar("QS", bound=QuerySet[Any])
 
 SUBMITTER = "submitter"
 REVIEWER = "reviewer"
@@ -149,7 +153,7 @@ def _lookup(path: str, suffix: str) -> str:
     return f"{path}__{suffix}" if path else suffix
 
 
-def narrow(qs: QuerySet, user) -> QuerySet:
+def narrow(qs: QS, user: Any) -> QS:
     """``qs`` restricted to the rows ``user`` may see (see the module docstring for the rules)."""
     roles = roles_of(user)
     if not roles:

@@ -1,7 +1,7 @@
 """Admin registration for every governance model.
 
-- Every list and change page starts from ``Model.objects.visible_to(request.user)``: the admin shows
-  exactly what the API shows (see :mod:`governance.access`).
+- Every list and change page starts from :func:`governance.access.narrow` (the rule behind
+  ``Model.objects.visible_to(request.user)``): the admin shows exactly what the API shows.
 - Evidence, artifacts, sign-offs, reports and audit events are read-only here: no add, change or
   delete for anyone (sign-offs are made through :func:`governance.workflow.sign_off`, reports by the
   report service, evidence by workers).
@@ -33,7 +33,7 @@ class VisibleToAdmin(admin.ModelAdmin):
     """Narrows the queryset centrally and logs every change made through the admin."""
 
     def get_queryset(self, request):
-        return super().get_queryset(request).visible_to(request.user)
+        return access.narrow(super().get_queryset(request), request.user)
 
     def has_change_permission(self, request, obj=None):
         if obj is not None and isinstance(obj, (m.AIModel, m.ModelVersion, m.AuditCase)) \
@@ -136,12 +136,14 @@ class AuditCaseForm(forms.ModelForm):
     def __init__(self, *args, user=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.user = user
-        if "reviewers" in self.fields:
-            self.fields["reviewers"].queryset = get_user_model().objects.filter(
+        reviewers = self.fields.get("reviewers")
+        if isinstance(reviewers, forms.ModelMultipleChoiceField):
+            reviewers.queryset = get_user_model().objects.filter(
                 groups__name=access.REVIEWER, is_active=True).distinct()
 
     def clean(self):
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data
         reviewers = cleaned.get("reviewers")
         version = cleaned.get("model_version") or getattr(self.instance, "model_version", None)
         if reviewers and version is not None:
@@ -200,7 +202,7 @@ class AuditCaseAdmin(VisibleToAdmin):
         if not access.is_admin(request.user):
             form_class.base_fields.pop("reviewers", None)
 
-        class BoundForm(form_class):
+        class BoundForm(form_class):  # type: ignore[valid-type,misc]  # a class ModelAdmin builds at run time
             def __init__(self, *args, **kw):
                 super().__init__(*args, user=request.user, **kw)
 
@@ -308,7 +310,8 @@ class AcceptanceCriterionAdmin(VisibleToAdmin):
     """Criteria change only through :func:`governance.acceptance.set_criterion` (admins, with a reason)."""
 
     form = CriterionForm
-    list_display = ("case", "kind", "metric", "comparator", "threshold", "reference", "severity", "source", "updated_at")
+    list_display = ("case", "kind", "metric", "comparator", "threshold", "reference", "severity", "source",
+                    "updated_at")
     list_filter = ("kind", "severity", "source")
     readonly_fields = ("case", "kind", "metric", "source", "rationale", "updated_by", "updated_at")
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
+from django.db import models
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
@@ -54,7 +55,7 @@ NO_EVIDENCE_YET = (S.DRAFT, S.SUBMITTED, S.RUNNING)
 # Browsers render these inline; anything else (SVG can carry script, HTML, CSV, arrays) is a download.
 INLINE_IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 
-TRANSITION_LABELS = {
+TRANSITION_LABELS: dict[str, str] = {
     S.SUBMITTED: "Submit for probing",
     S.RUNNING: "Start probe runs",
     S.DRAFT: "Withdraw (back to draft)",
@@ -63,7 +64,8 @@ TRANSITION_LABELS = {
     S.ARCHIVED: "Archive",
 }
 ACK_PREFIX = "ack:"
-SEVERITY_ORDER = {severity: i for i, severity in enumerate(m.FINDING_SEVERITIES)}
+# Keyed by what a finding's "severity" may hold (stored JSON: possibly missing); unknown ones sort last.
+SEVERITY_ORDER: dict[str | None, int] = {severity: i for i, severity in enumerate(m.FINDING_SEVERITIES)}
 
 
 class Refused(Exception):
@@ -195,9 +197,10 @@ def decision_summary(case: m.AuditCase, evidence: list[EvidenceView], review, pr
         key = (item.get("kind"), pipeline._key(item.get("params") or {}), item.get("dataset") or "")
         if key in covered:
             continue
-        run = runs_by_item.get(key)
-        reason = ("not run yet" if run is None else
-                  f"run #{run.pk} {run.get_status_display().lower()}" + (f": {run.error[:160]}" if run.error else ""))
+        latest = runs_by_item.get(key)
+        reason = ("not run yet" if latest is None else
+                  f"run #{latest.pk} {latest.get_status_display().lower()}"
+                  + (f": {latest.error[:160]}" if latest.error else ""))
         not_tested.append({"kind": item.get("kind"), "dataset": item.get("dataset") or "", "reason": reason})
     top = next((sev for sev in m.FINDING_SEVERITIES if counts.get(sev)), "")
     if case.state == S.APPROVED:
@@ -238,7 +241,8 @@ def describe_figure(artifact: m.EvidenceArtifact, evidence: m.Evidence) -> str:
                 f"figure {stem.replace('_', ' ')}")
     text = f"{evidence.kind} probe, run #{evidence.run_id}: {what}."
     if "heat" in stem or stem.startswith(("examples", "caption", "localisation", "shortcut")):
-        text += " Heatmaps use the inferno scale (dark: low relevance, yellow: high); green boxes mark the annotated object."
+        text += (" Heatmaps use the inferno scale (dark: low relevance, yellow: high); green boxes mark the annotated"
+                 " object.")
     return text
 
 
@@ -279,7 +283,8 @@ def queue_row(case: m.AuditCase, user) -> dict[str, Any]:
 def signoff_hint(case: m.AuditCase, user) -> str:
     """Why the sign-off forms are hidden for ``user`` (display only; ``workflow.sign_off`` decides)."""
     if case.state not in (S.EVIDENCE_READY, S.IN_REVIEW):
-        return f"Sign-offs are taken while the case has evidence ready or is in review; it is {case.get_state_display()}."
+        return ("Sign-offs are taken while the case has evidence ready or is in review; "
+                f"it is {case.get_state_display()}.")
     if not access.roles_of(user) & SIGNOFF_ROLES:
         return "Your role is read-only here."
     conflict = workflow.conflict_of(case, user)
@@ -301,6 +306,11 @@ def attach_threads(case: m.AuditCase, user, evidence: list[EvidenceView]) -> lis
     return list(threads.values())
 
 
+def _verbose_name(model: type[models.Model], name: str) -> str:
+    field = model._meta.get_field(name)
+    return str(field.verbose_name) if isinstance(field, models.Field) else name
+
+
 def review_context(request: HttpRequest, case: m.AuditCase, admin_site) -> dict[str, Any]:
     user = request.user
     roles = access.roles_of(user)
@@ -318,7 +328,7 @@ def review_context(request: HttpRequest, case: m.AuditCase, admin_site) -> dict[
         **admin_site.each_context(request),
         "title": f"Review: {case.title}",
         "case": case, "version": version, "ai_model": version.ai_model,
-        "card_fields": [(version._meta.get_field(name).verbose_name, getattr(version, name))
+        "card_fields": [(_verbose_name(m.ModelVersion, name), getattr(version, name))
                         for name in m.ModelVersion.CARD_FIELDS if getattr(version, name)],
         "status": status_now,
         "runs": run_rows(case),
@@ -408,7 +418,7 @@ class ReviewViews:
         decision = request.POST.get("decision", "")
         comment = request.POST.get("comment", "").strip()
         # One "ack:<finding key>" field per open finding; only a case-level approval carries them.
-        acknowledgements = {k[len(ACK_PREFIX):]: v.strip() for k, v in request.POST.items()
+        acknowledgements = {k[len(ACK_PREFIX):]: str(v).strip() for k, v in request.POST.items()
                             if k.startswith(ACK_PREFIX)}
         try:
             evidence = self._signoff_target(request, case)
@@ -506,7 +516,8 @@ class ReviewViews:
 
             report = get_object_or_404(m.Report.objects.visible_to(request.user), pk=report_id, case=case)
             row = countersign(report, request.user, read_upload(request.FILES.get("file")))
-            return f"Stored your countersignature {row.sequence} of report v{report.version} (SHA-256 {row.sha256[:16]}...)."
+            return (f"Stored your countersignature {row.sequence} of report v{report.version} "
+                    f"(SHA-256 {row.sha256[:16]}...).")
 
         return self._act(request, case_id, frozenset({access.REVIEWER}), "Countersigning a report", act)
 
@@ -576,8 +587,10 @@ class ReviewViews:
         """Cases awaiting the user's sign-off first, then every other case they can see."""
         user = request.user
         cases = (m.AuditCase.objects.visible_to(user)
-                 .select_related("model_version__ai_model").prefetch_related("reviewers").order_by("-state_changed_at", "-pk"))
-        mine, others = [], []
+                 .select_related("model_version__ai_model").prefetch_related("reviewers")
+                 .order_by("-state_changed_at", "-pk"))
+        mine: list[dict[str, Any]] = []
+        others: list[dict[str, Any]] = []
         for case in cases:
             row = queue_row(case, user)
             (mine if row["awaiting_me"] else others).append(row)
@@ -589,8 +602,9 @@ class ReviewViews:
         """One figure, large: zoom, the other figures of the same evidence one click away, the colour
         scale and box legend, and the scores of the evidence it belongs to."""
         case = visible_case(request, case_id)
-        artifact = get_object_or_404(m.EvidenceArtifact.objects.visible_to(request.user).select_related("evidence__run"),
-                                     pk=artifact_id, evidence__run__case=case, content_type__in=INLINE_IMAGE_TYPES)
+        artifacts = m.EvidenceArtifact.objects.visible_to(request.user).select_related("evidence__run")
+        artifact = get_object_or_404(artifacts, pk=artifact_id, evidence__run__case=case,
+                                     content_type__in=INLINE_IMAGE_TYPES)
         evidence = artifact.evidence
         siblings = [a for a in sorted(evidence.artifacts.all(), key=lambda a: a.name)
                     if a.content_type in INLINE_IMAGE_TYPES]

@@ -1,8 +1,10 @@
-from typing import Any
+from typing import Any, TypeVar
 
 from django.apps import AppConfig
 from django.db.models import QuerySet
 from django.db.models.signals import post_migrate
+
+QS = TypeVar("QS", bound=QuerySet[Any])
 
 
 class GovernanceConfig(AppConfig):
@@ -10,7 +12,7 @@ class GovernanceConfig(AppConfig):
     verbose_name = "Loupe governance"
     default_auto_field = "django.db.models.BigAutoField"
 
-    def narrow(self, queryset: QuerySet, user: Any) -> QuerySet:
+    def narrow(self, queryset: QS, user: Any) -> QS:
         """``queryset`` narrowed to what ``user`` may see (``GovernanceQuerySet.visible_to``)."""
         from governance.access import narrow
 

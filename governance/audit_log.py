@@ -205,13 +205,17 @@ def _seq_range(first: int, last: int) -> str:
     return f"seq {first} was" if first == last else f"seq {first}..{last} were"
 
 
+def _moved(written_at: int, seq: int) -> str:
+    return f"it was written as seq {written_at} and now sits at seq {seq}"
+
+
 def verify_rows(rows: Iterable[dict[str, Any]], head_seq: int | None = None,
                 head_hash: str | None = None, progress: Any = None) -> list[Problem]:
     """Verify audit-log rows (dicts with :data:`ROW_FIELDS`, in ``seq`` order) against each other
     and, when given, the chain head. Returns the problems found (empty: the log verifies)."""
     rows = list(rows)
     problems: list[Problem] = []
-    by_prev = {}
+    by_prev: dict[str, dict[str, Any]] = {}
     for row in rows:
         by_prev.setdefault(row["prev_hash"], row)
     known_hashes = {row["row_hash"] for row in rows}
@@ -239,14 +243,16 @@ def verify_rows(rows: Iterable[dict[str, Any]], head_seq: int | None = None,
         hash_ok = row_hash_of(row) == row["row_hash"]
         written_at = walk_pos.get(rid)
         if not hash_ok:
-            if written_at is not None and written_at != seq and row_hash_of({**row, "seq": written_at}) == row["row_hash"]:
-                problems.append(Problem("reordered", seq, rid, f"it was written as seq {written_at} and now sits at seq {seq}"))
+            if (written_at is not None and written_at != seq
+                    and row_hash_of({**row, "seq": written_at}) == row["row_hash"]):
+                problems.append(Problem("reordered", seq, rid, _moved(written_at, seq)))
             else:
                 problems.append(Problem("modified", seq, rid, "its columns no longer match its row hash"))
 
         expected_seq = previous["seq"] + 1 if previous else 1
         if seq > expected_seq:
-            problems.append(Problem("deleted", seq, rid, f"{_seq_range(expected_seq, seq - 1)} missing before this row"))
+            problems.append(Problem("deleted", seq, rid,
+                                    f"{_seq_range(expected_seq, seq - 1)} missing before this row"))
         elif written_at is None:
             if row["prev_hash"] in known_hashes or row["prev_hash"] == GENESIS_HASH:
                 pass  # linked to a row that is itself cut off from the chain: reported at the cut
@@ -264,7 +270,7 @@ def verify_rows(rows: Iterable[dict[str, Any]], head_seq: int | None = None,
         elif (previous is not None and previous["row_hash"] != row["prev_hash"] and hash_ok
               and written_at != seq):
             # Intact row, but it was chained after another row than the one now before it.
-            problems.append(Problem("reordered", seq, rid, f"it was written as seq {written_at} and now sits at seq {seq}"))
+            problems.append(Problem("reordered", seq, rid, _moved(written_at, seq)))
         previous = row
 
     if head_seq is not None:

@@ -166,7 +166,7 @@ def signoff_content(signoff: Signoff) -> dict[str, Any]:
 def report_content(report: Report) -> dict[str, Any]:
     return {"id": report.pk, "case_id": report.case_id, "version": report.version, "sha256": report.sha256,
             "manifest_sha256": digest(report.manifest), "author_id": report.author_id,
-            "supersedes": report.supersedes.version if report.supersedes_id else None,
+            "supersedes": report.supersedes.version if report.supersedes is not None else None,
             "changelog": report.changelog, "created_at": _iso(report.created_at)}
 
 
@@ -255,7 +255,8 @@ def unbound_case_rows(case) -> list[str]:
     """:func:`ledger_problems` for the evidence and sign-offs of one case (what a report would state)."""
     evidence = (Evidence.objects.filter(run__case=case).select_related("run").prefetch_related("artifacts")
                 .order_by("pk"))
-    return _row_problems("evidence", evidence) + _row_problems("signoff", Signoff.objects.filter(case=case).order_by("pk"))
+    signoffs = Signoff.objects.filter(case=case).order_by("pk")
+    return _row_problems("evidence", evidence) + _row_problems("signoff", signoffs)
 
 
 def metrics_json(evidence: Evidence) -> str:

@@ -198,12 +198,13 @@ def export_card(version: ModelVersion) -> str:
     """The version as a Hugging Face model card (``README.md``)."""
     from huggingface_hub import ModelCardData
 
-    metadata = {k: v for k, v in (version.card_metadata or {}).items() if k != LOUPE_KEY}
+    metadata: dict[str, Any] = {k: v for k, v in (version.card_metadata or {}).items() if k != LOUPE_KEY}
+    metadata[LOUPE_KEY] = loupe_block(version)
     try:
-        front_matter = ModelCardData(**metadata, **{LOUPE_KEY: loupe_block(version)}).to_yaml()
+        front_matter = ModelCardData(**metadata).to_yaml()
     except (TypeError, ValueError, KeyError):
         # Metadata that huggingface_hub's card data rejects (e.g. odd model-index) is still written out.
-        front_matter = yaml.safe_dump({**metadata, LOUPE_KEY: loupe_block(version)}, sort_keys=False,
+        front_matter = yaml.safe_dump(metadata, sort_keys=False,
                                       allow_unicode=True).rstrip("\n")
     parts = [f"---\n{front_matter}\n---", f"# Model Card for {version.ai_model.name} {version.version}"]
     for name in ModelVersion.CARD_FIELDS:

@@ -24,8 +24,9 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self, cast
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -35,6 +36,9 @@ from django.db.models import Q
 
 from governance.canonical import canonical_json, digest
 from governance.scope import Scope
+
+if TYPE_CHECKING:
+    from governance.apps import GovernanceConfig
 
 SHA256_VALIDATOR = RegexValidator(r"^[0-9a-f]{64}$", "Expected a lowercase hex SHA-256 digest (64 characters).")
 GIT_REVISION_VALIDATOR = RegexValidator(
@@ -61,8 +65,8 @@ class GovernanceQuerySet(models.QuerySet):
         # config hands them over, so this module never imports access.
         from django.apps import apps
 
-        narrowed: GovernanceQuerySet = apps.get_app_config("governance").narrow(self, user)
-        return narrowed
+        config = cast("GovernanceConfig", apps.get_app_config("governance"))
+        return config.narrow(self, user)
 
 
 class AppendOnlyQuerySet(GovernanceQuerySet):
@@ -232,8 +236,9 @@ class AIModel(models.Model):
     FROZEN_FIELDS = ("provider_name", "intended_purpose", "modality", "risk_category", "annex_iii_area")
 
     @classmethod
-    def from_db(cls, db, field_names, values):
-        instance = super().from_db(db, field_names, values)
+    def from_db(cls, db: str | None, field_names: Collection[str], values: Collection[Any],
+                **kwargs: Any) -> Self:
+        instance = super().from_db(db, field_names, values, **kwargs)
         instance._loaded_frozen = {name: instance.__dict__[name] for name in cls.FROZEN_FIELDS
                                    if name in instance.__dict__}
         return instance
@@ -263,7 +268,8 @@ class AIModel(models.Model):
                 condition=(Q(risk_category="high_risk") & ~Q(annex_iii_area=""))
                 | (~Q(risk_category="high_risk") & Q(annex_iii_area="")),
                 name="aimodel_high_risk_has_area",
-                violation_error_message="A high-risk system needs its high-risk area; other categories must leave it empty.",
+                violation_error_message=("A high-risk system needs its high-risk area; "
+                                         "other categories must leave it empty."),
             ),
         ]
 
@@ -350,8 +356,9 @@ class ModelVersion(models.Model):
     FROZEN_FIELDS = ARTIFACT_FIELDS + CARD_FIELDS + ("card_metadata",)
 
     @classmethod
-    def from_db(cls, db, field_names, values):
-        instance = super().from_db(db, field_names, values)
+    def from_db(cls, db: str | None, field_names: Collection[str], values: Collection[Any],
+                **kwargs: Any) -> Self:
+        instance = super().from_db(db, field_names, values, **kwargs)
         instance._loaded_frozen = {name: instance._frozen_value(name) for name in cls.FROZEN_FIELDS
                                    if name in instance.__dict__}
         return instance
@@ -509,6 +516,9 @@ class AuditCase(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     objects = AuditCaseQuerySet.as_manager()
+    # True only while governance.workflow saves the state change it checked and logs.
+    _workflow_transition: bool = False
+    _loaded_state: str | None = None  # the state as read from the database (from_db)
 
     class Meta:
         ordering = ["-created_at"]
@@ -522,14 +532,15 @@ class AuditCase(models.Model):
         return f"#{self.pk} {self.title}"
 
     @classmethod
-    def from_db(cls, db, field_names, values):
-        instance = super().from_db(db, field_names, values)
+    def from_db(cls, db: str | None, field_names: Collection[str], values: Collection[Any],
+                **kwargs: Any) -> Self:
+        instance = super().from_db(db, field_names, values, **kwargs)
         instance._loaded_state = instance.__dict__.get("state")
         return instance
 
     def save(self, *args, **kwargs):
         # State changes must go through governance.workflow, which checks and logs them.
-        if not getattr(self, "_workflow_transition", False):
+        if not self._workflow_transition:
             if self._state.adding and self.state != self.State.DRAFT:
                 raise ValueError(f"A new audit case starts as 'draft', not {self.state!r}; "
                                  "use governance.workflow to move it on.")
@@ -606,6 +617,7 @@ class ProbeRun(models.Model):
     dispatched_at = models.DateTimeField(null=True, blank=True)
 
     objects = ProbeRunQuerySet.as_manager()
+    _loaded_status: str | None = None  # the status as read from the database (from_db)
 
     class Meta:
         ordering = ["case", "created_at", "pk"]
@@ -618,8 +630,9 @@ class ProbeRun(models.Model):
         return f"run #{self.pk} {self.kind} ({self.status})"
 
     @classmethod
-    def from_db(cls, db, field_names, values):
-        instance = super().from_db(db, field_names, values)
+    def from_db(cls, db: str | None, field_names: Collection[str], values: Collection[Any],
+                **kwargs: Any) -> Self:
+        instance = super().from_db(db, field_names, values, **kwargs)
         instance._loaded_status = instance.__dict__.get("status")
         return instance
 
@@ -945,6 +958,8 @@ class AuditEvent(AppendOnlyModel):
     row_hash = models.CharField(max_length=64, unique=True)
 
     objects = AuditEventQuerySet.as_manager()
+    # True only on the rows governance.audit_log.record() chains and saves.
+    _via_record: bool = False
 
     class Meta:
         ordering = ["seq"]
@@ -954,7 +969,7 @@ class AuditEvent(AppendOnlyModel):
         return f"#{self.seq} {self.action} {self.object_type}:{self.object_id} by {self.actor_label}"
 
     def save(self, *args, **kwargs):
-        if self._state.adding and not getattr(self, "_via_record", False):
+        if self._state.adding and not self._via_record:
             raise ImmutableError("Audit events are written only through governance.audit_log.record(), "
                                  "which chains them.")
         super().save(*args, **kwargs)
@@ -1020,7 +1035,8 @@ class AcceptanceCriterion(models.Model):
     reference = models.CharField(max_length=200, blank=True,
                                  help_text="For *_reference comparators: the metric compared against.")
     where = models.JSONField(default=dict, blank=True,
-                             help_text='Only rows of the metrics that match, e.g. {"family": "corruption", "severity": 3}.')
+                             help_text='Only rows of the metrics that match, '
+                                       'e.g. {"family": "corruption", "severity": 3}.')
     severity = models.CharField(max_length=10, choices=Severity.choices,
                                 help_text="Severity of the finding when the criterion is not met.")
     source = models.CharField(max_length=10, choices=Source.choices, default=Source.DEFAULT)
@@ -1042,7 +1058,8 @@ class AcceptanceCriterion(models.Model):
                            name="criterion_has_threshold_or_reference")]
 
     def __str__(self) -> str:
-        return f"{self.kind} {self.metric} {self.comparator} {self.threshold if self.threshold is not None else self.reference}"
+        bound = self.threshold if self.threshold is not None else self.reference
+        return f"{self.kind} {self.metric} {self.comparator} {bound}"
 
 
 class FindingAcknowledgement(AppendOnlyModel):

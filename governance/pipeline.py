@@ -177,13 +177,13 @@ def start_case(case_id: int, by=None) -> list[int]:
         items = _plan_items_to_run(case)
         if not items:
             raise PipelineError(f"case #{case.pk}: every planned probe already succeeded; nothing to re-run")
-        for i, item in items:
+        for _, item in items:
             resolve_dataset(item.get("dataset"))  # refuse bad references before anything is written
             resolve_params(item.get("params"))
         workflow.transition(case, S.RUNNING, by)
         now = timezone.now()
         runs = []
-        for i, item in items:
+        for _, item in items:
             run = ProbeRun.objects.create(case=case, kind=item["kind"], params=item.get("params") or {},
                                           dataset=item.get("dataset") or "", status=ProbeRun.Status.QUEUED,
                                           queued_at=now, dispatched_at=now, phase="queued")
@@ -207,7 +207,8 @@ def dispatch(case_id: int, run_ids: list[int], countdown: float | None = None) -
     from workers import local
     from workers.celery import app
 
-    if local.offload(dispatch, case_id, run_ids, countdown):  # embedded default in the web process: never hold the request
+    # The embedded default in the web process: never hold the request.
+    if local.offload(dispatch, case_id, run_ids, countdown):
         return
     # Tasks are sent by name: the web process never imports the worker's task module (which imports
     # this one). Executed in-process, the tasks must be registered first, as a worker does at start.

@@ -79,7 +79,8 @@ def attach(model_version: ModelVersion, *, doc_type: str, title: str, filename: 
                 "document": document.pk, "doc_type": doc_type, "version": document.version,
                 "sha256": document.sha256, "size": document.size, "title": document.title})
         except BaseException:
-            document.file.storage.delete(document.file.name)
+            if document.file.name:
+                document.file.storage.delete(document.file.name)
             raise
     return document
 

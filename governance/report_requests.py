@@ -37,7 +37,7 @@ def issue(case_id: int, author, key: str) -> tuple[Report, bool]:
         raise ValueError(f"an idempotency key is 1 to {MAX_KEY_LENGTH} characters")
     existing = (ReportRequest.objects.filter(key=key, case_id=case_id, report__isnull=False)
                 .select_related("report").first())
-    if existing is not None:
+    if existing is not None and existing.report is not None:
         return existing.report, False
     case = AuditCase.objects.get(pk=case_id)
     if unbound_case_rows(case):

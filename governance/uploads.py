@@ -32,6 +32,7 @@ limits on *actual* output, the same policy for zip and tar, and a refusal reason
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -305,11 +306,13 @@ def _open_target(root: Path, rel: PurePosixPath, seen: set[str]) -> BinaryIO:
 
 def _extract_zip(fileobj: BinaryIO, root: Path, limits: UploadLimits, archive_bytes: int,
                  ignored: list[str]) -> list[str]:
-    budget, seen, files = _Budget(limits, archive_bytes), set(), []
+    budget, files = _Budget(limits, archive_bytes), []
+    seen: set[str] = set()
     with zipfile.ZipFile(fileobj) as archive:
         infos = archive.infolist()
         if len(infos) > limits.max_files:
-            raise UploadRejected("too_many_files", f"the archive has more than {limits.max_files} files; refused", status=413)
+            raise UploadRejected("too_many_files", f"the archive has more than {limits.max_files} files; refused",
+                                 status=413)
         # Check every header first, so a refusal costs no decompression at all.
         checked = []
         for info in infos:
@@ -340,7 +343,8 @@ def _extract_zip(fileobj: BinaryIO, root: Path, limits: UploadLimits, archive_by
 
 def _extract_tar(fileobj: BinaryIO, root: Path, limits: UploadLimits, archive_bytes: int,
                  ignored: list[str]) -> list[str]:
-    budget, seen, files, members = _Budget(limits, archive_bytes), set(), [], 0
+    budget, files, members = _Budget(limits, archive_bytes), [], 0
+    seen: set[str] = set()
     # Stream mode ("r|") reads each header once, in order, and never seeks: the whole archive
     # is never decompressed just to list it. Decompressing with GzipFile ourselves (not "r|gz")
     # checks the gzip CRC and length at the end, so a truncated upload is refused instead of
@@ -350,7 +354,8 @@ def _extract_tar(fileobj: BinaryIO, root: Path, limits: UploadLimits, archive_by
         for member in archive:
             members += 1
             if members > limits.max_files:
-                raise UploadRejected("too_many_files", f"the archive has more than {limits.max_files} files; refused", status=413)
+                raise UploadRejected("too_many_files", f"the archive has more than {limits.max_files} files; refused",
+                                     status=413)
             if member.isdir() and all(p in ("", ".") for p in PurePosixPath(member.name).parts):
                 continue  # the archive's own root, as `tar -C dir .` writes it ("./")
             rel = safe_member_path(member.name)
@@ -397,7 +402,8 @@ def _check_model_directory(root: Path, files: list[str], ignored: list[str]) -> 
         refuse_pickles(PurePosixPath(ignored[0]))
     if "config.json" not in files:
         raise UploadRejected(
-            "missing_config", "the archive has no config.json at its top level; upload a Hugging Face-format model directory"
+            "missing_config",
+            "the archive has no config.json at its top level; upload a Hugging Face-format model directory",
         )
     config_path = root / "config.json"
     if config_path.stat().st_size > CONFIG_MAX_BYTES:
@@ -477,13 +483,16 @@ def extracted_model_archive(fileobj: BinaryIO, *, size: int | None = None,
         extract = _extract_zip if kind == "zip" else _extract_tar
         try:
             files = extract(fileobj, unpacked, limits, size, ignored)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, OSError, NotImplementedError) as exc:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, OSError,
+                NotImplementedError) as exc:
             if isinstance(exc, FileExistsError):
-                raise UploadRejected("duplicate_member", f"the archive has two members with the same path: {exc.filename}") from None
+                raise UploadRejected("duplicate_member",
+                                     f"the archive has two members with the same path: {exc.filename}") from None
             raise UploadRejected("corrupt_archive", f"the {kind} archive is corrupt or truncated: {exc}") from None
         root, files, ignored = _strip_single_top_directory(unpacked, files, ignored)
         config = _check_model_directory(root, files, ignored)
-        yield ExtractedModel(path=root, files=sorted(files), unpacked_bytes=sum((root / f).stat().st_size for f in files),
+        yield ExtractedModel(path=root, files=sorted(files),
+                             unpacked_bytes=sum((root / f).stat().st_size for f in files),
                              config=config, ignored=sorted(ignored))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -505,16 +514,12 @@ def organisation_storage_used(organisation) -> int:
 
     used = 0
     for version in ModelVersion.objects.filter(ai_model__organisation=organisation).exclude(archive=""):
-        try:
+        with contextlib.suppress(OSError):
             used += version.archive.size
-        except OSError:
-            pass
         for dirpath, _dirs, names in os.walk(uploaded_model_directory(version)):
             for name in names:
-                try:
+                with contextlib.suppress(OSError):
                     used += os.lstat(os.path.join(dirpath, name)).st_size
-                except OSError:
-                    pass
     return used
 
 
@@ -570,7 +575,8 @@ def validate_image(fileobj: BinaryIO, *, max_pixels: int | None = None) -> tuple
                     image.load()
                 return image_format, (width, height)
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-                raise UploadRejected("image_too_large", f"the image is a decompression bomb: {exc}", status=413) from None
+                raise UploadRejected("image_too_large", f"the image is a decompression bomb: {exc}",
+                                     status=413) from None
             except UnidentifiedImageError:
                 raise UploadRejected("not_an_image", "the upload is not an image Loupe can read") from None
             except (OSError, SyntaxError, ValueError) as exc:

@@ -271,7 +271,8 @@ def _apply(locked: AuditCase, to_state: str, by, payload: dict) -> None:
         locked.review_round += 1
         extra["review_round"] = locked.review_round
     if to_state == S.DRAFT:
-        active = list(ProbeRun.objects.filter(case_id=locked.pk, status__in=ProbeRun.ACTIVE).values_list("pk", flat=True))
+        active = list(ProbeRun.objects.filter(case_id=locked.pk, status__in=ProbeRun.ACTIVE)
+                      .values_list("pk", flat=True))
         ProbeRun.objects.filter(pk__in=active).update(status=ProbeRun.Status.CANCELLED, finished_at=now,
                                                       phase="cancelled with the case")
         extra["cancelled_runs"] = active

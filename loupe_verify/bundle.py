@@ -145,7 +145,7 @@ def _embedded_manifest(pdf: bytes) -> bytes | None:
 
 def _approving_reviewers(manifest: dict[str, Any]) -> set[str]:
     assigned = {(u or {}).get("username") for u in (manifest.get("case") or {}).get("reviewers", [])}
-    latest: dict[str, str] = {}
+    latest: dict[str | None, str | None] = {}
     for signoff in sorted(manifest.get("signoffs", []), key=lambda s: (s.get("created_at") or "", s.get("id") or 0)):
         if signoff.get("evidence_id") is None and not signoff.get("report_section"):
             latest[(signoff.get("reviewer") or {}).get("username")] = signoff.get("decision")
@@ -339,7 +339,8 @@ def _check_report_event(manifest, manifest_bytes, checked, rows, result: BundleR
     payload = chain.payload(row)
     if checked is not None and checked.issued_sha256 and payload.get("sha256") != checked.issued_sha256:
         result.problems.append(f"audit-log.json: the report.issued row (seq {row['seq']}) records SHA-256 "
-                               f"{payload.get('sha256')}, the report's issued revision hashes to {checked.issued_sha256}")
+                               f"{payload.get('sha256')}, the report's issued revision hashes to "
+                               f"{checked.issued_sha256}")
     if payload.get("manifest_sha256") != hashlib.sha256(manifest_bytes).hexdigest():
         result.problems.append(f"audit-log.json: the report.issued row (seq {row['seq']}) records another manifest")
     anchor = manifest.get("audit_log")

@@ -28,6 +28,7 @@ from asn1crypto import x509 as asn1_x509
 from pyhanko.pdf_utils import generic
 from pyhanko.pdf_utils.reader import PdfFileReader
 from pyhanko.sign.validation import validate_pdf_signature, validate_pdf_timestamp
+from pyhanko.sign.validation.status import DocumentTimestampStatus, PdfSignatureStatus
 from pyhanko_certvalidator import ValidationContext
 
 # Object identifiers under a UUID arc (ITU-T X.667 2.25.<uuid>), which needs no registration.
@@ -284,6 +285,7 @@ def verify_pdf(pdf: bytes, roots: list[asn1_x509.Certificate], *, issuer_fingerp
         is_timestamp = sig.sig_object_type == "/DocTimeStamp"
         byte_range = list(sig.byte_range)
         end = int(byte_range[2]) + int(byte_range[3])
+        status: DocumentTimestampStatus | PdfSignatureStatus
         try:
             if is_timestamp:
                 status = validate_pdf_timestamp(sig, validation_context=context, skip_diff=True)
@@ -296,19 +298,21 @@ def verify_pdf(pdf: bytes, roots: list[asn1_x509.Certificate], *, issuer_fingerp
             checks.append(check)
             continue
         cert = status.signing_cert
-        ts_status = getattr(status, "timestamp_validity", None)
-        timestamp = None
-        if is_timestamp:
-            timestamp = status.timestamp.isoformat() if getattr(status, "timestamp", None) else None
-        elif ts_status is not None and ts_status.timestamp is not None:
-            timestamp = ts_status.timestamp.isoformat()
+        ts_status, timestamp, signed_at = None, None, None
+        if isinstance(status, DocumentTimestampStatus):
+            timestamp = status.timestamp.isoformat() if status.timestamp else None
+        else:
+            ts_status = status.timestamp_validity
+            if ts_status is not None and ts_status.timestamp is not None:
+                timestamp = ts_status.timestamp.isoformat()
+            signed_at = status.signer_reported_dt.isoformat() if status.signer_reported_dt else None
         check = SignatureCheck(
             field_name=sig.field_name, kind="timestamp" if is_timestamp else "signature",
             signer=cert_name(cert) if cert is not None else "?",
             role="timestamp" if is_timestamp else (cert_role(cert) if cert is not None else "unknown"),
             username=cert_username(cert) if cert is not None else None,
             cert_sha256=cert_sha256(cert) if cert is not None else None,
-            signed_at=getattr(status, "signer_reported_dt", None) and status.signer_reported_dt.isoformat(),
+            signed_at=signed_at,
             timestamp=timestamp, revision=sig.signed_revision + 1, signed_bytes_end=end,
             intact=bool(status.intact), valid=bool(status.valid), trusted=bool(status.trusted))
         if not status.intact:

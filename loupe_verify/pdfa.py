@@ -21,7 +21,7 @@ import datetime as dt
 import io
 import re
 import xml.etree.ElementTree as ET
-from typing import Any
+from typing import Any, cast
 
 from pypdf import PdfReader
 from pypdf.generic import ArrayObject, DictionaryObject, IndirectObject, StreamObject
@@ -40,7 +40,13 @@ def _resolve(obj: Any) -> Any:
     return obj.get_object() if isinstance(obj, IndirectObject) else obj
 
 
-def _version(text: str) -> tuple[int, int] | None:
+def _catalog(reader: PdfReader) -> DictionaryObject:
+    # The trailer's /Root is the document catalog, a dictionary (ISO 32000-1 7.5.5); pypdf types it as
+    # any PDF object.
+    return cast(DictionaryObject, reader.trailer["/Root"])
+
+
+def _version(text: object) -> tuple[int, int] | None:
     match = re.match(r"/?(\d+)\.(\d+)", str(text))
     return (int(match.group(1)), int(match.group(2))) if match else None
 
@@ -52,7 +58,8 @@ def _pdf_date(value: str) -> dt.datetime | None:
     parts = [int(p) if p else d for p, d in zip(match.groups()[:6], (0, 1, 1, 0, 0, 0), strict=True)]
     sign, hh, mm = match.group(7), int(match.group(8) or 0), int(match.group(9) or 0)
     offset = dt.timedelta(hours=hh, minutes=mm) * (-1 if sign == "-" else 1)
-    return dt.datetime(*parts, tzinfo=dt.timezone(offset))
+    year, month, day, hour, minute, second = parts
+    return dt.datetime(year, month, day, hour, minute, second, tzinfo=dt.timezone(offset))
 
 
 def _xmp_date(value: str) -> dt.datetime | None:
@@ -112,7 +119,7 @@ def pdfa3b_problems(pdf: bytes) -> list[str]:
     """The PDF/A-3b rules of the module docstring that ``pdf`` breaks; empty when none."""
     reader = PdfReader(io.BytesIO(pdf), strict=False)
     problems: list[str] = []
-    root = reader.trailer["/Root"]
+    root = _catalog(reader)
 
     header = _version(reader.pdf_header.replace("%PDF-", ""))
     if header is None or header > (1, 7):
@@ -192,13 +199,13 @@ def pdfa3b_problems(pdf: bytes) -> list[str]:
         for _, font in fonts:
             if not _font_embedded(font):
                 missing.add((number, str(font.get("/BaseFont"))))
-    for number, base in sorted(missing):
-        problems.append(f"ISO 19005-3 6.2.11.4.1: font {base} on page {number} is not embedded")
+    for number, font_name in sorted(missing):
+        problems.append(f"ISO 19005-3 6.2.11.4.1: font {font_name} on page {number} is not embedded")
     return problems
 
 
 def is_tagged(pdf: bytes) -> bool:
     """Whether the file is tagged: ``/MarkInfo /Marked true`` and a structure tree (ISO 32000-1 14.8)."""
-    root = PdfReader(io.BytesIO(pdf), strict=False).trailer["/Root"]
+    root = _catalog(PdfReader(io.BytesIO(pdf), strict=False))
     mark = _resolve(root.get("/MarkInfo")) or {}
     return bool(mark.get("/Marked")) and isinstance(_resolve(root.get("/StructTreeRoot")), DictionaryObject)

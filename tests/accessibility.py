@@ -29,7 +29,8 @@ def axe_violations(page) -> list[dict]:
     result = page.evaluate("""async (tags) => {
         const r = await axe.run(document, {runOnly: {type: 'tag', values: tags}, resultTypes: ['violations']});
         return r.violations.map(v => ({id: v.id, impact: v.impact, help: v.help,
-                                       nodes: v.nodes.slice(0, 5).map(n => n.target.join(' ') + ': ' + n.failureSummary)}));
+                                       nodes: v.nodes.slice(0, 5)
+                                                     .map(n => n.target.join(' ') + ': ' + n.failureSummary)}));
     }""", WCAG_TAGS)
     return result
 

@@ -20,13 +20,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from django.contrib.auth.models import Group, User
+from django.contrib.auth.models import User
 from django.db import connection
-from django.utils import timezone
 
+from tests.actors import TEST_KIND, create_user, finish_run_with_evidence
 from workers.probes import suite
-
-TEST_KIND = "test.echo"
 
 
 @pytest.fixture(autouse=True)
@@ -64,22 +62,10 @@ def test_probe_kind() -> str:
     kinds.unregister(TEST_KIND)
 
 
-def _user(username: str, role: str | None = None, organisation=None, **extra) -> User:
-    from governance.models import Membership
-
-    user = User.objects.create_user(username=username, password=f"{username}-pw-1234", email=f"{username}@example.org",
-                                    **extra)
-    if role:
-        user.groups.add(Group.objects.get(name=role))
-    if organisation is not None:
-        Membership.objects.create(user=user, organisation=organisation)
-    return user
-
-
 @pytest.fixture
 def make_user(db) -> Callable[..., User]:
     """``make_user("name", "reviewer", organisation=None)``: a user with a role (group) and membership."""
-    return _user
+    return create_user
 
 
 @pytest.fixture
@@ -98,37 +84,37 @@ def globex(db):
 
 @pytest.fixture
 def alice(acme):
-    return _user("alice", "submitter", acme)
+    return create_user("alice", "submitter", acme)
 
 
 @pytest.fixture
 def mallory(globex):
-    return _user("mallory", "submitter", globex)
+    return create_user("mallory", "submitter", globex)
 
 
 @pytest.fixture
 def rita(db):
-    return _user("rita", "reviewer")
+    return create_user("rita", "reviewer")
 
 
 @pytest.fixture
 def rob(db):
-    return _user("rob", "reviewer")
+    return create_user("rob", "reviewer")
 
 
 @pytest.fixture
 def ruth(db):
-    return _user("ruth", "reviewer")
+    return create_user("ruth", "reviewer")
 
 
 @pytest.fixture
 def audrey(db):
-    return _user("audrey", "auditor")
+    return create_user("audrey", "auditor")
 
 
 @pytest.fixture
 def ada(db):
-    return _user("ada", "admin", is_staff=True)
+    return create_user("ada", "admin", is_staff=True)
 
 
 @pytest.fixture
@@ -156,6 +142,35 @@ def acme_version(acme_model, alice):
 
 
 @pytest.fixture
+def tiny_clip_version(acme_model, alice):
+    """An uploaded-archive version whose unpacked directory holds a tiny CLIP (where workers look)."""
+    import tempfile
+    from pathlib import Path
+
+    from django.core.files.base import ContentFile
+
+    from governance import artifacts
+    from governance.models import ModelVersion
+    from tests.model_archives import model_members, zip_bytes
+    from tests.tiny_models import save_tiny_clip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        members = model_members(save_tiny_clip(Path(tmp) / "m"))
+    version = ModelVersion(ai_model=acme_model, version="tiny", source=ModelVersion.Source.ARCHIVE, created_by=alice)
+    version.archive.save("tiny-clip.zip", ContentFile(zip_bytes(members)), save=False)
+    version.save()
+    unpacked = artifacts.uploaded_model_directory(version)  # where an upload would be unpacked
+    unpacked.mkdir(parents=True, exist_ok=True)
+    for name, data in members.items():
+        (unpacked / name).write_bytes(data)
+    from workers.tasks import compute_manifest
+
+    compute_manifest.apply(args=[version.pk])
+    version.refresh_from_db()
+    return version
+
+
+@pytest.fixture
 def globex_case(mallory, globex, test_probe_kind):
     from governance.models import AIModel, AuditCase, ModelVersion
 
@@ -175,25 +190,6 @@ def draft_case(acme_version, alice, test_probe_kind):
     return AuditCase.objects.create(
         model_version=acme_version, title="Acme CLIP 1.0 grounding audit", scope="Grounding and bias.",
         probe_plan=[{"kind": test_probe_kind, "params": {"n": 3}, "dataset": "zoo:heldout"}], created_by=alice)
-
-
-def finish_run_with_evidence(case, *, kind: str = TEST_KIND, summary: str = "All good."):
-    """Create a run for ``case`` with evidence and one artifact, then mark the run succeeded."""
-    from governance.evidence import log_recorded
-    from governance.models import Evidence, EvidenceArtifact, ProbeRun
-
-    run = ProbeRun.objects.create(case=case, kind=kind, params={"n": 3}, status=ProbeRun.Status.RUNNING,
-                                  started_at=timezone.now(), model_manifest_hash=case.model_version.manifest_hash,
-                                  seed=0, device="cpu", code_version="test")
-    evidence = Evidence.objects.create(run=run, kind=kind, metrics={"pointing_game": 0.8}, summary=summary,
-                                       findings=[{"severity": "low", "title": "Slight colour bias", "detail": ""}])
-    EvidenceArtifact.from_bytes(evidence, "scores.csv", b"image,score\n1,0.8\n", "text/csv")
-    run.status = ProbeRun.Status.SUCCEEDED
-    run.progress = 1.0
-    run.finished_at = timezone.now()
-    run.save()
-    log_recorded(evidence)  # bound to the audit log by its content digest, as record_result does
-    return run, evidence
 
 
 @pytest.fixture

@@ -50,7 +50,8 @@ def targz_bytes(members: dict[str, bytes], *, links: dict[str, tuple[bytes, str]
 
 
 def model_members(directory: Path, prefix: str = "") -> dict[str, bytes]:
-    return {prefix + p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {prefix + p.relative_to(directory).as_posix(): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def tiny_model_zip(tmp_path: Path, *, prefix: str = "", model_type: str = "clip") -> bytes:

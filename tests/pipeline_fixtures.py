@@ -1,41 +1,11 @@
-"""Shared by the pipeline and reliability tests: a tiny CLIP registered as an uploaded version, and
-helpers to open a case and wait for it."""
+"""Shared by the pipeline and reliability tests: helpers to open a case on a version (the tiny CLIP of
+the ``tiny_clip_version`` fixture in ``tests/conftest.py``) and wait for it."""
 
 from __future__ import annotations
 
-import pytest
-
 from governance import workflow
-from governance.models import AuditCase, ModelVersion
-from tests.model_archives import model_members, zip_bytes
+from governance.models import AuditCase
 from tests.realstack import wait_until
-from tests.tiny_models import save_tiny_clip
-
-
-@pytest.fixture
-def tiny_clip_version(acme_model, alice):
-    """An uploaded-archive version whose unpacked directory holds a tiny CLIP (where workers look)."""
-    import tempfile
-    from pathlib import Path
-
-    from django.core.files.base import ContentFile
-
-    from governance import artifacts
-
-    with tempfile.TemporaryDirectory() as tmp:
-        members = model_members(save_tiny_clip(Path(tmp) / "m"))
-    version = ModelVersion(ai_model=acme_model, version="tiny", source=ModelVersion.Source.ARCHIVE, created_by=alice)
-    version.archive.save("tiny-clip.zip", ContentFile(zip_bytes(members)), save=False)
-    version.save()
-    unpacked = artifacts.uploaded_model_directory(version)  # where an upload would be unpacked
-    unpacked.mkdir(parents=True, exist_ok=True)
-    for name, data in members.items():
-        (unpacked / name).write_bytes(data)
-    from workers.tasks import compute_manifest
-
-    compute_manifest.apply(args=[version.pk])
-    version.refresh_from_db()
-    return version
 
 
 def make_case(version, alice, ada, rita, rob, plan) -> AuditCase:

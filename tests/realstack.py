@@ -177,10 +177,8 @@ class WorkerProcess:
         """SIGKILL the worker and its pool: no warm shutdown, unacknowledged tasks stay in the broker."""
         if self.process is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process.wait(timeout=30)
 
     def stop(self, timeout: float = 60.0) -> None:
@@ -209,7 +207,8 @@ class RealStack:
         self.workers: list[WorkerProcess] = []
         self._default: WorkerProcess | None = None
 
-    def start_worker(self, *, extra_env: dict[str, str] | None = None, wait: bool = True, **kwargs: Any) -> WorkerProcess:
+    def start_worker(self, *, extra_env: dict[str, str] | None = None, wait: bool = True,
+                     **kwargs: Any) -> WorkerProcess:
         """Start another worker (e.g. the replacement after a SIGKILL). ``extra_env`` overrides settings,
         e.g. ``{"LOUPE_BROKER_VISIBILITY_TIMEOUT": "5", "LOUPE_TASK_TIME_LIMIT": "4"}``."""
         worker = WorkerProcess({**self.env, **(extra_env or {})}, log_dir=self.log_dir, **kwargs)
@@ -360,7 +359,8 @@ class RedisServer:
 
 
 @pytest.fixture(scope="session")
-def real_stack(django_db_setup, django_db_blocker, tmp_path_factory, _isolated_media_root) -> Iterator[RealStack | None]:
+def real_stack(django_db_setup, django_db_blocker, tmp_path_factory,
+               _isolated_media_root) -> Iterator[RealStack | None]:
     """The real stack in ``LOUPE_REAL_STACK=1`` mode, ``None`` otherwise. Workers stop at session end,
     before pytest-django drops the test database they are connected to."""
     if not REAL_STACK:
@@ -482,7 +482,8 @@ def pytest_collection_modifyitems(config, items) -> None:
         return
     keep, drop = [], []
     for item in items:
-        uses_db = item.get_closest_marker("django_db") is not None or bool(_DB_FIXTURES & set(getattr(item, "fixturenames", ())))
+        uses_db = (item.get_closest_marker("django_db") is not None
+                   or bool(_DB_FIXTURES & set(getattr(item, "fixturenames", ()))))
         (keep if uses_db else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

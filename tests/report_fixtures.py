@@ -27,6 +27,7 @@ from governance.models import (
     Signoff,
 )
 from governance.reports import figures
+from tests.actors import TEST_KIND, create_user
 
 ALL_KINDS = ("grounding", "sanity", "tcav", "shortcut", "robustness", "token_attribution", "attention", "intervention")
 T0 = dt.datetime(2026, 3, 2, 9, 0, tzinfo=dt.UTC)
@@ -51,7 +52,8 @@ def metrics_for(kind: str, seed: int) -> tuple[dict, list[dict], str]:
                             for m in ("chefer", "gradcam")},
                  "method_disagreement": {"mean_rank_correlation": r()}},
                 [{"severity": "medium", "title": "Rollout is barely better than random on deletion",
-                  "detail": "deletion AUC close to the random baseline"}], "Chefer relevance is the most faithful method.")
+                  "detail": "deletion AUC close to the random baseline"}],
+                "Chefer relevance is the most faithful method.")
     if kind == "sanity":
         return ({"layers": [{"layer": i, "ssim": r(), "rank_correlation": r()} for i in range(6)], "passed": True},
                 [], "All methods change under cascading randomisation.")
@@ -72,7 +74,7 @@ def metrics_for(kind: str, seed: int) -> tuple[dict, list[dict], str]:
                 [{"severity": "high", "title": "Shortcut: corner watermark", "detail": "accuracy drops by 36 points"}],
                 "The model relies on a corner watermark.")
     if kind == "robustness":  # shaped like workers.probes.robustness
-        by_severity = dict(zip(("1", "3", "5"), sorted((r() for _ in range(3)), reverse=True)))
+        by_severity = dict(zip(("1", "3", "5"), sorted((r() for _ in range(3)), reverse=True), strict=True))
         return ({"n": 48, "clean_accuracy": 0.91, "mean_corruption_accuracy_by_severity": by_severity,
                  "accuracy_falls_monotonically": True, "explanation_stability": {"mean_ssim": r()},
                  "probes": [{"family": "corruption", "probe": p, "severity": sv, "accuracy": r()}
@@ -146,12 +148,36 @@ def add_evidence(case: AuditCase, kind: str, *, seed: int, figures_per_evidence:
                                   dataset_hash=hashlib.sha256(b"zoo").hexdigest(), seed=seed,
                                   model_manifest_hash=case.model_version.manifest_hash,
                                   library_versions={"torch": "2.13.0"},
-                                  started_at=T0 + dt.timedelta(minutes=seed), finished_at=T0 + dt.timedelta(minutes=seed, seconds=42))
+                                  started_at=T0 + dt.timedelta(minutes=seed),
+                                  finished_at=T0 + dt.timedelta(minutes=seed, seconds=42))
     evidence = Evidence.objects.create(run=run, kind=kind, metrics=metrics, summary=summary, findings=findings)
     for n in range(figures_per_evidence):
         EvidenceArtifact.from_bytes(evidence, f"{kind}-grid-{n}.png", heatmap_grid_png(seed * 100 + n), "image/png")
-    EvidenceArtifact.from_bytes(evidence, "values.npy", np.arange(4, dtype=np.float32).tobytes(), "application/octet-stream")
+    EvidenceArtifact.from_bytes(evidence, "values.npy", np.arange(4, dtype=np.float32).tobytes(),
+                                "application/octet-stream")
     run.status = ProbeRun.Status.SUCCEEDED
     run.save()
     log_recorded(evidence)  # as governance.evidence.record_result does: bound to the log by its digest
     return evidence
+
+
+def acme_case(kinds, *, approve=True, comment=None, card=None):
+    """Acme's CLIP 1.0 case with its actors (created here, for module-scoped fixtures that cannot use the
+    function-scoped ones of ``tests/conftest.py``), evidence of ``kinds`` and the sign-offs."""
+    acme = Organisation.objects.create(name="Acme Vision", slug="acme")
+    alice = create_user("alice", "submitter", acme)
+    rita, rob = create_user("rita", "reviewer"), create_user("rob", "reviewer")
+    ada = create_user("ada", "admin", is_staff=True)
+    model = AIModel.objects.create(organisation=acme, name="Acme CLIP", provider_name="Acme Vision GmbH",
+                                   provider_contact="ai@acme.example", risk_category="limited",
+                                   intended_purpose=card or "Zero-shot product photo tagging for an online shop.")
+    version = ModelVersion(ai_model=model, version="1.0", source="hub", hub_id="acme/clip-tiny",
+                           hub_revision="a" * 40, architecture_family="dual_encoder",
+                           model_details=card or "A tiny CLIP.", intended_uses="Tagging product photos.",
+                           limitations=card or "Synthetic training data.")
+    version.set_manifest({"config.json": "1" * 64, "model.safetensors": "2" * 64})
+    version.save()
+    case = AuditCase.objects.create(model_version=version, title="Acme CLIP 1.0 audit", scope="Full plan.",
+                                    probe_plan=[{"kind": TEST_KIND, "params": {}}], created_by=alice)
+    populate(case, submitter=alice, reviewers=[rita, rob], admin=ada, kinds=kinds, approve=approve, comment=comment)
+    return case, {"alice": alice, "rita": rita, "rob": rob, "ada": ada}

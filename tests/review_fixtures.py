@@ -84,7 +84,7 @@ def make_second_version(acme_model, kind: str, *, alice, ada, reviewers):
     reviewed by ``reviewers``, whose grounding evidence no longer has the watermark finding."""
     from governance import workflow
     from governance.models import AuditCase, ModelVersion
-    from tests.conftest import finish_run_with_evidence
+    from tests.actors import finish_run_with_evidence
 
     version = ModelVersion(ai_model=acme_model, version="2.0", source=ModelVersion.Source.HUB,
                            hub_id="acme/clip-tiny", hub_revision="c" * 40, model_details=HOSTILE,

@@ -140,7 +140,8 @@ def test_it_offers_no_change_or_delete_for_immutable_records_in_the_admin(staff,
     assert client.get(f"/admin/governance/auditevent/{event.pk}/delete/").status_code == 403
     page = client.get(f"/admin/governance/auditevent/{event.pk}/change/").content.decode()
     assert event.row_hash in page and 'name="_save"' not in page
-    response = client.post("/admin/governance/signoff/", {"action": "delete_selected", "_selected_action": [signoff.pk]})
+    response = client.post("/admin/governance/signoff/",
+                           {"action": "delete_selected", "_selected_action": [signoff.pk]})
     assert m.Signoff.objects.filter(pk=signoff.pk).exists() and response.status_code in (200, 302)
 
 

@@ -14,16 +14,10 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from governance.models import AIModel, AuditCase, AuditEvent, ModelVersion
+from tests.actors import client_for
 from tests.model_archives import model_members, tiny_model_targz, tiny_model_zip, write_tiny_hf_model, zip_bytes
 
 pytestmark = pytest.mark.django_db
-
-
-def client_for(user=None) -> APIClient:
-    client = APIClient()
-    if user is not None:
-        client.force_authenticate(user)
-    return client
 
 
 def upload(client: APIClient, ai_model: AIModel, version: str, data: bytes, name: str = "model.zip"):
@@ -261,7 +255,8 @@ def test_it_signs_off_with_segregation_of_duties(case_with_evidence, alice, rita
     needs_reason = client_for(rita).post(url, {"decision": "reject"}, format="json")
     assert needs_reason.status_code == 400 and "needs a comment" in needs_reason.json()["detail"]
 
-    assert client_for(rita).post(url, {"decision": "approve", "comment": "grounding is faithful"}, format="json").status_code == 201
+    first = client_for(rita).post(url, {"decision": "approve", "comment": "grounding is faithful"}, format="json")
+    assert first.status_code == 201
     twice = client_for(rita).post(url, {"decision": "approve"}, format="json")
     assert twice.status_code == 400 and "a decision counts once" in twice.json()["detail"]
     case_with_evidence.refresh_from_db()

@@ -68,7 +68,8 @@ def test_it_loads_through_the_architecture_table_and_generates(blip2_dir, adapte
     assert adapter.grid == (4, 4) and adapter.cross_layers == [0, 1]
     enc = adapter.encode(PROMPT)
     # as Blip2Processor builds it: the query tokens first, then BOS + prompt
-    assert enc.input_ids[0, :4].tolist() == [adapter.image_token_id] * 4 and enc.image_positions.tolist() == [0, 1, 2, 3]
+    assert enc.input_ids[0, :4].tolist() == [adapter.image_token_id] * 4
+    assert enc.image_positions.tolist() == [0, 1, 2, 3]
     assert adapter.encode("<image> " + PROMPT).input_ids.tolist() == enc.input_ids.tolist()
     image = world.scene_at(1_000_003, 0).image
     feats = adapter.image_features(adapter.preprocess([image]))
@@ -112,12 +113,14 @@ def test_it_decodes_as_transformers_and_attributes_from_the_generation_pass(adap
     images = [world.scene_at(1_000_003, i).image for i in range(3)]
     enc, feats = adapter.prepare(images, PROMPT)
     embeds = adapter.embed(enc.input_ids.expand(len(images), -1), feats)
-    theirs = adapter.causal_lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+    theirs = adapter.causal_lm.generate(inputs_embeds=embeds,
+                                        attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                                         do_sample=False, max_new_tokens=6, eos_token_id=adapter.eos_token_id,
                                         pad_token_id=adapter.tokenizer.pad_token_id,
                                         suppress_tokens=[adapter.image_token_id])
     for row, expected in zip(adapter.generate(embeds, 6), theirs.tolist(), strict=True):
-        assert row == (expected[:expected.index(adapter.eos_token_id)] if adapter.eos_token_id in expected else expected)
+        eos = adapter.eos_token_id
+        assert row == (expected[:expected.index(eos)] if eos in expected else expected)
     pv = adapter.preprocess(images[:1])
     generated, rows = ta.generate_and_attribute(adapter, enc, None, 6, pixel_values=pv)
     reference = ta.attribute_generated(adapter, enc, feats[:1], generated, pixel_values=pv)

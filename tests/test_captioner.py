@@ -41,10 +41,10 @@ def test_it_names_the_colours_of_held_out_scenes(model_and_processor):
     model, processor = model_and_processor
     scenes = world.sample_scenes(1_000_003, 16, start=100)
     captions = captioner.generate_captions(model, processor, [s.image for s in scenes])
-    named = [(w, s) for c, s in zip(captions, scenes) for w in c.split() if w in world.COLOURS]
+    named = [(w, s) for c, s in zip(captions, scenes, strict=True) for w in c.split() if w in world.COLOURS]
     assert len(named) >= 2 * len(scenes)
     assert sum(any(o.colour == w for o in s.objects) for w, s in named) >= 0.9 * len(named), captions
-    shapes = [(w, s) for c, s in zip(captions, scenes) for w in c.split() if w in world.SHAPES]
+    shapes = [(w, s) for c, s in zip(captions, scenes, strict=True) for w in c.split() if w in world.SHAPES]
     assert sum(any(o.shape == w for o in s.objects) for w, s in shapes) >= 0.8 * len(shapes), captions
     assert all(c.startswith("a ") for c in captions), captions
 
@@ -64,7 +64,8 @@ def test_its_vision_tower_is_the_zoo_tiny_clip_tower():
     clip = load_file(clip_path / "model.safetensors")
     # the committed zoo must be consistent: a rebuilt tiny-clip means a rebuilt captioner
     assert file_sha256(clip_path / "model.safetensors") == info["vision_source"]["sha256"], (
-        "tiny-clip was rebuilt after the captioner: rebuild it with `python -m workers.probes.zoo build --only tiny-llava`")
+        "tiny-clip was rebuilt after the captioner: "
+        "rebuild it with `python -m workers.probes.zoo build --only tiny-llava`")
     tower = {k.split("vision_tower.", 1)[1]: v for k, v in llava.items() if "vision_tower." in k}
     assert len(tower) == sum(k.startswith("vision_model.") for k in clip)
     for key, value in tower.items():
@@ -83,7 +84,7 @@ def test_it_supervises_attention_on_the_named_objects_cells():
     ids, labels, mask, grounding = captioner._encode_batch(processor, [scene], [captioner.PROMPTS[0]], 144)
     words = [w for w in scene.caption.replace(",", " ").split() if w in world.COLOURS or w in world.SHAPES]
     assert len(grounding) == len(words)
-    for (_, pos, box, size), word in zip(grounding, words):
+    for (_, pos, box, size), word in zip(grounding, words, strict=True):
         assert labels[0, pos + 1] == processor.tokenizer.convert_tokens_to_ids(word)  # position pos predicts it
         assert any(o.box == box and word in (o.colour, o.shape) for o in scene.objects) and size == scene.size
 

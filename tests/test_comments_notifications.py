@@ -23,7 +23,7 @@ from rest_framework.test import APIClient
 from governance import acceptance, audit_log, comments, workflow
 from governance.models import AuditCase, FindingComment, ImmutableError, WebhookDelivery
 from governance.notifications import SIGNATURE_HEADER, verify_signature
-from tests.conftest import finish_run_with_evidence
+from tests.actors import finish_run_with_evidence
 from tests.review_fixtures import HOSTILE, admit, make_review_case, make_second_version
 
 S = AuditCase.State

@@ -56,7 +56,8 @@ def test_it_consumes_every_queue_the_code_routes_to():
 
 
 def test_it_runs_exactly_one_scheduler_for_the_sweeper():
-    schedulers = [n for n, s in SERVICES.items() if "beat" in (s.get("command") or []) or "-B" in (s.get("command") or [])]
+    schedulers = [n for n, s in SERVICES.items()
+                  if "beat" in (s.get("command") or []) or "-B" in (s.get("command") or [])]
     assert schedulers == ["beat"]
     assert "replicas" not in (SERVICES["beat"].get("deploy") or {})
     tasks = {entry["task"] for entry in celery_module.app.conf.beat_schedule.values()}

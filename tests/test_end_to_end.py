@@ -24,7 +24,7 @@ from rest_framework.test import APIClient
 
 from governance import workflow
 from governance.models import AuditCase, AuditEvent, ModelVersion, Signoff
-from tests.conftest import finish_run_with_evidence
+from tests.actors import finish_run_with_evidence
 from tests.model_archives import tiny_model_targz
 from tests.realstack import REPO_ROOT, wait_until
 

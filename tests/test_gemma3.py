@@ -41,7 +41,8 @@ def test_a_marker_in_one_region_lands_on_that_regions_soft_token(adapter, size):
     for k, (x0, y0, x1, y1) in enumerate(boxes):
         marked = blank.copy()
         w, h = x1 - x0, y1 - y0
-        marked.paste((255, 255, 255), (int(x0 + w / 4), int(y0 + h / 4), int(np.ceil(x1 - w / 4)), int(np.ceil(y1 - h / 4))))
+        marked.paste((255, 255, 255),
+                     (int(x0 + w / 4), int(y0 + h / 4), int(np.ceil(x1 - w / 4)), int(np.ceil(y1 - h / 4))))
         diff = (ip([marked], return_tensors="pt")["pixel_values"] - ip([blank], return_tensors="pt")["pixel_values"])
         cells = diff.abs().sum(1)[0].reshape(g, p, g, p).sum((1, 3))
         tokens = adapter.model.model.multi_modal_projector.avg_pool(cells[None, None]).flatten()

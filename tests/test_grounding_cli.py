@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from tests.tiny_models import save_tiny_bert, save_tiny_clip, save_tiny_siglip
+from tests.tiny_models import save_tiny_bert, save_tiny_clip, save_tiny_siglip, write_shapes
 from workers.probes import registry
 from workers.probes.cli import main
 
@@ -31,19 +31,6 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {"clip": save_tiny_clip(root / "clip"), "siglip": save_tiny_siglip(root / "siglip"),
             "bert": save_tiny_bert(root / "bert")}
-
-
-def write_shapes(root: Path, n: int = 4) -> Path:
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(n):
-        image = Image.new("RGB", (64, 64), (230, 230, 230))
-        box = [4 + 8 * i, 8, 28 + 8 * i, 32]
-        ImageDraw.Draw(image).ellipse(box, fill=(220, 20, 20))
-        image.save(root / "images" / f"{i}.png")
-        lines.append(json.dumps({"image": f"images/{i}.png", "prompt": "a red circle", "boxes": [box]}))
-    (root / "annotations.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
 
 
 @pytest.fixture(scope="module")

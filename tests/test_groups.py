@@ -71,7 +71,8 @@ def test_captions_must_contain_the_label_as_whole_words():
 
 
 def test_findings_follow_the_allowed_gap():
-    report = groups.GroupReport({"x": {"n": 50, "accuracy": 0.9, "ci": [0.8, 1]}, "y": {"n": 50, "accuracy": 0.6, "ci": [0.4, 0.7]}},
+    report = groups.GroupReport({"x": {"n": 50, "accuracy": 0.9, "ci": [0.8, 1]},
+                                 "y": {"n": 50, "accuracy": 0.6, "ci": [0.4, 0.7]}},
                                 [groups.PairTest("x", "y", 0.3, 1e-4, 1e-4)], 0.05, 0.1)
     assert report.as_dict()["significant"] and findings_severity(report) == "high"
     report.max_gap_allowed = 0.5

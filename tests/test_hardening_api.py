@@ -141,7 +141,7 @@ def test_list_filters_answer_another_organisations_ids_like_missing_ids(case_wit
 def test_signing_off_with_another_cases_evidence_answers_like_a_missing_id(case_with_evidence, globex_case, rita,
                                                                           mallory, ada):
     from governance import workflow
-    from tests.conftest import finish_run_with_evidence
+    from tests.actors import finish_run_with_evidence
 
     workflow.assign_reviewers(globex_case, [rita], by=ada)
     workflow.submit(globex_case, by=mallory)

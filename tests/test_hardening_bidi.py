@@ -22,7 +22,8 @@ def assert_no_bidi(text: str) -> None:
 def test_the_admin_and_the_review_workspace_show_no_bidi_controls(draft_case, alice, ada, rita, rob):
     from tests.review_fixtures import admit, make_review_case
 
-    AIModel.objects.filter(pk=draft_case.model_version.ai_model_id).update(intended_purpose=EVIL, name="Acme \u202eCLIP")
+    AIModel.objects.filter(pk=draft_case.model_version.ai_model_id).update(intended_purpose=EVIL,
+                                                                           name="Acme \u202eCLIP")
     admit(rita)
     case, _ = make_review_case(draft_case, alice=alice, ada=ada, rita=rita, rob=rob)
     reviewer = Client()
@@ -45,7 +46,7 @@ def test_the_admin_and_the_review_workspace_show_no_bidi_controls(draft_case, al
 def test_the_report_shows_no_bidi_controls(settings, tmp_path, monkeypatch, test_probe_kind):
     from governance.reports import render as render_module
     from governance.reports import render_case
-    from tests.test_reports import _acme_case
+    from tests.report_fixtures import acme_case
 
     settings.MEDIA_ROOT = str(tmp_path)
     seen: list[str] = []
@@ -56,7 +57,7 @@ def test_the_report_shows_no_bidi_controls(settings, tmp_path, monkeypatch, test
         return real(html, **kwargs)
 
     monkeypatch.setattr(render_module, "render_pdf", spy)
-    case, _ = _acme_case(("grounding",), comment=EVIL, card=EVIL)
+    case, _ = acme_case(("grounding",), comment=EVIL, card=EVIL)
     rendered, manifest = render_case(case, version=1)
     assert rendered.pdf.startswith(b"%PDF")
     assert "Not suitable for recruitment" in seen[0]

@@ -8,7 +8,6 @@ from django.test import Client
 from django.urls import reverse
 
 from tests.review_fixtures import admit, make_review_case
-from tests.test_browser import browser_page  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.django_db
 
@@ -25,14 +24,16 @@ def test_every_response_has_a_content_security_policy(url):
 
 def _watch_violations(page) -> list[str]:
     seen: list[str] = []
-    page.on("console", lambda msg: seen.append(f"{page.url}: {msg.text}") if "Content Security Policy" in msg.text else None)
+    page.on("console",
+            lambda msg: seen.append(f"{page.url}: {msg.text}") if "Content Security Policy" in msg.text else None)
     page.add_init_script("document.addEventListener('securitypolicyviolation', e => "
-                         "console.error('Content Security Policy violation: ' + e.violatedDirective + ' ' + e.blockedURI));")
+                         "console.error('Content Security Policy violation: ' + e.violatedDirective + ' ' "
+                         "+ e.blockedURI));")
     return seen
 
 
 @pytest.mark.django_db(transaction=True)
-def test_admin_review_workspace_and_swagger_work_under_the_policy(live_server, browser_page, draft_case, alice,  # noqa: F811
+def test_admin_review_workspace_and_swagger_work_under_the_policy(live_server, browser_page, draft_case, alice,
                                                                    ada, rita, rob):
     admit(rita)
     case, _evidence = make_review_case(draft_case, alice=alice, ada=ada, rita=rita, rob=rob)

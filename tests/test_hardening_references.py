@@ -126,7 +126,8 @@ def test_starting_a_case_with_an_escaping_reference_is_refused_with_the_common_a
     from governance import workflow
 
     outside = verified_model_outside(tmp_path)
-    draft_case.probe_plan = [{"kind": draft_case.probe_plan[0]["kind"], "params": {"compare_models": [f"zoo:{outside}"]}}]
+    draft_case.probe_plan = [{"kind": draft_case.probe_plan[0]["kind"],
+                              "params": {"compare_models": [f"zoo:{outside}"]}}]
     draft_case.save()
     workflow.assign_reviewers(draft_case, [rita, rob], by=ada)
     workflow.submit(draft_case, by=alice)

@@ -30,7 +30,7 @@ from django.contrib.auth.models import Group, User
 from rest_framework.authtoken.models import Token
 from governance import workflow
 from governance.models import AIModel, AuditCase, Membership, ModelVersion, Organisation
-from tests.conftest import finish_run_with_evidence
+from tests.actors import finish_run_with_evidence
 
 org = Organisation.objects.create(name="Acme", slug="acme")
 alice = User.objects.create_user("alice", password="x")
@@ -114,6 +114,7 @@ def test_concurrent_approvals_wait_instead_of_failing(embedded_server):
         thread.join()
     assert [status for status, _ in results] == [201] * REVIEWERS, results
     state = subprocess.run([sys.executable, "-c", "import django; django.setup(); from governance.models import "
-                            f"AuditCase; c = AuditCase.objects.get(pk={data['case']}); print(c.state, c.signoffs.count())"],
+                            f"AuditCase; c = AuditCase.objects.get(pk={data['case']}); "
+                            "print(c.state, c.signoffs.count())"],
                            cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout.split()
     assert state == ["approved", str(REVIEWERS)]

@@ -136,7 +136,8 @@ def test_a_safetensors_file_longer_than_its_header_says_is_refused_before_writin
     settings.LOUPE_MAX_COMPRESSION_RATIO = 0
     members = {**config_members(tmp_path), "model.safetensors": safetensors_bytes(16, padding=BOMB)}
     with PeakDisk(media_root) as disk:
-        response = upload(alice, acme_model, "bomb", pack(members), name="m.zip" if pack is not targz_bytes else "m.tgz")
+        response = upload(alice, acme_model, "bomb", pack(members),
+                          name="m.zip" if pack is not targz_bytes else "m.tgz")
     assert_refused_without_trace(response, media_root, disk.peak, "bad_safetensors")
 
 

@@ -25,32 +25,32 @@ from rest_framework.test import APIClient
 from governance.models import AuditEvent, Countersignature
 from governance.reports import generate_report, signing
 from loupe_verify.bundle import verify_bundle
-from tests.test_integrity_tamper import keys, signing_settings  # noqa: F401 - the module's keys fixture
-from tests.test_reports import _acme_case
+from tests.report_fixtures import acme_case
+from tests.signing_fixtures import signing_settings
 
 pytestmark = pytest.mark.django_db
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def exported(django_db_setup, django_db_blocker, keys, tmp_path_factory, test_probe_kind):  # noqa: F811
+def exported(django_db_setup, django_db_blocker, keys, tmp_path_factory, test_probe_kind):
     tmp = tmp_path_factory.mktemp("bundle")
-    with django_db_blocker.unblock(), signing_settings(keys), override_settings(MEDIA_ROOT=str(tmp / "media")):
-        with transaction.atomic():
-            case, actors = _acme_case(("grounding",))
-            report = generate_report(case, author=actors["ada"])
-            signed = signing.sign_pdf(report.pdf.open("rb").read(), signing.load_signer(
-                keys / "rita-key.pem", keys / "rita-cert.pem"), role="reviewer", reason="countersigned")
-            client = APIClient()
-            client.force_authenticate(actors["rita"])
-            response = client.post(f"/api/reports/{report.pk}/countersign/",
-                                   {"file": io.BytesIO(signed)}, format="multipart")
-            assert response.status_code == 201, response.content
-            bundle = tmp / "bundle.zip"
-            call_command("export_case", str(case.pk), "--output", str(bundle), stdout=io.StringIO())
-            yield {"bundle": bundle, "tmp": tmp, "report": report, "response": response.json(), "case": case,
-                   "signed": signed, "actors": actors}
-            transaction.set_rollback(True)
+    with (django_db_blocker.unblock(), signing_settings(keys), override_settings(MEDIA_ROOT=str(tmp / "media")),
+          transaction.atomic()):
+        case, actors = acme_case(("grounding",))
+        report = generate_report(case, author=actors["ada"])
+        signed = signing.sign_pdf(report.pdf.open("rb").read(), signing.load_signer(
+            keys / "rita-key.pem", keys / "rita-cert.pem"), role="reviewer", reason="countersigned")
+        client = APIClient()
+        client.force_authenticate(actors["rita"])
+        response = client.post(f"/api/reports/{report.pk}/countersign/",
+                               {"file": io.BytesIO(signed)}, format="multipart")
+        assert response.status_code == 201, response.content
+        bundle = tmp / "bundle.zip"
+        call_command("export_case", str(case.pk), "--output", str(bundle), stdout=io.StringIO())
+        yield {"bundle": bundle, "tmp": tmp, "report": report, "response": response.json(), "case": case,
+               "signed": signed, "actors": actors}
+        transaction.set_rollback(True)
 
 
 def loupe_verify(path: Path, cwd: Path) -> subprocess.CompletedProcess:
@@ -63,7 +63,7 @@ def loupe_verify(path: Path, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-def test_the_countersignature_is_stored_logged_and_downloadable(exported, keys):  # noqa: F811
+def test_the_countersignature_is_stored_logged_and_downloadable(exported, keys):
     report = exported["report"]
     row = Countersignature.objects.get(report=report)
     assert row.sequence == 1 and row.reviewer.username == "rita"
@@ -77,7 +77,7 @@ def test_the_countersignature_is_stored_logged_and_downloadable(exported, keys):
     call_command("verify_audit_log", stdout=io.StringIO(), stderr=io.StringIO())
 
 
-def test_a_countersignature_by_a_reviewer_who_did_not_approve_or_by_someone_else_is_refused(exported, keys,  # noqa: F811
+def test_a_countersignature_by_a_reviewer_who_did_not_approve_or_by_someone_else_is_refused(exported, keys,
                                                                                           tmp_path):
     report, actors = exported["report"], exported["actors"]
     client = APIClient()
@@ -157,7 +157,7 @@ def test_edited_manifest_metrics_or_audit_log_fail(exported):
     assert any("audit-log.json: audit-log row seq" in p and "row hash" in p for p in result.problems), result.problems
 
 
-def test_a_reviewer_countersigns_in_the_review_workspace_and_the_result_verifies(exported, keys, tmp_path):  # noqa: F811
+def test_a_reviewer_countersigns_in_the_review_workspace_and_the_result_verifies(exported, keys, tmp_path):
     from django.test import Client
     from django.urls import reverse
 

@@ -13,7 +13,7 @@ from django.db import connection
 from governance import evidence as ev
 from governance.canonical import canonical_json
 from governance.models import Evidence, Signoff
-from tests.conftest import finish_run_with_evidence
+from tests.actors import finish_run_with_evidence
 
 pytestmark = pytest.mark.django_db
 

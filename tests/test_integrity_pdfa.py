@@ -15,13 +15,13 @@ from pyhanko.sign import fields, signers
 
 from governance.reports import signing
 from loupe_verify.pdfa import is_tagged, pdfa3b_problems
-from tests.test_integrity_tamper import env, issued, keys, reviewer_signer  # noqa: F401 - shared fixtures
+from tests.signing_fixtures import reviewer_signer
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.mark.parametrize("name", ["approved", "rejected"])
-def test_every_issued_and_countersigned_file_is_pdfa3b_and_tagged(env, name):  # noqa: F811
+def test_every_issued_and_countersigned_file_is_pdfa3b_and_tagged(env, name):
     issued_pdf = env["paths"][name].read_bytes()
     countersigned = signing.sign_pdf(issued_pdf, reviewer_signer(env["keys"], "rita"), role="reviewer",
                                      reason="countersigned")
@@ -32,7 +32,7 @@ def test_every_issued_and_countersigned_file_is_pdfa3b_and_tagged(env, name):  #
     assert b"/Version /2.0" not in twice and b"ISO_" not in twice
 
 
-def test_the_checks_catch_what_pyhankos_default_signing_breaks(env):  # noqa: F811
+def test_the_checks_catch_what_pyhankos_default_signing_breaks(env):
     writer = IncrementalPdfFileWriter(io.BytesIO(env["paths"]["approved"].read_bytes()), strict=False)
     meta = signers.PdfSignatureMetadata(field_name="Plain", subfilter=fields.SigSeedSubFilter.PADES,
                                         md_algorithm="sha256")
@@ -43,7 +43,7 @@ def test_the_checks_catch_what_pyhankos_default_signing_breaks(env):  # noqa: F8
     assert any(p.startswith("ISO 19005-3 6.6.2.3.1: document information /Producer") for p in problems), problems
 
 
-def test_the_checks_catch_a_missing_output_intent_and_a_duplicated_associated_file(env):  # noqa: F811
+def test_the_checks_catch_a_missing_output_intent_and_a_duplicated_associated_file(env):
     from pypdf import PdfReader, PdfWriter
     from pypdf.generic import ArrayObject, NameObject
 

@@ -1,9 +1,9 @@
 """The tamper suite: each forgery an assessor would try, and the command that must catch it.
 
 Two signed reports are issued once per module (rendering takes seconds): v1 of an approved case
-and v1 of a case a reviewer rejected. Keys: a development CA, the issuer, and reviewers rita and rob
-(``make_signing_key``). Each test works on copies of the files; the database changes of a test are
-rolled back after it.
+and v1 of a case a reviewer rejected, signed with a development CA's keys (the ``env``, ``issued``
+and ``keys`` fixtures of ``tests/signing_fixtures.py``). Each test works on copies of the files; the
+database changes of a test are rolled back after it.
 """
 
 from __future__ import annotations
@@ -13,82 +13,19 @@ import json
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connection, transaction
-from django.test import override_settings
+from django.db import connection
 from pyhanko import stamp
 from pyhanko.pdf_utils import generic
 from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
 from pyhanko.sign import fields, signers
 
-from governance import audit_log, workflow
+from governance import audit_log
 from governance.canonical import sha256_hex
 from governance.models import AuditChainHead, AuditEvent, Evidence
-from governance.reports import generate_report, render_case, signing
-from tests.test_reports import _acme_case
+from governance.reports import render_case, signing
+from tests.signing_fixtures import reviewer_signer
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("signing")
-    with override_settings(LOUPE_SIGNING_DIR=directory):
-        call_command("make_signing_key", stdout=io.StringIO())
-        call_command("make_signing_key", "--name", "Rita Reviewer", "--slug", "rita", stdout=io.StringIO())
-        call_command("make_signing_key", "--name", "Rob Reviewer", "--slug", "rob", stdout=io.StringIO())
-    return directory
-
-
-def signing_settings(keys, **extra):
-    return override_settings(LOUPE_SIGNING_KEY=str(keys / "issuer-key.pem"),
-                             LOUPE_SIGNING_CERT=str(keys / "issuer-cert.pem"),
-                             LOUPE_SIGNING_CA_CHAIN=[str(keys / "dev-ca-cert.pem")],
-                             LOUPE_SIGNING_TRUST_ROOTS=[str(keys / "dev-ca-cert.pem")], **extra)
-
-
-@pytest.fixture(scope="module")
-def issued(django_db_setup, django_db_blocker, keys, tmp_path_factory, test_probe_kind):
-    """Signed v1 of an approved case and signed v1 of a rejected one (rita approved, rob rejected)."""
-    tmp = tmp_path_factory.mktemp("issued")
-    with django_db_blocker.unblock(), signing_settings(keys), override_settings(MEDIA_ROOT=str(tmp / "media")):
-        with transaction.atomic():
-            case, actors = _acme_case(("grounding",))
-            approved = generate_report(case, author=actors["ada"])
-            rejected_case, _ = _rejected_case(actors)
-            rejected = generate_report(rejected_case, author=actors["ada"])
-            paths = {}
-            for name, report in (("approved", approved), ("rejected", rejected)):
-                paths[name] = tmp / f"{name}.pdf"
-                paths[name].write_bytes(report.pdf.open("rb").read())
-            yield {"paths": paths, "tmp": tmp, "case": case, "rejected_case": rejected_case, "actors": actors,
-                   "approved": approved, "rejected": rejected, "keys": keys}
-            transaction.set_rollback(True)
-
-
-def _rejected_case(actors):
-    from governance.models import AuditCase
-    from tests.report_fixtures import populate
-
-    case = AuditCase.objects.create(model_version=AuditCase.objects.first().model_version, title="Acme CLIP 1.0 re-audit",
-                                    scope="Full plan.", probe_plan=[{"kind": "grounding", "params": {}}],
-                                    created_by=actors["alice"])
-    populate(case, submitter=actors["alice"], reviewers=[actors["rita"], actors["rob"]], admin=actors["ada"],
-             kinds=("grounding",), approve=False)
-    from governance import acceptance
-
-    # An approval must give a reason for each open high/medium finding the case's criteria derive.
-    reasons = {f["key"]: "Known for this method; not relied on." for f in acceptance.open_findings(case)}
-    workflow.sign_off(case, actors["rita"], "approve", "Looks fine to me.", acknowledgements=reasons)
-    workflow.sign_off(case, actors["rob"], "reject", "The watermark shortcut disqualifies this model.")
-    case.refresh_from_db()
-    assert case.state == "rejected"
-    return case, actors
-
-
-@pytest.fixture
-def env(issued, keys, settings):
-    with signing_settings(keys), override_settings(MEDIA_ROOT=str(issued["tmp"] / "media")):
-        yield issued
 
 
 def verify_report(path) -> tuple[bool, str]:
@@ -98,11 +35,6 @@ def verify_report(path) -> tuple[bool, str]:
     except CommandError:
         return False, out.getvalue() + err.getvalue()
     return True, out.getvalue() + err.getvalue()
-
-
-def reviewer_signer(keys, slug):
-    return signing.load_signer(keys / f"{slug}-key.pem", keys / f"{slug}-cert.pem",
-                               ca_chain=[keys / "dev-ca-cert.pem"])
 
 
 def test_the_genuine_reports_verify_naming_signer_and_role(env):

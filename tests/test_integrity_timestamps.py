@@ -13,15 +13,15 @@ from django.test import override_settings
 from governance.models import Report
 from governance.reports import generate_report, signing
 from loupe_verify.pdfa import pdfa3b_problems
-from tests.test_integrity_tamper import keys, signing_settings  # noqa: F401 - the module's keys fixture
-from tests.test_reports import _acme_case
+from tests.report_fixtures import acme_case
+from tests.signing_fixtures import signing_settings
 from tests.tsa_server import LocalTSA
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture(scope="module")
-def tsa_keys(keys):  # noqa: F811
+def tsa_keys(keys):
     signing.make_development_tsa(keys)
     return keys
 
@@ -30,7 +30,7 @@ def test_reports_and_countersignatures_carry_a_verified_timestamp(tsa_keys, tmp_
     keys = tsa_keys
     tsa = LocalTSA(keys / "tsa-key.pem", keys / "tsa-cert.pem", keys / "dev-ca-cert.pem")
     with tsa as url, signing_settings(keys, LOUPE_TSA_URL=url), override_settings(MEDIA_ROOT=str(tmp_path)):
-        case, actors = _acme_case(("grounding",))
+        case, actors = acme_case(("grounding",))
         report = generate_report(case, author=actors["ada"])
         issued = report.pdf.open("rb").read()
         countersigned = signing.sign_pdf(issued, signing.load_signer(keys / "rita-key.pem", keys / "rita-cert.pem"),
@@ -61,7 +61,7 @@ def test_reports_and_countersignatures_carry_a_verified_timestamp(tsa_keys, tmp_
 def test_an_unreachable_timestamp_authority_issues_nothing(tsa_keys, tmp_path, test_probe_kind):
     with signing_settings(tsa_keys, LOUPE_TSA_URL="http://127.0.0.1:9/tsa", LOUPE_TSA_TIMEOUT=2), \
             override_settings(MEDIA_ROOT=str(tmp_path)):
-        case, actors = _acme_case(("grounding",))
+        case, actors = acme_case(("grounding",))
         with pytest.raises(Exception, match="(?i)timestamp|connect|refused"):
             generate_report(case, author=actors["ada"])
     assert not Report.objects.filter(case=case).exists()
@@ -74,7 +74,7 @@ def test_a_timestamp_from_an_untrusted_authority_fails_verification(tsa_keys, tm
     signing.make_development_tsa(other)  # under another development CA
     tsa = LocalTSA(other / "tsa-key.pem", other / "tsa-cert.pem", other / "dev-ca-cert.pem")
     with tsa as url, signing_settings(tsa_keys, LOUPE_TSA_URL=url), override_settings(MEDIA_ROOT=str(tmp_path)):
-        case, actors = _acme_case(("grounding",))
+        case, actors = acme_case(("grounding",))
         report = generate_report(case, author=actors["ada"])
         path = tmp_path / "v1.pdf"
         path.write_bytes(report.pdf.open("rb").read())

@@ -63,7 +63,8 @@ def test_it_ranks_heads_by_their_effect_on_generated_tokens(adapter, heldout):
     assert m["n_cases"] == 4
     comps = {h["component"] for h in m["heads"]}
     assert comps == {"decoder", "vision"}
-    assert len(m["heads"]) == adapter.num_layers * adapter.num_heads + adapter.vision_num_layers * adapter.vision_num_heads
+    heads = adapter.num_layers * adapter.num_heads + adapter.vision_num_layers * adapter.vision_num_heads
+    assert len(m["heads"]) == heads
     changes = [h["mean_change"] for h in m["heads"]]
     assert changes == sorted(changes)
     assert changes[0] < -0.2  # some head matters: the generated tokens lose probability without it

@@ -11,11 +11,12 @@ from django.urls import reverse
 
 from governance import pipeline
 from governance.models import AuditCase, ProbeRun
-from tests.pipeline_fixtures import make_case, tiny_clip_version, wait_for_state  # noqa: F401 (fixture)
+from tests.pipeline_fixtures import make_case, wait_for_state
 from tests.review_fixtures import admit
 from workers import local
 
-pytestmark = pytest.mark.skipif(not pipeline.broker_is_eager(), reason="the local worker serves the embedded default only")
+pytestmark = pytest.mark.skipif(not pipeline.broker_is_eager(),
+                                reason="the local worker serves the embedded default only")
 
 
 @pytest.fixture

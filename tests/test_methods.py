@@ -60,7 +60,7 @@ def test_it_registers_every_method_family():
 def test_it_points_at_the_object_the_prompt_names(attending, method):
     pv, prompts = _scenes()
     maps = registry.get(method)(attending, pv, prompts)
-    for m, (red, blue, prompt, target) in zip(maps, SCENES):
+    for m, (red, blue, prompt, target) in zip(maps, SCENES, strict=True):
         assert np.unravel_index(int(m.argmax()), m.shape) == target, (prompt, m)
         other = blue if target == red else red
         assert m[target] > m[other]
@@ -70,7 +70,7 @@ def test_it_points_at_the_object_the_prompt_names(attending, method):
 def test_it_attention_only_methods_point_at_the_objects_whatever_the_prompt(attending, method):
     pv, prompts = _scenes()
     maps = registry.get(method)(attending, pv, prompts)
-    for m, (red, blue, _, _) in zip(maps, SCENES):
+    for m, (red, blue, _, _) in zip(maps, SCENES, strict=True):
         background = torch.ones_like(m, dtype=torch.bool)
         background[red] = background[blue] = False
         assert m[red] > m[background].max() and m[blue] > m[background].max()
@@ -162,7 +162,7 @@ def test_it_chefer_text_relevance_singles_out_the_colour_word(attending):
     pv, prompts = _scenes()
     rel = relevance(attending, pv, prompts, text=True)
     torch.testing.assert_close(rel.image, registry.get("chefer")(attending, pv, prompts))
-    for scores, tokens, prompt in zip(rel.text, rel.tokens, prompts):
+    for scores, tokens, prompt in zip(rel.text, rel.tokens, prompts, strict=True):
         words = {i: tok for i, tok in enumerate(tokens) if not tok.startswith("[")}
         best = max(words, key=lambda i: scores[i])
         assert words[best] in prompt.split() and words[best] in {"red", "blue"}, (tokens, scores)
@@ -200,7 +200,7 @@ def test_it_flow_equals_the_networkx_reference(which, request):
         pv, _ = _scenes()
     sources = list(range(adapter.num_prefix_tokens, adapter.num_prefix_tokens + adapter.grid[0] * adapter.grid[1]))
     maps = registry.get("flow")(adapter, pv, ["a cat"])
-    for m, (mats, pool) in zip(maps, flow_inputs(adapter, pv)):
+    for m, (mats, pool) in zip(maps, flow_inputs(adapter, pv), strict=True):
         reference = flow_reference(mats, pool, sources)
         np.testing.assert_allclose(m.flatten().numpy(), reference, rtol=0, atol=1e-5)
         np.testing.assert_allclose(max_flows(mats, pool, sources), reference, rtol=0, atol=1e-6)
@@ -293,7 +293,8 @@ def test_it_scores_through_a_lean_layer_that_equals_the_models_and_reads_its_wei
         for p in layer.parameters():
             p.normal_()
         torch.testing.assert_close(CLIPAdapter._scoring_layer(layer, hidden), layer(hidden, None), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(CLIPAdapter._traced_layer(layer, hidden)[0], layer(hidden, None), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(CLIPAdapter._traced_layer(layer, hidden)[0], layer(hidden, None),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_it_scores_occluded_copies_from_the_touched_patches_alone_and_gets_the_same_embeddings(clip, siglip):
@@ -477,6 +478,7 @@ def test_it_occludes_an_image_once_for_all_its_prompts(attending):
     windows = 7 * 7  # 32 px, window 8, stride 4
     assert sum(calls["occluded_embeds_for_scoring"]) == windows  # each window once for both prompts
     assert sum(calls["image_embeds"]) <= 2 + 2 + 2  # the two unoccluded pairs (+ the shortcuts' self-checks)
-    separately = torch.cat([registry.get("occlusion")(attending, pv[:1], [p]) for p in ("a red circle", "a blue square")])
+    separately = torch.cat([registry.get("occlusion")(attending, pv[:1], [p])
+                            for p in ("a red circle", "a blue square")])
     torch.testing.assert_close(both, separately, rtol=1e-5, atol=1e-6)
     assert both[0][1, 2] > 0 and both[1][3, 0] > 0  # each prompt's own object

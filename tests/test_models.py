@@ -23,7 +23,7 @@ from governance.models import (
     manifest_hash,
     validate_probe_plan,
 )
-from tests.conftest import finish_run_with_evidence
+from tests.actors import finish_run_with_evidence
 
 
 def test_it_requires_an_annex_iii_area_exactly_for_high_risk_systems(acme, alice):

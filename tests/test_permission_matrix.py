@@ -28,7 +28,7 @@ from django.core.files.base import ContentFile
 from django.db import transaction
 from rest_framework.test import APIClient
 
-from tests.conftest import finish_run_with_evidence
+from tests.actors import finish_run_with_evidence
 from tests.model_archives import tiny_model_zip
 
 ROLES = ("anon", "mallory", "alice", "rita", "ruth", "audrey", "ada")
@@ -79,7 +79,8 @@ TABLE = [
     Row("list models", "get", "/api/models/", LIST),
     Row("read Acme's model", "get", "/api/models/{model}/", READ),
     Row("register a model for Acme", "post", "/api/models/", CREATE_OWN, _model_body),
-    Row("edit Acme's model", "patch", "/api/models/{model}/", WRITE_OWN, lambda w: {"provider_contact": "ml@acme.example"}),
+    Row("edit Acme's model", "patch", "/api/models/{model}/", WRITE_OWN,
+        lambda w: {"provider_contact": "ml@acme.example"}),
     Row("delete Acme's model", "delete", "/api/models/{model}/", NO_METHOD),
     Row("list versions", "get", "/api/versions/", LIST),
     Row("read the version under review", "get", "/api/versions/{version}/", READ),

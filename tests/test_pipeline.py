@@ -11,7 +11,7 @@ import pytest
 
 from governance import audit_log, pipeline
 from governance.models import AuditCase, AuditEvent, Evidence, ProbeRun
-from tests.pipeline_fixtures import make_case, tiny_clip_version, wait_for_state  # noqa: F401 (fixture)
+from tests.pipeline_fixtures import make_case, wait_for_state
 
 
 @pytest.mark.django_db(transaction=True)

@@ -52,8 +52,8 @@ def test_dual_encoders_are_pointed_to_the_typographic_attack(tmp_path):
 
 def test_it_measures_injection_on_a_generative_model_from_the_command_line(tmp_path, heldout, capsys):
     model = checkpoint_path("tiny-llava")
-    assert main(["prompt-injection", "--model", str(model), "--dataset", str(heldout), "--targets", "blue", "--targets", "cross",
-                 "--json", "--no-progress", "--figures", str(tmp_path)]) == 0
+    assert main(["prompt-injection", "--model", str(model), "--dataset", str(heldout), "--targets", "blue",
+                 "--targets", "cross", "--json", "--no-progress", "--figures", str(tmp_path)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] + out["skipped"] == 6
     assert 0 <= out["success_rate"] <= 1 and 0 <= out["control_rate"] <= 1

@@ -20,8 +20,8 @@ from django.utils import timezone
 
 from governance import pipeline, workflow
 from governance.models import AuditCase, AuditEvent, Evidence, ProbeRun, Report
-from tests.pipeline_fixtures import make_case, tiny_clip_version  # noqa: F401 (fixture)
-from tests.test_api import client_for
+from tests.actors import client_for
+from tests.pipeline_fixtures import make_case
 
 S = AuditCase.State
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from governance import pipeline
 from governance.models import AuditCase, AuditEvent, Evidence, ProbeRun, Report
-from tests.pipeline_fixtures import make_case, tiny_clip_version, wait_for_state  # noqa: F401 (fixture)
+from tests.pipeline_fixtures import make_case, wait_for_state
 from tests.realstack import DatabaseOutage, RedisServer, database_url_for, use_broker, wait_until
 
 pytestmark = [pytest.mark.realworker, pytest.mark.django_db(transaction=True)]

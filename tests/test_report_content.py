@@ -21,7 +21,7 @@ from governance import acceptance, glossary, workflow
 from governance.models import AuditEvent, FindingAcknowledgement, ProviderDocument
 from governance.reports import generate_report
 from governance.reports.context import SECTIONS, markdown_html
-from tests.test_reports import _acme_case
+from tests.report_fixtures import acme_case
 
 pytestmark = pytest.mark.django_db
 
@@ -54,8 +54,10 @@ def _metric_keys(metrics, keys=None) -> set[str]:
 
 def _approve_all(case, reviewers):
     for reviewer in reviewers:
-        reasons = {f["key"]: f"{reviewer.get_username()} accepts it for the demo scope" for f in acceptance.open_findings(case)}
-        workflow.sign_off(case, reviewer, "approve", "Evidence complete for the stated scope.", acknowledgements=reasons)
+        reasons = {f["key"]: f"{reviewer.get_username()} accepts it for the demo scope"
+                   for f in acceptance.open_findings(case)}
+        workflow.sign_off(case, reviewer, "approve", "Evidence complete for the stated scope.",
+                          acknowledgements=reasons)
 
 
 @pytest.fixture(scope="module")
@@ -63,38 +65,40 @@ def issued(django_db_setup, django_db_blocker, tmp_path_factory, test_probe_kind
     """A case with a provider document, an admin-changed criterion and acknowledged findings, issued
     as v1; then the criterion changes again and v2 is issued. The database is rolled back."""
     media = tmp_path_factory.mktemp("media")
-    with django_db_blocker.unblock(), override_settings(MEDIA_ROOT=str(media), LOUPE_SIGNING_KEY=""):
-        with transaction.atomic():
-            case, actors = _acme_case(CASE_KINDS, approve=False)
-            client = APIClient()
-            client.force_authenticate(actors["alice"])
-            upload = io.BytesIO(PDF_DOC)
-            upload.name = "risk-file.pdf"
-            response = client.post("/api/documents/", {"model_version": case.model_version_id,
-                                                       "doc_type": "risk_management", "title": "Acme risk file",
-                                                       "file": upload}, format="multipart")
-            assert response.status_code == 201, response.content
-            acceptance.set_criterion(case, kind="robustness", metric="flip_rate@family=prompt", by=actors["ada"],
-                                     reason="Prompts are fixed by the shop's interface.", threshold=0.5)
-            blocking = acceptance.open_findings(case)
-            _approve_all(case, [actors["rita"], actors["rob"]])
-            case.refresh_from_db()
-            v1 = generate_report(case, author=actors["ada"])
-            acceptance.set_criterion(case, kind="grounding", metric="deletion_auc", by=actors["ada"],
-                                     reason="A medical-grade purpose needs this as high.", severity="high")
-            v2 = generate_report(case, author=actors["ada"])
-            result = {"case": case.pk, "v1": v1.pdf.open("rb").read(), "v2": v2.pdf.open("rb").read(),
-                      "manifest": v1.manifest, "v2_changelog": v2.changelog, "blocking": blocking,
-                      "document": response.json(), "acks": FindingAcknowledgement.objects.filter(case=case).count(),
-                      "events": list(AuditEvent.objects.filter(action="criterion.changed").values_list("payload", flat=True))}
-            transaction.set_rollback(True)
+    with (django_db_blocker.unblock(), override_settings(MEDIA_ROOT=str(media), LOUPE_SIGNING_KEY=""),
+          transaction.atomic()):
+        case, actors = acme_case(CASE_KINDS, approve=False)
+        client = APIClient()
+        client.force_authenticate(actors["alice"])
+        upload = io.BytesIO(PDF_DOC)
+        upload.name = "risk-file.pdf"
+        response = client.post("/api/documents/", {"model_version": case.model_version_id,
+                                                   "doc_type": "risk_management", "title": "Acme risk file",
+                                                   "file": upload}, format="multipart")
+        assert response.status_code == 201, response.content
+        acceptance.set_criterion(case, kind="robustness", metric="flip_rate@family=prompt", by=actors["ada"],
+                                 reason="Prompts are fixed by the shop's interface.", threshold=0.5)
+        blocking = acceptance.open_findings(case)
+        _approve_all(case, [actors["rita"], actors["rob"]])
+        case.refresh_from_db()
+        v1 = generate_report(case, author=actors["ada"])
+        acceptance.set_criterion(case, kind="grounding", metric="deletion_auc", by=actors["ada"],
+                                 reason="A medical-grade purpose needs this as high.", severity="high")
+        v2 = generate_report(case, author=actors["ada"])
+        result = {"case": case.pk, "v1": v1.pdf.open("rb").read(), "v2": v2.pdf.open("rb").read(),
+                  "manifest": v1.manifest, "v2_changelog": v2.changelog, "blocking": blocking,
+                  "document": response.json(), "acks": FindingAcknowledgement.objects.filter(case=case).count(),
+                  "events": list(AuditEvent.objects.filter(action="criterion.changed")
+                                 .values_list("payload", flat=True))}
+        transaction.set_rollback(True)
     return result
 
 
 def test_page_one_states_scope_the_meaning_of_the_decision_and_that_it_is_no_conformity_assessment(issued):
     first = _pages(issued["v1"])[0]
     assert "APPROVED" in first
-    assert "the assigned reviewers accept the evidence in this report as complete and correct for the stated scope" in first
+    assert ("the assigned reviewers accept the evidence in this report as complete and correct "
+            "for the stated scope") in first
     assert "not a conformity assessment" in first
     assert "Scope of this report" in first and "Full plan." in first
 
@@ -166,7 +170,7 @@ def test_a_new_version_lists_field_level_changes(issued):
 
 def test_approving_with_open_findings_needs_a_reason_for_each(db, test_probe_kind, settings, tmp_path):
     settings.MEDIA_ROOT = str(tmp_path)
-    case, actors = _acme_case(("grounding",), approve=False)
+    case, actors = acme_case(("grounding",), approve=False)
     open_keys = [f["key"] for f in acceptance.open_findings(case)]
     assert open_keys  # the fixture's grounding evidence misses its criteria for some methods
     with pytest.raises(workflow.WorkflowError, match="needs a reason for each open high or medium finding"):
@@ -195,7 +199,7 @@ def test_the_workspace_approves_with_open_findings_only_with_a_reason_for_each(d
     from governance.models import Signoff
 
     settings.MEDIA_ROOT = str(tmp_path)
-    case, actors = _acme_case(("grounding",), approve=False)
+    case, actors = acme_case(("grounding",), approve=False)
     rita = actors["rita"]
     rita.is_staff = True
     rita.save(update_fields=["is_staff"])
@@ -206,7 +210,7 @@ def test_the_workspace_approves_with_open_findings_only_with_a_reason_for_each(d
     page = client.get(reverse("admin:governance_auditcase_review", args=[case.pk])).content.decode()
     form = page[page.index('id="case-signoff"'):page.index("</form>", page.index('id="case-signoff"'))]
     for key in open_keys:  # one labelled reason field per open high/medium finding
-        field = re.search(r'<textarea name="ack:%s" id="([^"]+)"' % re.escape(key), form)
+        field = re.search(rf'<textarea name="ack:{re.escape(key)}" id="([^"]+)"', form)
         assert field and f'for="{field.group(1)}"' in form, key
     url = reverse("admin:governance_auditcase_review_signoff", args=[case.pk])
     partial = {"decision": "approve", f"ack:{open_keys[0]}": "Known limitation."}
@@ -227,7 +231,7 @@ def test_the_workspace_approves_with_open_findings_only_with_a_reason_for_each(d
 
 def test_only_an_admin_changes_a_criterion_and_only_with_a_reason(db, test_probe_kind, settings, tmp_path):
     settings.MEDIA_ROOT = str(tmp_path)
-    case, actors = _acme_case(("grounding",), approve=False)
+    case, actors = acme_case(("grounding",), approve=False)
     with pytest.raises(ValidationError):
         acceptance.set_criterion(case, kind="grounding", metric="deletion_auc", by=actors["ada"], reason=" ",
                                  severity="low")
@@ -251,7 +255,7 @@ def test_only_an_admin_changes_a_criterion_and_only_with_a_reason(db, test_probe
 
 def test_provider_documents_are_typed_hashed_versioned_and_scoped(db, test_probe_kind, settings, tmp_path, make_user):
     settings.MEDIA_ROOT = str(tmp_path)
-    case, actors = _acme_case(("grounding",), approve=False)
+    case, actors = acme_case(("grounding",), approve=False)
     client = APIClient()
     client.force_authenticate(actors["alice"])
 
@@ -300,7 +304,8 @@ def test_a_kind_declared_glossary_entry_wins(monkeypatch):
 
     glossary.cache_clear()
     monkeypatch.setattr(kinds, "glossary",
-                        lambda kind=None: {"grounding": {"deletion_auc": Metric("Deletion (declared)", "declared meaning.")}})
+                        lambda kind=None: {"grounding": {"deletion_auc": Metric("Deletion (declared)",
+                                                                                "declared meaning.")}})
     try:
         assert glossary.label("methods.deletion_auc") == "Deletion (declared)"
         assert glossary.meaning("deletion_auc") == "Declared meaning."  # capitalised like Loupe's own
@@ -315,7 +320,7 @@ def test_an_admin_changes_a_criterion_in_the_admin_only_with_a_reason(db, test_p
     from governance.models import AcceptanceCriterion
 
     settings.MEDIA_ROOT = str(tmp_path)
-    case, actors = _acme_case(("grounding",), approve=False)
+    case, actors = acme_case(("grounding",), approve=False)
     acceptance.ensure_defaults(case)
     row = AcceptanceCriterion.objects.get(case=case, kind="grounding", metric="deletion_auc")
     client = Client()

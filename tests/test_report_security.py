@@ -9,6 +9,7 @@ purpose; a compromised reviewer account controls a sign-off comment. A real TCP 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import re
 import socket
@@ -86,10 +87,8 @@ def _pdf_bytes_expanded(pdf: bytes) -> bytes:
     """The PDF with every Flate stream inflated, to search content that would be compressed."""
     out = [pdf]
     for match in re.finditer(rb"stream\r?\n(.*?)endstream", pdf, re.DOTALL):
-        try:
+        with contextlib.suppress(zlib.error):
             out.append(zlib.decompress(match.group(1)))
-        except zlib.error:
-            pass
     return b"".join(out)
 
 
@@ -129,7 +128,8 @@ def test_it_blocks_hostile_markup_even_if_it_reached_the_html_unescaped(listener
     fetcher = SafeURLFetcher()
     import datetime as dt
 
-    rendered = render_pdf(html, fetcher=fetcher, manifest=b'{"format": "x"}', created=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+    rendered = render_pdf(html, fetcher=fetcher, manifest=b'{"format": "x"}',
+                          created=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
     assert listener.connections == 0
     assert any(u.startswith("file:///etc/passwd") for u in rendered.refused_urls)
     assert any(f"127.0.0.1:{listener.port}" in u for u in rendered.refused_urls)
@@ -141,11 +141,11 @@ def test_it_blocks_hostile_markup_even_if_it_reached_the_html_unescaped(listener
 def test_it_escapes_hostile_model_cards_and_comments_and_still_renders(db, settings, tmp_path, listener,
                                                                      test_probe_kind):
     from governance.reports import render_case
-    from tests.test_reports import _acme_case
+    from tests.report_fixtures import acme_case
 
     settings.MEDIA_ROOT = str(tmp_path)
     evil = hostile_text(listener.port)
-    case, _ = _acme_case(("grounding",), comment=evil, card=hostile_text(listener.port, long_word=3_000))
+    case, _ = acme_case(("grounding",), comment=evil, card=hostile_text(listener.port, long_word=3_000))
     rendered, manifest = render_case(case, version=1)
 
     # Nothing was even attempted: the hostile markup stayed text.

@@ -8,6 +8,7 @@ One case is rendered once per module (the database is rolled back afterwards, th
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -15,7 +16,7 @@ from django.db import transaction
 from django.test import override_settings
 
 from governance.reports import generate_report
-from tests.test_reports import _acme_case
+from tests.report_fixtures import acme_case
 
 # Every test touches the database; the mark also makes pytest-django create the test database
 # before the module-scoped fixtures below use it (without it they would hit the real one).
@@ -47,14 +48,14 @@ def signed_report(django_db_setup, django_db_blocker, keys, tmp_path_factory, te
     back after the module's tests, the settings point at the module's keys and media directory.
     """
     tmp = tmp_path_factory.mktemp("signed")
-    with django_db_blocker.unblock(), _signing_settings(keys), override_settings(MEDIA_ROOT=str(tmp / "media")):
-        with transaction.atomic():
-            case, actors = _acme_case(("grounding",))
-            report = generate_report(case, author=actors["ada"])
-            path = tmp / "v1.pdf"
-            path.write_bytes(report.pdf.open("rb").read())
-            yield {"report": report, "path": path, "case": case, "tmp": tmp}
-            transaction.set_rollback(True)
+    with (django_db_blocker.unblock(), _signing_settings(keys), override_settings(MEDIA_ROOT=str(tmp / "media")),
+          transaction.atomic()):
+        case, actors = acme_case(("grounding",))
+        report = generate_report(case, author=actors["ada"])
+        path = tmp / "v1.pdf"
+        path.write_bytes(report.pdf.open("rb").read())
+        yield {"report": report, "path": path, "case": case, "tmp": tmp}
+        transaction.set_rollback(True)
 
 
 def verify(path, *extra) -> str:
@@ -87,7 +88,8 @@ def test_it_signs_at_issue_and_countersigns_in_turn(signed_report, keys):
                        ("Loupe-reviewer-2", "reviewer rob · Rob Reviewer")):
         assert f"signature {field}: OK · {who}" in out
     assert "all 3 signature(s) and the manifest verify" in out
-    assert f"audit log: unchanged up to the head anchored at issue (seq {signed_report['report'].manifest['audit_log']['seq']}" in out
+    anchored = signed_report["report"].manifest["audit_log"]["seq"]
+    assert f"audit log: unchanged up to the head anchored at issue (seq {anchored}" in out
     # Earlier signatures are untouched bytes of the later file: incremental updates only.
     assert approved.read_bytes().startswith(v1.read_bytes())
 
@@ -133,12 +135,12 @@ def test_it_fails_when_the_stored_evidence_no_longer_matches(signed_report, keys
 
     artifact = EvidenceArtifact.objects.filter(evidence__run__case=signed_report["case"],
                                                content_type="image/png").first()
-    original = open(artifact.file.path, "rb").read()
+    original = Path(artifact.file.path).read_bytes()
     with open(artifact.file.path, "r+b") as handle:  # an attacker with file-system access
         handle.seek(40)
         handle.write(b"\x00\x01\x02")
     try:
         assert "no longer matches its SHA-256" in verify_fails(signed_report["path"])
     finally:
-        open(artifact.file.path, "wb").write(original)
+        Path(artifact.file.path).write_bytes(original)
     verify(signed_report["path"])

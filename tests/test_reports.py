@@ -18,36 +18,15 @@ from django.db import transaction
 from django.test import override_settings
 from pypdf import PdfReader
 
-from governance.models import AuditCase, ImmutableError, Report
+from governance.models import ImmutableError, Report
 from governance.reports import generate_report, render_case
 from governance.reports.context import SECTIONS
 from governance.reports.manifest import ATTACHMENT_NAME, extract_from_pdf, manifest_sha256
-from tests.conftest import TEST_KIND, _user
-from tests.report_fixtures import ALL_KINDS, populate
+from tests.report_fixtures import ALL_KINDS, acme_case
 
 # Every test touches the database; the mark also makes pytest-django create the test database
 # before the module-scoped fixtures below use it (without it they would hit the real one).
 pytestmark = pytest.mark.django_db
-
-
-def _acme_case(kinds, *, approve=True, comment=None, card=None):
-    from governance.models import AIModel, ModelVersion, Organisation
-
-    acme = Organisation.objects.create(name="Acme Vision", slug="acme")
-    alice = _user("alice", "submitter", acme)
-    rita, rob, ada = _user("rita", "reviewer"), _user("rob", "reviewer"), _user("ada", "admin", is_staff=True)
-    model = AIModel.objects.create(organisation=acme, name="Acme CLIP", provider_name="Acme Vision GmbH",
-                                   provider_contact="ai@acme.example", risk_category="limited",
-                                   intended_purpose=card or "Zero-shot product photo tagging for an online shop.")
-    version = ModelVersion(ai_model=model, version="1.0", source="hub", hub_id="acme/clip-tiny", hub_revision="a" * 40,
-                           architecture_family="dual_encoder", model_details=card or "A tiny CLIP.",
-                           intended_uses="Tagging product photos.", limitations=card or "Synthetic training data.")
-    version.set_manifest({"config.json": "1" * 64, "model.safetensors": "2" * 64})
-    version.save()
-    case = AuditCase.objects.create(model_version=version, title="Acme CLIP 1.0 audit", scope="Full plan.",
-                                    probe_plan=[{"kind": TEST_KIND, "params": {}}], created_by=alice)
-    populate(case, submitter=alice, reviewers=[rita, rob], admin=ada, kinds=kinds, approve=approve, comment=comment)
-    return case, {"alice": alice, "rita": rita, "rob": rob, "ada": ada}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +34,7 @@ def full_report(django_db_setup, django_db_blocker, tmp_path_factory, test_probe
     """The demo case (every probe kind, two approvals) rendered twice; the database is rolled back."""
     media = tmp_path_factory.mktemp("media")
     with django_db_blocker.unblock(), override_settings(MEDIA_ROOT=str(media)), transaction.atomic():
-        case, _ = _acme_case(ALL_KINDS)
+        case, _ = acme_case(ALL_KINDS)
         first, manifest = render_case(case, version=1)
         second, _ = render_case(case, version=1)
         transaction.set_rollback(True)
@@ -129,10 +108,11 @@ def test_it_is_pdfa3b_with_the_manifest_embedded(full_report):
     assert reader.trailer["/Root"]["/AF"]  # PDF/A-3 associated file
 
 
-def test_it_issues_immutable_versions_with_a_change_log_and_names_what_is_missing(db, settings, tmp_path, test_probe_kind):
+def test_it_issues_immutable_versions_with_a_change_log_and_names_what_is_missing(db, settings, tmp_path,
+                                                                                  test_probe_kind):
     settings.MEDIA_ROOT = str(tmp_path)
     settings.LOUPE_SIGNING_KEY = ""  # unsigned here; signing has its own tests
-    case, actors = _acme_case(("grounding",), approve=False)
+    case, actors = acme_case(("grounding",), approve=False)
     v1 = generate_report(case, author=actors["ada"])
     v1_bytes = v1.pdf.open("rb").read()
     assert (v1.version, v1.supersedes, v1.changelog[0]["change"]) == (1, None, "first_version")

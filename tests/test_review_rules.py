@@ -8,7 +8,7 @@ from rest_framework.test import APIClient
 
 from governance import pipeline, workflow
 from governance.models import AuditCase, AuditEvent, Signoff
-from tests.pipeline_fixtures import make_case, tiny_clip_version, wait_for_state  # noqa: F401 (fixture)
+from tests.pipeline_fixtures import make_case, wait_for_state
 
 
 def test_a_second_identical_approval_is_refused_by_the_workflow_and_the_api(case_with_evidence, rita):

@@ -5,6 +5,7 @@ Actors: an auditor who reads accuracy, flip rate and explanation drift by severi
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -45,7 +46,7 @@ def test_it_corrupts_more_with_each_severity():
                      for s in robustness.SEVERITIES]
         # never less corrupted at a higher severity (brightness saturates on light backgrounds, as in
         # ImageNet-C), and clearly more at 5 than at 1
-        assert all(b >= a for a, b in zip(distances, distances[1:])), (kind, distances)
+        assert all(b >= a for a, b in itertools.pairwise(distances)), (kind, distances)
         assert distances[-1] > 1.5 * distances[0], (kind, distances)
         # deterministic: the same seed gives the same pixels
         again = robustness.corrupt(image, kind, 3, seed=3)
@@ -60,7 +61,7 @@ def test_it_loses_accuracy_with_severity_on_average(report):
     print("accuracy by severity:", curve)
     assert curve[-1] < curve[0]
     # on average over the corruptions, never better at a higher severity (tolerance: one image of 24)
-    assert all(b <= a + 1 / 24 for a, b in zip(curve, curve[1:]))
+    assert all(b <= a + 1 / 24 for a, b in itertools.pairwise(curve))
     # explanations drift more as corruption grows
     rho = {s: np.mean([r["explanation_spearman"] for r in metrics["probes"] if r["severity"] == s]) for s in (1, 5)}
     assert rho[5] < rho[1] <= 1.0

@@ -21,7 +21,8 @@ from schemathesis.config import SchemathesisConfig
 
 from governance.wsgi import application
 
-# Per operation and actor. CI keeps it small; a deeper hunt: LOUPE_SCHEMA_EXAMPLES=200 make test PYTEST_ARGS=tests/test_schema.py
+# Per operation and actor. CI keeps it small; a deeper hunt:
+#   LOUPE_SCHEMA_EXAMPLES=200 make test PYTEST_ARGS=tests/test_schema.py
 MAX_EXAMPLES = int(os.environ.get("LOUPE_SCHEMA_EXAMPLES", "10"))
 
 # The schema exactly as /api/schema/ serves it, generated once at import (no database needed).

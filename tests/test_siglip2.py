@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_grounding_cli import write_shapes
-from tests.tiny_models import save_tiny_siglip2
+from tests.tiny_models import save_tiny_siglip2, write_shapes
 from workers.probes import registry
 from workers.probes.adapters import load_adapter
 from workers.probes.cli import main

@@ -194,5 +194,6 @@ def test_it_refuses_a_batch_size_that_is_not_a_positive_integer_for_every_kind(v
     for spec in kinds.all_kinds():
         for key in spec.batch_params:
             got = re.escape(repr(value))
-            with pytest.raises(ProbeInputError, match=f"^{spec.name}: (.*; )?{key}: input should be [^;]* \\(got {got}\\)"):
+            expected = f"^{spec.name}: (.*; )?{key}: input should be [^;]* \\(got {got}\\)"
+            with pytest.raises(ProbeInputError, match=expected):
                 suite.run(spec.name, str(tmp_path / "no-model"), None, {key: value})

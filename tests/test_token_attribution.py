@@ -53,7 +53,8 @@ def test_it_decodes_as_transformers_greedy_generate(adapter):
     ours = adapter.generate(embeds, 24)
     theirs = adapter.model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                                     do_sample=False, max_new_tokens=24, eos_token_id=adapter.eos_token_id,
-                                    pad_token_id=adapter.tokenizer.pad_token_id, suppress_tokens=[adapter.image_token_id])
+                                    pad_token_id=adapter.tokenizer.pad_token_id,
+                                    suppress_tokens=[adapter.image_token_id])
     for row, expected in zip(ours, theirs.tolist(), strict=True):
         end = expected.index(adapter.eos_token_id) if adapter.eos_token_id in expected else len(expected)
         assert row == expected[:end] and len(row) >= 3

@@ -50,7 +50,8 @@ def test_integrated_gradients_add_up_to_the_logit_change(case):
         e0 = conv(torch.full_like(px, tp.BASELINE))
         full = tp._logits_with_embeddings(adapter, px, e, ids, r, targets)[0]
         empty = tp._logits_with_embeddings(adapter, px, e0, ids, r, targets)[0]
-    torch.testing.assert_close(ig.sum(1), (full - empty).cpu(), rtol=0.05, atol=0.05 * float((full - empty).abs().max()))
+    torch.testing.assert_close(ig.sum(1), (full - empty).cpu(), rtol=0.05,
+                               atol=0.05 * float((full - empty).abs().max()))
 
 
 def test_object_words_point_at_their_objects_and_beat_a_random_deletion_order(case):

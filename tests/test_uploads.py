@@ -25,7 +25,8 @@ from tests.model_archives import (
     zip_bytes,
 )
 
-LIMITS = UploadLimits(max_archive_bytes=5_000_000, max_unpacked_bytes=2_000_000, max_files=50, max_image_pixels=1_000_000)
+LIMITS = UploadLimits(max_archive_bytes=5_000_000, max_unpacked_bytes=2_000_000, max_files=50,
+                      max_image_pixels=1_000_000)
 
 
 @pytest.fixture(autouse=True)
@@ -125,9 +126,11 @@ def test_it_refuses_a_zip_that_lies_about_its_size(tmp_path, media_root):
     data = bytearray(zip_bytes(members))
     name = b"liar.txt"
     # Patch the uncompressed size in the local header (offset 22) and central directory (offset 24).
-    local = next(i for i in range(len(data)) if data.startswith(b"PK\x03\x04", i) and data[i + 30:i + 30 + len(name)] == name)
+    local = next(i for i in range(len(data))
+                 if data.startswith(b"PK\x03\x04", i) and data[i + 30:i + 30 + len(name)] == name)
     struct.pack_into("<I", data, local + 22, 10)
-    central = next(i for i in range(len(data)) if data.startswith(b"PK\x01\x02", i) and data[i + 46:i + 46 + len(name)] == name)
+    central = next(i for i in range(len(data))
+                   if data.startswith(b"PK\x01\x02", i) and data[i + 46:i + 46 + len(name)] == name)
     struct.pack_into("<I", data, central + 24, 10)
     error = refusal(bytes(data))
     assert error.code == "corrupt_archive"

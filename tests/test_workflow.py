@@ -10,7 +10,7 @@ from django.db import connection
 
 from governance import audit_log, workflow
 from governance.models import AuditCase, AuditEvent, ProbeRun, Signoff
-from tests.conftest import finish_run_with_evidence
+from tests.actors import finish_run_with_evidence
 
 S = AuditCase.State
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-WORDS = ["a", "an", "the", "photo", "of", "and", "red", "green", "blue", "yellow", "circle", "square", "triangle", "cross", "star", "cat", "dog", "left", "right", "top", "bottom"]
+WORDS = ["a", "an", "the", "photo", "of", "and", "red", "green", "blue", "yellow", "circle", "square", "triangle",
+         "cross", "star", "cat", "dog", "left", "right", "top", "bottom"]
 
 
 def _tokenizer(max_length: int):
@@ -263,7 +264,8 @@ def save_tiny_blip2(directory: str | Path, *, image_size: int = 32, patch_size: 
             edit(model)
     model.save_pretrained(directory)
     image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
-    Blip2Processor(image_processor=image_processor, tokenizer=tok, num_query_tokens=query_tokens).save_pretrained(directory)
+    processor = Blip2Processor(image_processor=image_processor, tokenizer=tok, num_query_tokens=query_tokens)
+    processor.save_pretrained(directory)
     return directory
 
 
@@ -288,3 +290,21 @@ def save_tiny_siglip2(directory: str | Path, *, patch_size: int = 8, max_num_pat
     tok.save_pretrained(directory)
     Siglip2ImageProcessorPil(patch_size=patch_size, max_num_patches=max_num_patches).save_pretrained(directory)
     return directory
+
+
+def write_shapes(root: Path, n: int = 4) -> Path:
+    """A grounding dataset of ``n`` 64 px images, each a red circle with its box, prompt "a red circle"."""
+    import json
+
+    from PIL import Image, ImageDraw
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        image = Image.new("RGB", (64, 64), (230, 230, 230))
+        box = [4 + 8 * i, 8, 28 + 8 * i, 32]
+        ImageDraw.Draw(image).ellipse(box, fill=(220, 20, 20))
+        image.save(root / "images" / f"{i}.png")
+        lines.append(json.dumps({"image": f"images/{i}.png", "prompt": "a red circle", "boxes": [box]}))
+    (root / "annotations.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root

@@ -36,8 +36,9 @@ def _text_config(tok, hidden: int = 32, heads: int = 2, layers: int = 2):
 def _vision_config(hidden: int = 32, heads: int = 2, siglip: bool = False):
     from transformers import CLIPVisionConfig, SiglipVisionConfig
 
-    return (SiglipVisionConfig if siglip else CLIPVisionConfig)(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                            num_attention_heads=heads, image_size=TILE, patch_size=PATCH)
+    config = SiglipVisionConfig if siglip else CLIPVisionConfig
+    return config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                  num_attention_heads=heads, image_size=TILE, patch_size=PATCH)
 
 
 def _never_stop(model, tok) -> None:

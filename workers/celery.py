@@ -40,7 +40,8 @@ REPORTS_QUEUE = "reports"
 GPU_TASK_PREFIXES = ("workers.tasks.probe", "workers.tasks.run_probe")
 
 
-def route_task(name: str, args: Any, kwargs: Any, options: dict[str, Any], task: Any = None, **kw: Any) -> dict[str, str]:
+def route_task(name: str, args: Any, kwargs: Any, options: dict[str, Any], task: Any = None,
+               **kw: Any) -> dict[str, str]:
     """Celery router (referenced from ``CELERY_TASK_ROUTES``): probe tasks to ``gpu``, others to ``cpu``."""
     if name.startswith(GPU_TASK_PREFIXES):
         return {"queue": GPU_QUEUE}

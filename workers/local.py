@@ -63,7 +63,12 @@ def offload(fn: Callable[..., Any], *args: Any) -> bool:
 def wait_idle(timeout: float = 60.0) -> bool:
     """Block until every queued job has finished (tests and shutdown). True if idle in time."""
     done = threading.Event()
-    threading.Thread(target=lambda: (_jobs.join(), done.set()), daemon=True).start()
+
+    def wait() -> None:
+        _jobs.join()
+        done.set()
+
+    threading.Thread(target=wait, daemon=True).start()
     return done.wait(timeout)
 
 

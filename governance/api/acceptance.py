@@ -69,7 +69,8 @@ class CaseCriteriaView(APIView):
         case = get_object_or_404(m.AuditCase.objects.visible_to(request.user), pk=pk)
         return Response(_criteria_payload(case))
 
-    @extend_schema(operation_id="cases_criteria_change", summary="Change one acceptance criterion (admins, with a reason)",
+    @extend_schema(operation_id="cases_criteria_change",
+                   summary="Change one acceptance criterion (admins, with a reason)",
                    request=CriterionChangeSerializer, responses={200: dict, **ERRORS})
     def post(self, request, pk: int):
         case = get_object_or_404(m.AuditCase.objects.visible_to(request.user), pk=pk)

@@ -82,18 +82,19 @@ def exception_handler(exc, context):
         return _error("invalid", sentence, status.HTTP_400_BAD_REQUEST, **({"fields": fields} if fields else {}))
     if isinstance(exc, (ProtectedError, RestrictedError)):
         blockers = sorted({type(o).__name__ for o in exc.protected_objects}) if isinstance(exc, ProtectedError) else []
-        return _error("protected", "This object is still referenced" + (f" by {', '.join(blockers)}" if blockers else "")
-                      + "; archive it instead of deleting it.", status.HTTP_409_CONFLICT)
+        by = f" by {', '.join(blockers)}" if blockers else ""
+        return _error("protected", f"This object is still referenced{by}; archive it instead of deleting it.",
+                      status.HTTP_409_CONFLICT)
     known = domain_error(exc)
     if known is not None:
         code, http_status = known
         extra = {}
         if isinstance(exc, workflow.TransitionError):
             extra = {"from_state": exc.from_state, "to_state": exc.to_state, "allowed": list(exc.allowed)}
-        response = _error(code, str(exc), http_status, **extra)
+        refusal = _error(code, str(exc), http_status, **extra)
         if isinstance(exc, pipeline.BrokerUnavailable):
-            response["Retry-After"] = "30"
-        return response
+            refusal["Retry-After"] = "30"
+        return refusal
     if isinstance(exc, IntegrityError):
         return _error("conflict", "The request conflicts with existing data (a duplicate or a rule the database "
                                   "enforces).", status.HTTP_409_CONFLICT)
@@ -108,7 +109,8 @@ def exception_handler(exc, context):
                                  for k, v in data.items())
             response.data = {"error": "invalid", "detail": sentence or "Invalid input.", "fields": data}
         else:
-            response.data = {"error": "invalid", "detail": " ".join(map(str, data)) if isinstance(data, list) else str(data)}
+            detail = " ".join(map(str, data)) if isinstance(data, list) else str(data)
+            response.data = {"error": "invalid", "detail": detail}
         return response
     if isinstance(exc, exceptions.APIException):
         codes = exc.get_codes()

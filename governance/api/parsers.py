@@ -7,6 +7,8 @@ the audit log) and answers 500. The depth is checked once, here, iteratively.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from django.conf import settings
 from rest_framework.exceptions import ParseError
 from rest_framework.parsers import JSONParser
@@ -17,6 +19,7 @@ def json_depth(value: object, limit: int) -> int:
     deepest, stack = 0, [(value, 0)]
     while stack:
         item, depth = stack.pop()
+        children: Iterable[object]
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, list):

@@ -71,7 +71,7 @@ class ProbePlanField(serializers.JSONField):
     """A case's probe plan; validated by the model field (``validate_probe_plan``)."""
 
 
-class ProbePlanFieldExtension(OpenApiSerializerFieldExtension):  # type: ignore[no-untyped-call]
+class ProbePlanFieldExtension(OpenApiSerializerFieldExtension):
     """Tells drf-spectacular the schema of :class:`ProbePlanField` (computed when the OpenAPI
     document is generated, once every kind is declared)."""
 

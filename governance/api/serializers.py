@@ -4,6 +4,8 @@ live in :mod:`governance.workflow`."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib.auth import get_user_model
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
@@ -23,7 +25,9 @@ class VisibleRelatedField(serializers.PrimaryKeyRelatedField):
 
     def get_queryset(self):
         request = self.context.get("request")
-        return super().get_queryset().visible_to(request.user if request else None)
+        queryset = super().get_queryset()
+        assert queryset is not None  # every VisibleRelatedField is declared with a queryset
+        return access.narrow(queryset, request.user if request else None)
 
 
 class ReviewerField(serializers.PrimaryKeyRelatedField):
@@ -56,7 +60,7 @@ class AIModelSerializer(serializers.ModelSerializer):
         read_only_fields = ["created_by", "created_at", "updated_at"]
         # The (organisation, name) uniqueness is checked by the model's full_clean in the view, after
         # the default organisation is filled in.
-        validators = []
+        validators: list[Any] = []
 
 
 CARD_FIELDS = list(m.ModelVersion.CARD_FIELDS)
@@ -66,7 +70,8 @@ class ModelVersionSerializer(serializers.ModelSerializer):
     ai_model = VisibleRelatedField(queryset=m.AIModel.objects.all())
     # Every source is documented (a version read back may be 'archive'); creating one with 'archive'
     # is refused with the way to do it.
-    source = serializers.ChoiceField(
+    # The model's "source" field, declared here; it shadows the Field.source attribute only for mypy.
+    source = serializers.ChoiceField(  # type: ignore[assignment]
         choices=m.ModelVersion.Source.choices,
         help_text="'path' (admins: a directory below LOUPE_MODEL_ROOTS) or 'hub' (an id with a pinned 40-hex "
                   "revision). 'archive' versions are created by POST /api/versions/upload/.")
@@ -84,11 +89,13 @@ class ModelVersionSerializer(serializers.ModelSerializer):
                   "card_metadata", "created_by", "created_at", "updated_at"]
         read_only_fields = ["manifest", "manifest_hash", "architecture_family", "architecture_detail", "created_by",
                             "created_at", "updated_at"]
-        validators = []
+        validators: list[Any] = []
 
     @extend_schema_field(serializers.URLField(allow_null=True))
     def get_archive_url(self, obj) -> str | None:
-        return None if not obj.archive else reverse("version-archive", args=[obj.pk], request=self.context.get("request"))
+        if not obj.archive:
+            return None
+        return reverse("version-archive", args=[obj.pk], request=self.context.get("request"))
 
 
 class ModelVersionUpdateSerializer(ModelVersionSerializer):
@@ -298,7 +305,8 @@ class CountersignatureSerializer(serializers.ModelSerializer):
 
 
 class AuditEventSerializer(serializers.ModelSerializer):
-    data = serializers.JSONField(read_only=True)
+    # The event's payload, declared here; it shadows Serializer.data only for mypy.
+    data = serializers.JSONField(read_only=True)  # type: ignore[assignment]
 
     class Meta:
         model = m.AuditEvent

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from django.contrib.auth.models import User
 from django.db import transaction
 from django.http import FileResponse, HttpResponse
 from drf_spectacular.types import OpenApiTypes
@@ -23,9 +24,10 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import mixins, status, viewsets
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
+from rest_framework.exceptions import NotAuthenticated, NotFound, PermissionDenied, ValidationError
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.parsers import FormParser, MultiPartParser
+from rest_framework.request import Request
 from rest_framework.response import Response
 
 from governance import access, artifacts, audit_log, login_guard, modelcard, uploads, workflow
@@ -113,7 +115,14 @@ class LoupeViewSet(viewsets.GenericViewSet):
     ordering = ["-pk"]
 
     def get_queryset(self):
-        return self.queryset.visible_to(self.request.user)
+        return access.narrow(super().get_queryset(), self.request.user)
+
+
+def _signed_in(request: Request) -> User:
+    """The request's user, for the rows it creates (RolePermission lets no anonymous request this far)."""
+    if not isinstance(request.user, User):
+        raise NotAuthenticated()
+    return request.user
 
 
 def _full_clean_and_save(instance, *, exclude: list[str] | None = None) -> None:
@@ -154,7 +163,7 @@ class AIModelViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveModelMi
     action_roles = {"create": WRITERS, "update": WRITERS, "partial_update": WRITERS}
 
     def perform_create(self, serializer):
-        user = self.request.user
+        user = _signed_in(self.request)
         organisation = serializer.validated_data.get("organisation") or access.organisation_of(user)
         if organisation is None:
             raise PermissionDenied("Name the organisation this model belongs to.")
@@ -210,7 +219,7 @@ class ModelVersionViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveMo
             raise PermissionDenied("You may add versions only to your own organisation's models.")
 
     def perform_create(self, serializer):
-        user = self.request.user
+        user = _signed_in(self.request)
         data = serializer.validated_data
         self._check_can_add(data["ai_model"])
         if data["source"] == m.ModelVersion.Source.PATH and not access.is_admin(user):
@@ -267,22 +276,22 @@ class ModelVersionViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveMo
         stored_name = ""
         limits = uploads.limits_for(ai_model.organisation)
         try:
-            with uploads.extracted_model_archive(upload.file, size=upload.size, limits=limits) as extracted:
-                with transaction.atomic():
-                    version = m.ModelVersion(ai_model=ai_model, version=label, source=m.ModelVersion.Source.ARCHIVE,
-                                             created_by=request.user)
-                    version.archive.save(Path(upload.name).name[-100:] or "model.zip", upload, save=False)
-                    stored_name = version.archive.name
-                    _full_clean_and_save(version)
-                    destination = artifacts.uploaded_model_directory(version)
-                    uploads.install_model_directory(extracted, destination)
-                    audit_log.record(request.user, "model_version.uploaded", version, {
-                        "version": label, "archive": stored_name, "archive_sha256": archive_sha256.hexdigest(),
-                        "archive_bytes": upload.size, "files": extracted.files,
-                        "unpacked_bytes": extracted.unpacked_bytes, "ignored_files": extracted.ignored})
-                    if "README.md" in extracted.files:  # the Hugging Face model card travels with the model
-                        modelcard.import_card(version, (destination / "README.md").read_bytes(), by=request.user)
-                    tasks.enqueue_on_commit(tasks.compute_manifest, version.pk)
+            with (uploads.extracted_model_archive(upload.file, size=upload.size, limits=limits) as extracted,
+                  transaction.atomic()):
+                version = m.ModelVersion(ai_model=ai_model, version=label, source=m.ModelVersion.Source.ARCHIVE,
+                                         created_by=request.user)
+                version.archive.save(Path(upload.name).name[-100:] or "model.zip", upload, save=False)
+                stored_name = version.archive.name or ""
+                _full_clean_and_save(version)
+                destination = artifacts.uploaded_model_directory(version)
+                uploads.install_model_directory(extracted, destination)
+                audit_log.record(request.user, "model_version.uploaded", version, {
+                    "version": label, "archive": stored_name, "archive_sha256": archive_sha256.hexdigest(),
+                    "archive_bytes": upload.size, "files": extracted.files,
+                    "unpacked_bytes": extracted.unpacked_bytes, "ignored_files": extracted.ignored})
+                if "README.md" in extracted.files:  # the Hugging Face model card travels with the model
+                    modelcard.import_card(version, (destination / "README.md").read_bytes(), by=request.user)
+                tasks.enqueue_on_commit(tasks.compute_manifest, version.pk)
         except BaseException:
             # Nothing half-written: the transaction rolled back, so remove what reached the disk.
             if destination is not None:
@@ -321,7 +330,8 @@ class ModelVersionViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveMo
         modelcard.import_card(version, serializer.validated_data["card"], by=request.user)
         return Response(serializers.ModelVersionSerializer(version, context=self.get_serializer_context()).data)
 
-    @extend_schema(summary="Download the uploaded archive", responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, 404: ERRORS[404]})
+    @extend_schema(summary="Download the uploaded archive",
+                   responses={(200, "application/octet-stream"): OpenApiTypes.BINARY, 404: ERRORS[404]})
     @action(detail=True, methods=["get"], url_path="archive", url_name="archive")
     def download(self, request, pk=None):
         version = self.get_object()
@@ -375,7 +385,7 @@ class AuditCaseViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveModel
         return super().get_serializer_class()
 
     def get_serializer_context(self):
-        context = super().get_serializer_context()
+        context = dict(super().get_serializer_context())
         if self.action == "signoff" and self.kwargs.get("pk"):
             context["case"] = self.get_object()
         return context
@@ -386,7 +396,7 @@ class AuditCaseViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveModel
                         status=http_status)
 
     def perform_create(self, serializer):
-        user = self.request.user
+        user = _signed_in(self.request)
         data = dict(serializer.validated_data)
         reviewers = data.pop("reviewers", None)
         if not access.can_create_for(user, data["model_version"].ai_model.organisation):
@@ -565,14 +575,16 @@ class ReportViewSet(ReadOnlyViewSet):
     filterset_class = filters.ReportFilter
     ordering_fields = ["created_at", "version"]
 
-    @extend_schema(summary="Download the report PDF", responses={(200, "application/pdf"): OpenApiTypes.BINARY, 404: ERRORS[404]})
+    @extend_schema(summary="Download the report PDF",
+                   responses={(200, "application/pdf"): OpenApiTypes.BINARY, 404: ERRORS[404]})
     @action(detail=True, methods=["get"])
     def download(self, request, pk=None):
         report = self.get_object()
         return hashed_download(report.pdf, f"loupe-case-{report.case_id}-report-v{report.version}.pdf",
                                "application/pdf", report.sha256)
 
-    action_roles = {"countersign": frozenset({REVIEWER}), "countersigned": frozenset({SUBMITTER, REVIEWER, AUDITOR, ADMIN})}
+    action_roles = {"countersign": frozenset({REVIEWER}),
+                    "countersigned": frozenset({SUBMITTER, REVIEWER, AUDITOR, ADMIN})}
 
     @extend_schema(summary="Countersign: upload the report (or its latest countersigned file) with your signature "
                            "appended", request={"multipart/form-data": {"type": "object", "properties": {

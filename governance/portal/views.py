@@ -86,7 +86,8 @@ def _render_case(request: HttpRequest, case_id: int, *, error: str = "", status:
             actions.append({"to": to, "label": "Withdraw (back to draft)"})
     return TemplateResponse(request, "portal/case.html", {
         "case": case, "version": case.model_version, "evidence": evidence, "status": progress,
-        "runs": admin_review.run_rows(case), "decision": admin_review.decision_summary(case, evidence, review, progress),
+        "runs": admin_review.run_rows(case),
+        "decision": admin_review.decision_summary(case, evidence, review, progress),
         "change_requests": change_requests, "actions": actions, "error": error,
         "other_threads": other_threads, "can_comment": comments.can_comment(case, user),
         "can_resolve": comments.can_resolve(case, user),
@@ -113,7 +114,8 @@ def case_transition(request: HttpRequest, case_id: int) -> HttpResponse:
             message = f"Started {len(run_ids)} probe run(s); their progress shows below."
         elif to_state == S.SUBMITTED and case.state == S.CHANGES_REQUESTED:
             if not answer:
-                return _render_case(request, case_id, error="Answer the change request before resubmitting.", status=400)
+                return _render_case(request, case_id, error="Answer the change request before resubmitting.",
+                                    status=400)
             workflow.transition(case, S.SUBMITTED, request.user, note=answer)
             message = "Resubmitted with your answer; start the probe runs when ready."
         else:

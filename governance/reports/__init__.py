@@ -117,7 +117,8 @@ def generate_report(case: AuditCase, *, author, sign: bool = True) -> Report:
             _refuse_stale_approval(locked)
             previous = versions.latest(locked)
             version = previous.version + 1 if previous else 1
-            changes = versions.changelog(previous.manifest if previous else None, build_manifest(locked, version=version))
+            changes = versions.changelog(previous.manifest if previous else None,
+                                         build_manifest(locked, version=version))
             meta = {"version": version, "supersedes": previous.version if previous else None, "changelog": changes,
                     "author": author.get_full_name() or author.get_username()}
             # The log's head as of now goes into the signed manifest: whoever holds the PDF can later
@@ -129,11 +130,13 @@ def generate_report(case: AuditCase, *, author, sign: bool = True) -> Report:
             paths = signing.configured_signer_paths() if sign else None
             if paths is not None:
                 signer = signing.load_signer(*paths)
-                pdf = signing.sign_pdf(pdf, signer, role="issuer", reason=f"Loupe report v{version} of case #{case.pk} issued")
+                assert signer.signing_cert is not None  # load_signer reads the certificate with the key
+                pdf = signing.sign_pdf(pdf, signer, role="issuer",
+                                       reason=f"Loupe report v{version} of case #{case.pk} issued")
                 signed_by = signer.signing_cert.subject.human_friendly
                 signer_cert_sha256 = signing.cert_sha256(signer.signing_cert)
-            report = ReportModel(case=locked, version=version, sha256=hashlib.sha256(pdf).hexdigest(), manifest=manifest,
-                                 author=author, supersedes=previous, changelog=changes)
+            report = ReportModel(case=locked, version=version, sha256=hashlib.sha256(pdf).hexdigest(),
+                                 manifest=manifest, author=author, supersedes=previous, changelog=changes)
             report.pdf.save(f"loupe-case-{case.pk}-report-v{version}.pdf", ContentFile(pdf), save=False)
             written.append(report.pdf.name)
             report.save()

@@ -16,6 +16,7 @@ observation. Metric keys are shown through :mod:`governance.glossary`, never raw
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import importlib.metadata
 import json
 import math
@@ -37,7 +38,7 @@ MAX_COMMENT_CHARS = 2_000
 # Unbroken runs longer than this get zero-width break opportunities: WeasyPrint's line breaking is
 # quadratic in the length of a single word (we measured minutes for a 20 000-character word).
 MAX_WORD_CHARS = 60
-_LONG_WORD = re.compile(r"\S{%d,}" % (MAX_WORD_CHARS + 1))
+_LONG_WORD = re.compile(rf"\S{{{MAX_WORD_CHARS + 1},}}")
 MAX_METRIC_ROWS = 80
 MAX_TABLE_ROWS = 40
 
@@ -283,7 +284,7 @@ def _generated(inputs: RenderInputs, key: str, png: bytes) -> str:
     # Generated figures are served like artifacts, under a name that cannot collide with an id.
     name = f"gen-{key}"
     inputs.generated[name] = png
-    inputs.artifacts[name] = lambda png=png: (png, "image/png")
+    inputs.artifacts[name] = lambda: (png, "image/png")
     return artifact_url(name)
 
 
@@ -336,14 +337,15 @@ def summary_figures(entry: dict[str, Any], inputs: RenderInputs) -> list[dict[st
                                f"solid bars are significant after {block.get('correction', 'multiple-testing')} "
                                f"correction, hatched bars are not; whiskers: spread over repeated concept vectors."})
     records = _method_records(metrics)
-    panels, described = [], []
+    panels: list[tuple[str, dict[str, float], float | None]] = []
+    described: list[str] = []
     for metric in FAITHFULNESS_METRICS:
         # The random ranking is drawn as the dashed reference line, not as a method's bar.
-        values = {str(r["method"]): r.get(metric) for r in records if isinstance(r.get(metric), (int, float))
+        values = {str(r["method"]): value for r in records if isinstance(value := r.get(metric), (int, float))
                   and r.get("method") not in acceptance.BASELINES}
         if not values:
             continue
-        random = next((r.get(f"random_{metric}") for r in records if isinstance(r.get(f"random_{metric}"), (int, float))),
+        random = next((value for r in records if isinstance(value := r.get(f"random_{metric}"), (int, float))),
                       None)
         panels.append((f"{glossary.label(metric)} ({BETTER[metric]})", values, random))
         described.append(f"{glossary.label(metric)}: {glossary.meaning(metric)}")
@@ -417,15 +419,16 @@ def evidence_view(entry: dict[str, Any], run: dict[str, Any] | None, inputs: Ren
         files.append(artifact)
         if artifact.get("content_type") in ("image/png", "image/jpeg"):
             key = str(artifact["id"])
-            inputs.artifacts[key] = lambda a=artifact: load_artifact(a)
+            inputs.artifacts[key] = functools.partial(load_artifact, artifact)
             figures_out.append({"url": artifact_url(key), "caption": _artifact_caption(artifact, entry)})
     metrics = entry.get("metrics") or {}
     kind = entry.get("kind")
     return {
         "id": entry.get("id"), "kind": kind, "title": kind_title(kind),
-        "plain": KIND_PLAIN.get(kind, ""), "summary": truncate(entry.get("summary")),
+        "plain": KIND_PLAIN.get(kind or "", ""), "summary": truncate(entry.get("summary")),
         "metric_rows": metric_rows(metrics, kind), "tables": record_tables(metrics, kind=kind),
-        "observations": [{"title": truncate(f.get("title"))[:500], "detail": truncate(f.get("detail"), MAX_COMMENT_CHARS),
+        "observations": [{"title": truncate(f.get("title"))[:500],
+                          "detail": truncate(f.get("detail"), MAX_COMMENT_CHARS),
                           "rating": f.get("severity", "info")} for f in entry.get("findings") or []],
         "findings": entry.get("findings") or [], "figures": figures_out, "files": files, "run": run,
         "digest": entry.get("digest"), "embedded_kinds": sorted(acceptance._embedded_kinds(entry) - {kind}),
@@ -478,7 +481,8 @@ def limitations(evidence: list[dict[str, Any]], missing: list[str]) -> dict[str,
                                  "metric": glossary.path_label(path, entry.get("kind")),
                                  "meaning": glossary.path_meaning(path, entry.get("kind")),
                                  "value": value})
-    gaps = [f"No {title.lower()} evidence was recorded, so this report makes no statement about it." for title in missing]
+    gaps = [f"No {title.lower()} evidence was recorded, so this report makes no statement about it."
+            for title in missing]
     # What the per-audit validation of the explanation methods says in words (methods shown but not
     # validated on this model, maps a common corruption reorders): ``workers.probes.validation``.
     stated = []
@@ -584,7 +588,8 @@ def _criteria(manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict
                 measured += f" vs {fmt(v.reference_value)}"
             if v.interval:
                 measured += f" (95% CI {fmt(v.interval[0])} to {fmt(v.interval[1])})"
-        rows.append({"criterion": v.criterion.describe(), "meaning": glossary.meaning(v.criterion.metric, v.criterion.kind),
+        rows.append({"criterion": v.criterion.describe(),
+                     "meaning": glossary.meaning(v.criterion.metric, v.criterion.kind),
                      "kind": kind_title(v.criterion.kind), "evidence": v.evidence,
                      "subject": v.subject, "measured": measured, "ci": v.interval, "verdict": v.verdict,
                      "met": v.met, "severity": v.criterion.severity, "source": v.criterion.source,
@@ -604,8 +609,8 @@ def _grouped(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     for row in rows:
         group = groups.setdefault((row["kind"], row["criterion"]), {
-            "criterion": row["criterion"], "kind": row["kind"], "rationale": row["rationale"], "meaning": row["meaning"],
-            "severity": row["severity"], "source": row["source"], "rows": []})
+            "criterion": row["criterion"], "kind": row["kind"], "rationale": row["rationale"],
+            "meaning": row["meaning"], "severity": row["severity"], "source": row["source"], "rows": []})
         group["rows"].append(row)
     for group in groups.values():
         verdicts = [r["met"] for r in group["rows"]]
@@ -624,9 +629,11 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
     """
     inputs = RenderInputs()
     runs = {r["id"]: r for r in manifest.get("runs", [])}
-    evidence = [evidence_view(e, runs.get(e.get("run_id")), inputs, load_artifact) for e in manifest.get("evidence", [])]
+    evidence = [evidence_view(e, runs.get(e.get("run_id")), inputs, load_artifact)
+                for e in manifest.get("evidence", [])]
     present = {e["kind"] for e in evidence}
-    embedded = {k: [e["id"] for e in evidence if k in e["embedded_kinds"]] for e in evidence for k in e["embedded_kinds"]}
+    embedded = {k: [e["id"] for e in evidence if k in e["embedded_kinds"]]
+                for e in evidence for k in e["embedded_kinds"]}
     measured_kinds = present | set(embedded)
     generative = manifest["model"].get("architecture_family") == "generative_fusion"
     gpai = manifest["model"].get("risk_category") == "gpai"
@@ -635,7 +642,7 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
     not_applicable = [] if generative else [k for k in GENERATIVE_ONLY_KINDS if k not in present]
     missing = [k for k in expected if k not in measured_kinds and k not in not_applicable]
 
-    sections = []
+    sections: list[dict[str, Any]] = []
     for section in SECTIONS:
         groups = []
         if section.key in EVIDENCE_SECTIONS:
@@ -658,7 +665,8 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
 
     criteria_rows, findings, _ = _criteria(manifest)
     checked = sorted({str((e.get("metrics") or {}).get("method")) for e in manifest.get("evidence", [])
-                      if e.get("kind") == "sanity" and isinstance(e.get("metrics"), dict) and e["metrics"].get("method")})
+                      if e.get("kind") == "sanity" and isinstance(e.get("metrics"), dict)
+                      and e["metrics"].get("method")})
     shown = sorted({str(r["method"]) for e in manifest.get("evidence", []) if isinstance(e.get("metrics"), dict)
                     for r in _method_records(e["metrics"]) if r.get("method") not in acceptance.BASELINES})
     sanity_note = {"checked": checked, "unchecked": [m for m in shown if m not in checked]} if shown else None
@@ -674,10 +682,11 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
         test_log.append({**run, "title": kind_title(run.get("kind")),
                          "duration": f"{(finished - started).total_seconds():.1f} s" if started and finished else "n/a",
                          "params_json": truncate(json.dumps(run.get("params"), sort_keys=True))[:2000],
-                         "libraries": ", ".join(f"{k} {v}" for k, v in sorted((run.get("library_versions") or {}).items()))})
+                         "libraries": ", ".join(f"{k} {v}"
+                                                for k, v in sorted((run.get("library_versions") or {}).items()))})
     card = manifest.get("model_card") or {}
     documents = manifest.get("provider_documents") or []
-    coverage_args = {"present_kinds": measured_kinds, "documents": documents, "card": card,
+    coverage_args: dict[str, Any] = {"present_kinds": measured_kinds, "documents": documents, "card": card,
                      "section_numbers": numbers, "kind_sections": homes}
     artifacts = [{"evidence": e["id"], "kind": e["kind"], **a} for e in evidence for a in e["files"]]
     glossary_keys = sorted({path.rsplit(".", 1)[-1] for e in manifest.get("evidence", [])
@@ -697,7 +706,8 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
         "evidence": evidence, "findings": findings, "blocking_open": blocking_open, "observations": observations,
         "flags": flags, "decision": decision(manifest), "disclaimer": DISCLAIMER,
         "sanity_note": sanity_note, "criteria_rows": criteria_rows,
-        "criteria_measured": sum(1 for r in criteria_rows if r["met"] is not None), "criteria_groups": _grouped(criteria_rows),
+        "criteria_measured": sum(1 for r in criteria_rows if r["met"] is not None),
+        "criteria_groups": _grouped(criteria_rows),
         "criteria_custom": [c | {"kind_title": kind_title(c["kind"])}
                             for c in manifest.get("criteria") or [] if c.get("source") == "admin"],
         "coverage": coverage.matrix(group="annex_iv", **coverage_args),
@@ -709,8 +719,10 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
             {"title": "Out-of-scope uses", "html": markdown_html(truncate(card.get("out_of_scope_uses")))},
             {"title": "Limitations", "html": markdown_html(truncate(card.get("limitations")))},
         ) if str(c["html"]).strip()],
-        "signoffs": [{**s, "comment": truncate(s.get("comment"), MAX_COMMENT_CHARS)} for s in manifest.get("signoffs", [])],
-        "comments": [{**c, "body": truncate(c.get("body"), MAX_COMMENT_CHARS)} for c in manifest.get("comments") or []],
+        "signoffs": [{**s, "comment": truncate(s.get("comment"), MAX_COMMENT_CHARS)}
+                     for s in manifest.get("signoffs", [])],
+        "comments": [{**c, "body": truncate(c.get("body"), MAX_COMMENT_CHARS)}
+                     for c in manifest.get("comments") or []],
         "test_log": test_log, "limitations": limitations(manifest.get("evidence", []),
                                                          [kind_title(k) for k in missing]),
         "artifacts": artifacts, "model_files": sorted((manifest["model"].get("files") or {}).items()),

@@ -84,7 +84,7 @@ def countersign(report: Report, reviewer, pdf: bytes) -> Countersignature:
         if problems:
             raise CountersignRejected("the countersigned file does not verify: " + "; ".join(problems))
         new = regular[-1]
-        if new.username != username:
+        if new.username != username or new.cert_sha256 is None:
             raise NotAllowed(f"the new signature was made with {new.username or 'no reviewer'}'s certificate, "
                              f"not {username}'s")
         sha = hashlib.sha256(pdf).hexdigest()
@@ -100,6 +100,7 @@ def countersign(report: Report, reviewer, pdf: bytes) -> Countersignature:
                 "previous_sha256": row.previous_sha256, "cert_sha256": row.cert_sha256, "signer": row.signer,
                 "content_digest": content_digest(row)})
         except BaseException:
-            row.pdf.storage.delete(row.pdf.name)
+            if row.pdf.name:
+                row.pdf.storage.delete(row.pdf.name)
             raise
     return row

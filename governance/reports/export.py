@@ -58,7 +58,8 @@ def build_bundle(case: AuditCase) -> bytes:
         files["manifest.json"] = mf.manifest_bytes(manifest)
         countersigned = []
         for row in report.countersignatures.select_related("reviewer").order_by("sequence"):
-            name = f"report/countersigned/loupe-case-{case.pk}-report-v{report.version}-countersigned-{row.sequence}.pdf"
+            name = (f"report/countersigned/loupe-case-{case.pk}-report-v{report.version}"
+                    f"-countersigned-{row.sequence}.pdf")
             with row.pdf.open("rb") as handle:
                 files[name] = handle.read()
             countersigned.append({"sequence": row.sequence, "file": name, "reviewer": row.reviewer.get_username(),

@@ -16,6 +16,7 @@ import io
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -25,7 +26,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from workers.probes.palette import REFERENCE, colour  # noqa: E402  (plain module: no torch, no Django)
 
-_RC = {
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
+
+_RC: dict[RcKeyType, Any] = {
     "svg.hashsalt": "loupe-report",
     "font.family": "DejaVu Sans",
     "font.size": 8.5,
@@ -78,9 +82,10 @@ def bar_chart(title: str, values: Mapping[str, float], *, ylabel: str = "",
         if not items:
             ax.text(0.5, 0.5, "no numeric values recorded", ha="center", va="center", transform=ax.transAxes)
         else:
-            labels, numbers = zip(*items)
+            labels, numbers = zip(*items, strict=True)
             ax.bar(range(len(numbers)), numbers, color=[colour(label) for label in labels])
-            ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center")
+            tilted = len(labels) > 4
+            ax.set_xticks(range(len(labels)), labels, rotation=30 if tilted else 0, ha="right" if tilted else "center")
             if reference is not None:
                 ax.axhline(reference, color=REFERENCE, linestyle="--", linewidth=0.8, label=reference_label or None)
                 if reference_label:
@@ -100,10 +105,11 @@ def bar_panels(panels: Sequence[tuple[str, Mapping[str, float], float | None]], 
         fig, axes = plt.subplots(rows, columns, figsize=(6.6, 2.1 * rows + 0.3), squeeze=False)
         try:
             drawn_reference = False
-            for ax, (title, values, reference) in zip(axes.flat, panels):
+            # The grid can have one cell more than there are panels; that cell is hidden below.
+            for ax, (title, values, reference) in zip(axes.flat, panels, strict=False):
                 items = [(label, v) for label, raw in values.items() if (v := _finite(raw)) is not None]
                 if items:
-                    labels, numbers = zip(*items)
+                    labels, numbers = zip(*items, strict=True)
                     ax.bar(range(len(numbers)), numbers, color=[colour(label) for label in labels])
                     ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30 if len(labels) > 4 else 0,
                                   ha="right" if len(labels) > 4 else "center")
@@ -125,16 +131,19 @@ def bar_panels(panels: Sequence[tuple[str, Mapping[str, float], float | None]], 
             plt.close(fig)
 
 
-def curves(title: str, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
+def curves(title: str, series: Mapping[str, tuple[Sequence[object], Sequence[object]]], *,
            xlabel: str, ylabel: str) -> bytes:
-    """Line plot of several ``name -> (x, y)`` series (deletion/insertion, robustness curves)."""
+    """Line plot of several ``name -> (x, y)`` series (deletion/insertion, robustness curves); points
+    with a value that is not a finite number (missing in stored metrics) are skipped."""
     with _figure() as (fig, ax):
         drawn = 0
-        for index, (name, (xs, ys)) in enumerate(series.items()):
-            points = [(x, y) for x, y in zip(xs, ys) if _finite(x) is not None and _finite(y) is not None]
+        for name, (xs, ys) in series.items():
+            # A ragged series is drawn up to its shorter side rather than failing the whole report.
+            points = [(fx, fy) for x, y in zip(xs, ys, strict=False)
+                      if (fx := _finite(x)) is not None and (fy := _finite(y)) is not None]
             if not points:
                 continue
-            px, py = zip(*points)
+            px, py = zip(*points, strict=True)
             ax.plot(px, py, marker="o", markersize=2.5, linewidth=1.3, color=colour(name), label=name)
             drawn += 1
         if drawn:
@@ -172,7 +181,8 @@ def tcav_bars(title: str, rows: Sequence[Mapping[str, object]], *, alpha: float 
         ax.set_ylim(0, 1.0)
         ax.set_ylabel("concept influence (TCAV score)")
         ax.set_title(title, pad=14)
-        ax.legend(handles=[Patch(facecolor=SIGNIFICANT, edgecolor="black", label=f"significant (corrected p < {alpha:g})"),
+        ax.legend(handles=[Patch(facecolor=SIGNIFICANT, edgecolor="black",
+                                 label=f"significant (corrected p < {alpha:g})"),
                            Patch(facecolor=NOT_SIGNIFICANT, edgecolor="black", hatch="//", label="not significant"),
                            plt.Line2D([], [], color=REFERENCE, linestyle="--", label="no influence (0.5)")],
                   loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=7)

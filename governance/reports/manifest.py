@@ -196,7 +196,7 @@ def check_against_database(manifest: dict[str, Any], *, check_files: bool = True
     """
     problems: list[str] = []
     notes: list[str] = []
-    ref = manifest.get("report") or {}
+    ref: Any = manifest.get("report") or {}  # JSON from the file under verification
     case = AuditCase.objects.filter(pk=ref.get("case_id")).select_related("model_version__ai_model").first()
     if case is None:
         return [f"case #{ref.get('case_id')} named by the manifest does not exist in this database"], notes
@@ -259,8 +259,9 @@ def claims_problems(manifest: dict[str, Any], report: Report) -> list[str]:
     expected = previous.version if previous is not None else None
     problems = []
     if claims.get("supersedes") != expected:
-        problems.append(f"the report claims to supersede {_version_text(claims.get('supersedes'))} but v{report.version} "
-                        f"of case #{report.case_id} was issued superseding {_version_text(expected)}")
+        problems.append(f"the report claims to supersede {_version_text(claims.get('supersedes'))} "
+                        f"but v{report.version} of case #{report.case_id} was issued superseding "
+                        f"{_version_text(expected)}")
     recomputed = changelog(previous.manifest if previous is not None else None, manifest)
     if claims.get("changelog") != recomputed:
         problems.append("the change log printed on the report is not the one recomputed from "

@@ -28,7 +28,7 @@ from asn1crypto import pem as asn1_pem
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from django.conf import settings
 from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
@@ -226,11 +226,18 @@ def _name(common_name: str) -> x509.Name:
     ])
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, passphrase: bytes | None) -> None:
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, passphrase: bytes | None) -> None:
     encryption = (serialization.BestAvailableEncryption(passphrase) if passphrase
                   else serialization.NoEncryption())
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
     path.chmod(0o600)
+
+
+def _load_ca_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):  # make_development_ca writes an EC key
+        raise ValueError(f"{path}: the development CA key is not an elliptic-curve key")
+    return key
 
 
 def make_development_ca(directory: Path, *, days: int = 3650) -> tuple[Path, Path]:
@@ -270,7 +277,7 @@ def make_development_signer(directory: Path, common_name: str, *, slug: str, pas
     if role == "reviewer" and not username:
         raise ValueError("a reviewer certificate must name the reviewer's Loupe username")
     ca_key_path, ca_cert_path = make_development_ca(directory)
-    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+    ca_key = _load_ca_key(ca_key_path)
     ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
@@ -303,11 +310,9 @@ def make_development_tsa(directory: Path, *, days: int = 825) -> tuple[Path, Pat
     timeStamping, critical, as RFC 3161 requires); returns (key, cert). For tests and local runs of a
     development TSA; production uses a qualified or organisational TSA at ``LOUPE_TSA_URL``."""
     ca_key_path, ca_cert_path = make_development_ca(directory)
-    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+    ca_key = _load_ca_key(ca_key_path)
     ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
     # RSA: pyHanko's DummyTimeStamper, which tests and local development TSAs run on, signs with RSA only.
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name("Loupe development TSA")).issuer_name(ca_cert.subject)

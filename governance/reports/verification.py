@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from asn1crypto import x509 as asn1_x509
 
@@ -66,7 +67,7 @@ def verify_report_pdf(pdf: bytes, roots: list[asn1_x509.Certificate] | None = No
         result.problems.append(f"manifest: {exc}")
     report = event = None
     if manifest is not None:
-        ref = manifest.get("report") or {}
+        ref: Any = manifest.get("report") or {}  # JSON from the file under verification
         report = Report.objects.filter(case_id=ref.get("case_id"), version=ref.get("version")).select_related(
             "case").first()
         result.report = report

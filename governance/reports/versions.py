@@ -21,7 +21,8 @@ def _evidence_key(entry: dict[str, Any], runs: dict[int, dict[str, Any]]) -> str
 
     A re-run of the same planned probe produces new evidence for the same key: "replaced".
     """
-    run = runs.get(entry.get("run_id")) or {}
+    run_id = entry.get("run_id")
+    run = (runs.get(run_id) if run_id is not None else None) or {}
     return digest({"kind": entry.get("kind"), "params": run.get("params"), "dataset": run.get("dataset")})
 
 

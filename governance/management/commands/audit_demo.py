@@ -222,7 +222,7 @@ class Command(BaseCommand):
             if flagged:
                 workflow.sign_off(case, cast["reviewer-2"], "approve",
                                   "The probes ran as planned; the evidence is complete.",
-                                  evidence=case.runs.filter(status="succeeded").first().evidence)
+                                  evidence=case.runs.filter(status="succeeded").earliest("created_at", "pk").evidence)
                 workflow.sign_off(case, cast["reviewer-1"], "reject",
                                   "Rejected: " + "; ".join(flagged)[:500])
             else:

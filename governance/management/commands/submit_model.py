@@ -76,4 +76,5 @@ class Command(BaseCommand):
             self.stdout.write(f"registered {version} (version #{version.pk}, {version.architecture_family}, "
                               f"manifest {version.manifest_hash[:16] or 'pending'}...)")
             if case:
-                self.stdout.write(f"draft case #{case.pk}: {case.title}; run it with: manage.py run_audit {case.pk} --wait")
+                self.stdout.write(f"draft case #{case.pk}: {case.title}; "
+                                  f"run it with: manage.py run_audit {case.pk} --wait")

@@ -37,8 +37,8 @@ class Command(BaseCommand):
         else:
             for problem in problems:
                 self.stderr.write(f"audit log: {problem}")
-            for problem in rows:
-                self.stderr.write(f"record: {problem}")
+            for difference in rows:
+                self.stderr.write(f"record: {difference}")
         if problems or rows:
             raise CommandError(f"audit log does NOT verify: {len(problems)} problem(s) in {count} rows, "
                                f"{len(rows)} record(s) differing from their logged digest")
