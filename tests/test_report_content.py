@@ -40,6 +40,24 @@ def _section_text(pages: list[str], title: str, next_title: str) -> str:
     return text[start:end]
 
 
+# A4 with the report's page margins (governance/static/reports/report.css), in points.
+PAGE_HEIGHT, TOP_MARGIN, BOTTOM_MARGIN = 841.89, 24 / 25.4 * 72, 20 / 25.4 * 72
+
+
+def _body_fill(page) -> float:
+    """How far down the page body (between the running header and footer) its text reaches, 0 to 1."""
+    top, bottom = PAGE_HEIGHT - TOP_MARGIN, BOTTOM_MARGIN
+    lowest = [top]
+
+    def visit(text, cm, tm, font, size):
+        y = tm[4] * cm[1] + tm[5] * cm[3] + cm[5]
+        if text.strip() and bottom < y < top:
+            lowest.append(y)
+
+    page.extract_text(visitor_text=visit)
+    return (top - min(lowest)) / (top - bottom)
+
+
 def _metric_keys(metrics, keys=None) -> set[str]:
     keys = set() if keys is None else keys
     if isinstance(metrics, dict):
@@ -54,8 +72,10 @@ def _metric_keys(metrics, keys=None) -> set[str]:
 
 def _approve_all(case, reviewers):
     for reviewer in reviewers:
-        reasons = {f["key"]: f"{reviewer.get_username()} accepts it for the demo scope" for f in acceptance.open_findings(case)}
-        workflow.sign_off(case, reviewer, "approve", "Evidence complete for the stated scope.", acknowledgements=reasons)
+        reasons = {f["key"]: f"{reviewer.get_username()} accepts it for the demo scope"
+                   for f in acceptance.open_findings(case)}
+        workflow.sign_off(case, reviewer, "approve", "Evidence complete for the stated scope.",
+                          acknowledgements=reasons)
 
 
 @pytest.fixture(scope="module")
@@ -63,38 +83,40 @@ def issued(django_db_setup, django_db_blocker, tmp_path_factory, test_probe_kind
     """A case with a provider document, an admin-changed criterion and acknowledged findings, issued
     as v1; then the criterion changes again and v2 is issued. The database is rolled back."""
     media = tmp_path_factory.mktemp("media")
-    with django_db_blocker.unblock(), override_settings(MEDIA_ROOT=str(media), LOUPE_SIGNING_KEY=""):
-        with transaction.atomic():
-            case, actors = _acme_case(CASE_KINDS, approve=False)
-            client = APIClient()
-            client.force_authenticate(actors["alice"])
-            upload = io.BytesIO(PDF_DOC)
-            upload.name = "risk-file.pdf"
-            response = client.post("/api/documents/", {"model_version": case.model_version_id,
-                                                       "doc_type": "risk_management", "title": "Acme risk file",
-                                                       "file": upload}, format="multipart")
-            assert response.status_code == 201, response.content
-            acceptance.set_criterion(case, kind="robustness", metric="flip_rate@family=prompt", by=actors["ada"],
-                                     reason="Prompts are fixed by the shop's interface.", threshold=0.5)
-            blocking = acceptance.open_findings(case)
-            _approve_all(case, [actors["rita"], actors["rob"]])
-            case.refresh_from_db()
-            v1 = generate_report(case, author=actors["ada"])
-            acceptance.set_criterion(case, kind="grounding", metric="deletion_auc", by=actors["ada"],
-                                     reason="A medical-grade purpose needs this as high.", severity="high")
-            v2 = generate_report(case, author=actors["ada"])
-            result = {"case": case.pk, "v1": v1.pdf.open("rb").read(), "v2": v2.pdf.open("rb").read(),
-                      "manifest": v1.manifest, "v2_changelog": v2.changelog, "blocking": blocking,
-                      "document": response.json(), "acks": FindingAcknowledgement.objects.filter(case=case).count(),
-                      "events": list(AuditEvent.objects.filter(action="criterion.changed").values_list("payload", flat=True))}
-            transaction.set_rollback(True)
+    with django_db_blocker.unblock(), override_settings(MEDIA_ROOT=str(media), LOUPE_SIGNING_KEY=""), \
+            transaction.atomic():
+        case, actors = _acme_case(CASE_KINDS, approve=False)
+        client = APIClient()
+        client.force_authenticate(actors["alice"])
+        upload = io.BytesIO(PDF_DOC)
+        upload.name = "risk-file.pdf"
+        response = client.post("/api/documents/", {"model_version": case.model_version_id,
+                                                   "doc_type": "risk_management", "title": "Acme risk file",
+                                                   "file": upload}, format="multipart")
+        assert response.status_code == 201, response.content
+        acceptance.set_criterion(case, kind="robustness", metric="flip_rate@family=prompt", by=actors["ada"],
+                                 reason="Prompts are fixed by the shop's interface.", threshold=0.5)
+        blocking = acceptance.open_findings(case)
+        _approve_all(case, [actors["rita"], actors["rob"]])
+        case.refresh_from_db()
+        v1 = generate_report(case, author=actors["ada"])
+        acceptance.set_criterion(case, kind="grounding", metric="deletion_auc", by=actors["ada"],
+                                 reason="A medical-grade purpose needs this as high.", severity="high")
+        v2 = generate_report(case, author=actors["ada"])
+        result = {"case": case.pk, "v1": v1.pdf.open("rb").read(), "v2": v2.pdf.open("rb").read(),
+                  "manifest": v1.manifest, "v2_changelog": v2.changelog, "blocking": blocking,
+                  "document": response.json(), "acks": FindingAcknowledgement.objects.filter(case=case).count(),
+                  "events": list(AuditEvent.objects.filter(action="criterion.changed")
+                                 .values_list("payload", flat=True))}
+        transaction.set_rollback(True)
     return result
 
 
 def test_page_one_states_scope_the_meaning_of_the_decision_and_that_it_is_no_conformity_assessment(issued):
     first = _pages(issued["v1"])[0]
     assert "APPROVED" in first
-    assert "the assigned reviewers accept the evidence in this report as complete and correct for the stated scope" in first
+    assert ("the assigned reviewers accept the evidence in this report as complete and correct for the stated scope"
+            in first)
     assert "not a conformity assessment" in first
     assert "Scope of this report" in first and "Full plan." in first
 
@@ -206,7 +228,7 @@ def test_the_workspace_approves_with_open_findings_only_with_a_reason_for_each(d
     page = client.get(reverse("admin:governance_auditcase_review", args=[case.pk])).content.decode()
     form = page[page.index('id="case-signoff"'):page.index("</form>", page.index('id="case-signoff"'))]
     for key in open_keys:  # one labelled reason field per open high/medium finding
-        field = re.search(r'<textarea name="ack:%s" id="([^"]+)"' % re.escape(key), form)
+        field = re.search(r'<textarea name="ack:' + re.escape(key) + r'" id="([^"]+)"', form)
         assert field and f'for="{field.group(1)}"' in form, key
     url = reverse("admin:governance_auditcase_review_signoff", args=[case.pk])
     partial = {"decision": "approve", f"ack:{open_keys[0]}": "Known limitation."}
@@ -300,7 +322,8 @@ def test_a_kind_declared_glossary_entry_wins(monkeypatch):
 
     glossary.cache_clear()
     monkeypatch.setattr(kinds, "glossary",
-                        lambda kind=None: {"grounding": {"deletion_auc": Metric("Deletion (declared)", "declared meaning.")}})
+                        lambda kind=None: {"grounding": {"deletion_auc": Metric("Deletion (declared)",
+                                                                                "declared meaning.")}})
     try:
         assert glossary.label("methods.deletion_auc") == "Deletion (declared)"
         assert glossary.meaning("deletion_auc") == "Declared meaning."  # capitalised like Loupe's own
@@ -358,3 +381,29 @@ def test_per_method_values_are_judged_one_by_one_against_their_reference():
         [s for s in acceptance.defaults("high_risk", "4") if s.kind == "token_attribution"],
         [{"id": 7, "kind": "token_attribution", "metrics": {"hallucinated_words": 2}}]))
     assert [f["severity"] for f in high] == ["high"]  # one level stricter for a high-risk system
+
+
+def test_no_page_but_the_last_is_left_near_empty(issued):
+    for version in ("v1", "v2"):
+        pages = PdfReader(io.BytesIO(issued[version])).pages
+        fills = [_body_fill(page) for page in pages]
+        sparse = [(number, round(fill, 2)) for number, fill in enumerate(fills[:-1], start=1) if fill < 0.4]
+        assert sparse == [], f"{version}: pages whose text ends in the top 40% of the body: {sparse}"
+
+
+def test_every_section_is_printed_once(issued):
+    text = " ".join(_pages(issued["v1"]))
+    for section in SECTIONS:
+        lead = section.plain[:50]
+        assert text.count(lead) == 1, f"section {section.title!r} printed {text.count(lead)} times"
+
+
+def test_the_test_log_prints_the_dataset_fingerprint_of_every_run(issued):
+    pages = _pages(issued["v1"])
+    numbers = {section.key: number for number, section in enumerate(SECTIONS, start=1)}
+    log = _section_text(pages, f"{numbers['testlog']}. Test log", f"{numbers['limitations']}. Limitations")
+    runs = issued["manifest"]["runs"]
+    assert runs
+    for run in runs:
+        assert re.fullmatch(r"[0-9a-f]{64}", run["dataset_hash"]), run
+        assert f"Run #{run['id']}" in log and run["dataset_hash"] in log.replace(" ", ""), run["id"]

@@ -37,7 +37,7 @@ MAX_COMMENT_CHARS = 2_000
 # Unbroken runs longer than this get zero-width break opportunities: WeasyPrint's line breaking is
 # quadratic in the length of a single word (we measured minutes for a 20 000-character word).
 MAX_WORD_CHARS = 60
-_LONG_WORD = re.compile(r"\S{%d,}" % (MAX_WORD_CHARS + 1))
+_LONG_WORD = re.compile(r"\S{" + str(MAX_WORD_CHARS + 1) + ",}")
 MAX_METRIC_ROWS = 80
 MAX_TABLE_ROWS = 40
 
@@ -155,7 +155,6 @@ SECTIONS = (
             "File fingerprints that let anyone check the evidence was not changed, and the meaning of every term."),
 )
 EVIDENCE_SECTIONS = ("explain", "bias", "robustness", "attacks", "generative")
-COMPACT_SECTIONS = ("purpose", "generative", "oversight", "review", "limitations")
 
 SEVERITY_ORDER = {"high": 0, "medium": 1, "low": 2, "info": 3}
 
@@ -343,8 +342,8 @@ def summary_figures(entry: dict[str, Any], inputs: RenderInputs) -> list[dict[st
                   and r.get("method") not in acceptance.BASELINES}
         if not values:
             continue
-        random = next((r.get(f"random_{metric}") for r in records if isinstance(r.get(f"random_{metric}"), (int, float))),
-                      None)
+        random = next((r.get(f"random_{metric}") for r in records
+                       if isinstance(r.get(f"random_{metric}"), (int, float))), None)
         panels.append((f"{glossary.label(metric)} ({BETTER[metric]})", values, random))
         described.append(f"{glossary.label(metric)}: {glossary.meaning(metric)}")
     if panels:
@@ -404,6 +403,12 @@ def _artifact_caption(artifact: dict[str, Any], entry: dict[str, Any]) -> str:
                 "trained model's heatmaps should fall.")
     elif "agreement" in stem:
         text = "Agreement between explanation methods (rows and columns are methods)."
+    elif "shortcut_evidence" in stem:
+        text = ("Shortcut check. Top left: the suspected artefact's concept influence (TCAV score) per layer, red, "
+                "against random concepts, grey (0.5 = no influence; * significant after Holm correction). Top right: "
+                "mean change of the class score when the artefact is pasted into images of the class and into random "
+                "images. Bottom: the grounding method's relevance on images of the class with the artefact pasted "
+                "in, its box outlined in green (colour bar on the right).")
     else:
         text = f"Figure stored by the {kind_title(kind)} probe."
     return f"{text} Evidence #{entry.get('id')}, file {name}, SHA-256 {str(artifact.get('sha256', ''))[:16]}..."
@@ -412,9 +417,14 @@ def _artifact_caption(artifact: dict[str, Any], entry: dict[str, Any]) -> str:
 def evidence_view(entry: dict[str, Any], run: dict[str, Any] | None, inputs: RenderInputs,
                   load_artifact: Callable[[dict[str, Any]], tuple[bytes, str]]) -> dict[str, Any]:
     figures_out = summary_figures(entry, inputs)
+    # The report draws TCAV results itself, with corrected p-values; the probe's own bar chart of the
+    # same numbers is listed (and hashed) in the appendix instead of being shown a second time.
+    drawn_tcav = _tcav_rows(entry.get("metrics") or {}) is not None
     files = []
     for artifact in entry.get("artifacts", []):
         files.append(artifact)
+        if drawn_tcav and "tcav_bars" in str(artifact.get("name", "")):
+            continue
         if artifact.get("content_type") in ("image/png", "image/jpeg"):
             key = str(artifact["id"])
             inputs.artifacts[key] = lambda a=artifact: load_artifact(a)
@@ -425,7 +435,8 @@ def evidence_view(entry: dict[str, Any], run: dict[str, Any] | None, inputs: Ren
         "id": entry.get("id"), "kind": kind, "title": kind_title(kind),
         "plain": KIND_PLAIN.get(kind, ""), "summary": truncate(entry.get("summary")),
         "metric_rows": metric_rows(metrics, kind), "tables": record_tables(metrics, kind=kind),
-        "observations": [{"title": truncate(f.get("title"))[:500], "detail": truncate(f.get("detail"), MAX_COMMENT_CHARS),
+        "observations": [{"title": truncate(f.get("title"))[:500],
+                          "detail": truncate(f.get("detail"), MAX_COMMENT_CHARS),
                           "rating": f.get("severity", "info")} for f in entry.get("findings") or []],
         "findings": entry.get("findings") or [], "figures": figures_out, "files": files, "run": run,
         "digest": entry.get("digest"), "embedded_kinds": sorted(acceptance._embedded_kinds(entry) - {kind}),
@@ -478,7 +489,8 @@ def limitations(evidence: list[dict[str, Any]], missing: list[str]) -> dict[str,
                                  "metric": glossary.path_label(path, entry.get("kind")),
                                  "meaning": glossary.path_meaning(path, entry.get("kind")),
                                  "value": value})
-    gaps = [f"No {title.lower()} evidence was recorded, so this report makes no statement about it." for title in missing]
+    gaps = [f"No {title.lower()} evidence was recorded, so this report makes no statement about it."
+            for title in missing]
     # What the per-audit validation of the explanation methods says in words (methods shown but not
     # validated on this model, maps a common corruption reorders): ``workers.probes.validation``.
     stated = []
@@ -584,7 +596,8 @@ def _criteria(manifest: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict
                 measured += f" vs {fmt(v.reference_value)}"
             if v.interval:
                 measured += f" (95% CI {fmt(v.interval[0])} to {fmt(v.interval[1])})"
-        rows.append({"criterion": v.criterion.describe(), "meaning": glossary.meaning(v.criterion.metric, v.criterion.kind),
+        rows.append({"criterion": v.criterion.describe(),
+                     "meaning": glossary.meaning(v.criterion.metric, v.criterion.kind),
                      "kind": kind_title(v.criterion.kind), "evidence": v.evidence,
                      "subject": v.subject, "measured": measured, "ci": v.interval, "verdict": v.verdict,
                      "met": v.met, "severity": v.criterion.severity, "source": v.criterion.source,
@@ -604,8 +617,8 @@ def _grouped(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     for row in rows:
         group = groups.setdefault((row["kind"], row["criterion"]), {
-            "criterion": row["criterion"], "kind": row["kind"], "rationale": row["rationale"], "meaning": row["meaning"],
-            "severity": row["severity"], "source": row["source"], "rows": []})
+            "criterion": row["criterion"], "kind": row["kind"], "rationale": row["rationale"],
+            "meaning": row["meaning"], "severity": row["severity"], "source": row["source"], "rows": []})
         group["rows"].append(row)
     for group in groups.values():
         verdicts = [r["met"] for r in group["rows"]]
@@ -624,9 +637,11 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
     """
     inputs = RenderInputs()
     runs = {r["id"]: r for r in manifest.get("runs", [])}
-    evidence = [evidence_view(e, runs.get(e.get("run_id")), inputs, load_artifact) for e in manifest.get("evidence", [])]
+    evidence = [evidence_view(e, runs.get(e.get("run_id")), inputs, load_artifact)
+                for e in manifest.get("evidence", [])]
     present = {e["kind"] for e in evidence}
-    embedded = {k: [e["id"] for e in evidence if k in e["embedded_kinds"]] for e in evidence for k in e["embedded_kinds"]}
+    embedded = {k: [e["id"] for e in evidence if k in e["embedded_kinds"]]
+                for e in evidence for k in e["embedded_kinds"]}
     measured_kinds = present | set(embedded)
     generative = manifest["model"].get("architecture_family") == "generative_fusion"
     gpai = manifest["model"].get("risk_category") == "gpai"
@@ -647,18 +662,15 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
                                "plain": KIND_PLAIN.get(kind, "Evidence of a probe kind that declares no plain-language "
                                                              "description or report section."), "evidence": items,
                                "inside": embedded.get(kind, []), "not_applicable": kind in not_applicable})
-        present_groups = [g for g in groups if g["evidence"]]
-        # Short sections continue on the current page instead of leaving a near-empty one behind.
-        compact = section.key in COMPACT_SECTIONS or (section.key in EVIDENCE_SECTIONS and not present_groups)
         sections.append({"key": section.key, "title": section.title, "requirement": section.requirement,
-                         "plain": section.plain, "kinds": groups, "present": present_groups,
-                         "absent": [g for g in groups if not g["evidence"]], "number": len(sections) + 1,
-                         "compact": compact})
+                         "plain": section.plain, "kinds": groups, "present": [g for g in groups if g["evidence"]],
+                         "absent": [g for g in groups if not g["evidence"]], "number": len(sections) + 1})
     numbers = {s["key"]: s["number"] for s in sections}
 
     criteria_rows, findings, _ = _criteria(manifest)
     checked = sorted({str((e.get("metrics") or {}).get("method")) for e in manifest.get("evidence", [])
-                      if e.get("kind") == "sanity" and isinstance(e.get("metrics"), dict) and e["metrics"].get("method")})
+                      if e.get("kind") == "sanity" and isinstance(e.get("metrics"), dict)
+                      and e["metrics"].get("method")})
     shown = sorted({str(r["method"]) for e in manifest.get("evidence", []) if isinstance(e.get("metrics"), dict)
                     for r in _method_records(e["metrics"]) if r.get("method") not in acceptance.BASELINES})
     sanity_note = {"checked": checked, "unchecked": [m for m in shown if m not in checked]} if shown else None
@@ -674,7 +686,8 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
         test_log.append({**run, "title": kind_title(run.get("kind")),
                          "duration": f"{(finished - started).total_seconds():.1f} s" if started and finished else "n/a",
                          "params_json": truncate(json.dumps(run.get("params"), sort_keys=True))[:2000],
-                         "libraries": ", ".join(f"{k} {v}" for k, v in sorted((run.get("library_versions") or {}).items()))})
+                         "libraries": ", ".join(f"{k} {v}"
+                                                for k, v in sorted((run.get("library_versions") or {}).items()))})
     card = manifest.get("model_card") or {}
     documents = manifest.get("provider_documents") or []
     coverage_args = {"present_kinds": measured_kinds, "documents": documents, "card": card,
@@ -697,7 +710,8 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
         "evidence": evidence, "findings": findings, "blocking_open": blocking_open, "observations": observations,
         "flags": flags, "decision": decision(manifest), "disclaimer": DISCLAIMER,
         "sanity_note": sanity_note, "criteria_rows": criteria_rows,
-        "criteria_measured": sum(1 for r in criteria_rows if r["met"] is not None), "criteria_groups": _grouped(criteria_rows),
+        "criteria_measured": sum(1 for r in criteria_rows if r["met"] is not None),
+        "criteria_groups": _grouped(criteria_rows),
         "criteria_custom": [c | {"kind_title": kind_title(c["kind"])}
                             for c in manifest.get("criteria") or [] if c.get("source") == "admin"],
         "coverage": coverage.matrix(group="annex_iv", **coverage_args),
@@ -709,8 +723,10 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
             {"title": "Out-of-scope uses", "html": markdown_html(truncate(card.get("out_of_scope_uses")))},
             {"title": "Limitations", "html": markdown_html(truncate(card.get("limitations")))},
         ) if str(c["html"]).strip()],
-        "signoffs": [{**s, "comment": truncate(s.get("comment"), MAX_COMMENT_CHARS)} for s in manifest.get("signoffs", [])],
-        "comments": [{**c, "body": truncate(c.get("body"), MAX_COMMENT_CHARS)} for c in manifest.get("comments") or []],
+        "signoffs": [{**s, "comment": truncate(s.get("comment"), MAX_COMMENT_CHARS)}
+                     for s in manifest.get("signoffs", [])],
+        "comments": [{**c, "body": truncate(c.get("body"), MAX_COMMENT_CHARS)}
+                     for c in manifest.get("comments") or []],
         "test_log": test_log, "limitations": limitations(manifest.get("evidence", []),
                                                          [kind_title(k) for k in missing]),
         "artifacts": artifacts, "model_files": sorted((manifest["model"].get("files") or {}).items()),
