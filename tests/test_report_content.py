@@ -40,6 +40,24 @@ def _section_text(pages: list[str], title: str, next_title: str) -> str:
     return text[start:end]
 
 
+# A4 with the report's page margins (governance/static/reports/report.css), in points.
+PAGE_HEIGHT, TOP_MARGIN, BOTTOM_MARGIN = 841.89, 24 / 25.4 * 72, 20 / 25.4 * 72
+
+
+def _body_fill(page) -> float:
+    """How far down the page body (between the running header and footer) its text reaches, 0 to 1."""
+    top, bottom = PAGE_HEIGHT - TOP_MARGIN, BOTTOM_MARGIN
+    lowest = [top]
+
+    def visit(text, cm, tm, font, size):
+        y = tm[4] * cm[1] + tm[5] * cm[3] + cm[5]
+        if text.strip() and bottom < y < top:
+            lowest.append(y)
+
+    page.extract_text(visitor_text=visit)
+    return (top - min(lowest)) / (top - bottom)
+
+
 def _metric_keys(metrics, keys=None) -> set[str]:
     keys = set() if keys is None else keys
     if isinstance(metrics, dict):
@@ -363,3 +381,29 @@ def test_per_method_values_are_judged_one_by_one_against_their_reference():
         [s for s in acceptance.defaults("high_risk", "4") if s.kind == "token_attribution"],
         [{"id": 7, "kind": "token_attribution", "metrics": {"hallucinated_words": 2}}]))
     assert [f["severity"] for f in high] == ["high"]  # one level stricter for a high-risk system
+
+
+def test_no_page_but_the_last_is_left_near_empty(issued):
+    for version in ("v1", "v2"):
+        pages = PdfReader(io.BytesIO(issued[version])).pages
+        fills = [_body_fill(page) for page in pages]
+        sparse = [(number, round(fill, 2)) for number, fill in enumerate(fills[:-1], start=1) if fill < 0.4]
+        assert sparse == [], f"{version}: pages whose text ends in the top 40% of the body: {sparse}"
+
+
+def test_every_section_is_printed_once(issued):
+    text = " ".join(_pages(issued["v1"]))
+    for section in SECTIONS:
+        lead = section.plain[:50]
+        assert text.count(lead) == 1, f"section {section.title!r} printed {text.count(lead)} times"
+
+
+def test_the_test_log_prints_the_dataset_fingerprint_of_every_run(issued):
+    pages = _pages(issued["v1"])
+    numbers = {section.key: number for number, section in enumerate(SECTIONS, start=1)}
+    log = _section_text(pages, f"{numbers['testlog']}. Test log", f"{numbers['limitations']}. Limitations")
+    runs = issued["manifest"]["runs"]
+    assert runs
+    for run in runs:
+        assert re.fullmatch(r"[0-9a-f]{64}", run["dataset_hash"]), run
+        assert f"Run #{run['id']}" in log and run["dataset_hash"] in log.replace(" ", ""), run["id"]

@@ -127,3 +127,40 @@ def test_it_verifies_the_committed_checkpoints(tmp_path):
 
     with pytest.raises(tcav.ProbeInputError, match="checksum mismatch"):
         verify_checksums(copy)
+
+
+def _flagged_report() -> shortcut.ShortcutReport:
+    rows = [tcav.ConceptLayerResult("watermark", layer, 1.0, 0.0, 1.0, 0.5, 0.3, 0.001, 0.003, True, 0.99, True,
+                                    2.0, 0.9, 1.0, 20) for layer in (1, 2, 3, 4)]
+    report = tcav.TCAVReport("a red circle", [1, 2, 3, 4], "cls", 20, 10, "tcav", 24, 0.05, rows)
+    return shortcut.ShortcutReport("a red circle", "watermark", report,
+                                   {"target_inputs": {"mean_change": 6.0}, "random_images": {"mean_change": 6.5}},
+                                   {"method": "chefer"}, {"tcav": True, "intervention": True, "relevance": None}, True)
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_its_figures_keep_legends_off_the_data_and_give_the_relevance_maps_a_colour_bar(probe_data):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    stamp = shortcut.load_stamp(probe_data / "concepts", "watermark")
+    images = [Image.new("RGB", (224, 224), (200, 200, 200)) for _ in range(3)]
+    heats = [np.random.default_rng(i).random((14, 14)) for i in range(3)]
+    report = _flagged_report()
+    evidence = shortcut.figure_evidence(report, {"stamped": images, "heat": heats, "stamp": stamp})
+    bars = tcav.figure_bars(report.tcav)
+    for figure in (evidence, bars):
+        canvas = FigureCanvasAgg(figure)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        legends = list(figure.legends) + [ax.get_legend() for ax in figure.axes if ax.get_legend()]
+        plots = [ax for ax in figure.axes if ax.has_data()]
+        assert legends and plots
+        for legend in legends:
+            box = legend.get_window_extent(renderer)
+            assert not any(_overlaps(box, ax.get_window_extent(renderer)) for ax in plots), "a legend covers a plot"
+    colour_bars = [ax for ax in evidence.axes if "relevance" in ax.get_ylabel()]
+    assert colour_bars, "the relevance maps have no colour bar"

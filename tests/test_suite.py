@@ -197,3 +197,44 @@ def test_it_refuses_a_batch_size_that_is_not_a_positive_integer_for_every_kind(v
             expected = f"^{spec.name}: (.*; )?{key}: input should be [^;]* \\(got {got}\\)"
             with pytest.raises(ProbeInputError, match=expected):
                 suite.run(spec.name, str(tmp_path / "no-model"), None, {key: value})
+
+
+class SeededParams(KindParams):
+    seed: int = 0
+    batch_size: BatchSize = 8
+
+
+def test_it_fingerprints_the_generated_data_a_kind_read_when_given_no_dataset(tmp_path):
+    from workers.probes import zoo
+
+    def write(directory):
+        (directory / "dataset.json").write_text('{"scenes": 3}')
+
+    def reads_generated(model_dir, dataset_dir, params, *, device, progress):
+        zoo.materialise(tmp_path / "generated", write)
+        return suite.ProbeResult(kind="test.reads-generated", metrics={}, summary="ok")
+
+    declare("test.reads-generated", reads_generated)
+    try:
+        result = suite.run("test.reads-generated", "model", None)
+    finally:
+        kinds.unregister("test.reads-generated")
+    assert result.dataset_hash == suite.directory_fingerprint(str(tmp_path / "generated"))
+    (tmp_path / "generated" / "dataset.json").write_text('{"scenes": 4}')
+    assert result.dataset_hash != suite.directory_fingerprint(str(tmp_path / "generated"))
+
+
+def test_it_fingerprints_examples_a_kind_generates_by_generator_parameters_and_seed():
+    def generates(model_dir, dataset_dir, params, *, device, progress):
+        return suite.ProbeResult(kind="test.generates", metrics={}, summary="ok", seed=params.seed)
+
+    declare("test.generates", generates, SeededParams)
+    try:
+        first = suite.run("test.generates", "model", None, {"seed": 1}).dataset_hash
+        again = suite.run("test.generates", "model", None, {"seed": 1, "batch_size": 2}).dataset_hash
+        other = suite.run("test.generates", "model", None, {"seed": 2}).dataset_hash
+    finally:
+        kinds.unregister("test.generates")
+    assert first is not None and re.fullmatch(r"[0-9a-f]{64}", first)
+    assert first == again  # batch sizes change how examples are processed, not which
+    assert other != first

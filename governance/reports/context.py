@@ -156,7 +156,6 @@ SECTIONS = (
             "File fingerprints that let anyone check the evidence was not changed, and the meaning of every term."),
 )
 EVIDENCE_SECTIONS = ("explain", "bias", "robustness", "attacks", "generative")
-COMPACT_SECTIONS = ("purpose", "generative", "oversight", "review", "limitations")
 
 SEVERITY_ORDER = {"high": 0, "medium": 1, "low": 2, "info": 3}
 
@@ -406,6 +405,12 @@ def _artifact_caption(artifact: dict[str, Any], entry: dict[str, Any]) -> str:
                 "trained model's heatmaps should fall.")
     elif "agreement" in stem:
         text = "Agreement between explanation methods (rows and columns are methods)."
+    elif "shortcut_evidence" in stem:
+        text = ("Shortcut check. Top left: the suspected artefact's concept influence (TCAV score) per layer, red, "
+                "against random concepts, grey (0.5 = no influence; * significant after Holm correction). Top right: "
+                "mean change of the class score when the artefact is pasted into images of the class and into random "
+                "images. Bottom: the grounding method's relevance on images of the class with the artefact pasted "
+                "in, its box outlined in green (colour bar on the right).")
     else:
         text = f"Figure stored by the {kind_title(kind)} probe."
     return f"{text} Evidence #{entry.get('id')}, file {name}, SHA-256 {str(artifact.get('sha256', ''))[:16]}..."
@@ -414,9 +419,14 @@ def _artifact_caption(artifact: dict[str, Any], entry: dict[str, Any]) -> str:
 def evidence_view(entry: dict[str, Any], run: dict[str, Any] | None, inputs: RenderInputs,
                   load_artifact: Callable[[dict[str, Any]], tuple[bytes, str]]) -> dict[str, Any]:
     figures_out = summary_figures(entry, inputs)
+    # The report draws TCAV results itself, with corrected p-values; the probe's own bar chart of the
+    # same numbers is listed (and hashed) in the appendix instead of being shown a second time.
+    drawn_tcav = _tcav_rows(entry.get("metrics") or {}) is not None
     files = []
     for artifact in entry.get("artifacts", []):
         files.append(artifact)
+        if drawn_tcav and "tcav_bars" in str(artifact.get("name", "")):
+            continue
         if artifact.get("content_type") in ("image/png", "image/jpeg"):
             key = str(artifact["id"])
             inputs.artifacts[key] = functools.partial(load_artifact, artifact)
@@ -654,13 +664,9 @@ def build_context(manifest: dict[str, Any], *, manifest_sha256: str, report: dic
                                "plain": KIND_PLAIN.get(kind, "Evidence of a probe kind that declares no plain-language "
                                                              "description or report section."), "evidence": items,
                                "inside": embedded.get(kind, []), "not_applicable": kind in not_applicable})
-        present_groups = [g for g in groups if g["evidence"]]
-        # Short sections continue on the current page instead of leaving a near-empty one behind.
-        compact = section.key in COMPACT_SECTIONS or (section.key in EVIDENCE_SECTIONS and not present_groups)
         sections.append({"key": section.key, "title": section.title, "requirement": section.requirement,
-                         "plain": section.plain, "kinds": groups, "present": present_groups,
-                         "absent": [g for g in groups if not g["evidence"]], "number": len(sections) + 1,
-                         "compact": compact})
+                         "plain": section.plain, "kinds": groups, "present": [g for g in groups if g["evidence"]],
+                         "absent": [g for g in groups if not g["evidence"]], "number": len(sections) + 1})
     numbers = {s["key"]: s["number"] for s in sections}
 
     criteria_rows, findings, _ = _criteria(manifest)

@@ -236,7 +236,7 @@ def run_shortcut(adapter: DualEncoderAdapter, target: str, inputs: Sequence[Imag
         inter = intervention(adapter, target, inputs, random_images, stamp, batch_size=batch_size, alpha=alpha)
         progress(0.85, "relevance")
         rel, stamped, heat = relevance_share(adapter, target, inputs, stamp, method=method, batch_size=batch_size)
-        extras.update(stamped=stamped, heat=heat)
+        extras.update(stamped=stamped, heat=heat, stamp=stamp)
     evidence = {"tcav": tcav_evidence, "intervention": None if inter is None else inter["evidence"],
                 "relevance": None if rel is None else rel["evidence"]}
     flagged = sum(bool(v) for v in evidence.values()) >= 2
@@ -244,47 +244,75 @@ def run_shortcut(adapter: DualEncoderAdapter, target: str, inputs: Sequence[Imag
     return ShortcutReport(target, concept, report, inter, rel, evidence, flagged), extras
 
 
-def figure_evidence(report: ShortcutReport, extras: dict[str, Any]):
-    """TCAV per layer, the intervention's score changes, and relevance on stamped inputs."""
+def figure_evidence(report: ShortcutReport, extras: dict[str, Any]) -> Any:
+    """The shortcut check at a glance, readable at the width of a page.
+
+    Top: the artefact's TCAV score per layer against random concepts (``*``: significant after
+    Holm), and the mean change of the class score when the artefact is pasted into images of the
+    class and into random images. Bottom: the grounding method's relevance on class images with the
+    artefact pasted in, its box outlined, on one colour scale with a colour bar. Legends sit below
+    the panels, never over the bars."""
     import matplotlib
 
     matplotlib.use("Agg")
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    from workers.probes.figures import draw_overlay
+    from workers.probes.figures import HEATMAP_CMAP, draw_overlay
 
     shown = list(extras.get("stamped", []))[:3]
-    fig = Figure(figsize=(4 + 2.2 * max(1, len(shown)) + 3, 3.2))
-    axes = fig.subplots(1, 2 + max(1, len(shown)), gridspec_kw={"width_ratios": [3, 2] + [1.6] * max(1, len(shown))})
+    heats = list(extras.get("heat", []))
+    stamp: Stamp | None = extras.get("stamp")
+    fig = Figure(figsize=(8.0, 7.4 if shown else 3.8), layout="constrained")
+    grid = fig.add_gridspec(2 if shown else 1, 3, height_ratios=[1.0, 1.15] if shown else [1.0])
+    tcav_ax, change_ax = fig.add_subplot(grid[0, :2]), fig.add_subplot(grid[0, 2])
     rows = report.tcav.results
     xs = np.arange(len(rows))
-    axes[0].bar(xs - 0.2, [r.tcav_score for r in rows], 0.4, yerr=[r.tcav_score_std for r in rows], capsize=3,
-                label=report.concept, color="C3")
-    axes[0].bar(xs + 0.2, [r.random_score for r in rows], 0.4, yerr=[r.random_score_std for r in rows], capsize=3,
-                label="random", color="0.7")
+    tcav_ax.bar(xs - 0.2, [r.tcav_score for r in rows], 0.4, yerr=[r.tcav_score_std for r in rows], capsize=3,
+                color="C3")
+    tcav_ax.bar(xs + 0.2, [r.random_score for r in rows], 0.4, yerr=[r.random_score_std for r in rows], capsize=3,
+                color="0.7")
     for x, r in zip(xs, rows, strict=True):
         if r.significant:
-            axes[0].text(x - 0.2, min(1.02, r.tcav_score + r.tcav_score_std + 0.02), "*", ha="center", fontsize=14)
-    axes[0].set_xticks(xs, [f"L{r.layer}" for r in rows])
-    axes[0].set_ylim(0, 1.1)
-    axes[0].set_title("TCAV (* significant, Holm)", fontsize=8)
-    axes[0].legend(fontsize=7)
+            tcav_ax.text(x - 0.2, min(1.02, r.tcav_score + r.tcav_score_std + 0.02), "*", ha="center", fontsize=14)
+    tcav_ax.axhline(0.5, color="0.4", lw=0.8, ls=":")
+    tcav_ax.set_xticks(xs, [f"layer {r.layer}" for r in rows])
+    tcav_ax.set_ylim(0, 1.12)
+    tcav_ax.set_ylabel("TCAV score (0.5 = no influence)")
+    tcav_ax.set_title(f"Concept influence of {report.concept!r} (* significant after Holm)", fontsize=10)
+    handles: list[Any] = [Patch(color="C3", label=f"concept {report.concept!r}"),
+                          Patch(color="0.7", label="random concepts")]
     if report.intervention is not None:
         i = report.intervention
-        axes[1].bar([0, 1], [i["target_inputs"]["mean_change"], i["random_images"]["mean_change"]], color=["C0", "C1"])
-        axes[1].set_xticks([0, 1], ["target inputs", "random"])
-        axes[1].axhline(0, color="k", lw=0.8)
-        axes[1].set_title("score change with the artefact", fontsize=8)
+        change_ax.bar([0, 1], [i["target_inputs"]["mean_change"], i["random_images"]["mean_change"]],
+                      color=["C0", "C1"])
+        change_ax.set_xticks([0, 1], ["class images", "random images"])
+        change_ax.axhline(0, color="k", lw=0.8)
+        change_ax.set_ylabel("mean change of the class score")
+        change_ax.set_title("Artefact pasted in", fontsize=10)
     else:
-        axes[1].axis("off")
-    for ax, image, heat in zip(axes[2:], shown, extras.get("heat", []), strict=False):
-        draw_overlay(ax, image, heat)
-        ax.set_title("relevance", fontsize=8)
-    for ax in axes[2 + len(shown):]:
-        ax.axis("off")
+        change_ax.text(0.5, 0.5, "no stamp: intervention\nnot measured", ha="center", va="center",
+                       transform=change_ax.transAxes)
+        change_ax.set_axis_off()
+    if shown:
+        method = str((report.relevance or {}).get("method", "relevance"))
+        overlay_axes = [fig.add_subplot(grid[1, column]) for column in range(3)]
+        for index, (ax, image) in enumerate(zip(overlay_axes, shown, strict=False)):
+            box = [stamp.box_for(*image.size)] if stamp is not None else []
+            heat = heats[index] if index < len(heats) else np.zeros((1, 1))
+            draw_overlay(ax, image, heat, boxes=box, title=f"class image {index + 1} + artefact")
+        for ax in overlay_axes[len(shown):]:
+            ax.set_axis_off()
+        fig.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap=HEATMAP_CMAP), ax=overlay_axes, shrink=0.8,
+                     label=f"{method} relevance (min-max scaled per map)")
+        if stamp is not None:
+            handles.append(Line2D([], [], color="lime", linewidth=2, label="pasted artefact"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=9)
     verdict = "FLAGGED" if report.flagged else "not flagged"
-    fig.suptitle(f"Shortcut check: {report.concept!r} for {report.target!r}: {verdict}", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(f"Shortcut check: {report.concept!r} for {report.target!r}: {verdict}", fontsize=11)
     return fig
 
 

@@ -20,7 +20,8 @@ The command line (``workers/probes/cli.py``) and the Celery tasks (``workers/tas
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from workers.probes import kinds as kind_registry
+from workers.probes import zoo
 from workers.probes.errors import OutOfDeviceMemory, ProbeInputError
 
 
@@ -127,17 +129,24 @@ def run(name: str, model_dir: str, dataset_dir: str | None = None, params: Mappi
         while True:
             tried = {key: getattr(checked, key) for key in spec.batch_params}
             try:
-                result = spec.run(model_dir, dataset_dir, checked, device=device, progress=progress)
+                with zoo.recording_data() as generated:
+                    result = spec.run(model_dir, dataset_dir, checked, device=device, progress=progress)
             except torch.OutOfMemoryError as exc:
                 reason = (str(exc).splitlines() or ["out of memory"])[0]
             else:
                 if failed:
                     result.metrics["memory_backoff"] = {"device": device, "batch_params": tried,
                                                         "out_of_memory_at": failed}
-                if result.dataset_hash is None and dataset_dir:
+                if result.dataset_hash is None:
                     # Every kind's evidence names the exact data it measured, whether or not the kind
-                    # fingerprints its own dataset format.
-                    result.dataset_hash = directory_fingerprint(dataset_dir)
+                    # fingerprints its own dataset format: the dataset given, else the generated data
+                    # the kind read, else what generated its examples (which gives them again).
+                    if dataset_dir:
+                        result.dataset_hash = directory_fingerprint(dataset_dir)
+                    elif generated:
+                        result.dataset_hash = directories_fingerprint(generated)
+                    else:
+                        result.dataset_hash = generated_data_fingerprint(spec, checked, result.seed)
                 return result
             # Only here, outside the except clause, has the error's traceback let go of the failed
             # attempt's frames, and with them its tensors.
@@ -170,6 +179,35 @@ def directory_fingerprint(path: str) -> str:
                 content.update(chunk)
         digest.update(content.digest())
     return digest.hexdigest()
+
+
+def directories_fingerprint(paths: Sequence[str | os.PathLike[str]]) -> str:
+    """SHA-256 of several datasets: one directory's :func:`directory_fingerprint`, or of their
+    fingerprints in the given order."""
+    if len(paths) == 1:
+        return directory_fingerprint(str(paths[0]))
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(bytes.fromhex(directory_fingerprint(str(path))))
+    return digest.hexdigest()
+
+
+def generated_data_fingerprint(spec: kind_registry.KindSpec, params: kind_registry.KindParams,
+                               seed: int | None) -> str:
+    """SHA-256 naming the examples a kind generated itself (no dataset given): its generator (the kind
+    function), its parameters and its seed, canonical JSON. Batch sizes are left out: they change how
+    the examples are processed, not which examples are made. With the run's code version, this is
+    what regenerates the same data."""
+    import hashlib
+    import json
+
+    settings = {key: value for key, value in params.model_dump(mode="json").items() if key not in spec.batch_params}
+    identity = {"generator": f"{spec.run.__module__}.{spec.run.__qualname__}", "kind": spec.name,
+                "params": settings, "seed": seed}
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _halved(sizes: dict[str, Any]) -> dict[str, int] | None:

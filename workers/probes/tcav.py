@@ -702,7 +702,8 @@ def figure_bars(report: TCAVReport):
 
     concepts = sorted({r.concept for r in report.results})
     layers = report.layers
-    fig = Figure(figsize=(max(5.0, 1.6 * len(concepts) * len(layers) / 2 + 2), 4.0))
+    # Constrained layout with the legend outside the axes: it can never cover a bar or a star.
+    fig = Figure(figsize=(max(6.0, 1.6 * len(concepts) * len(layers) / 2 + 2), 4.4), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / (len(layers) + 1)
     by_key = {(r.concept, r.layer): r for r in report.results}
@@ -731,9 +732,8 @@ def figure_bars(report: TCAVReport):
     ax.set_xticks([ci + len(layers) * width / 2 for ci in range(len(concepts))], concepts)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("TCAV score")
-    ax.set_title(f"TCAV for {report.target!r} (* significant after Holm, hatched = unreliable CAV)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+    fig.suptitle(f"TCAV for {report.target!r} (* significant after Holm, hatched = unreliable CAV)", fontsize=9)
+    fig.legend(fontsize=8, loc="outside lower center", ncol=min(len(layers) + 1, 5), frameon=False)
     return fig
 
 

@@ -131,7 +131,7 @@ class Command(BaseCommand):
                 self.stdout.write(f"    FAILED run #{failure['run']} {failure['kind']}: {failure['error'][:200]}")
             if item.get("report"):
                 self.stdout.write(f"    report v{item['report_version']}: {item['report']}")
-                self.stdout.write(f"    countersigned by both reviewers, verified: {item['countersigned']}")
+                self.stdout.write(f"    countersigned {item['countersigned']}")
         out = Path(settings.VAR_DIR) / "demo-summary.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"seconds": round(seconds, 1), "cases": summary}, indent=2) + "\n")
@@ -263,18 +263,27 @@ class Command(BaseCommand):
                 self.stdout.write(f"  development signing key for {slug}: {key}")
 
     def countersign(self, report) -> str:
-        """A copy of the issued report countersigned by reviewer-1 then reviewer-2, then verified."""
+        """A copy of the issued report countersigned by each reviewer who approved the case (reviewer-1
+        then reviewer-2), then verified. Only approving reviewers may countersign, so a case nobody
+        approved (the rejected shortcut case) is left with the issuer's signature alone."""
+        from governance.reports.verification import approving_reviewers
+
+        approvers = approving_reviewers(report.case)
+        signers = [(slug, role) for slug, role in (("reviewer-1", "reviewer"), ("reviewer-2", "approver"))
+                   if slug in approvers]
+        if not signers:
+            return "not countersigned: no reviewer approved this case"
         directory = Path(settings.LOUPE_SIGNING_DIR)
         source = Path(report.pdf.path)
         target = Path(settings.VAR_DIR) / "reports" / source.name.replace(".pdf", "-countersigned.pdf")
         target.parent.mkdir(parents=True, exist_ok=True)
         current = source
-        for slug, role in (("reviewer-1", "reviewer"), ("reviewer-2", "approver")):
+        for slug, role in signers:
             call_command("sign_report", str(current), str(target), key=str(directory / f"{slug}-key.pem"),
                          cert=str(directory / f"{slug}-cert.pem"), role=role, stdout=_Null())
             current = target
         call_command("verify_report", str(target), stdout=_Null())  # raises CommandError if anything is off
-        return str(target)
+        return f"by {', '.join(slug for slug, _ in signers)}, verified: {target}"
 
 
 class _Null:

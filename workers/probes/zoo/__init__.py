@@ -21,7 +21,9 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,12 +99,37 @@ def dataset_dir(split: str = "heldout", *, root: str | os.PathLike | None = None
                                                                info={"split": split, "seed": spec.seed}))
 
 
+_handed_out: ContextVar[list[Path] | None] = ContextVar("zoo_data_handed_out", default=None)
+
+
+@contextmanager
+def recording_data() -> Iterator[list[Path]]:
+    """Collect the generated data directories handed out while the block runs.
+
+    A kind given no dataset measures the zoo's generated data; ``suite.run`` fingerprints what was
+    handed out so that the evidence names that data like any other dataset."""
+    handed: list[Path] = []
+    token = _handed_out.set(handed)
+    try:
+        yield handed
+    finally:
+        _handed_out.reset(token)
+
+
+def hand_out(path: Path) -> Path:
+    """``path``, noted for :func:`recording_data` (every generated-data directory leaves through here)."""
+    handed = _handed_out.get()
+    if handed is not None and path not in handed:
+        handed.append(path)
+    return path
+
+
 def materialise(target: Path, write: Callable[[Path], object]) -> Path:
     """``target`` (a dataset directory with ``dataset.json``), written by ``write(tmp)`` into a
     temporary sibling and renamed into place on first use, so a crashed or concurrent generation
     never leaves a half-written dataset that later runs would trust."""
     if (target / "dataset.json").is_file():
-        return target
+        return hand_out(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
@@ -116,7 +143,7 @@ def materialise(target: Path, write: Callable[[Path], object]) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return hand_out(target)
 
 
 def file_sha256(path: Path) -> str:
@@ -166,7 +193,8 @@ def checkpoint_path(name: str, *, verify: bool = True) -> Path:
     """
     path = CHECKPOINT_ROOT / name
     if not (path / "config.json").is_file():
-        known = sorted(p.name for p in CHECKPOINT_ROOT.iterdir() if (p / "config.json").is_file()) if CHECKPOINT_ROOT.is_dir() else []
+        known = (sorted(p.name for p in CHECKPOINT_ROOT.iterdir() if (p / "config.json").is_file())
+                 if CHECKPOINT_ROOT.is_dir() else [])
         raise ProbeInputError(
             f"no zoo checkpoint {name!r} in {CHECKPOINT_ROOT}; known: {', '.join(known) or 'none'} "
             "(rebuild with `python -m workers.probes.zoo build`)"

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from workers.probes.zoo import CHECKPOINT_ROOT, cache_root, checkpoint_path, world, write_checksums
+from workers.probes.zoo import CHECKPOINT_ROOT, cache_root, checkpoint_path, hand_out, world, write_checksums
 
 SHORTCUT_MODEL = "shortcut-clip"
 CLEAN_MODEL = "clean-clip"
@@ -137,8 +137,8 @@ def train_model(model: str, out_dir: str | os.PathLike, *, steps: int = STEPS, p
     tokenizer = train.build_tokenizer()
     processor = train.build_image_processor("clip", spec.image_size)
     net = train.build_model("clip", spec, seed=0)
-    result = train.train_dual_encoder(net, tokenizer, processor, lambda i: training_scene(model, i), caption_fn=caption, positives_fn=positives, config=cfg,
-                                      progress=progress)
+    result = train.train_dual_encoder(net, tokenizer, processor, lambda i: training_scene(model, i),
+                                      caption_fn=caption, positives_fn=positives, config=cfg, progress=progress)
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -223,7 +223,7 @@ def probe_data(*, root: str | os.PathLike | None = None) -> Path:
     base = Path(root) if root is not None else cache_root()
     target = base / f"shortcut-v{world.WORLD_VERSION}.{DATA_VERSION}"
     if (target / "probe_data.json").is_file():
-        return target
+        return hand_out(target)
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".shortcut-", dir=base))
     try:
@@ -236,7 +236,7 @@ def probe_data(*, root: str | os.PathLike | None = None) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return hand_out(target)
 
 
 def main(argv: list[str] | None = None) -> int:
