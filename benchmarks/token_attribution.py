@@ -69,19 +69,23 @@ from workers.probes.zoo.captioner import PROMPTS  # noqa: E402
 N_TOKENS = 10
 
 
-def _interleaved_times(variants: dict, cases: list, repeats: int, sync) -> dict[str, list[float]]:
+def _interleaved_times(variants: dict, cases: list, repeats: int, sync,
+                       cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Seconds per round for each variant over all cases, the variants interleaved in every round
-    so that they share the machine's load; round 0 warms up and is not kept."""
+    so that they share the machine's load; round 0 warms up and is not kept. ``cpu`` (if given)
+    receives the process's CPU seconds per round, which other processes' load barely changes."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(repeats + 1):
         for name, fn in variants.items():
             sync()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for case in cases:
                 fn(case)
             sync()
             if round_:
                 times[name].append(time.perf_counter() - start)
+                if cpu is not None:
+                    cpu.setdefault(name, []).append(time.process_time() - start_cpu)
     return times
 
 
@@ -235,20 +239,25 @@ def perturbation_benchmark(adapter, cases, args, sync, allocator) -> int:
         for name, fn in variants.items():
             if name != "loupe":
                 max_diff = max(max_diff, float((fn(case) - ref).abs().max()))
-    times = _interleaved_times(variants, cases, args.repeats, sync)
+    cpu: dict[str, list[float]] = {}
+    times = _interleaved_times(variants, cases, args.repeats, sync, cpu)
     med = {name: statistics.median(t) for name, t in times.items()}
+    cpu_med = {name: statistics.median(t) for name, t in cpu.items()}
     ratios = {"per-patch-loop": "speedup_vs_per_patch_loop", "captum": "speedup_vs_captum_feature_ablation",
               "batched-stock": "speedup_vs_batched_stock"}
     out = {
         "benchmark": "token_attribution_perturbation", "method": "occlusion (1 patch, every word, teacher-forced)",
         "words_per_caption": N_TOKENS, "captions": len(cases), "patches": gh * gw, "batch": batch,
         "repeats": args.repeats, "threads": args.threads, "allocator": allocator, "device": args.device,
-        **{name: {"median_s": round(m, 4), "rounds_s": [round(t, 3) for t in times[name]]} for name, m in med.items()},
+        **{name: {"median_s": round(m, 4), "rounds_s": [round(t, 3) for t in times[name]],
+                  "cpu_median_s": round(cpu_med[name], 4)} for name, m in med.items()},
         **{key: round(med[name] / med["loupe"], 2) for name, key in ratios.items() if name in med},
         # per round (the variants of a round share the machine's load), then the median
         **{f"{key}_per_round_median": round(statistics.median(
             o / lo for o, lo in zip(times[name], times["loupe"], strict=True)), 2)
            for name, key in ratios.items() if name in med},
+        # process CPU seconds (one thread): what each variant computes, whatever else the machine runs
+        **{f"cpu_{key}": round(cpu_med[name] / cpu_med["loupe"], 2) for name, key in ratios.items() if name in med},
         "max_abs_diff": max_diff,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
