@@ -29,10 +29,17 @@ On CUDA the timings synchronise the device (``benchmarks/gpu_check.sh`` runs it 
 ``--perturbation`` benchmarks per-word patch occlusion instead (``token_perturbation.occlusion_rows``:
 every patch hidden once, every word of the caption scored teacher-forced, copies batched) against
 
-- ``per-patch-loop``: the same numbers, one forward pass per hidden patch (all words read from it);
+- ``per-patch-loop``: the same numbers, one forward pass per hidden patch (all words read from it),
+  through the model's stock forward (``word_log_probs(..., pruned=False)``: the whole vision tower,
+  every decoder layer at every position);
+- ``batched-stock``: Loupe's batches through the stock forward, which separates what batching gains
+  from what skipping unread work gains (``pruned``: vision layers above the feature layer, the last
+  decoder layer off the word rows);
 - ``captum``: ``captum.attr.FeatureAblation`` on the same model, pixels, feature mask (one feature
   per patch), baseline and words: one ``attribute`` call per word (its forward returns one scalar
-  per example), ``perturbations_per_eval`` at the batch Loupe uses, its fastest setting.
+  per example, through the stock forward), ``perturbations_per_eval`` at the batch Loupe uses.
+
+``--variants`` picks which of them run (captum is by far the slowest on a loaded machine).
 
 The three agree (max abs difference printed); medians over interleaved rounds as above.
 """
@@ -62,19 +69,23 @@ from workers.probes.zoo.captioner import PROMPTS  # noqa: E402
 N_TOKENS = 10
 
 
-def _interleaved_times(variants: dict, cases: list, repeats: int, sync) -> dict[str, list[float]]:
+def _interleaved_times(variants: dict, cases: list, repeats: int, sync,
+                       cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Seconds per round for each variant over all cases, the variants interleaved in every round
-    so that they share the machine's load; round 0 warms up and is not kept."""
+    so that they share the machine's load; round 0 warms up and is not kept. ``cpu`` (if given)
+    receives the process's CPU seconds per round, which other processes' load barely changes."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(repeats + 1):
         for name, fn in variants.items():
             sync()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for case in cases:
                 fn(case)
             sync()
             if round_:
                 times[name].append(time.perf_counter() - start)
+                if cpu is not None:
+                    cpu.setdefault(name, []).append(time.process_time() - start_cpu)
     return times
 
 
@@ -87,7 +98,10 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--perturbation", action="store_true",
                         help="benchmark per-word patch occlusion against a per-patch loop and captum")
-    parser.add_argument("--batch", type=int, default=64, help="occluded copies per forward (--perturbation)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="occluded copies per forward (--perturbation; default: Loupe's for the device)")
+    parser.add_argument("--variants", default="loupe,batched-stock,per-patch-loop,captum",
+                        help="--perturbation: comma-separated variants to time")
     add_allocator_option(parser)
     args = parser.parse_args()
     allocator = apply_allocator(args.allocator)
@@ -174,22 +188,27 @@ def perturbation_benchmark(adapter, cases, args, sync, allocator) -> int:
 
     gh, gw = adapter.grid
     p = adapter.patch_size
+    batch = args.batch or tp.default_batch_size(adapter.device)
     mask = torch.arange(gh * gw).view(gh, gw).repeat_interleave(p, 0).repeat_interleave(p, 1)
     mask = mask.view(1, 1, gh * p, gw * p).to(adapter.device)
 
     def loupe(case):
         image, enc, _, gen = case
-        return tp.occlusion_rows(adapter, enc, adapter.preprocess([image]), gen, batch_size=args.batch)
+        return tp.occlusion_rows(adapter, enc, adapter.preprocess([image]), gen, batch_size=batch)
+
+    def batched_stock(case):
+        image, enc, _, gen = case
+        return tp.occlusion_rows(adapter, enc, adapter.preprocess([image]), gen, batch_size=batch, pruned=False)
 
     def per_patch_loop(case):
         image, enc, _, gen = case
         px = adapter.preprocess([image])
         ids, rows, targets = tp.teacher_forced(enc, gen)
-        clean = tp.word_log_probs(adapter, px, ids, rows, targets)[0]
+        clean = tp.word_log_probs(adapter, px, ids, rows, targets, pruned=False)[0]
         out = torch.zeros(len(gen), gh * gw)
         for g in range(gh * gw):
             copy = torch.where(mask == g, tp.BASELINE, px)
-            out[:, g] = (clean - tp.word_log_probs(adapter, copy, ids, rows, targets)[0]).cpu()
+            out[:, g] = (clean - tp.word_log_probs(adapter, copy, ids, rows, targets, pruned=False)[0]).cpu()
         return out
 
     def captum(case):
@@ -198,31 +217,47 @@ def perturbation_benchmark(adapter, cases, args, sync, allocator) -> int:
         ids, rows, targets = tp.teacher_forced(enc, gen)
 
         def forward(x):
-            return tp.word_log_probs(adapter, x, ids, rows, targets, batch_size=x.shape[0])
+            return tp.word_log_probs(adapter, x, ids, rows, targets, batch_size=x.shape[0], pruned=False)
 
         ablation = FeatureAblation(forward)
         out = torch.zeros(len(gen), gh * gw)
         for t in range(len(gen)):
             attr = ablation.attribute(px, baselines=tp.BASELINE, target=t, feature_mask=mask.expand_as(px),
-                                      perturbations_per_eval=args.batch)
+                                      perturbations_per_eval=batch)
             out[t] = attr[0, 0].reshape(gh, p, gw, p)[:, 0, :, 0].flatten().cpu()
         return out
 
-    variants = {"loupe": loupe, "per-patch-loop": per_patch_loop, "captum": captum}
+    every = {"loupe": loupe, "batched-stock": batched_stock, "per-patch-loop": per_patch_loop, "captum": captum}
+    chosen = ["loupe", *[v for v in args.variants.split(",") if v and v != "loupe"]]
+    unknown = [v for v in chosen if v not in every]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(every)}")
+    variants = {name: every[name] for name in chosen}
     max_diff = 0.0
     for case in cases[:2]:
         ref = loupe(case)
-        max_diff = max(max_diff, float((per_patch_loop(case) - ref).abs().max()),
-                       float((captum(case) - ref).abs().max()))
-    times = _interleaved_times(variants, cases, args.repeats, sync)
+        for name, fn in variants.items():
+            if name != "loupe":
+                max_diff = max(max_diff, float((fn(case) - ref).abs().max()))
+    cpu: dict[str, list[float]] = {}
+    times = _interleaved_times(variants, cases, args.repeats, sync, cpu)
     med = {name: statistics.median(t) for name, t in times.items()}
+    cpu_med = {name: statistics.median(t) for name, t in cpu.items()}
+    ratios = {"per-patch-loop": "speedup_vs_per_patch_loop", "captum": "speedup_vs_captum_feature_ablation",
+              "batched-stock": "speedup_vs_batched_stock"}
     out = {
         "benchmark": "token_attribution_perturbation", "method": "occlusion (1 patch, every word, teacher-forced)",
-        "words_per_caption": N_TOKENS, "captions": len(cases), "patches": gh * gw, "batch": args.batch,
+        "words_per_caption": N_TOKENS, "captions": len(cases), "patches": gh * gw, "batch": batch,
         "repeats": args.repeats, "threads": args.threads, "allocator": allocator, "device": args.device,
-        **{name: {"median_s": round(m, 4)} for name, m in med.items()},
-        "speedup_vs_per_patch_loop": round(med["per-patch-loop"] / med["loupe"], 2),
-        "speedup_vs_captum_feature_ablation": round(med["captum"] / med["loupe"], 2),
+        **{name: {"median_s": round(m, 4), "rounds_s": [round(t, 3) for t in times[name]],
+                  "cpu_median_s": round(cpu_med[name], 4)} for name, m in med.items()},
+        **{key: round(med[name] / med["loupe"], 2) for name, key in ratios.items() if name in med},
+        # per round (the variants of a round share the machine's load), then the median
+        **{f"{key}_per_round_median": round(statistics.median(
+            o / lo for o, lo in zip(times[name], times["loupe"], strict=True)), 2)
+           for name, key in ratios.items() if name in med},
+        # process CPU seconds (one thread): what each variant computes, whatever else the machine runs
+        **{f"cpu_{key}": round(cpu_med[name] / cpu_med["loupe"], 2) for name, key in ratios.items() if name in med},
         "max_abs_diff": max_diff,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }

@@ -29,14 +29,38 @@ def test_batched_occlusion_equals_hiding_one_patch_at_a_time(case):
     rows = tp.occlusion_rows(adapter, enc, px, generated, batch_size=50)
     assert rows.shape == (len(generated), adapter.grid[0] * adapter.grid[1])
     ids, r, targets = tp.teacher_forced(enc, generated)
-    clean = tp.word_log_probs(adapter, px, ids, r, targets)[0]
+    clean = tp.word_log_probs(adapter, px, ids, r, targets, pruned=False)[0]
     p = adapter.patch_size
     for g in (0, 37, 100):
         top, left = (g // adapter.grid[1]) * p, (g % adapter.grid[1]) * p
         copy = px.clone()
         copy[..., top:top + p, left:left + p] = tp.BASELINE
-        drop = clean - tp.word_log_probs(adapter, copy, ids, r, targets)[0]
+        drop = clean - tp.word_log_probs(adapter, copy, ids, r, targets, pruned=False)[0]
         torch.testing.assert_close(rows[:, g], drop.cpu(), rtol=1e-3, atol=1e-4)
+
+
+def test_pruned_scoring_equals_the_stock_forward_and_skips_unread_work(case):
+    # The fast path must give the stock forward's scores while running neither the vision layer above
+    # LLaVA's feature layer nor the decoder's last MLP at positions whose logits nobody reads.
+    adapter, _, enc, px, generated = case
+    ids, r, targets = tp.teacher_forced(enc, generated)
+    copies = px + 0.3 * torch.randn(6, *px.shape[1:], generator=torch.Generator().manual_seed(0))
+    last_vision = [m for n, m in adapter.model.named_modules() if n.endswith("encoder.layers")][0][-1]
+    last_mlp = tp._decoder_layers(adapter)[-1].mlp
+    seen: dict[str, list[int]] = {"vision": [], "mlp": []}
+    hooks = [last_vision.register_forward_hook(lambda m, a, o: seen["vision"].append(a[0].shape[1])),
+             last_mlp.register_forward_hook(lambda m, a, o: seen["mlp"].append(a[0].shape[1]))]
+    try:
+        stock = tp.word_log_probs(adapter, copies, ids, r, targets, batch_size=4, pruned=False)
+        assert seen == {"vision": [145, 145], "mlp": [ids.shape[1]] * 2}
+        seen["vision"].clear()
+        seen["mlp"].clear()
+        pruned = tp.word_log_probs(adapter, copies, ids, r, targets, batch_size=4)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == {"vision": [], "mlp": [len(generated)] * 2}
+    torch.testing.assert_close(pruned, stock, rtol=1e-5, atol=1e-5)
 
 
 def test_integrated_gradients_add_up_to_the_logit_change(case):

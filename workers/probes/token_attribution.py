@@ -519,7 +519,7 @@ def evaluate_pointing(adapter: FusionAdapter, scenes, *, prompt: str, max_new_to
                       progress: Progress = no_progress, keep: int = 0,
                       batch_size: int = 16,
                       perturbation: Sequence[str] = PERTURBATION_METHODS, validate_images: int = 4,
-                      seed: int = 0) -> tuple[dict[str, Any], list]:
+                      stability_images: int = 2, seed: int = 0) -> tuple[dict[str, Any], list]:
     """For every generated word that names exactly one object of its image (a colour or shape
     word in the zoo world): does the argmax patch of its image relevance lie in that object's box
     (patch centre inside the box)? Returns metrics and the first ``keep`` (scene, attribution).
@@ -527,7 +527,10 @@ def evaluate_pointing(adapter: FusionAdapter, scenes, *, prompt: str, max_new_to
 
     On the words checked in the first ``validate_images`` images, every method is validated on this
     model (``validation``): per-word deletion/insertion against a random order, the randomisation
-    sanity check, method agreement; ``metrics["validation"]``."""
+    sanity check, method agreement; ``metrics["validation"]``. On the first ``stability_images`` of them
+    every method's maps are recomputed under the robustness probe's corruptions (teacher-forced on the
+    clean image's caption, so the same words are compared) and their rank correlation with the clean
+    maps is reported beside the maps (``validation``'s ``stability``, carried into its limitations)."""
     hits = {m: [] for m in METHODS}
     tolerant = {m: [] for m in METHODS}
     chance: list[float] = []
@@ -535,7 +538,8 @@ def evaluate_pointing(adapter: FusionAdapter, scenes, *, prompt: str, max_new_to
     unmatched = words = 0
     kept = []
     curves: dict[str, dict[str, list[float]]] = {}
-    validation_items: list[tuple] = []  # (enc, pixel values, generated, checked word indices, {method: [W, G]})
+    # (enc, pixel values, generated, checked word indices, {method: [W, G]}, image)
+    validation_items: list[tuple] = []
     started = time.perf_counter()
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start:start + batch_size]
@@ -587,7 +591,7 @@ def evaluate_pointing(adapter: FusionAdapter, scenes, *, prompt: str, max_new_to
                 for m, modes in got.items():
                     for mode, values in modes.items():
                         curves.setdefault(m, {"deletion": [], "insertion": []})[mode] += values
-                validation_items.append((enc, pixel_values, gen, checked, word_maps))
+                validation_items.append((enc, pixel_values, gen, checked, word_maps, image))
         progress(min(1.0, (start + len(chunk)) / len(scenes)), "attributing generated words")
     metrics: dict[str, Any] = {
         "n_images": len(scenes),
@@ -602,12 +606,43 @@ def evaluate_pointing(adapter: FusionAdapter, scenes, *, prompt: str, max_new_to
         "criterion": "argmax patch centre inside the named object's box",
     }
     if validation_items:
-        metrics["validation"] = _validate_words(adapter, validation_items, curves, hits, perturbation, seed)
+        stable = _word_stability(adapter, validation_items[:stability_images], perturbation, seed)
+        metrics["validation"] = _validate_words(adapter, validation_items, curves, hits, perturbation, seed,
+                                                stability=stable)
     return metrics, kept
 
 
+def _word_stability(adapter: FusionAdapter, items: list[tuple], perturbation: Sequence[str],
+                   seed: int) -> dict[str, dict[str, Any]] | None:
+    """Per method, ``validation.stability_under`` of its maps for the checked words of ``items`` on the
+    clean image and on each of the robustness probe's corruptions (middle severity, as the grounding
+    probe uses), the caption teacher-forced on the corrupted image. None without items."""
+    from workers.probes import robustness
+
+    if not items:
+        return None
+    clean: dict[str, list[torch.Tensor]] = {}
+    corrupted: dict[str, dict[str, list[torch.Tensor]]] = {}
+    for i, (enc, _, gen, checked, word_maps, image) in enumerate(items):
+        for kind in robustness.CORRUPTIONS:
+            changed = adapter.preprocess([robustness.corrupt(image, kind, 3, seed=seed * 100_003 + i)])
+            with torch.no_grad():
+                feats = adapter.image_features(changed)
+            rows = attribute_generated(adapter, enc, feats, gen, pixel_values=changed, perturbation=perturbation)
+            att = to_attribution(adapter, enc, gen, rows, "")
+            for m in word_maps:
+                if m in att.image:
+                    corrupted.setdefault(m, {}).setdefault(kind, []).append(
+                        torch.as_tensor(att.image[m][checked]).flatten(1))
+        for m, maps in word_maps.items():
+            clean.setdefault(m, []).append(maps)
+    return {m: validation.stability_under(torch.cat(clean[m]), {k: torch.cat(v) for k, v in by.items()}, seed=seed)
+            for m, by in corrupted.items() if all(len(v) == len(items) for v in by.values())}
+
+
 def _validate_words(adapter: FusionAdapter, items: list[tuple], curves: dict[str, dict[str, list[float]]],
-                    hits: dict[str, list[bool]], perturbation: Sequence[str], seed: int) -> dict[str, Any]:
+                    hits: dict[str, list[bool]], perturbation: Sequence[str], seed: int, *,
+                    stability: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """``validation.validate`` over the checked words of the validation images: their curves, every
     method's maps on the same words with the model's weights randomised (teacher-forced on the same
     captions), and agreement between the methods' maps."""
@@ -618,7 +653,7 @@ def _validate_words(adapter: FusionAdapter, items: list[tuple], curves: dict[str
     with sanity.randomised(adapter.model):
         sanity.randomise_(adapter.model, {n for n, _ in adapter.model.named_parameters()},
                           torch.Generator().manual_seed(seed))
-        for enc, pixel_values, gen, checked, word_maps in items:
+        for enc, pixel_values, gen, checked, word_maps, _ in items:
             with torch.no_grad():
                 feats = adapter.image_features(pixel_values)
             rows = attribute_generated(adapter, enc, feats, gen, pixel_values=pixel_values, perturbation=perturbation)
@@ -630,7 +665,7 @@ def _validate_words(adapter: FusionAdapter, items: list[tuple], curves: dict[str
     maps = {m: torch.cat(v) for m, v in trained.items()}
     checks = {m: validation.randomisation_check(maps[m], torch.cat(randomised[m]), seed=seed) for m in maps}
     per_method = {m: {"hits": hits.get(m), **curves[m]} for m in maps if m in curves}
-    return validation.validate(per_method, curves["random"], maps=maps, sanity=checks, seed=seed)
+    return validation.validate(per_method, curves["random"], maps=maps, sanity=checks, seed=seed, stability=stability)
 
 
 def _is_world_word(word: str) -> bool:
@@ -653,6 +688,9 @@ class TokenAttributionParams(KindParams):
                            + ", ".join(PERTURBATION_METHODS))
     validate_images: int = Field(4, ge=0, le=256, description="images whose object words validate every method on "
                                                               "this model (deletion/insertion, sanity, agreement)")
+    stability_images: int = Field(2, ge=0, le=64,
+                                  description="of those, images whose maps are recomputed under the robustness "
+                                              "probe's corruptions (stability beside the maps)")
     seed: Seed = 0
 
 
@@ -697,6 +735,7 @@ def token_attribution_kind(model_dir: str, dataset_dir: str | None, params: Toke
     metrics, kept = evaluate_pointing(adapter, scenes, prompt=prompt, max_new_tokens=params.max_new_tokens,
                                       progress=progress, keep=params.examples, batch_size=params.batch_size,
                                       validate_images=params.validate_images, seed=params.seed,
+                                      stability_images=params.stability_images,
                                       perturbation=_perturbation_methods(params.perturbation))
     figures = {f"caption_{i}": caption_figure(img, att, boxes=scene.boxes) for i, (scene, img, att) in enumerate(kept)}
     findings = []

@@ -24,7 +24,10 @@ validation's deletion/insertion curves run on (``validation.py``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -50,13 +53,108 @@ def teacher_forced(enc: Encoded, generated: Sequence[int]) -> tuple[torch.Tensor
     return ids, torch.arange(start, start + len(generated), device=device), gen[0]
 
 
-def _word_logits(adapter: FusionAdapter, pixel_values: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Logits ``[n, T, V]`` at the prediction rows for ``n`` images, teacher-forced on ``ids``."""
+#: Decoder layers whose block ``_RowsOnlyLayer`` reproduces: pre-norm attention with rotary
+#: positions, then a pre-norm MLP, each added to the residual.
+_ROWS_ONLY_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+
+
+class _RowsOnlyLayer(torch.nn.Module):
+    """A decoder's last layer run for the last ``keep`` positions only.
+
+    Scoring words reads the logits at ``keep`` rows, and the last layer's output elsewhere feeds
+    nothing: every earlier position only supplies its keys and values. So the keys and values are
+    projected for all positions, and the queries, attention, output projection and MLP for the
+    ``keep`` rows; the layer returns ``[B, keep, D]`` (the final norm and the vocabulary
+    projection then run on those rows, which ``logits_to_keep`` keeps)."""
+
+    def __init__(self, layer: torch.nn.Module, keep: int, rotary: Any) -> None:
+        super().__init__()
+        self.layer, self.keep, self.rotary = layer, keep, rotary
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs: Any) -> torch.Tensor:
+        if position_embeddings is None:
+            raise UnsupportedModelError("the decoder passes no rotary position embeddings to its layers")
+        layer: Any = self.layer  # a transformers decoder layer: attributes resolved at runtime
+        keep = self.keep
+        attn = layer.self_attn
+        b, n, _ = hidden_states.shape
+        hd = int(attn.head_dim)
+        x = layer.input_layernorm(hidden_states)
+        q = attn.q_proj(x[:, n - keep:]).view(b, keep, -1, hd).transpose(1, 2)
+        k = attn.k_proj(x).view(b, n, -1, hd).transpose(1, 2)
+        v = attn.v_proj(x).view(b, n, -1, hd).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, _ = self.rotary(q, q, cos[:, n - keep:], sin[:, n - keep:])
+        k, _ = self.rotary(k, k, cos, sin)
+        groups = int(attn.num_key_value_groups)
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        causal = torch.arange(n, device=x.device)[None, :] <= torch.arange(n - keep, n, device=x.device)[:, None]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=float(attn.scaling))
+        h = hidden_states[:, n - keep:] + attn.o_proj(out.transpose(1, 2).reshape(b, keep, -1))
+        result: torch.Tensor = h + layer.mlp(layer.post_attention_layernorm(h))
+        return result
+
+
+def _decoder_layers(adapter: FusionAdapter) -> torch.nn.ModuleList | None:
+    """The language model's decoder layers where ``_RowsOnlyLayer`` reproduces the last one, else None."""
+    lists = [m for name, m in adapter.causal_lm.named_modules()
+             if name.split(".")[-1] == "layers" and isinstance(m, torch.nn.ModuleList) and len(m)
+             and type(m[-1]).__name__ in _ROWS_ONLY_LAYERS]
+    if len(lists) != 1:
+        return None
+    layer = lists[0][-1]
+    attn = getattr(layer, "self_attn", None)
+    config = getattr(attn, "config", None)
+    plain = (all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling",
+                                             "num_key_value_groups"))
+             and not hasattr(attn, "q_norm") and not getattr(config, "sliding_window", None)
+             and not getattr(config, "use_sliding_window", False))
+    return lists[0] if plain else None
+
+
+@contextlib.contextmanager
+def _last_layer_rows_only(adapter: FusionAdapter, keep: int) -> Iterator[None]:
+    """Swap the decoder's last layer for ``_RowsOnlyLayer`` inside (a no-op for other decoders)."""
+    layers = _decoder_layers(adapter)
+    if layers is None:
+        yield
+        return
+    last = layers[-1]
+    rotary = getattr(sys.modules[type(last.self_attn).__module__], "apply_rotary_pos_emb", None)
+    if rotary is None:
+        yield
+        return
+    layers[-1] = _RowsOnlyLayer(last, keep, rotary)
+    try:
+        yield
+    finally:
+        layers[-1] = last
+
+
+def _word_logits(adapter: FusionAdapter, pixel_values: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, *,
+                 pruned: bool = False) -> torch.Tensor:
+    """Logits ``[n, T, V]`` at the prediction rows for ``n`` images, teacher-forced on ``ids``.
+
+    ``pruned`` skips work whose output the rows never read: vision layers above the feature layer
+    (``scoring_image_features``) and the decoder's last layer at every other position
+    (``_RowsOnlyLayer``); the logits are the same up to float rounding."""
     n = pixel_values.shape[0]
+    keep = ids.shape[1] - int(rows[0])
+    if pruned and int(rows[-1]) == ids.shape[1] - 1:
+        with adapter.autocast(), _last_layer_rows_only(adapter, keep):
+            feats = adapter.scoring_image_features(pixel_values)
+            embeds = adapter.embed(ids.expand(n, -1), feats)
+            try:
+                logits = adapter.causal_lm(inputs_embeds=embeds, use_cache=False, logits_to_keep=keep).logits
+            except TypeError:
+                logits = None
+        if logits is not None:
+            return logits[:, -keep:][:, rows - int(rows[0])]
     with adapter.autocast():
         feats = adapter.image_features(pixel_values)
         embeds = adapter.embed(ids.expand(n, -1), feats)
-        keep = ids.shape[1] - int(rows[0])
         try:
             # only the explained rows need the vocabulary projection (a large vocabulary times every
             # position and copy would dominate memory)
@@ -68,17 +166,24 @@ def _word_logits(adapter: FusionAdapter, pixel_values: torch.Tensor, ids: torch.
 
 @torch.no_grad()
 def word_log_probs(adapter: FusionAdapter, pixel_values: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor,
-                   targets: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+                   targets: torch.Tensor, *, batch_size: int = 64, pruned: bool = True) -> torch.Tensor:
     """``[n, T]``: log-probability of every generated word (teacher-forced) for each of ``n`` images,
     ``batch_size`` images per forward pass. Runs with the fused attention kernel where the model has
-    one (scores need no attention probabilities)."""
+    one (scores need no attention probabilities), and by default without the work the scores never
+    read (``_word_logits``' ``pruned``; ``pruned=False`` runs the model's stock forward)."""
     out = []
     with adapter.fused_attention():
         for start in range(0, pixel_values.shape[0], batch_size):
-            logits = _word_logits(adapter, pixel_values[start:start + batch_size], ids, rows).float()
+            logits = _word_logits(adapter, pixel_values[start:start + batch_size], ids, rows, pruned=pruned).float()
             logp = torch.log_softmax(logits, dim=-1)
             out.append(logp.gather(-1, targets.view(1, -1, 1).expand(logp.shape[0], -1, 1))[..., 0])
     return torch.cat(out)
+
+
+def default_batch_size(device: torch.device | str) -> int:
+    """Occluded copies per forward pass: small on CPU, where a few copies' activations stay in cache
+    and larger batches only add memory traffic; larger on accelerators, which need the parallelism."""
+    return 16 if torch.device(device).type == "cpu" else 64
 
 
 def window_boxes(grid: tuple[int, int], patch: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -103,15 +208,17 @@ def window_cover(grid: tuple[int, int], window: int) -> torch.Tensor:
 
 
 def occlusion_rows(adapter: FusionAdapter, enc: Encoded, pixel_values: torch.Tensor, generated: Sequence[int], *,
-                   window: int = 1, batch_size: int = 64) -> torch.Tensor:
+                   window: int = 1, batch_size: int | None = None, pruned: bool = True) -> torch.Tensor:
     """``[T, G]``: the drop of each generated word's log-probability when a patch is hidden (for
-    ``window > 1``, the mean drop over the windows that hide it)."""
+    ``window > 1``, the mean drop over the windows that hide it). ``batch_size`` defaults to
+    ``default_batch_size``; ``pruned`` as in ``word_log_probs``."""
     ids, rows, targets = teacher_forced(enc, generated)
     image = pixel_values[:1]
-    clean = word_log_probs(adapter, image, ids, rows, targets)  # [1, T]
+    batch = batch_size or default_batch_size(image.device)
+    clean = word_log_probs(adapter, image, ids, rows, targets, pruned=pruned)  # [1, T]
     boxes = window_boxes(adapter.grid, adapter.patch_size, window, image.device)
     copies = occlude(image, torch.zeros(len(boxes), dtype=torch.long, device=image.device), boxes, BASELINE)
-    drops = (clean - word_log_probs(adapter, copies, ids, rows, targets, batch_size=batch_size)).cpu()  # [W, T]
+    drops = (clean - word_log_probs(adapter, copies, ids, rows, targets, batch_size=batch, pruned=pruned)).cpu()
     cover = window_cover(adapter.grid, window)  # [W, G]
     return (drops.T @ cover) / cover.sum(0).clamp_min(1.0)
 
@@ -195,7 +302,7 @@ def applies_to(adapter: FusionAdapter, enc: Encoded, pixel_values: torch.Tensor)
 
 def perturbation_attribution(adapter: FusionAdapter, enc: Encoded, pixel_values: torch.Tensor,
                              generated: Sequence[int], *, methods: Sequence[str] = METHODS,
-                             batch_size: int = 64, ig_steps: int = 16) -> dict[str, torch.Tensor]:
+                             batch_size: int | None = None, ig_steps: int = 16) -> dict[str, torch.Tensor]:
     """Every requested method of this module: ``{method: [T, G]}``."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -139,6 +139,12 @@ class FusionAdapter(VisionLanguageAdapter):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` -> visual features at the language model's input ``[B, n_img, D]``."""
 
+    def scoring_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``image_features`` computed for scoring many perturbed copies: the same values, but an
+        adapter may skip vision layers whose output the features never read (LLaVA's features come
+        from an inner tower layer, and the stock forward still runs the layers above it)."""
+        return self.image_features(pixel_values)
+
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         """Joint input embeddings ``[B, N, D]``: token embeddings with the image tokens replaced
         by ``image_features`` (``[B, n_img, D]``, one image per row)."""

@@ -8,6 +8,8 @@ that carry gradients.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from workers.probes.adapters.fusion import Encoded, FusionAdapter, autocast_forward
@@ -52,6 +54,32 @@ class LlavaAdapter(FusionAdapter):
         out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
         feats = out.pooler_output
         return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+    @autocast_forward
+    def scoring_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``image_features`` with the tower cut after its feature layer (``vision_feature_layer``
+        -2 reads the second-to-last layer, yet the stock tower runs them all): the layers are
+        swapped out for the call and the absolute layer index asked for, so the values are those
+        of ``image_features``."""
+        model: Any = self.model  # transformers modules: attributes resolved at runtime
+        layer = int(model.config.vision_feature_layer)
+        encoders = [m for name, m in model.model.vision_tower.named_modules()
+                    if name.split(".")[-1] == "encoder" and isinstance(getattr(m, "layers", None), torch.nn.ModuleList)]
+        if len(encoders) != 1:
+            return self.image_features(pixel_values)
+        encoder: Any = encoders[0]
+        layers: torch.nn.ModuleList = encoder.layers
+        used = layer % (len(layers) + 1)  # hidden state k is the output of k layers
+        if used == len(layers):
+            return self.image_features(pixel_values)
+        encoder.layers = torch.nn.ModuleList(list(layers)[:used])
+        try:
+            out = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=used, return_dict=True)
+        finally:
+            encoder.layers = layers
+        feats = out.pooler_output
+        result: torch.Tensor = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        return result
 
     # --- running ---------------------------------------------------------------------------
 
