@@ -24,7 +24,6 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
@@ -65,7 +64,7 @@ def case_findings(case: AuditCase) -> dict[str, dict[str, Any]]:
     return found
 
 
-def _require(user: AbstractBaseUser, roles: frozenset[str], what: str) -> None:
+def _require(user: Any, roles: frozenset[str], what: str) -> None:
     held = access.roles_of(user)
     if not held & roles:
         if held == {access.AUDITOR}:
@@ -73,7 +72,7 @@ def _require(user: AbstractBaseUser, roles: frozenset[str], what: str) -> None:
         raise workflow.NotAllowed(f"{what} needs one of the roles {', '.join(sorted(roles))}.")
 
 
-def _check_participant(case: AuditCase, user: AbstractBaseUser) -> None:
+def _check_participant(case: AuditCase, user: Any) -> None:
     """The case's provider, its assigned reviewers and admins take part; others only read."""
     if access.is_admin(user):
         return
@@ -86,7 +85,7 @@ def _check_participant(case: AuditCase, user: AbstractBaseUser) -> None:
                               f"case #{case.pk}")
 
 
-def add_comment(case: AuditCase, author: AbstractBaseUser, finding: str, body: str,
+def add_comment(case: AuditCase, author: Any, finding: str, body: str,
                 reply_to: FindingComment | None = None) -> FindingComment:
     """Append a comment to the thread on ``finding``; logged (``comment.created``) and announced."""
     from governance import notifications
@@ -117,7 +116,7 @@ def add_comment(case: AuditCase, author: AbstractBaseUser, finding: str, body: s
     return comment
 
 
-def resolve(comment: FindingComment, by: AbstractBaseUser) -> FindingComment:
+def resolve(comment: FindingComment, by: Any) -> FindingComment:
     """Mark ``comment`` resolved (once); logged as ``comment.resolved``."""
     _require(by, RESOLVE_ROLES, "Resolving a comment")
     case = comment.case
@@ -150,7 +149,7 @@ class Thread:
         return sum(1 for c in self.comments if not c.is_resolved)
 
 
-def threads(case: AuditCase, user: AbstractBaseUser) -> dict[str, Thread]:
+def threads(case: AuditCase, user: Any) -> dict[str, Thread]:
     """The case's threads the user can see, by finding key, with the finding they are about (a key
     whose finding no longer exists keeps its thread, described as such)."""
     findings = case_findings(case)
@@ -168,7 +167,7 @@ def threads(case: AuditCase, user: AbstractBaseUser) -> dict[str, Thread]:
     return out
 
 
-def can_comment(case: AuditCase, user: AbstractBaseUser) -> bool:
+def can_comment(case: AuditCase, user: Any) -> bool:
     """Whether to show the comment form (display only; :func:`add_comment` decides)."""
     try:
         _require(user, COMMENT_ROLES, "Commenting")
@@ -178,7 +177,7 @@ def can_comment(case: AuditCase, user: AbstractBaseUser) -> bool:
     return case.state != AuditCase.State.ARCHIVED
 
 
-def can_resolve(case: AuditCase, user: AbstractBaseUser) -> bool:
+def can_resolve(case: AuditCase, user: Any) -> bool:
     try:
         _require(user, RESOLVE_ROLES, "Resolving a comment")
         _check_participant(case, user)

@@ -70,6 +70,11 @@ def _finding_rows(evidence: dict[str, m.Evidence]) -> dict[tuple[str, str], dict
     return found
 
 
+def _verbose_name(name: str) -> str:
+    field = m.ModelVersion._meta.get_field(name)
+    return str(getattr(field, "verbose_name", name)).capitalize()
+
+
 def compare_versions(a: m.ModelVersion, b: m.ModelVersion, user: Any) -> dict[str, Any]:
     """Version ``a`` (shown left) against version ``b`` (right); both of one model."""
     if a.ai_model_id != b.ai_model_id:
@@ -79,7 +84,7 @@ def compare_versions(a: m.ModelVersion, b: m.ModelVersion, user: Any) -> dict[st
              Row("Manifest SHA-256", a.manifest_hash or "not computed", b.manifest_hash or "not computed"),
              Row("Files", str(len(a.manifest or {})), str(len(b.manifest or {}))),
              Row("Registered", f"{a.created_at:%Y-%m-%d}", f"{b.created_at:%Y-%m-%d}")]
-    card = [Row(str(a._meta.get_field(name).verbose_name).capitalize(), getattr(a, name), getattr(b, name), key=name)
+    card = [Row(_verbose_name(name), getattr(a, name), getattr(b, name), key=name)
             for name in m.ModelVersion.CARD_FIELDS if getattr(a, name) or getattr(b, name)]
     evidence_a, evidence_b = _latest_evidence(a, user), _latest_evidence(b, user)
     kinds: list[KindBlock] = []
@@ -95,12 +100,13 @@ def compare_versions(a: m.ModelVersion, b: m.ModelVersion, user: Any) -> dict[st
         kinds.append(block)
     findings_a, findings_b = _finding_rows(evidence_a), _finding_rows(evidence_b)
     findings = []
-    for key in list(findings_a) + [k for k in findings_b if k not in findings_a]:
-        finding = findings_b.get(key) or findings_a[key]
-        presence = "both" if key in findings_a and key in findings_b else ("only_a" if key in findings_a else "only_b")
+    for fkey in list(findings_a) + [k for k in findings_b if k not in findings_a]:
+        finding = findings_b.get(fkey) or findings_a[fkey]
+        presence = ("both" if fkey in findings_a and fkey in findings_b
+                    else ("only_a" if fkey in findings_a else "only_b"))
         findings.append({**finding, "presence": presence,
-                         "evidence_a": findings_a.get(key, {}).get("evidence"),
-                         "evidence_b": findings_b.get(key, {}).get("evidence")})
+                         "evidence_a": findings_a.get(fkey, {}).get("evidence"),
+                         "evidence_b": findings_b.get(fkey, {}).get("evidence")})
     return {"facts": facts, "card": card, "kinds": kinds, "findings": findings,
             "changed_card_fields": sum(1 for row in card if row.changed)}
 

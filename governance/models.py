@@ -1176,8 +1176,9 @@ class FindingComment(models.Model):
         return f"comment #{self.pk} on {self.finding} of case #{self.case_id}"
 
     @classmethod
-    def from_db(cls, db, field_names, values):
-        instance = super().from_db(db, field_names, values)
+    def from_db(cls, db: str | None, field_names: Collection[str], values: Collection[Any],
+                **kwargs: Any) -> Self:
+        instance = super().from_db(db, field_names, values, **kwargs)
         instance._loaded = dict(zip(field_names, values, strict=True))
         return instance
 

@@ -57,7 +57,7 @@ from governance.models import AuditCase, WebhookDelivery, WebhookEndpoint
 logger = logging.getLogger(__name__)
 
 S = AuditCase.State
-STATE_EVENTS = {S.SUBMITTED: "case.submitted", S.EVIDENCE_READY: "case.evidence_ready",
+STATE_EVENTS: dict[str, str] = {S.SUBMITTED: "case.submitted", S.EVIDENCE_READY: "case.evidence_ready",
                 S.CHANGES_REQUESTED: "case.changes_requested", S.APPROVED: "case.approved",
                 S.REJECTED: "case.rejected"}
 EVENTS = (*STATE_EVENTS.values(), "report.issued", "comment.created")
@@ -236,7 +236,8 @@ def verify_signature(secret: str, header: str, body: bytes, tolerance: int = 300
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> None:
         return None  # a redirect is an answer (3xx), never followed: it could point anywhere
 
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, serializers, status
 from rest_framework.decorators import action
-from rest_framework.exceptions import PermissionDenied
+from rest_framework.exceptions import NotAuthenticated, PermissionDenied
 from rest_framework.exceptions import ValidationError as DRFValidationError
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
@@ -47,7 +48,7 @@ class CommentSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
     def get_resolved_by(self, obj: m.FindingComment) -> str | None:
-        return obj.resolved_by.get_username() if obj.resolved_by_id else None
+        return obj.resolved_by.get_username() if obj.resolved_by is not None else None
 
 
 class CommentRequestSerializer(serializers.Serializer):
@@ -93,6 +94,13 @@ class CaseCommentsView(APIView):
         return Response(CommentSerializer(comment).data, status=status.HTTP_201_CREATED)
 
 
+def _signed_in(request: Request) -> User:
+    """The request's user, for the rows it creates (the permission classes let no anonymous one here)."""
+    if not isinstance(request.user, User):
+        raise NotAuthenticated()
+    return request.user
+
+
 class CommentResolveView(APIView):
     permission_classes = [IsAuthenticated]
 
@@ -125,7 +133,8 @@ class WebhookSerializer(serializers.ModelSerializer):
         super().__init__(*args, **kwargs)
         request = self.context.get("request")
         if request is not None:  # an organisation the user cannot see is "invalid", as for other objects
-            self.fields["organisation"].queryset = m.Organisation.objects.visible_to(request.user)
+            organisation: Any = self.fields["organisation"]  # a PrimaryKeyRelatedField, which has a queryset
+            organisation.queryset = m.Organisation.objects.visible_to(request.user)
 
     def validate_url(self, value: str) -> str:
         try:
@@ -167,7 +176,7 @@ class WebhookViewSet(LoupeViewSet, mixins.ListModelMixin, mixins.RetrieveModelMi
         with transaction.atomic():
             endpoint = m.WebhookEndpoint.objects.create(organisation=organisation, url=data["url"], secret=secret,
                                                         events=sorted(set(data.get("events") or [])),
-                                                        created_by=request.user)
+                                                        created_by=_signed_in(request))
             audit_log.record(request.user, "webhook.created", endpoint,
                              {"url": endpoint.url, "events": endpoint.events})
         answer = dict(self.get_serializer(endpoint).data, secret=secret)
