@@ -16,9 +16,15 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
+
+#: A transformers model or module read by its config-defined submodules (``layer.self_attn.q_proj``,
+#: ``model.vision_tower``): torch's stubs type any such attribute as ``Tensor | Module``, so adapters
+#: type what they navigate this way as ``Any``.
+HFModule = Any
 
 
 def numbered_modules(model: torch.nn.Module, pattern: str) -> list[torch.nn.Module]:
@@ -100,7 +106,7 @@ class VisionLanguageAdapter(ABC):
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> pixel values ``[B, 3, S, S]`` on ``self.device``."""
 
-    def clear_caches(self) -> None:
+    def clear_caches(self) -> None:  # noqa: B027 - optional hook: adapters without caches keep it empty
         """Forget whatever was computed from the current weights (call after changing them, e.g.
         randomisation or ablation); an adapter that caches nothing has nothing to forget."""
 
@@ -111,8 +117,8 @@ class VisionLanguageAdapter(ABC):
         Models are loaded with eager attention because the explanation methods read attention
         probabilities, which fused kernels never materialise. Methods that only need scores
         (occlusion's thousands of occluded copies) don't, and the fused kernel skips the
-        ``[B, H, T, T]`` softmax and its two batched matmuls. Eager attention is restored on exit, even after an error; an
-        architecture without an SDPA path simply stays eager.
+        ``[B, H, T, T]`` softmax and its two batched matmuls. Eager attention is restored on exit, even after an
+        error; an architecture without an SDPA path simply stays eager.
         """
         model = getattr(self, "model", None)
         current = getattr(getattr(model, "config", None), "_attn_implementation", None)
@@ -127,7 +133,7 @@ class VisionLanguageAdapter(ABC):
         try:
             yield
         finally:
-            if switched:
+            if switched and setter is not None:
                 setter(current)
 
 
@@ -225,7 +231,8 @@ class DualEncoderAdapter(VisionLanguageAdapter):
         # Gradients of exactly these attention maps: autograd skips what doesn't lead to them (the
         # first layer's projections, layer norms, patch embedding).
         grads = torch.autograd.grad(trace.score.sum(), vision + pooled)
-        return WeightedAttentions(layers=[weighted_attention(a, g) for a, g in zip(vision, grads)],
+        # grads ends with the pooling head's gradient, which zip leaves out of the layers
+        return WeightedAttentions(layers=[weighted_attention(a, g) for a, g in zip(vision, grads, strict=False)],
                                   pool=weighted_attention(pooled[0], grads[-1]) if pooled else None)
 
     @abstractmethod

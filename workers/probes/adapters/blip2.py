@@ -37,9 +37,11 @@ site (the query tokens are not patch-aligned, so there is no "object's token" to
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from workers.probes.adapters.base import HFModule
 from workers.probes.adapters.fusion import Encoded, FusionAdapter, autocast_forward
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
@@ -55,7 +57,7 @@ class Blip2Adapter(FusionAdapter):
     patch_aligned = False
     num_prefix_tokens = 1  # Blip2VisionEmbeddings prepends a CLS token to the patches
 
-    def __init__(self, model: torch.nn.Module, processor, device: str | torch.device = "cpu"):
+    def __init__(self, model: HFModule, processor: Any, device: str | torch.device = "cpu") -> None:
         cfg = model.config
         if not getattr(cfg, "use_decoder_only_language_model", True):
             raise UnsupportedModelError(
@@ -102,7 +104,7 @@ class Blip2Adapter(FusionAdapter):
     # --- running -----------------------------------------------------------------------------
 
     @property
-    def causal_lm(self) -> torch.nn.Module:
+    def causal_lm(self) -> HFModule:
         # Blip2ForConditionalGeneration's forward and generate insist on pixel_values; the probes
         # edit the embeddings themselves, so they run its language model (OPTForCausalLM) directly.
         return self.model.language_model
@@ -117,7 +119,7 @@ class Blip2Adapter(FusionAdapter):
         layer in ``cross_layers``); ``patch_relevance`` splits them again.
         """
         captured: dict[tuple[str, int], torch.Tensor] = {}
-        handles = []
+        handles: list[torch.utils.hooks.RemovableHandle] = []
         for i, layer in enumerate(self.model.qformer.encoder.layer):
             blocks = [("self", layer.attention.attention)]
             if layer.has_cross_attention:
@@ -139,13 +141,15 @@ class Blip2Adapter(FusionAdapter):
         features = self.model.language_projection(q.last_hidden_state.to(image_embeds.dtype))
         selfs = [captured.get(("self", i)) for i in range(self.qformer_num_layers)]
         crosses = [captured.get(("cross", i)) for i in self.cross_layers]
-        attentions = list(vision.attentions or []) + selfs + crosses
-        if len(vision.attentions or []) != self.vision_num_layers or any(a is None for a in attentions):
+        recorded = list(vision.attentions or []) + selfs + crosses
+        attentions = [a for a in recorded if a is not None]
+        if len(vision.attentions or []) != self.vision_num_layers or len(attentions) != len(recorded):
             raise UnsupportedModelError("the vision tower or Q-Former did not return attention probabilities "
                                         "(eager attention)")
         return features, attentions, torch.arange(image_embeds.shape[1], device=image_embeds.device)
 
-    def _split(self, items: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    def _split(self, items: Sequence[torch.Tensor]
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         nv, nq = self.vision_num_layers, self.qformer_num_layers
         return list(items[:nv]), list(items[nv:nv + nq]), list(items[nv + nq:])
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers.activations import QuickGELUActivation
 
-from workers.probes.adapters.base import DualEncoderAdapter, VisionTrace, WeightedAttentions
+from workers.probes.adapters.base import DualEncoderAdapter, HFModule, VisionTrace, WeightedAttentions
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 from workers.probes.fused_attention import WeightedAttentionSink, pays_off
 
@@ -53,11 +53,20 @@ class _Recording:
     attentions: list[torch.Tensor | None]
     hidden_states: list[torch.Tensor | None]
     pool_attention: torch.Tensor | None = None
-    handles: list = field(default_factory=list)
+    handles: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
 
 
 #: ``attend(q, k, v, scale) -> out`` in place of a layer's softmax attention (``WeightedAttentionSink.attend``).
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def _recorded(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """What the hooks recorded, every layer's; a ``None`` means the forward pass skipped a layer,
+    which leaves nothing to explain there."""
+    missing = [i for i, t in enumerate(tensors) if t is None]
+    if missing:
+        raise UnsupportedModelError(f"the forward pass did not run layers {missing}")
+    return [t for t in tensors if t is not None]
 
 
 def _flat_layers(weighted: WeightedAttentions) -> torch.Tensor:
@@ -81,7 +90,7 @@ def find_pooling_head(vision_model: torch.nn.Module,
     return found[0] if found else None
 
 
-def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     if args:
         return args[0]
     return kwargs["hidden_states"]
@@ -93,9 +102,11 @@ class CLIPAdapter(DualEncoderAdapter):
     architecture = "clip"
     #: text towers trained with fixed-length padding (SigLIP) must be fed that way
     pad_to_max_length = False
+    model: HFModule
 
-    def __init__(self, model: torch.nn.Module, tokenizer, image_processor, *, device: str | torch.device = "cpu",
-                 autocast_dtype: torch.dtype | None = None, source: str = "", revision: str | None = None) -> None:
+    def __init__(self, model: HFModule, tokenizer: Any, image_processor: Any, *,
+                 device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None, source: str = "",
+                 revision: str | None = None) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -120,11 +131,11 @@ class CLIPAdapter(DualEncoderAdapter):
     num_prefix_tokens = 1
 
     @property
-    def vision_layers(self) -> Sequence[torch.nn.Module]:
+    def vision_layers(self) -> Sequence[HFModule]:
         return self.model.vision_model.encoder.layers
 
     @property
-    def text_layers(self) -> Sequence[torch.nn.Module]:
+    def text_layers(self) -> Sequence[HFModule]:
         return self.model.text_model.encoder.layers
 
     @property
@@ -223,7 +234,7 @@ class CLIPAdapter(DualEncoderAdapter):
             with torch.no_grad():
                 ids, mask = self.tokenize(missing)
                 emb = self._encode_text(ids, mask)
-            for p, e in zip(missing, emb):
+            for p, e in zip(missing, emb, strict=True):
                 self._text_cache[p] = e
             if len(self._text_cache) > 4096:  # bound memory on endless prompt streams
                 self._text_cache = {p: self._text_cache[p] for p in prompts}
@@ -275,19 +286,20 @@ class CLIPAdapter(DualEncoderAdapter):
             return plain()
         if getattr(self, flag) is None:
             got, expected = compared(out).detach().float(), reference().float()
+            rtol, atol = self._shortcut_tolerance(expected)
             setattr(self, flag, got.shape[1:] == expected.shape[1:] and bool(
-                torch.allclose(got[:2], expected, **self._shortcut_tolerance(expected))))
+                torch.allclose(got[:2], expected, rtol=rtol, atol=atol)))
         return out if getattr(self, flag) else plain()
 
-    def _shortcut_tolerance(self, expected: torch.Tensor) -> dict[str, float]:
-        """How closely a shortcut must match the plain path: float32 rounding, or, under bf16/fp16
+    def _shortcut_tolerance(self, expected: torch.Tensor) -> tuple[float, float]:
+        """``(rtol, atol)``: how closely a shortcut must match the plain path: float32 rounding, or, under bf16/fp16
         autocast, where the two paths round differently at every operation (as far apart as either
-        is from float32), 8 epsilons of that precision relative to the result's scale. A wrong layer layout is off
-        by the whole scale, far beyond either."""
+        is from float32), 8 epsilons of that precision relative to the result's scale. A wrong layer
+        layout is off by the whole scale, far beyond either."""
         if self.autocast_dtype is None:
-            return {"rtol": 1e-3, "atol": 1e-4}
+            return 1e-3, 1e-4
         tol = 8 * torch.finfo(self.autocast_dtype).eps
-        return {"rtol": tol, "atol": tol * float(expected.abs().max())}
+        return tol, tol * float(expected.abs().max())
 
     def _cls_readout_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         vision = self.model.vision_model
@@ -400,7 +412,7 @@ class CLIPAdapter(DualEncoderAdapter):
             return self._cls_readout_tail(hidden)
 
     @staticmethod
-    def _qkv(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def _qkv(layer: HFModule, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., D]`` -> ``[..., 3D]``: the layer's queries, keys and values in one matrix product."""
         attn = layer.self_attn
         weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
@@ -408,7 +420,7 @@ class CLIPAdapter(DualEncoderAdapter):
         return F.linear(layer.layer_norm1(hidden), weight, bias)
 
     @classmethod
-    def _scoring_layer(cls, layer: torch.nn.Module, hidden: torch.Tensor, *,
+    def _scoring_layer(cls, layer: HFModule, hidden: torch.Tensor, *,
                        qkv: torch.Tensor | None = None) -> torch.Tensor:
         """One ``CLIPEncoderLayer`` on ``[B, T, D]``, for scores only (no attention probabilities).
 
@@ -430,7 +442,7 @@ class CLIPAdapter(DualEncoderAdapter):
         return hidden + cls._mlp(layer, layer.layer_norm2(hidden), inplace=True)
 
     @classmethod
-    def _traced_layer(cls, layer: torch.nn.Module, hidden: torch.Tensor,
+    def _traced_layer(cls, layer: HFModule, hidden: torch.Tensor,
                       attend: Attend | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``_scoring_layer`` with explicit attention probabilities ``[B, H, T, T]`` that gradients
         reach: ``(output [B, T, D], probabilities)``. Besides the stacked projection and the folded
@@ -449,7 +461,7 @@ class CLIPAdapter(DualEncoderAdapter):
         return hidden + cls._mlp(layer, layer.layer_norm2(hidden), inplace=False), probs
 
     @staticmethod
-    def _mlp(layer: torch.nn.Module, x: torch.Tensor, *, inplace: bool) -> torch.Tensor:
+    def _mlp(layer: HFModule, x: torch.Tensor, *, inplace: bool) -> torch.Tensor:
         """The layer's MLP with QuickGELU folded into one SiLU (see ``_scoring_layer``); ``inplace``
         only where no gradient is taken."""
         mlp = layer.mlp
@@ -480,7 +492,7 @@ class CLIPAdapter(DualEncoderAdapter):
 
     # ------------------------------------------------------------------ recording
     @contextlib.contextmanager
-    def _record(self, layers: Sequence[torch.nn.Module], *, grad_from_layer: int | None,
+    def _record(self, layers: Sequence[HFModule], *, grad_from_layer: int | None,
                 pool_attention: torch.nn.MultiheadAttention | None = None,
                 retain_grads: bool = True) -> Iterator[_Recording]:
         """Hooks that capture, for each layer, its input hidden state and its attention
@@ -496,8 +508,9 @@ class CLIPAdapter(DualEncoderAdapter):
                 t.retain_grad()
             return t
 
-        def pre_hook(i: int):
-            def fn(module, args, kwargs):
+        def pre_hook(i: int) -> Callable[..., tuple[tuple[Any, ...], dict[str, Any]]]:
+            def fn(module: torch.nn.Module, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
                 h = _first_tensor(args, kwargs)
                 if tracking and i == grad_from_layer:
                     h = h.detach().requires_grad_(True)
@@ -509,11 +522,11 @@ class CLIPAdapter(DualEncoderAdapter):
                 return args, kwargs
             return fn
 
-        def post_hook(module, args, output):
+        def post_hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
             rec.hidden_states[n] = keep(output[0] if isinstance(output, tuple) else output)
 
-        def attn_hook(i: int):
-            def fn(module, args, output):
+        def attn_hook(i: int) -> Callable[..., None]:
+            def fn(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
                 weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
                 if weights is None:
                     raise UnsupportedModelError(
@@ -534,7 +547,8 @@ class CLIPAdapter(DualEncoderAdapter):
             for h in rec.handles:
                 h.remove()
 
-    def _pool_hook(self, rec: _Recording, keep):
+    def _pool_hook(self, rec: _Recording,
+                   keep: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
         """Recompute a ``torch.nn.MultiheadAttention`` pooling step with per-head probabilities.
 
         ``nn.MultiheadAttention`` only hands out head-averaged weights from a fused kernel; the
@@ -542,7 +556,8 @@ class CLIPAdapter(DualEncoderAdapter):
         recomputes the same attention explicitly and returns that output in its place (the
         adapter tests check the score is unchanged)."""
 
-        def fn(mha: torch.nn.MultiheadAttention, args, output):
+        def fn(mha: torch.nn.MultiheadAttention, args: tuple[Any, ...],
+               output: Any) -> tuple[torch.Tensor, torch.Tensor]:
             query, key, value = args[0], args[1], args[2]
             b, tq, e = query.shape
             t = key.shape[1]
@@ -587,22 +602,25 @@ class CLIPAdapter(DualEncoderAdapter):
             raise ProbeInputError(f"layer {grad_from_layer} out of range 0..{self.num_layers - 1}")
         with torch.enable_grad():
             text_attn: list[torch.Tensor] = []
-            ids = None
+            ids: torch.Tensor | None = None
+            text_readout: torch.Tensor | None = None
+            text_mask: torch.Tensor | None = None
             if text:
                 ids, mask = self.tokenize(prompts)
                 with self._record(self.text_layers, grad_from_layer=0, retain_grads=retain_grads) as trec:
                     txt = self._encode_text(ids, mask)
-                text_attn = list(trec.attentions)
+                text_attn = _recorded(trec.attentions)
+                text_readout, text_mask = self._text_readout_index(ids, mask), self._real_tokens(ids, mask)
             else:
                 txt = self.text_embeds(prompts)
             with self._record(self.vision_layers, grad_from_layer=grad_from_layer,
                               pool_attention=self.pooling_head_attention, retain_grads=retain_grads) as rec:
                 img = self._encode_image(pixel_values)
             score = self.pair_score(img, txt)
-        return VisionTrace(score=score, attentions=list(rec.attentions), hidden_states=list(rec.hidden_states),
-                           text_attentions=text_attn, text_input_ids=ids, pool_attention=rec.pool_attention,
-                           text_readout=self._text_readout_index(ids, mask) if text else None,
-                           text_attention_mask=self._real_tokens(ids, mask) if text else None)
+        return VisionTrace(score=score, attentions=_recorded(rec.attentions),
+                           hidden_states=_recorded(rec.hidden_states), text_attentions=text_attn,
+                           text_input_ids=ids, pool_attention=rec.pool_attention, text_readout=text_readout,
+                           text_attention_mask=text_mask)
 
     #: None until the readout trace has been checked against the model's own forward once.
     _readout_trace_ok: bool | None = None
@@ -632,7 +650,7 @@ class CLIPAdapter(DualEncoderAdapter):
 
     def _readout_trace(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> VisionTrace:
         vision = self.model.vision_model
-        attentions = []
+        attentions: list[torch.Tensor | None] = []
         with torch.enable_grad(), self.autocast():
             txt = self.text_embeds(prompts)
             # a leaf that requires grad, as in ``trace``: the weights are frozen
@@ -643,7 +661,7 @@ class CLIPAdapter(DualEncoderAdapter):
             img, probs = self._cls_readout(hidden, probabilities=True)
             attentions.append(probs)
             score = self.pair_score(img, txt)
-        return VisionTrace(score=score, attentions=attentions, hidden_states=[])
+        return VisionTrace(score=score, attentions=_recorded(attentions), hidden_states=[])
 
     #: None until the fused weighting has been checked against the readout trace and autograd once.
     _fused_weighting_ok: bool | None = None
@@ -695,7 +713,7 @@ class CLIPAdapter(DualEncoderAdapter):
         with self._record(self.vision_layers, grad_from_layer=None,
                           pool_attention=self.pooling_head_attention) as rec:
             self._encode_image(pixel_values)
-        return list(rec.attentions), rec.pool_attention
+        return _recorded(rec.attentions), rec.pool_attention
 
     @torch.no_grad()
     def vision_features(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -705,7 +723,8 @@ class CLIPAdapter(DualEncoderAdapter):
                 raise ProbeInputError(f"layer {layer} out of range 0..{self.num_layers}")
         with self._record(self.vision_layers, grad_from_layer=None) as rec:
             self._encode_image(pixel_values)
-        return {layer: rec.hidden_states[layer] for layer in layers}
+        hidden = _recorded(rec.hidden_states)
+        return {layer: hidden[layer] for layer in layers}
 
     def clear_caches(self) -> None:
         """Forget cached text embeddings (call after changing the weights, e.g. randomisation)."""
@@ -758,7 +777,7 @@ class SiglipAdapter(CLIPAdapter):
     num_prefix_tokens = 0
     pad_to_max_length = True
 
-    def __init__(self, model: torch.nn.Module, *args, **kwargs) -> None:
+    def __init__(self, model: HFModule, *args: Any, **kwargs: Any) -> None:
         if not getattr(model.config.vision_config, "vision_use_head", True):
             raise UnsupportedModelError("SigLIP vision tower without a pooling head (vision_use_head=False) "
                                         "produces no image embedding to explain")

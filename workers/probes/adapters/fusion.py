@@ -32,14 +32,17 @@ import os
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 
-from workers.probes.adapters.base import VisionLanguageAdapter, numbered_modules
+from workers.probes.adapters.base import HFModule, VisionLanguageAdapter, numbered_modules
 from workers.probes.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
 T = TypeVar("T")
 
@@ -107,10 +110,11 @@ class FusionAdapter(VisionLanguageAdapter):
 
     kind = "fusion"
 
-    @abstractmethod
-    def vision_trace(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """Image features computed with the vision path's attentions kept (with gradients):
-        ``(features [B, n_img, D], attentions per vision layer, vision_rows [Tv])``."""
+    #: ``vision_trace(pixel_values)``: image features computed with the vision path's attentions kept (with
+    #: gradients): ``(features [B, n_img, D], attentions per vision layer, vision_rows [Tv])``. A method in
+    #: adapters that carry relevance through the vision tower; None where they don't (``chefer_full`` is then
+    #: not offered).
+    vision_trace: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]] | None
 
     #: image tokens in the joint sequence that map to vision grid cells; ``image_token_prefix``
     #: of them come first and have no cell (e.g. a CLS token kept by LLaVA's "full" strategy).
@@ -124,9 +128,10 @@ class FusionAdapter(VisionLanguageAdapter):
     hf_class: str = ""
     model_types: tuple[str, ...] = ()
     family: str = ""
-    tokenizer: object
-    processor: object
-    model: torch.nn.Module
+    #: transformers tokenizer and processor (image processor + tokenizer) of the model directory
+    tokenizer: Any
+    processor: Any
+    model: HFModule
     device: torch.device
     image_token_id: int
     eos_token_id: int
@@ -176,7 +181,7 @@ class FusionAdapter(VisionLanguageAdapter):
         adapter.autocast_dtype = autocast_dtype
         return adapter
 
-    def setup(self, model: torch.nn.Module, processor, device: str | torch.device) -> None:
+    def setup(self, model: HFModule, processor: Any, device: str | torch.device) -> None:
         """The attributes every fusion adapter reads from a transformers model with ``vision_config``,
         ``text_config`` and ``image_token_id`` and its processor (image processor + tokenizer)."""
         if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
@@ -224,7 +229,7 @@ class FusionAdapter(VisionLanguageAdapter):
         return text
 
     @property
-    def causal_lm(self) -> torch.nn.Module:
+    def causal_lm(self) -> HFModule:
         """The module that maps joint input embeddings to next-token logits, with ``generate`` and a
         KV cache: the VLM itself where it accepts ``inputs_embeds`` alone (LLaVA)."""
         return self.model
@@ -243,17 +248,20 @@ class FusionAdapter(VisionLanguageAdapter):
         with torch.no_grad():
             return self._greedy(inputs_embeds, max_new_tokens, trace=False)[0]
 
-    def _greedy(self, inputs_embeds: torch.Tensor, max_new_tokens: int, *, trace: bool):
+    def _greedy(self, inputs_embeds: torch.Tensor, max_new_tokens: int, *,
+                trace: bool) -> tuple[list[list[int]], Any, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Decode in two phases: the rows before the last input row (one call, traced with attention
         probabilities when ``trace``), then one step per token from the last input row on (no grad).
 
-        Returns ``(generated ids per row, the first call's output, its keys and values per layer)``.
+        Returns ``(generated ids per row, the first call's output (a transformers ``ModelOutput``), its
+        keys and values per layer)``.
         """
         if inputs_embeds.shape[1] < 2:
             raise ValueError("generation needs at least two input positions (image and prompt)")
         lm = self.causal_lm
         embed_tokens = lm.get_input_embeddings()
-        cache = self._new_cache()
+        # Any: DynamicCache types its layers as a union of layer kinds; a DynamicCache's have keys and values
+        cache: Any = self._new_cache()
         prefix = lm(inputs_embeds=inputs_embeds[:, :-1], logits_to_keep=1, use_cache=True, output_attentions=trace,
                     return_dict=True, **{self._cache_keyword: cache})
         # The steps below append to the cache outside autograd: keep the traced keys and values.
@@ -277,13 +285,14 @@ class FusionAdapter(VisionLanguageAdapter):
                 x = embed_tokens(tokens[:, None]).to(inputs_embeds.dtype)
         return rows, prefix, prefix_kv
 
-    def _new_cache(self, key_values: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    def _new_cache(self, key_values: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
         from transformers import DynamicCache
 
         return DynamicCache(key_values, config=self.causal_lm.config.get_text_config())
 
     @autocast_forward
-    def generate_traced(self, inputs_embeds: torch.Tensor, max_new_tokens: int = 32) -> tuple[list[int], TargetTrace | None]:
+    def generate_traced(self, inputs_embeds: torch.Tensor,
+                        max_new_tokens: int = 32) -> tuple[list[int], TargetTrace | None]:
         """``generate`` for one sequence ``[1, N, D]`` whose pass over the image and prompt doubles as the
         traced forward of ``trace_targets(inputs_embeds + generated, N - 1)``: returns the generated ids
         and that ``TargetTrace`` (None when nothing was generated), row for row the same numbers.
@@ -300,7 +309,8 @@ class FusionAdapter(VisionLanguageAdapter):
             if not generated:
                 return [], None
             ids = torch.tensor([generated[:-1]], dtype=torch.long, device=inputs_embeds.device)
-            explained = torch.cat([inputs_embeds[:, -1:], self.causal_lm.get_input_embeddings()(ids).to(inputs_embeds.dtype)], 1)
+            embedded = self.causal_lm.get_input_embeddings()(ids).to(inputs_embeds.dtype)
+            explained = torch.cat([inputs_embeds[:, -1:], embedded], 1)
             rest = self.causal_lm(inputs_embeds=explained, use_cache=True, output_attentions=True, return_dict=True,
                                   **{self._cache_keyword: self._new_cache(prefix_kv)})
         return generated, self._target_trace(prefix, rest)
@@ -333,8 +343,9 @@ class FusionAdapter(VisionLanguageAdapter):
         rest = lm(inputs_embeds=inputs_embeds[:, first_row:], **common)
         return self._target_trace(prefix, rest)
 
-    def _target_trace(self, prefix, rest) -> TargetTrace:
-        """A ``TargetTrace`` from the outputs of the prefix call and of the explained rows' call."""
+    def _target_trace(self, prefix: Any, rest: Any) -> TargetTrace:
+        """A ``TargetTrace`` from the outputs (transformers ``ModelOutput``) of the prefix call and of
+        the explained rows' call."""
         return TargetTrace(prefix_attentions=self._attention_probabilities(prefix.attentions, self.num_layers),
                            target_attentions=self._attention_probabilities(rest.attentions, self.num_layers),
                            logits=rest.logits)
@@ -346,11 +357,11 @@ class FusionAdapter(VisionLanguageAdapter):
         return "cache" if "cache" in inspect.signature(self.causal_lm.forward).parameters else "past_key_values"
 
     @staticmethod
-    def _attention_probabilities(attentions, expected: int) -> list[torch.Tensor]:
-        attentions = list(attentions or [])
-        if len(attentions) != expected or any(a is None for a in attentions):
+    def _attention_probabilities(attentions: Sequence[torch.Tensor | None] | None, expected: int) -> list[torch.Tensor]:
+        found = [a for a in attentions or [] if a is not None]
+        if len(found) != expected or len(attentions or []) != expected:
             raise UnsupportedModelError("the language model did not return attention probabilities (eager attention)")
-        return attentions
+        return found
 
     @abstractmethod
     def head_modules(self) -> dict[str, tuple[str, int, int]]:
@@ -383,7 +394,7 @@ class FusionAdapter(VisionLanguageAdapter):
         image of size ``(width, height)``, undoing the image processor's resize (shortest edge or
         fixed height x width) and centre crop."""
         w, h = image_size
-        processor = self.processor.image_processor  # type: ignore[attr-defined]
+        processor = self.processor.image_processor
         size = getattr(processor, "size", None) or {}
         if size.get("shortest_edge"):
             sx = sy = size["shortest_edge"] / min(w, h)
@@ -436,10 +447,10 @@ class FusionAdapter(VisionLanguageAdapter):
             return self.image_features(pixel_values), self.image_token_patches(pixel_values)
 
     def tokens(self, ids: Sequence[int]) -> list[str]:
-        return list(self.tokenizer.convert_ids_to_tokens(list(ids)))  # type: ignore[attr-defined]
+        return list(self.tokenizer.convert_ids_to_tokens(list(ids)))
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()  # type: ignore[attr-defined]
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
 
     def prepare(self, images: Sequence[Image.Image], prompt: str) -> tuple[Encoded, torch.Tensor]:
         """``(encoded prompt, LM-input visual features [B, n_img, D])`` for a batch of images."""

@@ -24,9 +24,11 @@ embedding (the swap probe's grid is the soft-token grid, not the tower's patch g
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 
+from workers.probes.adapters.base import HFModule
 from workers.probes.adapters.fusion import Encoded, FusionAdapter, autocast_forward
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
@@ -34,19 +36,19 @@ from workers.probes.errors import ProbeInputError, UnsupportedModelError
 class _TypedLM(torch.nn.Module):
     """``Gemma3ForConditionalGeneration`` called with the token types of the current sequence."""
 
-    def __init__(self, model: torch.nn.Module, adapter: Gemma3Adapter):
+    def __init__(self, model: HFModule, adapter: Gemma3Adapter) -> None:
         super().__init__()
         self.model = model
         self._adapter = [adapter]  # a list: not a registered submodule
 
     @property
-    def config(self):
+    def config(self) -> Any:
         return self.model.config
 
-    def get_input_embeddings(self):
+    def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.get_input_embeddings()
 
-    def forward(self, inputs_embeds=None, cache=None, **kwargs):
+    def forward(self, inputs_embeds: torch.Tensor, cache: Any = None, **kwargs: Any) -> Any:
         keyword = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         kwargs[keyword] = cache
         types = self._adapter[0].token_types
@@ -64,10 +66,11 @@ class Gemma3Adapter(FusionAdapter):
     family = "Gemma 3"
     num_prefix_tokens = 0  # SigLIP: no CLS token
     token_types: torch.Tensor | None = None
-    #: None: ``chefer_full`` is not offered (the pooling between patches and soft tokens is outside the vision rule)
+    #: None: ``chefer_full`` is not offered (the pooling between patches and soft tokens is outside the vision
+    #: rule)
     vision_trace = None
 
-    def __init__(self, model: torch.nn.Module, processor, device: str | torch.device = "cpu"):
+    def __init__(self, model: HFModule, processor: Any, device: str | torch.device = "cpu") -> None:
         if getattr(processor.image_processor, "do_pan_and_scan", False):
             raise UnsupportedModelError("Gemma 3 with pan-and-scan crops is not supported: one image becomes several "
                                         "crops of soft tokens; set do_pan_and_scan to false in the image processor")
@@ -93,7 +96,7 @@ class Gemma3Adapter(FusionAdapter):
                 "cells of; use site 'projector'")
 
     @property
-    def causal_lm(self) -> torch.nn.Module:
+    def causal_lm(self) -> HFModule:
         return self._lm
 
     def encode(self, prompt: str) -> Encoded:

@@ -27,8 +27,14 @@ calls for images.
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
+import torch
+from PIL import Image
+
+from workers.probes.adapters.base import HFModule
 from workers.probes.adapters.fusion import autocast_forward
 from workers.probes.adapters.regions import Layout, RegionMappedAdapter, image_only_processor
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
@@ -40,9 +46,10 @@ class Idefics3Adapter(RegionMappedAdapter):
     model_types = ("idefics3",)
     family = "Idefics3"
     layout_description = "split frames plus a global frame, pixel-shuffled"
-    processor_loader = None  # Idefics3Processor has no video processor: AutoProcessor loads without torchvision
+    # Idefics3Processor has no video processor: AutoProcessor loads without torchvision
+    processor_loader: Callable[[str | Path], Any] | None = None
 
-    def __init__(self, model: torch.nn.Module, processor, device: str | torch.device = "cpu"):
+    def __init__(self, model: HFModule, processor: Any, device: str | torch.device = "cpu") -> None:
         if not hasattr(processor, "replace_image_token"):
             raise UnsupportedModelError(f"{self.family}: the directory's processor cannot expand the image "
                                         "placeholder (no Idefics3Processor)")
@@ -57,7 +64,7 @@ class Idefics3Adapter(RegionMappedAdapter):
 
     # --- layout --------------------------------------------------------------------------------
 
-    def _image_processor_call(self, images):
+    def _image_processor_call(self, images: Sequence[Image.Image]) -> dict[str, Any]:
         return self.processor.image_processor([[im.convert("RGB")] for im in images], return_row_col_info=True,
                                               return_tensors="pt")
 
@@ -95,7 +102,8 @@ class Idefics3Adapter(RegionMappedAdapter):
         if text.count(mark) != 1:
             raise ProbeInputError(f"the prompt must contain exactly one image placeholder, got {prompt!r}")
         extras = dict(self.current_layout().extras)
-        return list(self.tokenizer(text.replace(mark, self.expanded_image(extras["rows"], extras["cols"]), 1)).input_ids)
+        expanded = self.expanded_image(extras["rows"], extras["cols"])
+        return list(self.tokenizer(text.replace(mark, expanded, 1)).input_ids)
 
     # --- running -------------------------------------------------------------------------------
 
@@ -120,7 +128,7 @@ class SmolVLMAdapter(Idefics3Adapter):
     family = "SmolVLM"
     processor_loader = staticmethod(image_only_processor)
 
-    def __init__(self, model: torch.nn.Module, processor, device: str | torch.device = "cpu"):
+    def __init__(self, model: HFModule, processor: Any, device: str | torch.device = "cpu") -> None:
         self.setup(model, processor, device)
         self.scale = int(model.config.scale_factor)
         tok = self.tokenizer

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from workers.probes.adapters.base import HFModule
 from workers.probes.adapters.fusion import Encoded, FusionAdapter, autocast_forward
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
@@ -25,7 +26,7 @@ class LlavaAdapter(FusionAdapter):
     model_types = MODEL_TYPES
     family = "LLaVA"
 
-    def __init__(self, model: torch.nn.Module, processor, device: str | torch.device = "cpu"):
+    def __init__(self, model: HFModule, processor: Any, device: str | torch.device = "cpu") -> None:
         cfg = model.config
         strategy = getattr(cfg, "vision_feature_select_strategy", "default")
         if not isinstance(getattr(cfg, "vision_feature_layer", -2), int):

@@ -25,9 +25,12 @@ image and in one or more tiles, so there is no single set of cells to swap), sev
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
+from workers.probes.adapters.base import HFModule
 from workers.probes.adapters.fusion import autocast_forward
 from workers.probes.adapters.regions import Layout, RegionMappedAdapter
 from workers.probes.errors import UnsupportedModelError
@@ -40,7 +43,7 @@ class LlavaNextAdapter(RegionMappedAdapter):
     family = "LLaVA-NeXT"
     layout_description = "a base image plus tiles, each its own vision grid"
 
-    def __init__(self, model: torch.nn.Module, processor, device: str | torch.device = "cpu"):
+    def __init__(self, model: HFModule, processor: Any, device: str | torch.device = "cpu") -> None:
         cfg = model.config
         if not isinstance(getattr(cfg, "vision_feature_layer", -2), int):
             raise UnsupportedModelError(f"{self.family} with several vision feature layers is not supported")
@@ -53,8 +56,8 @@ class LlavaNextAdapter(RegionMappedAdapter):
         tile = (crop.get("height") if getattr(ip, "do_center_crop", False) and crop else None) \
             or size.get("height") or size.get("shortest_edge")
         if tile is not None and int(tile) != self.image_size:
-            raise UnsupportedModelError(f"{self.family}: the image processor's tiles are {tile} px but the vision tower "
-                                        f"reads {self.image_size} px; the token -> region map assumes they agree")
+            raise UnsupportedModelError(f"{self.family}: the image processor's tiles are {tile} px but the vision "
+                                        f"tower reads {self.image_size} px; the token -> region map assumes they agree")
         self.image_token_string = getattr(self.tokenizer, "image_token", None) or "<image>"
         #: the vision sequence starts with a CLS token (CLIP; SigLIP has none)
         self.vision_cls = getattr(cfg.vision_config, "model_type", "") != "siglip_vision_model"
@@ -97,7 +100,8 @@ class LlavaNextAdapter(RegionMappedAdapter):
 
     def token_boxes(self, layout: Layout) -> torch.Tensor:
         cells = self._cell_boxes(layout)
-        if self.vision_cls and self.strategy == "full":  # the CLS token is kept: it stands for its whole (base or tile) image
+        # the CLS token is kept: it stands for its whole (base or tile) image
+        if self.vision_cls and self.strategy == "full":
             whole = torch.stack([cells[:, :, 0].amin(1), cells[:, :, 1].amin(1), cells[:, :, 2].amax(1),
                                  cells[:, :, 3].amax(1)], -1)[:, None]
             cells = torch.cat([whole, cells], 1)
@@ -130,7 +134,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     model_types = ("llava_onevision",)
     family = "LLaVA-OneVision"
 
-    def _pack(self, features, image_sizes, newline):
+    def _pack(self, features: list[torch.Tensor], image_sizes: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
         aspect = getattr(self.model.config, "vision_aspect_ratio", "anyres_max_9")
         packed, _ = self.model.model.pack_image_features(features, image_sizes, image_newline=newline,
                                                          vision_aspect_ratio=aspect)

@@ -22,11 +22,14 @@ import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from workers.probes.adapters.base import VisionLanguageAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +105,11 @@ def _locate(path_or_id: str, revision: str | None) -> tuple[str, str | None]:
     return path_or_id, revision
 
 
-def _architecture(config) -> type:
+def _architecture(config: Any) -> type:
     from workers.probes.adapters import ARCHITECTURES
 
     model_type = getattr(config, "model_type", None)
-    target = ARCHITECTURES.get(model_type)
+    target = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
     if target is not None:
         module, _, name = target.partition(":")
         return getattr(importlib.import_module(module), name)
@@ -124,7 +127,7 @@ def _architecture(config) -> type:
 
 
 def load(path_or_id: str, *, revision: str | None = None, device: str | torch.device = "cpu",
-         dtype: str | torch.dtype | None = None):
+         dtype: str | torch.dtype | None = None) -> VisionLanguageAdapter:
     """See ``workers.probes.adapters.load_adapter``."""
     from transformers import AutoConfig
 
@@ -190,7 +193,8 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _load_quietly(where, revision, common, adapter_cls, config, dev, autocast_dtype, source):
+def _load_quietly(where: str, revision: str | None, common: dict[str, Any], adapter_cls: type, config: Any,
+                  dev: torch.device, autocast_dtype: torch.dtype | None, source: str) -> VisionLanguageAdapter:
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     try:

@@ -25,8 +25,9 @@ classes, and a provider's checkpoint loads without torchvision.
 from __future__ import annotations
 
 import json
+import os
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,10 @@ def overlap_matrix(boxes: torch.Tensor, image_size: tuple[int, int], grid: tuple
         start = b[empty, lo].clamp(max=limit - 1)
         b[empty, lo], b[empty, hi] = start, start + 1
     regions = torch.from_numpy(region_boxes(image_size, grid))
-    ix = (torch.minimum(b[:, None, 2], regions[None, :, 2]) - torch.maximum(b[:, None, 0], regions[None, :, 0])).clamp(min=0)
-    iy = (torch.minimum(b[:, None, 3], regions[None, :, 3]) - torch.maximum(b[:, None, 1], regions[None, :, 1])).clamp(min=0)
+    ix = (torch.minimum(b[:, None, 2], regions[None, :, 2])
+          - torch.maximum(b[:, None, 0], regions[None, :, 0])).clamp(min=0)
+    iy = (torch.minimum(b[:, None, 3], regions[None, :, 3])
+          - torch.maximum(b[:, None, 1], regions[None, :, 1])).clamp(min=0)
     area = ix * iy
     return (area / area.sum(1, keepdim=True)).float()
 
@@ -87,7 +90,7 @@ def overlap_matrix(boxes: torch.Tensor, image_size: tuple[int, int], grid: tuple
 class ImageOnlyProcessor:
     """What the probes read from a processor: ``image_processor``, ``tokenizer``, ``chat_template``."""
 
-    def __init__(self, image_processor, tokenizer, chat_template: str | None = None):
+    def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str | None = None) -> None:
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.chat_template = chat_template
@@ -122,11 +125,12 @@ class RegionMappedAdapter(FusionAdapter):
     #: vision rule assumes one grid), so ``chefer_full`` is not offered
     vision_trace = None
     #: ``directory -> processor``; None: ``AutoProcessor`` (families whose processor needs no torchvision)
-    processor_loader = staticmethod(image_only_processor)
+    processor_loader: Callable[[str | Path], Any] | None = staticmethod(image_only_processor)
     _layouts: list[Layout] | None = None
 
     @classmethod
-    def from_pretrained(cls, path, *, device="cpu", dtype=None):
+    def from_pretrained(cls, path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype | None = None) -> FusionAdapter:
         from workers.probes.adapters.loading import load_generative, resolve_dtype
 
         autocast_dtype = resolve_dtype(dtype, torch.device(device))
@@ -223,6 +227,8 @@ class RegionMappedAdapter(FusionAdapter):
 
     layout_description = "the tokens depend on the image's size"
 
-    def patch_relevance(self, method, rows_rel, image_positions, attentions, grads, vision_rows):
+    def patch_relevance(self, method: str, rows_rel: torch.Tensor, image_positions: torch.Tensor,
+                        attentions: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                        vision_rows: torch.Tensor) -> torch.Tensor:
         raise UnsupportedModelError(f"{self.family}: relevance through the vision tower (chefer_full) is not "
                                     "supported; image-token relevance is mapped to regions by the token layout")
