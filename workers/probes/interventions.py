@@ -32,30 +32,41 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 from scipy.stats import fisher_exact
 
-from workers.probes.adapters.base import numbered_modules
+from workers.probes.adapters.base import HFModule, numbered_modules
 from workers.probes.attention_stats import patch_boxes
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 from workers.probes.kinds import BatchSize, DatasetArg, KindParams, Limit, Metric, Seed, probe_kind
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from workers.probes.scenes import SceneImage
+
 KINDS = ("head-ablation", "feature-swap")
+
+#: One teacher-forced batch of clean generations: ``(embeds_fn, ids [B, W], mask [B, W], rows, targets)``
+#: where ``embeds_fn()`` recomputes the joint embeddings and ``rows[b]`` are the positions whose
+#: next-token log-probabilities score the generated tokens ``targets[b]``.
+FusionBatch = tuple[Callable[[], torch.Tensor], torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]
 
 
 # --- head ablation -----------------------------------------------------------------------------
 
 
 @contextmanager
-def ablated_head(module: torch.nn.Module, head: int, n_heads: int, replacement: torch.Tensor | None = None):
+def ablated_head(module: torch.nn.Module, head: int, n_heads: int,
+                 replacement: torch.Tensor | None = None) -> Iterator[None]:
     """Within the block, head ``head``'s slice of ``module``'s input is zero (or ``replacement``)."""
 
-    def pre_hook(_mod, args):
+    def pre_hook(_mod: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         x = args[0]
         width = x.shape[-1] // n_heads
         x = x.clone()
@@ -72,7 +83,7 @@ def ablated_head(module: torch.nn.Module, head: int, n_heads: int, replacement: 
 
 @contextmanager
 def recorded_means(modules: Sequence[torch.nn.Module], sums: list[torch.Tensor], counts: list[int],
-                   masks: Sequence[Callable[[], torch.Tensor | None]] | None = None):
+                   masks: Sequence[Callable[[], torch.Tensor | None]] | None = None) -> Iterator[None]:
     """Accumulate the mean input of each module (over batch and positions) into ``sums``/``counts``.
 
     ``masks[i]()``, where given, is the ``[B, T]`` attention mask of the sequence module ``i`` is
@@ -80,8 +91,8 @@ def recorded_means(modules: Sequence[torch.nn.Module], sums: list[torch.Tensor],
     nothing the model meets on real input, and how many there are depends on which captions share a
     batch, so counting them would bias mean ablation and make it depend on the batch size."""
 
-    def make(i):
-        def pre_hook(_mod, args):
+    def make(i: int) -> Callable[[torch.nn.Module, tuple[Any, ...]], None]:
+        def pre_hook(_mod: torch.nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0].detach()
             rows = x.reshape(-1, x.shape[-1])
             mask = masks[i]() if masks is not None else None
@@ -99,11 +110,11 @@ def recorded_means(modules: Sequence[torch.nn.Module], sums: list[torch.Tensor],
             h.remove()
 
 
-def components(adapter) -> dict[str, tuple[list[torch.nn.Module], int]]:
+def components(adapter: Any) -> dict[str, tuple[list[torch.nn.Module], int]]:
     """``{component: (output projection per layer, heads per layer)}`` that can be ablated."""
     if adapter.kind == "fusion":
         return {c: (adapter.head_projections(c), adapter.heads(c)) for c in adapter.components}
-    out = {}
+    out: dict[str, tuple[list[torch.nn.Module], int]] = {}
     for comp, pattern in (("vision", r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj$"),
                           ("text", r"text_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj$")):
         mods = numbered_modules(adapter.model, pattern)
@@ -117,7 +128,8 @@ def components(adapter) -> dict[str, tuple[list[torch.nn.Module], int]]:
     return out
 
 
-def _fusion_outcome(adapter, batches, masks: dict[str, torch.Tensor | None]) -> Callable[[], np.ndarray]:
+def _fusion_outcome(adapter: Any, batches: Sequence[FusionBatch],
+                    masks: dict[str, torch.Tensor | None]) -> Callable[[], np.ndarray]:
     """A function returning, per image, the mean log-prob of its (clean) generated tokens. While the
     language model runs, ``masks["decoder"]`` is its batch's attention mask (``recorded_means``)."""
 
@@ -139,10 +151,11 @@ def _fusion_outcome(adapter, batches, masks: dict[str, torch.Tensor | None]) -> 
     return outcome
 
 
-def _fusion_batches(adapter, scenes, prompt: str, max_new_tokens: int, batch_size: int):
+def _fusion_batches(adapter: Any, scenes: Sequence[SceneImage], prompt: str, max_new_tokens: int,
+                    batch_size: int) -> list[FusionBatch]:
     """Clean generations, packed as right-padded teacher-forced batches (causal: padding at the
     end never changes earlier positions)."""
-    batches = []
+    batches: list[FusionBatch] = []
     pad = adapter.tokenizer.pad_token_id or 0
     for start in range(0, len(scenes), batch_size):
         images = [s.load_image() for s in scenes[start:start + batch_size]]
@@ -164,14 +177,14 @@ def _fusion_batches(adapter, scenes, prompt: str, max_new_tokens: int, batch_siz
         # Image features are recomputed inside each call so that vision-tower ablations act.
         pixel_values = adapter.preprocess(images)
 
-        def embeds_fn(ids=ids, pixel_values=pixel_values):
+        def embeds_fn(ids: torch.Tensor = ids, pixel_values: torch.Tensor = pixel_values) -> torch.Tensor:
             return adapter.embed(ids, adapter.image_features(pixel_values))
 
         batches.append((embeds_fn, ids, mask, rows, targets))
     return batches
 
 
-def _dual_outcome(adapter, scenes, batch_size: int,
+def _dual_outcome(adapter: Any, scenes: Sequence[SceneImage], batch_size: int,
                   masks: dict[str, torch.Tensor | None]) -> tuple[Callable[[], np.ndarray], Callable[[], None]]:
     """``(outcome, inputs)``: ``outcome()`` returns each image's image-text score; ``inputs()`` runs
     both towers once over what mean ablation averages: every image, and every distinct prompt once.
@@ -184,7 +197,7 @@ def _dual_outcome(adapter, scenes, batch_size: int,
         chunks.append((adapter.preprocess([s.load_image() for s in chunk]), [s.prompt for s in chunk]))
 
     @contextmanager
-    def text_tower_runs(prompts: Sequence[str]):
+    def text_tower_runs(prompts: Sequence[str]) -> Iterator[None]:
         # The adapter caches text embeddings: served from the cache, an ablated text head would
         # change nothing, and an ablated embedding left there would reach whatever uses the
         # (worker-cached) adapter next. So the text tower runs each time, from an empty cache.
@@ -216,8 +229,8 @@ def _dual_outcome(adapter, scenes, batch_size: int,
     return outcome, inputs
 
 
-def head_ablation(adapter, scenes, *, mode: str = "zero", prompt: str | None = None, max_new_tokens: int = 32,
-                  batch_size: int = 16, progress: Progress = no_progress) -> dict[str, Any]:
+def head_ablation(adapter: Any, scenes: Sequence[SceneImage], *, mode: str = "zero", prompt: str | None = None,
+                  max_new_tokens: int = 32, batch_size: int = 16, progress: Progress = no_progress) -> dict[str, Any]:
     """Ablate every head of every component in turn; rank heads by the mean change of the output.
     ``batch_size``: images per forward pass."""
     if mode not in ("zero", "mean"):
@@ -234,7 +247,7 @@ def head_ablation(adapter, scenes, *, mode: str = "zero", prompt: str | None = N
     else:
         outcome, inputs = _dual_outcome(adapter, scenes, batch_size, masks)
         measure = "image-text similarity (logit-scaled)"
-    all_mods = [m for mods, _ in comps.values() for m in mods]
+    all_mods: list[HFModule] = [m for mods, _ in comps.values() for m in mods]
     sums = [torch.zeros(m.in_features) for m in all_mods]
     counts = [0] * len(all_mods)
     mask_of = [lambda comp=comp: masks.get(comp) for comp, (mods, _) in comps.items() for _m in mods]
@@ -243,14 +256,16 @@ def head_ablation(adapter, scenes, *, mode: str = "zero", prompt: str | None = N
     clean = recorded if inputs is outcome else outcome()
     means = {id(m): s / max(c, 1) for m, s, c in zip(all_mods, sums, counts, strict=True)}
     total = sum(len(mods) * h for mods, h in comps.values())
-    rows, done = [], 0
+    rows: list[dict[str, Any]] = []
+    done = 0
     for comp, (mods, n_heads) in comps.items():
         for layer, module in enumerate(mods):
             for head in range(n_heads):
                 with ablated_head(module, head, n_heads, means[id(module)] if mode == "mean" else None):
                     delta = outcome() - clean
                 sd = float(delta.std(ddof=1)) if len(delta) > 1 else float("nan")
-                rows.append({"component": comp, "layer": layer, "head": head, "mean_change": round(float(delta.mean()), 5),
+                rows.append({"component": comp, "layer": layer, "head": head,
+                             "mean_change": round(float(delta.mean()), 5),
                              "sd": round(sd, 5), "cohens_d": round(float(delta.mean()) / sd, 3) if sd > 0 else None,
                              "n": int(len(delta))})
                 done += 1
@@ -274,7 +289,8 @@ def object_cells(box: Sequence[float], pboxes: np.ndarray, grid: tuple[int, int]
             if pb[0] < x1 and pb[2] > x0 and pb[1] < y1 and pb[3] > y0]
 
 
-def background_cells(boxes: Sequence[Sequence[float]], pboxes: np.ndarray, grid: tuple[int, int]) -> list[tuple[int, int]]:
+def background_cells(boxes: Sequence[Sequence[float]], pboxes: np.ndarray,
+                     grid: tuple[int, int]) -> list[tuple[int, int]]:
     occupied = {c for b in boxes for c in object_cells(b, pboxes, grid)}
     gh, gw = grid
     return [(r, c) for r in range(gh) for c in range(gw) if (r, c) not in occupied]
@@ -286,10 +302,11 @@ def resample_cells(target: list[tuple[int, int]], donor: list[tuple[int, int]]) 
     th, tw = max(r for r, _ in target) - tr0 + 1, max(c for _, c in target) - tc0 + 1
     dr0, dc0 = min(r for r, _ in donor), min(c for _, c in donor)
     dh, dw = max(r for r, _ in donor) - dr0 + 1, max(c for _, c in donor) - dc0 + 1
-    return [(dr0 + min(dh - 1, int((r - tr0) * dh / th)), dc0 + min(dw - 1, int((c - tc0) * dw / tw))) for r, c in target]
+    return [(dr0 + min(dh - 1, int((r - tr0) * dh / th)), dc0 + min(dw - 1, int((c - tc0) * dw / tw)))
+            for r, c in target]
 
 
-def swap_cases(scenes) -> list[tuple[int, Any, int, Any]]:
+def swap_cases(scenes: Sequence[SceneImage]) -> list[tuple[int, Any, int, Any]]:
     """``(image i, target object, donor image j, donor object)``: the target is the image's first
     drawn object; the donor has the same shape and a colour absent from image i."""
     if not scenes or scenes[0].objects[0].colour is None:
@@ -315,8 +332,8 @@ def _words(text: str) -> list[str]:
 SITES = ("patch-embedding", "projector")
 
 
-def feature_swap(adapter, scenes, *, prompt: str | None = None, max_new_tokens: int = 32, seed: int = 0,
-                 site: str = "patch-embedding", progress: Progress = no_progress) -> dict[str, Any]:
+def feature_swap(adapter: Any, scenes: Sequence[SceneImage], *, prompt: str | None = None, max_new_tokens: int = 32,
+                 seed: int = 0, site: str = "patch-embedding", progress: Progress = no_progress) -> dict[str, Any]:
     """Object-patch swap vs background-patch control (see the module docstring).
 
     ``site``: "patch-embedding" (default; the vision tower's patch embeddings before position
@@ -357,7 +374,7 @@ def feature_swap(adapter, scenes, *, prompt: str | None = None, max_new_tokens: 
         return feats_cache[i]
 
     results: dict[str, list[bool]] = {"object": [], "background": []}
-    records = []
+    records: list[dict[str, Any]] = []
     for n, (i, target, j, donor) in enumerate(cases):
         scene = scenes[i]
         pb_i = patch_boxes(adapter, scene.width, scene.height)
@@ -373,18 +390,21 @@ def feature_swap(adapter, scenes, *, prompt: str | None = None, max_new_tokens: 
         base, dfeat = feats(i), feats(j)
         pv = adapter.preprocess([scene.load_image()])
         if fusion:
-            clean = _words(_swap_run(adapter, pv, base, site, prompt, max_new_tokens))
+            caption = _swap_run(adapter, pv, base, site, prompt, max_new_tokens)
+            assert isinstance(caption, str)  # fusion models answer with the generated text
+            clean = _words(caption)
             if target.colour not in clean or donor.colour in clean:
                 continue  # the model does not name the target's colour (or already names the donor's)
         elif not _swap_run(adapter, pv, base, site, (target.colour, donor.colour, target.shape)):
             continue  # the dual encoder does not prefer the right colour to begin with
-        outcome = {}
+        outcome: dict[str, str | bool] = {}
         for kind, cells in (("object", t_cells), ("background", bg_cells)):
             edited = base.clone()
             for (r, c), (dr, dc) in zip(cells, mapped, strict=False):
                 edited[r * grid[1] + c] = dfeat[dr * grid[1] + dc]
             if fusion:
                 text = _swap_run(adapter, pv, edited, site, prompt, max_new_tokens)
+                assert isinstance(text, str)
                 w = _words(text)
                 changed = donor.colour in w and target.colour not in w
                 outcome[kind] = text
@@ -416,16 +436,16 @@ def feature_swap(adapter, scenes, *, prompt: str | None = None, max_new_tokens: 
     }
 
 
-def _patch_module(adapter) -> torch.nn.Module:
+def _patch_module(adapter: Any) -> torch.nn.Module:
     for name, module in adapter.model.named_modules():
         if re.search(r"(?:vision_model|vision_tower)\.embeddings\.patch_embedding$", name):
             return module
     raise UnsupportedModelError("cannot find the vision patch embedding (embeddings.patch_embedding) to swap features")
 
 
-def _patch_embeddings(adapter, pixel_values: torch.Tensor) -> torch.Tensor:
+def _patch_embeddings(adapter: Any, pixel_values: torch.Tensor) -> torch.Tensor:
     """``[G, D]``: the patch-embedding convolution's output for one image (row-major cells)."""
-    captured = {}
+    captured: dict[str, torch.Tensor] = {}
     handle = _patch_module(adapter).register_forward_hook(lambda m, a, out: captured.setdefault("x", out.detach()))
     try:
         if adapter.kind == "fusion":
@@ -438,8 +458,8 @@ def _patch_embeddings(adapter, pixel_values: torch.Tensor) -> torch.Tensor:
     return x[0].flatten(1).T.contiguous()
 
 
-def _swap_run(adapter, pixel_values: torch.Tensor, features: torch.Tensor, site: str, prompt_or_colours,
-              max_new_tokens: int = 32):
+def _swap_run(adapter: Any, pixel_values: torch.Tensor, features: torch.Tensor, site: str,
+              prompt_or_colours: Any, max_new_tokens: int = 32) -> str | bool:
     """Run the model with the site's features replaced by ``features`` ``[G, D]``. Fusion: the
     generated text; dual encoder: whether it prefers the first colour's prompt to the second's."""
     with torch.no_grad():
@@ -533,13 +553,14 @@ def _ablation_result(m: dict[str, Any]) -> ProbeResult:
     ax.invert_yaxis()
     ax.set_xlabel(f"change in {m['measure']} ({m['mode']}-ablation; mean ± s.e., n={m['n_cases']})")
     top = m["top"][0]
-    summary = (f"{m['mode'].capitalize()}-ablating each of {len(heads)} heads on {m['n_cases']} images: largest effect "
-               f"{top['component']} L{top['layer']}H{top['head']} changes the {m['measure']} by {top['mean_change']:+.3f} "
-               f"(Cohen's d {top['cohens_d']}).")
+    summary = (f"{m['mode'].capitalize()}-ablating each of {len(heads)} heads on {m['n_cases']} images: "
+               f"largest effect {top['component']} L{top['layer']}H{top['head']} changes the {m['measure']} by "
+               f"{top['mean_change']:+.3f} (Cohen's d {top['cohens_d']}).")
     findings = [Finding("info", "Most influential heads", "; ".join(
         f"{h['component']} L{h['layer']}H{h['head']}: {h['mean_change']:+.3f} (d={h['cohens_d']}, n={h['n']})"
         for h in m["top"]))]
-    return ProbeResult(kind="intervention", metrics=m, summary=summary, figures={"head_ablation": fig}, findings=findings)
+    return ProbeResult(kind="intervention", metrics=m, summary=summary, figures={"head_ablation": fig},
+                       findings=findings)
 
 
 def _swap_result(m: dict[str, Any]) -> ProbeResult:
