@@ -38,13 +38,23 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from workers.probes.zoo import file_sha256, world
+
+if TYPE_CHECKING:
+    import torch
+    from numpy.typing import NDArray
+    from PIL import Image
+    from transformers import LlavaConfig, LlavaProcessor
+
+#: a caption word that names one object: ``(batch row, position predicting the word, object box, scene size)``
+Grounding = tuple[int, int, Sequence[float], int]
 
 NAME = "tiny-llava"
 #: The zoo dual encoder whose vision tower the captioner reuses (loaded at build time, so a
@@ -120,7 +130,8 @@ def _vision_source_dir(name: str | os.PathLike) -> Path:
     return Path(name) if os.sep in str(name) or Path(name).is_dir() else checkpoint_path(str(name))
 
 
-def build_processor(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE, image_processor=None):
+def build_processor(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE,
+                    image_processor: Any = None) -> LlavaProcessor:
     """A ``LlavaProcessor`` with a word-level tokenizer and a CLIP image processor (the vision
     source's own when given, so pixels are normalised exactly as its tower was trained)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -157,8 +168,8 @@ def build_processor(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE, 
     )
 
 
-def build_config(vocab_size: int, image_token_id: int, pad_id: int, bos_id: int, eos_id: int, vision=None,
-                 vision_feature_layer: int = -1):
+def build_config(vocab_size: int, image_token_id: int, pad_id: int, bos_id: int, eos_id: int,
+                 vision: Any = None, vision_feature_layer: int = -1) -> LlavaConfig:
     """The LLaVA config; ``vision`` a ``CLIPVisionConfig`` (default: a fresh 2-layer, 12 px-patch ViT)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
@@ -184,7 +195,8 @@ def build_config(vocab_size: int, image_token_id: int, pad_id: int, bos_id: int,
     return config
 
 
-def _encode_batch(processor, scenes: Sequence[world.Scene], prompts: Sequence[str], n_image_tokens: int):
+def _encode_batch(processor: Any, scenes: Sequence[world.Scene], prompts: Sequence[str], n_image_tokens: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Grounding]]:
     """Token ids and label mask for teacher forcing: loss only on the caption and ``</s>``.
 
     Also returns ``grounding``: ``(row, position, box, scene size)`` for every caption word that
@@ -194,7 +206,9 @@ def _encode_batch(processor, scenes: Sequence[world.Scene], prompts: Sequence[st
 
     tok = processor.tokenizer
     image_tokens = "<image>" * n_image_tokens
-    rows, label_rows, grounding = [], [], []
+    rows: list[list[int]] = []
+    label_rows: list[list[int]] = []
+    grounding: list[Grounding] = []
     for b, (scene, prompt) in enumerate(zip(scenes, prompts, strict=True)):
         prefix = tok(image_tokens + " " + prompt).input_ids
         words = tok(scene.caption, add_special_tokens=False).input_ids
@@ -220,7 +234,7 @@ def _encode_batch(processor, scenes: Sequence[world.Scene], prompts: Sequence[st
     return ids, labels, mask, grounding
 
 
-def object_cells(box, size: tuple[int, int], image_size: int, patch_size: int):
+def object_cells(box: Sequence[float], size: tuple[int, int], image_size: int, patch_size: int) -> NDArray[np.bool_]:
     """Boolean ``[grid * grid]`` mask of the vision cells whose centre lies inside ``box`` (pixels
     of a stored image of ``size`` (w, h), square: the processor only rescales it); the cell
     nearest the box centre when no centre falls inside."""
@@ -236,7 +250,8 @@ def object_cells(box, size: tuple[int, int], image_size: int, patch_size: int):
     return inside.reshape(-1)
 
 
-def grounding_loss(attentions, ids, image_id: int, grounding, image_size: int, patch_size: int):
+def grounding_loss(attentions: Sequence[torch.Tensor], ids: torch.Tensor, image_id: int, grounding: Sequence[Grounding],
+                   image_size: int, patch_size: int) -> torch.Tensor:
     """Attention supervision (as in grounded captioning, e.g. Zhou et al., CVPR 2020): at every
     position that predicts a colour or shape word, the decoder's attention over the image tokens
     (mean over heads, every layer) should fall on the named object's cells. ``-log`` of that
@@ -249,7 +264,7 @@ def grounding_loss(attentions, ids, image_id: int, grounding, image_size: int, p
     rows = torch.tensor([g[0] for g in grounding])
     pos = torch.tensor([g[1] for g in grounding])
     cells = torch.as_tensor(np.stack([object_cells(g[2], (g[3], g[3]), image_size, patch_size) for g in grounding]))
-    total = 0.0
+    total = attentions[0].new_zeros(())
     for a in attentions:
         att = a.mean(dim=1)[rows, pos][:, img_pos]  # [G, n_img]
         share = (att * cells).sum(-1) / att.sum(-1).clamp_min(1e-9)
@@ -257,7 +272,8 @@ def grounding_loss(attentions, ids, image_id: int, grounding, image_size: int, p
     return total / len(attentions)
 
 
-def add_fragments(pixels, scenes: Sequence[world.Scene], fraction: float, patch_size: int, rng) -> None:
+def add_fragments(pixels: torch.Tensor, scenes: Sequence[world.Scene], fraction: float, patch_size: int,
+                  rng: np.random.Generator) -> None:
     """Augmentation, in place: in a ``fraction`` of the images, copy the vision cells of another
     scene's object onto as many scattered background cells (patch-aligned pixel blocks, so the
     tower's patch embeddings are exactly those cells'). The caption is unchanged: isolated specks
@@ -289,7 +305,7 @@ def add_fragments(pixels, scenes: Sequence[world.Scene], fraction: float, patch_
                 pixels[j, :, sr * patch_size:(sr + 1) * patch_size, sc * patch_size:(sc + 1) * patch_size]
 
 
-def _vision_features(model, pixels, batch: int = 250):
+def _vision_features(model: Any, pixels: torch.Tensor, batch: int = 250) -> torch.Tensor:
     """The frozen tower's selected patch features ``[n, n_img, Dv]`` (before the projector)."""
     import torch
 
@@ -297,13 +313,15 @@ def _vision_features(model, pixels, batch: int = 250):
     out = []
     with torch.no_grad():
         for i in range(0, len(pixels), batch):
-            hs = model.model.vision_tower(pixels[i:i + batch], output_hidden_states=True, return_dict=True).hidden_states
+            hs = model.model.vision_tower(pixels[i:i + batch], output_hidden_states=True,
+                                          return_dict=True).hidden_states
             out.append(hs[cfg.vision_feature_layer][:, 1:].clone())  # "default": CLS dropped
     return torch.cat(out)
 
 
-def _train_cycle(model, processor, scenes, pixels, spec: TrainSpec, steps: int, rng, losses: list[float], log,
-                 started: float, vision_feats=None) -> None:
+def _train_cycle(model: Any, processor: Any, scenes: Sequence[world.Scene], pixels: torch.Tensor, spec: TrainSpec,
+                 steps: int, rng: np.random.Generator, losses: list[float], log: Callable[[str], None],
+                 started: float, vision_feats: torch.Tensor | None = None) -> None:
     """One cosine learning-rate cycle with a fresh AdamW. With ``vision_feats`` (a frozen tower's
     precomputed features) only the projector and the language model run."""
     import torch
@@ -355,7 +373,7 @@ def _train_cycle(model, processor, scenes, pixels, spec: TrainSpec, steps: int, 
             log(f"  step {step:5d}  loss {np.mean(losses[-100:]):.4f}{extra}  ({time.time() - started:.0f}s)")
 
 
-def initial_model(spec: TrainSpec):
+def initial_model(spec: TrainSpec) -> tuple[Any, LlavaProcessor, dict[str, str] | None]:
     """``(model, processor, source_info)``: a fresh captioner with the vision source's tower copied in."""
     import torch
     from transformers import CLIPImageProcessor, CLIPModel, LlavaForConditionalGeneration
@@ -365,7 +383,8 @@ def initial_model(spec: TrainSpec):
     if spec.vision_source is not None:
         src_dir = _vision_source_dir(spec.vision_source)
         clip = CLIPModel.from_pretrained(src_dir, use_safetensors=True)
-        vision = clip.config.vision_config
+        # Any: transformers types image_size and patch_size as int, a pair or None; a CLIP config's are ints
+        vision: Any = clip.config.vision_config
         processor = build_processor(vision.image_size, vision.patch_size,
                                     CLIPImageProcessor.from_pretrained(src_dir))
         source = {"name": str(spec.vision_source), "sha256": file_sha256(src_dir / "model.safetensors")}
@@ -385,8 +404,8 @@ def initial_model(spec: TrainSpec):
     return model, processor, source
 
 
-def train(out_dir: str | os.PathLike, spec: TrainSpec | None = None, *, log=print,
-          resume: str | os.PathLike | None = None) -> Path:
+def train(out_dir: str | os.PathLike[str], spec: TrainSpec | None = None, *, log: Callable[[str], None] = print,
+          resume: str | os.PathLike[str] | None = None) -> Path:
     """Train the captioner (projector + language model on the vision source's tower) and save it
     (HF format + model card + ``training.json`` + ``SHA256SUMS``).
 
@@ -459,7 +478,8 @@ def train(out_dir: str | os.PathLike, spec: TrainSpec | None = None, *, log=prin
     return out
 
 
-def generate_captions(model, processor, images, prompt: str = PROMPTS[0], max_new_tokens: int = 24) -> list[str]:
+def generate_captions(model: Any, processor: Any, images: Sequence[Image.Image], prompt: str = PROMPTS[0],
+                      max_new_tokens: int = 24) -> list[str]:
     """Greedy captions for PIL ``images`` (a batch)."""
     import torch
 
@@ -471,7 +491,7 @@ def generate_captions(model, processor, images, prompt: str = PROMPTS[0], max_ne
     return [processor.tokenizer.decode(r, skip_special_tokens=True).strip() for r in new]
 
 
-def caption_accuracy(model, processor, scenes: Sequence[world.Scene]) -> float:
+def caption_accuracy(model: Any, processor: Any, scenes: Sequence[world.Scene]) -> float:
     caps = generate_captions(model, processor, [s.image for s in scenes])
     return float(np.mean([_norm(c) == _norm(s.caption) for c, s in zip(caps, scenes, strict=True)]))
 
@@ -480,13 +500,14 @@ def _norm(text: str) -> str:
     return " ".join(text.replace(",", " , ").split())
 
 
-def _model_card(spec: TrainSpec, config, info: dict) -> str:
+def _model_card(spec: TrainSpec, config: Any, info: dict[str, Any]) -> str:
     vc, tc = config.vision_config, config.text_config
     grid = vc.image_size // vc.patch_size
     source = info.get("vision_source")
     if source:
-        tower = (f"the vision tower of the zoo's `{source['name']}` dual encoder (CLIP ViT, {vc.num_hidden_layers} layers, "
-                 f"width {vc.hidden_size}, {vc.image_size} px, {vc.patch_size} px patches = {grid}x{grid} grid + CLS; "
+        tower = (f"the vision tower of the zoo's `{source['name']}` dual encoder (CLIP ViT, "
+                 f"{vc.num_hidden_layers} layers, width {vc.hidden_size}, {vc.image_size} px, {vc.patch_size} px "
+                 f"patches = {grid}x{grid} grid + CLS; "
                  f"copied from its checkpoint at build time, sha256 {source['sha256'][:12]}..., "
                  f"{'frozen' if spec.freeze_vision else 'fine-tuned'}); the projector reads vision layer "
                  f"{config.vision_feature_layer}, CLS dropped")
@@ -537,7 +558,7 @@ is known, token attributions and interventions on this model can be checked agai
 """
 
 
-def load(path: str | os.PathLike | None = None):
+def load(path: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
     """``(model, processor)`` for the committed captioner (checksums verified) or ``path``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -551,14 +572,14 @@ def load(path: str | os.PathLike | None = None):
     return model, AutoProcessor.from_pretrained(directory)
 
 
-def build_for_zoo(out_dir: str | os.PathLike, *, steps: int | None = None, threads: int | None = None,
-                  log=print) -> dict:
+def build_for_zoo(out_dir: str | os.PathLike[str], *, steps: int | None = None, threads: int | None = None,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """The ``python -m workers.probes.zoo build`` hook: rebuild the captioner (after the dual
     encoders, whose ``tiny-clip`` tower it reuses) and return its summary. A ``tiny-clip`` built
     into the same output root (``zoo build --out ROOT``) is the one used."""
     from workers.probes.zoo import CHECKPOINT_ROOT
 
-    overrides = {k: v for k, v in {"steps": steps, "torch_threads": threads}.items() if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in {"steps": steps, "torch_threads": threads}.items() if v is not None}
     sibling = Path(out_dir).parent / VISION_SOURCE  # a tiny-clip just built into the same root (``--out``)
     if (sibling / "config.json").is_file() and sibling.resolve() != (CHECKPOINT_ROOT / VISION_SOURCE).resolve():
         overrides["vision_source"] = str(sibling)
