@@ -28,11 +28,12 @@ misclassified by saying "a blue square").
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import torch
@@ -43,6 +44,9 @@ from workers.probes.adapters.base import DualEncoderAdapter
 from workers.probes.errors import ProbeInputError
 from workers.probes.kinds import BatchSize, DatasetArg, Flag, KindParams, Limit, Metric, Seed, probe_kind
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SEVERITIES = (1, 2, 3, 4, 5)
 # ImageNet-C parameters (Hendrycks & Dietterich 2019, ``make_imagenet_c.py``) by severity 1..5.
@@ -108,14 +112,15 @@ def corrupt(image: Image.Image, kind: str, severity: int, *, seed: int = 0) -> I
 # --- typographic attack ------------------------------------------------------------------------------
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one bitmap size only
         return ImageFont.load_default()
 
 
-def text_box_position(width: int, height: int, boxes: Sequence[Sequence[float]], text_w: int, text_h: int) -> tuple[int, int]:
+def text_box_position(width: int, height: int, boxes: Sequence[Sequence[float]], text_w: int,
+                      text_h: int) -> tuple[int, int]:
     """Where to write: of a few candidate bands, the one overlapping the object boxes least
     (so the attack reads as a label, not as an occluder)."""
     margin = max(2, height // 40)
@@ -131,7 +136,8 @@ def text_box_position(width: int, height: int, boxes: Sequence[Sequence[float]],
     return min(candidates, key=lambda pos: (overlap(pos), candidates.index(pos)))
 
 
-def write_text(image: Image.Image, text: str, boxes: Sequence[Sequence[float]] = (), *, scale: float = 0.11) -> Image.Image:
+def write_text(image: Image.Image, text: str, boxes: Sequence[Sequence[float]] = (), *,
+               scale: float = 0.11) -> Image.Image:
     """``text`` in black on a white label (font height ``scale`` x image height) on a copy."""
     return write_text_box(image, text, boxes, scale=scale)[0]
 
@@ -142,7 +148,8 @@ def write_text_box(image: Image.Image, text: str, boxes: Sequence[Sequence[float
     out = image.convert("RGB").copy()
     draw = ImageDraw.Draw(out)
     font = _font(max(8, round(out.height * scale)))
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    # whole pixels: the box is reported in them (Pillow types the bbox as floats)
+    left, top, right, bottom = map(int, draw.textbbox((0, 0), text, font=font))
     pad = max(1, round(out.height * 0.01))
     tw, th = right - left + 2 * pad, bottom - top + 2 * pad
     tw = min(tw, out.width)
@@ -334,7 +341,7 @@ class RobustnessReport:
             if values:
                 by_severity[str(s)] = round(float(np.mean(values)), 6)
         curve = [self.clean_accuracy] + list(by_severity.values())
-        monotonic = all(b <= a + 1e-9 for a, b in zip(curve, curve[1:])) if by_severity else None
+        monotonic = all(b <= a + 1e-9 for a, b in itertools.pairwise(curve)) if by_severity else None
         return {"n": self.n, "classes": self.classes, "clean_accuracy": round(self.clean_accuracy, 6),
                 "mean_corruption_accuracy_by_severity": by_severity,
                 "accuracy_falls_monotonically": monotonic,
@@ -391,6 +398,7 @@ def run_robustness(adapter: DualEncoderAdapter, examples: Sequence[Example], cla
     for done, (family, name, severity) in enumerate(jobs):
         extra: dict[str, Any] = {}
         if family == "corruption":
+            assert severity is not None  # every corruption job has one (``jobs`` above)
             perturbed_images = [corrupt(im, name, severity, seed=seed * 100_003 + i) for i, im in enumerate(images)]
             outcome = measure(adapter, perturbed_images, classes, true_prompts, explain=explain, batch_size=batch_size)
         elif family == "typographic":
@@ -415,7 +423,8 @@ def run_robustness(adapter: DualEncoderAdapter, examples: Sequence[Example], cla
                 variants = [[typo(c, seed + k) for c in classes] for k in range(2)]
             else:
                 variants = [[synonym(c) for c in classes]]
-            extra["prompts_changed"] = float(np.mean([v != c for variant in variants for v, c in zip(variant, classes, strict=True)]))
+            extra["prompts_changed"] = float(np.mean([v != c for variant in variants
+                                                      for v, c in zip(variant, classes, strict=True)]))
             results = []
             for variant in variants:
                 lookup = dict(zip(classes, variant, strict=True))
@@ -440,7 +449,7 @@ def _rounded(values: dict[str, Any]) -> dict[str, Any]:
 # --- figures ---------------------------------------------------------------------------------------
 
 
-def figure_curves(report: RobustnessReport):
+def figure_curves(report: RobustnessReport) -> Figure:
     """Accuracy and explanation rank correlation by severity, one line per corruption, with the
     typographic and prompt probes as single points on the right."""
     import matplotlib
@@ -478,7 +487,7 @@ def figure_curves(report: RobustnessReport):
     return fig
 
 
-def figure_examples(example: Example, classes: Sequence[str], seed: int = 0):
+def figure_examples(example: Example, classes: Sequence[str], seed: int = 0) -> Figure:
     """One image under every corruption at severity 3 and under the typographic attack."""
     import matplotlib
 
@@ -564,7 +573,8 @@ def robustness_kind(model_dir: str, dataset_dir: str | None, params: RobustnessP
     report = run_robustness(adapter, examples, classes, probes=params.probes, severities=list(params.severities),
                             explain=params.explain, batch_size=params.batch_size, seed=seed, progress=progress)
     metrics = report.as_dict()
-    figures = {"robustness_curves": figure_curves(report), "robustness_examples": figure_examples(examples[0], classes, seed)}
+    figures = {"robustness_curves": figure_curves(report),
+               "robustness_examples": figure_examples(examples[0], classes, seed)}
     typo_row = next((r for r in report.rows if r["probe"] == "typographic"), None)
     summary = (f"Robustness on {report.n} examples: clean accuracy {report.clean_accuracy:.2f}; mean corruption "
                f"accuracy by severity {metrics['mean_corruption_accuracy_by_severity']}"

@@ -35,10 +35,10 @@ as a ``[gh, gw]`` map of where the concept sits in an image.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 import numpy as np
 import torch
@@ -49,6 +49,9 @@ from workers.probes.adapters.base import DualEncoderAdapter
 from workers.probes.errors import ProbeInputError
 from workers.probes.kinds import BatchSize, DatasetArg, Flag, KindParams, Metric, Seed, probe_kind
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: A CAV whose mean held-out accuracy is below this is reported as unreliable.
 MIN_CAV_ACCURACY = 0.7
@@ -72,7 +75,7 @@ MIN_NULL_CONCEPTS = 10
 #: and a test on it cannot tell a concept from a lucky random folder. The derivative keeps the
 #: size of the effect; the TCAV score is still reported as the effect's headline.
 STATISTICS = ("derivative", "tcav_score")
-DEFAULT_STATISTIC = "derivative"
+DEFAULT_STATISTIC: Final = "derivative"
 DEFAULT_ALPHA = 0.05
 #: Upper bound on the examples per set (per side of one CAV): more costs time, adds little.
 MAX_SET_SIZE = 50
@@ -110,7 +113,8 @@ def load_image_folder(folder: str | Path, *, minimum: int, what: str) -> list[Pa
     return paths
 
 
-def load_concepts_dir(concepts_dir: str | Path, concepts: Sequence[str] | None = None) -> tuple[dict[str, list[Path]], list[Path]]:
+def load_concepts_dir(concepts_dir: str | Path,
+                      concepts: Sequence[str] | None = None) -> tuple[dict[str, list[Path]], list[Path]]:
     """``DIR/<concept>/*.png`` for each concept and ``DIR/random/*.png``.
 
     Returns ``({concept: paths}, random_paths)``; ``concepts`` restricts which folders are used.
@@ -119,7 +123,8 @@ def load_concepts_dir(concepts_dir: str | Path, concepts: Sequence[str] | None =
     if not root.is_dir():
         raise ProbeInputError(f"concepts folder not found: {root}")
     random_paths = load_image_folder(root / RANDOM_FOLDER, minimum=MIN_RANDOM_IMAGES, what="random counterexamples")
-    names = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != RANDOM_FOLDER and not p.name.startswith("."))
+    names = sorted(p.name for p in root.iterdir()
+                   if p.is_dir() and p.name != RANDOM_FOLDER and not p.name.startswith("."))
     if concepts is not None:
         missing = [c for c in concepts if c not in names]
         if missing:
@@ -128,7 +133,8 @@ def load_concepts_dir(concepts_dir: str | Path, concepts: Sequence[str] | None =
         names = list(concepts)
     if not names:
         raise ProbeInputError(f"{root} holds no concept folder (one folder per concept, next to {RANDOM_FOLDER}/)")
-    return {n: load_image_folder(root / n, minimum=MIN_CONCEPT_IMAGES, what=f"concept {n!r}") for n in names}, random_paths
+    found = {n: load_image_folder(root / n, minimum=MIN_CONCEPT_IMAGES, what=f"concept {n!r}") for n in names}
+    return found, random_paths
 
 
 def resolve_layers(spec: str | Sequence[int] | None, num_layers: int) -> list[int]:
@@ -175,7 +181,7 @@ def check_pooling(adapter: DualEncoderAdapter, pooling: str) -> str:
     return pooling
 
 
-def _batches(images: Sequence[Image.Image], batch_size: int):
+def _batches(images: Sequence[Image.Image], batch_size: int) -> Iterator[Sequence[Image.Image]]:
     for start in range(0, len(images), batch_size):
         yield images[start:start + batch_size]
 
@@ -536,7 +542,8 @@ def concept_tests(concept_acts: dict[str, dict[int, torch.Tensor]], random_acts:
                   gradients: dict[int, torch.Tensor], layers: Sequence[int], *, runs: int = DEFAULT_RANDOM_RUNS,
                   null_concepts: int = DEFAULT_NULL_CONCEPTS, alpha: float = DEFAULT_ALPHA, seed: int = 0,
                   min_accuracy: float = MIN_CAV_ACCURACY, statistic: str = DEFAULT_STATISTIC,
-                  progress: Progress = no_progress) -> tuple[list[ConceptLayerResult], dict[tuple[str, int], torch.Tensor], int]:
+                  progress: Progress = no_progress
+                  ) -> tuple[list[ConceptLayerResult], dict[tuple[str, int], torch.Tensor], int]:
     """The statistical part of TCAV on precomputed activations and gradients.
 
     ``concept_acts[name][layer]``: ``[n_c, D]``; ``random_acts[layer]``: ``[n_random, D]``;
@@ -567,9 +574,9 @@ def concept_tests(concept_acts: dict[str, dict[int, torch.Tensor]], random_acts:
             negatives.append(pool[plan.concept_negatives.to(device)])
         g = torch.Generator().manual_seed(seed * 1000 + layer)
         cavs = fit_cavs(torch.cat(positives), torch.cat(negatives), generator=g)
-        scores, magnitude = tcav_scores(gradients[layer].to(device), cavs.vectors)
+        scores_t, magnitude_t = tcav_scores(gradients[layer].to(device), cavs.vectors)
         derivative = mean_cosine_derivative(gradients[layer].to(device), cavs.vectors).cpu().numpy()
-        scores, magnitude, accuracy = scores.cpu().numpy(), magnitude.cpu().numpy(), cavs.accuracy.cpu().numpy()
+        scores, magnitude, accuracy = scores_t.cpu().numpy(), magnitude_t.cpu().numpy(), cavs.accuracy.cpu().numpy()
         tested = derivative if statistic == "derivative" else scores
         null_means = scores[:K * runs].reshape(K, runs).mean(axis=1)
         null_tested = tested[:K * runs].reshape(K, runs).mean(axis=1)
@@ -630,7 +637,7 @@ def false_positive_rate(random_acts: dict[int, torch.Tensor], concept_pool_acts:
 
 
 def run_tcav(adapter: DualEncoderAdapter, target: str, inputs: Sequence[Image.Image],
-             concepts: dict[str, Sequence[Image.Image]], random_images: Sequence[Image.Image], *,
+             concepts: Mapping[str, Sequence[Image.Image]], random_images: Sequence[Image.Image], *,
              layers: str | Sequence[int] | None = "auto", runs: int = DEFAULT_RANDOM_RUNS,
              null_concepts: int = DEFAULT_NULL_CONCEPTS, pooling: str = "auto", alpha: float = DEFAULT_ALPHA,
              statistic: str = DEFAULT_STATISTIC, seed: int = 0, batch_size: int = 32,
@@ -644,7 +651,8 @@ def run_tcav(adapter: DualEncoderAdapter, target: str, inputs: Sequence[Image.Im
         raise ProbeInputError(f"{len(inputs)} target input image(s); at least {MIN_TARGET_IMAGES} are needed")
     for name, images in concepts.items():
         if len(images) < MIN_CONCEPT_IMAGES:
-            raise ProbeInputError(f"concept {name!r} has {len(images)} image(s); at least {MIN_CONCEPT_IMAGES} are needed")
+            raise ProbeInputError(f"concept {name!r} has {len(images)} image(s); at least {MIN_CONCEPT_IMAGES} "
+                                  "are needed")
     if len(random_images) < MIN_RANDOM_IMAGES:
         raise ProbeInputError(f"{len(random_images)} random image(s); at least {MIN_RANDOM_IMAGES} are needed")
     layer_list = resolve_layers(layers, adapter.num_layers)
@@ -692,7 +700,7 @@ def concept_heatmaps(adapter: DualEncoderAdapter, images: Sequence[Image.Image],
 # --- figures ---------------------------------------------------------------------------------
 
 
-def figure_bars(report: TCAVReport):
+def figure_bars(report: TCAVReport) -> Figure:
     """TCAV scores per concept and layer with one-standard-deviation error bars, the random
     baseline, ``*`` on significant results (after Holm) and hatching on unreliable CAVs."""
     import matplotlib
@@ -737,7 +745,7 @@ def figure_bars(report: TCAVReport):
     return fig
 
 
-def figure_localisation(images: Sequence[Image.Image], heatmaps: torch.Tensor, title: str):
+def figure_localisation(images: Sequence[Image.Image], heatmaps: torch.Tensor, title: str) -> Figure:
     """Concept localisation overlays: the heatmap (upsampled) over each image."""
     import matplotlib
 
@@ -774,7 +782,8 @@ def tcav_from_folders(adapter: DualEncoderAdapter, *, inputs_dir: str | Path, co
     concept_images = {name: load_images(paths) for name, paths in concept_paths.items()}
     random_images = load_images(random_paths)
     report = run_tcav(adapter, target, inputs, concept_images, random_images, layers=layers, runs=runs,
-                      null_concepts=null_concepts, pooling=pooling, statistic=statistic, alpha=alpha, seed=seed, batch_size=batch_size, progress=progress)
+                      null_concepts=null_concepts, pooling=pooling, statistic=statistic, alpha=alpha, seed=seed,
+                      batch_size=batch_size, progress=progress)
     figures: dict[str, Any] = {"tcav_bars": figure_bars(report)}
     for name, images in concept_images.items():
         best = max((r for r in report.results if r.concept == name), key=lambda r: (r.reliable, r.cav_accuracy))
@@ -796,8 +805,8 @@ def findings_for(report: TCAVReport) -> list[Finding]:
             direction = "raises" if r.tcav_score > r.random_score else "lowers"
             findings.append(Finding("medium", f"concept {r.concept!r} {direction} the score for {report.target!r} "
                                               f"at layer {r.layer}",
-                                    f"TCAV {r.tcav_score:.2f} vs random {r.random_score:.2f}, p_adj={r.p_adjusted:.2g}, "
-                                    f"d={r.cohens_d:.2f}, CAV accuracy {r.cav_accuracy:.2f}"))
+                                    f"TCAV {r.tcav_score:.2f} vs random {r.random_score:.2f}, "
+                                    f"p_adj={r.p_adjusted:.2g}, d={r.cohens_d:.2f}, CAV accuracy {r.cav_accuracy:.2f}"))
         elif not r.reliable:
             findings.append(Finding("info", f"CAV for {r.concept!r} at layer {r.layer} is unreliable",
                                     f"held-out accuracy {r.cav_accuracy:.2f} < {MIN_CAV_ACCURACY}: the concept is not "
@@ -818,8 +827,9 @@ class TcavParams(KindParams):
     statistic: Literal["derivative", "tcav_score"] = Field(
         DEFAULT_STATISTIC, description="what the test compares with random concepts: the mean cosine directional "
                                        "derivative or the TCAV score itself")
-    pooling: Literal["auto", "cls", "mean"] = Field("auto", description="activation per image: CLS token or mean "
-                                                                        "of patch tokens (auto: CLS where there is one)")
+    pooling: Literal["auto", "cls", "mean"] = Field("auto", description="activation per image: CLS token or "
+                                                                        "mean of patch tokens (auto: CLS where there "
+                                                                        "is one)")
     alpha: float = Field(DEFAULT_ALPHA, gt=0, lt=1, description="family-wise error rate after Holm")
     seed: Seed = 0
     batch_size: BatchSize = 32

@@ -178,6 +178,11 @@ class DualEncoderAdapter(VisionLanguageAdapter):
         """Attention probabilities without gradients: ``([B, H, T, T] per layer, pool [B, H, T] or
         None)``, for rules that need no backward pass (rollout, flow)."""
 
+    @abstractmethod
+    def input_window(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The region ``(x0, y0, x1, y1)`` of a stored ``(width, height)`` image that the model sees
+        after the image processor's resize and crop."""
+
     def patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, T, ...]`` vision tokens -> ``[B, gh, gw, ...]`` patch tokens on the grid."""
         patches = tokens[:, self.num_prefix_tokens:]
