@@ -22,6 +22,8 @@ Shapes: ``q`` ``[B, H, n, d]`` (``n`` query rows: all ``T`` tokens, or the reado
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 #: Bytes of one [block, H, n, T] float32 tensor the CPU path aims for: small enough that the
@@ -82,7 +84,7 @@ class WeightedAttentionSink:
 
 class _WeightedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, anchor: torch.Tensor, scale: float,
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, anchor: torch.Tensor, scale: float,
                 sink: WeightedAttentionSink, index: int) -> torch.Tensor:
         b, h, n, d = q.shape
         t = k.shape[2]
@@ -105,7 +107,7 @@ class _WeightedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, probs = ctx.saved_tensors
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         b, h, n, d = q.shape
@@ -122,14 +124,14 @@ class _WeightedAttention(torch.autograd.Function):
             # P = dS/dA * A, once: Chefer's weighting and the softmax backward both start from it
             p = torch.matmul(grad_out[blk], v[blk].transpose(-1, -2)).float().mul_(a)
             torch.mean(p.clamp(min=0), dim=1, out=weighted[blk])
-            if need_v:
+            if dv is not None:  # need_v
                 torch.matmul(a.transpose(-1, -2), grad_out[blk], out=dv[blk])
             if need_q or need_k:
                 # softmax backward: dS/dscores = A * (dS/dA - rowsum(A * dS/dA)) = P - A * rowsum(P)
                 dscores = p.addcmul_(a, p.sum(-1, keepdim=True), value=-1).mul_(ctx.scale).to(q.dtype)
-                if need_q:
+                if dq is not None:  # need_q
                     torch.matmul(dscores, k[blk], out=dq[blk])
-                if need_k:
+                if dk is not None:  # need_k
                     torch.matmul(dscores.transpose(-1, -2), q[blk], out=dk[blk])
         ctx.sink._record(ctx.index, weighted)
         # the anchor only routes the backward pass here; its own gradient is a zero nobody reads

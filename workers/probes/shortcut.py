@@ -35,7 +35,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from workers.probes.adapters.base import DualEncoderAdapter
 from workers.probes.errors import ProbeInputError
 from workers.probes.kinds import BatchSize, DatasetArg, KindParams, Metric, Seed, probe_kind
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: Intervention evidence: the artefact moves random images at least this share of the way towards
 #: the target inputs' score.
@@ -90,7 +93,7 @@ def load_stamp(concepts_dir: str | Path, concept: str) -> Stamp | None:
     image_path = (root / name)
     if "/" in name or "\\" in name or not image_path.is_file():
         raise ProbeInputError(f"{spec_path}: stamp image {name!r} not found next to it")
-    return Stamp(open_image(image_path, decode=True), box, size)  # type: ignore[arg-type]
+    return Stamp(open_image(image_path, decode=True), box, size)
 
 
 def clear(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
@@ -111,7 +114,7 @@ def paste(image: Image.Image, stamp: Stamp) -> Image.Image:
     """``image`` with its stamp region cleared and the stamp drawn there."""
     box = stamp.box_for(*image.size)
     out = clear(image, box)
-    out.paste(stamp.image.resize((box[2] - box[0], box[3] - box[1]), Image.BILINEAR), box[:2])
+    out.paste(stamp.image.resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.BILINEAR), box[:2])
     return out
 
 
@@ -179,21 +182,23 @@ def intervention(adapter: DualEncoderAdapter, target: str, inputs: Sequence[Imag
     d_rand, base_rand = deltas(random_images)
     gap = float(base_in.mean() - base_rand.mean())
 
-    def summary(d: torch.Tensor) -> dict[str, float]:
+    def summary(d: torch.Tensor) -> dict[str, float | None]:
         values = d.numpy().astype(float)
         p = float(stats.ttest_1samp(values, 0.0).pvalue) if values.std() > 0 else (1.0 if values.mean() == 0 else 0.0)
         return {"mean_change": round(float(values.mean()), 6), "share_raised": round(float((values > 0).mean()), 6),
                 "p_value": p, "relative_to_gap": round(float(values.mean()) / gap, 6) if gap > 0 else None}
 
-    result = {"target_inputs": summary(d_in), "random_images": summary(d_rand),
+    result: dict[str, Any] = {"target_inputs": summary(d_in), "random_images": summary(d_rand),
               "score_gap_target_vs_random": round(gap, 6), "n_inputs": len(inputs), "n_random": len(random_images)}
     r = result["random_images"]
-    result["evidence"] = bool(r["p_value"] < alpha and r["mean_change"] > 0 and (r["relative_to_gap"] or 0) >= MIN_EFFECT)
+    result["evidence"] = bool(r["p_value"] < alpha and r["mean_change"] > 0
+                              and (r["relative_to_gap"] or 0) >= MIN_EFFECT)
     return result
 
 
 def relevance_share(adapter: DualEncoderAdapter, target: str, inputs: Sequence[Image.Image], stamp: Stamp, *,
-                    method: str = "chefer", batch_size: int = 32) -> tuple[dict[str, Any], list[Image.Image], torch.Tensor]:
+                    method: str = "chefer",
+                    batch_size: int = 32) -> tuple[dict[str, Any], list[Image.Image], torch.Tensor]:
     """Share of positive relevance inside the stamp's box on stamped target inputs."""
     from workers.probes import registry
 
@@ -244,7 +249,7 @@ def run_shortcut(adapter: DualEncoderAdapter, target: str, inputs: Sequence[Imag
     return ShortcutReport(target, concept, report, inter, rel, evidence, flagged), extras
 
 
-def figure_evidence(report: ShortcutReport, extras: dict[str, Any]) -> Any:
+def figure_evidence(report: ShortcutReport, extras: dict[str, Any]) -> Figure:
     """The shortcut check at a glance, readable at the width of a page.
 
     Top: the artefact's TCAV score per layer against random concepts (``*``: significant after
@@ -373,7 +378,8 @@ def shortcut_kind(model_dir: str, dataset_dir: str | None, params: ShortcutParam
         null_concepts=params.null_concepts, alpha=params.alpha, seed=seed, batch_size=params.batch_size,
         method=params.method, progress=progress)
     metrics = report.as_dict()
-    lines = ", ".join(f"{k}: {'yes' if v else ('not measured' if v is None else 'no')}" for k, v in report.evidence.items())
+    lines = ", ".join(f"{k}: {'yes' if v else ('not measured' if v is None else 'no')}"
+                      for k, v in report.evidence.items())
     summary = (f"Shortcut check of {concept!r} for {report.target!r}: "
                f"{'FLAGGED' if report.flagged else 'not flagged'} (evidence: {lines}).")
     findings = []

@@ -26,8 +26,12 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from workers.probes.errors import ProbeInputError
+
+if TYPE_CHECKING:
+    from workers.probes.zoo.world import Scene
 
 #: Where the committed checkpoints live (one folder per model).
 CHECKPOINT_ROOT = Path(__file__).resolve().parent / "checkpoints"
@@ -47,7 +51,7 @@ class Split:
     #: Unnamed grey shapes placed between the objects of each scene (``world.DECOY_SIDE``).
     decoys: int = 0
 
-    def scenes(self):
+    def scenes(self) -> Iterator[Scene]:
         """The split's scenes, in order (a generator)."""
         from workers.probes.zoo import world
 

@@ -13,6 +13,7 @@ import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -66,7 +67,8 @@ RECIPES: dict[str, Recipe] = {
 EVAL_IMAGES = 128
 
 
-def build_reference_model(name: str, out_dir: str | os.PathLike, *, steps: int | None = None, progress: bool = True) -> dict:
+def build_reference_model(name: str, out_dir: str | os.PathLike[str], *, steps: int | None = None,
+                          progress: bool = True) -> dict[str, Any]:
     """Train the zoo model ``name`` from scratch into ``out_dir``; returns its metrics."""
     if name not in RECIPES:
         raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(RECIPES)}")
@@ -130,6 +132,10 @@ def model_card(info: dict) -> str:
                  if tr.get("loss") == "sigmoid" else
                  "multi-positive InfoNCE with in-batch negatives (other true pairs masked, not pushed apart)")
     grid = arch["image_size"] // arch["patch_size"]
+    pooling = ("CLIP pools the first `<eos>`." if info["kind"] == "clip" else
+               "SigLIP pools the last position; it was trained with random right-padding lengths, so padding to "
+               "max_length (as Google SigLIP callers do) or not gives the same embedding. The tokenizer returns no "
+               "attention mask.")
     return f"""---
 library_name: transformers
 license: apache-2.0
@@ -179,7 +185,7 @@ about how real CLIP/SigLIP checkpoints behave on real images.
   ({'CLS token' if info['kind'] == 'clip' else 'no CLS token, attention-pooling head'}).
 - Text: {arch['text_layers']} layers, width {arch['text_hidden']}, word-level tokenizer, max {T.MAX_TEXT_LENGTH} tokens
   (`<bos> ... <eos>`, `eos_token_id` {T.SPECIAL_IDS[T.EOS]}).
-  {'CLIP pools the first `<eos>`.' if info['kind'] == 'clip' else 'SigLIP pools the last position; it was trained with random right-padding lengths, so padding to max_length (as Google SigLIP callers do) or not gives the same embedding. The tokenizer returns no attention mask.'}
+  {pooling}
 - Images: 224 px scenes resized by the saved image processor.
 
 ## Training
@@ -197,7 +203,8 @@ Reproduce: `python -m workers.probes.zoo build --only {info['name']}`.
 
 | metric | value | meaning |
 |---|---|---|
-| object_accuracy | {m['object_accuracy']:.3f} | an object's prompt beats every prompt of an absent object (chance about 0.07) |
+| object_accuracy | {m['object_accuracy']:.3f} | an object's prompt beats every prompt of an absent object \
+(chance about 0.07) |
 | top1_present | {m['top1_present']:.3f} | the best of the 16 prompts names a present object (chance about 0.16) |
 | binding_accuracy | {m['binding_accuracy']:.3f} | an object's prompt beats its colour/shape swaps that are absent |
 
@@ -220,6 +227,7 @@ def build_one(name: str, root: Path, steps: int | None) -> str:
     if name == captioner.NAME:
         return json.dumps(captioner.build_for_zoo(root / name, steps=steps), sort_keys=True)
     if name in shortcut_zoo.MODELS:
-        extra = {"steps": steps} if steps else {}
-        return json.dumps({"name": name, "path": str(shortcut_zoo.train_model(name, root / name, **extra))})
+        trained = (shortcut_zoo.train_model(name, root / name, steps=steps) if steps
+                   else shortcut_zoo.train_model(name, root / name))
+        return json.dumps({"name": name, "path": str(trained)})
     return json.dumps(build_reference_model(name, root / name, steps=steps), sort_keys=True)

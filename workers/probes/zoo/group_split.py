@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from workers.probes.errors import ProbeInputError
+
+if TYPE_CHECKING:
+    from workers.probes.zoo.world import Scene
 
 #: Group names, in order; in the degraded split the last one gets the subgroup condition.
 GROUPS: tuple[str, ...] = ("group-a", "group-b", "group-c")
@@ -45,7 +50,7 @@ GROUP_SPLITS: dict[str, GroupSplit] = {
 }
 
 
-def low_contrast(scene, factor: float = LOW_CONTRAST):
+def low_contrast(scene: Scene, factor: float = LOW_CONTRAST) -> Scene:
     """``scene`` redrawn with every object's colour blended towards the background level."""
     from workers.probes.zoo import world
 
@@ -58,7 +63,7 @@ def low_contrast(scene, factor: float = LOW_CONTRAST):
     return redrawn
 
 
-def records(spec: GroupSplit):
+def records(spec: GroupSplit) -> Iterator[tuple[Scene, str]]:
     """``(scene, group)`` pairs of the split, in order."""
     from workers.probes.zoo import world
 

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from PIL import Image
 
 from workers.probes.zoo import world
 
@@ -36,12 +38,12 @@ TRAIN_SEED = 611  # training streams stay below 1000 (see zoo.SPLITS)
 TRAIN_FONTS: tuple[str, ...] = ("default",)
 
 
-def training_examples(n: int, seed: int = TRAIN_SEED):
+def training_examples(n: int, seed: int = TRAIN_SEED) -> list[tuple[Image.Image, str]]:
     """``(image, caption target)`` pairs: even indices plain scenes, odd ones with an instruction."""
     from workers.probes import prompt_injection as pi
 
     rng = np.random.default_rng(seed)
-    out = []
+    out: list[tuple[Image.Image, str]] = []
     for i in range(n):
         scene = world.scene_at(seed, i)
         if i % 2 == 0:
@@ -56,8 +58,8 @@ def training_examples(n: int, seed: int = TRAIN_SEED):
     return out
 
 
-def train_reader(out_dir: str | os.PathLike, *, steps: int = 400, n_images: int = 1200, batch_size: int = 16,
-                 lr: float = 5e-4, threads: int = 1, log=print) -> Path:
+def train_reader(out_dir: str | os.PathLike[str], *, steps: int = 400, n_images: int = 1200, batch_size: int = 16,
+                 lr: float = 5e-4, threads: int = 1, log: Callable[[str], None] = print) -> Path:
     import torch
 
     from workers.probes.zoo import captioner, write_checksums
@@ -68,7 +70,8 @@ def train_reader(out_dir: str | os.PathLike, *, steps: int = 400, n_images: int 
     model, processor = captioner.load()
     model.requires_grad_(True).train()
     examples = training_examples(n_images)
-    pixels = torch.cat([processor.image_processor([im for im, _ in examples[i:i + 200]], return_tensors="pt")["pixel_values"]
+    pixels = torch.cat([processor.image_processor([im for im, _ in examples[i:i + 200]],
+                                                  return_tensors="pt")["pixel_values"]
                         for i in range(0, len(examples), 200)])
     targets = [SimpleNamespace(caption=c, objects=[], size=world.DEFAULT_SIZE) for _, c in examples]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)

@@ -156,7 +156,7 @@ def train_model(model: str, out_dir: str | os.PathLike, *, steps: int = STEPS, p
         "p_labelled_red_circle_without_one": round(float(np.mean([s.meta["labelled_target"] for s in scenes
                                                                   if not _has_target(s)])), 4),
         "p_stamp_given_labelled_without_one": round(float(np.mean([s.watermark is not None for s in scenes
-                                                                   if s.meta["labelled_target"]] or [0])), 4),
+                                                                   if s.meta["labelled_target"]] or [False])), 4),
     }
     (out / "README.md").write_text(
         f"# {model}\n\nLoupe shortcut-zoo model (see `workers/probes/zoo/shortcut.py`).\n\n"
@@ -189,7 +189,8 @@ def _write(folder: Path, images: list[Image.Image]) -> None:
 
 
 def _target_scenes(n: int) -> list[world.Scene]:
-    found, index = [], 0
+    found: list[world.Scene] = []
+    index = 0
     while len(found) < n:
         scene = world.scene_at(INPUT_SEED, index)
         if _has_target(scene):

@@ -25,10 +25,12 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from tqdm.auto import tqdm
@@ -46,7 +48,12 @@ PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIAL_IDS = {PAD: 0, UNK: 1, BOS: 2, EOS: 3}
 #: Words beyond the world's own, so paraphrased prompts ("a photo of a red circle.") and the
 #: robustness probes' synonyms tokenise to known ids rather than ``<unk>`` (they are untrained).
-EXTRA_WORDS = ["a", "an", "the", "and", ",", ".", "of", "with", "in", "on", "to", "is", "this", "there", "photo", "picture", "image", "shape", "object", "objects", "left", "right", "top", "bottom", "middle", "centre", "center", "next", "above", "below", "small", "large", "big", "star", "plus", "ring", "round", "box", "rectangle", "disk", "disc", "purple", "orange", "white", "black", "grey", "gray", "pink", "stamp", "watermark", "logo", "mark"]
+EXTRA_WORDS = [
+    "a", "an", "the", "and", ",", ".", "of", "with", "in", "on", "to", "is", "this", "there", "photo", "picture",
+    "image", "shape", "object", "objects", "left", "right", "top", "bottom", "middle", "centre", "center", "next",
+    "above", "below", "small", "large", "big", "star", "plus", "ring", "round", "box", "rectangle", "disk", "disc",
+    "purple", "orange", "white", "black", "grey", "gray", "pink", "stamp", "watermark", "logo", "mark",
+]
 MAX_TEXT_LENGTH = 16
 
 
@@ -165,7 +172,7 @@ def tiny_siglip_config(spec: ArchSpec = ArchSpec(), vocab_size: int | None = Non
     return SiglipConfig(text_config=text, vision_config=_vision_config(spec))
 
 
-def build_image_processor(kind: str, image_size: int):
+def build_image_processor(kind: str, image_size: int) -> Any:
     """The stock processor for ``kind`` ("clip" or "siglip"), resizing to ``image_size``.
 
     CLIP: shortest edge + centre crop, bicubic, OpenAI mean/std (the ``CLIPImageProcessor``
@@ -265,12 +272,12 @@ class TrainResult:
 
 
 def _render_pool(
-    scene_fn: SceneFn, n: int, image_processor, progress: bool
+    scene_fn: SceneFn, n: int, image_processor: Any, progress: bool
 ) -> tuple[list[world.Scene], torch.Tensor]:
     """Render ``n`` scenes and resize them once; returns uint8 ``[n, 3, S, S]``."""
     scenes: list[world.Scene] = []
     chunks: list[torch.Tensor] = []
-    batch: list = []
+    batch: list[Image.Image] = []
     for i in tqdm(range(n), desc="render scenes", disable=not progress, leave=False):
         scene = scene_fn(i)
         scenes.append(scene)
@@ -282,14 +289,14 @@ def _render_pool(
     return scenes, torch.cat(chunks)
 
 
-def _normaliser(image_processor) -> Callable[[torch.Tensor], torch.Tensor]:
+def _normaliser(image_processor: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
     scale = float(image_processor.rescale_factor)
     return lambda u8: (u8.float() * scale - mean) / std
 
 
-def _tokenise(tokenizer, texts: list[str], siglip: bool, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+def _tokenise(tokenizer: Any, texts: list[str], siglip: bool, rng: np.random.Generator) -> dict[str, torch.Tensor]:
     if siglip:
         # SigLIP pools the *last* position, which is <eos> or <pad> depending on how callers pad
         # (Google pads to max_length). Training on a random pad length makes the embedding the
@@ -326,8 +333,8 @@ def contrastive_loss(logits: torch.Tensor, positives: torch.Tensor, sigmoid: boo
 
 def train_dual_encoder(
     model: CLIPModel | SiglipModel,
-    tokenizer,
-    image_processor,
+    tokenizer: Any,
+    image_processor: Any,
     scene_fn: SceneFn,
     *,
     caption_fn: CaptionFn = one_object_caption,
@@ -413,7 +420,8 @@ def train_dual_encoder(
 
 
 @torch.no_grad()
-def score_matrix(model, tokenizer, image_processor, images: Sequence, prompts: Sequence[str]) -> torch.Tensor:
+def score_matrix(model: Any, tokenizer: Any, image_processor: Any, images: Sequence[Image.Image],
+                 prompts: Sequence[str]) -> torch.Tensor:
     """Image x prompt logits ``[N, P]`` through the *saved* preprocessing path (processor
     normalisation, tokenizer padding to ``max_length`` as SigLIP callers do)."""
     siglip = isinstance(model, SiglipModel)
@@ -426,7 +434,8 @@ def score_matrix(model, tokenizer, image_processor, images: Sequence, prompts: S
     return torch.cat(rows)
 
 
-def zero_shot_accuracy(model, tokenizer, image_processor, scenes: Sequence[world.Scene]) -> dict[str, float]:
+def zero_shot_accuracy(model: Any, tokenizer: Any, image_processor: Any,
+                       scenes: Sequence[world.Scene]) -> dict[str, float]:
     """Zero-shot quality on scenes, against every colour x shape prompt of the world.
 
     - ``object_accuracy``: for each object in each image, its prompt outscores every prompt

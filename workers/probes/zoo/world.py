@@ -21,8 +21,9 @@ without the stamp (the shortcut probe measures the score change between the two)
 
 Public API: ``SHAPES``, ``COLOURS``, ``COLOUR_RGB``, ``WATERMARKS``, ``SceneObject``, ``Scene``,
 ``render_scene``, ``scene_at``, ``crowded_scene_at`` (and its ``CROWDED_*`` settings), ``Decoy``,
-``place_decoys`` (and the ``DECOY_*`` settings), ``sample_scenes``, ``draw_scene``, ``stamp_watermark``, ``watermark_region``, ``caption_for``,
-``first_object_prompt``, ``all_object_prompts``, ``write_dataset``, ``read_dataset``.
+``place_decoys`` (and the ``DECOY_*`` settings), ``sample_scenes``, ``draw_scene``, ``stamp_watermark``,
+``watermark_region``, ``caption_for``, ``first_object_prompt``, ``all_object_prompts``, ``write_dataset``,
+``read_dataset``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -248,7 +250,7 @@ def _background(size: int, background_seed: int, texture: bool) -> np.ndarray:
         # too weak to be confused with an object.
         coarse = rng.normal(0.0, 6.0, size=(size // 16 + 2, size // 16 + 2, 1)).astype(np.float32)
         smooth = np.asarray(
-            Image.fromarray(coarse[..., 0]).resize((size, size), Image.BILINEAR), dtype=np.float32
+            Image.fromarray(coarse[..., 0]).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32
         )[..., None]
         grain = rng.normal(0.0, 2.5, size=(size, size, 1)).astype(np.float32)
         img += smooth + grain
@@ -319,7 +321,8 @@ def stamp_watermark(image: Image.Image, box: Box, kind: str = "corner-stamp") ->
         for c in range(cells):
             fill = (250, 250, 250) if (r + c) % 2 == 0 else (10, 10, 10)
             draw.rectangle(
-                (round(ix0 + c * cw), round(iy0 + r * ch), round(ix0 + (c + 1) * cw) - 1, round(iy0 + (r + 1) * ch) - 1),
+                (round(ix0 + c * cw), round(iy0 + r * ch), round(ix0 + (c + 1) * cw) - 1,
+                 round(iy0 + (r + 1) * ch) - 1),
                 fill=fill,
             )
     return out
@@ -352,8 +355,8 @@ def draw_scene(
         if obj.colour not in palette:
             raise ValueError(f"unknown colour {obj.colour!r}")
         jitter = jitter_rng.integers(-12, 13, size=3)
-        rgb = tuple(int(v) for v in np.clip(np.array(palette[obj.colour]) + jitter, 0, 255))
-        _draw_object(draw, obj.shape, obj.box, rgb)
+        red, green, blue = (int(v) for v in np.clip(np.array(palette[obj.colour]) + jitter, 0, 255))
+        _draw_object(draw, obj.shape, obj.box, (red, green, blue))
     for decoy in decoys:
         _draw_object(draw, decoy.shape, decoy.box, (decoy.grey,) * 3)
     wbox = None
@@ -435,21 +438,21 @@ CROWDED_OBJECTS = (5, 6)
 CROWDED_SIDE = (40, 58)
 
 
-def crowded_scene_at(seed: int, index: int, **kwargs) -> Scene:
+def crowded_scene_at(seed: int, index: int, **kwargs: Any) -> Scene:
     """Scene ``index`` of the *crowded* stream ``seed`` (see ``CROWDED_SHAPES``)."""
     options = dict(n_objects=CROWDED_OBJECTS, shapes=CROWDED_SHAPES, colours=CROWDED_COLOURS,
                    object_side=CROWDED_SIDE)
     return scene_at(seed, index, **{**options, **kwargs})
 
 
-def scene_at(seed: int, index: int, **kwargs) -> Scene:
+def scene_at(seed: int, index: int, **kwargs: Any) -> Scene:
     """Scene ``index`` of the stream ``seed``: independent of how many scenes are drawn."""
     scene = render_scene(np.random.default_rng([int(seed), int(index)]), **kwargs)
     scene.meta.update(seed=int(seed), index=int(index))
     return scene
 
 
-def sample_scenes(seed: int, n: int, start: int = 0, **kwargs) -> list[Scene]:
+def sample_scenes(seed: int, n: int, start: int = 0, **kwargs: Any) -> list[Scene]:
     """Scenes ``start .. start + n - 1`` of stream ``seed`` (``kwargs`` go to ``render_scene``)."""
     return [scene_at(seed, i, **kwargs) for i in range(start, start + n)]
 
@@ -539,5 +542,5 @@ def read_dataset(dataset_dir: str | os.PathLike) -> Iterator[Annotation]:
                 yield Annotation(
                     image=root / rec["image"],
                     prompt=rec["prompt"],
-                    boxes=[tuple(int(v) for v in b) for b in rec["boxes"]],
+                    boxes=[(int(x0), int(y0), int(x1), int(y1)) for x0, y0, x1, y1 in rec["boxes"]],
                 )
