@@ -59,7 +59,8 @@ def tune_malloc() -> bool:
     if libc is None:
         return False
     # mallopt returns 1 on success; a value glibc refuses leaves its default in place.
-    _applied = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    _applied = (bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+                and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
     return _applied
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import torch
@@ -37,10 +37,19 @@ from workers.probes.errors import ProbeInputError, UnsupportedModelError
 from workers.probes.kinds import BatchSize, DatasetArg, Flag, KindParams, Limit, Metric, probe_kind
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from workers.probes.adapters.base import DualEncoderAdapter
+    from workers.probes.adapters.fusion import FusionAdapter
+    from workers.probes.scenes import SceneImage
+
+
 ALIGNED_SHARE, ALIGNED_LIFT, DIFFUSE_ENTROPY, ERRATIC_RHO = 0.5, 2.0, 0.9, 0.3
 
 
-def patch_boxes(adapter, width: int, height: int) -> np.ndarray:
+def patch_boxes(adapter: Any, width: int, height: int) -> np.ndarray:
     """``[G, 4]`` pixel boxes of the vision grid cells in a stored ``width x height`` image.
 
     Fusion adapters know their processor's resize and crop; for dual encoders the image is
@@ -65,7 +74,8 @@ def inside_mask(boxes: Sequence[Sequence[float]], pboxes: np.ndarray) -> np.ndar
 # --- attention over the image ----------------------------------------------------------------
 
 
-def fusion_image_attention(adapter, images, prompt: str, *, max_new_tokens: int = 32) -> np.ndarray:
+def fusion_image_attention(adapter: FusionAdapter, images: Sequence[Image.Image], prompt: str, *,
+                           max_new_tokens: int = 32) -> np.ndarray:
     """``[n, L, H, G]``: decoder attention from the generated text to the image, per head."""
     from workers.probes.token_attribution import generated_targets
 
@@ -96,7 +106,8 @@ def fusion_image_attention(adapter, images, prompt: str, *, max_new_tokens: int 
     return np.stack(out)
 
 
-def dual_image_attention(adapter, images, prompts: Sequence[str]) -> np.ndarray:
+def dual_image_attention(adapter: DualEncoderAdapter, images: Sequence[Image.Image],
+                         prompts: Sequence[str]) -> np.ndarray:
     """``[n, L, H, G]``: vision-tower attention from CLS (or the mean patch query) to the patches."""
     pixel_values = adapter.preprocess(images)
     trace = adapter.trace(pixel_values, list(prompts))
@@ -110,7 +121,8 @@ def dual_image_attention(adapter, images, prompts: Sequence[str]) -> np.ndarray:
     return torch.stack(maps, dim=1).float().cpu().numpy()
 
 
-def image_attention(adapter, images, prompt: str, *, max_new_tokens: int = 32) -> np.ndarray:
+def image_attention(adapter: Any, images: Sequence[Image.Image], prompt: str, *,
+                    max_new_tokens: int = 32) -> np.ndarray:
     if adapter.kind == "fusion":
         return fusion_image_attention(adapter, images, prompt, max_new_tokens=max_new_tokens)
     return dual_image_attention(adapter, images, [prompt] * len(images))
@@ -176,7 +188,7 @@ def head_table(maps: np.ndarray, inside: np.ndarray, *, paraphrase: np.ndarray |
     return rows
 
 
-def heads_figure(table: list[dict[str, Any]], *, title: str = ""):
+def heads_figure(table: list[dict[str, Any]], *, title: str = "") -> Figure:
     """Heatmaps heads x layers: alignment, entropy and (where measured) consistency."""
     from workers.probes import figures
 
@@ -212,8 +224,9 @@ def heads_figure(table: list[dict[str, Any]], *, title: str = ""):
 # --- the analysis ------------------------------------------------------------------------------
 
 
-def analyse(adapter, scenes, *, prompts: Sequence[str] | None = None, compare: Sequence[Any] = (),
-            max_new_tokens: int = 32, batch_size: int = 16, progress: Progress = no_progress) -> dict[str, Any]:
+def analyse(adapter: Any, scenes: Sequence[SceneImage], *, prompts: Sequence[str] | None = None,
+            compare: Sequence[Any] = (), max_new_tokens: int = 32, batch_size: int = 16,
+            progress: Progress = no_progress) -> dict[str, Any]:
     """Per-head statistics over ``scenes`` (``scenes.SceneImage``); ``compare``: other adapters of
     the same architecture (seeds / instances)."""
     started = time.perf_counter()
@@ -294,8 +307,8 @@ class AttentionParams(KindParams):
 def _cli_text(result: ProbeResult, params: AttentionParams) -> str:
     lines = [result.summary]
     for row in result.metrics["heads_table"]:
-        lines.append(f"  L{row['layer']}H{row['head']}  alignment {row['alignment']:.2f}  entropy {row['entropy']:.2f}  "
-                     f"{' '.join(row['flags'])}")
+        lines.append(f"  L{row['layer']}H{row['head']}  alignment {row['alignment']:.2f}  "
+                     f"entropy {row['entropy']:.2f}  {' '.join(row['flags'])}")
     return "\n".join(lines)
 
 

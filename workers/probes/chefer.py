@@ -31,12 +31,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from workers.probes.errors import ProbeInputError
 from workers.probes.registry import register
 from workers.probes.relevance import chunks, readout_row, to_grid
+
+if TYPE_CHECKING:
+    from workers.probes.adapters.base import DualEncoderAdapter
 
 
 @dataclass
@@ -78,7 +82,8 @@ def normalised_residual(r: torch.Tensor) -> torch.Tensor:
     return s / s.sum(-1, keepdim=True).clamp_min(1e-12) + eye
 
 
-def self_relevance(cams: Sequence[torch.Tensor], n: int, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def self_relevance(cams: Sequence[torch.Tensor], n: int, batch: int,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
     """Chefer's self-attention rule as a matrix: ``R = I``, then ``R <- R + A_bar_l @ R`` for each
     head-fused cam ``[B, n, n]`` in layer order. Returns ``[B, n, n]``."""
     r = torch.eye(n, device=device).expand(batch, n, n).clone()
@@ -117,7 +122,7 @@ def query_context_relevance(steps: Sequence[tuple[str, torch.Tensor]], n_query: 
     return r_qc
 
 
-def relevance(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, start_layer: int = 0,
+def relevance(adapter: DualEncoderAdapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, start_layer: int = 0,
               text: bool = False) -> CheferRelevance:
     """Chefer relevance for ``B`` image-prompt pairs in one forward and one backward pass."""
     if not 0 <= start_layer < adapter.num_layers:
@@ -126,19 +131,25 @@ def relevance(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, st
         weighted = adapter.gradient_weighted_attentions(pixel_values, prompts, start_layer=start_layer)
         pool = None
         if weighted.pool is not None:  # the readout weights: the pooling step's own attention (see pooled_relevance)
-            pool = adapter.attentions(pixel_values)[1].float().mean(1)
+            pool_attention = adapter.attentions(pixel_values)[1]
+            assert pool_attention is not None  # the same pooling head that weighted.pool came from
+            pool = pool_attention.float().mean(1)
         return CheferRelevance(image=_image_map(adapter, weighted.layers, pool))
 
     trace = adapter.trace(pixel_values, prompts, grad_from_layer=start_layer, text=True, retain_grads=False)
+    # a trace with text=True has all three
+    assert trace.text_readout is not None and trace.text_attention_mask is not None
+    assert trace.text_input_ids is not None
     vision = list(trace.attentions[start_layer:])
     pooled = [trace.pool_attention] if trace.pool_attention is not None else []
     texts = list(trace.text_attentions)
     grads = torch.autograd.grad(trace.score.sum(), vision + pooled + texts)
-    layers = [weighted_attention(a, g) for a, g in zip(vision, grads)]
+    # grads continues with the pooling and text layers' gradients, which zip leaves to the lines below
+    layers = [weighted_attention(a, g) for a, g in zip(vision, grads, strict=False)]
     pool = pooled[0].detach().float().mean(1) if pooled else None
     image = _image_map(adapter, layers, pool)
 
-    text_layers = [weighted_attention(a, g) for a, g in zip(texts, grads[len(vision) + len(pooled):])]
+    text_layers = [weighted_attention(a, g) for a, g in zip(texts, grads[len(vision) + len(pooled):], strict=True)]
     tt = text_layers[0].shape[-1]
     text_row = torch.nn.functional.one_hot(trace.text_readout, tt).float()
     text_rel = propagate_row(text_row, text_layers) * trace.text_attention_mask.float()
@@ -146,7 +157,7 @@ def relevance(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, st
     return CheferRelevance(image=image, text=text_rel.detach().float().cpu(), tokens=tokens)
 
 
-def _image_map(adapter, layers: Sequence[torch.Tensor], pool: torch.Tensor | None) -> torch.Tensor:
+def _image_map(adapter: DualEncoderAdapter, layers: Sequence[torch.Tensor], pool: torch.Tensor | None) -> torch.Tensor:
     """The readout through the head-fused layers ``[B, q, T]`` -> ``[B, gh, gw]``."""
     if pool is not None:
         return to_grid(adapter, pooled_relevance(pool, layers))
@@ -184,7 +195,7 @@ def pooled_relevance(pool: torch.Tensor, layers: Sequence[torch.Tensor]) -> torc
 
 
 @register("chefer")
-def chefer(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, start_layer: int = 0,
+def chefer(adapter: DualEncoderAdapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, start_layer: int = 0,
            batch_size: int = 32) -> torch.Tensor:
     """Image-side Chefer relevance ``[B, gh, gw]``; ``start_layer`` (default 0: all layers) is the
     first layer whose attention enters ``R``. Pairs are processed ``batch_size`` at a time with one

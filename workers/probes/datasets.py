@@ -269,8 +269,10 @@ def _load_coco(path: Path, *, limit: int | None, prompt_template: str, max_pixel
         raise ProbeInputError(f"{name} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise ProbeInputError(f"{name}: malformed JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
-        raise ProbeInputError(f"{name}: not a COCO instances file (needs lists \"images\", \"annotations\", \"categories\")")
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
+                                             for k in ("images", "annotations", "categories")):
+        raise ProbeInputError(f"{name}: not a COCO instances file "
+                              "(needs lists \"images\", \"annotations\", \"categories\")")
     try:
         template_ok = prompt_template.format(name="x")
     except (KeyError, IndexError, ValueError):

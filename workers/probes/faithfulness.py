@@ -40,10 +40,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from workers.probes.adapters.base import DualEncoderAdapter
+
 
 POINTING_TOLERANCE_PX = 15.0
 REFERENCE_SIZE_PX = 224.0
@@ -153,7 +158,8 @@ def patch_order(maps: torch.Tensor) -> torch.Tensor:
 
 def random_order(n_images: int, n_patches: int, seeds: Sequence[int]) -> torch.Tensor:
     """``[B, N]`` random patch orders, one seeded permutation per image (stable under batching)."""
-    return torch.stack([torch.randperm(n_patches, generator=torch.Generator().manual_seed(int(s))) for s in seeds[:n_images]])
+    return torch.stack([torch.randperm(n_patches, generator=torch.Generator().manual_seed(int(s)))
+                        for s in seeds[:n_images]])
 
 
 def step_counts(n_patches: int, steps: int) -> torch.Tensor:
@@ -205,7 +211,8 @@ def candidate_prompts(prompts: Sequence[str]) -> list[str] | None:
 
 
 @torch.no_grad()
-def perturbation_scores(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], masks: torch.Tensor, *,
+def perturbation_scores(adapter: DualEncoderAdapter, pixel_values: torch.Tensor, prompts: Sequence[str],
+                        masks: torch.Tensor, *,
                         baseline: torch.Tensor, batch_size: int = 64,
                         candidates: Sequence[str] | None = None) -> torch.Tensor:
     """Score masked copies through the model, many copies per forward pass.
@@ -266,7 +273,8 @@ class PerturbationResult:
     score: str  # "probability" or "normalised_score"
 
 
-def deletion_insertion(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], order: torch.Tensor, *,
+def deletion_insertion(adapter: DualEncoderAdapter, pixel_values: torch.Tensor, prompts: Sequence[str],
+                       order: torch.Tensor, *,
                        grid: tuple[int, int], steps: int = 32, baseline: str = "mean", patch_size: int = 16,
                        batch_size: int = 64, candidates: Sequence[str] | None = None) -> PerturbationResult:
     """Deletion and insertion AUCs for patch ``order [B, gh*gw]`` (most relevant first).

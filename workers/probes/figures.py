@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
@@ -47,7 +48,7 @@ def _dense(heatmap: torch.Tensor | np.ndarray, height: int, width: int) -> np.nd
 HEATMAP_CMAP = "inferno"
 
 
-def draw_image(ax, image: Image.Image, *, boxes: Sequence[Box] = (), title: str | None = None,
+def draw_image(ax: Axes, image: Image.Image, *, boxes: Sequence[Box] = (), title: str | None = None,
                fontsize: float = 9) -> None:
     """The image itself, in colour, with ground-truth ``boxes`` in green (beside overlays, which
     show it in grey)."""
@@ -58,12 +59,12 @@ def draw_image(ax, image: Image.Image, *, boxes: Sequence[Box] = (), title: str 
     ax.set_axis_off()
 
 
-def _draw_boxes(ax, boxes: Sequence[Box]) -> None:
+def _draw_boxes(ax: Axes, boxes: Sequence[Box]) -> None:
     for x0, y0, x1, y1 in boxes:
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.5))
 
 
-def draw_overlay(ax, image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, boxes: Sequence[Box] = (),
+def draw_overlay(ax: Axes, image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, boxes: Sequence[Box] = (),
                  alpha: float = 0.85, cmap: str = HEATMAP_CMAP, title: str | None = None,
                  point: tuple[float, float] | None = None) -> None:
     """Draw ``heatmap`` (any resolution, rescaled to [0, 1]) over ``image`` on ``ax``, with

@@ -23,6 +23,7 @@ ViT crossed ~250 edges). (The sink's in-capacity sums to 1, so no flow exceeds 2
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
@@ -33,6 +34,10 @@ from workers.probes.errors import ProbeInputError
 from workers.probes.registry import register
 from workers.probes.relevance import fuse_heads
 from workers.probes.rollout import layer_matrices
+
+if TYPE_CHECKING:
+    from workers.probes.adapters.base import DualEncoderAdapter
+
 
 SCALE = 2 ** 30
 #: refuse above this many (edges x max-flow computations) per image: ~10 s on one CPU core.
@@ -125,7 +130,7 @@ def flow_reference(mats: np.ndarray, pool: np.ndarray | None, sources: Sequence[
                 if mats[layer, i, j] > 0:
                     graph.add_edge((layer, j), (layer + 1, i), capacity=float(mats[layer, i, j]))
     if pool is None:
-        sink = (n_layers, 0)
+        sink: tuple[int, int] | str = (n_layers, 0)
     else:
         sink = "readout"
         for j in range(t):
@@ -134,7 +139,8 @@ def flow_reference(mats: np.ndarray, pool: np.ndarray | None, sources: Sequence[
     return np.array([nx.maximum_flow_value(graph, (0, s), sink) for s in sources])
 
 
-def flow_inputs(adapter, pixel_values: torch.Tensor, *, start_layer: int = 0) -> list[tuple[np.ndarray, np.ndarray | None]]:
+def flow_inputs(adapter: DualEncoderAdapter, pixel_values: torch.Tensor, *,
+                start_layer: int = 0) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """Per image: the ``[L, T, T]`` layer matrices and the pooling row (None for CLS readout)."""
     attentions, pool = adapter.attentions(pixel_values)
     mats = torch.stack(layer_matrices(attentions[start_layer:], keep_columns=adapter.num_prefix_tokens), dim=1)
@@ -144,7 +150,7 @@ def flow_inputs(adapter, pixel_values: torch.Tensor, *, start_layer: int = 0) ->
 
 
 @register("flow")
-def flow(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, start_layer: int = 0,
+def flow(adapter: DualEncoderAdapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, start_layer: int = 0,
          max_work: int = MAX_WORK) -> torch.Tensor:
     """Attention flow ``[B, gh, gw]``. Like rollout it ignores the prompt. Refuses
     (``FlowTooLargeError``) when layers x tokens^2 x patches exceeds ``max_work``."""

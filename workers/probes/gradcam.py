@@ -16,6 +16,7 @@ adapter freezes them); that is the whole speed difference to generic Grad-CAM li
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,13 +24,16 @@ from workers.probes.errors import ProbeInputError
 from workers.probes.registry import register
 from workers.probes.relevance import chunks
 
+if TYPE_CHECKING:
+    from workers.probes.adapters.base import DualEncoderAdapter
 
-def default_layer(adapter) -> int:
+
+def default_layer(adapter: DualEncoderAdapter) -> int:
     """Index into ``hidden_states`` (0 = embeddings, L = last layer's output)."""
     return adapter.num_layers - 1 if adapter.num_prefix_tokens > 0 else adapter.num_layers
 
 
-def cam_from(activations: torch.Tensor, gradients: torch.Tensor, adapter) -> torch.Tensor:
+def cam_from(activations: torch.Tensor, gradients: torch.Tensor, adapter: DualEncoderAdapter) -> torch.Tensor:
     """``[B, T, D]`` activations and gradients -> ``[B, gh, gw]`` Grad-CAM of the patch tokens."""
     acts = adapter.patch_tokens(activations.float())  # [B, gh, gw, D]
     grads = adapter.patch_tokens(gradients.float())
@@ -38,7 +42,8 @@ def cam_from(activations: torch.Tensor, gradients: torch.Tensor, adapter) -> tor
 
 
 @register("gradcam")
-def gradcam(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, layer: int | None = None,
+def gradcam(adapter: DualEncoderAdapter, pixel_values: torch.Tensor, prompts: Sequence[str], *,
+            layer: int | None = None,
             batch_size: int = 32) -> torch.Tensor:
     """Grad-CAM ``[B, gh, gw]`` at ``hidden_states[layer]`` (default: see module docstring)."""
     layer = default_layer(adapter) if layer is None else int(layer)
@@ -54,5 +59,6 @@ def gradcam(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, laye
         # than ``autograd.grad``: the latter refuses leaf tensors under module hooks such as
         # torch's FlopCounterMode, which the GPU benchmark uses)
         trace.score.sum().backward(inputs=[h])
+        assert h.grad is not None  # populated by the backward pass just above
         maps.append(cam_from(h.detach(), h.grad, adapter).cpu())
     return torch.cat(maps)

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from workers.probes.explanations import (
 )
 from workers.probes.kinds import BatchSize, Flag, Metric, probe_kind
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
+
+if TYPE_CHECKING:
+    from workers.probes.adapters.base import DualEncoderAdapter
 
 
 @dataclass
@@ -208,8 +211,8 @@ class GroundingParams(DatasetParams):
     tolerance_px: float = Field(faithfulness.POINTING_TOLERANCE_PX, ge=0, le=1000,
                                 description="pixels around a box that still count as a hit")
     figure_examples: int = Field(4, ge=0, le=32, description="examples shown in the heatmap figure")
-    validate_methods: bool = Field(True, description="validate every method on this model: deletion/insertion against a "
-                                             "random order, randomisation sanity, agreement, stability")
+    validate_methods: bool = Field(True, description="validate every method on this model: deletion/insertion "
+                                             "against a random order, randomisation sanity, agreement, stability")
     validation_examples: int = Field(16, ge=1, le=1024, description="examples the sanity, agreement and stability "
                                                                     "checks of the validation run on")
     method_params: Annotated[dict[str, dict[str, Any]], Flag(hidden=True)] = Field(
@@ -301,7 +304,8 @@ def grounding_probe(model_dir: str, dataset_dir: str | None, params: GroundingPa
                        dataset_hash=dataset.fingerprint())
 
 
-def validate_on_model(adapter, dataset: GroundingDataset, methods: Sequence[str], per_example: dict[str, Any], *,
+def validate_on_model(adapter: DualEncoderAdapter, dataset: GroundingDataset, methods: Sequence[str],
+                      per_example: dict[str, Any], *,
                       examples: int, batch_size: int, seed: int,
                       method_params: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """``validation.validate`` for a grounding evidence item: the per-example deletion/insertion and
@@ -326,7 +330,7 @@ def validate_on_model(adapter, dataset: GroundingDataset, methods: Sequence[str]
                                stability=stable)
 
 
-def _stability_under_corruptions(adapter, sample: GroundingDataset, methods: Sequence[str],
+def _stability_under_corruptions(adapter: DualEncoderAdapter, sample: GroundingDataset, methods: Sequence[str],
                                  trained: dict[str, torch.Tensor], *, batch_size: int, seed: int,
                                  method_params: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per method, the rank correlation of its maps on the clean and on corrupted images (the

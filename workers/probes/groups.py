@@ -30,7 +30,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from pydantic import Field
 from workers.probes.errors import ProbeInputError
 from workers.probes.kinds import BatchSize, DatasetArg, KindParams, Limit, Metric, Seed, probe_kind
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ANNOTATIONS_FILE = "annotations.jsonl"
 #: Default largest tolerated accuracy gap between two groups (absolute, 0..1); a case's criteria
@@ -274,7 +277,7 @@ def grounding_evidence(adapter: Any, examples: Sequence[GroupExample], correct: 
     rows: dict[str, dict[str, list]] = {}
     usable = [i for i, ex in enumerate(examples) if ex.boxes]
     fusion = getattr(adapter, "kind", None) == "fusion"
-    for done, start in enumerate(range(0, len(usable), batch_size)):
+    for start in range(0, len(usable), batch_size):
         idx = usable[start:start + batch_size]
         chunk = [examples[i] for i in idx]
         images = [ex.load_image() for ex in chunk]
@@ -349,7 +352,7 @@ def findings_for(report: GroupReport) -> list[Finding]:
     return [Finding("info", "No significant accuracy gap between groups", detail)]
 
 
-def figure_groups(report: GroupReport):
+def figure_groups(report: GroupReport) -> Figure:
     """Accuracy per group with its 95% interval (and, with evidence, relevance on the object)."""
     import matplotlib
 
@@ -428,7 +431,8 @@ def groups_kind(model_dir: str, dataset_dir: str | None, params: GroupsParams, *
                                      progress=(lambda f, p: progress(0.5 * f, p)) if explain else progress)
     if explain:
         report.evidence = grounding_evidence(adapter, examples, correct, method=params.method,
-                                             batch_size=params.batch_size, progress=lambda f, p: progress(0.5 + 0.5 * f, p))
+                                             batch_size=params.batch_size,
+                                             progress=lambda f, p: progress(0.5 + 0.5 * f, p))
     metrics = report.as_dict()
     worst = report.worst
     summary = (f"Accuracy over {len(report.groups)} groups ({len(examples)} examples): "

@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from workers.probes.errors import ProbeInputError
 from workers.probes.registry import register
 from workers.probes.relevance import chunks
+
+if TYPE_CHECKING:
+    from workers.probes.adapters.base import DualEncoderAdapter
 
 
 def window_rows(size: int, window: int, stride: int) -> torch.Tensor:
@@ -49,7 +53,8 @@ def window_rows(size: int, window: int, stride: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def occlusion_pixels(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, window: int | None = None,
+def occlusion_pixels(adapter: DualEncoderAdapter, pixel_values: torch.Tensor, prompts: Sequence[str], *,
+                     window: int | None = None,
                      stride: int | None = None, baseline: float = 0.0, batch_size: int = 64) -> torch.Tensor:
     """Pixel-resolution occlusion attribution ``[B, S, S]`` (what captum's ``Occlusion`` returns
     for each channel with a window spanning all channels)."""
@@ -90,8 +95,9 @@ def occlusion_pixels(adapter, pixel_values: torch.Tensor, prompts: Sequence[str]
 
 
 @register("occlusion")
-def occlusion(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, window: int | None = None,
-              stride: int | None = None, baseline: float = 0.0, batch_size: int = 64) -> torch.Tensor:
+def occlusion(adapter: DualEncoderAdapter, pixel_values: torch.Tensor, prompts: Sequence[str], *,
+              window: int | None = None, stride: int | None = None, baseline: float = 0.0,
+              batch_size: int = 64) -> torch.Tensor:
     """Occlusion map ``[B, gh, gw]``: score drop when a region is hidden (positive = region supports
     the match). ``window`` defaults to the patch size, ``stride`` to half of it; ``batch_size``
     occluded copies (of any of the images) go through the image tower at once."""

@@ -15,9 +15,15 @@ relevance on the attacker's region far above the region's share of the image. Bo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from workers.probes.adapters.base import DualEncoderAdapter
+    from workers.probes.adapters.fusion import FusionAdapter
+
 
 Box = tuple[float, float, float, float]
 
@@ -52,14 +58,15 @@ def scale_box(box: Box, size: tuple[int, int], image_size: int) -> Box:
     return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
-def dual_maps(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], method: str = "chefer") -> torch.Tensor:
+def dual_maps(adapter: DualEncoderAdapter, pixel_values: torch.Tensor, prompts: Sequence[str],
+              method: str = "chefer") -> torch.Tensor:
     """``[B, gh, gw]`` maps of ``method`` for image b explained with prompt b."""
     from workers.probes.explanations import explain
 
     return explain(adapter, method, pixel_values, list(prompts))
 
 
-def fusion_caption_map(adapter, pixel_values: torch.Tensor, prompt: str, *, words: Sequence[str] = (),
+def fusion_caption_map(adapter: FusionAdapter, pixel_values: torch.Tensor, prompt: str, *, words: Sequence[str] = (),
                        max_new_tokens: int = 24) -> tuple[str, np.ndarray | None]:
     """Greedy caption of one image (``pixel_values`` ``[1, 3, S, S]``) and the mean token-attribution
     image map of its generated tokens that are among ``words`` (all generated tokens if none is, or

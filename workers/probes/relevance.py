@@ -12,9 +12,16 @@ The *readout* is the set of weights with which the final token states make the i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 import torch
 
 from workers.probes.errors import ProbeInputError
+
+if TYPE_CHECKING:
+    from workers.probes.adapters.base import DualEncoderAdapter
+
 
 HEAD_FUSIONS = ("mean", "max", "min")
 
@@ -30,7 +37,7 @@ def fuse_heads(attn: torch.Tensor, how: str = "mean") -> torch.Tensor:
     raise ProbeInputError(f"unknown head fusion {how!r}; use one of {', '.join(HEAD_FUSIONS)}")
 
 
-def readout_row(adapter, pool: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor:
+def readout_row(adapter: DualEncoderAdapter, pool: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor:
     """Readout weights ``[B, T]``; ``pool`` is the already head-fused pooling row ``[B, T]`` or ``None``."""
     if pool is not None:
         return pool.float()
@@ -41,13 +48,13 @@ def readout_row(adapter, pool: torch.Tensor | None, batch: int, tokens: int) -> 
     return row
 
 
-def to_grid(adapter, token_relevance: torch.Tensor) -> torch.Tensor:
+def to_grid(adapter: DualEncoderAdapter, token_relevance: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` token relevance -> ``[B, gh, gw]`` float32 CPU map of the patch tokens."""
     patches = token_relevance[:, adapter.num_prefix_tokens:]
     return patches.reshape(patches.shape[0], *adapter.grid).detach().float().cpu()
 
 
-def chunks(n: int, size: int):
+def chunks(n: int, size: int) -> Iterator[slice]:
     """``range`` slices of at most ``size`` items covering ``0..n``."""
     if size < 1:
         raise ProbeInputError(f"batch size must be at least 1, got {size}")

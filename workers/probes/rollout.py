@@ -12,12 +12,16 @@ encoder looks, not what matches the text. ``prompts`` are accepted for the commo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from workers.probes.errors import ProbeInputError
 from workers.probes.registry import register
 from workers.probes.relevance import chunks, fuse_heads, readout_row, to_grid
+
+if TYPE_CHECKING:
+    from workers.probes.adapters.base import DualEncoderAdapter
 
 
 def discard_weakest(a: torch.Tensor, ratio: float, keep_columns: int) -> torch.Tensor:
@@ -51,7 +55,8 @@ def layer_matrices(attentions: Sequence[torch.Tensor], *, head_fusion: str = "me
 
 
 @register("rollout")
-def rollout(adapter, pixel_values: torch.Tensor, prompts: Sequence[str], *, head_fusion: str = "mean",
+def rollout(adapter: DualEncoderAdapter, pixel_values: torch.Tensor, prompts: Sequence[str], *,
+            head_fusion: str = "mean",
             discard_ratio: float = 0.0, start_layer: int = 0, batch_size: int = 64) -> torch.Tensor:
     """Attention rollout ``[B, gh, gw]``."""
     adapter.pair_prompts(pixel_values, prompts)  # same validation as every method

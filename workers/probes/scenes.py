@@ -67,7 +67,7 @@ def load_scenes(dataset_dir: str | Path, *, limit: int | None = None) -> list[Sc
         first = examples[0]
         objects = scene_objects.get(Path(path).resolve())  # keys are resolved: a relative dataset path must match
         if objects is None:
-            objects = tuple(NamedObject(words=tuple(ex.prompt.lower().split()), box=tuple(b))  # type: ignore[arg-type]
+            objects = tuple(NamedObject(words=tuple(ex.prompt.lower().split()), box=tuple(b))
                             for ex in examples for b in ex.boxes)
         for o in objects:
             x0, y0, x1, y1 = o.box

@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,13 +40,18 @@ from PIL import Image
 from pydantic import Field
 
 from workers.probes import validation
-from workers.probes.adapters.fusion import Encoded, FusionAdapter
+from workers.probes.adapters.fusion import Encoded, FusionAdapter, TargetTrace
 from workers.probes.chefer import vision_relevance, weighted_attention
 from workers.probes.errors import ProbeInputError
 from workers.probes.kinds import BatchSize, DatasetArg, KindParams, Limit, Metric, Seed, probe_kind
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
 from workers.probes.token_perturbation import METHODS as PERTURBATION_METHODS
 from workers.probes.token_perturbation import applies_to, perturbation_attribution, word_deletion_insertion
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from workers.probes.scenes import SceneImage
 
 #: ``chefer``: decoder only (image-token columns); ``chefer_full``: also through the vision tower;
 #: ``chefer_bimodal``: the decoder's image-token relevance through the projector into the vision
@@ -91,7 +96,8 @@ class TokenAttribution:
     n_prompt_text: int = 0
 
 
-def generated_targets(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def generated_targets(adapter: FusionAdapter, enc: Encoded,
+                      generated: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced input ids ``[1, N]`` (prompt + all but the last generated token) and the
     prediction position of every generated token ``[T]``."""
     gen = torch.tensor([list(generated)], dtype=torch.long, device=enc.input_ids.device)
@@ -100,7 +106,8 @@ def generated_targets(adapter: FusionAdapter, enc: Encoded, generated: Sequence[
     return ids, torch.arange(start, start + len(generated), device=ids.device)
 
 
-def relevance_rows(attentions: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+def relevance_rows(attentions: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                   rows: torch.Tensor) -> torch.Tensor:
     """Chefer's decoder rule, propagated for one row per target.
 
     ``attentions[l]`` ``[1, H, N, N]`` (or ``[T, H, N, N]``), ``grads[l]`` ``[T, H, N, N]`` (target
@@ -122,7 +129,8 @@ def relevance_rows(attentions: Sequence[torch.Tensor], grads: Sequence[torch.Ten
 
 
 def split_relevance_rows(prefix: Sequence[torch.Tensor], target: Sequence[torch.Tensor],
-                         prefix_grads: Sequence[torch.Tensor | None], target_grads: Sequence[torch.Tensor]) -> torch.Tensor:
+                         prefix_grads: Sequence[torch.Tensor | None],
+                         target_grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """``relevance_rows`` over a ``TargetTrace``: the same numbers, from attention split at row ``P``.
 
     ``prefix[l]`` ``[1, H, P, P]`` with ``prefix_grads[l]`` ``[T, H, P, P]`` (target t's gradient; the
@@ -283,8 +291,9 @@ def _traced_embeddings(adapter: FusionAdapter, ids: torch.Tensor, image_features
                        pixel_values: torch.Tensor | None) -> tuple[torch.Tensor, tuple | None]:
     """Joint input embeddings to trace, and ``(vision attentions, vision_rows)`` when the vision tower
     is traced too (``pixel_values`` given and the adapter has ``vision_trace``). Call with grad enabled."""
-    if pixel_values is not None and getattr(adapter, "vision_trace", None) is not None:
-        feats, vision_attns, vision_rows = adapter.vision_trace(pixel_values)
+    vision_trace = getattr(adapter, "vision_trace", None)
+    if pixel_values is not None and vision_trace is not None:
+        feats, vision_attns, vision_rows = vision_trace(pixel_values)
         return adapter.embed(ids, feats), (vision_attns, vision_rows)
     if image_features is None:
         if pixel_values is None:
@@ -295,8 +304,8 @@ def _traced_embeddings(adapter: FusionAdapter, ids: torch.Tensor, image_features
     return adapter.embed(ids, image_features.detach()).detach().requires_grad_(True), None
 
 
-def _relevance(adapter: FusionAdapter, trace, generated: Sequence[int], enc: Encoded, vision: tuple | None, *,
-               batched: bool) -> dict[str, torch.Tensor]:
+def _relevance(adapter: FusionAdapter, trace: TargetTrace, generated: Sequence[int], enc: Encoded,
+               vision: tuple | None, *, batched: bool) -> dict[str, torch.Tensor]:
     """Every method's relevance rows from a ``TargetTrace`` whose logits row t predicts ``generated[t]``."""
     device = trace.logits.device
     targets = torch.tensor(list(generated), dtype=torch.long, device=device)
@@ -352,8 +361,8 @@ def naive_attribute_generated(adapter: FusionAdapter, enc: Encoded, image_featur
     return out
 
 
-def to_attribution(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int], rows_by_method: dict[str, torch.Tensor],
-                   prompt: str) -> TokenAttribution:
+def to_attribution(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int],
+                   rows_by_method: dict[str, torch.Tensor], prompt: str) -> TokenAttribution:
     """Split relevance rows into image maps (vision grid) and text relevance."""
     ids, rows = generated_targets(adapter, enc, generated)
     seq = ids[0].tolist() + [generated[-1]]
@@ -450,8 +459,8 @@ def attribution_graph(att: TokenAttribution, patch_boxes: np.ndarray | None = No
         total = float(img.sum() + txt.sum()) or 1.0
         for j, w in enumerate(img):
             if w > 0 and w / total >= min_weight:
-                edges.append({"source": f"patch:{j // gw}:{j % gw}", "target": target, "weight": round(float(w / total), 5),
-                              "kind": "image"})
+                edges.append({"source": f"patch:{j // gw}:{j % gw}", "target": target,
+                              "weight": round(float(w / total), 5), "kind": "image"})
         for k, w in enumerate(txt):
             if w > 0 and w / total >= min_weight:
                 edges.append({"source": f"token:{att.text_positions[k]}", "target": target,
@@ -486,7 +495,7 @@ def attribution_json(att: TokenAttribution, patch_boxes: np.ndarray | None = Non
 
 
 def caption_figure(image: Image.Image, att: TokenAttribution, *, boxes: Sequence[Sequence[float]] = (),
-                   methods: Sequence[str] | None = None):
+                   methods: Sequence[str] | None = None) -> Figure:
     """The caption with each word's image heatmap: one column per generated token, one row per method."""
     from workers.probes import figures
 
@@ -515,7 +524,7 @@ def _hit(box: Sequence[float], patch_box: Sequence[float], tolerance: float = 0.
     return box[0] - tolerance <= cx < box[2] + tolerance and box[1] - tolerance <= cy < box[3] + tolerance
 
 
-def evaluate_pointing(adapter: FusionAdapter, scenes, *, prompt: str, max_new_tokens: int = 32,
+def evaluate_pointing(adapter: FusionAdapter, scenes: Sequence[SceneImage], *, prompt: str, max_new_tokens: int = 32,
                       progress: Progress = no_progress, keep: int = 0,
                       batch_size: int = 16,
                       perturbation: Sequence[str] = PERTURBATION_METHODS, validate_images: int = 4,
@@ -531,12 +540,12 @@ def evaluate_pointing(adapter: FusionAdapter, scenes, *, prompt: str, max_new_to
     every method's maps are recomputed under the robustness probe's corruptions (teacher-forced on the
     clean image's caption, so the same words are compared) and their rank correlation with the clean
     maps is reported beside the maps (``validation``'s ``stability``, carried into its limitations)."""
-    hits = {m: [] for m in METHODS}
-    tolerant = {m: [] for m in METHODS}
+    hits: dict[str, list[bool]] = {m: [] for m in METHODS}
+    tolerant: dict[str, list[bool]] = {m: [] for m in METHODS}
     chance: list[float] = []
     by_kind: dict[str, dict[str, list[bool]]] = {}
     unmatched = words = 0
-    kept = []
+    kept: list[tuple[SceneImage, Image.Image, TokenAttribution]] = []
     curves: dict[str, dict[str, list[float]]] = {}
     # (enc, pixel values, generated, checked word indices, {method: [W, G]}, image)
     validation_items: list[tuple] = []
@@ -748,8 +757,8 @@ def token_attribution_kind(model_dir: str, dataset_dir: str | None, params: Toke
                                 f"Only {p:.0%} of object words have their attribution maximum in the object's box."))
     else:
         findings.append(Finding("info", "Generated object words point to their objects",
-                                f"{p:.0%} of {metrics['n_words']} words (raw attention: {metrics['pointing']['raw']:.0%}; "
-                                f"random: {metrics['random_baseline']:.0%})."))
+                                f"{p:.0%} of {metrics['n_words']} words (raw attention: "
+                                f"{metrics['pointing']['raw']:.0%}; random: {metrics['random_baseline']:.0%})."))
     if metrics["hallucinated_words"]:
         findings.append(Finding("medium", "The model names objects that are not in the image",
                                 f"{metrics['hallucinated_words']} colour/shape words had no matching object."))

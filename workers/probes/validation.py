@@ -84,7 +84,7 @@ def stability_under(clean: torch.Tensor | np.ndarray, perturbed: Mapping[str, to
     of the clean and the corrupted input's maps per corruption, and the worst of them (``"min"``)."""
     by = {name: bootstrap_ci(rank_correlation(clean, maps), seed=seed) for name, maps in perturbed.items()}
     means = {name: ci["mean"] for name, ci in by.items() if ci["mean"] is not None}
-    worst = min(means, key=means.get) if means else None
+    worst = min(means, key=lambda name: means[name]) if means else None
     return {"rank_correlation": by, "min": means.get(worst) if worst else None, "least_stable_under": worst}
 
 

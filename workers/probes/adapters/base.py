@@ -152,6 +152,8 @@ class DualEncoderAdapter(VisionLanguageAdapter):
     """CLIP-like models: an image encoder and a text encoder scored by similarity."""
 
     kind = "dual_encoder"
+    #: the transformers tokenizer of the text tower
+    tokenizer: Any
 
     @abstractmethod
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,9 +216,11 @@ class DualEncoderAdapter(VisionLanguageAdapter):
         """All pairs ``[B, P]`` (zero-shot classification uses this)."""
 
     @abstractmethod
-    def trace(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> VisionTrace:
+    def trace(self, pixel_values: torch.Tensor, prompts: Sequence[str], *, grad_from_layer: int = 0,
+              text: bool = False, retain_grads: bool = True) -> VisionTrace:
         """Forward with eager attention, keeping attention probabilities and hidden states
-        (with gradients) for every vision layer."""
+        (with gradients) for every vision layer: from the input of layer ``grad_from_layer`` on;
+        ``text`` traces the text tower too; ``retain_grads=False`` leaves ``.grad`` unpopulated."""
 
     def readout_trace(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> VisionTrace:
         """``trace`` for rules that need only the score and the attention probabilities with their

@@ -114,7 +114,7 @@ class FusionAdapter(VisionLanguageAdapter):
     #: gradients): ``(features [B, n_img, D], attentions per vision layer, vision_rows [Tv])``. A method in
     #: adapters that carry relevance through the vision tower; None where they don't (``chefer_full`` is then
     #: not offered).
-    vision_trace: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]] | None
+    vision_trace: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]] | None = None
 
     #: image tokens in the joint sequence that map to vision grid cells; ``image_token_prefix``
     #: of them come first and have no cell (e.g. a CLS token kept by LLaVA's "full" strategy).
