@@ -141,7 +141,8 @@ class PaliGemmaAdapter(FusionAdapter):
         keys and values it returns are the prompt's but the last row, which ``generate_traced`` re-runs."""
         lm: Any = self.causal_lm
         embed_tokens = lm.get_input_embeddings()
-        cache = self._new_cache()
+        # Any: DynamicCache types its layers as a union of layer kinds; a DynamicCache's have keys and values
+        cache: Any = self._new_cache()
         n = inputs_embeds.shape[1]
         prefix = lm(inputs_embeds=inputs_embeds, logits_to_keep=1, use_cache=True, output_attentions=trace,
                     return_dict=True, cache=cache)
@@ -171,7 +172,7 @@ class PaliGemmaAdapter(FusionAdapter):
         call, then rows ``first_row..`` over its keys and values but the last row's."""
         lm = self.causal_lm
         common: dict[str, Any] = {"use_cache": True, "output_attentions": True, "return_dict": True}
-        cache = self._new_cache()
+        cache: Any = self._new_cache()  # see _greedy
         prefix = lm(inputs_embeds=inputs_embeds[:, :first_row + 1], logits_to_keep=1, cache=cache, **common)
         kept = [(layer.keys[:, :, :first_row], layer.values[:, :, :first_row]) for layer in cache.layers]
         rest = lm(inputs_embeds=inputs_embeds[:, first_row:], cache=self._new_cache(kept), **common)
