@@ -109,7 +109,7 @@ class MllamaAdapter(FusionAdapter):
     model_types = ("mllama",)
     family = "Llama 3.2 Vision"
     patch_aligned = False
-    vision_trace = None  # type: ignore[assignment]
+    vision_trace = None
     cross_states: torch.Tensor | None = None
     cross_mask: torch.Tensor | None = None
     _layouts: list[TileLayout] | None = None
