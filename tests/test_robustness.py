@@ -14,7 +14,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from workers.probes import robustness  # noqa: E402
+from workers.probes import corruptions, robustness  # noqa: E402
 from workers.probes.cli import main  # noqa: E402
 from workers.probes.zoo import shortcut as zoo_shortcut  # noqa: E402
 from workers.probes.zoo import world  # noqa: E402
@@ -41,18 +41,18 @@ def report(dataset):
 def test_it_corrupts_more_with_each_severity():
     image = world.scene_at(5_000_017, 0).image
     clean = np.asarray(image, dtype=float)
-    for kind in robustness.CORRUPTIONS:
-        distances = [np.abs(np.asarray(robustness.corrupt(image, kind, s, seed=3), dtype=float) - clean).mean()
-                     for s in robustness.SEVERITIES]
+    for kind in corruptions.CORRUPTIONS:
+        distances = [np.abs(np.asarray(corruptions.corrupt(image, kind, s, seed=3), dtype=float) - clean).mean()
+                     for s in corruptions.SEVERITIES]
         # never less corrupted at a higher severity (brightness saturates on light backgrounds, as in
         # ImageNet-C), and clearly more at 5 than at 1
         assert all(b >= a for a, b in itertools.pairwise(distances)), (kind, distances)
         assert distances[-1] > 1.5 * distances[0], (kind, distances)
         # deterministic: the same seed gives the same pixels
-        again = robustness.corrupt(image, kind, 3, seed=3)
-        assert np.array_equal(np.asarray(again), np.asarray(robustness.corrupt(image, kind, 3, seed=3)))
+        again = corruptions.corrupt(image, kind, 3, seed=3)
+        assert np.array_equal(np.asarray(again), np.asarray(corruptions.corrupt(image, kind, 3, seed=3)))
     with pytest.raises(robustness.ProbeInputError, match="severity"):
-        robustness.corrupt(image, "jpeg", 6)
+        corruptions.corrupt(image, "jpeg", 6)
 
 
 def test_it_loses_accuracy_with_severity_on_average(report):

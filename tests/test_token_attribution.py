@@ -125,7 +125,7 @@ def test_it_points_generated_object_words_at_their_objects(adapter, heldout):
 def test_its_validation_reports_each_methods_stability_under_corruptions_beside_the_maps(adapter, heldout):
     # Deliver 4: how much a common corruption reorders each method's word maps sits in the validation
     # block beside the verdict, and an unstable method is named in the report's limitations.
-    from workers.probes import robustness
+    from workers.probes import corruptions
 
     metrics, _ = ta.evaluate_pointing(adapter, load_scenes(heldout, limit=2), prompt="describe the image",
                                       perturbation=("occlusion",), validate_images=1, stability_images=1)
@@ -133,8 +133,8 @@ def test_its_validation_reports_each_methods_stability_under_corruptions_beside_
     assert {e["method"] for e in block["methods"]} >= {"chefer", "raw", "occlusion"}
     for entry in block["methods"]:
         st = entry["stability"]
-        assert set(st["rank_correlation"]) == set(robustness.CORRUPTIONS), entry["method"]
-        assert -1.0 <= st["min"] <= 1.0 and st["least_stable_under"] in robustness.CORRUPTIONS
+        assert set(st["rank_correlation"]) == set(corruptions.CORRUPTIONS), entry["method"]
+        assert -1.0 <= st["min"] <= 1.0 and st["least_stable_under"] in corruptions.CORRUPTIONS
         assert st["min"] == min(ci["mean"] for ci in st["rank_correlation"].values())
         unstable = [t for t in block["limitations"] if t.startswith(f"{entry['method']} maps are unstable")]
         assert bool(unstable) == (st["min"] < 0.5), (entry["method"], st["min"], block["limitations"])

@@ -335,13 +335,13 @@ def _stability_under_corruptions(adapter: DualEncoderAdapter, sample: GroundingD
                                  method_params: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per method, the rank correlation of its maps on the clean and on corrupted images (the
     robustness probe's corruptions, at its middle severity), to report beside the maps."""
-    from workers.probes import robustness
+    from workers.probes import corruptions
 
     images = [example.load_image() for example in sample.examples]
     prompts = [example.prompt for example in sample.examples]
     corrupted: dict[str, dict[str, torch.Tensor]] = {m: {} for m in methods}
-    for kind in robustness.CORRUPTIONS:
-        changed = [robustness.corrupt(im, kind, 3, seed=seed * 100_003 + i) for i, im in enumerate(images)]
+    for kind in corruptions.CORRUPTIONS:
+        changed = [corruptions.corrupt(im, kind, 3, seed=seed * 100_003 + i) for i, im in enumerate(images)]
         for m in methods:
             corrupted[m][kind] = torch.cat([
                 explain(adapter, m, model_inputs(adapter, changed[s:s + batch_size]), prompts[s:s + batch_size],

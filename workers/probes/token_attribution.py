@@ -626,15 +626,15 @@ def _word_stability(adapter: FusionAdapter, items: list[tuple], perturbation: Se
     """Per method, ``validation.stability_under`` of its maps for the checked words of ``items`` on the
     clean image and on each of the robustness probe's corruptions (middle severity, as the grounding
     probe uses), the caption teacher-forced on the corrupted image. None without items."""
-    from workers.probes import robustness
+    from workers.probes import corruptions
 
     if not items:
         return None
     clean: dict[str, list[torch.Tensor]] = {}
     corrupted: dict[str, dict[str, list[torch.Tensor]]] = {}
     for i, (enc, _, gen, checked, word_maps, image) in enumerate(items):
-        for kind in robustness.CORRUPTIONS:
-            changed = adapter.preprocess([robustness.corrupt(image, kind, 3, seed=seed * 100_003 + i)])
+        for kind in corruptions.CORRUPTIONS:
+            changed = adapter.preprocess([corruptions.corrupt(image, kind, 3, seed=seed * 100_003 + i)])
             with torch.no_grad():
                 feats = adapter.image_features(changed)
             rows = attribute_generated(adapter, enc, feats, gen, pixel_values=changed, perturbation=perturbation)
