@@ -410,3 +410,21 @@ def test_diff_between_report_versions(review_case, finding, rita, rob, alice, cl
     assert f"{url}?to=2" in review
     client.force_login(mallory)
     assert client.get(url).status_code == 404
+
+
+def test_the_embedded_default_writes_mail_to_files_without_a_mail_server(tmp_path):
+    """No SMTP server on a newcomer's machine: with no LOUPE_EMAIL_HOST, mails land in var/mail/."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOUPE_EMAIL", "DJANGO_SETTINGS"))}
+    env.update(LOUPE_VAR_DIR=str(tmp_path / "var"), DJANGO_SETTINGS_MODULE="governance.settings")
+    script = ("import django; django.setup(); from django.core.mail import send_mail; "
+              "send_mail('Case #1 approved', 'body', None, ['alice@example.org'])")
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (written,) = (tmp_path / "var" / "mail").iterdir()
+    assert "Case #1 approved" in written.read_text() and "alice@example.org" in written.read_text()

@@ -302,8 +302,12 @@ LOUPE_TSA_URL = os.environ.get("LOUPE_TSA_URL", "")
 LOUPE_TSA_TIMEOUT = int(os.environ.get("LOUPE_TSA_TIMEOUT", "10"))
 
 # Notifications (governance/notifications.py): e-mail through Django's mail backend, signed webhooks.
-EMAIL_BACKEND = os.environ.get("LOUPE_EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")
-EMAIL_HOST = os.environ.get("LOUPE_EMAIL_HOST", "localhost")
+# Without a mail server named (LOUPE_EMAIL_HOST), mails are written as files into var/mail/: the
+# embedded default has no SMTP server, and a refused connection would only fill the log.
+EMAIL_HOST = os.environ.get("LOUPE_EMAIL_HOST", "")
+EMAIL_BACKEND = os.environ.get("LOUPE_EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend" if EMAIL_HOST
+                               else "django.core.mail.backends.filebased.EmailBackend")
+EMAIL_FILE_PATH = os.environ.get("LOUPE_EMAIL_FILE_PATH", str(VAR_DIR / "mail"))
 EMAIL_PORT = int(os.environ.get("LOUPE_EMAIL_PORT", "25"))
 DEFAULT_FROM_EMAIL = os.environ.get("LOUPE_FROM_EMAIL", "loupe@localhost")
 # Webhook URLs resolving to loopback/private addresses are refused (SSRF) unless this is set.
