@@ -41,8 +41,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from PIL import Image
 
-    from workers.probes.adapters.base import DualEncoderAdapter
-    from workers.probes.adapters.fusion import FusionAdapter
+    from workers.probes.adapters.base import DualEncoderAdapter, FusionAdapter
     from workers.probes.scenes import SceneImage
 
 

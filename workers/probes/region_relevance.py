@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from workers.probes.adapters.base import DualEncoderAdapter
-    from workers.probes.adapters.fusion import FusionAdapter
+    from workers.probes.adapters.base import DualEncoderAdapter, FusionAdapter
 
 
 Box = tuple[float, float, float, float]

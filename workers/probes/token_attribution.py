@@ -40,7 +40,7 @@ from PIL import Image
 from pydantic import Field
 
 from workers.probes import validation
-from workers.probes.adapters.fusion import Encoded, FusionAdapter, TargetTrace
+from workers.probes.adapters.base import Encoded, FusionAdapter, TargetTrace
 from workers.probes.chefer import vision_relevance, weighted_attention
 from workers.probes.errors import ProbeInputError
 from workers.probes.kinds import BatchSize, DatasetArg, KindParams, Limit, Metric, Seed, probe_kind

@@ -31,8 +31,7 @@ from typing import Any
 
 import torch
 
-from workers.probes.adapters.base import occlude
-from workers.probes.adapters.fusion import Encoded, FusionAdapter
+from workers.probes.adapters.base import Encoded, FusionAdapter, occlude
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
 #: Methods this module adds to token attribution, in the order they are reported.

@@ -28,8 +28,7 @@ from typing import Any
 
 import torch
 
-from workers.probes.adapters.base import HFModule
-from workers.probes.adapters.fusion import Encoded, FusionAdapter, autocast_forward
+from workers.probes.adapters.base import Encoded, FusionAdapter, HFModule, autocast_forward
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
 

@@ -34,8 +34,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from workers.probes.adapters.base import HFModule
-from workers.probes.adapters.fusion import autocast_forward
+from workers.probes.adapters.base import HFModule, autocast_forward
 from workers.probes.adapters.regions import Layout, RegionMappedAdapter, image_only_processor
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 

@@ -30,8 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.probes.adapters.base import HFModule
-from workers.probes.adapters.fusion import autocast_forward
+from workers.probes.adapters.base import HFModule, autocast_forward
 from workers.probes.adapters.regions import Layout, RegionMappedAdapter
 from workers.probes.errors import UnsupportedModelError
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from workers.probes.adapters.fusion import autocast_forward
+from workers.probes.adapters.base import autocast_forward
 from workers.probes.adapters.regions import Layout, RegionMappedAdapter
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 

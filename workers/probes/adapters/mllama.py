@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers.probes.adapters.fusion import Encoded, FusionAdapter, autocast_forward
+from workers.probes.adapters.base import Encoded, FusionAdapter, autocast_forward
 from workers.probes.adapters.regions import overlap_matrix, region_boxes
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from workers.probes.adapters.fusion import Encoded, FusionAdapter, TargetTrace, autocast_forward
+from workers.probes.adapters.base import Encoded, FusionAdapter, TargetTrace, autocast_forward
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
 

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from workers.probes.adapters.fusion import autocast_forward
+from workers.probes.adapters.base import autocast_forward
 from workers.probes.adapters.regions import Layout, RegionMappedAdapter
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 

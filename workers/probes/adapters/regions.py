@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers.probes.adapters.fusion import Encoded, FusionAdapter
+from workers.probes.adapters.base import Encoded, FusionAdapter
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
 
