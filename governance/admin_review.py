@@ -218,7 +218,10 @@ def decision_summary(case: m.AuditCase, evidence: list[EvidenceView], review, pr
                    + (f"; open objections: {len(review.open_objections)}" if review.open_objections else ""))
         tone = "warn" if top in ("critical", "high") else "neutral"
     return {"verdict": verdict, "tone": tone, "findings": findings, "counts": counts, "top_severity": top,
-            "not_tested": not_tested, "partial": bool(progress.get("partial")) or bool(not_tested and evidence)}
+            "not_tested": not_tested,
+            # While runs are still going, missing evidence is not yet missing: no warning until they end.
+            "partial": case.state not in NO_EVIDENCE_YET
+            and (bool(progress.get("partial")) or bool(not_tested and evidence))}
 
 
 FIGURE_DESCRIPTIONS = {

@@ -162,3 +162,13 @@ def test_a_provider_answers_a_change_request_and_resubmits(review_case, alice, r
     assert "The logo was removed" in str(event.data)
     # rita may not drive the provider's case
     assert client_for(rita).post(transition, {"to": S.DRAFT}).status_code in (403, 404)
+
+
+def test_runs_still_going_are_not_called_partial_evidence(draft_case, alice, ada):
+    """A provider who just started the runs sees them running, not a "partial evidence" warning."""
+    workflow.submit(draft_case, alice)
+    workflow.start_runs(draft_case)
+    page = client_for(alice).get(reverse("portal:case", args=[draft_case.pk])).content.decode()
+    assert "Running probes" in page and "Partial evidence" not in page
+    admin_page = page_of(client_for(ada), draft_case)
+    assert "No decision possible yet" in admin_page and "Partial evidence" not in admin_page
