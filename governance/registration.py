@@ -27,8 +27,10 @@ DEFAULT_PLANS: dict[str, list[dict[str, Any]]] = {
         {"kind": "robustness", "params": {"limit": 32}, "dataset": "zoo:heldout"},
         {"kind": "attention", "params": {"limit": 32}, "dataset": "zoo:heldout"},
     ],
+    # No dataset: these kinds caption the zoo's own generated scenes, whose objects they know.
     "generative_fusion": [
-        {"kind": "attention", "params": {"limit": 16}, "dataset": "zoo:captions-heldout"},
+        {"kind": "token_attribution", "params": {"limit": 24}},
+        {"kind": "attention", "params": {"limit": 16}},
     ],
 }
 

@@ -274,3 +274,18 @@ def test_it_makes_approvals_stale_when_the_declared_purpose_changes(case_with_ev
         intended_purpose="Screening job applicants.")
     workflow.sign_off(case_with_evidence, rob, "approve")
     assert workflow.review_status(case_with_evidence).stale_approvals == ["rita"]
+
+
+@pytest.mark.parametrize("family", ["dual_encoder", "generative_fusion"])
+def test_every_default_plan_is_valid_and_names_only_datasets_that_exist(family):
+    """The plans the portal offers (and a case gets without a plan) validate, and each dataset they
+    name resolves: a template naming a split the zoo lacks fails every run it starts."""
+    from governance import references
+    from governance.models import validate_probe_plan
+    from governance.registration import DEFAULT_PLANS
+
+    plan = DEFAULT_PLANS[family]
+    validate_probe_plan(plan)
+    for item in plan:
+        if item.get("dataset"):
+            assert references.resolve_dataset(item["dataset"]), item

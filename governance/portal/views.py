@@ -23,7 +23,8 @@ PLAN_TEMPLATES: dict[str, dict[str, Any]] = {
               "plan": [{"kind": "grounding", "params": {"methods": "chefer", "limit": 8}, "dataset": "zoo:heldout"}]},
     "dual_encoder": {"label": "Full audit of a dual encoder (CLIP, SigLIP): grounding, sanity, robustness, attention",
                      "plan": registration.DEFAULT_PLANS["dual_encoder"]},
-    "generative_fusion": {"label": "Audit of a generative model (LLaVA, BLIP-2): attention statistics",
+    "generative_fusion": {"label": "Audit of a generative model (LLaVA, BLIP-2): token attribution, "
+                                   "attention statistics",
                           "plan": registration.DEFAULT_PLANS["generative_fusion"]},
 }
 
