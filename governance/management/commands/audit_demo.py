@@ -262,15 +262,15 @@ class Command(BaseCommand):
                 call_command("make_signing_key", slug=slug, name=name, stdout=_Null())
                 self.stdout.write(f"  development signing key for {slug}: {key}")
 
-    def countersign(self, report) -> str:
-        """A copy of the issued report countersigned by each reviewer who approved the case (reviewer-1
-        then reviewer-2), then verified. Only approving reviewers may countersign, so a case nobody
-        approved (the rejected shortcut case) is left with the issuer's signature alone."""
+    def countersign(self, report: Any) -> str:
+        """A copy of the issued report countersigned by each reviewer who approved the case, in the
+        order of their usernames, each countersignature recorded as that reviewer's (so the next one
+        signs a file that verifies), then verified. Only approving reviewers may countersign, so a
+        case nobody approved (the rejected shortcut case) keeps the issuer's signature alone. A
+        reviewer's key is ``<username>-key.pem`` in ``LOUPE_SIGNING_DIR`` (``signing_keys``)."""
         from governance.reports.verification import approving_reviewers
 
-        approvers = approving_reviewers(report.case)
-        signers = [(slug, role) for slug, role in (("reviewer-1", "reviewer"), ("reviewer-2", "approver"))
-                   if slug in approvers]
+        signers = sorted(approving_reviewers(report.case))
         if not signers:
             return "not countersigned: no reviewer approved this case"
         directory = Path(settings.LOUPE_SIGNING_DIR)
@@ -278,12 +278,13 @@ class Command(BaseCommand):
         target = Path(settings.VAR_DIR) / "reports" / source.name.replace(".pdf", "-countersigned.pdf")
         target.parent.mkdir(parents=True, exist_ok=True)
         current = source
-        for slug, role in signers:
-            call_command("sign_report", str(current), str(target), key=str(directory / f"{slug}-key.pem"),
-                         cert=str(directory / f"{slug}-cert.pem"), role=role, stdout=_Null())
+        for i, username in enumerate(signers):
+            role = ("reviewer", "approver")[i] if i < 2 else f"reviewer{i + 1}"
+            call_command("sign_report", str(current), str(target), key=str(directory / f"{username}-key.pem"),
+                         cert=str(directory / f"{username}-cert.pem"), role=role, record=username, stdout=_Null())
             current = target
         call_command("verify_report", str(target), stdout=_Null())  # raises CommandError if anything is off
-        return f"by {', '.join(slug for slug, _ in signers)}, verified: {target}"
+        return f"by {', '.join(signers)}, verified: {target}"
 
 
 class _Null:
