@@ -9,7 +9,7 @@ REAL_BROKER_URL ?= redis://127.0.0.1:6379/15
 # The same row on RabbitMQ (kombu's pyamqp), the broker that keeps messages durably.
 RABBITMQ_BROKER_URL ?= amqp://guest:guest@127.0.0.1:5672//
 
-.PHONY: help install demo serve lint test test-real test-real-rabbitmq migrate zoo bench
+.PHONY: help install demo serve lint test test-fast test-real test-real-rabbitmq migrate zoo bench
 
 help:
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -33,6 +33,9 @@ lint: ## ruff and mypy as configured in pyproject.toml (what CI and the pre-comm
 
 test: ## the test suite (SQLite + in-process tasks); PYTEST_ARGS="tests/test_api.py -x" narrows it
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+test-fast: ## the inner loop: every test not marked slow (the governance and API tests; CI runs them all)
+	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-real: ## the database tests again on PostgreSQL + Redis with a real Celery worker process
 	LOUPE_REAL_STACK=1 DATABASE_URL=$(REAL_DATABASE_URL) CELERY_BROKER_URL=$(REAL_BROKER_URL) $(PYTHON) -m pytest $(PYTEST_ARGS)

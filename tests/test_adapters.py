@@ -17,6 +17,8 @@ from tests.tiny_models import save_tiny_bert, save_tiny_clip, save_tiny_siglip
 from workers.probes.adapters import load_adapter
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory):

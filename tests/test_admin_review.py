@@ -247,6 +247,7 @@ def test_it_refuses_report_generation_to_everyone_but_reviewers_and_admins(revie
     assert not Report.objects.filter(case=review_case).exists()
 
 
+@pytest.mark.slow
 def test_it_issues_a_report_and_serves_every_version_to_who_may_see_the_case(review_case, as_):
     # One rendering only: WeasyPrint takes seconds on the CI's two cores (ada's right to issue one is
     # the same role check as rita's; the browser test issues another).

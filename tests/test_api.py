@@ -297,6 +297,7 @@ def test_it_paginates_filters_and_orders(alice, acme_version, test_probe_kind):
         assert client.get(f"/api/{query}").status_code == 400, query
 
 
+@pytest.mark.slow
 def test_it_issues_and_serves_a_report(case_with_evidence, rita, alice, mallory):
     response = client_for(rita).post(f"/api/cases/{case_with_evidence.pk}/reports/")
     assert response.status_code == 201, response.content[:500]

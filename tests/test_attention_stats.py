@@ -20,6 +20,8 @@ from workers.probes.cli import main  # noqa: E402
 from workers.probes.errors import ProbeInputError  # noqa: E402
 from workers.probes.zoo import captioner, checkpoint_path  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 heldout = heldout_fixture(8)
 
 

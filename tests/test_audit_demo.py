@@ -14,7 +14,7 @@ import pytest
 
 from governance.management.commands.audit_demo import Command
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 
 
 def test_a_case_no_reviewer_approved_is_not_countersigned(globex_case, tmp_path, settings):

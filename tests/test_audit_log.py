@@ -272,6 +272,7 @@ def rewrite_consistently(tamper, seq: int, payload: str) -> None:
     tamper(f"UPDATE {AuditChainHead._meta.db_table} SET row_hash = %s", [prev])
 
 
+@pytest.mark.slow
 def test_it_anchors_the_head_in_each_issued_report_and_catches_a_consistent_rewrite(case_with_evidence, ada, tamper):
     from governance.reports import generate_report
     from governance.reports.manifest import check_against_database, extract_from_pdf

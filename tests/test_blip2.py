@@ -27,6 +27,8 @@ from workers.probes.errors import ProbeInputError, UnsupportedModelError  # noqa
 from workers.probes.suite import load_model  # noqa: E402
 from workers.probes.zoo import world  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 PROMPT = "describe the image"
 #: The attention methods BLIP-2 offers (chefer_bimodal is the patch-aligned families' projector rule).
 BLIP2_ATTENTION = tuple(m for m in ta.ATTENTION_METHODS if m != "chefer_bimodal")

@@ -16,6 +16,8 @@ from django.urls import reverse
 
 from tests.review_fixtures import admit, make_review_case
 
+pytestmark = pytest.mark.slow
+
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 

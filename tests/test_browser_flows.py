@@ -20,6 +20,8 @@ from django.urls import reverse
 from tests.accessibility import assert_accessible
 from tests.review_fixtures import admit, make_review_case, make_second_version
 
+pytestmark = pytest.mark.slow
+
 CHROMIUM = os.environ.get("LOUPE_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -15,6 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from workers.probes.errors import ProbeInputError  # noqa: E402
 from workers.probes.zoo import captioner, checkpoint_path, file_sha256, verify_checksums, world  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def model_and_processor():

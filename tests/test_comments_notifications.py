@@ -375,6 +375,7 @@ def test_two_versions_of_a_model_side_by_side(review_case, second_version, clien
     assert client.get(url, {"with": second_version.pk}).status_code == 404
 
 
+@pytest.mark.slow
 def test_diff_between_report_versions(review_case, finding, rita, rob, alice, client, mallory,
                                       django_capture_on_commit_callbacks):
     import io
@@ -412,6 +413,7 @@ def test_diff_between_report_versions(review_case, finding, rita, rob, alice, cl
     assert client.get(url).status_code == 404
 
 
+@pytest.mark.slow
 def test_the_embedded_default_writes_mail_to_files_without_a_mail_server(tmp_path):
     """No SMTP server on a newcomer's machine: with no LOUPE_EMAIL_HOST, mails land in var/mail/."""
     import os

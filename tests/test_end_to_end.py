@@ -28,6 +28,8 @@ from tests.actors import finish_run_with_evidence
 from tests.model_archives import tiny_model_targz
 from tests.realstack import REPO_ROOT, wait_until
 
+pytestmark = pytest.mark.slow
+
 
 def api(user) -> APIClient:
     client = APIClient()

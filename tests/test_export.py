@@ -18,6 +18,8 @@ from rest_framework.test import APIClient
 from governance import audit_log
 from governance.reports import generate_report
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def media(settings, tmp_path):

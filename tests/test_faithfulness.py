@@ -15,6 +15,8 @@ import torch
 
 from workers.probes import faithfulness, sanity, stability
 
+pytestmark = pytest.mark.slow
+
 
 def spike(height: int, width: int, x: int, y: int) -> torch.Tensor:
     grid = torch.zeros(height, width)

@@ -13,6 +13,8 @@ from workers.probes import fused_attention
 from workers.probes.chefer import weighted_attention
 from workers.probes.fused_attention import WeightedAttentionSink
 
+pytestmark = pytest.mark.slow
+
 
 def _inputs(b: int, h: int, n: int, t: int, d: int, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)

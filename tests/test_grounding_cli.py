@@ -21,6 +21,8 @@ from tests.tiny_models import save_tiny_bert, save_tiny_clip, save_tiny_siglip, 
 from workers.probes import registry
 from workers.probes.cli import main
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"method", "n", "pointing_game", "energy_pointing_game", "deletion_auc", "insertion_auc", "seconds",
         "random_pointing_game", "random_energy_pointing_game", "random_deletion_auc", "random_insertion_auc"}

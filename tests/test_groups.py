@@ -21,6 +21,8 @@ from workers.probes.zoo import group_split, world  # noqa: E402
 
 from .tiny_models import save_tiny_clip  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 def _write(folder, rows):
     (folder / "images").mkdir(parents=True, exist_ok=True)

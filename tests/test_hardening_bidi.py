@@ -43,6 +43,7 @@ def test_the_admin_and_the_review_workspace_show_no_bidi_controls(draft_case, al
         assert_no_bidi(page.content.decode())
 
 
+@pytest.mark.slow
 def test_the_report_shows_no_bidi_controls(settings, tmp_path, monkeypatch, test_probe_kind):
     from governance.reports import render as render_module
     from governance.reports import render_case

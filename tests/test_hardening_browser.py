@@ -9,7 +9,7 @@ from django.urls import reverse
 
 from tests.review_fixtures import admit, make_review_case
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 
 
 @pytest.mark.parametrize("url", ["/admin/login/", "/api/docs/", "/api/schema/", "/api/models/", "/healthz",

@@ -109,6 +109,7 @@ def assert_refused_without_trace(response, media_root: Path, peak: int, code: st
     assert peak < DISK_BOUND, f"peak disk use {peak / MiB:.1f} MiB"
 
 
+@pytest.mark.slow
 def test_a_zip_declaring_far_more_than_it_weighs_is_refused_before_unpacking(alice, acme_model, tmp_path, media_root):
     members = {**config_members(tmp_path), "model.safetensors": safetensors_bytes(BOMB)}
     data = zip_with_stored_sizes(members)
@@ -119,6 +120,7 @@ def test_a_zip_declaring_far_more_than_it_weighs_is_refused_before_unpacking(ali
     print(f"zip bomb ({len(data)} B -> {BOMB} B): peak disk {disk.peak} B")
 
 
+@pytest.mark.slow
 def test_a_targz_with_a_huge_member_is_refused_before_unpacking(alice, acme_model, tmp_path, media_root):
     members = {**config_members(tmp_path), "model.safetensors": safetensors_bytes(BOMB)}
     data = targz_bytes(members)
@@ -130,6 +132,7 @@ def test_a_targz_with_a_huge_member_is_refused_before_unpacking(alice, acme_mode
 
 
 @pytest.mark.parametrize("pack", [zip_with_stored_sizes, targz_bytes])
+@pytest.mark.slow
 def test_a_safetensors_file_longer_than_its_header_says_is_refused_before_writing(
         pack, alice, acme_model, tmp_path, media_root, settings):
     """With the ratio check switched off, the safetensors header alone stops a padded file."""

@@ -28,7 +28,7 @@ from loupe_verify.bundle import verify_bundle
 from tests.report_fixtures import acme_case
 from tests.signing_fixtures import signing_settings
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -17,7 +17,7 @@ from governance.reports import signing
 from loupe_verify.pdfa import is_tagged, pdfa3b_problems
 from tests.signing_fixtures import reviewer_signer
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 
 
 @pytest.mark.parametrize("name", ["approved", "rejected"])

@@ -25,7 +25,7 @@ from governance.models import AuditChainHead, AuditEvent, Evidence
 from governance.reports import render_case, signing
 from tests.signing_fixtures import reviewer_signer
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 
 
 def verify_report(path) -> tuple[bool, str]:

@@ -17,7 +17,7 @@ from tests.report_fixtures import acme_case
 from tests.signing_fixtures import signing_settings
 from tests.tsa_server import LocalTSA
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 
 
 @pytest.fixture(scope="module")

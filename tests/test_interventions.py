@@ -21,6 +21,8 @@ from workers.probes.scenes import load_scenes  # noqa: E402
 from workers.probes.token_attribution import load_fusion  # noqa: E402
 from workers.probes.zoo import captioner, checkpoint_path  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def adapter():

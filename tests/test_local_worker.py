@@ -28,6 +28,7 @@ def local_worker():
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
 def test_starting_runs_in_the_browser_returns_at_once_and_the_runs_finish_in_the_background(
         tiny_clip_version, alice, ada, rita, rob, local_worker):
     case = make_case(tiny_clip_version, alice, ada, rita, rob, [{"kind": "selftest", "params": {"seconds": 3}}])
@@ -50,6 +51,7 @@ def test_starting_runs_in_the_browser_returns_at_once_and_the_runs_finish_in_the
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
 def test_a_job_that_crashes_leaves_no_run_active(tiny_clip_version, alice, ada, rita, rob, local_worker,
                                                  monkeypatch):
     case = make_case(tiny_clip_version, alice, ada, rita, rob, [{"kind": "selftest", "params": {}}])

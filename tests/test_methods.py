@@ -22,6 +22,8 @@ from workers.probes.flow import FlowTooLargeError, flow_inputs, flow_reference, 
 from workers.probes.occlusion import occlusion_pixels
 from workers.probes.rollout import layer_matrices
 
+pytestmark = pytest.mark.slow
+
 METHODS = ["chefer", "gradcam", "rollout", "flow", "occlusion"]
 
 

@@ -21,6 +21,8 @@ from workers.probes import token_attribution as ta
 from workers.probes.adapters import load_adapter
 from workers.probes.cli import main
 
+pytestmark = pytest.mark.slow
+
 #: stored sizes (width, height): square, wide, tall, odd sizes, larger than the longest edge
 SIZES = [(16, 16), (40, 20), (20, 50), (33, 33), (61, 17), (90, 37)]
 

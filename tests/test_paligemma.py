@@ -17,6 +17,8 @@ from workers.probes import token_attribution as ta
 from workers.probes.adapters import load_adapter
 from workers.probes.cli import main
 
+pytestmark = pytest.mark.slow
+
 SIZES = [(16, 16), (40, 20), (20, 50), (61, 17)]
 
 

@@ -251,6 +251,7 @@ def test_it_covers_every_route_of_the_api():
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("section", list(SECTIONS))
+@pytest.mark.slow
 def test_it_enforces_the_permission_matrix(section: str, world):
     """One world per section (building it is the slow part); every cell is checked and every wrong
     cell reported together, as ``row: {role: (got, expected)}``."""

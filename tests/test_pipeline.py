@@ -43,6 +43,7 @@ def test_it_runs_every_planned_probe_and_reports_partial_evidence_honestly(
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
 def test_it_halves_a_batch_that_runs_out_of_gpu_memory_and_says_so_in_the_evidence(
         tiny_clip_version, alice, ada, rita, rob, celery_worker):
     case = make_case(tiny_clip_version, alice, ada, rita, rob, [
@@ -81,6 +82,7 @@ def test_it_never_stores_a_second_set_of_evidence_for_a_redelivered_task(
 
 
 @pytest.mark.django_db
+@pytest.mark.slow
 def test_it_reruns_only_the_probes_that_did_not_succeed(tiny_clip_version, alice, ada, rita, rob,
                                                          django_capture_on_commit_callbacks):
     case = make_case(tiny_clip_version, alice, ada, rita, rob, [

@@ -22,6 +22,8 @@ from workers.probes.adapters import load_adapter
 from workers.probes.adapters.clip import find_pooling_head
 from workers.probes.errors import UnsupportedModelError
 
+pytestmark = pytest.mark.slow
+
 D = 32
 REGISTERS = [12, 13, 14, 15]
 RED_TOKEN = 1  # patch (0, 1) of the 4x4 grid

@@ -23,6 +23,8 @@ from workers.probes.zoo import checkpoint_path, world  # noqa: E402
 from .tiny_models import save_tiny_clip  # noqa: E402
 from .zoo_fixtures import heldout_fixture  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 heldout = heldout_fixture(6)
 
 

@@ -19,6 +19,8 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- readme-own-model:begin -->", "<!-- readme-own-model:end -->"
 

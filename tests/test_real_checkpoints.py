@@ -21,6 +21,8 @@ from tests.tiny_vlms import save_tiny_internvl, save_tiny_mllama
 from workers.probes.adapters import load_adapter
 from workers.probes.cli import main
 
+pytestmark = pytest.mark.slow
+
 FAMILIES = {"internvl": save_tiny_internvl, "mllama": save_tiny_mllama}
 
 

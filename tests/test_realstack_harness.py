@@ -9,7 +9,7 @@ import redis
 from tests.realstack import RedisServer, use_broker
 
 # Real processes only: deselected on the embedded default (see tests/realstack.py).
-pytestmark = pytest.mark.realworker
+pytestmark = [pytest.mark.slow, pytest.mark.realworker]
 
 
 @pytest.mark.django_db(transaction=True)

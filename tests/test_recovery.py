@@ -197,6 +197,7 @@ def test_a_case_whose_every_planned_item_succeeded_is_not_partial(
     assert AuditEvent.objects.get(action="case.evidence_aggregated", case=case).data["partial"] is False
 
 
+@pytest.mark.slow
 def test_the_same_report_request_returns_the_same_version(case_with_evidence, rita):
     client = client_for(rita)
     url = f"/api/cases/{case_with_evidence.pk}/reports/"
@@ -211,6 +212,7 @@ def test_the_same_report_request_returns_the_same_version(case_with_evidence, ri
     assert client.post(url, HTTP_IDEMPOTENCY_KEY="x" * 201).status_code == 400
 
 
+@pytest.mark.slow
 def test_a_redelivered_report_task_returns_the_version_it_issued(case_with_evidence, rita):
     from workers.tasks import render_report
 

@@ -21,6 +21,8 @@ from workers.probes import token_attribution as ta
 from workers.probes.adapters import load_adapter
 from workers.probes.cli import main
 
+pytestmark = pytest.mark.slow
+
 FAMILIES = {
     "llava_next": lambda d: save_tiny_llava_next(d),
     "llava_onevision": lambda d: save_tiny_llava_next(d, onevision=True),

@@ -21,7 +21,7 @@ from governance.models import AuditCase, AuditEvent, Evidence, ProbeRun, Report
 from tests.pipeline_fixtures import make_case, wait_for_state
 from tests.realstack import DatabaseOutage, RedisServer, database_url_for, use_broker, wait_until
 
-pytestmark = [pytest.mark.realworker, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.slow, pytest.mark.realworker, pytest.mark.django_db(transaction=True)]
 
 # Short enough for a test, and in the required order: soft limit < hard limit < visibility timeout.
 # Leases lapse 6 s after the last heartbeat; beat sweeps every second; a queued run nobody claimed

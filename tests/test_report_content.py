@@ -23,7 +23,7 @@ from governance.reports import generate_report
 from governance.reports.context import SECTIONS, markdown_html
 from tests.report_fixtures import acme_case
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 
 PDF_DOC = b"%PDF-1.4\n% Acme risk-management file\n"
 CASE_KINDS = ("grounding", "shortcut", "robustness")

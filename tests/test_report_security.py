@@ -138,6 +138,7 @@ def test_it_blocks_hostile_markup_even_if_it_reached_the_html_unescaped(listener
     assert PASSWD_MARKER.encode() not in _pdf_bytes_expanded(rendered.pdf)
 
 
+@pytest.mark.slow
 def test_it_escapes_hostile_model_cards_and_comments_and_still_renders(db, settings, tmp_path, listener,
                                                                      test_probe_kind):
     from governance.reports import render_case

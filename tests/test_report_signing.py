@@ -20,7 +20,7 @@ from tests.report_fixtures import acme_case
 
 # Every test touches the database; the mark also makes pytest-django create the test database
 # before the module-scoped fixtures below use it (without it they would hit the real one).
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ from workers.probes.cli import main  # noqa: E402
 from workers.probes.zoo import shortcut as zoo_shortcut  # noqa: E402
 from workers.probes.zoo import world  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):

@@ -54,6 +54,7 @@ def _keep_the_test_transaction():
 @schema.parametrize()
 @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
           suppress_health_check=list(HealthCheck))
+@pytest.mark.slow
 def test_it_never_answers_with_a_server_error(case, token):
     response = case.call(headers={"Authorization": f"Token {token}"})
     case.validate_response(response, checks=[not_a_server_error])

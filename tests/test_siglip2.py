@@ -17,6 +17,8 @@ from workers.probes import registry
 from workers.probes.adapters import load_adapter
 from workers.probes.cli import main
 
+pytestmark = pytest.mark.slow
+
 #: stored sizes (width, height): square, wide, tall, odd
 SIZES = [(32, 32), (64, 40), (30, 70), (45, 45), (97, 23)]
 

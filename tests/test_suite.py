@@ -12,6 +12,8 @@ from workers.probes import kinds, registry, suite
 from workers.probes.errors import OutOfDeviceMemory, ProbeInputError
 from workers.probes.kinds import BatchSize, KindParams
 
+pytestmark = pytest.mark.slow
+
 KIND = "test.memory-hungry"
 
 heldout = heldout_fixture(12)

@@ -21,6 +21,8 @@ from workers.probes.errors import ProbeInputError  # noqa: E402
 from workers.probes.scenes import load_scenes  # noqa: E402
 from workers.probes.zoo import captioner, checkpoint_path, world  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def adapter():

@@ -14,6 +14,8 @@ from workers.probes import token_attribution as ta
 from workers.probes import token_perturbation as tp
 from workers.probes.zoo import captioner, checkpoint_path, world
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def case():

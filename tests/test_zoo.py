@@ -20,6 +20,8 @@ from workers.probes import zoo
 from workers.probes.errors import ProbeInputError
 from workers.probes.zoo import world
 
+pytestmark = pytest.mark.slow
+
 
 def _colour_at(scene: world.Scene, x: int, y: int) -> np.ndarray:
     return np.asarray(scene.image, dtype=np.int32)[y, x]
