@@ -31,6 +31,6 @@ def test_a_case_two_reviewers_approved_is_countersigned_by_both_and_verifies(env
     settings.LOUPE_SIGNING_DIR = str(env["keys"])
     settings.VAR_DIR = tmp_path
     outcome = Command().countersign(env["approved"])
-    assert outcome.startswith("by rita, rob, verified: "), outcome
+    assert outcome.startswith("countersigned by rita, rob, verified: "), outcome
     assert list(Countersignature.objects.filter(report=env["approved"]).order_by("sequence")
                 .values_list("reviewer__username", flat=True)) == ["rita", "rob"]

@@ -131,7 +131,7 @@ class Command(BaseCommand):
                 self.stdout.write(f"    FAILED run #{failure['run']} {failure['kind']}: {failure['error'][:200]}")
             if item.get("report"):
                 self.stdout.write(f"    report v{item['report_version']}: {item['report']}")
-                self.stdout.write(f"    countersigned {item['countersigned']}")
+                self.stdout.write(f"    {item['countersigned']}")
         out = Path(settings.VAR_DIR) / "demo-summary.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"seconds": round(seconds, 1), "cases": summary}, indent=2) + "\n")
@@ -284,7 +284,7 @@ class Command(BaseCommand):
                          cert=str(directory / f"{username}-cert.pem"), role=role, record=username, stdout=_Null())
             current = target
         call_command("verify_report", str(target), stdout=_Null())  # raises CommandError if anything is off
-        return f"by {', '.join(signers)}, verified: {target}"
+        return f"countersigned by {', '.join(signers)}, verified: {target}"
 
 
 class _Null:
