@@ -223,6 +223,16 @@ def _number(value: Any) -> float | None:
     return None
 
 
+#: The keys of a bootstrap summary (``validation.bootstrap_ci``): ``{"mean", "low", "high", "n"}``.
+INTERVAL_KEYS = frozenset({"mean", "low", "high", "n"})
+
+
+def _is_interval_summary(value: Any) -> bool:
+    """A confidence-interval summary of a metric, not one value per method or variant: its keys would
+    otherwise be judged as subjects ("n", "mean", "low", "high")."""
+    return isinstance(value, Mapping) and "mean" in value and set(value) <= INTERVAL_KEYS
+
+
 def _records(metrics: Any, trail: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Mapping[str, Any]]]:
     """Every dict in a metrics tree with the path of keys that leads to it."""
     if isinstance(metrics, Mapping):
@@ -334,6 +344,8 @@ def evaluate(specs: Iterable[Spec], evidence: Iterable[Mapping[str, Any]]) -> li
                 if not _matches(record, spec.where) or record.get("method") in BASELINES:
                     continue
                 raw = record.get(spec.metric)
+                if _is_interval_summary(raw):
+                    continue  # a bootstrap summary of a value judged where it is reported (validation)
                 # One value, or one value per method/variant (``{"pointing": {"chefer": 0.9, "raw": 0.95}}``).
                 values: list[tuple[str | None, float]]
                 if isinstance(raw, Mapping):

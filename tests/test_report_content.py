@@ -383,6 +383,18 @@ def test_per_method_values_are_judged_one_by_one_against_their_reference():
     assert [f["severity"] for f in high] == ["high"]  # one level stricter for a high-risk system
 
 
+def test_bootstrap_summaries_are_not_judged_as_subjects_of_their_own():
+    """Validation stores each method's value with its interval ({"mean", "low", "high", "n"}); the
+    criteria table judges the value once per method, never "n", "mean", "low" and "high" as methods."""
+    verdicts = acceptance.evaluate(
+        [acceptance.Spec("grounding", "pointing_game", "at_least", threshold=0.3)],
+        [{"id": 1, "kind": "grounding", "metrics": {
+            "n": 48, "methods": [{"method": "chefer", "pointing_game": 0.9}, {"method": "flow", "pointing_game": 0.2}],
+            "validation": {"methods": [{"method": "chefer",
+                                        "pointing_game": {"mean": 0.9, "low": 0.8, "high": 0.95, "n": 48}}]}}}])
+    assert [(v.subject, v.met) for v in verdicts] == [("chefer", True), ("flow", False)]
+
+
 def test_no_page_but_the_last_is_left_near_empty(issued):
     for version in ("v1", "v2"):
         pages = PdfReader(io.BytesIO(issued[version])).pages
