@@ -7,17 +7,13 @@ and checks that the adapter's token -> region map brings it back to the region i
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from tests import family_checks
 from tests.tiny_vlms import save_tiny_internvl
-from workers.probes import token_attribution as ta
 from workers.probes.adapters import load_adapter
-from workers.probes.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -89,29 +85,13 @@ def test_the_adapters_sequence_is_the_models_own(adapter):
 
 
 def test_each_tokens_region_relevance_sums_to_its_image_relevance(adapter):
-    pv = adapter.preprocess([Image.new("RGB", (40, 24), (200, 40, 40))])
-    enc = adapter.encode("describe the image")
-    generated, rows = ta.generate_and_attribute(adapter, enc, None, 4, pixel_values=pv)
-    att = ta.to_attribution(adapter, enc, generated, rows, "describe the image")
-    assert set(att.image) == {"chefer", "raw"}
-    for method in att.image:
-        on_image = rows[method][:, enc.image_positions].clamp(min=0).sum(1).numpy()
-        np.testing.assert_allclose(att.image[method].reshape(len(generated), -1).sum(1), on_image, rtol=1e-5)
+    family_checks.assert_region_relevance_sums_to_image_relevance(adapter)
 
 
 @pytest.mark.parametrize("size", [(40, 24), (24, 60)])
 def test_attribute_command_end_to_end(model_dir, tmp_path, capsys, size):
-    image = tmp_path / "img.png"
-    Image.new("RGB", size, (10, 200, 30)).save(image)
-    assert main(["attribute", "--model", str(model_dir), "--image", str(image), "--json",
-                 "--max-new-tokens", "3"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["tokens"] and out["graph"]["grid"] == [4, 4]
-    for tok in out["tokens"]:
-        assert "chefer_full" not in tok
-        for method in ("chefer", "raw"):
-            x0, y0, x1, y1 = tok[method]["argmax_box"]
-            assert 0 <= x0 < x1 <= size[0] + 1e-6 and 0 <= y0 < y1 <= size[1] + 1e-6
+    out = family_checks.run_attribute_command(model_dir, tmp_path, capsys, size)
+    assert out["graph"]["grid"] == [4, 4]
 
 
 @pytest.fixture(scope="module")
@@ -124,17 +104,8 @@ def scenes(tmp_path_factory):
 
 
 def test_attention_statistics_and_head_ablation_run_and_feature_swap_is_refused(model_dir, scenes, capsys):
-    assert main(["attention", "--model", str(model_dir), "--dataset", str(scenes), "--json",
-                 "--max-new-tokens", "2"]) == 0
-    assert json.loads(capsys.readouterr().out)["layers"] == 2
-    assert main(["intervene", "--model", str(model_dir), "--dataset", str(scenes), "--kind", "head-ablation",
-                 "--max-new-tokens", "2", "--json"]) == 0
-    ablation = json.loads(capsys.readouterr().out)
-    assert {h["component"] for h in ablation["heads"]} == {"decoder", "vision"} and len(ablation["heads"]) == 8
-    code = main(["intervene", "--model", str(model_dir), "--dataset", str(scenes), "--kind", "feature-swap",
-                 "--max-new-tokens", "2", "--json"])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err and "feature swap is not supported for InternVL" in err
+    family_checks.assert_attention_and_head_ablation_run_and_feature_swap_is_refused(
+        model_dir, scenes, capsys, "feature swap is not supported for InternVL")
 
 
 def test_prompts_go_through_the_directorys_chat_template(model_dir, tmp_path):
