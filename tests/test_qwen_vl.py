@@ -8,17 +8,14 @@ them) and checks that the adapter's token -> region map brings it back to the re
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from tests import family_checks
 from tests.tiny_vlms import save_tiny_qwen_vl
-from workers.probes import token_attribution as ta
 from workers.probes.adapters import load_adapter
-from workers.probes.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -92,32 +89,16 @@ def test_the_traced_language_model_is_the_model_that_generates(adapter, size):
 
 
 def test_each_tokens_region_relevance_sums_to_its_image_relevance(adapter):
-    image = Image.new("RGB", (40, 24), (200, 40, 40))
-    pv = adapter.preprocess([image])
-    enc = adapter.encode("describe the image")
-    generated, rows = ta.generate_and_attribute(adapter, enc, None, 4, pixel_values=pv)
-    att = ta.to_attribution(adapter, enc, generated, rows, "describe the image")
-    assert set(att.image) == {"chefer", "raw"}
-    for method in att.image:
-        on_image = rows[method][:, enc.image_positions].clamp(min=0).sum(1).numpy()
-        np.testing.assert_allclose(att.image[method].reshape(len(generated), -1).sum(1), on_image, rtol=1e-5)
+    family_checks.assert_region_relevance_sums_to_image_relevance(adapter)
 
 
 @pytest.mark.parametrize("size", [(40, 24), (24, 60)])
 def test_attribute_command_end_to_end(model_dir, tmp_path, capsys, size):
-    image = tmp_path / "img.png"
-    Image.new("RGB", size, (10, 200, 30)).save(image)
-    assert main(["attribute", "--model", str(model_dir), "--image", str(image), "--json",
-                 "--max-new-tokens", "3"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["tokens"] and out["caption"] is not None
+    out = family_checks.run_attribute_command(model_dir, tmp_path, capsys, size)
+    assert out["caption"] is not None
     for tok in out["tokens"]:
-        assert "chefer_full" not in tok
-        for method in ("chefer", "raw"):
-            entry = tok[method]
-            assert np.asarray(entry["image_relevance"]).shape == (4, 4)
-            x0, y0, x1, y1 = entry["argmax_box"]
-            assert 0 <= x0 < x1 <= size[0] + 1e-6 and 0 <= y0 < y1 <= size[1] + 1e-6
+        for method in family_checks.METHODS:
+            assert np.asarray(tok[method]["image_relevance"]).shape == (4, 4)
 
 
 @pytest.fixture(scope="module")
@@ -130,14 +111,5 @@ def scenes(tmp_path_factory):
 
 
 def test_attention_statistics_and_head_ablation_run_and_feature_swap_is_refused(model_dir, scenes, capsys):
-    assert main(["attention", "--model", str(model_dir), "--dataset", str(scenes), "--json",
-                 "--max-new-tokens", "2"]) == 0
-    assert json.loads(capsys.readouterr().out)["layers"] == 2
-    assert main(["intervene", "--model", str(model_dir), "--dataset", str(scenes), "--kind", "head-ablation",
-                 "--max-new-tokens", "2", "--json"]) == 0
-    ablation = json.loads(capsys.readouterr().out)
-    assert {h["component"] for h in ablation["heads"]} == {"decoder", "vision"} and len(ablation["heads"]) == 8
-    code = main(["intervene", "--model", str(model_dir), "--dataset", str(scenes), "--kind", "feature-swap",
-                 "--max-new-tokens", "2", "--json"])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err and "feature swap is not supported" in err
+    family_checks.assert_attention_and_head_ablation_run_and_feature_swap_is_refused(
+        model_dir, scenes, capsys, "feature swap is not supported")
