@@ -76,3 +76,9 @@ def test_throttle_and_lockout_state_is_shared_by_all_processes():
     """The default cache is the database (embedded) or Redis (LOUPE_CACHE_URL): never per process."""
     backend = type(caches["default"]).__module__
     assert backend in ("django.core.cache.backends.db", "django.core.cache.backends.redis"), backend
+
+
+@pytest.mark.parametrize("body", ["1.5", "[]", '"alice"'])
+def test_a_token_request_whose_body_is_not_an_object_gets_a_json_400(body):
+    answer = APIClient().post("/api/auth/token/", body, content_type="application/json")
+    assert answer.status_code == 400 and answer.json()["error"] == "invalid", answer.content

@@ -14,6 +14,7 @@ only through ``POST /api/cases/{id}/signoff/``.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 
 from django.contrib.auth.models import User
@@ -63,7 +64,9 @@ class ObtainTokenView(ObtainAuthToken):
     def post(self, request, *args, **kwargs):
         from axes.handlers.proxy import AxesProxyHandler
 
-        if not AxesProxyHandler.is_allowed(request._request, {"username": request.data.get("username")}):
+        # A body that is JSON but not an object (a number, a list) names no user; the serializer refuses it.
+        username = request.data.get("username") if isinstance(request.data, Mapping) else None
+        if not AxesProxyHandler.is_allowed(request._request, {"username": username}):
             return Response({"error": "locked_out", "detail": login_guard.MESSAGE}, status=429)
         return super().post(request, *args, **kwargs)
 
