@@ -166,3 +166,29 @@ def test_an_audit_log_rewritten_with_every_later_hash_recomputed_fails_verify_re
     ok, out = verify_report(env["paths"]["approved"])
     assert not ok
     assert "audit log:" in out and "the log up to there was rewritten" in out, out
+
+
+def test_a_manifest_altered_inside_the_pdf_is_reported_not_a_crash(env):
+    """The embedded manifest is input under verification: an artifact entry that lost its SHA-256
+    (one flipped byte in its key) is a finding, as is any other malformed entry."""
+    from governance.reports import manifest as mf
+
+    manifest = mf.extract_from_pdf(env["paths"]["approved"].read_bytes())
+    artifact = next(a for e in manifest["evidence"] for a in e.get("artifacts", []))
+    artifact["sha257"] = artifact.pop("sha256")
+    assert any("gives no SHA-256" in p for p in mf.check_artifact_files(manifest))
+    del manifest["report"]
+    ok, out = verify_report_from_manifest(manifest, env)
+    assert not ok and "manifest: malformed" in out, out
+
+
+def verify_report_from_manifest(manifest, env):
+    """verify_report_pdf on the approved report with its embedded manifest replaced (in memory)."""
+    from unittest import mock
+
+    from governance.reports import manifest as mf
+    from governance.reports.verification import verify_report_pdf
+
+    with mock.patch.object(mf, "extract_from_pdf", return_value=manifest):
+        result = verify_report_pdf(env["paths"]["approved"].read_bytes())
+    return not result.problems, "\n".join(result.problems)

@@ -278,9 +278,15 @@ def check_artifact_files(manifest: dict[str, Any]) -> list[str]:
     from governance.models import EvidenceArtifact
 
     problems = []
-    wanted = {a["id"]: a for e in manifest.get("evidence", []) for a in e.get("artifacts", [])}
+    # The manifest is read from a file under verification: any entry may have been altered.
+    wanted: dict[int, dict[str, Any]] = {
+        a["id"]: a for e in manifest.get("evidence", []) if isinstance(e, dict)
+        for a in e.get("artifacts", []) if isinstance(a, dict) and isinstance(a.get("id"), int)}
     for artifact in EvidenceArtifact.objects.filter(pk__in=list(wanted)):
-        expected = wanted[artifact.pk]["sha256"]
+        expected = wanted[artifact.pk].get("sha256")
+        if not isinstance(expected, str):
+            problems.append(f"artifact #{artifact.pk} {artifact.name}: the manifest gives no SHA-256 for it")
+            continue
         try:
             with artifact.file.open("rb") as handle:
                 sha = hashlib.sha256()

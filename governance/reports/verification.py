@@ -122,20 +122,31 @@ def verify_report_pdf(pdf: bytes, roots: list[asn1_x509.Certificate] | None = No
             result.problems += _countersignature_problems(report, pdf, checked)
 
     if manifest is not None:
-        ref = manifest["report"]
-        result.lines.append(f"manifest: case #{ref['case_id']} report v{ref['version']}, "
-                            f"SHA-256 {mf.manifest_sha256(manifest)}")
-        db_problems, notes = mf.check_against_database(manifest, check_files=check_files)
-        result.problems += [f"manifest: {p}" for p in db_problems]
-        result.notes += notes
-        anchored = manifest.get("audit_log")
-        if anchored and not any(p.startswith("audit log:") for p in db_problems):
-            result.lines.append(f"audit log: unchanged up to the head anchored at issue (seq {anchored['seq']}, "
-                                f"{str(anchored['row_hash'])[:16]}...)")
-        if anchored and event is not None and payload.get("audit_anchor") != anchored:
-            result.problems.append(f"the report.issued event (seq {event.seq}) records another audit-log anchor "
-                                   "than the report")
+        try:
+            _check_manifest(result, manifest, event, payload, check_files)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # The embedded manifest is input under verification: a changed one is a finding, never a crash.
+            result.problems.append(f"manifest: malformed ({type(exc).__name__}: {exc}); it was changed after "
+                                   "issue or not written by Loupe")
     return result
+
+
+def _check_manifest(result: ReportVerification, manifest: dict[str, Any], event: Any, payload: dict[str, Any],
+                    check_files: bool) -> None:
+    """The embedded manifest against the database: report, evidence, sign-offs, artifacts, audit log."""
+    ref = manifest["report"]
+    result.lines.append(f"manifest: case #{ref['case_id']} report v{ref['version']}, "
+                        f"SHA-256 {mf.manifest_sha256(manifest)}")
+    db_problems, notes = mf.check_against_database(manifest, check_files=check_files)
+    result.problems += [f"manifest: {p}" for p in db_problems]
+    result.notes += notes
+    anchored = manifest.get("audit_log")
+    if anchored and not any(p.startswith("audit log:") for p in db_problems):
+        result.lines.append(f"audit log: unchanged up to the head anchored at issue (seq {anchored['seq']}, "
+                            f"{str(anchored['row_hash'])[:16]}...)")
+    if anchored and event is not None and payload.get("audit_anchor") != anchored:
+        result.problems.append(f"the report.issued event (seq {event.seq}) records another audit-log anchor "
+                               "than the report")
 
 
 def _countersignature_problems(report: Report, pdf: bytes, checked: PdfVerification) -> list[str]:
