@@ -24,6 +24,8 @@ CSRF protection, no caching).
 
 from __future__ import annotations
 
+import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +76,10 @@ class Refused(Exception):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+#: The workspace's report form carries one of these per page view (``uuid4().hex``).
+REQUEST_KEY = re.compile(r"[0-9a-f]{32}")
 
 
 def _refusal(exc: Exception) -> Refused:
@@ -346,6 +352,9 @@ def review_context(request: HttpRequest, case: m.AuditCase, admin_site) -> dict[
         "transitions": [{"to": to, "label": TRANSITION_LABELS.get(to, to)}
                         for to in workflow.available_transitions(case, user)],
         "can_report": bool(roles & REPORT_ROLES) and case.state not in NO_EVIDENCE_YET,
+        # One key per rendering of the page: a double click or a resubmitted form repeats the key,
+        # and report_requests.issue answers a repeated key with the version the first one issued.
+        "report_request_key": uuid.uuid4().hex,
         "reports": m.Report.objects.visible_to(user).filter(case=case).select_related("author").order_by("-version"),
         "audit_rows": [{**row, "payload_text": row["payload"]} for row in rows],
         "audit_problems": audit_log.verify_excerpt(rows),
@@ -496,19 +505,29 @@ class ReviewViews:
         return self._act(request, case_id, TRANSITION_ROLES, "Changing the case's state", act)
 
     def report(self, request: HttpRequest, case_id: int) -> HttpResponse:
+        """Issue a report version: once per form, however often the form is sent (the page's
+        ``request_key``; a form without one, e.g. a scripted POST, is a request of its own)."""
         def act(case: m.AuditCase) -> str:
             if case.state in NO_EVIDENCE_YET:
                 raise Refused(f"Case #{case.pk} is '{case.state}'; a report needs the evidence first.", 409)
+            sent = request.POST.get("request_key", "").strip()
+            if sent and not REQUEST_KEY.fullmatch(sent):
+                raise Refused("request_key must be the 32 hexadecimal digits the page gave the form", 400)
+            # Namespaced by user, so that one user's key can never name another's request.
+            key = f"workspace:{request.user.pk}:{sent or uuid.uuid4().hex}"
             if not pipeline.broker_is_eager():
                 from workers import tasks
 
                 pipeline.check_broker()
-                tasks.enqueue_on_commit(tasks.render_report, case.pk, request.user.pk)
+                tasks.enqueue_on_commit(tasks.render_report, case.pk, request.user.pk, key)
                 return ("The report is being rendered by a worker (queue 'reports'); "
                         "reload this page in a minute to download it.")
-            from governance.reports import generate_report
+            from governance import report_requests
 
-            report = generate_report(case, author=request.user)
+            report, created = report_requests.issue(case.pk, request.user, key)
+            if not created:
+                return (f"Report v{report.version} was already issued for this request "
+                        f"(SHA-256 {report.sha256[:16]}...); no other version was made.")
             return f"Issued report v{report.version} (SHA-256 {report.sha256[:16]}...)."
 
         return self._act(request, case_id, REPORT_ROLES, "Issuing a report", act)

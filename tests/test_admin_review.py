@@ -266,6 +266,26 @@ def test_it_issues_a_report_and_serves_every_version_to_who_may_see_the_case(rev
             assert b"".join(download.streaming_content).startswith(b"%PDF")
 
 
+@pytest.mark.slow
+def test_a_report_form_sent_twice_issues_one_version(review_case, as_):
+    """A double click on "Generate report" (or the browser resending the form) repeats the page's
+    request key; the second post answers with the version the first one issued."""
+    rita = as_("rita")
+    key = re.search(r'name="request_key" value="([0-9a-f]{32})"', rita.get(url("", review_case)).content.decode())
+    assert key is not None
+    first = rita.post(url("_report", review_case), {"request_key": key.group(1)}, follow=True)
+    second = rita.post(url("_report", review_case), {"request_key": key.group(1)}, follow=True)
+    assert first.status_code == second.status_code == 200
+    assert list(Report.objects.filter(case=review_case).values_list("version", flat=True)) == [1]
+    assert "already issued for this request" in second.content.decode()
+
+
+def test_a_report_form_with_a_forged_request_key_is_refused(review_case, as_):
+    response = as_("rita").post(url("_report", review_case), {"request_key": "../../other-case"})
+    assert response.status_code == 400 and "request_key" in response.content.decode()
+    assert not Report.objects.filter(case=review_case).exists()
+
+
 def test_it_refuses_a_report_before_there_is_evidence(draft_case, ada, as_):
     admit(ada)
     response = as_("ada").post(url("_report", draft_case))
@@ -365,7 +385,9 @@ def test_it_enqueues_render_report_for_a_worker_when_a_broker_is_configured(revi
     rita = as_("rita")
     response = rita.post(url("_report", review_case))
     assert response.status_code == 302
-    assert sent == [("workers.tasks.render_report", (review_case.pk, review_case.reviewers.get(username="rita").pk))]
+    rita_pk = review_case.reviewers.get(username="rita").pk
+    assert [(name, args[:2]) for name, args in sent] == [("workers.tasks.render_report", (review_case.pk, rita_pk))]
+    assert sent[0][1][2].startswith(f"workspace:{rita_pk}:")  # the request's key: a redelivery issues no second version
     assert not Report.objects.filter(case=review_case).exists()  # the worker issues it
     assert "rendered by a worker" in rita.get(url("", review_case)).content.decode()
 
