@@ -30,11 +30,11 @@ def word_tokenizer(max_length: int):
 
 def random_clip(*, image_size: int, patch_size: int, hidden: int, layers: int, heads: int, text_hidden: int,
                 text_layers: int, text_heads: int, projection: int, device: str = "cpu", dtype=None, seed: int = 0):
-    """A randomly initialised CLIP behind ``CLIPAdapter``."""
+    """A randomly initialised CLIP behind ``FastCLIPAdapter`` (what ``load_adapter`` gives a CLIP)."""
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from workers.probes.adapters.clip import CLIPAdapter
+    from workers.probes.adapters.clip_fast import FastCLIPAdapter
 
     tokenizer, vocab = word_tokenizer(32)
     config = CLIPConfig(
@@ -53,7 +53,7 @@ def random_clip(*, image_size: int, patch_size: int, hidden: int, layers: int, h
         sub.config._attn_implementation = "eager"
     processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                    crop_size={"height": image_size, "width": image_size})
-    return CLIPAdapter(model, tokenizer, processor, device=device, autocast_dtype=dtype, source="random-config")
+    return FastCLIPAdapter(model, tokenizer, processor, device=device, autocast_dtype=dtype, source="random-config")
 
 
 def _status() -> dict[str, int]:

@@ -4,7 +4,7 @@
 #  1. batched chefer vs the per-image loop on the machine's CPU cores (issue 3's CPU ratio; the
 #     2-core development machine caps it below 5x, see chefer_ceiling in benchmarks/grounding.py),
 #     at 1, 8 and all threads, three runs each, interleaved so drift hits every thread count alike;
-#  2. the ViT-B/16 grounding benchmark in bf16 (chefer, gradcam, fused chefer);
+#  2. the ViT-B/16 grounding benchmark in bf16 (chefer, gradcam);
 #  3. the probe library's CUDA path on the zoo models: grounding evaluation on CUDA and CPU, the
 #     generative probes (token attribution and its benchmark, attention statistics, head ablation),
 #     memory backoff after a real out-of-memory error, the shortcut probe.

@@ -1,7 +1,5 @@
 """Grounding on a GPU: explanations/s of ``chefer`` and ``gradcam`` for a ViT-B/16-sized CLIP, and
-the share of the GPU's peak FLOP/s they achieve. ``chefer_fused`` is chefer with the weighting fused
-into the attention's backward pass (``workers/probes/fused_attention.py``), which only CPUs use by
-default: its speed, peak memory and agreement here say whether GPUs should too.
+the share of the GPU's peak FLOP/s they achieve.
 
 The model is built from a config with random weights (nothing is downloaded): vision ViT-B/16 at
 224 px (12 layers, width 768, 12 heads, 197 tokens), text 12 layers of width 512, projection 512,
@@ -32,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks._models import count_flops, random_clip  # noqa: E402
-from workers.probes import fused_attention  # noqa: E402
 from workers.probes.chefer import relevance  # noqa: E402
 from workers.probes.gradcam import gradcam  # noqa: E402
 
@@ -101,16 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     pv = torch.randn(batch, 3, spec["image_size"], spec["image_size"], generator=gen).to(device)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
 
-    def chefer_fused():  # the fused weighting, which only CPUs use by default: is it worth it here too?
-        fused_attention.FUSE = True
-        try:
-            return relevance(adapter, pv, prompts)
-        finally:
-            fused_attention.FUSE = None
-
     methods = {
         "chefer": lambda: relevance(adapter, pv, prompts),
-        "chefer_fused": chefer_fused,
         "gradcam": lambda: gradcam(adapter, pv, prompts, batch_size=batch),
     }
     name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
@@ -139,9 +128,6 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
             entry["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
         result[method] = entry
-    result["chefer_fused"]["kept"] = adapter._fused_weighting_ok  # False: it failed its check and fell back
-    result["chefer_fused"]["max_abs_diff_to_chefer"] = float(
-        (chefer_fused().image - relevance(adapter, pv, prompts).image).abs().max())
     result["wall_s"] = time.perf_counter() - started
     print(json.dumps(result, indent=2))
     return 0

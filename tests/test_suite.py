@@ -152,21 +152,6 @@ def test_it_gives_the_same_stability_numbers_at_any_batch_size(heldout):
     assert {k: v for k, v in split.items() if k != "seconds"} == {k: v for k, v in whole.items() if k != "seconds"}
 
 
-def test_it_keeps_a_clip_shortcut_after_an_out_of_memory_error():
-    from workers.probes import zoo
-    from workers.probes.adapters import load_adapter
-
-    adapter = load_adapter(str(zoo.checkpoint_path("tiny-clip")))
-
-    def fast():
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
-    with pytest.raises(torch.OutOfMemoryError):
-        adapter._checked_shortcut("_fused_weighting_ok", fast, lambda: "plain", lambda: torch.zeros(1))
-    # an out-of-memory error says nothing about whether the shortcut is right for this model
-    assert adapter._fused_weighting_ok is not False
-
-
 def test_it_frees_the_failed_attempts_tensors_before_starting_again():
     import weakref
 

@@ -23,7 +23,7 @@ their sum yields every pair's gradients.
 The image map needs nothing but the gradient-weighted attentions, so it asks the adapter for
 exactly those (``gradient_weighted_attentions``). By default they come from ``readout_trace`` and
 autograd; for CLIP the last layer runs for the CLS query alone (the only row of ``A_L`` the readout
-row meets), and the weighting is fused into the attention's backward pass (``fused_attention``).
+row meets; ``adapters/clip_fast.py``).
 The text-side relevance needs the text tower's attention too and goes through the full ``trace``.
 """
 

@@ -15,10 +15,8 @@ computed once), with fused attention (the copies need scores, not attention prob
 ``benchmarks/grounding.py`` measures both with one and with four prompts per image, captum with
 eager and with fused attention, and checks that both give the same map. With one prompt per image
 and captum batched as well, both run one forward pass per copy; ours scores through the adapter's
-``occluded_embeds_for_scoring`` (CLIP: the patch embedding and the first layer's projections once
-per image and per copy only for the patches the window touches, the last layer for the CLS token
-only, the layers between with stacked projections and a folded activation; see
-``adapters/clip.py``).
+``occluded_embeds_for_scoring`` (CLIP: the last layer for the CLS token only, the layers below with
+stacked projections and a folded activation; see ``adapters/clip_fast.py``).
 """
 
 from __future__ import annotations

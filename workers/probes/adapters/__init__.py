@@ -10,7 +10,7 @@ __all__ = ["ARCHITECTURES", "DualEncoderAdapter", "VisionLanguageAdapter", "Visi
 #: ``config.model_type`` -> ``"module:AdapterClass"`` (imported lazily). A new architecture is one line here
 #: plus its adapter class.
 ARCHITECTURES: dict[str, str] = {
-    "clip": "workers.probes.adapters.clip:CLIPAdapter",
+    "clip": "workers.probes.adapters.clip_fast:FastCLIPAdapter",
     "siglip": "workers.probes.adapters.clip:SiglipAdapter",
     "siglip2": "workers.probes.adapters.siglip2:Siglip2Adapter",
     "llava": "workers.probes.adapters.llava:LlavaAdapter",

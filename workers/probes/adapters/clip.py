@@ -20,6 +20,10 @@ Gradients: the model's parameters are frozen at load time. ``trace`` makes the h
 *entering* layer ``grad_from_layer`` a fresh leaf that requires grad; autograd then computes only
 what the explanation needs (no parameter gradients, nothing below that layer), which is a large
 part of why our Grad-CAM is faster than generic libraries that back-propagate into every weight.
+
+Everything here runs through the model's own forward. The two calls a CLIP model answers faster
+with code of its own live in ``clip_fast.py`` (``FastCLIPAdapter``, what ``load_adapter`` returns
+for ``clip``).
 """
 
 from __future__ import annotations
@@ -33,17 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers.activations import QuickGELUActivation
 
-from workers.probes.adapters.base import DualEncoderAdapter, HFModule, VisionTrace, WeightedAttentions
+from workers.probes.adapters.base import DualEncoderAdapter, HFModule, VisionTrace
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
-from workers.probes.fused_attention import WeightedAttentionSink, pays_off
-
-
-def _softmax_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention probabilities ``[B, H, n, T]`` from queries ``[B, H, n, D/H]`` and keys
-    ``[B, H, T, D/H]``; softmax in float32 as the models' eager attention does."""
-    return torch.softmax((q * scale) @ k.transpose(-1, -2), dim=-1, dtype=torch.float32).to(q.dtype)
 
 
 @dataclass
@@ -56,22 +52,13 @@ class _Recording:
     handles: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
 
 
-#: ``attend(q, k, v, scale) -> out`` in place of a layer's softmax attention (``WeightedAttentionSink.attend``).
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
-
-
-def _recorded(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+def recorded(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
     """What the hooks recorded, every layer's; a ``None`` means the forward pass skipped a layer,
     which leaves nothing to explain there."""
     missing = [i for i, t in enumerate(tensors) if t is None]
     if missing:
         raise UnsupportedModelError(f"the forward pass did not run layers {missing}")
     return [t for t in tensors if t is not None]
-
-
-def _flat_layers(weighted: WeightedAttentions) -> torch.Tensor:
-    """Every layer's ``[B, q, T]`` side by side: ``[B, sum(q * T)]``, to compare two paths."""
-    return torch.cat([layer.flatten(1) for layer in weighted.layers], dim=1)
 
 
 def find_pooling_head(vision_model: torch.nn.Module,
@@ -243,234 +230,6 @@ class CLIPAdapter(DualEncoderAdapter):
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._encode_image(self._check_pixels(pixel_values))
 
-    #: None until the CLS-only last layer has been checked against the model's own forward once.
-    _cls_readout_ok: bool | None = None
-
-    @torch.no_grad()
-    def image_embeds_for_scoring(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``image_embeds`` with the last vision layer run for the CLS token only.
-
-        Why by hand: the image embedding reads nothing but the CLS token's final state, yet the
-        model's last layer computes queries, an attention row, the output projection and the MLP
-        for every token and throws all but one away. Here every token still gets its keys and
-        values (the CLS query attends to them), the rest is done for the CLS token alone: exact
-        up to float rounding, and about a sixth of the ViT's FLOPs less in a 3-layer tower, which
-        matters for occlusion's thousands of occluded copies. The layers below run through
-        ``_scoring_layer`` (fused attention, one projection for queries, keys and values). The
-        first call checks the result against the model's own forward and falls back to it for
-        good if they disagree (e.g. a subclass with another layer layout).
-        """
-        pixel_values = self._check_pixels(pixel_values)
-        if self.pooling_head_attention is not None:  # the head reads every token: nothing to skip
-            return self.image_embeds(pixel_values)
-        return self._checked_shortcut("_cls_readout_ok", lambda: self._cls_readout_embeds(pixel_values),
-                                      lambda: self.image_embeds(pixel_values),
-                                      lambda: self.image_embeds(pixel_values[:2]))
-
-    def _checked_shortcut(self, flag: str, fast: Callable[[], Any], plain: Callable[[], Any],
-                          reference: Callable[[], torch.Tensor],
-                          compared: Callable[[Any], torch.Tensor] = lambda out: out) -> Any:
-        """``fast()``, a hand-written shortcut for ``plain()``, checked once per adapter: the first
-        time, the first two rows of ``compared(fast())`` (default: the result itself) are compared
-        with ``reference()`` (the plain path on those two rows); if they disagree, or the shortcut
-        fails on this model's layout, the attribute ``flag`` turns False and ``plain()`` answers
-        from then on."""
-        if getattr(self, flag) is False:
-            return plain()
-        try:
-            out = fast()
-        except torch.OutOfMemoryError:
-            raise  # says nothing about the shortcut: the caller lowers its batch size (suite.run)
-        except (AttributeError, TypeError, RuntimeError):
-            setattr(self, flag, False)
-            return plain()
-        if getattr(self, flag) is None:
-            got, expected = compared(out).detach().float(), reference().float()
-            rtol, atol = self._shortcut_tolerance(expected)
-            setattr(self, flag, got.shape[1:] == expected.shape[1:] and bool(
-                torch.allclose(got[:2], expected, rtol=rtol, atol=atol)))
-        return out if getattr(self, flag) else plain()
-
-    def _shortcut_tolerance(self, expected: torch.Tensor) -> tuple[float, float]:
-        """``(rtol, atol)``: how closely a shortcut must match the plain path: float32 rounding, or, under bf16/fp16
-        autocast, where the two paths round differently at every operation (as far apart as either
-        is from float32), 8 epsilons of that precision relative to the result's scale. A wrong layer
-        layout is off by the whole scale, far beyond either."""
-        if self.autocast_dtype is None:
-            return 1e-3, 1e-4
-        tol = 8 * torch.finfo(self.autocast_dtype).eps
-        return tol, tol * float(expected.abs().max())
-
-    def _cls_readout_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        vision = self.model.vision_model
-        with self.autocast():
-            hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
-            for layer in self.vision_layers[:-1]:
-                hidden = self._scoring_layer(layer, hidden)
-            return self._cls_readout_tail(hidden)
-
-    def _cls_readout_tail(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The last vision layer for the CLS token only, then the projection: ``[B, T, D]`` (the
-        last layer's input) -> normalised embeddings ``[B, E]``."""
-        return self._cls_readout(hidden, probabilities=False)[0]
-
-    def _cls_readout(self, hidden: torch.Tensor, *, probabilities: bool,
-                     attend: Attend | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``_cls_readout_tail``, and with ``probabilities`` also the CLS query's attention row
-        ``[B, H, 1, T]`` that its output is computed from (explicit softmax, so that gradients reach
-        it); without, torch's scaled-dot-product kernel, or ``attend`` where given."""
-        vision, last = self.model.vision_model, self.vision_layers[-1]
-        attn = last.self_attn
-        x = last.layer_norm1(hidden)
-        b, t, d = x.shape
-
-        def heads(v: torch.Tensor) -> torch.Tensor:  # [B, n, D] -> [B, H, n, D/H]
-            return v.view(b, v.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)
-
-        q, k, v = heads(attn.q_proj(x[:, :1])), heads(attn.k_proj(x)), heads(attn.v_proj(x))
-        probs = None
-        if probabilities:
-            probs = _softmax_attention(q, k, attn.scale)
-            out = probs @ v
-        elif attend is not None:
-            out = attend(q, k, v, attn.scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # [B, H, 1, D/H]
-        cls = hidden[:, :1] + attn.out_proj(out.transpose(1, 2).reshape(b, 1, d))
-        cls = cls + last.mlp(last.layer_norm2(cls))
-        feats = self.model.visual_projection(vision.post_layernorm(cls[:, 0]))
-        return F.normalize(feats.float(), dim=-1), probs
-
-    #: None until the occluded-copy shortcut has been checked against occluding the pixels once.
-    _occlusion_shortcut_ok: bool | None = None
-
-    @torch.no_grad()
-    def occluded_embeds_for_scoring(self, images: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor,
-                                    baseline: float) -> torch.Tensor:
-        """Occluded copies, with what they share with their image computed once.
-
-        Why by hand: up to the first layer's attention every token is a function of its own patch
-        alone, and a window touches a few patches of an image's ``gh x gw``. So the patch embedding,
-        the layer norms and the first layer's query/key/value projection run once per image, and
-        per copy only for the patches its window touches; the copies' pixels are never
-        materialised. From the first attention on, every token sees the window and the copies run
-        in full (``_scoring_layer``, then the CLS-only last layer). Exact up to float rounding; the
-        first call checks itself against occluding the pixels and falls back to that for good if
-        they disagree.
-        """
-        images = self._check_pixels(images)
-        plain = super().occluded_embeds_for_scoring
-        if self._cls_readout_ok is False or len(self.vision_layers) < 2 or self.pooling_head_attention is not None:
-            return plain(images, image_index, boxes, baseline)
-        return self._checked_shortcut("_occlusion_shortcut_ok",
-                                      lambda: self._occluded_embeds(images, image_index, boxes, baseline),
-                                      lambda: plain(images, image_index, boxes, baseline),
-                                      lambda: plain(images, image_index[:2], boxes[:2], baseline))
-
-    def _occluded_embeds(self, images: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor,
-                         baseline: float) -> torch.Tensor:
-        vision = self.model.vision_model
-        embeddings = vision.embeddings
-        first, *middle = self.vision_layers[:-1]
-        p = self.patch_size
-        gh, gw = self.grid
-        with self.autocast():
-            # once per image used by these copies: tokens entering layer 0 and their q, k, v
-            used, local = torch.unique(image_index, return_inverse=True)
-            clean = vision.pre_layrnorm(embeddings(images[used]))  # [u, T, D]
-            clean_qkv = self._qkv(first, clean)  # [u, T, 3D]
-
-            # the patches each window touches: copy c, patch row r, patch column k
-            top, bottom, left, right = boxes.unbind(1)
-            r0, k0 = top // p, left // p
-            rows_n = ((bottom - 1).clamp(max=gh * p - 1) // p - r0 + 1).clamp(min=0)
-            cols_n = ((right - 1).clamp(max=gw * p - 1) // p - k0 + 1).clamp(min=0)
-            dr = torch.arange(int(rows_n.max()), device=images.device)
-            dk = torch.arange(int(cols_n.max()), device=images.device)
-            valid = (dr[None, :, None] < rows_n[:, None, None]) & (dk[None, None, :] < cols_n[:, None, None])
-            c, i, j = valid.nonzero(as_tuple=True)
-            r, k = r0[c] + dr[i], k0[c] + dk[j]
-
-            # those patches' pixels with the window in them, through the same embedding path
-            ys = r[:, None] * p + torch.arange(p, device=images.device)  # [M, p]
-            xs = k[:, None] * p + torch.arange(p, device=images.device)
-            patches = images[image_index[c][:, None, None, None], torch.arange(3, device=images.device)[None, :, None,
-                             None], ys[:, None, :, None], xs[:, None, None, :]]  # [M, 3, p, p]
-            inside = (((ys >= top[c, None]) & (ys < bottom[c, None]))[:, :, None]
-                      & ((xs >= left[c, None]) & (xs < right[c, None]))[:, None, :])
-            patches = torch.where(inside.unsqueeze(1), baseline, patches)
-            token = 1 + r * gw + k  # position 0 is CLS
-            touched = embeddings.patch_embedding(patches.to(embeddings.patch_embedding.weight.dtype)).flatten(1)
-            touched = vision.pre_layrnorm(touched + embeddings.position_embedding.weight[token])  # [M, D]
-
-            hidden, qkv = clean[local], clean_qkv[local]  # [n, T, D], [n, T, 3D]: fresh copies
-            hidden[c, token] = touched.to(hidden.dtype)
-            qkv[c, token] = self._qkv(first, touched).to(qkv.dtype)
-            hidden = self._scoring_layer(first, hidden, qkv=qkv)
-            for layer in middle:
-                hidden = self._scoring_layer(layer, hidden)
-            return self._cls_readout_tail(hidden)
-
-    @staticmethod
-    def _qkv(layer: HFModule, hidden: torch.Tensor) -> torch.Tensor:
-        """``[..., D]`` -> ``[..., 3D]``: the layer's queries, keys and values in one matrix product."""
-        attn = layer.self_attn
-        weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-        bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-        return F.linear(layer.layer_norm1(hidden), weight, bias)
-
-    @classmethod
-    def _scoring_layer(cls, layer: HFModule, hidden: torch.Tensor, *,
-                       qkv: torch.Tensor | None = None) -> torch.Tensor:
-        """One ``CLIPEncoderLayer`` on ``[B, T, D]``, for scores only (no attention probabilities).
-
-        Why by hand: the model's layer projects queries, keys and values with three matrix products
-        and runs QuickGELU as three elementwise passes (``x * sigmoid(1.702 x)``). Here one product
-        with the three weights stacked does the projections, and the 1.702 is folded into ``fc1``
-        and ``fc2`` so the activation is a single in-place SiLU: ``x sigmoid(1.702 x) = silu(1.702 x)
-        / 1.702``; it equals the model's layer up to float rounding (its speed-up:
-        ``benchmarks/results/``). The stacked and scaled weights are made on every call, never
-        cached, because the sanity check randomises weights in place.
-        ``qkv``: the projections already made (``_qkv``), e.g. reused from the unoccluded image.
-        """
-        attn = layer.self_attn
-        b, t, d = hidden.shape
-        qkv = cls._qkv(layer, hidden) if qkv is None else qkv
-        q, k, v = qkv.view(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).transpose(1, 2).reshape(b, t, d)
-        hidden = hidden + attn.out_proj(out)
-        return hidden + cls._mlp(layer, layer.layer_norm2(hidden), inplace=True)
-
-    @classmethod
-    def _traced_layer(cls, layer: HFModule, hidden: torch.Tensor,
-                      attend: Attend | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``_scoring_layer`` with explicit attention probabilities ``[B, H, T, T]`` that gradients
-        reach: ``(output [B, T, D], probabilities)``. Besides the stacked projection and the folded
-        QuickGELU, the 1/sqrt(d) scale is applied to the queries ([B, H, T, D/H]) instead of to
-        the [B, H, T, T] scores, one full pass over the scores fewer each way. With ``attend``,
-        that does the attention instead and the probabilities are ``None``."""
-        attn = layer.self_attn
-        b, t, d = hidden.shape
-        q, k, v = cls._qkv(layer, hidden).view(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        if attend is not None:
-            probs, out = None, attend(q, k, v, attn.scale)
-        else:
-            probs = _softmax_attention(q, k, attn.scale)
-            out = probs @ v
-        hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(b, t, d))
-        return hidden + cls._mlp(layer, layer.layer_norm2(hidden), inplace=False), probs
-
-    @staticmethod
-    def _mlp(layer: HFModule, x: torch.Tensor, *, inplace: bool) -> torch.Tensor:
-        """The layer's MLP with QuickGELU folded into one SiLU (see ``_scoring_layer``); ``inplace``
-        only where no gradient is taken."""
-        mlp = layer.mlp
-        if not isinstance(mlp.activation_fn, QuickGELUActivation):
-            return mlp(x)
-        c = 1.702  # QuickGELU's constant
-        x = F.silu(F.linear(x, mlp.fc1.weight * c, mlp.fc1.bias * c), inplace=inplace)
-        return F.linear(x, mlp.fc2.weight / c, mlp.fc2.bias)
-
     def pair_score(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """Normalised embeddings ``[B, E]`` x ``[B, E]`` -> paired scores ``[B]``."""
         scale, bias = self._scale_and_bias()
@@ -609,7 +368,7 @@ class CLIPAdapter(DualEncoderAdapter):
                 ids, mask = self.tokenize(prompts)
                 with self._record(self.text_layers, grad_from_layer=0, retain_grads=retain_grads) as trec:
                     txt = self._encode_text(ids, mask)
-                text_attn = _recorded(trec.attentions)
+                text_attn = recorded(trec.attentions)
                 text_readout, text_mask = self._text_readout_index(ids, mask), self._real_tokens(ids, mask)
             else:
                 txt = self.text_embeds(prompts)
@@ -617,93 +376,14 @@ class CLIPAdapter(DualEncoderAdapter):
                               pool_attention=self.pooling_head_attention, retain_grads=retain_grads) as rec:
                 img = self._encode_image(pixel_values)
             score = self.pair_score(img, txt)
-        return VisionTrace(score=score, attentions=_recorded(rec.attentions),
-                           hidden_states=_recorded(rec.hidden_states), text_attentions=text_attn,
+        return VisionTrace(score=score, attentions=recorded(rec.attentions),
+                           hidden_states=recorded(rec.hidden_states), text_attentions=text_attn,
                            text_input_ids=ids, pool_attention=rec.pool_attention, text_readout=text_readout,
                            text_attention_mask=text_mask)
 
-    #: None until the readout trace has been checked against the model's own forward once.
-    _readout_trace_ok: bool | None = None
-
     def readout_trace(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> VisionTrace:
-        """``trace`` for rules that need only the score and the attention probabilities with their
-        gradients (Chefer's): ``attentions[-1]`` is ``[B, H, 1, T]``, the CLS query's row, the only
-        row of the last layer that reaches the image embedding; no hidden states; take
-        ``torch.autograd.grad(score, attentions)``.
-
-        Why by hand: the model's own last layer computes every token's query, attention row,
-        output projection and MLP, and the backward pass then carries zeros back through all of
-        them; and its eager attention scales the [B, H, T, T] scores instead of the queries and
-        runs QuickGELU as three passes. Here the layers below run through ``_traced_layer`` and
-        the last one for the CLS token alone (``_cls_readout``), exact up to float rounding (its
-        speed-up: ``benchmarks/results/``). The first call checks the score against
-        the model's own forward and falls back to ``trace`` for good if they disagree.
-        """
-        pixel_values = self._check_pixels(pixel_values)
-        prompts = self.pair_prompts(pixel_values, prompts)
-        if self.pooling_head_attention is not None:  # the head reads every last-layer token
-            return self.trace(pixel_values, prompts, retain_grads=False)
-        return self._checked_shortcut(
-            "_readout_trace_ok", lambda: self._readout_trace(pixel_values, prompts),
-            lambda: self.trace(pixel_values, prompts, retain_grads=False),
-            lambda: self.score(pixel_values[:2], prompts[:2]).detach(), compared=lambda tr: tr.score)
-
-    def _readout_trace(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> VisionTrace:
-        vision = self.model.vision_model
-        attentions: list[torch.Tensor | None] = []
-        with torch.enable_grad(), self.autocast():
-            txt = self.text_embeds(prompts)
-            # a leaf that requires grad, as in ``trace``: the weights are frozen
-            hidden = vision.pre_layrnorm(vision.embeddings(pixel_values)).detach().requires_grad_(True)
-            for layer in self.vision_layers[:-1]:
-                hidden, probs = self._traced_layer(layer, hidden)
-                attentions.append(probs)
-            img, probs = self._cls_readout(hidden, probabilities=True)
-            attentions.append(probs)
-            score = self.pair_score(img, txt)
-        return VisionTrace(score=score, attentions=_recorded(attentions), hidden_states=[])
-
-    #: None until the fused weighting has been checked against the readout trace and autograd once.
-    _fused_weighting_ok: bool | None = None
-
-    def gradient_weighted_attentions(self, pixel_values: torch.Tensor, prompts: Sequence[str], *,
-                                     start_layer: int = 0) -> WeightedAttentions:
-        """``DualEncoderAdapter.gradient_weighted_attentions`` with the weighting fused into the
-        attention's backward pass (``workers.probes.fused_attention``, which says why), through the
-        same lean layers as ``readout_trace``; layers below ``start_layer`` run without recording
-        anything. Only where fusing pays (``fused_attention.pays_off``: large batches on a CPU).
-        The first fused call checks itself against the readout trace and autograd and falls back
-        to them for good if they disagree."""
-        tokens = self.num_prefix_tokens + self.grid[0] * self.grid[1]
-        batch = pixel_values.shape[0] if pixel_values.ndim == 4 else 0  # else the plain path says what is wrong
-        if self.pooling_head_attention is not None or not pays_off(batch, self.num_heads, tokens, pixel_values.device):
-            return DualEncoderAdapter.gradient_weighted_attentions(self, pixel_values, prompts, start_layer=start_layer)
-        pixel_values = self._check_pixels(pixel_values)
-        prompts = self.pair_prompts(pixel_values, prompts)
-
-        def plain(px: torch.Tensor = pixel_values, pr: Sequence[str] = prompts) -> WeightedAttentions:
-            return DualEncoderAdapter.gradient_weighted_attentions(self, px, pr, start_layer=start_layer)
-
-        return self._checked_shortcut(
-            "_fused_weighting_ok", lambda: self._fused_weighted_attentions(pixel_values, prompts, start_layer), plain,
-            lambda: _flat_layers(plain(pixel_values[:2], prompts[:2])), compared=_flat_layers)
-
-    def _fused_weighted_attentions(self, pixel_values: torch.Tensor, prompts: Sequence[str],
-                                   start_layer: int) -> WeightedAttentions:
-        vision = self.model.vision_model
-        sink = WeightedAttentionSink(pixel_values.device)
-        with torch.enable_grad(), self.autocast():
-            txt = self.text_embeds(prompts)
-            with torch.no_grad():  # below ``start_layer`` nothing enters the rule
-                hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
-                for layer in self.vision_layers[:start_layer]:
-                    hidden = self._scoring_layer(layer, hidden)
-            for layer in self.vision_layers[start_layer:-1]:
-                hidden, _ = self._traced_layer(layer, hidden, attend=sink.attend)
-            img, _ = self._cls_readout(hidden, probabilities=False, attend=sink.attend)
-            score = self.pair_score(img, txt)
-        torch.autograd.grad(score.sum(), sink.anchor)
-        return WeightedAttentions(layers=sink.weighted())
+        # Chefer's rule takes ``torch.autograd.grad`` of the attentions: no ``.grad`` to populate
+        return self.trace(pixel_values, prompts, retain_grads=False)
 
     @torch.no_grad()
     def attentions(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -713,7 +393,7 @@ class CLIPAdapter(DualEncoderAdapter):
         with self._record(self.vision_layers, grad_from_layer=None,
                           pool_attention=self.pooling_head_attention) as rec:
             self._encode_image(pixel_values)
-        return _recorded(rec.attentions), rec.pool_attention
+        return recorded(rec.attentions), rec.pool_attention
 
     @torch.no_grad()
     def vision_features(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -723,7 +403,7 @@ class CLIPAdapter(DualEncoderAdapter):
                 raise ProbeInputError(f"layer {layer} out of range 0..{self.num_layers}")
         with self._record(self.vision_layers, grad_from_layer=None) as rec:
             self._encode_image(pixel_values)
-        hidden = _recorded(rec.hidden_states)
+        hidden = recorded(rec.hidden_states)
         return {layer: hidden[layer] for layer in layers}
 
     def clear_caches(self) -> None:
@@ -785,24 +465,6 @@ class SiglipAdapter(CLIPAdapter):
         if self.pooling_head_attention is None:
             raise UnsupportedModelError("SigLIP vision tower without an attention-pooling head: no image embedding "
                                         "to explain")
-
-    def image_embeds_for_scoring(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # the pooling head attends over every last-layer token: there is nothing to skip
-        return self.image_embeds(pixel_values)
-
-    def occluded_embeds_for_scoring(self, images: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor,
-                                    baseline: float) -> torch.Tensor:
-        # no CLS token and another embedding layout: occlude the pixels (DualEncoderAdapter's way)
-        return DualEncoderAdapter.occluded_embeds_for_scoring(self, images, image_index, boxes, baseline)
-
-    def readout_trace(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> VisionTrace:
-        # the pooling head reads every last-layer token: the full trace, pooling row included
-        return self.trace(pixel_values, prompts, retain_grads=False)
-
-    def gradient_weighted_attentions(self, pixel_values: torch.Tensor, prompts: Sequence[str], *,
-                                     start_layer: int = 0) -> WeightedAttentions:
-        # the pooling head's attention lives in torch's MultiheadAttention: through autograd
-        return DualEncoderAdapter.gradient_weighted_attentions(self, pixel_values, prompts, start_layer=start_layer)
 
     def _text_readout_index(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
