@@ -34,7 +34,7 @@ from workers.probes.explanations import (
     model_inputs,
     rounded,
 )
-from workers.probes.kinds import BatchSize, Flag, Metric, probe_kind
+from workers.probes.kinds import Flag, Metric, ScoringBatchSize, probe_kind
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
 
 if TYPE_CHECKING:
@@ -204,7 +204,7 @@ class GroundingParams(DatasetParams):
     methods: Annotated[str | list[str], Flag(name="--method")] = Field(
         "all", description="'all', one method name or a list of them")
     # Masked copies per scoring forward: sizes memory, not results.
-    score_batch_size: BatchSize = 128
+    score_batch_size: ScoringBatchSize = 128
     steps: int = Field(32, ge=2, le=1024, description="points on the deletion/insertion curves")
     baseline: Literal["mean", "blur"] = Field("mean", description="what hidden patches become: the mean colour "
                                                                   "or a blur")

@@ -71,8 +71,12 @@ class KindParams(BaseModel):
 
 @dataclass(frozen=True)
 class Batch:
-    """Marks a parameter that only sizes batches (memory, not results): ``suite.run`` halves it
-    when a GPU runs out of memory. Declare only parameters the results do not depend on."""
+    """Marks a parameter that only sizes batches (memory, not results): ``suite.run`` plans it to
+    fit a GPU's free memory (``memory.py``) and halves it when a GPU runs out of memory. Declare
+    only parameters the results do not depend on. ``backward``: the passes it sizes are
+    differentiated, so every layer's activations stay alive until the backward pass."""
+
+    backward: bool = True
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,9 @@ class Flag:
 
 BATCH = Batch()
 BatchSize = Annotated[int, Field(ge=1, description="items per forward pass: sizes memory, not results"), BATCH]
+#: a batch size for passes that only score (no backward pass): planned with one layer's activations
+ScoringBatchSize = Annotated[int, Field(ge=1, description="items per scoring forward pass: sizes memory, not "
+                                                          "results"), Batch(backward=False)]
 Seed = Annotated[int, Field(ge=0, description="seed of every random draw, so a run can be repeated")]
 Limit = Annotated[int | None, Field(ge=1, description="use only the first N examples (default: all)")]
 
@@ -133,6 +140,12 @@ class KindSpec:
         """The batch-sizing parameters with their defaults."""
         return {name: int(info.default) for name, info in self.params.model_fields.items()
                 if any(isinstance(meta, Batch) for meta in info.metadata)}
+
+    @property
+    def batch_backward(self) -> dict[str, bool]:
+        """Per batch-sizing parameter: whether the passes it sizes are differentiated."""
+        return {name: meta.backward for name, info in self.params.model_fields.items()
+                for meta in info.metadata if isinstance(meta, Batch)}
 
 
 _KINDS: dict[str, KindSpec] = {}

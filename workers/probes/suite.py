@@ -123,6 +123,9 @@ def run(name: str, model_dir: str, dataset_dir: str | None = None, params: Mappi
 
     spec = kind_registry.get(name)
     checked = kind_registry.parse_params(name, params)
+    memory_plan = plan_memory(spec, checked, model_dir, device)
+    if memory_plan is not None:
+        checked = checked.model_copy(update=memory_plan["batch_sizes"])
     failed: list[dict[str, Any]] = []
     token = _model_loader.set(loader or load_adapter_uncached)
     try:
@@ -134,6 +137,8 @@ def run(name: str, model_dir: str, dataset_dir: str | None = None, params: Mappi
             except torch.OutOfMemoryError as exc:
                 reason = (str(exc).splitlines() or ["out of memory"])[0]
             else:
+                if memory_plan is not None:
+                    result.metrics["memory_plan"] = memory_plan
                 if failed:
                     result.metrics["memory_backoff"] = {"device": device, "batch_params": tried,
                                                         "out_of_memory_at": failed}
@@ -161,6 +166,29 @@ def run(name: str, model_dir: str, dataset_dir: str | None = None, params: Mappi
             checked = checked.model_copy(update=smaller)
     finally:
         _model_loader.reset(token)
+
+
+def plan_memory(spec: kind_registry.KindSpec, params: kind_registry.KindParams, model_dir: str, device: str,
+                *, free_bytes: int | None = None) -> dict[str, Any] | None:
+    """Before a CUDA run: batch sizes that fit the device's free memory (``memory.plan``), never
+    larger than asked, as ``{"batch_sizes": ..., "requested": ..., estimates}``; raises
+    :class:`OutOfDeviceMemory` with the estimate when the model cannot fit at all. ``None`` on a
+    CPU, for a kind without batch sizes, or where the model's config cannot be read (the kind's own
+    loading then says what is wrong). ``free_bytes`` overrides the device's free memory."""
+    if not device.startswith("cuda") or not spec.batch_params:
+        return None
+    from workers.probes import memory
+
+    try:
+        footprint = memory.footprint_of(model_dir)
+    except (OSError, ValueError, KeyError):
+        return None
+    requested = {key: int(getattr(params, key)) for key in spec.batch_params}
+    free = memory.device_free_bytes(device) if free_bytes is None else free_bytes
+    planned = memory.plan(footprint, requested, spec.batch_backward, free_bytes=free, element_bytes=4)
+    if not planned.fits:
+        raise OutOfDeviceMemory(f"{spec.name}: {planned.refusal(device)}")
+    return {**planned.as_dict(), "requested": requested, "device": device, "parameters": footprint.parameters}
 
 
 def directory_fingerprint(path: str) -> str:
