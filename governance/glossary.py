@@ -207,6 +207,8 @@ TERMS: dict[str, tuple[str, str]] = {
     "paraphrase_consistency": ("Consistency across prompts", "How similar a head's attention is for reworded "
                                                              "prompts (1 = identical)."),
     "memory_backoff": ("Batch sizes after memory backoff", "Batch sizes that fitted the accelerator's memory."),
+    "memory_plan": ("GPU memory plan", "Batch sizes chosen before the run to fit the accelerator's free memory, "
+                                       "with the estimates they were chosen by."),
 }
 
 # Terms that name *what* a measure is about (a method, a group of inputs), never the measure itself.

@@ -26,7 +26,7 @@ attention because they read them.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -171,11 +171,11 @@ class Plan:
     estimates_bytes: dict[str, int]  # per batch parameter, at the planned size
 
     def as_dict(self) -> dict[str, Any]:
+        """What the evidence records: sizes in GiB, rounded."""
         gib = 2 ** 30
-        out = asdict(self)
-        out.update({"budget_gib": round(self.budget_bytes / gib, 2), "weights_gib": round(self.weight_bytes / gib, 2),
-                    "minimum_gib": round(self.minimum_bytes / gib, 2)})
-        return out
+        return {"batch_sizes": dict(self.batch_sizes), "weights_gib": round(self.weight_bytes / gib, 2),
+                "plannable_gib": round(self.budget_bytes / gib, 2),
+                "estimated_peak_gib": {k: round(v / gib, 2) for k, v in self.estimates_bytes.items()}}
 
     def refusal(self, device: str) -> str:
         gib = 2 ** 30
