@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import http.client
 import ipaddress
 import json
 import logging
@@ -194,16 +195,19 @@ def _refused_address(address: str) -> bool:
             or ip.is_unspecified or not ip.is_global)
 
 
-def check_url(url: str) -> None:
+def check_url(url: str) -> str | None:
     """Refuse a webhook URL that is not http(s) or whose host resolves to a non-public address
-    (unless ``LOUPE_WEBHOOK_ALLOW_PRIVATE``). Raises ``ValidationError``."""
+    (unless ``LOUPE_WEBHOOK_ALLOW_PRIVATE``). Raises ``ValidationError``. Returns the checked
+    address a delivery must connect to (``None`` where private addresses are allowed): resolving the
+    name again to connect would let a DNS server answer a public address to the check and a private
+    one to the connection (DNS rebinding)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationError("A webhook URL is an http:// or https:// URL with a host.")
     if parts.username or parts.password:
         raise ValidationError("A webhook URL carries no user name or password; the signature authenticates.")
     if getattr(settings, "LOUPE_WEBHOOK_ALLOW_PRIVATE", False):
-        return
+        return None
     try:
         infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
                                    proto=socket.IPPROTO_TCP)
@@ -213,6 +217,9 @@ def check_url(url: str) -> None:
     if refused:
         raise ValidationError(f"The webhook host {parts.hostname!r} resolves to a private, loopback or otherwise "
                               f"non-public address ({', '.join(refused)}); such URLs are refused.")
+    if not infos:
+        raise ValidationError(f"The webhook host {parts.hostname!r} does not resolve.")
+    return str(infos[0][4][0])
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
@@ -241,7 +248,42 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # a redirect is an answer (3xx), never followed: it could point anywhere
 
 
-_opener = urllib.request.build_opener(_NoRedirect)
+def _pinned(connection: type[http.client.HTTPConnection], address: str) -> Any:
+    """``connection`` that connects to ``address`` whatever its host name resolves to now; the name
+    still goes into the Host header and, for HTTPS, into SNI and the certificate check."""
+
+    class Pinned(connection):  # type: ignore[valid-type, misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._create_connection = lambda where, *rest: socket.create_connection((address, where[1]), *rest)
+
+    return Pinned
+
+
+class _PinnedHTTP(urllib.request.HTTPHandler):
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self.address = address
+
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_pinned(http.client.HTTPConnection, self.address), req)
+
+
+class _PinnedHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self.address = address
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_pinned(http.client.HTTPSConnection, self.address), req,
+                            context=self._context)  # type: ignore[attr-defined]
+
+
+def _opener(address: str | None) -> urllib.request.OpenerDirector:
+    """Redirects never followed; connections to ``address`` where the check pinned one."""
+    if address is None:
+        return urllib.request.build_opener(_NoRedirect)
+    return urllib.request.build_opener(_NoRedirect, _PinnedHTTP(address), _PinnedHTTPS(address))
 
 
 def attempt(delivery: WebhookDelivery) -> bool:
@@ -252,12 +294,12 @@ def attempt(delivery: WebhookDelivery) -> bool:
     status: int | None = None
     error = ""
     try:
-        check_url(endpoint.url)
+        address = check_url(endpoint.url)
         request = urllib.request.Request(endpoint.url, data=body, method="POST", headers={
             "Content-Type": "application/json", "User-Agent": "Loupe-Webhook/1",
             "X-Loupe-Event": delivery.event, "X-Loupe-Delivery": delivery.delivery_id,
             SIGNATURE_HEADER: signature(endpoint.secret, int(time.time()), body)})
-        with _opener.open(request, timeout=settings.LOUPE_WEBHOOK_TIMEOUT) as response:
+        with _opener(address).open(request, timeout=settings.LOUPE_WEBHOOK_TIMEOUT) as response:
             status = response.status
     except urllib.error.HTTPError as exc:
         status, error = exc.code, f"HTTP {exc.code}"

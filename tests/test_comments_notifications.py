@@ -9,6 +9,7 @@ mallory is at Globex, audrey audits, ada administers.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -312,6 +313,45 @@ def test_delivery_rechecks_the_address_before_sending(review_case, finding, api,
     delivery = WebhookDelivery.objects.get()
     assert delivery.status == "failed" and "non-public address" in delivery.last_error
     assert receiver.received == []
+
+
+def test_delivery_connects_to_the_address_it_checked_not_to_a_second_answer(review_case, finding, api, receiver,
+                                                                             settings, monkeypatch,
+                                                                             django_capture_on_commit_callbacks):
+    """DNS rebinding: the attacker's name server answers a public address to the two checks (when
+    the webhook is created, and before the delivery) and the receiver's loopback address to any
+    lookup after them."""
+    settings.LOUPE_WEBHOOK_ALLOW_PRIVATE = False
+    settings.LOUPE_WEBHOOK_MAX_ATTEMPTS = 1
+    public = "93.184.215.14"
+    port = int(receiver.url.rsplit(":", 1)[1].split("/")[0])
+    checks = {"n": 0}
+
+    def rebinding_dns(host, *args, **kwargs):
+        if host != "hooks.rebind.example":
+            return real_getaddrinfo(host, *args, **kwargs)
+        checks["n"] += 1
+        address = public if checks["n"] <= 2 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
+
+    connected: list[tuple] = []
+
+    def no_network(address, *args, **kwargs):
+        connected.append(tuple(address))
+        if address[0] != public:
+            return real_create_connection(address, *args, **kwargs)
+        raise ConnectionRefusedError("the public address refuses (there is no network in tests)")
+
+    real_getaddrinfo, real_create_connection = socket.getaddrinfo, socket.create_connection
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding_dns)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    created = api("alice").post("/api/webhooks/", {"url": f"http://hooks.rebind.example:{port}/hook"}, format="json")
+    assert created.status_code == 201, created.content
+    with django_capture_on_commit_callbacks(execute=True):
+        api("rita").post(comments_url(review_case), {"finding": finding, "body": "Why?"}, format="json")
+    assert connected == [(public, port)]  # the checked address, never the loopback one
+    assert receiver.received == []
+    assert WebhookDelivery.objects.get().status == "failed"
 
 
 def test_the_sweeper_sends_a_delivery_whose_task_was_lost(review_case, finding, api, receiver, settings,
