@@ -41,6 +41,22 @@ class VisibleToAdmin(admin.ModelAdmin):
             return False
         return super().has_change_permission(request, obj)
 
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form = super().get_form(request, obj, change, **kwargs)
+
+        class Guarded(form):  # type: ignore[valid-type, misc]
+            """Shows the model's refusal to change a frozen field on the form, instead of the
+            ImmutableError its save() raises (a server error in the middle of the admin's save)."""
+
+            def _post_clean(self) -> None:
+                super()._post_clean()
+                refused = getattr(self.instance, "frozen_change_refusal", None)
+                refusal = refused() if refused is not None else None
+                if refusal:
+                    self.add_error(None, refusal)
+
+        return Guarded
+
     def save_model(self, request, obj, form, change):
         if not change and hasattr(obj, "created_by_id") and obj.created_by_id is None:
             obj.created_by = request.user

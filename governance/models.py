@@ -243,19 +243,26 @@ class AIModel(models.Model):
                                    if name in instance.__dict__}
         return instance
 
-    def save(self, *args, **kwargs):
+    def frozen_change_refusal(self) -> str | None:
+        """Why this unsaved change cannot be saved (a frozen field changed while a case is audited), or None."""
         loaded = getattr(self, "_loaded_frozen", None)
-        if not self._state.adding and loaded:
-            changed = [name for name, value in loaded.items() if self.__dict__.get(name) != value]
-            if changed:
-                busy = (AuditCase.objects.filter(model_version__ai_model_id=self.pk,
-                                                 state__in=AuditCase.AUDITED_STATES)
-                        .order_by("pk").values_list("pk", flat=True).first())
-                if busy is not None:
-                    raise ImmutableError(
-                        f"{self} is under audit in case #{busy}, whose conclusions rest on its "
-                        f"{', '.join(changed)}; these cannot change until the case is closed (archived) or sent "
-                        "back for changes. Register a new model instead if the system itself changed.")
+        if self._state.adding or not loaded:
+            return None
+        changed = [name for name, value in loaded.items() if self.__dict__.get(name) != value]
+        if not changed:
+            return None
+        busy = (AuditCase.objects.filter(model_version__ai_model_id=self.pk, state__in=AuditCase.AUDITED_STATES)
+                .order_by("pk").values_list("pk", flat=True).first())
+        if busy is None:
+            return None
+        return (f"{self} is under audit in case #{busy}, whose conclusions rest on its {', '.join(changed)}; these "
+                "cannot change until the case is closed (archived) or sent back for changes. Register a new model "
+                "instead if the system itself changed.")
+
+    def save(self, *args, **kwargs):
+        refusal = self.frozen_change_refusal()
+        if refusal:
+            raise ImmutableError(refusal)
         super().save(*args, **kwargs)
         self._loaded_frozen = {name: self.__dict__.get(name) for name in self.FROZEN_FIELDS}
 
@@ -367,19 +374,27 @@ class ModelVersion(models.Model):
         value = self.__dict__.get(name)
         return value.name if name == "archive" and value is not None and hasattr(value, "name") else value
 
-    def save(self, *args, **kwargs):
+    def frozen_change_refusal(self) -> str | None:
+        """Why this unsaved change cannot be saved (a frozen field changed while a case is audited), or None."""
         loaded = getattr(self, "_loaded_frozen", None)
-        if not self._state.adding and loaded:
-            changed = [name for name, value in loaded.items() if self._frozen_value(name) != value]
-            if not loaded.get("manifest_hash"):
-                # The first manifest (computed by a worker after upload) is not a change.
-                changed = [name for name in changed if name not in ("manifest", "manifest_hash")]
-            if changed:
-                busy = self.cases.filter(state__in=AuditCase.AUDITED_STATES).values_list("pk", flat=True).first()
-                if busy is not None:
-                    raise ImmutableError(
-                        f"Model version {self} is under audit in case #{busy}; {', '.join(changed)} cannot change. "
-                        "Register a new version instead.")
+        if self._state.adding or not loaded:
+            return None
+        changed = [name for name, value in loaded.items() if self._frozen_value(name) != value]
+        if not loaded.get("manifest_hash"):
+            # The first manifest (computed by a worker after upload) is not a change.
+            changed = [name for name in changed if name not in ("manifest", "manifest_hash")]
+        if not changed:
+            return None
+        busy = self.cases.filter(state__in=AuditCase.AUDITED_STATES).values_list("pk", flat=True).first()
+        if busy is None:
+            return None
+        return (f"Model version {self} is under audit in case #{busy}; {', '.join(changed)} cannot change. "
+                "Register a new version instead.")
+
+    def save(self, *args, **kwargs):
+        refusal = self.frozen_change_refusal()
+        if refusal:
+            raise ImmutableError(refusal)
         super().save(*args, **kwargs)
         self._loaded_frozen = {name: self._frozen_value(name) for name in self.FROZEN_FIELDS}
 

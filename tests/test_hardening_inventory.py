@@ -87,3 +87,22 @@ def test_a_report_is_never_issued_as_approved_on_stale_approvals(approved_high_r
     assert response.status_code in (400, 409), response.content[:300]
     assert "stale" in response.json()["detail"]
     assert not Report.objects.filter(case=approved_high_risk).exists()
+
+
+def test_the_admin_shows_the_refusal_on_the_form_instead_of_failing(approved_high_risk, ada):
+    from django.contrib import admin as django_admin
+    from django.test import Client, RequestFactory
+
+    model = AIModel.objects.get(pk=approved_high_risk.model_version.ai_model_id)
+    before = AIModel.objects.filter(pk=model.pk).values().get()
+    request = RequestFactory().get("/")
+    request.user = ada
+    form_class = django_admin.site._registry[AIModel].get_form(request, model)
+    data = {name: value for name, value in form_class(instance=model).initial.items() if value is not None}
+    data.update(risk_category="minimal", annex_iii_area="")
+    client = Client()
+    client.force_login(ada)
+    response = client.post(f"/admin/governance/aimodel/{model.pk}/change/", data)
+    assert response.status_code == 200  # the form again, not a server error
+    assert f"under audit in case #{approved_high_risk.pk}" in response.content.decode()
+    assert AIModel.objects.filter(pk=model.pk).values().get() == before
