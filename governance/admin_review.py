@@ -312,7 +312,10 @@ def attach_threads(case: m.AuditCase, user, evidence: list[EvidenceView]) -> lis
         for finding in item.findings:
             finding["thread"] = threads.pop(finding["key"], None)
             finding["anchor"] = comments.anchor(finding["key"])
-    return list(threads.values())
+    # Every criterion finding gets a thread to start, not only those someone started through the API.
+    criterion = [comments.Thread(key, finding) for key, finding in comments.case_findings(case).items()
+                 if finding["source"] == "criterion" and key not in threads]
+    return criterion + list(threads.values())
 
 
 def _verbose_name(model: type[models.Model], name: str) -> str:

@@ -470,3 +470,18 @@ def test_the_embedded_default_writes_mail_to_files_without_a_mail_server(tmp_pat
     assert done.returncode == 0, done.stderr
     (written,) = (tmp_path / "var" / "mail").iterdir()
     assert "Case #1 approved" in written.read_text() and "alice@example.org" in written.read_text()
+
+
+def test_a_reviewer_starts_a_thread_on_a_criterion_finding_in_the_workspace(review_case, client, rita, ada):
+    acceptance.set_criterion(review_case, kind="grounding", metric="pointing_game", by=ada, threshold=0.9,
+                             comparator="at_least", severity="medium",
+                             reason="The intended purpose needs precise maps.")
+    criterion = next(f for f in acceptance.open_findings(review_case) if "Pointing" in f["title"])
+    client.force_login(rita)
+    page = client.get(reverse("admin:governance_auditcase_review", args=[review_case.pk])).content.decode()
+    section = page[page.index('id="other-threads"'):]
+    assert f'data-finding="{criterion["key"]}"' in section and 'name="body"' in section
+    posted = client.post(reverse("admin:governance_auditcase_review_comment", args=[review_case.pk]),
+                         {"finding": criterion["key"], "body": "Which images miss?"})
+    assert posted.status_code == 302
+    assert FindingComment.objects.get().finding == criterion["key"]
