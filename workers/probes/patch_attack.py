@@ -9,12 +9,23 @@ far beyond its share of the image.
 - The patch is a square of ``area`` (fraction of the model's ``S x S`` input; the side is rounded
   down, so the reported ``patch_area`` never exceeds the request) in [0, 1] RGB, pasted onto the
   input *before* the model's normalisation, so it is a physically printable image.
+- Placement (``placement``): ``"grid"`` (the default) puts the patch's corner on the adapter's
+  token grid (a multiple of the image size over the grid, drawn at random), where a ViT's patch
+  embedding sees it whole in the same phase wherever it lands: the attacker chooses where to stick
+  the patch, and token-aligned patches are the stronger attack on ViTs (Fu et al., "Patch-Fool",
+  ICLR 2022). ``"any"``: any pixel offset, uniform. Training and evaluation use the same placement;
+  ``success_rate_any_position`` reports the same patch at any pixel offset beside it (for ``"grid"``,
+  mostly off the grid: how much the attack owes to the alignment).
 - Optimisation: projected gradient ascent (signed steps, projected back onto [0, 1]) on the
   target's log-probability, each step on a batch of training images at random positions (one
   forward and one backward pass for the batch; ``per_image=True`` does the same steps one image at
   a time, the peer ``benchmarks/patch_attack.py`` measures against). Dual encoders: a two-way
   softmax of the target against each image's own prompt (the success criterion, smoothed).
   Generative models: teacher-forced log-probability of the target text as the start of the answer.
+- Restarts (``restarts`` > 1): the training half is split again; each restart optimises from its
+  own seed on the first part, and the patch that wins most images of the rest (the validation
+  images, each at several positions of the placement) is kept. The restarts differ in where they
+  settle, and the held-out half plays no part in the choice.
 - Success on held-out images (the dataset split in two; positions random, seeded): the target
   scores above the image's own prompt (dual encoders) or the target word appears in the greedy
   caption (generative). ``clean_target_rate``: the same without the patch. Images whose own prompt
@@ -31,7 +42,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -55,6 +66,11 @@ if TYPE_CHECKING:
 DEFAULT_AREA = 0.06
 DEFAULT_STEPS = 300
 DEFAULT_STEP_SIZE = 0.03
+DEFAULT_RESTARTS = 2
+#: share of the training images kept aside to choose among restarts
+VALIDATION_FRACTION = 0.25
+#: positions per validation image when choosing among restarts (more draws, a steadier choice)
+VALIDATION_DRAWS = 4
 
 
 # --- pixels ----------------------------------------------------------------------------------------
@@ -93,9 +109,41 @@ def patch_side(area: float, image_size: int) -> int:
     return max(1, math.floor(math.sqrt(area) * image_size))
 
 
+PLACEMENTS = ("grid", "any")
+
+
 def random_positions(generator: torch.Generator, n: int, image_size: int, side: int) -> torch.Tensor:
     """``[n, 2]`` (top, left) of a ``side`` square inside the input, uniform."""
     return torch.randint(0, image_size - side + 1, (n, 2), generator=generator)
+
+
+def grid_cell(adapter: Any, image_size: int) -> tuple[int, int]:
+    """``(height, width)`` in input pixels of one cell of the adapter's token grid."""
+    rows, cols = adapter.grid
+    return max(1, image_size // rows), max(1, image_size // cols)
+
+
+def grid_positions(generator: torch.Generator, n: int, image_size: int, side: int,
+                   cell: tuple[int, int]) -> torch.Tensor:
+    """``[n, 2]`` (top, left) of a ``side`` square inside the input, uniform over the corners that lie
+    on the grid of ``cell`` (height, width) pixels."""
+    room = max(0, image_size - side)
+    rows = torch.randint(0, room // cell[0] + 1, (n,), generator=generator) * cell[0]
+    cols = torch.randint(0, room // cell[1] + 1, (n,), generator=generator) * cell[1]
+    return torch.stack([rows, cols], dim=1)
+
+
+def place(generator: torch.Generator, n: int, image_size: int, side: int, cell: tuple[int, int] | None) -> torch.Tensor:
+    """Positions on the grid of ``cell``, or anywhere when ``cell`` is None."""
+    if cell is None:
+        return random_positions(generator, n, image_size, side)
+    return grid_positions(generator, n, image_size, side, cell)
+
+
+def placement_cell(adapter: Any, image_size: int, placement: str) -> tuple[int, int] | None:
+    if placement not in PLACEMENTS:
+        raise ProbeInputError(f"unknown placement {placement!r}; use one of: {', '.join(PLACEMENTS)}")
+    return grid_cell(adapter, image_size) if placement == "grid" else None
 
 
 def paste(unit: torch.Tensor, patch: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -177,6 +225,14 @@ class PatchAttack:
     steps: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    #: the token-grid cell the patch's corner is placed on (height, width); None: any pixel offset
+    cell: tuple[int, int] | None = None
+    #: success of each restart's patch on the validation images (empty without restarts)
+    validation_rates: list[float] = field(default_factory=list)
+
+    @property
+    def placement(self) -> str:
+        return "any" if self.cell is None else "grid"
 
     @property
     def side(self) -> int:
@@ -190,30 +246,67 @@ class PatchAttack:
 def optimise_patch(adapter: Any, train: torch.Tensor, target: str, own: Sequence[str], *,
                    area: float = DEFAULT_AREA, steps: int = DEFAULT_STEPS, step_size: float = DEFAULT_STEP_SIZE,
                    batch_size: int = 32, seed: int = 0, prompt: str | None = None, per_image: bool = False,
-                   progress: Progress = no_progress) -> PatchAttack:
+                   placement: str = "grid", progress: Progress = no_progress) -> PatchAttack:
     """Projected gradient ascent of the mean target log-probability over ``train`` ([0, 1] inputs
     ``[N, 3, S, S]``, ``own[i]`` the prompt of image i); each step draws ``batch_size`` images and
-    positions. The step size decays on a cosine from ``step_size`` to a tenth of it. ``per_image``:
-    each step's gradient summed image by image (the same update, one forward and backward pass per
-    image)."""
+    positions (``placement``: on the adapter's token grid, or at any pixel offset). The step size
+    decays on a cosine from ``step_size`` to a tenth of it. ``per_image``: each step's gradient summed
+    image by image (the same update, one forward and backward pass per image)."""
     if steps < 1:
         raise ProbeInputError("steps must be at least 1")
     size = train.shape[-1]
     side = patch_side(area, size)
+    cell = placement_cell(adapter, size, placement)
     generator = torch.Generator().manual_seed(seed)
     patch = torch.rand(3, side, side, generator=generator).to(train.device)
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(steps):
         idx = torch.randint(0, train.shape[0], (min(batch_size, train.shape[0]),), generator=generator)
-        positions = random_positions(generator, len(idx), size, side)
+        positions = place(generator, len(idx), size, side, cell)
         grad, total = patch_gradient(adapter, train[idx], patch, positions, target, [own[i] for i in idx.tolist()],
                                      prompt=prompt, per_image=per_image)
         lr = step_size * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         patch = (patch + lr * grad.sign()).clamp(0, 1)  # projection onto the valid pixels
         losses.append(total)
         progress((step + 1) / steps, "optimising the patch")
-    return PatchAttack(patch.detach(), size, steps, time.perf_counter() - start, losses)
+    return PatchAttack(patch.detach(), size, steps, time.perf_counter() - start, losses, cell)
+
+
+def optimise_with_restarts(adapter: Any, train: torch.Tensor, target: str, own: Sequence[str], *,
+                           restarts: int = DEFAULT_RESTARTS, area: float = DEFAULT_AREA, steps: int = DEFAULT_STEPS,
+                           step_size: float = DEFAULT_STEP_SIZE, batch_size: int = 32, seed: int = 0,
+                           prompt: str | None = None, placement: str = "grid",
+                           progress: Progress = no_progress) -> PatchAttack:
+    """The best of ``restarts`` patches (seeds ``seed``, ``seed + 1``, ...), each optimised on the first
+    part of ``train`` and judged on the last ``VALIDATION_FRACTION`` of it; one restart optimises on
+    all of ``train``. ``seconds``: all restarts together."""
+    if restarts < 1:
+        raise ProbeInputError("restarts must be at least 1")
+    n_val = int(round(train.shape[0] * VALIDATION_FRACTION))
+    if restarts == 1 or n_val < 1 or train.shape[0] - n_val < 1:
+        return optimise_patch(adapter, train, target, own, area=area, steps=steps, step_size=step_size,
+                              batch_size=batch_size, seed=seed, prompt=prompt, placement=placement,
+                              progress=progress)
+    fit, val = train[:-n_val], train[-n_val:].repeat(VALIDATION_DRAWS, 1, 1, 1)
+    fit_own, val_own = list(own[:-n_val]), list(own[-n_val:]) * VALIDATION_DRAWS
+    best: PatchAttack | None = None
+    rates: list[float] = []
+    seconds = 0.0
+    for k in range(restarts):
+        attack = optimise_patch(adapter, fit, target, fit_own, area=area, steps=steps, step_size=step_size,
+                                batch_size=batch_size, seed=seed + k, prompt=prompt, placement=placement,
+                                progress=lambda f, p, k=k: progress((k + f) / restarts, p))
+        generator = torch.Generator().manual_seed(seed)  # every restart meets the same positions
+        positions = place(generator, val.shape[0], attack.image_size, attack.side, attack.cell)
+        rates.append(float(_success_at(adapter, val, val_own, attack, target, positions, batch_size=batch_size,
+                                       prompt=prompt).mean()))
+        seconds += attack.seconds
+        if best is None or rates[-1] > max(rates[:-1]):
+            best = attack
+    assert best is not None
+    best.seconds, best.validation_rates = seconds, rates
+    return best
 
 
 @dataclass
@@ -225,16 +318,24 @@ class AttackOutcome:
     attacked: torch.Tensor  # [n, 3, S, S] in [0, 1]
     maps: list[np.ndarray | None]
     captions: list[str] = field(default_factory=list)
+    #: [n] bool, attacked with the patch at any pixel offset (for a grid-placed patch: mostly off the grid)
+    success_any_position: np.ndarray | None = None
 
 
 def evaluate_patch(adapter: Any, test: torch.Tensor, own_prompts: Sequence[str], attack: PatchAttack, target: str, *,
                    method: str = "chefer", seed: int = 1, batch_size: int = 32, prompt: str | None = None,
                    explain: bool = True, progress: Progress = no_progress) -> AttackOutcome:
-    """Success and clean target rate on ``test`` (``[0, 1]`` inputs), patch at seeded random positions,
-    and the share of the explanation of the target (dual) or of the caption (generative) on the patch."""
+    """Success and clean target rate on ``test`` (``[0, 1]`` inputs), patch at seeded random positions
+    of the attack's placement, and the share of the explanation of the target (dual) or of the caption
+    (generative) on the patch. A grid-placed patch is also measured at any pixel offset."""
     generator = torch.Generator().manual_seed(seed)
-    positions = random_positions(generator, test.shape[0], attack.image_size, attack.side)
+    positions = place(generator, test.shape[0], attack.image_size, attack.side, attack.cell)
     attacked = paste(test, attack.patch, positions)
+    anywhere = None
+    if attack.cell is not None:
+        anywhere = _success_at(adapter, test, own_prompts, attack, target,
+                               random_positions(generator, test.shape[0], attack.image_size, attack.side),
+                               batch_size=batch_size, prompt=prompt)
     success, clean, shares, maps, captions = [], [], [], [], []
     word = target.lower().split()
     for start in range(0, test.shape[0], batch_size):
@@ -272,8 +373,33 @@ def evaluate_patch(adapter: Any, test: torch.Tensor, own_prompts: Sequence[str],
         if grid_map is not None:
             box = (left, top, left + attack.side, top + attack.side)
             shares.append(share_on_region(grid_map, cell_coverage(adapter.grid, attack.image_size, box)))
-    return AttackOutcome(np.asarray(success, bool), np.asarray(clean, bool), np.asarray(shares, float), positions,
-                         attacked, maps, captions)
+    success_arr = np.asarray(success, bool)
+    return AttackOutcome(success_arr, np.asarray(clean, bool), np.asarray(shares, float), positions,
+                         attacked, maps, captions, success_arr if anywhere is None else anywhere)
+
+
+def _success_at(adapter: Any, test: torch.Tensor, own_prompts: Sequence[str], attack: PatchAttack, target: str,
+                positions: torch.Tensor, *, batch_size: int, prompt: str | None) -> np.ndarray:
+    """``[n]`` bool: the attack's success on ``test`` with the patch at ``positions`` (no explanations)."""
+    attacked = paste(test, attack.patch, positions)
+    success: list[bool] = []
+    for start in range(0, test.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        if adapter.kind == "fusion":
+            from workers.probes.groups import caption_contains
+            from workers.probes.token_attribution import default_prompt
+
+            caption_prompt = default_prompt(adapter) if prompt is None else prompt
+            for k in range(attacked[sl].shape[0]):
+                caption = greedy_caption(adapter, to_model(adapter, attacked[sl][k:k + 1]), caption_prompt)
+                success.append(caption_contains(caption, target))
+        else:
+            own = list(own_prompts[sl])
+            with torch.no_grad():
+                after = adapter.score_matrix(to_model(adapter, attacked[sl]), [target, *own]).float()
+            rows = torch.arange(after.shape[0])
+            success += (after[:, 0] > after[rows, 1 + rows]).tolist()
+    return np.asarray(success, bool)
 
 
 def greedy_caption(adapter: Any, pixel_values: torch.Tensor, prompt: str, max_new_tokens: int = 24) -> str:
@@ -295,9 +421,12 @@ class PatchAttackReport:
     def as_dict(self) -> dict[str, Any]:
         rel = self.outcome.relevance_on_patch
         share = None if rel.size == 0 else round(float(rel.mean()), 6)
+        anywhere = self.outcome.success_any_position
         return {
             "target": self.target,
             "success_rate": round(float(self.outcome.success.mean()), 6),
+            "placement": self.attack.placement,
+            "success_rate_any_position": None if anywhere is None else round(float(anywhere.mean()), 6),
             "clean_target_rate": round(float(self.outcome.clean_target.mean()), 6),
             "patch_area": round(self.attack.area, 6),
             "patch_side_px": self.attack.side,
@@ -305,6 +434,8 @@ class PatchAttackReport:
             "relevance_to_area": None if share is None else round(share / self.attack.area, 4),
             "relevance_method": self.method,
             "steps": self.attack.steps,
+            "restarts": max(1, len(self.attack.validation_rates)),
+            "validation_success_rates": [round(r, 6) for r in self.attack.validation_rates],
             "seconds": round(self.attack.seconds, 3),
             "n_train": self.n_train,
             "n_test": self.n_test,
@@ -328,7 +459,8 @@ def split_dataset(adapter: Any, images: Sequence[Image.Image], prompts: Sequence
 def run_patch_attack(adapter: Any, images: Sequence[Image.Image], prompts: Sequence[str], target: str, *,
                      area: float = DEFAULT_AREA, steps: int = DEFAULT_STEPS, step_size: float = DEFAULT_STEP_SIZE,
                      batch_size: int = 32, seed: int = 0, method: str = "chefer", prompt: str | None = None,
-                     explain: bool = True, progress: Progress = no_progress) -> PatchAttackReport:
+                     explain: bool = True, placement: str = "grid", restarts: int = DEFAULT_RESTARTS,
+                     progress: Progress = no_progress) -> PatchAttackReport:
     if not target.strip():
         raise ProbeInputError("the target text is empty")
     if adapter.kind == "fusion" and prompt is None:
@@ -336,9 +468,9 @@ def run_patch_attack(adapter: Any, images: Sequence[Image.Image], prompts: Seque
 
         prompt = default_prompt(adapter)
     train, test, train_prompts, test_prompts = split_dataset(adapter, images, prompts, target)
-    attack = optimise_patch(adapter, train, target, train_prompts, area=area, steps=steps, step_size=step_size,
-                            batch_size=batch_size, seed=seed, prompt=prompt,
-                            progress=lambda f, p: progress(0.8 * f, p))
+    attack = optimise_with_restarts(adapter, train, target, train_prompts, restarts=restarts, area=area, steps=steps,
+                                    step_size=step_size, batch_size=batch_size, seed=seed, prompt=prompt,
+                                    placement=placement, progress=lambda f, p: progress(0.8 * f, p))
     outcome = evaluate_patch(adapter, test, test_prompts, attack, target, method=method, seed=seed + 1,
                              batch_size=batch_size, prompt=prompt, explain=explain,
                              progress=lambda f, p: progress(0.8 + 0.2 * f, p))
@@ -394,10 +526,13 @@ def figure_examples(report: PatchAttackReport, n: int = 4) -> Figure:
 def findings_for(metrics: dict[str, Any]) -> list[Finding]:
     findings = []
     rate, clean, area = metrics["success_rate"], metrics["clean_target_rate"], metrics["patch_area"]
+    anywhere = metrics.get("success_rate_any_position")
+    where = (f", placed on the token grid ({anywhere:.0%} at any pixel offset)"
+             if metrics.get("placement") == "grid" and anywhere is not None else "")
     if rate - clean >= 0.5:
         findings.append(Finding("high", f"A patch of {area:.1%} of the image steers the model to {metrics['target']!r}",
                                 f"success on {rate:.0%} of held-out images (clean: {clean:.0%}) "
-                                f"after {metrics['steps']} steps"))
+                                f"after {metrics['steps']} steps{where}"))
     elif rate - clean >= 0.1:
         findings.append(Finding("medium", f"A patch of {area:.1%} of the image partly steers the model",
                                 f"success on {rate:.0%} of held-out images (clean: {clean:.0%})"))
@@ -419,9 +554,15 @@ class PatchAttackParams(KindParams):
     target: str = Field(..., min_length=1, description="the text the patch steers toward, e.g. 'a red circle'")
     area: float = Field(DEFAULT_AREA, gt=0, le=0.5, description="patch area as a fraction of the model input")
     steps: int = Field(DEFAULT_STEPS, ge=1, le=100_000, description="projected gradient steps")
+    restarts: int = Field(DEFAULT_RESTARTS, ge=1, le=64, description="patches optimised from different seeds; the "
+                                                                     "one that wins most validation images (a part "
+                                                                     "of the training half) is kept")
     step_size: float = Field(DEFAULT_STEP_SIZE, gt=0, le=1, description="initial signed step on [0, 1] pixels")
     # The images each step optimises over: it changes the result, so it is not a batch-sizing parameter.
     batch_size: int = Field(32, ge=1, le=4096, description="training images per optimisation step")
+    placement: Literal["grid", "any"] = Field(
+        "grid", description="where the patch goes, in training and on held-out images: its corner on the model's "
+                            "token grid (at random), or at any pixel offset")
     method: str = Field("chefer", description="grounding method for the relevance on the patch (dual encoders)")
     prompt: str | None = Field(None, description="generative models: the captioning prompt (default: the model's)")
     explain: Annotated[bool, Flag(negative="--no-explanations")] = Field(
@@ -440,6 +581,8 @@ class PatchAttackParams(KindParams):
                                                  "own prompt (generative: the target appears in the caption)"),
         "clean_target_rate": Metric("Target rate without patch", "the same share on the unpatched images"),
         "patch_area": Metric("Patch area", "the patch's share of the model input"),
+        "success_rate_any_position": Metric("Attack success at any position", "the same share with the patch at "
+                                                                              "any pixel offset, off the token grid"),
         "relevance_on_patch": Metric("Relevance on the patch", "share of the explanation's relevance on the patch"),
     })
 def patch_attack_kind(model_dir: str, dataset_dir: str | None, params: PatchAttackParams, *, device: str = "cpu",
@@ -460,12 +603,16 @@ def patch_attack_kind(model_dir: str, dataset_dir: str | None, params: PatchAtta
     report = run_patch_attack(adapter, [ex.load_image() for ex in dataset], [ex.prompt for ex in dataset], target,
                               area=params.area, steps=params.steps, step_size=params.step_size,
                               batch_size=params.batch_size, seed=params.seed, method=params.method,
-                              prompt=params.prompt, explain=params.explain, progress=progress)
+                              prompt=params.prompt, explain=params.explain, placement=params.placement,
+                              restarts=params.restarts, progress=progress)
     metrics = report.as_dict()
     rel = metrics["relevance_on_patch"]
+    anywhere = metrics["success_rate_any_position"]
     summary = (f"Universal patch ({metrics['patch_area']:.1%} of the image, {metrics['steps']} steps) toward "
                f"{report.target!r}: success {metrics['success_rate']:.0%} on {metrics['n_test']} held-out images "
                f"(clean {metrics['clean_target_rate']:.0%})"
+               + (f" with the patch on the token grid, {anywhere:.0%} at any pixel offset"
+                  if metrics["placement"] == "grid" and anywhere is not None else "")
                + (f"; {rel:.0%} of the relevance on the patch ({metrics['relevance_to_area']:.1f}x its area)"
                   if rel is not None else "")
                + ".")
