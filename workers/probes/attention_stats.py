@@ -214,10 +214,13 @@ def heads_figure(table: list[dict[str, Any]], *, title: str = "") -> Figure:
         ax.set_xticks(range(n_layers))
         ax.set_yticks(range(n_heads))
         ax.set_title(label, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.colorbar(im, ax=ax, fraction=0.046, label=label)
     if title:
         fig.suptitle(title, fontsize=10)
-    return fig
+    return figures.describe(
+        fig, "Per-head attention statistics" + (f": {title}" if title else ""),
+        rows="attention heads", columns="layers; one panel per statistic: " + ", ".join(p[1] for p in panels),
+        colour="the statistic's value, printed in each cell (one colour bar per panel)")
 
 
 # --- the analysis ------------------------------------------------------------------------------

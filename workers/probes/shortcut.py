@@ -318,7 +318,17 @@ def figure_evidence(report: ShortcutReport, extras: dict[str, Any]) -> Figure:
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=9)
     verdict = "FLAGGED" if report.flagged else "not flagged"
     fig.suptitle(f"Shortcut check: {report.concept!r} for {report.target!r}: {verdict}", fontsize=11)
-    return fig
+    from workers.probes.captions import describe
+
+    return describe(
+        fig, f"Shortcut check of {report.concept!r} for {report.target!r}",
+        rows="top, the artefact's concept influence (TCAV score) per layer, red, against random concepts, grey "
+             "(0.5 = no influence; * significant after Holm correction), and the mean change of the class score "
+             "when the artefact is pasted into images of the class and into random images"
+             + ("; bottom, the grounding method's relevance on images of the class with the artefact pasted in"
+                if shown else ""),
+        colour="relevance, min-max scaled per map (colour bar on the right)" if shown else None,
+        marks="the green box is the pasted artefact" if shown and stamp is not None else None)
 
 
 class ShortcutParams(KindParams):
