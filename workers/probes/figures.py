@@ -153,10 +153,10 @@ def heatmap_grid(images: Sequence[Image.Image], maps: Mapping[str, Sequence[torc
     import textwrap
 
     columns = ["image", *maps]
-    cell = min(2.0, (PAGE_WIDTH - 0.9) / len(columns))
+    # One panel size for every page of a split grid, so that all its pages print at the same scale.
+    cell = (PAGE_WIDTH - 0.9) / (max(MAPS_PER_PAGE, len(maps)) + 1)
     title_lines = max((min(3, len(textwrap.wrap(str(t), 60))) for t in row_titles or ()), default=0)
-    figure = new_figure(PAGE_WIDTH if len(columns) > 2 else cell * len(columns) + 1.2,
-                        len(images) * (cell + 0.18 * title_lines + 0.1) + 1.1)
+    figure = new_figure(cell * len(columns) + 0.9, len(images) * (cell + 0.17 * title_lines + 0.05) + 0.75)
     axes = figure.subplots(len(images), len(columns), squeeze=False)
     for row, image in enumerate(images):
         row_boxes = boxes[row] if boxes is not None else ()

@@ -415,7 +415,7 @@ def figure_curves(report: RobustnessReport) -> Figure:
     from workers.probes.captions import describe
     from workers.probes.palette import colour
 
-    fig = Figure(figsize=(10, 3.9), layout="constrained")
+    fig = Figure(figsize=(7.4, 3.6), layout="constrained")  # the report's text column is as wide
     ax_acc, ax_exp, ax_other = fig.subplots(1, 3, gridspec_kw={"width_ratios": [3, 3, 2]})
     for name in CORRUPTIONS:
         rows = sorted((r for r in report.rows if r["probe"] == name), key=lambda r: r["severity"])

@@ -271,7 +271,8 @@ def figure_evidence(report: ShortcutReport, extras: dict[str, Any]) -> Figure:
     shown = list(extras.get("stamped", []))[:3]
     heats = list(extras.get("heat", []))
     stamp: Stamp | None = extras.get("stamp")
-    fig = Figure(figsize=(8.0, 7.4 if shown else 3.8), layout="constrained")
+    # As wide as the report's text column and low enough to print there at the size it is drawn.
+    fig = Figure(figsize=(7.4, 4.6 if shown else 2.6), layout="constrained")
     grid = fig.add_gridspec(2 if shown else 1, 3, height_ratios=[1.0, 1.15] if shown else [1.0])
     tcav_ax, change_ax = fig.add_subplot(grid[0, :2]), fig.add_subplot(grid[0, 2])
     rows = report.tcav.results
