@@ -272,7 +272,7 @@ def figure_evidence(report: ShortcutReport, extras: dict[str, Any]) -> Figure:
     heats = list(extras.get("heat", []))
     stamp: Stamp | None = extras.get("stamp")
     # As wide as the report's text column and low enough to print there at the size it is drawn.
-    fig = Figure(figsize=(7.4, 4.6 if shown else 2.6), layout="constrained")
+    fig = Figure(figsize=(7.4, 5.3 if shown else 2.8), layout="constrained")
     grid = fig.add_gridspec(2 if shown else 1, 3, height_ratios=[1.0, 1.15] if shown else [1.0])
     tcav_ax, change_ax = fig.add_subplot(grid[0, :2]), fig.add_subplot(grid[0, 2])
     rows = report.tcav.results
@@ -288,17 +288,17 @@ def figure_evidence(report: ShortcutReport, extras: dict[str, Any]) -> Figure:
     tcav_ax.set_xticks(xs, [f"layer {r.layer}" for r in rows])
     tcav_ax.set_ylim(0, 1.12)
     tcav_ax.set_ylabel("TCAV score (0.5 = no influence)")
-    tcav_ax.set_title(f"Concept influence of {report.concept!r} (* significant after Holm)", fontsize=10)
+    tcav_ax.set_title(f"Concept influence of {report.concept!r}\n(* significant after Holm)", fontsize=9)
     handles: list[Any] = [Patch(color="C3", label=f"concept {report.concept!r}"),
                           Patch(color="0.7", label="random concepts")]
     if report.intervention is not None:
         i = report.intervention
         change_ax.bar([0, 1], [i["target_inputs"]["mean_change"], i["random_images"]["mean_change"]],
                       color=["C0", "C1"])
-        change_ax.set_xticks([0, 1], ["class images", "random images"])
+        change_ax.set_xticks([0, 1], ["class\nimages", "random\nimages"])
         change_ax.axhline(0, color="k", lw=0.8)
         change_ax.set_ylabel("mean change of the class score")
-        change_ax.set_title("Artefact pasted in", fontsize=10)
+        change_ax.set_title("Artefact pasted in", fontsize=9)
     else:
         change_ax.text(0.5, 0.5, "no stamp: intervention\nnot measured", ha="center", va="center",
                        transform=change_ax.transAxes)
