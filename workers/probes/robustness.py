@@ -464,7 +464,8 @@ def figure_examples(example: Example, classes: Sequence[str], seed: int = 0) -> 
     panels.append(("typographic", write_text(example.image, class_name(wrong), example.boxes)))
     from workers.probes.captions import describe
 
-    fig = Figure(figsize=(1.2 * len(panels), 1.6), layout="constrained")
+    side = min(1.2, 7.2 / len(panels))  # the row no wider than the report's text column
+    fig = Figure(figsize=(side * len(panels), side + 0.4), layout="constrained")
     for ax, (title, image) in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels, strict=True):
         ax.imshow(image)
         ax.set_title(title, fontsize=7)
