@@ -244,7 +244,17 @@ FIGURE_DESCRIPTIONS = {
 
 
 def describe_figure(artifact: m.EvidenceArtifact, evidence: m.Evidence) -> str:
-    """Alt text that says what the figure shows, not its file name."""
+    """Alt text that says what the figure shows, not its file name: the probe's own description
+    stored in the PNG where it has one, else words chosen by the figure's name."""
+    from workers.probes.captions import png_description
+
+    try:
+        with artifact.file.open("rb") as handle:
+            described = png_description(handle.read())
+    except (FileNotFoundError, OSError):
+        described = None
+    if described:
+        return f"{evidence.kind} probe, run #{evidence.run_id}: {described}"
     stem = artifact.name.rsplit(".", 1)[0]
     what = next((text for key, text in FIGURE_DESCRIPTIONS.items() if stem == key or stem.startswith(key)),
                 f"figure {stem.replace('_', ' ')}")

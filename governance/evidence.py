@@ -75,8 +75,12 @@ def figure_png(figure: Any) -> bytes:
     """A matplotlib figure as deterministic PNG bytes (the figure is closed afterwards)."""
     import matplotlib.pyplot as plt
 
+    from workers.probes.captions import png_metadata
+
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=FIGURE_DPI, metadata=PNG_METADATA, bbox_inches="tight")
+    # The probe's words for what the figure shows travel inside the PNG: the report captions it from them.
+    figure.savefig(buffer, format="png", dpi=FIGURE_DPI, metadata={**PNG_METADATA, **png_metadata(figure)},
+                   bbox_inches="tight")
     plt.close(figure)
     return buffer.getvalue()
 

@@ -39,6 +39,23 @@ def heatmap_grid_png(seed: int, size: int = 12) -> bytes:
     return figures.heatmap(f"heatmap grid {seed}", rng.random((size, size)))
 
 
+def probe_grid_png(seed: int, rows: int = 2) -> bytes:
+    """An example grid drawn and stored as the grounding probe stores it (``workers.probes.figures``
+    through ``governance.evidence.figure_png``): page-sized, with the probe's description inside."""
+    from PIL import Image
+
+    from governance.evidence import figure_png
+    from workers.probes import figures as probe_figures
+
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)) for _ in range(rows)]
+    maps = {m: [rng.random((8, 8)) for _ in range(rows)] for m in ("chefer", "gradcam", "rollout")}
+    (page,) = probe_figures.heatmap_grid_pages(images, maps, boxes=[[(8, 8, 40, 40)]] * rows,
+                                               row_titles=[f'"a red circle" (score 0.{k}5)' for k in range(rows)],
+                                               rows="one example each, headed by its prompt and the model's score")
+    return figure_png(page)
+
+
 def metrics_for(kind: str, seed: int) -> tuple[dict, list[dict], str]:
     rng = np.random.default_rng(seed)
     r = lambda: round(float(rng.random()), 4)  # noqa: E731
@@ -84,16 +101,17 @@ def metrics_for(kind: str, seed: int) -> tuple[dict, list[dict], str]:
 
 
 def populate(case: AuditCase, *, submitter, reviewers, admin, kinds=ALL_KINDS, figures_per_evidence: int = 1,
-             comment: str | None = None, approve: bool = True) -> AuditCase:
+             comment: str | None = None, approve: bool = True, probe_figures: bool = False) -> AuditCase:
     """Walk a draft ``case`` through the real workflow: reviewers assigned, submitted, one succeeded run
-    with evidence per kind, evidence ready, and (``approve``) each reviewer's approval."""
+    with evidence per kind, evidence ready, and (``approve``) each reviewer's approval. ``probe_figures``:
+    the evidence's figures are example grids as the probes draw them (see :func:`add_evidence`)."""
     from governance import workflow
 
     workflow.assign_reviewers(case, reviewers, by=admin)
     workflow.submit(case, by=submitter)
     workflow.start_runs(case)
     for index, kind in enumerate(kinds):
-        add_evidence(case, kind, seed=index, figures_per_evidence=figures_per_evidence)
+        add_evidence(case, kind, seed=index, figures_per_evidence=figures_per_evidence, probe_figures=probe_figures)
     workflow.mark_evidence_ready(case)
     if approve:
         from governance import acceptance
@@ -141,7 +159,11 @@ def make_standalone_case(*, kinds=ALL_KINDS, figures_per_evidence: int = 1, titl
     return case
 
 
-def add_evidence(case: AuditCase, kind: str, *, seed: int, figures_per_evidence: int = 1) -> Evidence:
+def add_evidence(case: AuditCase, kind: str, *, seed: int, figures_per_evidence: int = 1,
+                 probe_figures: bool = False) -> Evidence:
+    """One succeeded run of ``kind`` with its evidence: metrics shaped like the probe's, and
+    ``figures_per_evidence`` figures, small stand-ins or (``probe_figures``) page-sized example grids
+    as the probes store them."""
     metrics, findings, summary = metrics_for(kind, seed)
     run = ProbeRun.objects.create(case=case, kind=kind, params={"seed": seed, "images": 64}, dataset="zoo/shapes",
                                   status=ProbeRun.Status.RUNNING, device="cpu", code_version="abc1234",
@@ -152,7 +174,12 @@ def add_evidence(case: AuditCase, kind: str, *, seed: int, figures_per_evidence:
                                   finished_at=T0 + dt.timedelta(minutes=seed, seconds=42))
     evidence = Evidence.objects.create(run=run, kind=kind, metrics=metrics, summary=summary, findings=findings)
     for n in range(figures_per_evidence):
-        EvidenceArtifact.from_bytes(evidence, f"{kind}-grid-{n}.png", heatmap_grid_png(seed * 100 + n), "image/png")
+        if probe_figures:
+            EvidenceArtifact.from_bytes(evidence, f"{kind}-examples-{n}.png", probe_grid_png(seed * 100 + n),
+                                        "image/png")
+        else:
+            EvidenceArtifact.from_bytes(evidence, f"{kind}-grid-{n}.png", heatmap_grid_png(seed * 100 + n),
+                                        "image/png")
     EvidenceArtifact.from_bytes(evidence, "values.npy", np.arange(4, dtype=np.float32).tobytes(),
                                 "application/octet-stream")
     run.status = ProbeRun.Status.SUCCEEDED
@@ -161,7 +188,7 @@ def add_evidence(case: AuditCase, kind: str, *, seed: int, figures_per_evidence:
     return evidence
 
 
-def acme_case(kinds, *, approve=True, comment=None, card=None):
+def acme_case(kinds, *, approve=True, comment=None, card=None, probe_figures=False):
     """Acme's CLIP 1.0 case with its actors (created here, for module-scoped fixtures that cannot use the
     function-scoped ones of ``tests/conftest.py``), evidence of ``kinds`` and the sign-offs."""
     acme = Organisation.objects.create(name="Acme Vision", slug="acme")
@@ -179,5 +206,6 @@ def acme_case(kinds, *, approve=True, comment=None, card=None):
     version.save()
     case = AuditCase.objects.create(model_version=version, title="Acme CLIP 1.0 audit", scope="Full plan.",
                                     probe_plan=[{"kind": TEST_KIND, "params": {}}], created_by=alice)
-    populate(case, submitter=alice, reviewers=[rita, rob], admin=ada, kinds=kinds, approve=approve, comment=comment)
+    populate(case, submitter=alice, reviewers=[rita, rob], admin=ada, kinds=kinds, approve=approve, comment=comment,
+             probe_figures=probe_figures)
     return case, {"alice": alice, "rita": rita, "rob": rob, "ada": ada}

@@ -415,3 +415,28 @@ def test_it_starts_runs_through_the_pipeline(draft_case, alice, as_, monkeypatch
     monkeypatch.setattr(pipeline, "start_case", lambda case_id, by=None: started.append((case_id, by.username)) or [7])
     response = as_("alice").post(url("_transition", draft_case), {"to": "running"})
     assert response.status_code == 302 and started == [(draft_case.pk, "alice")]
+
+
+def test_the_figure_viewer_describes_a_figure_in_the_words_its_probe_stored_with_it():
+    import io
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from governance.admin_review import describe_figure
+    from governance.evidence import figure_png
+    from workers.probes import figures
+
+    grid = figures.heatmap_grid([Image.new("RGB", (32, 32))], {"chefer": [np.eye(4)]}, row_titles=["a red square"])
+    png = figure_png(grid)
+    evidence = SimpleNamespace(kind="grounding", run_id=7)
+
+    def stored(name: str, data: bytes):
+        return SimpleNamespace(name=name, file=SimpleNamespace(open=lambda mode: io.BytesIO(data)))
+
+    text = describe_figure(stored("examples_2.png", png), evidence)
+    assert text.startswith("grounding probe, run #7: Example explanations. Rows: one example each, headed by its "
+                           "prompt. Columns: the image in colour, then chefer")
+    # a figure stored without a description is still described by its name
+    assert "one row per image" in describe_figure(stored("examples.png", b"\x89PNG not really"), evidence)

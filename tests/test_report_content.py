@@ -85,7 +85,7 @@ def issued(django_db_setup, django_db_blocker, tmp_path_factory, test_probe_kind
     media = tmp_path_factory.mktemp("media")
     with (django_db_blocker.unblock(), override_settings(MEDIA_ROOT=str(media), LOUPE_SIGNING_KEY=""),
           transaction.atomic()):
-        case, actors = acme_case(CASE_KINDS, approve=False)
+        case, actors = acme_case(CASE_KINDS, approve=False, probe_figures=True)
         client = APIClient()
         client.force_authenticate(actors["alice"])
         upload = io.BytesIO(PDF_DOC)
@@ -419,3 +419,64 @@ def test_the_test_log_prints_the_dataset_fingerprint_of_every_run(issued):
     for run in runs:
         assert re.fullmatch(r"[0-9a-f]{64}", run["dataset_hash"]), run
         assert f"Run #{run['id']}" in log and run["dataset_hash"] in log.replace(" ", ""), run["id"]
+
+
+def _drawn_images(page) -> list[tuple[int, float]]:
+    """``(pixel width, printed width in points)`` of every image drawn on ``page`` (its content stream
+    and the form XObjects it draws), from the transformation matrix in force where it is drawn."""
+    from pypdf.generic import ContentStream
+
+    drawn: list[tuple[int, float]] = []
+
+    def walk(stream_owner, resources, ctm):
+        stack = []
+        operations = ContentStream(stream_owner.get_object(), page.pdf).operations
+        xobjects = (resources or {}).get("/XObject", {})
+        xobjects = xobjects.get_object() if hasattr(xobjects, "get_object") else xobjects
+        for operands, operator in operations:
+            if operator == b"q":
+                stack.append(ctm)
+            elif operator == b"Q":
+                ctm = stack.pop()
+            elif operator == b"cm":
+                a, b, c, d, e, f = (float(x) for x in operands)
+                m = ctm
+                ctm = (a * m[0] + b * m[2], a * m[1] + b * m[3], c * m[0] + d * m[2], c * m[1] + d * m[3],
+                       e * m[0] + f * m[2] + m[4], e * m[1] + f * m[3] + m[5])
+            elif operator == b"Do":
+                xobject = xobjects[operands[0]].get_object()
+                if xobject["/Subtype"] == "/Image":
+                    drawn.append((int(xobject["/Width"]), (ctm[0] ** 2 + ctm[1] ** 2) ** 0.5))
+                elif xobject["/Subtype"] == "/Form":
+                    matrix = [float(x) for x in xobject.get("/Matrix", [1, 0, 0, 1, 0, 0])]
+                    a, b, c, d, e, f = matrix
+                    m = ctm
+                    inner = (a * m[0] + b * m[2], a * m[1] + b * m[3], c * m[0] + d * m[2], c * m[1] + d * m[3],
+                             e * m[0] + f * m[2] + m[4], e * m[1] + f * m[3] + m[5])
+                    walk(xobject, xobject.get("/Resources", resources), inner)
+
+    walk(page["/Contents"], page["/Resources"], (1.0, 0.0, 0.0, 1.0, 0.0, 0.0))
+    return drawn
+
+
+def test_every_figure_prints_its_labels_at_close_to_the_size_they_were_drawn(issued):
+    from governance.evidence import FIGURE_DPI
+
+    drawn = [image for page in PdfReader(io.BytesIO(issued["v1"])).pages for image in _drawn_images(page)]
+    assert len(drawn) >= len(CASE_KINDS)  # the probes' example grids, at least
+    drawn_scale = 72 / FIGURE_DPI  # points per pixel at the size matplotlib laid the figure out
+    small = [(pixels, round(points)) for pixels, points in drawn if points / pixels < 0.8 * drawn_scale]
+    assert small == [], f"figures printed below 80% of their drawn size (pixels, points wide): {small}"
+
+
+def test_every_probe_figure_is_captioned_with_what_its_rows_and_columns_are(issued):
+    text = " ".join(_pages(issued["v1"]))
+    captions = re.findall(r"Figure \d+\. (.*?)Evidence #\d+, file (\S+)", text)
+    grids = [(caption, name) for caption, name in captions if "-examples-" in name]
+    assert len(grids) == len(CASE_KINDS), captions
+    for caption, name in grids:
+        assert "Rows: one example each, headed by its prompt and the model's score" in caption, name
+        assert "Columns: the image in colour with the annotated object boxed in green, then chefer, gradcam, " \
+               "rollout" in caption, name
+        assert "colour bar on the right" in caption, name
+    assert "Figure stored by the" not in text

@@ -30,6 +30,7 @@ from django.utils.safestring import SafeString, mark_safe
 from governance import acceptance, glossary
 from governance.reports import coverage, figures
 from governance.reports.url_fetcher import artifact_url
+from workers.probes.captions import png_description
 
 # Free text longer than this is cut in the PDF (the full text stays in the manifest and the export bundle);
 # it keeps a hostile or careless 10 MB model card from turning a report into thousands of pages.
@@ -388,12 +389,16 @@ def summary_figures(entry: dict[str, Any], inputs: RenderInputs) -> list[dict[st
     return out
 
 
-def _artifact_caption(artifact: dict[str, Any], entry: dict[str, Any]) -> str:
-    """Words for a stored probe figure: what its rows and columns are, by the figure's name."""
+def _artifact_caption(artifact: dict[str, Any], entry: dict[str, Any], described: str | None = None) -> str:
+    """Words for a stored probe figure: what its rows and columns are. ``described`` is the
+    description the probe stored in the figure's PNG; figures stored without one are worded by their
+    name."""
     name = str(artifact.get("name", ""))
     stem = name.rsplit(".", 1)[0].lower()
     kind = entry.get("kind")
-    if "example" in stem or "grid" in stem:
+    if described:
+        text = truncate(" ".join(described.split()), MAX_COMMENT_CHARS)
+    elif "example" in stem or "grid" in stem:
         text = ("Example explanations. Rows: images, each with its prompt and the model's score; first column: the "
                 "image with the annotated object boxed in green; other columns: one explanation method each, warmer "
                 "colours marking regions that raised the score (colour bar on the right).")
@@ -412,7 +417,8 @@ def _artifact_caption(artifact: dict[str, Any], entry: dict[str, Any]) -> str:
                 "images. Bottom: the grounding method's relevance on images of the class with the artefact pasted "
                 "in, its box outlined in green (colour bar on the right).")
     else:
-        text = f"Figure stored by the {kind_title(kind)} probe."
+        text = (f"{kind_title(kind)}: figure “{stem}”. The probe stored no description of its rows and columns; "
+                f"its panels and axes are labelled in the figure itself.")
     return f"{text} Evidence #{entry.get('id')}, file {name}, SHA-256 {str(artifact.get('sha256', ''))[:16]}..."
 
 
@@ -430,7 +436,8 @@ def evidence_view(entry: dict[str, Any], run: dict[str, Any] | None, inputs: Ren
         if artifact.get("content_type") in ("image/png", "image/jpeg"):
             key = str(artifact["id"])
             inputs.artifacts[key] = functools.partial(load_artifact, artifact)
-            figures_out.append({"url": artifact_url(key), "caption": _artifact_caption(artifact, entry)})
+            described = png_description(load_artifact(artifact)[0])
+            figures_out.append({"url": artifact_url(key), "caption": _artifact_caption(artifact, entry, described)})
     metrics = entry.get("metrics") or {}
     kind = entry.get("kind")
     return {

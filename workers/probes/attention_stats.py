@@ -197,7 +197,8 @@ def heads_figure(table: list[dict[str, Any]], *, title: str = "") -> Figure:
     for key in ("paraphrase_consistency", "seed_consistency"):
         if key in table[0]:
             panels.append((key, key.replace("_", " ") + " (Spearman)", "coolwarm"))
-    fig = figures.new_figure(3.2 * len(panels), 0.45 * n_heads + 2.0)
+    # no wider than the report's text column, where it prints at the size it is drawn
+    fig = figures.new_figure(min(figures.PAGE_WIDTH, 3.2 * len(panels)), 0.45 * n_heads + 2.0)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (key, label, cmap) in zip(axes, panels, strict=True):
         grid = np.full((n_heads, n_layers), np.nan)
@@ -214,10 +215,13 @@ def heads_figure(table: list[dict[str, Any]], *, title: str = "") -> Figure:
         ax.set_xticks(range(n_layers))
         ax.set_yticks(range(n_heads))
         ax.set_title(label, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.colorbar(im, ax=ax, fraction=0.046)  # the panel's title names its scale
     if title:
         fig.suptitle(title, fontsize=10)
-    return fig
+    return figures.describe(
+        fig, "Per-head attention statistics" + (f": {title}" if title else ""),
+        rows="attention heads", columns="layers; one panel per statistic: " + ", ".join(p[1] for p in panels),
+        colour="the statistic's value, printed in each cell (one colour bar per panel)")
 
 
 # --- the analysis ------------------------------------------------------------------------------

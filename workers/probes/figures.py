@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +21,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+from workers.probes.captions import describe as describe  # probes describe their figures through this module
+from workers.probes.captions import png_metadata
 from workers.probes.palette import colour
 
 Box = Sequence[float]
@@ -88,6 +91,24 @@ def draw_overlay(ax: Axes, image: Image.Image, heatmap: torch.Tensor | np.ndarra
     ax.set_axis_off()
 
 
+def relevance_colourbar(figure: Figure, axes: Axes | Sequence[Axes], *, cmap: str = HEATMAP_CMAP,
+                        label: str = "relevance (min-max scaled per map)", **kwargs: Any) -> None:
+    """One colour bar for overlays drawn by :func:`draw_overlay`: their scale is the colour map over
+    [0, 1] (the per-pixel opacity is no scale of its own)."""
+    scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)
+    figure.colorbar(scale, ax=axes, label=label, **kwargs)
+
+
+def box_legend(figure: Figure, label: str = "annotated object (ground truth)", *, colour: str = "lime",
+               extra: Sequence[tuple[str, str]] = ()) -> None:
+    """The legend of the boxes drawn on a figure (``extra``: more ``(label, colour)`` outlines), below
+    the panels, where it covers none of them."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, linewidth=2, label=text) for text, c in ((label, colour), *extra)]
+    figure.legend(handles=handles, loc="outside lower center", frameon=False, fontsize=9, ncol=len(handles))
+
+
 def heatmap_overlay(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, boxes: Sequence[Box] = (),
                     title: str | None = None, alpha: float = 0.85, cmap: str = HEATMAP_CMAP,
                     point: tuple[float, float] | None = None) -> Figure:
@@ -96,42 +117,112 @@ def heatmap_overlay(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, b
     original, ax = figure.subplots(1, 2)
     draw_image(original, image, boxes=boxes, title="image")
     draw_overlay(ax, image, heatmap, boxes=boxes, alpha=alpha, cmap=cmap, title=title, point=point)
-    scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)  # the overlay's per-pixel opacity is no scale
-    figure.colorbar(scale, ax=ax, fraction=0.046, pad=0.02, label="relevance (min-max scaled)")
-    return figure
+    relevance_colourbar(figure, ax, cmap=cmap, label="relevance (min-max scaled)", fraction=0.046, pad=0.02)
+    marks = []
+    if boxes:
+        box_legend(figure)
+        marks.append("green boxes are the annotated objects")
+    if point is not None:
+        marks.append("the white cross is the map's maximum")
+    return describe(figure, "One explanation heatmap", columns=f"the image as it is, then {title or 'the heatmap'} "
+                    "over the image in grey", colour="relevance, min-max scaled (colour bar on the right)",
+                    marks="; ".join(marks) or None)
+
+
+#: Width at which page-sized figures are drawn: about the report's text column (A4 less margins), so
+#: that their 9 pt labels print at about that size.
+PAGE_WIDTH = 7.4
+#: A grid page holds at most this many examples (rows) and this many maps (columns besides the image):
+#: every panel prints large enough to see where the heat lies, and a page is wider than tall, so that
+#: a report prints it at the text column's width in at most half of a page.
+ROWS_PER_PAGE = 2
+MAPS_PER_PAGE = 4
 
 
 def heatmap_grid(images: Sequence[Image.Image], maps: Mapping[str, Sequence[torch.Tensor | np.ndarray]], *,
                  row_titles: Sequence[str] | None = None, boxes: Sequence[Sequence[Box]] | None = None,
-                 alpha: float = 0.85, cmap: str = HEATMAP_CMAP, cell: float = 2.4) -> Figure:
+                 alpha: float = 0.85, cmap: str = HEATMAP_CMAP, what: str = "Example explanations",
+                 rows: str | None = None, page: str = "") -> Figure:
     """Rows = images, columns = the image itself then one overlay per entry of ``maps``
     (``{column title: [map per image]}``), with one colour bar for every overlay and a legend for
-    the annotated-object boxes. ``row_titles`` (e.g. the prompt and the model's score) are wrapped
-    above each row's image so that they stay legible when the figure is scaled to a page."""
+    the annotated-object boxes. ``row_titles`` (e.g. the prompt and the model's score) head each row.
+
+    Drawn at the width of a report page; :func:`heatmap_grid_pages` splits a grid too large for one.
+    ``what``/``rows``/``page`` word the figure's description (what it is, what a row is, which part
+    of a larger grid it is)."""
     import textwrap
 
-    from matplotlib.lines import Line2D
-
     columns = ["image", *maps]
-    figure = new_figure(cell * len(columns) + 0.9, cell * len(images) + 0.9)
+    # One panel size for every page of a split grid, so that all its pages print at the same scale.
+    cell = (PAGE_WIDTH - 0.9) / (max(MAPS_PER_PAGE, len(maps)) + 1)
+    title_lines = max((min(3, len(textwrap.wrap(str(t), 60))) for t in row_titles or ()), default=0)
+    figure = new_figure(cell * len(columns) + 0.9, len(images) * (cell + 0.17 * title_lines + 0.05) + 0.75)
     axes = figure.subplots(len(images), len(columns), squeeze=False)
     for row, image in enumerate(images):
         row_boxes = boxes[row] if boxes is not None else ()
-        title = row_titles[row] if row_titles is not None else None
-        draw_image(axes[row][0], image, boxes=row_boxes,
-                   title="\n".join(textwrap.wrap(str(title), 28)[:3]) if title else None, fontsize=9)
+        draw_image(axes[row][0], image, boxes=row_boxes)
         for column, name in enumerate(maps, start=1):
-            draw_overlay(axes[row][column], image, maps[name][row], boxes=row_boxes, alpha=alpha, cmap=cmap,
-                         title=name if row == 0 else None)
-            if row == 0:
-                axes[row][column].set_title(name, fontsize=11, fontweight="bold")
+            draw_overlay(axes[row][column], image, maps[name][row], boxes=row_boxes, alpha=alpha, cmap=cmap)
+        title = row_titles[row] if row_titles is not None else None
+        heads = columns if row == 0 else []
+        if title:
+            # The row's title starts over its image and runs over the row's other panels, which carry
+            # no title of their own below the first row.
+            text = "\n".join(textwrap.wrap(str(title), 60)[:3])
+            axes[row][0].set_title(text + ("\n\n" if heads else ""), loc="left", fontsize=9)
+        for column, head in enumerate(heads):
+            axes[row][column].set_title(head, fontsize=9.5, fontweight="bold")
     if maps:
-        scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap)
-        figure.colorbar(scale, ax=axes[:, 1:].ravel().tolist(), fraction=0.03, pad=0.01,
-                        label="relevance (min-max scaled per map)")
-    figure.legend(handles=[Line2D([], [], color="lime", linewidth=2, label="annotated object (ground truth)")],
-                  loc="outside lower center", frameon=False, fontsize=9)
-    return figure
+        relevance_colourbar(figure, axes[:, 1:].ravel().tolist(), cmap=cmap, fraction=0.04, pad=0.01)
+    has_boxes = boxes is not None and any(len(b) for b in boxes)
+    if has_boxes:
+        box_legend(figure)
+    return describe(
+        figure, what + (f" ({page})" if page else ""),
+        rows=rows or ("one example each, headed by its prompt" if row_titles else "one example each"),
+        columns="the image in colour" + (" with the annotated object boxed in green" if has_boxes else "")
+                + ", then " + ", ".join(maps) + " over the image in grey (one explanation method or model each)",
+        colour="relevance, min-max scaled per map; warmer and more opaque = more relevant (colour bar on the right)")
+
+
+def split_even(count: int, size: int) -> list[range]:
+    """``range(count)`` in nearly equal consecutive parts of at most ``size``."""
+    parts = max(1, -(-count // size))
+    bounds = [round(k * count / parts) for k in range(parts + 1)]
+    return [range(bounds[k], bounds[k + 1]) for k in range(parts)]
+
+
+def heatmap_grid_pages(images: Sequence[Image.Image], maps: Mapping[str, Sequence[torch.Tensor | np.ndarray]], *,
+                       row_titles: Sequence[str] | None = None, boxes: Sequence[Sequence[Box]] | None = None,
+                       rows_per_page: int = ROWS_PER_PAGE, maps_per_page: int = MAPS_PER_PAGE,
+                       **kwargs: Any) -> list[Figure]:
+    """:func:`heatmap_grid` split into pages of at most ``rows_per_page`` examples and
+    ``maps_per_page`` maps (the image column repeats on every page), each readable on its own."""
+    names = list(maps)
+    row_parts = split_even(len(images), rows_per_page)
+    map_parts = split_even(len(names), maps_per_page) if names else [range(0)]
+    pages = []
+    for rows in row_parts:
+        for cols in map_parts:
+            part = []
+            if len(row_parts) > 1:
+                part.append(f"examples {rows.start + 1}-{rows.stop} of {len(images)}")
+            if len(map_parts) > 1:
+                part.append(f"maps {cols.start + 1}-{cols.stop} of {len(names)}")
+            pages.append(heatmap_grid(
+                [images[r] for r in rows], {names[c]: [maps[names[c]][r] for r in rows] for c in cols},
+                row_titles=[row_titles[r] for r in rows] if row_titles is not None else None,
+                boxes=[boxes[r] for r in rows] if boxes is not None else None, page=", ".join(part), **kwargs))
+    return pages
+
+
+def paged(name: str, pages: Sequence[Figure]) -> dict[str, Figure]:
+    """``{name: figure}`` for a one-page figure, ``{name_1: ..., name_2: ...}`` for several (names
+    that sort in page order, for the ``ProbeResult.figures`` of a probe)."""
+    if len(pages) == 1:
+        return {name: pages[0]}
+    width = len(str(len(pages)))
+    return {f"{name}_{k:0{width}d}": page for k, page in enumerate(pages, start=1)}
 
 
 def perturbation_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, title: str = "",
@@ -152,11 +243,18 @@ def perturbation_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, 
         ax.set_title(title)
     ax.grid(alpha=0.3)
     figure.legend(fontsize=8, loc="outside right upper")  # outside the axes: never over a curve
-    return figure
+    return describe(figure, f"{title or 'Perturbation curves'}: the model's score as patches are changed in the "
+                            "order each explanation method ranks them",
+                    axes=f"x, share of patches changed; y, {ylabel}",
+                    marks="one colour per method, the same in every figure; dashed lines are random orders; the "
+                          "legend gives each curve's area under it (AUC)")
 
 
 def save(figure: Figure, path: str | Path, *, dpi: int = 100) -> Path:
     """Write ``figure`` (format from the suffix, e.g. ``.png``) and return the path."""
     path = Path(path)
-    figure.savefig(path, dpi=dpi)
+    if path.suffix.lower() == ".png":
+        figure.savefig(path, dpi=dpi, metadata=png_metadata(figure))
+    else:
+        figure.savefig(path, dpi=dpi)
     return path

@@ -288,8 +288,10 @@ def grounding_probe(model_dir: str, dataset_dir: str | None, params: GroundingPa
         score_name = "probability" if extras["curve_score"] == "probability" else "score"
         titles = [f'"{prompt}" ({score_name} {scores[i]:.2f})' if i < len(scores) else f'"{prompt}"'
                   for i, prompt in enumerate(examples["prompts"])]
-        figs["examples"] = figures.heatmap_grid(examples["images"], examples["maps"], boxes=examples["boxes"],
-                                                row_titles=titles)
+        figs.update(figures.paged("examples", figures.heatmap_grid_pages(
+            examples["images"], examples["maps"], boxes=examples["boxes"], row_titles=titles,
+            what="Example explanations of the model's score for each prompt",
+            rows=f"one example each, headed by its prompt and the model's {score_name} for it")))
     lines = [f"{r['method']}: pointing {r['pointing_game']}, energy {r['energy_pointing_game']}, "
              f"deletion {r['deletion_auc']}, insertion {r['insertion_auc']}" for r in results]
     chance = results[0]

@@ -361,7 +361,9 @@ def figure_groups(report: GroupReport) -> Figure:
 
     names = list(report.groups)
     panels = 2 if report.evidence else 1
-    fig = Figure(figsize=(4.2 * panels, 0.5 * len(names) + 2.0))
+    from workers.probes.captions import describe
+
+    fig = Figure(figsize=(4.2 * panels, 0.5 * len(names) + 2.0), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, panels))
     acc = [report.groups[n]["accuracy"] for n in names]
     lo = [a - report.groups[n]["ci"][0] for a, n in zip(acc, names, strict=True)]
@@ -380,10 +382,14 @@ def figure_groups(report: GroupReport) -> Figure:
         axes[1].barh(y - 0.2, area, height=0.4, color="C7", label="object area")
         axes[1].set_yticks(y, names)
         axes[1].set_xlim(0, 1)
-        axes[1].legend(fontsize=7)
         axes[1].set_title("grounding evidence per group", fontsize=8)
-    fig.tight_layout()
-    return fig
+        fig.legend(*axes[1].get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8,
+                   frameon=False)
+    return describe(fig, "Accuracy per group of test images",
+                    rows="one group each",
+                    columns="accuracy with its 95% bootstrap interval"
+                            + ("; then the share of the explanation's relevance on the object against the object's "
+                               "share of the image" if report.evidence else ""))
 
 
 # --- probe kind (thin glue) ----------------------------------------------------------------------

@@ -552,6 +552,9 @@ def _ablation_result(m: dict[str, Any]) -> ProbeResult:
     ax.set_yticks(range(len(heads)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel(f"change in {m['measure']} ({m['mode']}-ablation; mean ± s.e., n={m['n_cases']})")
+    figures.describe(fig, f"Effect of {m['mode']}-ablating each attention head",
+                     rows="one head each (component, layer L, head H), largest effect first",
+                     axes=f"x, mean change in the {m['measure']} over {m['n_cases']} images, with its standard error")
     top = m["top"][0]
     summary = (f"{m['mode'].capitalize()}-ablating each of {len(heads)} heads on {m['n_cases']} images: "
                f"largest effect {top['component']} L{top['layer']}H{top['head']} changes the {m['measure']} by "

@@ -495,18 +495,21 @@ def figure_patch(report: PatchAttackReport) -> Figure:
     ax.set_title(f"patch toward {report.target!r}\n{report.attack.side}px, {report.attack.area:.1%} of the input",
                  fontsize=8)
     ax.set_axis_off()
-    return fig
+    from workers.probes.figures import describe
+
+    return describe(fig, f"The optimised adversarial patch that steers the model toward {report.target!r}, "
+                         "at its own pixel size")
 
 
 def figure_examples(report: PatchAttackReport, n: int = 4) -> Figure:
     """Attacked held-out images with the explanation's heatmap and the patch outlined."""
     from matplotlib.patches import Rectangle
 
-    from workers.probes.figures import draw_image, draw_overlay, new_figure
+    from workers.probes.figures import box_legend, describe, draw_image, draw_overlay, new_figure, relevance_colourbar
 
     out = report.outcome
     picks = list(range(min(n, out.attacked.shape[0])))
-    fig = new_figure(2.2 * len(picks), 4.6)
+    fig = new_figure(1.7 * len(picks) + 1.2, 4.6)
     axes = np.atleast_2d(fig.subplots(2, len(picks), squeeze=False))
     for col, i in enumerate(picks):
         image = _pil(out.attacked[i])
@@ -520,7 +523,15 @@ def figure_examples(report: PatchAttackReport, n: int = 4) -> Figure:
         for ax in axes[:, col]:
             ax.add_patch(Rectangle((left - 0.5, top - 0.5), report.attack.side, report.attack.side, fill=False,
                                    edgecolor="cyan", linewidth=1.2))
-    return fig
+    if any(out.maps[i] is not None for i in picks):
+        relevance_colourbar(fig, axes[1, :].tolist(), fraction=0.05, pad=0.02)
+    box_legend(fig, "pasted patch", colour="cyan")
+    return describe(fig, f"Held-out images with the patch pasted in (toward {report.target!r})",
+                    rows="top, the attacked image, titled with whether the model's answer moved to the target; "
+                         "bottom, the explanation's relevance over the same image in grey",
+                    columns="one held-out image each",
+                    colour="relevance, min-max scaled per map (colour bar on the right)",
+                    marks="the cyan square is the pasted patch")
 
 
 def findings_for(metrics: dict[str, Any]) -> list[Finding]:

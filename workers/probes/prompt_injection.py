@@ -267,12 +267,12 @@ def run_injection(adapter: Any, images: Sequence[Image.Image], targets: Sequence
 def figure_examples(report: InjectionReport) -> Figure | None:
     from matplotlib.patches import Rectangle
 
-    from workers.probes.figures import draw_image, draw_overlay, new_figure
+    from workers.probes.figures import box_legend, describe, draw_image, draw_overlay, new_figure, relevance_colourbar
 
     shown = [t for t in report.trials if t.image is not None]
     if not shown:
         return None
-    fig = new_figure(2.4 * len(shown), 5.0)
+    fig = new_figure(1.8 * len(shown) + 1.2, 5.0)
     axes = fig.subplots(2, len(shown), squeeze=False)
     for col, t in enumerate(shown):
         assert t.image is not None and t.box is not None  # kept together with the image
@@ -285,7 +285,17 @@ def figure_examples(report: InjectionReport) -> Figure | None:
         x0, y0, x1, y1 = t.box
         for ax in axes[:, col]:
             ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="cyan", linewidth=1.2))
-    return fig
+    if any(t.grid_map is not None for t in shown):
+        relevance_colourbar(fig, axes[1, :].tolist(), fraction=0.05, pad=0.02,
+                            label="relevance of the generated words (min-max scaled per map)")
+    box_legend(fig, "written instruction", colour="cyan")
+    return describe(fig, "Images with an instruction written into them",
+                    rows="top, the image, titled with the model's caption and whether it followed the written "
+                         "instruction; bottom, the generated words' relevance over the image in grey, titled with "
+                         "the share of it on the written text",
+                    columns="one image each",
+                    colour="relevance, min-max scaled per map (colour bar on the right)",
+                    marks="the cyan box is the written instruction")
 
 
 def findings_for(metrics: dict[str, Any]) -> list[Finding]:

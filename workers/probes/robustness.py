@@ -412,22 +412,29 @@ def figure_curves(report: RobustnessReport) -> Figure:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 3.6))
+    from workers.probes.captions import describe
+    from workers.probes.palette import colour
+
+    fig = Figure(figsize=(7.4, 3.6), layout="constrained")  # the report's text column is as wide
     ax_acc, ax_exp, ax_other = fig.subplots(1, 3, gridspec_kw={"width_ratios": [3, 3, 2]})
-    for k, name in enumerate(CORRUPTIONS):
+    for name in CORRUPTIONS:
         rows = sorted((r for r in report.rows if r["probe"] == name), key=lambda r: r["severity"])
         if not rows:
             continue
         xs = [0] + [r["severity"] for r in rows]
-        ax_acc.plot(xs, [report.clean_accuracy] + [r["accuracy"] for r in rows], marker="o", label=name, color=f"C{k}")
+        ax_acc.plot(xs, [report.clean_accuracy] + [r["accuracy"] for r in rows], marker="o", label=name,
+                    color=colour(name))
         if rows[0]["explanation_spearman"] is not None:
-            ax_exp.plot(xs, [1.0] + [r["explanation_spearman"] for r in rows], marker="o", label=name, color=f"C{k}")
+            ax_exp.plot(xs, [1.0] + [r["explanation_spearman"] for r in rows], marker="o", label=name,
+                        color=colour(name))
     for ax, label in ((ax_acc, "zero-shot accuracy"), (ax_exp, "explanation Spearman vs clean")):
         ax.set_xlabel("severity (0 = clean)")
         ax.set_ylabel(label)
         ax.set_xticks([0, *SEVERITIES])
         ax.set_ylim(-0.05 if ax is ax_acc else -0.2, 1.05)
-        ax.legend(fontsize=7)
+    handles, labels = ax_acc.get_legend_handles_labels()
+    if handles:  # one legend for both panels, below them: it covers no curve
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
     others = [r for r in report.rows if r["family"] != "corruption"]
     if others:
         names = [r["probe"] for r in others]
@@ -438,8 +445,11 @@ def figure_curves(report: RobustnessReport) -> Figure:
     else:
         ax_other.axis("off")
     fig.suptitle(f"Robustness on {report.n} examples (clean accuracy {report.clean_accuracy:.2f})", fontsize=9)
-    fig.tight_layout()
-    return fig
+    return describe(fig, "Robustness to corruptions and attacks",
+                    columns="left, accuracy by corruption severity (0 = clean); middle, rank correlation of the "
+                            "explanation with the clean image's by severity; right, share of decisions flipped by "
+                            "the typographic and prompt probes",
+                    marks="one colour per corruption, the same in every figure")
 
 
 def figure_examples(example: Example, classes: Sequence[str], seed: int = 0) -> Figure:
@@ -452,13 +462,17 @@ def figure_examples(example: Example, classes: Sequence[str], seed: int = 0) -> 
     panels = [("clean", example.image)] + [(f"{c} s3", corrupt(example.image, c, 3, seed=seed)) for c in CORRUPTIONS]
     wrong = next((c for j, c in enumerate(classes) if j not in example.present), classes[0])
     panels.append(("typographic", write_text(example.image, class_name(wrong), example.boxes)))
-    fig = Figure(figsize=(2 * len(panels), 2.3))
+    from workers.probes.captions import describe
+
+    side = min(1.2, 7.2 / len(panels))  # the row no wider than the report's text column
+    fig = Figure(figsize=(side * len(panels), side + 0.4), layout="constrained")
     for ax, (title, image) in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels, strict=True):
         ax.imshow(image)
-        ax.set_title(title, fontsize=8)
+        ax.set_title(title, fontsize=7)
         ax.axis("off")
-    fig.tight_layout()
-    return fig
+    return describe(fig, "One test image as the robustness probe changed it",
+                    columns="the clean image, then each corruption at severity 3 (s3), then the typographic attack "
+                            "(a wrong class name written on the image)")
 
 
 def findings_for(report: RobustnessReport) -> list[Finding]:

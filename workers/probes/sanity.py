@@ -259,10 +259,12 @@ def sanity_probe(model_dir: str, dataset_dir: str | None, params: SanityParams, 
     }
     shown = min(4, len(dataset))
     grid_maps = {"trained": list(trained[:shown]), "randomised": list(last_maps[:shown])}
-    figs = {"examples": figures.heatmap_grid([e.load_image() for e in dataset.examples[:shown]], grid_maps,
-                                             boxes=[e.boxes for e in dataset.examples[:shown]],
-                                             row_titles=[e.prompt for e in dataset.examples[:shown]])}
-    figs["cascade"] = _cascade_figure(rows, chance)
+    figs = figures.paged("examples", figures.heatmap_grid_pages(
+        [e.load_image() for e in dataset.examples[:shown]], grid_maps,
+        boxes=[e.boxes for e in dataset.examples[:shown]], row_titles=[e.prompt for e in dataset.examples[:shown]],
+        what=f"{method} maps of the trained model beside those of the same model with every parameter randomised",
+        rows="one example each, headed by its prompt"))
+    figs["cascade"] = _cascade_figure(rows, chance, method)
     findings = []
     if not passed:
         if final["rank_correlation"] >= threshold:
@@ -284,23 +286,33 @@ def sanity_probe(model_dir: str, dataset_dir: str | None, params: SanityParams, 
                                                                    "randomised_maps": last_maps.numpy()})
 
 
-def _cascade_figure(rows: list[dict[str, Any]], chance: float) -> Any:
-    """Two measures on two labelled axes (they have different meanings and scales), stages shared."""
+def _cascade_figure(rows: list[dict[str, Any]], chance: float, method: str) -> Any:
+    """Two measures on two labelled axes (they have different meanings and scales), stages shared;
+    both lines in the method's colour, the one it has in every figure."""
+    from workers.probes.palette import REFERENCE, colour
+
     figure = figures.new_figure(6.4, 4.6)
     top, bottom = figure.subplots(2, 1, sharex=True)
     x = np.arange(len(rows))
-    top.plot(x, [c["rank_correlation"] for c in rows], marker="o", color="#0072B2")
+    top.plot(x, [c["rank_correlation"] for c in rows], marker="o", color=colour(method),
+             label=f"{method}: rank agreement")
     top.set_ylabel("rank agreement with\ntrained maps (Spearman)", fontsize=8)
     top.set_ylim(-0.2, 1.05)
     top.grid(alpha=0.3)
-    bottom.plot(x, [c["pointing_game"] for c in rows], marker="s", color="#D55E00", label="pointing game")
-    bottom.axhline(chance, linestyle="--", color="black", linewidth=0.8, label="pointing game at chance")
+    bottom.plot(x, [c["pointing_game"] for c in rows], marker="s", color=colour(method),
+                label=f"{method}: pointing game")
+    bottom.axhline(chance, linestyle="--", color=REFERENCE, linewidth=0.8, label="pointing game at chance")
     bottom.set_ylabel("pointing game", fontsize=8)
     bottom.set_ylim(-0.05, 1.05)
     bottom.set_xticks(x, [c["stage"] for c in rows], rotation=45, ha="right", fontsize=8)
     bottom.set_xlabel("layers randomised, from the output down to")
     bottom.grid(alpha=0.3)
     figure.legend(*bottom.get_legend_handles_labels(), fontsize=8, loc="outside right upper", frameon=False)
-    return figure
+    return figures.describe(
+        figure, f"Sanity check cascade of {method}: its maps as more and more layers are randomised, from the "
+                "output down (left to right); agreement with the trained model's maps should fall",
+        rows=f"top, rank agreement (Spearman) of the randomised model's {method} maps with the trained model's; "
+             "bottom, the randomised model's pointing game, with chance as a dashed line",
+        axes="x, the last layer randomised at each stage")
 
 

@@ -271,7 +271,8 @@ def figure_evidence(report: ShortcutReport, extras: dict[str, Any]) -> Figure:
     shown = list(extras.get("stamped", []))[:3]
     heats = list(extras.get("heat", []))
     stamp: Stamp | None = extras.get("stamp")
-    fig = Figure(figsize=(8.0, 7.4 if shown else 3.8), layout="constrained")
+    # As wide as the report's text column and low enough to print there at the size it is drawn.
+    fig = Figure(figsize=(7.4, 5.3 if shown else 2.8), layout="constrained")
     grid = fig.add_gridspec(2 if shown else 1, 3, height_ratios=[1.0, 1.15] if shown else [1.0])
     tcav_ax, change_ax = fig.add_subplot(grid[0, :2]), fig.add_subplot(grid[0, 2])
     rows = report.tcav.results
@@ -287,17 +288,17 @@ def figure_evidence(report: ShortcutReport, extras: dict[str, Any]) -> Figure:
     tcav_ax.set_xticks(xs, [f"layer {r.layer}" for r in rows])
     tcav_ax.set_ylim(0, 1.12)
     tcav_ax.set_ylabel("TCAV score (0.5 = no influence)")
-    tcav_ax.set_title(f"Concept influence of {report.concept!r} (* significant after Holm)", fontsize=10)
+    tcav_ax.set_title(f"Concept influence of {report.concept!r}\n(* significant after Holm)", fontsize=9)
     handles: list[Any] = [Patch(color="C3", label=f"concept {report.concept!r}"),
                           Patch(color="0.7", label="random concepts")]
     if report.intervention is not None:
         i = report.intervention
         change_ax.bar([0, 1], [i["target_inputs"]["mean_change"], i["random_images"]["mean_change"]],
                       color=["C0", "C1"])
-        change_ax.set_xticks([0, 1], ["class images", "random images"])
+        change_ax.set_xticks([0, 1], ["class\nimages", "random\nimages"])
         change_ax.axhline(0, color="k", lw=0.8)
         change_ax.set_ylabel("mean change of the class score")
-        change_ax.set_title("Artefact pasted in", fontsize=10)
+        change_ax.set_title("Artefact pasted in", fontsize=9)
     else:
         change_ax.text(0.5, 0.5, "no stamp: intervention\nnot measured", ha="center", va="center",
                        transform=change_ax.transAxes)
@@ -318,7 +319,17 @@ def figure_evidence(report: ShortcutReport, extras: dict[str, Any]) -> Figure:
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), frameon=False, fontsize=9)
     verdict = "FLAGGED" if report.flagged else "not flagged"
     fig.suptitle(f"Shortcut check: {report.concept!r} for {report.target!r}: {verdict}", fontsize=11)
-    return fig
+    from workers.probes.captions import describe
+
+    return describe(
+        fig, f"Shortcut check of {report.concept!r} for {report.target!r}",
+        rows="top, the artefact's concept influence (TCAV score) per layer, red, against random concepts, grey "
+             "(0.5 = no influence; * significant after Holm correction), and the mean change of the class score "
+             "when the artefact is pasted into images of the class and into random images"
+             + ("; bottom, the grounding method's relevance on images of the class with the artefact pasted in"
+                if shown else ""),
+        colour="relevance, min-max scaled per map (colour bar on the right)" if shown else None,
+        marks="the green box is the pasted artefact" if shown and stamp is not None else None)
 
 
 class ShortcutParams(KindParams):

@@ -175,6 +175,10 @@ def stability_probe(model_dir: str, dataset_dir: str | None, params: StabilityPa
         for j in range(len(names)):
             ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8)
     figure.colorbar(image, ax=ax, label="mean Spearman")
+    figures.describe(figure, "Agreement between explanation methods on the same inputs",
+                     rows="methods", columns="methods",
+                     colour="mean rank correlation (Spearman) of the two methods' heatmaps, printed in each cell: "
+                            "1 = same ranking of regions, 0 = unrelated, negative = opposite")
     findings = [Finding("medium", f"{m} is unstable under imperceptible noise",
                         f"mean Spearman {metrics['perturbation'][m]['rank_correlation']} between maps of an input and "
                         f"a copy perturbed by at most {epsilon}")

@@ -742,7 +742,12 @@ def figure_bars(report: TCAVReport) -> Figure:
     ax.set_ylabel("TCAV score")
     fig.suptitle(f"TCAV for {report.target!r} (* significant after Holm, hatched = unreliable CAV)", fontsize=9)
     fig.legend(fontsize=8, loc="outside lower center", ncol=min(len(layers) + 1, 5), frameon=False)
-    return fig
+    from workers.probes.captions import describe
+
+    return describe(fig, f"Concept influence (TCAV score) on {report.target!r}",
+                    columns="one concept each, one bar per layer tested, then the random concepts' mean",
+                    axes="y, TCAV score (0.5 = no influence; error bars one standard deviation)",
+                    marks="* significant after Holm correction; hatched bars are unreliable concept directions")
 
 
 def figure_localisation(images: Sequence[Image.Image], heatmaps: torch.Tensor, title: str) -> Figure:
@@ -752,16 +757,20 @@ def figure_localisation(images: Sequence[Image.Image], heatmaps: torch.Tensor, t
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    from workers.probes.figures import draw_overlay
+    from workers.probes.figures import describe, draw_overlay, relevance_colourbar
 
     n = len(images)
-    fig = Figure(figsize=(2.2 * n, 2.5))
+    fig = Figure(figsize=(1.9 * n + 1.0, 2.7), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, n))
     for ax, image, heat in zip(axes, images, heatmaps, strict=True):
         draw_overlay(ax, image, heat)  # the shared overlay style (figures.draw_overlay says why)
+    relevance_colourbar(fig, list(axes), fraction=0.04, pad=0.02, label="concept-likeness\n(min-max scaled)")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
+    return describe(fig, f"Where the concept sits: {title}",
+                    columns="one image each, concept examples first, then target inputs, in grey",
+                    colour="how much more concept-like each region's features are than the image's average "
+                           "(projection on the concept's direction), min-max scaled per image (colour bar on the "
+                           "right)")
 
 
 # --- entry points shared by the CLI and the pipeline ------------------------------------------

@@ -494,26 +494,80 @@ def attribution_json(att: TokenAttribution, patch_boxes: np.ndarray | None = Non
             "graph": attribution_graph(att, patch_boxes)}
 
 
-def caption_figure(image: Image.Image, att: TokenAttribution, *, boxes: Sequence[Sequence[float]] = (),
-                   methods: Sequence[str] | None = None) -> Figure:
-    """The caption with each word's image heatmap: one column per generated token, one row per method."""
+def shown_words(att: TokenAttribution) -> list[int]:
+    """The generated tokens a caption figure shows: its words (no stop words or punctuation), or
+    every token of a caption that has none."""
+    words = [t for t, tok in enumerate(att.generated_tokens)
+             if (word := tok.lower().lstrip("▁Ġ").strip()) and word not in STOPWORDS and any(c.isalpha() for c in word)]
+    return words or list(range(len(att.generated_tokens)))
+
+
+def caption_figures(image: Image.Image, att: TokenAttribution, *, boxes: Sequence[Sequence[float]] = (),
+                    methods: Sequence[str] | None = None, words_per_page: int = 4,
+                    methods_per_page: int = 3) -> list[Figure]:
+    """The caption's words with their image heatmaps, in pages a report prints large enough to read:
+    one column per word (after the image itself), one row per method, at most ``words_per_page``
+    words and ``methods_per_page`` methods a page. Each word is headed by its position in the
+    caption, and each map is labelled with the share of the word's relevance that lies on the image
+    (the rest is on the text before it)."""
+    import textwrap
+
     from workers.probes import figures
 
     methods = [m for m in (methods or METHODS) if m in att.image]
-    t = len(att.generated_tokens)
-    fig = figures.new_figure(1.6 * (max(t, 2) + 1), 1.8 * len(methods) + 0.5)
-    axes = fig.subplots(len(methods), max(t, 1) + 1, squeeze=False)
-    for m, method in enumerate(methods):
-        # the image itself first: the overlays are drawn on it in grey
-        figures.draw_image(axes[m][0], image, boxes=boxes, title="image" if m == 0 else None)
-        for k in range(t):
-            title = att.generated_tokens[k] if m == 0 else None
-            figures.draw_overlay(axes[m][k + 1], image, att.image[method][k], boxes=boxes, title=title)
-        label = METHOD_LABELS.get(method, method)
-        axes[m][0].text(-0.1, 0.5, label,
-                        transform=axes[m][0].transAxes, rotation=90, va="center", ha="right", fontsize=9)
-    fig.suptitle(f"“{att.caption}”  (prompt: {att.prompt})", fontsize=10)
-    return fig
+    words = shown_words(att)
+    word_parts = figures.split_even(len(words), words_per_page)
+    method_parts = figures.split_even(len(methods), methods_per_page)
+    pages = []
+    for word_part in word_parts:
+        for method_part in method_parts:
+            shown = [words[k] for k in word_part]
+            rows = [methods[k] for k in method_part]
+            columns = len(shown) + 1
+            cell = min(1.7, (figures.PAGE_WIDTH - 1.6) / columns)
+            fig = figures.new_figure(cell * columns + 1.6, len(rows) * (cell + 0.25) + 1.2)
+            axes = fig.subplots(len(rows), columns, squeeze=False)
+            for r, method in enumerate(rows):
+                # the image itself first, in colour: the overlays show it in grey
+                figures.draw_image(axes[r][0], image, boxes=boxes, title="image" if r == 0 else None)
+                axes[r][0].text(-0.08, 0.5, "\n".join(textwrap.wrap(METHOD_LABELS.get(method, method), 14)),
+                                transform=axes[r][0].transAxes, rotation=90, va="center", ha="right", fontsize=9)
+                for c, t in enumerate(shown, start=1):
+                    ax = axes[r][c]
+                    figures.draw_overlay(ax, image, att.image[method][t], boxes=boxes)
+                    if r == 0:
+                        ax.set_title(f"“{att.generated_tokens[t].lstrip('▁Ġ')}”\nword {t + 1} of "
+                                     f"{len(att.generated_tokens)}", fontsize=9)
+                    img, txt = float(att.image[method][t].sum()), float(att.text[method][t].sum())
+                    if img + txt > 0:
+                        ax.text(0.5, -0.04, f"on image {img / (img + txt):.0%}", transform=ax.transAxes,
+                                ha="center", va="top", fontsize=8)
+            figures.relevance_colourbar(fig, axes[:, 1:].ravel().tolist(), fraction=0.04, pad=0.01)
+            if boxes:
+                figures.box_legend(fig, "annotated objects (ground truth)")
+            fig.suptitle("\n".join(textwrap.wrap(f"“{att.caption}”  (prompt: {att.prompt})", 90)[:3]), fontsize=10)
+            part = []
+            if len(word_parts) > 1:
+                part.append(f"words {word_part.start + 1}-{word_part.stop} of {len(words)} shown")
+            if len(method_parts) > 1:
+                part.append(f"methods {method_part.start + 1}-{method_part.stop} of {len(methods)}")
+            figures.describe(
+                fig, "The model's caption (title) with the image relevance of each of its words"
+                     + (f" ({', '.join(part)})" if part else ""),
+                rows="one attribution method each: " + ", ".join(METHOD_LABELS.get(m, m) for m in rows),
+                columns="the image in colour" + (" with the annotated objects boxed in green" if boxes else "")
+                        + ", then one generated word each, headed by its position in the caption and labelled "
+                          "below with the share of its relevance on the image (the rest is on the text)",
+                colour="relevance, min-max scaled per map; warmer and more opaque = more relevant "
+                       "(colour bar on the right)")
+            pages.append(fig)
+    return pages
+
+
+def caption_figure(image: Image.Image, att: TokenAttribution, *, boxes: Sequence[Sequence[float]] = (),
+                   methods: Sequence[str] | None = None) -> Figure:
+    """The first page of :func:`caption_figures`."""
+    return caption_figures(image, att, boxes=boxes, methods=methods)[0]
 
 
 # --- evaluation against ground truth ------------------------------------------------------
@@ -746,7 +800,11 @@ def token_attribution_kind(model_dir: str, dataset_dir: str | None, params: Toke
                                       validate_images=params.validate_images, seed=params.seed,
                                       stability_images=params.stability_images,
                                       perturbation=_perturbation_methods(params.perturbation))
-    figures = {f"caption_{i}": caption_figure(img, att, boxes=scene.boxes) for i, (scene, img, att) in enumerate(kept)}
+    from workers.probes.figures import paged
+
+    figures: dict[str, Figure] = {}
+    for i, (scene, img, att) in enumerate(kept):
+        figures.update(paged(f"caption_{i}", caption_figures(img, att, boxes=scene.boxes)))
     findings = []
     p = metrics["pointing"]["chefer"]
     if p is None:

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if adapter.ignored_weights:  # pickled files beside the safetensors: never opened
         out["ignored_weights"] = list(adapter.ignored_weights)
     if folder is not None:
-        figures.save(ta.caption_figure(image, att), folder / "attribution-caption.png")
+        for name, page in figures.paged("attribution-caption", ta.caption_figures(image, att)).items():
+            figures.save(page, folder / f"{name}.png")
         (folder / "attribution-graph.json").write_text(json.dumps(out["graph"], indent=1), encoding="utf-8")
     if args.json:
         print(json.dumps(out))
