@@ -504,7 +504,7 @@ def shown_words(att: TokenAttribution) -> list[int]:
 
 def caption_figures(image: Image.Image, att: TokenAttribution, *, boxes: Sequence[Sequence[float]] = (),
                     methods: Sequence[str] | None = None, words_per_page: int = 4,
-                    methods_per_page: int = 3) -> list[Figure]:
+                    methods_per_page: int = 2) -> list[Figure]:
     """The caption's words with their image heatmaps, in pages a report prints large enough to read:
     one column per word (after the image itself), one row per method, at most ``words_per_page``
     words and ``methods_per_page`` methods a page. Each word is headed by its position in the
