@@ -13,7 +13,7 @@ Here the last layer runs for the CLS token alone, and the layers below with one 
 query/key/value product and QuickGELU folded into one SiLU (``scoring_layer``, ``traced_layer``).
 Exact up to float rounding. A fast path is kept only where ``benchmarks/clip_fast_paths.py``
 measures at least 1.2x on one of its models and no loss on the others (``benchmarks/README.md``);
-paths that did not pay were deleted, not switched off.
+a path that does not pay is deleted rather than switched off.
 
 Each path checks itself once per adapter against the model's own forward and falls back to it for
 good if they disagree (a subclass with another layer layout, say); ``describe()["fast_paths"]``
