@@ -80,3 +80,15 @@ def test_the_reports_limitations_carry_what_the_validation_states():
     assert out["stated"] == [{"evidence": 7, "kind": kind_title("grounding"), "text": text}]
     assert out["gaps"] == [f"No {kind_title('sanity').lower()} evidence was recorded, so this report makes no "
                            "statement about it."]
+
+
+def test_the_reports_limitations_table_shows_the_disagreement_and_instability_the_validation_measured():
+    from governance.reports.context import limitations
+
+    validation = {"agreement": [{"methods": ["chefer", "raw"], "rank_correlation": {"mean": 0.41}}],
+                  "methods": [{"method": "raw", "stability": {"min": 0.13, "least_stable_under": "contrast"}},
+                              {"method": "chefer", "stability": None}],
+                  "limitations": ["raw maps are unstable under contrast (rank correlation 0.13 ...)."]}
+    out = limitations([{"id": 7, "kind": "token_attribution", "metrics": {"validation": validation}}], [])
+    rows = {row["metric"]: row["value"] for row in out["measured"]}
+    assert rows == {"Rank agreement of chefer and raw": 0.41, "Stability of raw under contrast": 0.13}

@@ -498,6 +498,7 @@ def limitations(evidence: list[dict[str, Any]], missing: list[str]) -> dict[str,
                                  "metric": glossary.path_label(path, entry.get("kind")),
                                  "meaning": glossary.path_meaning(path, entry.get("kind")),
                                  "value": value})
+        measured.extend(_validation_measures(entry))
     gaps = [f"No {title.lower()} evidence was recorded, so this report makes no statement about it."
             for title in missing]
     # What the per-audit validation of the explanation methods says in words (methods shown but not
@@ -508,6 +509,33 @@ def limitations(evidence: list[dict[str, Any]], missing: list[str]) -> dict[str,
         for text in (block or {}).get("limitations") or [] if isinstance(block, dict) else []:
             stated.append({"evidence": entry.get("id"), "kind": kind_title(entry.get("kind")), "text": str(text)})
     return {"measured": measured[:60], "gaps": gaps, "stated": stated[:40]}
+
+
+def _validation_measures(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The disagreement and instability the per-audit validation measured (``workers.probes.validation``):
+    every two methods' rank agreement, and each method's worst rank correlation under a corruption."""
+    metrics = entry.get("metrics")
+    block = metrics.get("validation") if isinstance(metrics, dict) else None
+    if not isinstance(block, dict):
+        return []
+    kind = kind_title(entry.get("kind"))
+    rows = []
+    for pair in block.get("agreement") or []:
+        mean = ((pair or {}).get("rank_correlation") or {}).get("mean")
+        if mean is not None and len(pair.get("methods") or []) == 2:
+            a, b = pair["methods"]
+            rows.append({"evidence": entry.get("id"), "kind": kind, "metric": f"Rank agreement of {a} and {b}",
+                         "meaning": "How alike the two methods' maps of the same examples are (1 = same order).",
+                         "value": round(float(mean), 4)})
+    for method in block.get("methods") or []:
+        stability = (method or {}).get("stability") or {}
+        if stability.get("min") is not None:
+            rows.append({"evidence": entry.get("id"), "kind": kind,
+                         "metric": f"Stability of {method.get('method')} under {stability.get('least_stable_under')}",
+                         "meaning": "Rank correlation of the maps of the clean and the corrupted image, under the "
+                                    "corruption that reorders them most (1 = unchanged).",
+                         "value": round(float(stability["min"]), 4)})
+    return rows
 
 
 def library_versions() -> list[tuple[str, str]]:
