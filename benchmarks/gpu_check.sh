@@ -6,7 +6,8 @@
 #     at 1, 8 and all threads, three runs each, interleaved so drift hits every thread count alike;
 #  2. the ViT-B/16 grounding benchmark in bf16 (chefer, gradcam);
 #  3. the probe library's CUDA path on the zoo models: grounding evaluation on CUDA and CPU, the
-#     generative probes (token attribution and its benchmark, attention statistics, head ablation),
+#     generative probes (token attribution and its benchmarks, per-word occlusion included, attention
+#     statistics, head ablation),
 #     memory backoff after a real out-of-memory error, the shortcut probe.
 # Everything lands in ${OUT:-gpu-out}/gpu_check.tar.gz (the device tool returns at most 8 files)
 # and a log; one line per step goes to stdout.
@@ -43,6 +44,11 @@ llava=$zoo/tiny-llava
 heldout=$(python3 -c "from workers.probes import zoo; print(zoo.dataset_dir('heldout'))")
 step token_attribution_cuda.json 90 python3 benchmarks/token_attribution.py --device cuda --repeats 5
 head -c 1500 "$work/token_attribution_cuda.json"; echo
+# issue 22's bar for batched per-word occlusion (>= 5x a per-patch loop, >= 2x captum), which the
+# 2-core development machine cannot show: there the batched path already runs near the cores'
+# float32 matrix-product rate, so only the loop's per-call overhead separates them.
+step token_perturbation_cuda.json 150 python3 benchmarks/token_attribution.py --device cuda --perturbation --images 3 \
+  --repeats 3; head -c 1500 "$work/token_perturbation_cuda.json"; echo
 step attribute_cuda.json 90 python3 -m workers.probes attribute --model $llava --dataset "$heldout" --limit 64 --device cuda \
   --no-progress --json; head -c 800 "$work/attribute_cuda.json"; echo
 step attention_cuda.json 60 python3 -m workers.probes attention --model $llava --dataset "$heldout" --limit 16 --device cuda \
