@@ -86,12 +86,11 @@ def test_loupes_cross_attention_relevance_of_a_word_lands_on_the_object_it_names
     assert hits >= 0.8 * checked, (hits, checked)
 
 
-def test_the_token_attribution_command_scores_it_with_its_default_validation(capsys):
+def test_the_token_attribution_command_scores_it_and_skips_the_validation_it_cannot_run(capsys):
     args = ["token_attribution", "--model", str(checkpoint_path(mc.NAME)), "--json", "--no-progress", "--limit", "2",
             "--perturbation", "none", "--validate-images", "1", "--stability-images", "0", "--examples", "0"]
     assert main(args) == 0
-    out = json.loads(capsys.readouterr().out)
-    metrics = out["metrics"]
+    metrics = json.loads(capsys.readouterr().out)
     assert metrics["n_words"] > 0 and metrics["pointing"]["raw"] is None
     assert metrics["pointing"]["chefer"] >= 0.75
     # deletion/insertion perturb one patch grid, which the cross-attended tiles are not: no validation block
