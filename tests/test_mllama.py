@@ -99,6 +99,19 @@ def test_the_traced_language_model_is_the_model_that_generates(adapter):
     assert ids == out[0, inputs["input_ids"].shape[1]:].tolist()[:len(ids)]
 
 
+def test_perturbed_copies_of_the_pixels_read_as_the_image_they_copy(adapter):
+    """Deletion/insertion and occlusion score batches of perturbed copies of the preprocessed pixels, which
+    carry none of the tiling the adapter attached to the original."""
+    image = Image.new("RGB", (40, 20), (200, 30, 90))
+    pv = adapter.preprocess([image])
+    copies = torch.cat([pv, pv])
+    assert not hasattr(copies, "loupe_aspect")
+    with torch.no_grad():
+        ref = adapter.image_features(pv)
+        got = adapter.image_features(copies)
+    torch.testing.assert_close(got, ref.expand(2, -1, -1))
+
+
 def test_a_prompt_that_places_the_image_is_taken_as_written(adapter):
     image = Image.new("RGB", (40, 20))
     inputs = adapter.processor(text="<|image|>describe the image", images=[image], return_tensors="pt")

@@ -590,7 +590,8 @@ def evaluate_pointing(adapter: FusionAdapter, scenes: Sequence[SceneImage], *, p
 
     On the words checked in the first ``validate_images`` images, every method is validated on this
     model (``validation``): per-word deletion/insertion against a random order, the randomisation
-    sanity check, method agreement; ``metrics["validation"]``. On the first ``stability_images`` of them
+    sanity check, method agreement; ``metrics["validation"]`` (absent where deletion/insertion cannot perturb
+    the image: ``token_perturbation.applies_to``). On the first ``stability_images`` of them
     every method's maps are recomputed under the robustness probe's corruptions (teacher-forced on the
     clean image's caption, so the same words are compared) and their rank correlation with the clean
     maps is reported beside the maps (``validation``'s ``stability``, carried into its limitations)."""
@@ -647,7 +648,9 @@ def evaluate_pointing(adapter: FusionAdapter, scenes: Sequence[SceneImage], *, p
                     tolerant[method].append(_hit(box, pboxes[int(np.argmax(img))], 15 * scene.width / 224))
                     by_kind.setdefault(kind, {m: [] for m in METHODS}).setdefault(method, []).append(hit)
                 chance.append(float(np.mean([_hit(box, pb) for pb in pboxes])))
-            if checked and len(validation_items) < validate_images:
+            # deletion/insertion perturb one patch grid of the tower's input, as the perturbation methods do:
+            # where those do not apply (tiled or cross-attended layouts), there is no validation to run
+            if checked and len(validation_items) < validate_images and applies_to(adapter, enc, pixel_values):
                 word_maps = {m: torch.as_tensor(att.image[m][checked]).flatten(1) for m in att.image}
                 full_maps = {m: torch.as_tensor(att.image[m]).flatten(1) for m in att.image}
                 got = word_deletion_insertion(adapter, enc, pixel_values, gen, checked, full_maps, seed=seed)
@@ -814,9 +817,11 @@ def token_attribution_kind(model_dir: str, dataset_dir: str | None, params: Toke
         findings.append(Finding("high", "Generated words are not grounded in the objects they name",
                                 f"Only {p:.0%} of object words have their attribution maximum in the object's box."))
     else:
+        raw = metrics["pointing"]["raw"]  # None where the family has no raw attention share (cross-attention)
+        raw_text = "n/a" if raw is None else f"{raw:.0%}"
         findings.append(Finding("info", "Generated object words point to their objects",
                                 f"{p:.0%} of {metrics['n_words']} words (raw attention: "
-                                f"{metrics['pointing']['raw']:.0%}; random: {metrics['random_baseline']:.0%})."))
+                                f"{raw_text}; random: {metrics['random_baseline']:.0%})."))
     if metrics["hallucinated_words"]:
         findings.append(Finding("medium", "The model names objects that are not in the image",
                                 f"{metrics['hallucinated_words']} colour/shape words had no matching object."))

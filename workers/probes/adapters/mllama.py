@@ -113,6 +113,7 @@ class MllamaAdapter(FusionAdapter):
     cross_states: torch.Tensor | None = None
     cross_mask: torch.Tensor | None = None
     _layouts: list[TileLayout] | None = None
+    _aspect: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __init__(self, model: torch.nn.Module, processor: Any, device: str | torch.device = "cpu"):
         self.setup(model, processor, device)
@@ -164,7 +165,8 @@ class MllamaAdapter(FusionAdapter):
         self._layouts = [self._layout(im.size, int(ids[i, 0])) for i, im in enumerate(images)]
         pixel_values = processed["pixel_values"].to(self.device, dtype=self.model.dtype)
         pixel_values.loupe_layouts = tuple(self._layouts)
-        pixel_values.loupe_aspect = (ids.to(self.device), processed["aspect_ratio_mask"].to(self.device))
+        self._aspect = (ids.to(self.device), processed["aspect_ratio_mask"].to(self.device))
+        pixel_values.loupe_aspect = self._aspect
         return pixel_values
 
     def current_layout(self, pixel_values: torch.Tensor | None = None) -> TileLayout:
@@ -254,7 +256,12 @@ class MllamaAdapter(FusionAdapter):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, V, D]`` vision tokens as the decoder's cross-attention reads them."""
         self.current_layout(pixel_values)
-        ids, mask = pixel_values.loupe_aspect  # type: ignore[attr-defined]
+        # perturbed copies of the pixels (deletion/insertion, occlusion) do not carry the attribute: they are
+        # copies of the image last preprocessed, whose tiling current_layout checked above
+        aspect = getattr(pixel_values, "loupe_aspect", None) or self._aspect
+        if aspect is None:
+            raise ProbeInputError(f"{self.family}: preprocess the image before encoding it")
+        ids, mask = aspect
         b = pixel_values.shape[0]
         model = self.hf_model.model
         out = model.vision_model(pixel_values=pixel_values, aspect_ratio_ids=ids.expand(b, -1),

@@ -195,12 +195,15 @@ def build_config(vocab_size: int, image_token_id: int, pad_id: int, bos_id: int,
     return config
 
 
-def _encode_batch(processor: Any, scenes: Sequence[world.Scene], prompts: Sequence[str], n_image_tokens: int
+def _encode_batch(processor: Any, scenes: Sequence[world.Scene], prompts: Sequence[str], n_image_tokens: int,
+                  prefix_ids: Callable[[str], list[int]] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Grounding]]:
     """Token ids and label mask for teacher forcing: loss only on the caption and ``</s>``.
 
     Also returns ``grounding``: ``(row, position, box, scene size)`` for every caption word that
     names one object (a colour or shape word), ``position`` being the position whose output predicts it.
+    ``prefix_ids``: the ids before the caption for a prompt (default: ``n_image_tokens`` image tokens
+    and the prompt, LLaVA's layout).
     """
     import torch
 
@@ -210,7 +213,7 @@ def _encode_batch(processor: Any, scenes: Sequence[world.Scene], prompts: Sequen
     label_rows: list[list[int]] = []
     grounding: list[Grounding] = []
     for b, (scene, prompt) in enumerate(zip(scenes, prompts, strict=True)):
-        prefix = tok(image_tokens + " " + prompt).input_ids
+        prefix = prefix_ids(prompt) if prefix_ids is not None else tok(image_tokens + " " + prompt).input_ids
         words = tok(scene.caption, add_special_tokens=False).input_ids
         caption = words + [tok.eos_token_id]
         tokens = tok.convert_ids_to_tokens(words)
