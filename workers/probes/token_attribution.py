@@ -590,11 +590,12 @@ def evaluate_pointing(adapter: FusionAdapter, scenes: Sequence[SceneImage], *, p
 
     On the words checked in the first ``validate_images`` images, every method is validated on this
     model (``validation``): per-word deletion/insertion against a random order, the randomisation
-    sanity check, method agreement; ``metrics["validation"]`` (absent where deletion/insertion cannot perturb
-    the image: ``token_perturbation.applies_to``). On the first ``stability_images`` of them
-    every method's maps are recomputed under the robustness probe's corruptions (teacher-forced on the
-    clean image's caption, so the same words are compared) and their rank correlation with the clean
-    maps is reported beside the maps (``validation``'s ``stability``, carried into its limitations)."""
+    sanity check, method agreement; ``metrics["validation"]`` (every method "not shown to be", with the
+    reason, where deletion/insertion cannot perturb the image: ``token_perturbation.applies_to``). On the
+    first ``stability_images`` of them every method's maps are recomputed under the robustness probe's
+    corruptions (teacher-forced on the clean image's caption, so the same words are compared) and their
+    rank correlation with the clean maps is reported beside the maps (``validation``'s ``stability``,
+    carried into its limitations)."""
     hits: dict[str, list[bool]] = {m: [] for m in METHODS}
     tolerant: dict[str, list[bool]] = {m: [] for m in METHODS}
     chance: list[float] = []
@@ -604,6 +605,7 @@ def evaluate_pointing(adapter: FusionAdapter, scenes: Sequence[SceneImage], *, p
     curves: dict[str, dict[str, list[float]]] = {}
     # (enc, pixel values, generated, checked word indices, {method: [W, G]}, image)
     validation_items: list[tuple] = []
+    unvalidatable = False
     started = time.perf_counter()
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start:start + batch_size]
@@ -649,8 +651,11 @@ def evaluate_pointing(adapter: FusionAdapter, scenes: Sequence[SceneImage], *, p
                     by_kind.setdefault(kind, {m: [] for m in METHODS}).setdefault(method, []).append(hit)
                 chance.append(float(np.mean([_hit(box, pb) for pb in pboxes])))
             # deletion/insertion perturb one patch grid of the tower's input, as the perturbation methods do:
-            # where those do not apply (tiled or cross-attended layouts), there is no validation to run
-            if checked and len(validation_items) < validate_images and applies_to(adapter, enc, pixel_values):
+            # where those do not apply (tiled or cross-attended layouts) the methods stay unvalidated, said so
+            wants_validation = checked and len(validation_items) < validate_images
+            if wants_validation and not applies_to(adapter, enc, pixel_values):
+                unvalidatable = True
+            elif wants_validation:
                 word_maps = {m: torch.as_tensor(att.image[m][checked]).flatten(1) for m in att.image}
                 full_maps = {m: torch.as_tensor(att.image[m]).flatten(1) for m in att.image}
                 got = word_deletion_insertion(adapter, enc, pixel_values, gen, checked, full_maps, seed=seed)
@@ -675,6 +680,11 @@ def evaluate_pointing(adapter: FusionAdapter, scenes: Sequence[SceneImage], *, p
         stable = _word_stability(adapter, validation_items[:stability_images], perturbation, seed)
         metrics["validation"] = _validate_words(adapter, validation_items, curves, hits, perturbation, seed,
                                                 stability=stable)
+    elif unvalidatable:
+        metrics["validation"] = validation.not_run(
+            hits, f"{adapter.architecture} tiles, frames or cross-attends the image, and deletion/insertion "
+                  "perturb one image on the vision tower's own patch grid, so no method could be tested on "
+                  "this model", seed=seed)
     return metrics, kept
 
 
@@ -831,7 +841,12 @@ def token_attribution_kind(model_dir: str, dataset_dir: str | None, params: Toke
                + ", ".join(f"{m} {_pct(v)}" for m, v in metrics["pointing"].items()) + ".")
     if "validation" in metrics:
         summary += f" {validation.summary_line(metrics['validation']).capitalize()}."
-        if not metrics["validation"]["validated"]:
+        if metrics["validation"].get("not_run"):
+            findings.append(Finding("medium", "The attribution methods could not be validated on this model",
+                                    f"{metrics['validation']['not_run'][0].upper()}"
+                                    f"{metrics['validation']['not_run'][1:]}; the maps are shown labelled as "
+                                    "not validated."))
+        elif not metrics["validation"]["validated"]:
             findings.append(Finding("medium", "No attribution method was shown faithful on this model",
                                     "On the validation words no method's patch order beat a random order in both "
                                     "deletion and insertion with a sanity check passed; the maps are shown "

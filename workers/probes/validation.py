@@ -183,6 +183,21 @@ def validate(per_method: Mapping[str, Mapping[str, Any]], random: Mapping[str, S
     }
 
 
+def not_run(hits: Mapping[str, Sequence[bool]], reason: str, *, seed: int = 0) -> dict[str, Any]:
+    """The ``validation`` block where the tests cannot run on this model (``reason`` says why): every
+    method is listed as not shown to be faithful, with its pointing interval, so that reports label
+    its maps as unvalidated rather than saying nothing."""
+    entries = [{"method": name, "verdict": NOT_SHOWN, "reasons": [reason],
+                "pointing": bootstrap_ci(np.asarray(h, dtype=np.float64), seed=seed),
+                "deletion_auc": None, "insertion_auc": None, "deletion_minus_random": None,
+                "insertion_minus_random": None, "sanity": None, "stability": None}
+               for name, h in hits.items() if len(h)]
+    ordered = ranked(entries)
+    return {"limitations": limitations(ordered), "methods": ordered, "validated": [],
+            "not_shown": [e["method"] for e in ordered], "agreement": [], "not_run": reason,
+            "criteria": {"intervals": f"percentile bootstrap, {RESAMPLES} resamples, seed {seed}"}}
+
+
 def summary_line(block: Mapping[str, Any]) -> str:
     """One sentence for summaries and limitations: which methods were validated, which not."""
     ok, no = block.get("validated") or [], block.get("not_shown") or []
