@@ -478,6 +478,8 @@ image read through cross-attention (the `mllama` family): the decoder's sequence
 - Build time: {info['seconds']:.0f} s wall ({info['train_seconds']:.0f} s to the trained weights,
   {info['train_cpu_seconds']:.0f} CPU-s) for the run that saved this card.
 - Exact-caption accuracy on {spec.eval_scenes} held-out scenes (stream 1000003): {info['exact_caption_accuracy']:.2f}.
+  The captions mostly name the scene's objects but often not left to right, which this count scores
+  as wrong; each colour or shape word still points at the object it names (what the zoo needs it for).
 - Reproduce: `python -m workers.probes.zoo build --only {NAME}` (or `python -m
   workers.probes.zoo.mllama_captioner build`); a rebuild uses the `{source['name']}` checkpoint the zoo
   holds at that time. Files are listed in `SHA256SUMS`; loss curve and settings in `training.json`.
