@@ -15,7 +15,7 @@ Architecture: a stock ``MllamaForConditionalGeneration`` from a tiny config, loa
   outputs for a few steps (``distil_tower``) and then frozen; one gated global layer, its gates at
   zero, passes the local layers' output through unchanged;
 - projector: the family's linear map of the final and one intermediate vision layer (concatenated);
-- language model: a 4-layer Llama whose layers in ``CROSS_ATTENTION_LAYERS`` cross-attend to the
+- language model: a ``TEXT_LAYERS``-layer Llama whose layers in ``CROSS_ATTENTION_LAYERS`` cross-attend to the
   vision tokens (they have no self-attention, as in the family), word-level tokenizer with
   ``<|image|>``, ``<|user|>`` and ``<|assistant|>`` special, and a chat template in the shape of
   Llama 3.2 Vision Instruct's (``<|user|><|image|> describe the image<|assistant|>``).
