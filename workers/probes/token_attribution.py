@@ -650,7 +650,8 @@ def evaluate_pointing(adapter: FusionAdapter, scenes: Sequence[SceneImage], *, p
             if checked and len(validation_items) < validate_images:
                 word_maps = {m: torch.as_tensor(att.image[m][checked]).flatten(1) for m in att.image}
                 full_maps = {m: torch.as_tensor(att.image[m]).flatten(1) for m in att.image}
-                got = word_deletion_insertion(adapter, enc, pixel_values, gen, checked, full_maps, seed=seed)
+                got = word_deletion_insertion(adapter, enc, pixel_values, gen, checked, full_maps, seed=seed,
+                                              image=image)
                 for m, modes in got.items():
                     for mode, values in modes.items():
                         curves.setdefault(m, {"deletion": [], "insertion": []})[mode] += values
