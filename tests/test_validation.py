@@ -92,3 +92,14 @@ def test_the_reports_limitations_table_shows_the_disagreement_and_instability_th
     out = limitations([{"id": 7, "kind": "token_attribution", "metrics": {"validation": validation}}], [])
     rows = {row["metric"]: row["value"] for row in out["measured"]}
     assert rows == {"Rank agreement of chefer and raw": 0.41, "Stability of raw under contrast": 0.13}
+
+
+def test_methods_that_could_not_be_tested_are_listed_as_not_shown_with_the_reason():
+    block = V.not_run({"chefer": [True, True, False], "raw": [True, False, False], "occlusion": []},
+                      "deletion and insertion could not run on this model (tiles)")
+    assert block["validated"] == [] and block["not_shown"] == ["chefer", "raw"]
+    assert [e["pointing"]["n"] for e in block["methods"]] == [3, 3]
+    assert all(e["verdict"] == V.NOT_SHOWN for e in block["methods"])
+    assert block["limitations"][0] == ("chefer maps are shown but not validated on this model: deletion and "
+                                       "insertion could not run on this model (tiles).")
+    assert V.summary_line(block) == "validated on this model: none; not shown to be faithful: chefer, raw"

@@ -42,7 +42,7 @@ from pydantic import Field
 from workers.probes import validation
 from workers.probes.adapters.base import Encoded, FusionAdapter, TargetTrace
 from workers.probes.chefer import vision_relevance, weighted_attention
-from workers.probes.errors import ProbeInputError
+from workers.probes.errors import ProbeInputError, UnsupportedModelError
 from workers.probes.kinds import BatchSize, DatasetArg, KindParams, Limit, Metric, Seed, probe_kind
 from workers.probes.suite import Finding, ProbeResult, Progress, no_progress
 from workers.probes.token_perturbation import METHODS as PERTURBATION_METHODS
@@ -591,7 +591,7 @@ def evaluate_pointing(adapter: FusionAdapter, scenes: Sequence[SceneImage], *, p
     On the words checked in the first ``validate_images`` images, every method is validated on this
     model (``validation``): per-word deletion/insertion against a random order, the randomisation
     sanity check, method agreement; ``metrics["validation"]`` (every method "not shown to be", with the
-    reason, where deletion/insertion cannot perturb the image: ``token_perturbation.applies_to``). On the
+    reason, where deletion/insertion refuse the model's layout). On the
     first ``stability_images`` of them every method's maps are recomputed under the robustness probe's
     corruptions (teacher-forced on the clean image's caption, so the same words are compared) and their
     rank correlation with the clean maps is reported beside the maps (``validation``'s ``stability``,
@@ -605,7 +605,7 @@ def evaluate_pointing(adapter: FusionAdapter, scenes: Sequence[SceneImage], *, p
     curves: dict[str, dict[str, list[float]]] = {}
     # (enc, pixel values, generated, checked word indices, {method: [W, G]}, image)
     validation_items: list[tuple] = []
-    unvalidatable = False
+    unvalidated: str | None = None  # why deletion/insertion could not run on this model
     started = time.perf_counter()
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start:start + batch_size]
@@ -650,15 +650,16 @@ def evaluate_pointing(adapter: FusionAdapter, scenes: Sequence[SceneImage], *, p
                     tolerant[method].append(_hit(box, pboxes[int(np.argmax(img))], 15 * scene.width / 224))
                     by_kind.setdefault(kind, {m: [] for m in METHODS}).setdefault(method, []).append(hit)
                 chance.append(float(np.mean([_hit(box, pb) for pb in pboxes])))
-            # deletion/insertion perturb one patch grid of the tower's input, as the perturbation methods do:
-            # where those do not apply (tiled or cross-attended layouts) the methods stay unvalidated, said so
-            wants_validation = checked and len(validation_items) < validate_images
-            if wants_validation and not applies_to(adapter, enc, pixel_values):
-                unvalidatable = True
-            elif wants_validation:
+            if checked and len(validation_items) < validate_images and unvalidated is None:
                 word_maps = {m: torch.as_tensor(att.image[m][checked]).flatten(1) for m in att.image}
                 full_maps = {m: torch.as_tensor(att.image[m]).flatten(1) for m in att.image}
-                got = word_deletion_insertion(adapter, enc, pixel_values, gen, checked, full_maps, seed=seed)
+                try:
+                    got = word_deletion_insertion(adapter, enc, pixel_values, gen, checked, full_maps, seed=seed,
+                                                  image=image)
+                except (ProbeInputError, UnsupportedModelError) as exc:
+                    # a layout deletion/insertion cannot perturb: the methods stay unvalidated, and say why
+                    unvalidated = str(exc)
+                    continue
                 for m, modes in got.items():
                     for mode, values in modes.items():
                         curves.setdefault(m, {"deletion": [], "insertion": []})[mode] += values
@@ -680,11 +681,9 @@ def evaluate_pointing(adapter: FusionAdapter, scenes: Sequence[SceneImage], *, p
         stable = _word_stability(adapter, validation_items[:stability_images], perturbation, seed)
         metrics["validation"] = _validate_words(adapter, validation_items, curves, hits, perturbation, seed,
                                                 stability=stable)
-    elif unvalidatable:
+    elif unvalidated is not None:
         metrics["validation"] = validation.not_run(
-            hits, f"{adapter.architecture} tiles, frames or cross-attends the image, and deletion/insertion "
-                  "perturb one image on the vision tower's own patch grid, so no method could be tested on "
-                  "this model", seed=seed)
+            hits, f"deletion and insertion could not run on this model ({unvalidated})", seed=seed)
     return metrics, kept
 
 

@@ -29,7 +29,9 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from workers.probes.adapters.base import Encoded, FusionAdapter, occlude
 from workers.probes.errors import ProbeInputError, UnsupportedModelError
@@ -327,18 +329,40 @@ def _patch_pixels(keep: torch.Tensor, grid: tuple[int, int], patch: int) -> torc
     return keep.view(-1, 1, gh, gw).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
 
 
+def region_masked_copies(adapter: FusionAdapter, image: Image.Image, keep: torch.Tensor) -> torch.Tensor:
+    """Pixel values of ``image`` once per row of ``keep`` ``[n, G]``: the regions of ``adapter.grid``
+    (``patch_boxes`` of the stored image) a row leaves out are painted in the image processor's mean
+    colour (what normalises to ``BASELINE``) before preprocessing. For layouts whose image tokens are
+    not one grid of the tower's patches (tiles, frames plus a global view), hiding a region of the
+    stored image hides it in every tile or frame that shows it."""
+    ip = getattr(adapter.processor, "image_processor", None)
+    mean = getattr(ip, "image_mean", None) or (0.5, 0.5, 0.5)
+    fill = np.array([round(255 * float(m)) for m in mean], dtype=np.uint8)
+    base = np.asarray(image.convert("RGB")).copy()
+    boxes = np.rint(adapter.patch_boxes(image.size)).astype(int)
+    copies = []
+    for row in keep.cpu().numpy():
+        arr = base.copy()
+        for x0, y0, x1, y1 in boxes[~row]:
+            arr[y0:y1, x0:x1] = fill
+        copies.append(Image.fromarray(arr))
+    return adapter.preprocess(copies)
+
+
 def word_deletion_insertion(adapter: FusionAdapter, enc: Encoded, pixel_values: torch.Tensor,
                             generated: Sequence[int], words: Sequence[int], maps: dict[str, torch.Tensor], *,
-                            steps: int = 8, seed: int = 0, batch_size: int = 64) -> dict[str, dict[str, list[float]]]:
+                            steps: int = 8, seed: int = 0, batch_size: int = 64,
+                            image: Image.Image | None = None) -> dict[str, dict[str, list[float]]]:
     """Deletion and insertion AUCs per word for each method's order, and for a random order.
 
     For word ``t`` in ``words`` and each method's map row ``maps[m][t]`` ``[G]``: hide the patches in
     decreasing relevance (deletion) or reveal them on the baseline image in that order (insertion),
     ``steps`` points from none to all, scoring the word's probability teacher-forced on the caption.
     The random order is seeded per word (``seed``, word index). Returns ``{m: {"deletion": [...],
-    "insertion": [...]}}`` in ``words``' order, with ``"random"`` added."""
+    "insertion": [...]}}`` in ``words``' order, with ``"random"`` added. Where the image tokens are not
+    one grid of the tower's patches (``applies_to`` is False), the regions are hidden in the stored
+    ``image`` (``region_masked_copies``), which must then be given."""
     ids, rows, targets = teacher_forced(enc, generated)
-    image = pixel_values[:1]
     g = adapter.grid[0] * adapter.grid[1]
     counts = torch.linspace(0, g, steps + 1).round().long()
     orders: dict[str, list[torch.Tensor]] = {m: [torch.as_tensor(maps[m][t]).flatten().float().argsort(descending=True)
@@ -354,9 +378,16 @@ def word_deletion_insertion(adapter: FusionAdapter, enc: Encoded, pixel_values: 
             first = position[None, :] < counts[:, None]  # [steps + 1, G]: the first k patches of the order
             masks += [~first, first]  # deletion keeps the rest; insertion keeps the first k
             owners.append((m, w))
-    keep = torch.cat(masks).to(image.device)  # [2 * pairs * (steps + 1), G]
-    pix = _patch_pixels(keep, adapter.grid, adapter.patch_size).to(image.dtype)
-    copies = image * pix + BASELINE * (1 - pix)
+    keep = torch.cat(masks)  # [2 * pairs * (steps + 1), G]
+    if applies_to(adapter, enc, pixel_values):
+        first = pixel_values[:1]
+        pix = _patch_pixels(keep.to(first.device), adapter.grid, adapter.patch_size).to(first.dtype)
+        copies = first * pix + BASELINE * (1 - pix)
+    elif image is not None:
+        copies = region_masked_copies(adapter, image, keep)
+    else:
+        raise ProbeInputError(f"{adapter.architecture}: its image tokens are not one grid of patches; deletion and "
+                              "insertion hide regions of the stored image, which was not given")
     probs = word_log_probs(adapter, copies, ids, rows, targets, batch_size=batch_size).exp().cpu()  # [n, T]
     fractions = counts.float() / g
     out: dict[str, dict[str, list[float]]] = {m: {"deletion": [], "insertion": []} for m in orders}

@@ -263,6 +263,12 @@ class MllamaAdapter(FusionAdapter):
             raise ProbeInputError(f"{self.family}: preprocess the image before encoding it")
         ids, mask = aspect
         b = pixel_values.shape[0]
+        if ids.shape[0] != b:
+            # a slice of many copies of one image (deletion/insertion batches): they share its tiling
+            if not (bool((ids == ids[:1]).all()) and bool((mask == mask[:1]).all())):
+                raise ProbeInputError(f"{self.family}: {b} images but {ids.shape[0]} tilings; encode the images "
+                                      "preprocessed together")
+            ids, mask = ids[:1], mask[:1]
         model = self.hf_model.model
         out = model.vision_model(pixel_values=pixel_values, aspect_ratio_ids=ids.expand(b, -1),
                                  aspect_ratio_mask=mask.expand(b, -1, -1))

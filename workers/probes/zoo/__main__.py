@@ -10,7 +10,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers.probes.zoo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="train the reference models (dual encoders, then the captioners on tiny-clip)")
+    b = sub.add_parser("build", help="train the reference models (dual encoders, then the captioners on their towers)")
     b.add_argument("--out", type=Path, default=None, help="output root (default: the committed checkpoints folder)")
     b.add_argument("--only", default=None, help="comma-separated model names (default: all)")
     b.add_argument("--steps", type=int, default=None, help="override the number of training steps")
@@ -39,12 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         print(out)
         return 0
 
-    # hooks: the captioners reuse tiny-clip's tower, so they come last
-    from workers.probes.zoo import captioner, mllama_captioner
+    # hooks: the captioners reuse a dual encoder's tower (tiny-clip's, tiny-siglip's), so they come last
+    from workers.probes.zoo import captioner, idefics_captioner, mllama_captioner
     from workers.probes.zoo import shortcut as shortcut_zoo  # hook: the shortcut zoo's own recipe
     from workers.probes.zoo.build import RECIPES, build_one
 
-    captioners = [captioner.NAME, mllama_captioner.NAME]
+    captioners = [captioner.NAME, idefics_captioner.NAME, mllama_captioner.NAME]
     known = [*RECIPES, *shortcut_zoo.MODELS, *captioners]
     names = args.only.split(",") if args.only else known
     unknown = [n for n in names if n not in known]
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     root = args.out or zoo.CHECKPOINT_ROOT
     # Each recipe trains single-threaded (reproducible for a fixed thread count), so independent
-    # models train side by side in separate processes; the captioner copies tiny-clip's tower and
-    # therefore starts after the others have finished.
+    # models train side by side in separate processes; the captioners copy a dual encoder's tower and
+    # therefore start after the others have finished.
     independent = [n for n in names if n not in captioners]
     if args.jobs > 1 and len(independent) > 1:
         import multiprocessing

@@ -221,13 +221,15 @@ def build_one(name: str, root: Path, steps: int | None) -> str:
     ``root / name``; returns its summary as one JSON line. Module-level so that ``zoo build
     --jobs N`` can run it in worker processes."""
     # imported here: both hooks import this module
-    from workers.probes.zoo import captioner, mllama_captioner
+    from workers.probes.zoo import captioner, idefics_captioner, mllama_captioner
     from workers.probes.zoo import shortcut as shortcut_zoo
 
     if name == captioner.NAME:
         return json.dumps(captioner.build_for_zoo(root / name, steps=steps), sort_keys=True)
     if name == mllama_captioner.NAME:
         return json.dumps(mllama_captioner.build_for_zoo(root / name, steps=steps), sort_keys=True)
+    if name == idefics_captioner.NAME:
+        return json.dumps(idefics_captioner.build_for_zoo(root / name, steps=steps), sort_keys=True)
     if name in shortcut_zoo.MODELS:
         trained = (shortcut_zoo.train_model(name, root / name, steps=steps) if steps
                    else shortcut_zoo.train_model(name, root / name))

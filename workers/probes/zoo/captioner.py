@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     import torch
     from numpy.typing import NDArray
     from PIL import Image
-    from transformers import LlavaConfig, LlavaProcessor
+    from transformers import LlavaConfig, LlavaProcessor, PreTrainedTokenizerFast
 
 #: a caption word that names one object: ``(batch row, position predicting the word, object box, scene size)``
 Grounding = tuple[int, int, Sequence[float], int]
@@ -130,14 +130,13 @@ def _vision_source_dir(name: str | os.PathLike) -> Path:
     return Path(name) if os.sep in str(name) or Path(name).is_dir() else checkpoint_path(str(name))
 
 
-def build_processor(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE,
-                    image_processor: Any = None) -> LlavaProcessor:
-    """A ``LlavaProcessor`` with a word-level tokenizer and a CLIP image processor (the vision
-    source's own when given, so pixels are normalised exactly as its tower was trained)."""
+def build_tokenizer(extra_special: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """The word-level tokenizer over ``vocabulary()`` (``<s>`` prepended); ``extra_special``: a family's
+    layout markers, appended to the vocabulary as special tokens (matched whole, never split)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(vocabulary())}
+    vocab = {tok: i for i, tok in enumerate([*vocabulary(), *extra_special])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -152,6 +151,18 @@ def build_processor(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE,
         padding_side="left",
         model_max_length=512,
     )
+    if extra_special:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(extra_special)})
+    return tokenizer
+
+
+def build_processor(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE,
+                    image_processor: Any = None) -> LlavaProcessor:
+    """A ``LlavaProcessor`` with a word-level tokenizer and a CLIP image processor (the vision
+    source's own when given, so pixels are normalised exactly as its tower was trained)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tokenizer = build_tokenizer()
     if image_processor is None:
         image_processor = CLIPImageProcessor(
             size={"shortest_edge": image_size},
@@ -196,19 +207,21 @@ def build_config(vocab_size: int, image_token_id: int, pad_id: int, bos_id: int,
 
 
 def _encode_batch(processor: Any, scenes: Sequence[world.Scene], prompts: Sequence[str], n_image_tokens: int,
-                  prefix_ids: Callable[[str], list[int]] | None = None
+                  image_text: str | None = None, prefix_ids: Callable[[str], list[int]] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Grounding]]:
     """Token ids and label mask for teacher forcing: loss only on the caption and ``</s>``.
 
     Also returns ``grounding``: ``(row, position, box, scene size)`` for every caption word that
     names one object (a colour or shape word), ``position`` being the position whose output predicts it.
+    ``image_text``: what stands for the image (default ``n_image_tokens`` ``<image>`` tokens; a family
+    whose processor writes layout markers around them passes its expansion).
     ``prefix_ids``: the ids before the caption for a prompt (default: ``n_image_tokens`` image tokens
     and the prompt, LLaVA's layout).
     """
     import torch
 
     tok = processor.tokenizer
-    image_tokens = "<image>" * n_image_tokens
+    image_tokens = "<image>" * n_image_tokens if image_text is None else image_text
     rows: list[list[int]] = []
     label_rows: list[list[int]] = []
     grounding: list[Grounding] = []
@@ -254,11 +267,14 @@ def object_cells(box: Sequence[float], size: tuple[int, int], image_size: int, p
 
 
 def grounding_loss(attentions: Sequence[torch.Tensor], ids: torch.Tensor, image_id: int, grounding: Sequence[Grounding],
-                   image_size: int, patch_size: int) -> torch.Tensor:
+                   image_size: int, patch_size: int,
+                   token_mask: Callable[[Sequence[float], int], NDArray[np.bool_]] | None = None) -> torch.Tensor:
     """Attention supervision (as in grounded captioning, e.g. Zhou et al., CVPR 2020): at every
     position that predicts a colour or shape word, the decoder's attention over the image tokens
     (mean over heads, every layer) should fall on the named object's cells. ``-log`` of that
-    share, averaged over positions and layers. The attention to text tokens is left free."""
+    share, averaged over positions and layers. The attention to text tokens is left free.
+    ``token_mask(box, scene size)``: the image tokens that show the object, for a family whose image
+    tokens are not one grid of cells (default: ``object_cells``)."""
     import torch
 
     if not grounding:
@@ -266,7 +282,11 @@ def grounding_loss(attentions: Sequence[torch.Tensor], ids: torch.Tensor, image_
     img_pos = (ids[0] == image_id).nonzero().flatten()
     rows = torch.tensor([g[0] for g in grounding])
     pos = torch.tensor([g[1] for g in grounding])
-    cells = torch.as_tensor(np.stack([object_cells(g[2], (g[3], g[3]), image_size, patch_size) for g in grounding]))
+    if token_mask is None:
+        cells = torch.as_tensor(np.stack([object_cells(g[2], (g[3], g[3]), image_size, patch_size)
+                                          for g in grounding]))
+    else:
+        cells = torch.as_tensor(np.stack([token_mask(g[2], g[3]) for g in grounding]))
     total = attentions[0].new_zeros(())
     for a in attentions:
         att = a.mean(dim=1)[rows, pos][:, img_pos]  # [G, n_img]
