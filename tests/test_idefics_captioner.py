@@ -160,3 +160,19 @@ def test_deletion_hides_a_region_in_every_frame_that_shows_it(adapter):
     with pytest.raises(ProbeInputError, match="stored image"):
         tp.word_deletion_insertion(adapter, enc, clean, [adapter.tokenizer.eos_token_id], [0],
                                    {"raw": torch.rand(1, g)})
+
+
+def test_the_default_methods_are_those_that_apply_to_its_frames(capsys):
+    from workers.probes.cli import main as probes
+
+    base = ["token_attribution", "--model", str(checkpoint_path(ic.NAME)), "--json", "--no-progress", "--limit", "1",
+            "--validate-images", "1", "--stability-images", "0", "--examples", "0"]
+    assert probes(base) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    # occlusion and the gradient methods perturb one patch grid; the frames are several: left out, and said so
+    assert "occlusion" not in metrics["pointing"] and metrics["pointing"]["chefer"] is not None
+    assert "idefics3" in metrics["perturbation_not_run"]
+    assert sorted(metrics["validation"]["validated"] + metrics["validation"]["not_shown"]) == ["chefer", "raw"]
+    # asked for by name, they are refused with the reason rather than silently dropped
+    assert probes([*base, "--perturbation", "occlusion"]) == 2
+    assert "tiles, frames or pools the image" in capsys.readouterr().err

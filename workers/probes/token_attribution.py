@@ -759,8 +759,8 @@ class TokenAttributionParams(KindParams):
     examples: int = Field(3, ge=0, le=32, description="captions shown as figures")
     batch_size: BatchSize = 16
     perturbation: str | list[str] = Field(
-        "all", description="perturbation and gradient methods besides the attention ones: 'all', 'none' or a list of "
-                           + ", ".join(PERTURBATION_METHODS))
+        "all", description="perturbation and gradient methods besides the attention ones: 'all' (those that apply to "
+                           "the model's layout), 'none' or a list of " + ", ".join(PERTURBATION_METHODS))
     validate_images: int = Field(4, ge=0, le=256, description="images whose object words validate every method on "
                                                               "this model (deletion/insertion, sanity, agreement)")
     stability_images: int = Field(2, ge=0, le=64,
@@ -807,11 +807,16 @@ def token_attribution_kind(model_dir: str, dataset_dir: str | None, params: Toke
         dataset_dir = str(zoo_dataset("heldout"))
     scenes = load_scenes(dataset_dir, limit=params.limit)
     prompt = params.prompt or default_prompt(adapter)
+    perturbation = _applicable(adapter, scenes, prompt, params.perturbation)
     metrics, kept = evaluate_pointing(adapter, scenes, prompt=prompt, max_new_tokens=params.max_new_tokens,
                                       progress=progress, keep=params.examples, batch_size=params.batch_size,
                                       validate_images=params.validate_images, seed=params.seed,
                                       stability_images=params.stability_images,
-                                      perturbation=_perturbation_methods(params.perturbation))
+                                      perturbation=perturbation)
+    if params.perturbation in (None, "all") and not perturbation:
+        metrics["perturbation_not_run"] = (f"{adapter.architecture} tiles, frames or pools the image, so occlusion "
+                                           "and the gradient methods, which perturb one grid of the tower's patches, "
+                                           "do not apply; the attention methods are reported")
     from workers.probes.figures import paged
 
     figures: dict[str, Figure] = {}
@@ -851,6 +856,17 @@ def token_attribution_kind(model_dir: str, dataset_dir: str | None, params: Toke
                                     "deletion and insertion with a sanity check passed; the maps are shown "
                                     "labelled as not validated."))
     return ProbeResult(kind="token_attribution", metrics=metrics, summary=summary, figures=figures, findings=findings)
+
+
+def _applicable(adapter: FusionAdapter, scenes: Sequence[SceneImage], prompt: str, value: Any) -> tuple[str, ...]:
+    """``_perturbation_methods(value)``, except that the default ``"all"`` means all those that apply to
+    the model's layout (none where its image tokens are not one grid of the tower's patches); a named
+    list is kept, and refused later where it cannot run."""
+    methods = _perturbation_methods(value)
+    if value not in (None, "all") or not scenes:
+        return methods
+    pixel_values = adapter.preprocess([scenes[0].load_image()])  # first: the layout follows the image
+    return methods if applies_to(adapter, adapter.encode(prompt), pixel_values) else ()
 
 
 def _perturbation_methods(value: Any) -> tuple[str, ...]:
