@@ -6,6 +6,7 @@ maintainer who rebuilds it from scratch.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -97,6 +98,28 @@ def test_the_zoo_command_builds_it_after_the_dual_encoders(capsys):
     assert main(["build", "--only", "no-such-model"]) == 2
     known = capsys.readouterr().err.split("known: ")[1].strip().split(", ")
     assert captioner.NAME in known and known.index(captioner.NAME) > known.index(captioner.VISION_SOURCE)
+
+
+def test_a_zoo_rebuild_trains_the_captioners_on_the_dual_encoder_built_beside_them(tmp_path):
+    seen = []
+
+    def train_with(overrides):
+        seen.append(overrides)
+        out = tmp_path / "root" / "cap"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "training.json").write_text(json.dumps({"exact_caption_accuracy": 0.5, "final_loss": 0.1,
+                                                       "seconds": 1.0, "train_cpu_seconds": 1.0}))
+        return out
+
+    root = tmp_path / "root"
+    summary = captioner.zoo_build("cap", root / "cap", "tiny-clip", train_with, steps=3, threads=None)
+    assert seen[-1] == {"steps": 3}  # no tower built beside it: the committed tiny-clip
+    assert summary == {"name": "cap", "path": str(root / "cap"), "exact_caption_accuracy": 0.5, "final_loss": 0.1,
+                       "seconds": 1.0, "train_cpu_seconds": 1.0}
+    (root / "tiny-clip").mkdir()
+    (root / "tiny-clip" / "config.json").write_text("{}")
+    captioner.zoo_build("cap", root / "cap", "tiny-clip", train_with, steps=None, threads=1)
+    assert seen[-1] == {"torch_threads": 1, "vision_source": str(root / "tiny-clip")}
 
 
 def test_it_retrains_from_scratch_into_a_verified_checkpoint(tmp_path):

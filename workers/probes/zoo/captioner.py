@@ -598,17 +598,26 @@ def load(path: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
 def build_for_zoo(out_dir: str | os.PathLike[str], *, steps: int | None = None, threads: int | None = None,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """The ``python -m workers.probes.zoo build`` hook: rebuild the captioner (after the dual
-    encoders, whose ``tiny-clip`` tower it reuses) and return its summary. A ``tiny-clip`` built
-    into the same output root (``zoo build --out ROOT``) is the one used."""
+    encoders, whose ``tiny-clip`` tower it reuses) and return its summary."""
+    return zoo_build(NAME, out_dir, VISION_SOURCE, lambda overrides: train(out_dir, TrainSpec(**overrides), log=log),
+                     steps=steps, threads=threads)
+
+
+def zoo_build(name: str, out_dir: str | os.PathLike[str], vision_source: str,
+              train_with: Callable[[dict[str, Any]], Path], *, steps: int | None, threads: int | None
+              ) -> dict[str, Any]:
+    """What every zoo captioner's ``build_for_zoo`` does: train with the overrides (``steps``,
+    ``torch_threads``, and ``vision_source`` when the dual encoder whose tower it reuses was just built
+    into the same output root, ``zoo build --out ROOT``) and return the summary line's fields."""
     from workers.probes.zoo import CHECKPOINT_ROOT
 
     overrides: dict[str, Any] = {k: v for k, v in {"steps": steps, "torch_threads": threads}.items() if v is not None}
-    sibling = Path(out_dir).parent / VISION_SOURCE  # a tiny-clip just built into the same root (``--out``)
-    if (sibling / "config.json").is_file() and sibling.resolve() != (CHECKPOINT_ROOT / VISION_SOURCE).resolve():
+    sibling = Path(out_dir).parent / vision_source
+    if (sibling / "config.json").is_file() and sibling.resolve() != (CHECKPOINT_ROOT / vision_source).resolve():
         overrides["vision_source"] = str(sibling)
-    out = train(out_dir, TrainSpec(**overrides), log=log)
+    out = train_with(overrides)
     info = json.loads((Path(out) / "training.json").read_text(encoding="utf-8"))
-    return {"name": NAME, "path": str(out), **{k: info[k] for k in ("exact_caption_accuracy", "final_loss", "seconds",
+    return {"name": name, "path": str(out), **{k: info[k] for k in ("exact_caption_accuracy", "final_loss", "seconds",
                                                                    "train_cpu_seconds")}}
 
 

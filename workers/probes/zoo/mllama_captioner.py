@@ -505,16 +505,9 @@ def build_for_zoo(out_dir: str | os.PathLike[str], *, steps: int | None = None, 
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """The ``python -m workers.probes.zoo build`` hook (after the dual encoders, whose ``tiny-clip``
     tower it reuses; one built into the same output root is the one used)."""
-    from workers.probes.zoo import CHECKPOINT_ROOT
-
-    overrides: dict[str, Any] = {k: v for k, v in {"steps": steps, "torch_threads": threads}.items() if v is not None}
-    sibling = Path(out_dir).parent / VISION_SOURCE
-    if (sibling / "config.json").is_file() and sibling.resolve() != (CHECKPOINT_ROOT / VISION_SOURCE).resolve():
-        overrides["vision_source"] = str(sibling)
-    out = train(out_dir, MllamaTrainSpec(**overrides), log=log)
-    info = json.loads((Path(out) / "training.json").read_text(encoding="utf-8"))
-    return {"name": NAME, "path": str(out), **{k: info[k] for k in ("exact_caption_accuracy", "final_loss", "seconds",
-                                                                   "train_cpu_seconds")}}
+    return captioner.zoo_build(NAME, out_dir, VISION_SOURCE,
+                               lambda overrides: train(out_dir, MllamaTrainSpec(**overrides), log=log),
+                               steps=steps, threads=threads)
 
 
 def main(argv: list[str] | None = None) -> int:
