@@ -814,9 +814,10 @@ def token_attribution_kind(model_dir: str, dataset_dir: str | None, params: Toke
                                       stability_images=params.stability_images,
                                       perturbation=perturbation)
     if params.perturbation in (None, "all") and not perturbation:
-        metrics["perturbation_not_run"] = (f"{adapter.architecture} tiles, frames or pools the image, so occlusion "
-                                           "and the gradient methods, which perturb one grid of the tower's patches, "
-                                           "do not apply; the attention methods are reported")
+        metrics["perturbation_not_run"] = (f"{adapter.architecture} reads the image as tiles, frames, pooled tokens or "
+                                           "by cross-attention, not as one grid of the tower's patches, which "
+                                           "occlusion and the gradient methods perturb; the attention methods are "
+                                           "reported")
     from workers.probes.figures import paged
 
     figures: dict[str, Figure] = {}
