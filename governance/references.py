@@ -20,8 +20,8 @@ from typing import Any
 from django.conf import settings
 
 #: The committed reference checkpoints (``workers/probes/zoo/checkpoints``); a test keeps it in step.
-ZOO_MODELS: tuple[str, ...] = ("clean-clip", "shortcut-clip", "tiny-clip", "tiny-llava", "tiny-llava-reader",
-                               "tiny-siglip")
+ZOO_MODELS: tuple[str, ...] = ("clean-clip", "shortcut-clip", "tiny-clip", "tiny-idefics3", "tiny-llava",
+                               "tiny-llava-reader", "tiny-mllama", "tiny-siglip")
 #: The synthetic world's splits (``workers.probes.zoo.SPLITS``, ``zoo.group_split``) and the shortcut
 #: zoo's concept folders.
 ZOO_DATASETS: tuple[str, ...] = ("heldout", "validation", "crowded", "heldout-decoys", "groups", "groups-control",
