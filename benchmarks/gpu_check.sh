@@ -44,8 +44,8 @@ llava=$zoo/tiny-llava
 heldout=$(python3 -c "from workers.probes import zoo; print(zoo.dataset_dir('heldout'))")
 step token_attribution_cuda.json 90 python3 benchmarks/token_attribution.py --device cuda --repeats 5
 head -c 1500 "$work/token_attribution_cuda.json"; echo
-# issue 22's bar for batched per-word occlusion (>= 5x a per-patch loop, >= 2x captum), which the
-# 2-core development machine cannot show: there the batched path already runs near the cores'
+# The bar for batched per-word occlusion (>= 5x a per-patch loop, >= 2x captum), which a
+# 2-core CPU cannot show: there the batched path already runs near the cores'
 # float32 matrix-product rate, so only the loop's per-call overhead separates them.
 step token_perturbation_cuda.json 150 python3 benchmarks/token_attribution.py --device cuda --perturbation --images 3 \
   --repeats 3; head -c 1500 "$work/token_perturbation_cuda.json"; echo
