@@ -169,3 +169,55 @@ def test_it_answers_clearly_when_the_broker_is_down_and_leaves_nothing_half_writ
     assert case.state == AuditCase.State.SUBMITTED
     assert not case.runs.exists()
     assert AuditEvent.objects.count() == events
+
+
+@pytest.mark.django_db(transaction=True)
+def test_runs_of_one_worker_process_take_turns_with_its_shared_models(
+        tiny_clip_version, alice, ada, rita, rob, monkeypatch):
+    # A thread pool (or any second thread) runs two probes in one process, on one cached model that
+    # some methods change for the length of a call: the runs must not overlap.
+    import threading
+    import time
+
+    from django.db import connection
+
+    from workers import tasks
+    from workers.probes import suite
+
+    monkeypatch.setattr(pipeline, "dispatch", lambda *args, **kwargs: None)  # the test delivers the runs itself
+    case = make_case(tiny_clip_version, alice, ada, rita, rob, [
+        {"kind": "selftest", "params": {"seconds": 0.3}},
+        {"kind": "selftest", "params": {"seconds": 0.3}},
+    ])
+    run_ids = pipeline.start_case(case.pk, by=alice)
+    inside, most = [0], [0]
+    guard = threading.Lock()
+    real_run = suite.run
+
+    def counted(*args, **kwargs):
+        with guard:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            time.sleep(0.2)
+            return real_run(*args, **kwargs)
+        finally:
+            with guard:
+                inside[0] -= 1
+
+    monkeypatch.setattr(suite, "run", counted)
+
+    def deliver(run_id):
+        try:
+            tasks.run_probe.run(run_id)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=deliver, args=(run_id,)) for run_id in run_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert most[0] == 1
+    assert set(ProbeRun.objects.filter(pk__in=run_ids).values_list("status", flat=True)) == {ProbeRun.Status.SUCCEEDED}

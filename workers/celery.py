@@ -13,7 +13,9 @@ Start a worker that serves both queues with::
 
     celery -A workers.celery worker -Q gpu,cpu,reports -c 1 --pool=prefork
 
-and one scheduler for the whole deployment (or ``-B`` on exactly one worker)::
+(prefork: probe runs in one process share its cached models and take turns with them, so a thread
+pool would run them one at a time anyway; ``workers/runtime.py`` says why) and one scheduler for
+the whole deployment (or ``-B`` on exactly one worker)::
 
     celery -A workers.celery beat
 

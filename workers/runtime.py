@@ -14,9 +14,11 @@ Kept apart from ``workers/tasks.py`` so the rules are easy to find:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
@@ -41,12 +43,20 @@ def select_device(requested: str | None = None) -> str:
 
 
 class ModelCache:
-    """A tiny thread-safe LRU of loaded adapters keyed by ``(manifest_hash, device)``."""
+    """A tiny thread-safe LRU of loaded adapters keyed by ``(manifest_hash, device)``.
+
+    The adapters are shared, and some methods change the shared model for the length of a call:
+    occlusion switches it to fused attention, LLaVA's scoring cuts its vision tower after the
+    feature layer. A second probe run on the same model meanwhile (a thread pool, or any second
+    thread of a process) would read those changes and record maps of another model, without an
+    error. So a run holds :meth:`exclusive` while it uses the cache: runs of one process take turns,
+    which costs nothing under the documented prefork pool (one task per process at a time)."""
 
     def __init__(self, size: int = MODEL_CACHE_SIZE) -> None:
         self.size = size
         self._items: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._in_use = threading.RLock()
         self.hits = 0
         self.misses = 0
 
@@ -69,6 +79,12 @@ class ModelCache:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the cached models for one probe run; another thread's run waits until it ends."""
+        with self._in_use:
+            yield
 
 
 model_cache = ModelCache()

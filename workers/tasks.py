@@ -261,10 +261,12 @@ def run_probe(self, run_id: int, lease: str | None = None, since: float | None =
             dataset_dir = pipeline.resolve_dataset(run.dataset)
             device = runtime.select_device()
             params = pipeline.resolve_params(run.params)  # confined again: settings may have changed since
-            result = suite.run(run.kind, model_dir, dataset_dir, params, device=device,
-                               progress=pipeline.RunProgress(run_id),
-                               loader=lambda path, dev: runtime.model_cache.get(
-                                   version.manifest_hash or path, dev, lambda: suite.load_adapter_uncached(path, dev)))
+            with runtime.model_cache.exclusive():
+                result = suite.run(run.kind, model_dir, dataset_dir, params, device=device,
+                                   progress=pipeline.RunProgress(run_id),
+                                   loader=lambda path, dev: runtime.model_cache.get(
+                                       version.manifest_hash or path, dev,
+                                       lambda: suite.load_adapter_uncached(path, dev)))
             evidence.record_result(run_id, result, _provenance(version, device, run.params))
         except evidence.AlreadyRecorded:
             pass
