@@ -124,6 +124,75 @@ def test_it_points_generated_object_words_at_their_objects(adapter, heldout):
     assert len(kept) == 1
 
 
+def _pieces_tokenizer():
+    """The zoo captioner's vocabulary as word pieces, with "yellow" cut in two ("yel" + "##low", on the
+    ids of "yellow" and of the unused "this") and "magenta" on the id of the unused "what": how a
+    word-piece or byte-pair vocabulary treats rarer words."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    renamed = {"yellow": "yel", "this": "##low", "what": "magenta"}
+    vocab = {renamed.get(w, w): i for w, i in captioner.build_processor().tokenizer.get_vocab().items()}
+    core = Tokenizer(models.WordPiece(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    core.decoder = decoders.WordPiece()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return tf.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                      unk_token="<unk>", additional_special_tokens=["<image>"])
+
+
+def test_word_spans_join_the_pieces_of_a_byte_pair_vocabulary():
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(["a red circle", "a blue square, a red cross"] * 20,
+                             trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=core)
+    ids = tok("a turquoise circle, a red square").input_ids
+    assert len(ids) > 8  # "turquoise" never occurs in training: byte pieces
+
+    spans = ta.word_spans(lambda x: tok.decode(list(x)).strip(), ids)
+
+    assert [w for _, _, w in spans] == ["a", "turquoise", "circle", ",", "a", "red", "square"]
+    assert spans[1][1] - spans[1][0] > 1 and spans[0] == (0, 1, "a")
+
+
+def _scene(tmp_path, name, objects):
+    from PIL import Image
+
+    from workers.probes.scenes import NamedObject, SceneImage
+
+    path = tmp_path / f"{name}.png"
+    Image.new("RGB", (96, 96), "white").save(path)
+    return SceneImage(path, 96, 96, tuple(NamedObject((c, s), box, c, s) for c, s, box in objects), "describe")
+
+
+@pytest.mark.parametrize("caption, counted, hallucinated", [
+    ("a yellow circle", {"colour": 2, "shape": 2}, 0),  # "yellow" is written in two pieces
+    ("a magenta circle", {"colour": 1, "shape": 2}, 1),  # a colour of the dataset that this image lacks
+])
+def test_words_are_scored_whole_however_the_tokenizer_cuts_them(adapter, tmp_path, monkeypatch, caption, counted,
+                                                                 hallucinated):
+    tok = _pieces_tokenizer()
+    assert tok.tokenize("yellow") == ["yel", "##low"]
+    captions = [tok(text, add_special_tokens=False).input_ids for text in (caption, "a magenta square")]
+    monkeypatch.setattr(adapter, "tokenizer", tok)
+    monkeypatch.setattr(adapter, "generate", lambda embeds, max_new_tokens=32: captions[:embeds.shape[0]])
+    scenes = [_scene(tmp_path, "shown", [("yellow", "circle", (8, 8, 40, 40)), ("red", "square", (56, 56, 88, 88))]),
+              _scene(tmp_path, "other", [("magenta", "square", (8, 8, 40, 40))])]
+
+    metrics, _ = ta.evaluate_pointing(adapter, scenes, prompt="describe the image", perturbation=(),
+                                      validate_images=0, stability_images=0)
+
+    assert {kind: d["n"] for kind, d in metrics["by_word_kind"].items()} == counted
+    assert metrics["n_words"] == sum(counted.values())
+    assert metrics["hallucinated_words"] == hallucinated
+
+
+
 def test_its_validation_reports_each_methods_stability_under_corruptions_beside_the_maps(adapter, heldout):
     # Deliver 4: how much a common corruption reorders each method's word maps sits in the validation
     # block beside the verdict, and an unstable method is named in the report's limitations.

@@ -30,7 +30,7 @@ Shapes: ``T`` generated tokens, ``L`` decoder layers, ``H`` heads, ``N`` sequenc
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +73,38 @@ GRID_METHODS = frozenset({"chefer_full", "chefer_bimodal", *PERTURBATION_METHODS
 PATCHES = "@patches"
 #: Words that never name an object in a generic dataset's prompts.
 STOPWORDS = frozenset({"a", "an", "the", "of", "and", "photo", "picture", "image", "with", "in", "on", ","})
+
+
+def word_spans(decode: Callable[[Sequence[int]], str], ids: Sequence[int]) -> list[tuple[int, int, str]]:
+    """``(first token, end token, word)`` for each word of a generated caption, ``word`` lower-cased.
+
+    Tokenizers split words the way their vocabulary does: byte-pair and word-piece vocabularies cut a
+    rarer word into pieces ("turquoise" -> "tur", "quo", "ise"), which no object's name matches token
+    by token. A token continues the word before it when, decoded after it, it adds letters or digits
+    right after letters or digits; anything else (a space, punctuation) starts the next word, and a
+    token that adds only a space belongs to the word after it. Read from the decoded text, so the
+    rule holds for any tokenizer's markers (``##``, ``▁``, ``Ġ``). ``first token`` is the word's first
+    token that shows text: where the model commits to the word."""
+    spans: list[tuple[int, int]] = []
+    start, before, blank = 0, "", False
+    for k in range(len(ids)):
+        text = decode(ids[:k + 1])
+        kept = text.startswith(before)  # else the decoder rewrote earlier text: a word ends anyway
+        added = text[len(before):] if kept else ""
+        joins = kept and (blank or (added[:1].isalnum() and before[-1:].isalnum()))
+        if k and not joins:
+            spans.append((start, k))
+            start = k
+        blank = kept and not added.strip()
+        before = text
+    if len(ids):
+        spans.append((start, len(ids)))
+    out = []
+    for a, b in spans:
+        while a < b - 1 and not decode(ids[a:a + 1]).strip():
+            a += 1
+        out.append((a, b, decode(ids[a:b]).strip().lower()))
+    return out
 
 
 @dataclass
@@ -606,6 +638,9 @@ def evaluate_pointing(adapter: FusionAdapter, scenes: Sequence[SceneImage], *, p
     # (enc, pixel values, generated, checked word indices, {method: [W, G]}, image)
     validation_items: list[tuple] = []
     unvalidated: str | None = None  # why deletion/insertion could not run on this model
+    # the colours and shapes this dataset's objects have: a caption naming one of them that its own
+    # image lacks is counted as hallucinated
+    attributes = {w for s in scenes for o in s.objects for w in (o.colour, o.shape) if w}
     started = time.perf_counter()
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start:start + batch_size]
@@ -624,16 +659,16 @@ def evaluate_pointing(adapter: FusionAdapter, scenes: Sequence[SceneImage], *, p
                 kept.append((scene, image, att))
             pboxes = adapter.patch_boxes((scene.width, scene.height))
             checked: list[int] = []
-            for t, tok in enumerate(att.generated_tokens):
-                word = tok.lower().lstrip("▁Ġ")
+            # a word is checked at its first token, where the model commits to it (the rest of a word
+            # cut into pieces follows from that first piece)
+            for t, _, word in word_spans(adapter.decode, gen):
                 if word in STOPWORDS or not word.isalpha():
                     continue
                 named = [o for o in scene.objects if word in o.words]
                 if scene.objects[0].colour is not None:  # zoo scenes: only colour and shape words count
                     named = [o for o in named if word in (o.colour, o.shape)]
                     if not named and not any(word in (o.colour, o.shape) for o in scene.objects):
-                        is_attr = _is_world_word(word)
-                        if is_attr:
+                        if word in attributes:
                             unmatched += 1  # a hallucinated colour/shape: no box to check against
                         continue
                 if len(named) != 1:
@@ -741,12 +776,6 @@ def _validate_words(adapter: FusionAdapter, items: list[tuple], curves: dict[str
     checks = {m: validation.randomisation_check(maps[m], torch.cat(randomised[m]), seed=seed) for m in maps}
     per_method = {m: {"hits": hits.get(m), **curves[m]} for m in maps if m in curves}
     return validation.validate(per_method, curves["random"], maps=maps, sanity=checks, seed=seed, stability=stability)
-
-
-def _is_world_word(word: str) -> bool:
-    from workers.probes.zoo import world
-
-    return word in world.COLOURS or word in world.SHAPES
 
 
 # --- probe kind -------------------------------------------------------------------------------
