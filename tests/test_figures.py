@@ -130,7 +130,7 @@ def test_the_caption_figure_shows_each_word_with_its_position_a_colour_bar_and_e
         words = [ax.get_title() for ax in _image_axes(page) if ax.get_title() not in ("", "image")]
         assert 0 < len(words) <= 4
         headed |= {w.split("\n")[0] for w in words}
-        assert all(re.fullmatch(r"word \d of 9", w.split("\n")[1]) for w in words)
+        assert all(re.fullmatch(r"token \d of 9", w.split("\n")[1]) for w in words)
         text = captions.description(page) or ""
         assert "Rows: one attribution method each" in text and "Columns: the image" in text
         rows |= {ta.METHOD_LABELS[m] for m in methods if ta.METHOD_LABELS[m] in text}

@@ -184,12 +184,16 @@ def test_words_are_scored_whole_however_the_tokenizer_cuts_them(adapter, tmp_pat
     scenes = [_scene(tmp_path, "shown", [("yellow", "circle", (8, 8, 40, 40)), ("red", "square", (56, 56, 88, 88))]),
               _scene(tmp_path, "other", [("magenta", "square", (8, 8, 40, 40))])]
 
-    metrics, _ = ta.evaluate_pointing(adapter, scenes, prompt="describe the image", perturbation=(),
-                                      validate_images=0, stability_images=0)
+    metrics, kept = ta.evaluate_pointing(adapter, scenes, prompt="describe the image", perturbation=(),
+                                         validate_images=0, stability_images=0, keep=1)
 
     assert {kind: d["n"] for kind, d in metrics["by_word_kind"].items()} == counted
     assert metrics["n_words"] == sum(counted.values())
     assert metrics["hallucinated_words"] == hallucinated
+    _, image, att = kept[0]
+    titles = [ax.get_title() for ax in ta.caption_figures(image, att)[0].axes]
+    headed = [title.split("\n")[0] for title in titles if title.startswith("“")]
+    assert headed == [f"“{caption.split()[1]}”", "“circle”"]  # the caption figure heads each word whole
 
 
 

@@ -126,6 +126,8 @@ class TokenAttribution:
     text: dict[str, np.ndarray] = field(default_factory=dict)
     caption: str = ""
     n_prompt_text: int = 0
+    #: ``word_spans`` of the caption: ``(first token, end token, word)``
+    words: list[tuple[int, int, str]] = field(default_factory=list)
 
 
 def generated_targets(adapter: FusionAdapter, enc: Encoded,
@@ -406,6 +408,7 @@ def to_attribution(adapter: FusionAdapter, enc: Encoded, generated: Sequence[int
     gh, gw = adapter.grid
     result = TokenAttribution(
         prompt=prompt, generated_ids=list(generated), generated_tokens=adapter.tokens(generated),
+        words=word_spans(adapter.decode, generated),
         text_tokens=adapter.tokens([seq[i] for i in text_pos]), text_positions=text_pos,
         prediction_positions=rows.tolist(), caption=adapter.decode(generated),
         n_prompt_text=sum(1 for i in text_pos if i < enc.input_ids.shape[1]))
@@ -527,10 +530,10 @@ def attribution_json(att: TokenAttribution, patch_boxes: np.ndarray | None = Non
 
 
 def shown_words(att: TokenAttribution) -> list[int]:
-    """The generated tokens a caption figure shows: its words (no stop words or punctuation), or
-    every token of a caption that has none."""
-    words = [t for t, tok in enumerate(att.generated_tokens)
-             if (word := tok.lower().lstrip("▁Ġ").strip()) and word not in STOPWORDS and any(c.isalpha() for c in word)]
+    """The generated tokens a caption figure shows: the first token of each of its words (no stop
+    words or punctuation), or every token of a caption that has none."""
+    spans = att.words or [(t, t + 1, tok.lower().lstrip("▁Ġ").strip()) for t, tok in enumerate(att.generated_tokens)]
+    words = [a for a, _, word in spans if word and word not in STOPWORDS and any(c.isalpha() for c in word)]
     return words or list(range(len(att.generated_tokens)))
 
 
@@ -548,6 +551,7 @@ def caption_figures(image: Image.Image, att: TokenAttribution, *, boxes: Sequenc
 
     methods = [m for m in (methods or METHODS) if m in att.image]
     words = shown_words(att)
+    word_at = {a: word for a, _, word in att.words}
     word_parts = figures.split_even(len(words), words_per_page)
     method_parts = figures.split_even(len(methods), methods_per_page)
     pages = []
@@ -568,7 +572,7 @@ def caption_figures(image: Image.Image, att: TokenAttribution, *, boxes: Sequenc
                     ax = axes[r][c]
                     figures.draw_overlay(ax, image, att.image[method][t], boxes=boxes)
                     if r == 0:
-                        ax.set_title(f"“{att.generated_tokens[t].lstrip('▁Ġ')}”\nword {t + 1} of "
+                        ax.set_title(f"“{word_at.get(t, att.generated_tokens[t].lstrip('▁Ġ'))}”\ntoken {t + 1} of "
                                      f"{len(att.generated_tokens)}", fontsize=9)
                     img, txt = float(att.image[method][t].sum()), float(att.text[method][t].sum())
                     if img + txt > 0:
@@ -661,7 +665,7 @@ def evaluate_pointing(adapter: FusionAdapter, scenes: Sequence[SceneImage], *, p
             checked: list[int] = []
             # a word is checked at its first token, where the model commits to it (the rest of a word
             # cut into pieces follows from that first piece)
-            for t, _, word in word_spans(adapter.decode, gen):
+            for t, _, word in att.words:
                 if word in STOPWORDS or not word.isalpha():
                     continue
                 named = [o for o in scene.objects if word in o.words]
