@@ -527,6 +527,8 @@ def _model_card(spec: TrainSpec, config: Any, info: dict[str, Any]) -> str:
     vc, tc = config.vision_config, config.text_config
     grid = vc.image_size // vc.patch_size
     source = info.get("vision_source")
+    facts = card_build_facts(NAME, "workers.probes.zoo.captioner", info, spec.eval_scenes,
+                             source["name"] if source else "none")
     if source:
         tower = (f"the vision tower of the zoo's `{source['name']}` dual encoder (CLIP ViT, "
                  f"{vc.num_hidden_layers} layers, width {vc.hidden_size}, {vc.image_size} px, {vc.patch_size} px "
@@ -571,28 +573,42 @@ is known, token attributions and interventions on this model can be checked agai
   therefore grounded *by construction*, which is what a reference for checking attribution methods
   needs; it also makes raw attention a strong baseline on this model (report both, as the
   `token_attribution` probe does), unlike on models trained without such a term.
-- Build time: {info['seconds']:.0f} s wall ({info['train_seconds']:.0f} s to the trained weights,
+{facts}"""
+
+
+def card_build_facts(name: str, module: str, info: dict[str, Any], eval_scenes: int, source: str,
+                     accuracy_note: str = "") -> str:
+    """The closing lines every zoo captioner's model card has: build time, caption accuracy (with
+    ``accuracy_note`` after it), how to rebuild it from ``module`` on the ``source`` tower, files."""
+    note = f"\n  {accuracy_note}" if accuracy_note else ""
+    return f"""- Build time: {info['seconds']:.0f} s wall ({info['train_seconds']:.0f} s to the trained weights,
   {info['train_cpu_seconds']:.0f} CPU-s) for the run that saved this card.
-- Exact-caption accuracy on {spec.eval_scenes} held-out scenes (stream 1000003): {info['exact_caption_accuracy']:.2f}.
-- Reproduce: `python -m workers.probes.zoo build --only {NAME}` (or `python -m workers.probes.zoo.captioner
-  build`); a rebuild uses the `{source['name'] if source else 'none'}` checkpoint the zoo holds at that time.
+- Exact-caption accuracy on {eval_scenes} held-out scenes (stream 1000003): {info['exact_caption_accuracy']:.2f}.{note}
+- Reproduce: `python -m workers.probes.zoo build --only {name}`
+  (or `python -m {module} build`); a rebuild uses the `{source}` checkpoint the zoo holds at that time.
   Files are listed in `SHA256SUMS`; loss curve and settings in `training.json`.
 - Weights are safetensors; no custom code.
 """
 
 
-def load(path: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
-    """``(model, processor)`` for the committed captioner (checksums verified) or ``path``."""
+def load_checkpoint(name: str, model_class: str, path: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
+    """``(model, processor)`` of the committed zoo captioner ``name`` (checksums verified) or of
+    ``path``, as transformers' ``model_class``, with eager attention (the probes read its weights)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    import transformers
 
     from workers.probes.zoo import checkpoint_path
 
-    directory = Path(path) if path is not None else checkpoint_path(NAME)
-    model = LlavaForConditionalGeneration.from_pretrained(directory, use_safetensors=True,
-                                                          attn_implementation="eager")
+    directory = Path(path) if path is not None else checkpoint_path(name)
+    model = getattr(transformers, model_class).from_pretrained(directory, use_safetensors=True,
+                                                               attn_implementation="eager")
     model.eval()
-    return model, AutoProcessor.from_pretrained(directory)
+    return model, transformers.AutoProcessor.from_pretrained(directory)
+
+
+def load(path: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
+    """``(model, processor)`` for the committed captioner (checksums verified) or ``path``."""
+    return load_checkpoint(NAME, "LlavaForConditionalGeneration", path)
 
 
 def build_for_zoo(out_dir: str | os.PathLike[str], *, steps: int | None = None, threads: int | None = None,

@@ -304,6 +304,8 @@ def _model_card(spec: TrainSpec, config: Any, info: dict[str, Any]) -> str:
     grid = vc.image_size // vc.patch_size
     per_frame = (grid // config.scale_factor) ** 2
     source = info["vision_source"]
+    facts = captioner.card_build_facts(NAME, "workers.probes.zoo.idefics_captioner", info, spec.eval_scenes,
+                                       source["name"])
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
@@ -339,28 +341,12 @@ on this model check Loupe's token -> region map for this family against ground t
   object (at least {spec.token_share} of the token's box on the object's cells, by the same token -> region
   map the probes use), at every position that predicts a colour or shape word. The model is grounded by
   construction, so raw attention is a strong baseline on it.
-- Build time: {info['seconds']:.0f} s wall ({info['train_seconds']:.0f} s to the trained weights,
-  {info['train_cpu_seconds']:.0f} CPU-s) for the run that saved this card.
-- Exact-caption accuracy on {spec.eval_scenes} held-out scenes (stream 1000003): {info['exact_caption_accuracy']:.2f}.
-- Reproduce: `python -m workers.probes.zoo build --only {NAME}` (or `python -m workers.probes.zoo.idefics_captioner
-  build`); a rebuild uses the `{source['name']}` checkpoint the zoo holds at that time. Files are listed in
-  `SHA256SUMS`; loss curve and settings in `training.json`.
-- Weights are safetensors; no custom code.
-"""
+{facts}"""
 
 
 def load(path: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
     """``(model, processor)`` for the committed captioner (checksums verified) or ``path``."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
-
-    from workers.probes.zoo import checkpoint_path
-
-    directory = Path(path) if path is not None else checkpoint_path(NAME)
-    model = Idefics3ForConditionalGeneration.from_pretrained(directory, use_safetensors=True,
-                                                             attn_implementation="eager")
-    model.eval()
-    return model, AutoProcessor.from_pretrained(directory)
+    return captioner.load_checkpoint(NAME, "Idefics3ForConditionalGeneration", path)
 
 
 def build_for_zoo(out_dir: str | os.PathLike[str], *, steps: int | None = None, threads: int | None = None,

@@ -436,10 +436,17 @@ def generate_captions(model: Any, processor: Any, images: Sequence[Any], prompt:
     return [processor.tokenizer.decode(r, skip_special_tokens=True).strip() for r in new]
 
 
+#: What the model card says after its caption accuracy.
+ORDER_NOTE = ("The captions mostly name the scene's objects but often not left to right, which this count scores\n"
+              "  as wrong; each colour or shape word still points at the object it names (what the zoo needs it for).")
+
+
 def _model_card(spec: MllamaTrainSpec, config: Any, info: dict[str, Any]) -> str:
     vc, tc = config.vision_config, config.text_config
     grid = vc.image_size // vc.patch_size
     source = info["vision_source"]
+    facts = captioner.card_build_facts(NAME, "workers.probes.zoo.mllama_captioner", info, spec.eval_scenes,
+                                       source["name"], ORDER_NOTE)
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
@@ -475,30 +482,12 @@ image read through cross-attention (the `mllama` family): the decoder's sequence
   from Loupe's `mllama` adapter), at every position that predicts a colour or shape word; final value
   {info['final_grounding_loss']:.4f}. The model is grounded *by construction*, which is what a reference
   for checking attribution methods needs.
-- Build time: {info['seconds']:.0f} s wall ({info['train_seconds']:.0f} s to the trained weights,
-  {info['train_cpu_seconds']:.0f} CPU-s) for the run that saved this card.
-- Exact-caption accuracy on {spec.eval_scenes} held-out scenes (stream 1000003): {info['exact_caption_accuracy']:.2f}.
-  The captions mostly name the scene's objects but often not left to right, which this count scores
-  as wrong; each colour or shape word still points at the object it names (what the zoo needs it for).
-- Reproduce: `python -m workers.probes.zoo build --only {NAME}` (or `python -m
-  workers.probes.zoo.mllama_captioner build`); a rebuild uses the `{source['name']}` checkpoint the zoo
-  holds at that time. Files are listed in `SHA256SUMS`; loss curve and settings in `training.json`.
-- Weights are safetensors; no custom code.
-"""
+{facts}"""
 
 
 def load(path: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
     """``(model, processor)`` for the committed captioner (checksums verified) or ``path``."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoProcessor, MllamaForConditionalGeneration
-
-    from workers.probes.zoo import checkpoint_path
-
-    directory = Path(path) if path is not None else checkpoint_path(NAME)
-    model = MllamaForConditionalGeneration.from_pretrained(directory, use_safetensors=True,
-                                                           attn_implementation="eager")
-    model.eval()
-    return model, AutoProcessor.from_pretrained(directory)
+    return captioner.load_checkpoint(NAME, "MllamaForConditionalGeneration", path)
 
 
 def build_for_zoo(out_dir: str | os.PathLike[str], *, steps: int | None = None, threads: int | None = None,
