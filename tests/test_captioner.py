@@ -153,3 +153,18 @@ def test_it_refuses_pickled_or_missing_weights(tmp_path):
         LlavaAdapter.from_pretrained(tmp_path)
     with pytest.raises(ProbeInputError, match="does not exist"):
         LlavaAdapter.from_pretrained(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("module", ["captioner", "idefics_captioner", "mllama_captioner"])
+def test_a_rebuild_refuses_a_directory_of_other_files_before_training(tmp_path, module):
+    import importlib
+
+    train = importlib.import_module(f"workers.probes.zoo.{module}").train
+    (tmp_path / "notes.txt").write_text("a maintainer's notes")
+    logged: list[str] = []
+
+    with pytest.raises(FileExistsError, match="holds no checkpoint"):
+        train(tmp_path, log=logged.append)
+
+    assert logged == []  # refused before rendering a single training scene
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

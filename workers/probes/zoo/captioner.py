@@ -443,12 +443,7 @@ def train(out_dir: str | os.PathLike[str], spec: TrainSpec | None = None, *, log
     torch.set_num_threads(spec.torch_threads)
     started = time.time()
     cpu_started = time.process_time()
-
-    out = Path(out_dir)
-    if out.is_dir():  # fail before training, not after
-        existing = [p for p in out.iterdir() if p.is_file()]
-        if existing and not (out / "config.json").is_file():
-            raise FileExistsError(f"{out} is not empty and holds no checkpoint; refusing to overwrite it")
+    out = output_directory(out_dir)
 
     model, processor, source = initial_model(spec)
     if resume is not None:  # continue from a checkpoint saved at the end of cycle 1
@@ -574,6 +569,15 @@ is known, token attributions and interventions on this model can be checked agai
   needs; it also makes raw attention a strong baseline on this model (report both, as the
   `token_attribution` probe does), unlike on models trained without such a term.
 {facts}"""
+
+
+def output_directory(out_dir: str | os.PathLike[str]) -> Path:
+    """``out_dir`` as a path, checked before training rather than after it: a directory that holds
+    files but no checkpoint is someone else's, and saving would overwrite them."""
+    out = Path(out_dir)
+    if out.is_dir() and any(p.is_file() for p in out.iterdir()) and not (out / "config.json").is_file():
+        raise FileExistsError(f"{out} is not empty and holds no checkpoint; refusing to overwrite it")
+    return out
 
 
 def card_build_facts(name: str, module: str, info: dict[str, Any], eval_scenes: int, source: str,

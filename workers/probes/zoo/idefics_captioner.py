@@ -258,11 +258,7 @@ def train(out_dir: str | os.PathLike[str], spec: TrainSpec | None = None, *,
     torch.set_num_threads(spec.torch_threads)
     started = time.time()
     cpu_started = time.process_time()
-    out = Path(out_dir)
-    if out.is_dir():  # fail before training, not after
-        existing = [p for p in out.iterdir() if p.is_file()]
-        if existing and not (out / "config.json").is_file():
-            raise FileExistsError(f"{out} is not empty and holds no checkpoint; refusing to overwrite it")
+    out = captioner.output_directory(out_dir)
 
     model, processor, source = initial_model(spec)
     n_repeat = round(spec.train_scenes * spec.repeated_shape_fraction)

@@ -374,9 +374,7 @@ def train(out_dir: str | os.PathLike[str], spec: MllamaTrainSpec | None = None, 
     torch.set_num_threads(spec.torch_threads)
     started = time.time()
     cpu_started = time.process_time()
-    out = Path(out_dir)
-    if out.is_dir() and [p for p in out.iterdir() if p.is_file()] and not (out / "config.json").is_file():
-        raise FileExistsError(f"{out} is not empty and holds no checkpoint; refusing to overwrite it")
+    out = captioner.output_directory(out_dir)
 
     model, processor, clip_vision, source = initial_model(spec)
     n_repeat = round(spec.train_scenes * spec.repeated_shape_fraction)
