@@ -74,6 +74,15 @@ def log_in(page, base: str, username: str) -> None:
     page.wait_for_url(base + "/")
 
 
+def switch_user(page, base: str, username: str) -> None:
+    """Log out by dropping the cookies, then log in as ``username``. The page is left first: its
+    status poll, still running, would fetch the login page without a session and set a CSRF cookie
+    of its own after the login form's, and the form would then be refused."""
+    page.goto("about:blank")
+    page.context.clear_cookies()
+    log_in(page, base, username)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_reviewer_goes_from_the_queue_to_a_confirmed_sign_off(live_server, page, axe_report, draft_case,
                                                                 alice, ada, rita, rob):
@@ -256,8 +265,7 @@ def test_comment_threads_and_version_comparison(live_server, page, axe_report, d
         thread.locator("button[type=submit]").click()
     assert FindingComment.objects.filter(author=rob).count() == 1
 
-    page.context.clear_cookies()
-    log_in(page, base, "alice")
+    switch_user(page, base, "alice")
     page.goto(base + reverse("portal:case", args=[case.pk]))
     portal_thread = page.locator(f"#evidence-{evidence.pk} .thread").first
     assert "logo in every training image" in portal_thread.inner_text()
@@ -266,8 +274,7 @@ def test_comment_threads_and_version_comparison(live_server, page, axe_report, d
     with page.expect_navigation():
         portal_thread.locator("button[type=submit]").click()
 
-    page.context.clear_cookies()
-    log_in(page, base, "rob")
+    switch_user(page, base, "rob")
     page.goto(base + reverse("admin:governance_auditcase_review", args=[case.pk]))
     assert "retrained without it" in page.locator(f"#evidence-{evidence.pk} .thread").first.inner_text()
     shot(page, "reviewer-4-thread.png", full_page=True)
